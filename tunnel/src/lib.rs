@@ -1,0 +1,122 @@
+//! `xpart-tunnel` carries the agent–relay traffic over standard WireGuard. Data flows in two
+//! directions through three layers: a network backend produces IP packets (the kernel's TUN
+//! device in [`Mode::Kernel`], an embedded smoltcp TCP/IP stack in [`Mode::Userspace`]); the
+//! tokio driver hands them to the sans-IO [`core`] engine, which encrypts them with boringtun
+//! and returns UDP datagrams that the driver sends to the peers' endpoints. Datagrams received
+//! on the UDP socket go the other way: engine (decrypt, check the source against the peer's
+//! allowed IPs) → backend. Callers never see packets: they open and accept TCP connections on
+//! tunnel addresses through a [`Network`], and read per-peer counters with
+//! [`Tunnel::peer_stats`].
+
+pub mod core;
+pub mod keys;
+
+mod driver;
+mod kernel;
+mod net;
+mod udp;
+mod userspace;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+pub use driver::Tunnel;
+pub use keys::{PrivateKey, PublicKey};
+pub use net::{Network, TcpConn, TcpListener};
+
+/// Default tunnel MTU: 1500 minus the largest WireGuard overhead (IPv6 outer header 40 +
+/// UDP 8 + WireGuard data header 16 + Poly1305 tag 16 = 80).
+pub const DEFAULT_MTU: u16 = 1420;
+
+/// Default TUN interface name in kernel mode.
+pub const DEFAULT_INTERFACE_NAME: &str = "xpart0";
+
+/// Which network backend carries the tunnel's IP packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// A Linux TUN interface; the host's own TCP/IP stack routes through it. Needs CAP_NET_ADMIN.
+    Kernel,
+    /// An embedded TCP/IP stack inside the process; no privileges.
+    Userspace,
+}
+
+/// Everything needed to bring up one side of a tunnel.
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    pub private_key: PrivateKey,
+    /// This side's tunnel address with prefix, e.g. `100.64.0.1/30`.
+    pub address: ipnet::IpNet,
+    pub mode: Mode,
+    /// UDP bind address; `None` binds `0.0.0.0:0` (an ephemeral port).
+    pub listen: Option<SocketAddr>,
+    pub mtu: u16,
+    /// Kernel mode only; `None` means [`DEFAULT_INTERFACE_NAME`].
+    pub interface_name: Option<String>,
+    pub peers: Vec<PeerConfig>,
+}
+
+/// One WireGuard peer.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    /// Label used in logs and statistics.
+    pub name: String,
+    pub public_key: PublicKey,
+    /// `None`: learn the endpoint from the peer's first authenticated datagram.
+    pub endpoint: Option<SocketAddr>,
+    /// Inner source addresses accepted from this peer, and destinations routed to it.
+    pub allowed_ips: Vec<ipnet::IpNet>,
+    pub persistent_keepalive: Option<u16>,
+    pub preshared_key: Option<[u8; 32]>,
+}
+
+/// A snapshot of one peer's counters.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PeerStats {
+    pub name: String,
+    /// Base64, as `wg` prints it.
+    pub public_key: String,
+    pub endpoint: Option<SocketAddr>,
+    pub last_handshake: Option<SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    /// Dropped packets by reason (e.g. `"source_not_allowed"`).
+    pub drops: BTreeMap<String, u64>,
+}
+
+/// Why a tunnel could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("tunnel config: {0}")]
+    Config(String),
+    #[error("binding the WireGuard UDP socket on {addr}: {source}")]
+    UdpBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "kernel mode needs CAP_NET_ADMIN to create TUN interface {interface} ({source}); \
+         run as root, grant the capability (e.g. systemd AmbientCapabilities=CAP_NET_ADMIN), \
+         or use mode = \"userspace\""
+    )]
+    NeedsNetAdmin {
+        interface: String,
+        source: std::io::Error,
+    },
+    #[error("kernel mode is only available on Linux; use mode = \"userspace\"")]
+    KernelModeUnsupported,
+    #[error("creating TUN interface {interface}: {source}")]
+    Tun {
+        interface: String,
+        source: std::io::Error,
+    },
+    #[error("configuring interface {interface} with `{command}`: {message}")]
+    InterfaceSetup {
+        interface: String,
+        command: String,
+        message: String,
+    },
+}
