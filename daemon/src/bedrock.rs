@@ -1,0 +1,893 @@
+//! The Bedrock Runtime wire vocabulary both daemons speak: which operation a request is
+//! (parsed from method and path), the model it names, the error shape clients parse, and
+//! the headers that must never travel further than the hop that received them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE};
+use http::{HeaderMap, Method, Response, StatusCode};
+use http_body_util::Full;
+use percent_encoding::percent_decode_str;
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::REQUEST_ID_HEADER;
+
+/// Largest request body Bedrock Runtime accepts (botocore model: `body` of InvokeModel,
+/// max 25,000,000 bytes).
+pub const MAX_BODY_BYTES: usize = 25_000_000;
+
+/// Longest model identifier Bedrock accepts (botocore model: `InvokeModelIdentifier`, 2048).
+pub const MAX_MODEL_ID_LEN: usize = 2048;
+
+/// The namespace Bedrock appends to the error code in `x-amzn-ErrorType`; clients keep only
+/// the part before the first `:`.
+pub const ERROR_TYPE_NAMESPACE: &str = "http://internal.amazon.com/coral/com.amazon.bedrock/";
+
+/// `x-amzn-ErrorType`, the header rest-json clients read the error code from.
+pub const ERROR_TYPE_HEADER: &str = "x-amzn-errortype";
+
+/// `x-amzn-RequestId`, the request id AWS clients report in errors.
+pub const AMZN_REQUEST_ID_HEADER: &str = "x-amzn-requestid";
+
+/// One Bedrock Runtime API operation (botocore `bedrock-runtime` 2023-09-30).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Operation {
+    InvokeModel,
+    InvokeModelWithResponseStream,
+    Converse,
+    ConverseStream,
+    CountTokens,
+    InvokeModelWithBidirectionalStream,
+    ApplyGuardrail,
+    StartAsyncInvoke,
+    ListAsyncInvokes,
+    GetAsyncInvoke,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 10] = [
+        Operation::InvokeModel,
+        Operation::InvokeModelWithResponseStream,
+        Operation::Converse,
+        Operation::ConverseStream,
+        Operation::CountTokens,
+        Operation::InvokeModelWithBidirectionalStream,
+        Operation::ApplyGuardrail,
+        Operation::StartAsyncInvoke,
+        Operation::ListAsyncInvokes,
+        Operation::GetAsyncInvoke,
+    ];
+
+    /// The API name, as in the botocore model and IAM actions (`bedrock:Converse`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::InvokeModel => "InvokeModel",
+            Operation::InvokeModelWithResponseStream => "InvokeModelWithResponseStream",
+            Operation::Converse => "Converse",
+            Operation::ConverseStream => "ConverseStream",
+            Operation::CountTokens => "CountTokens",
+            Operation::InvokeModelWithBidirectionalStream => "InvokeModelWithBidirectionalStream",
+            Operation::ApplyGuardrail => "ApplyGuardrail",
+            Operation::StartAsyncInvoke => "StartAsyncInvoke",
+            Operation::ListAsyncInvokes => "ListAsyncInvokes",
+            Operation::GetAsyncInvoke => "GetAsyncInvoke",
+        }
+    }
+
+    /// Whether the response is an `application/vnd.amazon.eventstream` that must be passed
+    /// through frame by frame rather than buffered.
+    pub fn streams_response(self) -> bool {
+        match self {
+            Operation::InvokeModelWithResponseStream => true,
+            Operation::ConverseStream => true,
+            Operation::InvokeModelWithBidirectionalStream => true,
+            Operation::InvokeModel => false,
+            Operation::Converse => false,
+            Operation::CountTokens => false,
+            Operation::ApplyGuardrail => false,
+            Operation::StartAsyncInvoke => false,
+            Operation::ListAsyncInvokes => false,
+            Operation::GetAsyncInvoke => false,
+        }
+    }
+
+    /// The comma-separated list of every name, for "use one of …" fixes.
+    pub fn all_names() -> String {
+        Operation::ALL
+            .iter()
+            .map(|op| op.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The text given to [`Operation::from_str`] names no Bedrock Runtime operation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown operation \"{0}\" — fix: use one of {names}", names = Operation::all_names())]
+pub struct UnknownOperation(pub String);
+
+impl FromStr for Operation {
+    type Err = UnknownOperation;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Operation::ALL
+            .into_iter()
+            .find(|op| op.name() == s)
+            .ok_or_else(|| UnknownOperation(s.to_string()))
+    }
+}
+
+impl Serialize for Operation {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Operation {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A model identifier as the caller meant it: percent-decoded (`us.anthropic.claude-…:0`,
+/// or an ARN such as `arn:aws:bedrock:us-east-1:…:inference-profile/…`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ModelId(String);
+
+impl ModelId {
+    pub fn new(id: impl Into<String>) -> ModelId {
+        ModelId(id.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether this id matches an allowlist pattern (see [`glob_match`]).
+    pub fn matches(&self, pattern: &str) -> bool {
+        glob_match(pattern, &self.0)
+    }
+
+    /// Whether the id is an ARN (`arn:<partition>:bedrock:…`) rather than a bare model or
+    /// inference-profile id.
+    pub fn is_arn(&self) -> bool {
+        self.0.starts_with("arn:")
+    }
+
+    /// The ARN partition (`aws`, `aws-us-gov`, …) when the id is an ARN.
+    pub fn arn_partition(&self) -> Option<&str> {
+        let rest = self.0.strip_prefix("arn:")?;
+        rest.split(':').next()
+    }
+}
+
+impl fmt::Display for ModelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Whole-string, case-sensitive match where each `*` stands for any run of characters
+/// (including none) and every other character stands for itself. `*` alone matches
+/// everything; a pattern without `*` is an exact comparison.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    // split always yields at least one item, even for an empty pattern.
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = text.strip_prefix(first) else {
+        return false;
+    };
+    let mut middle: Vec<&str> = parts.collect();
+    let Some(last) = middle.pop() else {
+        // No `*` at all: the prefix must have been the whole text.
+        return rest.is_empty();
+    };
+    for part in middle {
+        // Leftmost occurrence is always safe for greedy-free globbing: taking the earliest
+        // match leaves the most text for the parts after it.
+        let Some(at) = rest.find(part) else {
+            return false;
+        };
+        rest = &rest[at + part.len()..];
+    }
+    rest.ends_with(last)
+}
+
+/// A guardrail named by ApplyGuardrail's path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Guardrail {
+    /// Percent-decoded guardrail id or ARN.
+    pub identifier: String,
+    /// Percent-decoded version (`DRAFT` or a number).
+    pub version: String,
+}
+
+/// What a request is, parsed from its method and path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub operation: Operation,
+    /// The model, percent-decoded, for the `/model/{modelId}/…` operations.
+    pub model: Option<ModelId>,
+    /// The model path segment exactly as the caller sent it (still percent-encoded), so a
+    /// proxy can forward and sign the path byte for byte.
+    pub raw_model: Option<String>,
+    /// ApplyGuardrail's guardrail id and version.
+    pub guardrail: Option<Guardrail>,
+    /// GetAsyncInvoke's invocation ARN, percent-decoded.
+    pub invocation_arn: Option<String>,
+}
+
+impl Route {
+    /// Recognise a Bedrock Runtime request. `path` may carry a query string; it is ignored.
+    ///
+    /// A path no operation uses, or a known path with the wrong method, is refused as
+    /// 404 `UnknownOperationException`, which is what AWS rest-json front ends answer for
+    /// requests that map to no operation. A recognised path with an unusable model id is a
+    /// 400 `ValidationException`, as Bedrock answers.
+    pub fn parse(method: &Method, path: &str) -> Result<Route, BedrockError> {
+        let path = path.split_once('?').map_or(path, |(path, _query)| path);
+        let Some(rest) = path.strip_prefix('/') else {
+            return Err(unknown_operation(method, path));
+        };
+        let segments: Vec<&str> = rest.split('/').collect();
+        let operation = match (method, segments.as_slice()) {
+            (&Method::POST, ["model", _, "invoke"]) => Operation::InvokeModel,
+            (&Method::POST, ["model", _, "invoke-with-response-stream"]) => {
+                Operation::InvokeModelWithResponseStream
+            }
+            (&Method::POST, ["model", _, "converse"]) => Operation::Converse,
+            (&Method::POST, ["model", _, "converse-stream"]) => Operation::ConverseStream,
+            (&Method::POST, ["model", _, "count-tokens"]) => Operation::CountTokens,
+            (&Method::POST, ["model", _, "invoke-with-bidirectional-stream"]) => {
+                Operation::InvokeModelWithBidirectionalStream
+            }
+            (&Method::POST, ["guardrail", _, "version", _, "apply"]) => Operation::ApplyGuardrail,
+            (&Method::POST, ["async-invoke"]) => Operation::StartAsyncInvoke,
+            (&Method::GET, ["async-invoke"]) => Operation::ListAsyncInvokes,
+            (&Method::GET, ["async-invoke", _]) => Operation::GetAsyncInvoke,
+            _ => return Err(unknown_operation(method, path)),
+        };
+        let mut route = Route {
+            operation,
+            model: None,
+            raw_model: None,
+            guardrail: None,
+            invocation_arn: None,
+        };
+        match segments.as_slice() {
+            ["model", raw, _] => {
+                route.model = Some(decode_model_id(raw)?);
+                route.raw_model = Some(raw.to_string());
+            }
+            ["guardrail", identifier, "version", version, "apply"] => {
+                route.guardrail = Some(Guardrail {
+                    identifier: decode_param(identifier, "guardrailIdentifier")?,
+                    version: decode_param(version, "guardrailVersion")?,
+                });
+            }
+            ["async-invoke", arn] => {
+                route.invocation_arn = Some(decode_param(arn, "invocationArn")?);
+            }
+            _ => {}
+        }
+        Ok(route)
+    }
+}
+
+fn unknown_operation(method: &Method, path: &str) -> BedrockError {
+    BedrockError::new(
+        ErrorType::UnknownOperation,
+        format!("no Bedrock Runtime operation matches {method} {path}"),
+    )
+}
+
+fn decode_model_id(raw: &str) -> Result<ModelId, BedrockError> {
+    let id = decode_param(raw, "modelId")?;
+    if id.len() > MAX_MODEL_ID_LEN {
+        return Err(BedrockError::validation(format!(
+            "1 validation error detected: Value at 'modelId' failed to satisfy constraint: \
+             Member must have length less than or equal to {MAX_MODEL_ID_LEN}"
+        )));
+    }
+    Ok(ModelId(id))
+}
+
+/// Percent-decode one path parameter; it must be non-empty UTF-8 without whitespace or
+/// control characters, which no Bedrock identifier contains.
+fn decode_param(raw: &str, name: &str) -> Result<String, BedrockError> {
+    let Ok(decoded) = percent_decode_str(raw).decode_utf8() else {
+        return Err(BedrockError::validation(format!(
+            "1 validation error detected: Value at '{name}' failed to satisfy constraint: \
+             Member must be valid percent-encoded UTF-8"
+        )));
+    };
+    if decoded.is_empty() {
+        return Err(BedrockError::validation(format!(
+            "1 validation error detected: Value at '{name}' failed to satisfy constraint: \
+             Member must have length greater than or equal to 1"
+        )));
+    }
+    if decoded.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(BedrockError::validation(format!(
+            "1 validation error detected: Value '{}' at '{name}' failed to satisfy constraint: \
+             Member must not contain whitespace or control characters",
+            decoded.escape_debug()
+        )));
+    }
+    Ok(decoded.into_owned())
+}
+
+/// The error codes Bedrock Runtime returns, plus the generic ones AWS front ends use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorType {
+    AccessDenied,
+    Validation,
+    ServiceQuotaExceeded,
+    Conflict,
+    ResourceNotFound,
+    ModelTimeout,
+    ModelError,
+    ModelStreamError,
+    Throttling,
+    ModelNotReady,
+    InternalServer,
+    ServiceUnavailable,
+    UnrecognizedClient,
+    InvalidSignature,
+    /// No operation matches the method and path.
+    UnknownOperation,
+}
+
+impl ErrorType {
+    pub const ALL: [ErrorType; 15] = [
+        ErrorType::AccessDenied,
+        ErrorType::Validation,
+        ErrorType::ServiceQuotaExceeded,
+        ErrorType::Conflict,
+        ErrorType::ResourceNotFound,
+        ErrorType::ModelTimeout,
+        ErrorType::ModelError,
+        ErrorType::ModelStreamError,
+        ErrorType::Throttling,
+        ErrorType::ModelNotReady,
+        ErrorType::InternalServer,
+        ErrorType::ServiceUnavailable,
+        ErrorType::UnrecognizedClient,
+        ErrorType::InvalidSignature,
+        ErrorType::UnknownOperation,
+    ];
+
+    /// The HTTP status and error code of each kind, as Bedrock sends them.
+    pub fn wire(self) -> (StatusCode, &'static str) {
+        match self {
+            ErrorType::AccessDenied => (StatusCode::FORBIDDEN, "AccessDeniedException"),
+            ErrorType::Validation => (StatusCode::BAD_REQUEST, "ValidationException"),
+            ErrorType::ServiceQuotaExceeded => {
+                (StatusCode::BAD_REQUEST, "ServiceQuotaExceededException")
+            }
+            ErrorType::Conflict => (StatusCode::BAD_REQUEST, "ConflictException"),
+            ErrorType::ResourceNotFound => (StatusCode::NOT_FOUND, "ResourceNotFoundException"),
+            ErrorType::ModelTimeout => (StatusCode::REQUEST_TIMEOUT, "ModelTimeoutException"),
+            ErrorType::ModelError => (StatusCode::FAILED_DEPENDENCY, "ModelErrorException"),
+            ErrorType::ModelStreamError => {
+                (StatusCode::FAILED_DEPENDENCY, "ModelStreamErrorException")
+            }
+            ErrorType::Throttling => (StatusCode::TOO_MANY_REQUESTS, "ThrottlingException"),
+            ErrorType::ModelNotReady => (StatusCode::TOO_MANY_REQUESTS, "ModelNotReadyException"),
+            ErrorType::InternalServer => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "InternalServerException")
+            }
+            ErrorType::ServiceUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailableException",
+            ),
+            ErrorType::UnrecognizedClient => (StatusCode::FORBIDDEN, "UnrecognizedClientException"),
+            ErrorType::InvalidSignature => (StatusCode::FORBIDDEN, "InvalidSignatureException"),
+            ErrorType::UnknownOperation => (StatusCode::NOT_FOUND, "UnknownOperationException"),
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        self.wire().0
+    }
+
+    /// The error code clients see, e.g. `ThrottlingException`.
+    pub fn code(self) -> &'static str {
+        self.wire().1
+    }
+
+    /// The kind for an error code, accepting the full `x-amzn-ErrorType` value
+    /// (`Code:namespace`) as clients do.
+    pub fn from_code(code: &str) -> Option<ErrorType> {
+        let code = code.split(':').next().unwrap_or(code).trim();
+        ErrorType::ALL.into_iter().find(|kind| kind.code() == code)
+    }
+}
+
+impl fmt::Display for ErrorType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// A refusal or failure to report to a Bedrock client in Bedrock's own error shape.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct BedrockError {
+    pub kind: ErrorType,
+    pub message: String,
+}
+
+impl BedrockError {
+    pub fn new(kind: ErrorType, message: impl Into<String>) -> BedrockError {
+        BedrockError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn access_denied(message: impl Into<String>) -> BedrockError {
+        BedrockError::new(ErrorType::AccessDenied, message)
+    }
+
+    pub fn validation(message: impl Into<String>) -> BedrockError {
+        BedrockError::new(ErrorType::Validation, message)
+    }
+
+    pub fn throttling(message: impl Into<String>) -> BedrockError {
+        BedrockError::new(ErrorType::Throttling, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> BedrockError {
+        BedrockError::new(ErrorType::InternalServer, message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> BedrockError {
+        BedrockError::new(ErrorType::ServiceUnavailable, message)
+    }
+
+    /// The response a Bedrock client parses into this error: the kind's status,
+    /// `x-amzn-ErrorType: <Code>:<namespace>`, `x-amzn-RequestId` and `x-xpart-request-id`
+    /// set to `request_id`, and the JSON body `{"message": …}`.
+    pub fn into_response(self, request_id: &str) -> Response<Full<Bytes>> {
+        let (status, code) = self.kind.wire();
+        let body = serde_json::json!({ "message": self.message }).to_string();
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Ok(error_type) = HeaderValue::from_str(&format!("{code}:{ERROR_TYPE_NAMESPACE}")) {
+            headers.insert(HeaderName::from_static(ERROR_TYPE_HEADER), error_type);
+        }
+        // A request id that is not a valid header value (it is generated by xpart, so this
+        // does not happen in practice) is left out rather than failing the error response.
+        if let Ok(id) = HeaderValue::from_str(request_id) {
+            headers.insert(HeaderName::from_static(AMZN_REQUEST_ID_HEADER), id.clone());
+            headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), id);
+        }
+        response
+    }
+}
+
+/// Headers that describe one connection rather than the message (RFC 9110 §7.6.1), plus the
+/// legacy `proxy-connection` and `keep-alive`.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Remove hop-by-hop headers, including every header the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Headers that carry or bind the caller's own credentials (SigV4, bearer tokens, session
+/// tokens, cookies). They must never leave the agent: GovCloud credentials mean nothing in
+/// the Commercial partition, and forwarding them would leak them.
+const CALLER_CREDENTIALS: [&str; 9] = [
+    "authorization",
+    "x-amz-security-token",
+    "x-amz-date",
+    "x-amz-content-sha256",
+    "x-amz-credential",
+    "x-amz-algorithm",
+    "x-amz-signedheaders",
+    "cookie",
+    "proxy-authorization",
+];
+
+/// Remove the caller's credentials and signature headers (any `x-amz-signature…` header
+/// included), leaving the Bedrock request headers.
+pub fn strip_caller_credentials(headers: &mut HeaderMap) {
+    for name in CALLER_CREDENTIALS {
+        headers.remove(name);
+    }
+    let signatures: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("x-amz-signature"))
+        .cloned()
+        .collect();
+    for name in signatures {
+        headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn post(path: &str) -> Result<Route, BedrockError> {
+        Route::parse(&Method::POST, path)
+    }
+
+    #[test]
+    fn model_operations_parse_with_decoded_and_raw_model() {
+        let cases = [
+            ("invoke", Operation::InvokeModel),
+            (
+                "invoke-with-response-stream",
+                Operation::InvokeModelWithResponseStream,
+            ),
+            ("converse", Operation::Converse),
+            ("converse-stream", Operation::ConverseStream),
+            ("count-tokens", Operation::CountTokens),
+            (
+                "invoke-with-bidirectional-stream",
+                Operation::InvokeModelWithBidirectionalStream,
+            ),
+        ];
+        for (action, operation) in cases {
+            let path = format!("/model/anthropic.claude-3-haiku-20240307-v1%3A0/{action}");
+            let route = post(&path).unwrap();
+            assert_eq!(route.operation, operation, "{path}");
+            assert_eq!(
+                route.model.as_ref().map(ModelId::as_str),
+                Some("anthropic.claude-3-haiku-20240307-v1:0")
+            );
+            assert_eq!(
+                route.raw_model.as_deref(),
+                Some("anthropic.claude-3-haiku-20240307-v1%3A0")
+            );
+            assert_eq!(route.guardrail, None);
+        }
+    }
+
+    #[test]
+    fn arns_stand_in_for_model_ids_in_any_partition() {
+        let raw = "arn%3Aaws-us-gov%3Abedrock%3Aus-gov-west-1%3A123456789012%3Ainference-profile%2Fus-gov.anthropic.claude-3-5-sonnet-20240620-v1%3A0";
+        let route = post(&format!("/model/{raw}/converse")).unwrap();
+        let model = route.model.unwrap();
+        assert_eq!(
+            model.as_str(),
+            "arn:aws-us-gov:bedrock:us-gov-west-1:123456789012:inference-profile/us-gov.anthropic.claude-3-5-sonnet-20240620-v1:0"
+        );
+        assert!(model.is_arn());
+        assert_eq!(model.arn_partition(), Some("aws-us-gov"));
+        assert_eq!(route.raw_model.as_deref(), Some(raw));
+
+        let commercial = post("/model/arn:aws:bedrock:us-east-1::foundation-model%2Fx.y/invoke")
+            .unwrap()
+            .model
+            .unwrap();
+        assert_eq!(commercial.arn_partition(), Some("aws"));
+        assert!(!ModelId::new("us.anthropic.x").is_arn());
+        assert_eq!(ModelId::new("us.anthropic.x").arn_partition(), None);
+    }
+
+    #[test]
+    fn guardrail_and_async_invoke_routes() {
+        let route = post("/guardrail/gr-abc123/version/DRAFT/apply").unwrap();
+        assert_eq!(route.operation, Operation::ApplyGuardrail);
+        assert_eq!(
+            route.guardrail,
+            Some(Guardrail {
+                identifier: "gr-abc123".into(),
+                version: "DRAFT".into()
+            })
+        );
+        assert_eq!(route.model, None);
+
+        assert_eq!(
+            post("/async-invoke").unwrap().operation,
+            Operation::StartAsyncInvoke
+        );
+        let list = Route::parse(
+            &Method::GET,
+            "/async-invoke?maxResults=5&statusEquals=Completed",
+        )
+        .unwrap();
+        assert_eq!(list.operation, Operation::ListAsyncInvokes);
+        let get = Route::parse(
+            &Method::GET,
+            "/async-invoke/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Aasync-invoke%2Fabc",
+        )
+        .unwrap();
+        assert_eq!(get.operation, Operation::GetAsyncInvoke);
+        assert_eq!(
+            get.invocation_arn.as_deref(),
+            Some("arn:aws:bedrock:us-east-1:123456789012:async-invoke/abc")
+        );
+    }
+
+    #[test]
+    fn query_string_is_ignored() {
+        let route = post("/model/m/converse?x=1").unwrap();
+        assert_eq!(route.operation, Operation::Converse);
+        assert_eq!(route.raw_model.as_deref(), Some("m"));
+    }
+
+    #[test]
+    fn unknown_paths_and_wrong_methods_are_unknown_operation_404() {
+        let cases = [
+            (Method::POST, "/"),
+            (Method::POST, ""),
+            (Method::POST, "model/m/invoke"),
+            (Method::POST, "/model/m/generate"),
+            (Method::POST, "/model/m/invoke/"),
+            (Method::POST, "/model/m"),
+            (Method::POST, "/models/m/invoke"),
+            (Method::POST, "/Model/m/invoke"),
+            (Method::GET, "/model/m/invoke"),
+            (Method::PUT, "/model/m/converse"),
+            (Method::DELETE, "/async-invoke/x"),
+            (Method::POST, "/async-invoke/x"),
+            (Method::POST, "/guardrail/g/version/1"),
+            (Method::POST, "/foundation-models"),
+        ];
+        for (method, path) in cases {
+            let err = Route::parse(&method, path).unwrap_err();
+            assert_eq!(err.kind, ErrorType::UnknownOperation, "{method} {path}");
+            assert_eq!(err.kind.status(), StatusCode::NOT_FOUND);
+            assert!(err.message.contains(path), "{}", err.message);
+        }
+    }
+
+    #[test]
+    fn unusable_model_ids_are_validation_errors() {
+        let too_long = format!("/model/{}/invoke", "a".repeat(MAX_MODEL_ID_LEN + 1));
+        let cases = [
+            "/model//invoke".to_string(),
+            "/model/%FF%FE/invoke".to_string(),
+            "/model/a%20b/invoke".to_string(),
+            "/model/a%0Ab/invoke".to_string(),
+            too_long,
+            "/guardrail//version/1/apply".to_string(),
+            "/guardrail/g/version//apply".to_string(),
+        ];
+        for path in cases {
+            let err = post(&path).unwrap_err();
+            assert_eq!(err.kind, ErrorType::Validation, "{path}");
+        }
+        let longest = format!("/model/{}/invoke", "a".repeat(MAX_MODEL_ID_LEN));
+        assert!(post(&longest).is_ok());
+    }
+
+    #[test]
+    fn operation_names_round_trip() {
+        for op in Operation::ALL {
+            assert_eq!(op.name().parse::<Operation>(), Ok(op));
+            assert_eq!(op.to_string(), op.name());
+            let json = serde_json::to_string(&op).unwrap();
+            assert_eq!(json, format!("\"{}\"", op.name()));
+            assert_eq!(serde_json::from_str::<Operation>(&json).unwrap(), op);
+        }
+        let err = "Invoke".parse::<Operation>().unwrap_err();
+        assert!(err.to_string().contains("\"Invoke\""));
+        assert!(err
+            .to_string()
+            .contains("InvokeModel, InvokeModelWithResponseStream"));
+        assert!("converse".parse::<Operation>().is_err());
+    }
+
+    #[test]
+    fn glob_matching() {
+        let yes = [
+            ("*", ""),
+            ("*", "anything:at/all"),
+            (
+                "anthropic.claude-*",
+                "anthropic.claude-3-haiku-20240307-v1:0",
+            ),
+            ("anthropic.claude-*", "anthropic.claude-"),
+            ("*.anthropic.*", "us.anthropic.claude"),
+            ("*-v1:0", "anthropic.claude-v1:0"),
+            ("a*b*c", "abc"),
+            ("a*b*c", "aXbYbZc"),
+            ("a**c", "ac"),
+            ("a*a", "aa"),
+            ("a*a*a", "aaa"),
+            ("exact", "exact"),
+            ("", ""),
+        ];
+        for (pattern, text) in yes {
+            assert!(
+                glob_match(pattern, text),
+                "{pattern:?} should match {text:?}"
+            );
+        }
+        let no = [
+            ("anthropic.claude-*", "Anthropic.claude-3"),
+            ("anthropic.claude-*", "us.anthropic.claude-3"),
+            ("anthropic.claude-*", "anthropic.claude"),
+            ("exact", "exactly"),
+            ("exact", "inexact"),
+            ("a*b*c", "acb"),
+            ("a*a", "a"),
+            ("a*a*a", "aa"),
+            ("*-v1:0", "x-v1:0:extra"),
+            ("", "x"),
+            ("?", "x"),
+        ];
+        for (pattern, text) in no {
+            assert!(
+                !glob_match(pattern, text),
+                "{pattern:?} should not match {text:?}"
+            );
+        }
+        assert!(ModelId::new("us.anthropic.claude-3").matches("us.anthropic.*"));
+    }
+
+    #[test]
+    fn error_status_and_codes_follow_bedrock() {
+        let expected = [
+            (ErrorType::AccessDenied, 403, "AccessDeniedException"),
+            (ErrorType::Validation, 400, "ValidationException"),
+            (
+                ErrorType::ServiceQuotaExceeded,
+                400,
+                "ServiceQuotaExceededException",
+            ),
+            (ErrorType::Conflict, 400, "ConflictException"),
+            (
+                ErrorType::ResourceNotFound,
+                404,
+                "ResourceNotFoundException",
+            ),
+            (ErrorType::ModelTimeout, 408, "ModelTimeoutException"),
+            (ErrorType::ModelError, 424, "ModelErrorException"),
+            (
+                ErrorType::ModelStreamError,
+                424,
+                "ModelStreamErrorException",
+            ),
+            (ErrorType::Throttling, 429, "ThrottlingException"),
+            (ErrorType::ModelNotReady, 429, "ModelNotReadyException"),
+            (ErrorType::InternalServer, 500, "InternalServerException"),
+            (
+                ErrorType::ServiceUnavailable,
+                503,
+                "ServiceUnavailableException",
+            ),
+            (
+                ErrorType::UnrecognizedClient,
+                403,
+                "UnrecognizedClientException",
+            ),
+            (
+                ErrorType::InvalidSignature,
+                403,
+                "InvalidSignatureException",
+            ),
+            (
+                ErrorType::UnknownOperation,
+                404,
+                "UnknownOperationException",
+            ),
+        ];
+        assert_eq!(expected.len(), ErrorType::ALL.len());
+        for (kind, status, code) in expected {
+            assert_eq!(kind.status().as_u16(), status, "{code}");
+            assert_eq!(kind.code(), code);
+            assert_eq!(ErrorType::from_code(code), Some(kind));
+            assert_eq!(
+                ErrorType::from_code(&format!("{code}:{ERROR_TYPE_NAMESPACE}")),
+                Some(kind)
+            );
+        }
+        assert_eq!(ErrorType::from_code("NoSuchException"), None);
+    }
+
+    #[tokio::test]
+    async fn error_response_has_bedrock_shape() {
+        let err = BedrockError::throttling("Too many requests, please wait \"now\".");
+        let response = err.into_response("req-123");
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        let headers = response.headers();
+        assert_eq!(
+            headers["x-amzn-ErrorType"],
+            "ThrottlingException:http://internal.amazon.com/coral/com.amazon.bedrock/"
+        );
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(headers["x-amzn-RequestId"], "req-123");
+        assert_eq!(headers["x-xpart-request-id"], "req-123");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"message": "Too many requests, please wait \"now\"."})
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_connection_listed_ones_are_removed() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, x-custom-hop"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("proxy-authorization", "Basic abc"),
+            ("x-custom-hop", "1"),
+            ("content-type", "application/json"),
+            ("x-amzn-bedrock-trace", "ENABLED"),
+        ] {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
+        strip_hop_by_hop(&mut headers);
+        let left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["content-type", "x-amzn-bedrock-trace"]);
+    }
+
+    #[test]
+    fn caller_credentials_are_removed_and_bedrock_headers_kept() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("authorization", "Bearer bedrock-api-key-secret"),
+            ("x-amz-security-token", "token"),
+            ("x-amz-date", "20250101T000000Z"),
+            ("x-amz-content-sha256", "abc"),
+            ("x-amz-signature", "sig"),
+            ("x-amz-signature-extra", "sig"),
+            ("cookie", "a=b"),
+            ("content-type", "application/json"),
+            ("accept", "application/json"),
+            ("x-amzn-bedrock-guardrailidentifier", "gr"),
+            ("x-amz-user-agent", "boto3"),
+        ] {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
+        strip_caller_credentials(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "accept",
+                "content-type",
+                "x-amz-user-agent",
+                "x-amzn-bedrock-guardrailidentifier"
+            ]
+        );
+    }
+}

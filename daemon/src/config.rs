@@ -1,0 +1,658 @@
+//! Configuration problems reported all at once, each naming the file, the field, what is
+//! wrong and how to fix it; and [`read_toml`], which turns TOML syntax and serde type errors
+//! into such problems with the field path and the line and column.
+//!
+//! A daemon's config loader calls [`read_toml`] (or [`parse_toml`]) for the typed structs,
+//! then validates the values, pushing every problem it finds onto one [`Diagnostics`], and
+//! returns them together, so an operator fixes a file in one pass.
+//!
+//! Custom `Deserialize` impls can carry a fix in their error message by separating it with
+//! [`FIX_SEPARATOR`] (`" — fix: "`); [`read_toml`] splits it into the problem's `fix`.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use toml_edit::{ImDocument, Item, TableLike, Value};
+
+/// Separates a problem from its fix in one-line messages.
+pub const FIX_SEPARATOR: &str = " — fix: ";
+
+/// One thing wrong with a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file as the operator named it.
+    pub file: String,
+    /// Where in the file, e.g. `[policy].operations[2]` or `[[relay]][0].endpoint`; empty
+    /// when the problem concerns the whole file.
+    pub field: String,
+    /// What is wrong, in the operator's terms.
+    pub message: String,
+    /// What to do about it.
+    pub fix: String,
+    /// Line and column (1-based) when known.
+    pub location: Option<Location>,
+}
+
+/// A 1-based line and column (in characters) in a configuration file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub line: usize,
+    pub column: usize,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.file)?;
+        if let Some(location) = self.location {
+            write!(f, ":{}:{}", location.line, location.column)?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}{FIX_SEPARATOR}{}", self.message, self.fix)
+    }
+}
+
+/// Every problem found in one configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostics {
+    file: String,
+    problems: Vec<Problem>,
+}
+
+impl Diagnostics {
+    /// An empty collection for `file` (the name the operator gave, used in every line).
+    pub fn new(file: impl Into<String>) -> Diagnostics {
+        Diagnostics {
+            file: file.into(),
+            problems: Vec::new(),
+        }
+    }
+
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+
+    /// Record a problem in this file.
+    pub fn push(
+        &mut self,
+        field: impl Into<String>,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) {
+        self.problems.push(Problem {
+            file: self.file.clone(),
+            field: field.into(),
+            message: message.into(),
+            fix: fix.into(),
+            location: None,
+        });
+    }
+
+    /// Record a problem built elsewhere (it keeps its own file name).
+    pub fn push_problem(&mut self, problem: Problem) {
+        self.problems.push(problem);
+    }
+
+    /// Take over every problem of `other`.
+    pub fn extend(&mut self, other: Diagnostics) {
+        self.problems.extend(other.problems);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.problems.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.problems.len()
+    }
+
+    pub fn problems(&self) -> &[Problem] {
+        &self.problems
+    }
+
+    /// `Ok(value)` when nothing was recorded, else these diagnostics.
+    pub fn into_result<T>(self, value: T) -> Result<T, Diagnostics> {
+        if self.problems.is_empty() {
+            return Ok(value);
+        }
+        Err(self)
+    }
+}
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Diagnostics {}
+
+/// Read and deserialize a TOML file. Problems name the file as `path` is displayed.
+pub fn read_toml<T: DeserializeOwned>(path: impl AsRef<Path>) -> Result<T, Diagnostics> {
+    let path = path.as_ref();
+    let label = path.display().to_string();
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(err) => {
+            let mut diagnostics = Diagnostics::new(&label);
+            let fix = match err.kind() {
+                std::io::ErrorKind::NotFound => "check the path given to --config",
+                std::io::ErrorKind::PermissionDenied => {
+                    "make the file readable by the daemon's user"
+                }
+                _ => "make the path a readable UTF-8 text file",
+            };
+            diagnostics.push("", format!("cannot read the file: {err}"), fix);
+            return Err(diagnostics);
+        }
+    };
+    parse_toml(&text, &label)
+}
+
+/// Deserialize TOML text; `file` is the name used in problems.
+///
+/// Keys that `T` does not use are problems too (whether or not `T` denies unknown fields),
+/// as is the first type or syntax error, which stops deserialization.
+pub fn parse_toml<T: DeserializeOwned>(text: &str, file: &str) -> Result<T, Diagnostics> {
+    let mut diagnostics = Diagnostics::new(file);
+    // Only used for naming and locating fields; when it fails, the deserializer reports
+    // the same syntax error with its position.
+    let document = ImDocument::parse(text).ok();
+    let mut ignored: Vec<Vec<Step>> = Vec::new();
+    let mut on_ignored = |path: serde_ignored::Path<'_>| ignored.push(ignored_steps(&path));
+    let deserializer =
+        serde_ignored::Deserializer::new(toml::Deserializer::new(text), &mut on_ignored);
+    let result: Result<T, _> = serde_path_to_error::deserialize(deserializer);
+    for steps in ignored {
+        let name = match steps.last() {
+            Some(Step::Key(name)) => name.clone(),
+            _ => String::new(),
+        };
+        let span = document.as_ref().and_then(|doc| locate(doc, &steps));
+        diagnostics.push_problem(Problem {
+            file: file.to_string(),
+            field: field_name(document.as_ref(), &steps),
+            message: format!("unknown field \"{name}\""),
+            fix: "remove it, or check its spelling and the table it is in (see the example config)"
+                .to_string(),
+            location: span.and_then(|span| location(text, span.start)),
+        });
+    }
+    match result {
+        Ok(value) => diagnostics.into_result(value),
+        Err(err) => {
+            diagnostics.push_problem(serde_problem(text, file, document.as_ref(), &err));
+            Err(diagnostics)
+        }
+    }
+}
+
+/// One step of a field path: a table key or an array index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+fn ignored_steps(path: &serde_ignored::Path<'_>) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let mut current = path;
+    loop {
+        match current {
+            serde_ignored::Path::Root => break,
+            serde_ignored::Path::Seq { parent, index } => {
+                steps.push(Step::Index(*index));
+                current = parent;
+            }
+            serde_ignored::Path::Map { parent, key } => {
+                steps.push(Step::Key(key.clone()));
+                current = parent;
+            }
+            serde_ignored::Path::Some { parent } => current = parent,
+            serde_ignored::Path::NewtypeStruct { parent } => current = parent,
+            serde_ignored::Path::NewtypeVariant { parent } => current = parent,
+        }
+    }
+    steps.reverse();
+    steps
+}
+
+fn serde_problem(
+    text: &str,
+    file: &str,
+    document: Option<&ImDocument<&str>>,
+    err: &serde_path_to_error::Error<toml::de::Error>,
+) -> Problem {
+    let mut steps: Vec<Step> = err
+        .path()
+        .iter()
+        .filter_map(|segment| match segment {
+            serde_path_to_error::Segment::Seq { index } => Some(Step::Index(*index)),
+            serde_path_to_error::Segment::Map { key } => Some(Step::Key(key.clone())),
+            serde_path_to_error::Segment::Enum { .. } => None,
+            serde_path_to_error::Segment::Unknown => None,
+        })
+        .collect();
+    let raw = err.inner().message().trim();
+    let explained = explain(raw);
+    if let Some(name) = &explained.field {
+        if steps.last() != Some(&Step::Key(name.clone())) {
+            steps.push(Step::Key(name.clone()));
+        }
+    }
+    let span = err
+        .inner()
+        .span()
+        .or_else(|| document.and_then(|doc| locate(doc, &steps)));
+    let field = field_name(document, &steps);
+    let fix = match explained.fix {
+        Some(fix) => fix,
+        None if steps.is_empty() => "correct the TOML syntax there".to_string(),
+        None => "correct the value (see the example config for its format)".to_string(),
+    };
+    let fix = match (&explained.kind, field.as_str()) {
+        (Explained::Missing, "") => fix,
+        (Explained::Missing, field) => format!("add `{field}` (see the example config)"),
+        _ => fix,
+    };
+    Problem {
+        file: file.to_string(),
+        field,
+        message: explained.message,
+        fix,
+        location: span.and_then(|span| location(text, span.start)),
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Explained {
+    Missing,
+    Other,
+}
+
+struct Explanation {
+    kind: Explained,
+    /// The field the message is about, when serde names it rather than the path.
+    field: Option<String>,
+    message: String,
+    fix: Option<String>,
+}
+
+/// Turn serde's and toml's messages into the operator's terms.
+fn explain(raw: &str) -> Explanation {
+    let flat = raw
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    if let Some((message, fix)) = flat.split_once(FIX_SEPARATOR) {
+        return Explanation {
+            kind: Explained::Other,
+            field: None,
+            message: message.to_string(),
+            fix: Some(fix.to_string()),
+        };
+    }
+    let names = backticked(&flat);
+    if flat.starts_with("missing field ") {
+        return Explanation {
+            kind: Explained::Missing,
+            field: names.first().map(|name| name.to_string()),
+            message: "required field is missing".to_string(),
+            fix: None,
+        };
+    }
+    if flat.starts_with("unknown field ") {
+        let expected = names.get(1..).unwrap_or_default();
+        let fix = if expected.is_empty() {
+            "remove it: this table takes no fields".to_string()
+        } else {
+            format!("remove it, or use one of: {}", expected.join(", "))
+        };
+        return Explanation {
+            kind: Explained::Other,
+            field: names.first().map(|name| name.to_string()),
+            message: format!("unknown field \"{}\"", names.first().unwrap_or(&"")),
+            fix: Some(fix),
+        };
+    }
+    if flat.starts_with("unknown variant ") {
+        let expected = names.get(1..).unwrap_or_default();
+        return Explanation {
+            kind: Explained::Other,
+            field: None,
+            message: format!("unknown value \"{}\"", names.first().unwrap_or(&"")),
+            fix: Some(format!("use one of: {}", expected.join(", "))),
+        };
+    }
+    if let Some(rest) = flat
+        .strip_prefix("invalid type: ")
+        .or_else(|| flat.strip_prefix("invalid value: "))
+    {
+        let fix = rest
+            .split_once(", expected ")
+            .map(|(_, expected)| format!("give {expected}"));
+        return Explanation {
+            kind: Explained::Other,
+            field: None,
+            message: flat.clone(),
+            fix,
+        };
+    }
+    Explanation {
+        kind: Explained::Other,
+        field: None,
+        message: flat,
+        fix: None,
+    }
+}
+
+/// The texts between pairs of backticks, in order.
+fn backticked(text: &str) -> Vec<&str> {
+    text.split('`').skip(1).step_by(2).collect()
+}
+
+/// Render a path the way the operator sees it in the file: `[table].key`,
+/// `[[array]][1].key`, `key[2]`.
+fn field_name(document: Option<&ImDocument<&str>>, steps: &[Step]) -> String {
+    let mut name = String::new();
+    for (i, step) in steps.iter().enumerate() {
+        match (i, step) {
+            (0, Step::Key(key)) => {
+                let root = document.and_then(|doc| doc.as_table().get(key));
+                let more = steps.len() > 1;
+                match root {
+                    Some(Item::ArrayOfTables(_)) => name.push_str(&format!("[[{key}]]")),
+                    Some(Item::Table(_)) => name.push_str(&format!("[{key}]")),
+                    Some(_) => name.push_str(key),
+                    None if more => name.push_str(&format!("[{key}]")),
+                    None => name.push_str(key),
+                }
+            }
+            (_, Step::Key(key)) => {
+                if !name.is_empty() {
+                    name.push('.');
+                }
+                name.push_str(key);
+            }
+            (_, Step::Index(index)) => name.push_str(&format!("[{index}]")),
+        }
+    }
+    name
+}
+
+/// The byte span of the last step of `steps` in the document, when it exists there.
+fn locate(document: &ImDocument<&str>, steps: &[Step]) -> Option<Range<usize>> {
+    enum Node<'a> {
+        Table(&'a dyn TableLike),
+        Item(&'a Item),
+        Value(&'a Value),
+    }
+    let mut node = Node::Table(document.as_table());
+    let mut span = None;
+    for step in steps {
+        let next = match (step, &node) {
+            (Step::Key(key), node) => {
+                let table: &dyn TableLike = match node {
+                    Node::Table(table) => *table,
+                    Node::Item(item) => item.as_table_like()?,
+                    Node::Value(value) => value.as_inline_table()?,
+                };
+                let (found_key, item) = table.get_key_value(key)?;
+                span = found_key.span().or(span);
+                Node::Item(item)
+            }
+            (Step::Index(index), Node::Item(Item::ArrayOfTables(tables))) => {
+                let table = tables.get(*index)?;
+                span = table.span().or(span);
+                Node::Table(table)
+            }
+            (Step::Index(index), Node::Item(Item::Value(Value::Array(array))))
+            | (Step::Index(index), Node::Value(Value::Array(array))) => {
+                let value = array.get(*index)?;
+                span = value.span().or(span);
+                Node::Value(value)
+            }
+            (Step::Index(_), _) => return span,
+        };
+        node = next;
+    }
+    span
+}
+
+fn location(text: &str, offset: usize) -> Option<Location> {
+    let before = text.get(..offset)?;
+    let line_start = before.rfind('\n').map_or(0, |at| at + 1);
+    Some(Location {
+        line: before.matches('\n').count() + 1,
+        column: before[line_start..].chars().count() + 1,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Loose {
+        tunnel: Tunnel,
+        #[serde(default)]
+        relay: Vec<Relay>,
+        policy: Option<Policy>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Tunnel {
+        address: String,
+        #[serde(default)]
+        mtu: Option<u16>,
+        #[serde(default)]
+        mode: Option<Mode>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    enum Mode {
+        Kernel,
+        Userspace,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Relay {
+        name: String,
+        service_port: u16,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Policy {
+        operations: Vec<crate::bedrock::Operation>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Strict {
+        admin: StrictAdmin,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct StrictAdmin {
+        listen: String,
+        token: Option<String>,
+    }
+
+    #[test]
+    fn valid_file_parses() {
+        let text = "[tunnel]\naddress = \"100.64.0.1/30\"\nmtu = 1420\n\n[[relay]]\nname = \"a\"\nservice_port = 8080\n";
+        let config: Loose = parse_toml(text, "agent.toml").unwrap();
+        assert_eq!(config.tunnel.mtu, Some(1420));
+        assert_eq!(config.relay.len(), 1);
+    }
+
+    #[test]
+    fn type_error_names_field_line_and_column() {
+        let text = "[tunnel]\naddress = \"x\"\nmtu = \"big\"\n";
+        let err = parse_toml::<Loose>(text, "agent.toml").unwrap_err();
+        assert_eq!(err.len(), 1);
+        let problem = &err.problems()[0];
+        assert_eq!(problem.field, "[tunnel].mtu");
+        assert_eq!(problem.location, Some(Location { line: 3, column: 7 }));
+        assert!(
+            problem.message.contains("invalid type: string \"big\""),
+            "{}",
+            problem.message
+        );
+        assert!(problem.fix.contains("u16"), "{}", problem.fix);
+        assert!(
+            err.to_string()
+                .starts_with("agent.toml:3:7: [tunnel].mtu: invalid type"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn several_unknown_fields_and_a_type_error_are_reported_together() {
+        let text = "[tunnel]\naddress = \"x\"\nadress = \"typo\"\n\n[[relay]]\nname = \"a\"\nservice_port = 8080\n\n[[relay]]\nname = \"b\"\nport = 1\nservice_port = 99999\n";
+        let err = parse_toml::<Loose>(text, "agent.toml").unwrap_err();
+        let lines: Vec<String> = err.to_string().lines().map(str::to_string).collect();
+        assert_eq!(lines.len(), 3, "{err}");
+        assert_eq!(
+            lines[0],
+            "agent.toml:3:1: [tunnel].adress: unknown field \"adress\" — fix: remove it, or check its spelling and the table it is in (see the example config)"
+        );
+        assert!(
+            lines[1].starts_with("agent.toml:11:1: [[relay]][1].port: unknown field \"port\""),
+            "{}",
+            lines[1]
+        );
+        assert!(lines[2].starts_with("agent.toml:12:16: [[relay]][1].service_port: invalid value: integer `99999`, expected u16"), "{}", lines[2]);
+    }
+
+    #[test]
+    fn unknown_operation_gets_the_list_of_operations_as_fix() {
+        let text = "[tunnel]\naddress = \"x\"\n[policy]\noperations = [\"Converse\", \"InvokeModel\", \"Invoke\"]\n";
+        let err = parse_toml::<Loose>(text, "relay.toml").unwrap_err();
+        assert_eq!(err.len(), 1);
+        let problem = &err.problems()[0];
+        assert_eq!(problem.field, "[policy].operations[2]");
+        assert_eq!(problem.message, "unknown operation \"Invoke\"");
+        assert!(
+            problem
+                .fix
+                .starts_with("use one of InvokeModel, InvokeModelWithResponseStream, Converse"),
+            "{}",
+            problem.fix
+        );
+        assert_eq!(problem.location.map(|l| l.line), Some(4));
+    }
+
+    #[test]
+    fn unknown_enum_value_lists_the_choices() {
+        let text = "[tunnel]\naddress = \"x\"\nmode = \"kernal\"\n";
+        let err = parse_toml::<Loose>(text, "agent.toml").unwrap_err();
+        let problem = &err.problems()[0];
+        assert_eq!(problem.field, "[tunnel].mode");
+        assert_eq!(problem.message, "unknown value \"kernal\"");
+        assert_eq!(problem.fix, "use one of: kernel, userspace");
+    }
+
+    #[test]
+    fn missing_field_names_the_field_to_add() {
+        let text = "[tunnel]\nmtu = 1400\n";
+        let err = parse_toml::<Loose>(text, "agent.toml").unwrap_err();
+        let problem = &err.problems()[0];
+        assert_eq!(problem.field, "[tunnel].address");
+        assert_eq!(problem.message, "required field is missing");
+        assert_eq!(
+            problem.fix,
+            "add `[tunnel].address` (see the example config)"
+        );
+    }
+
+    #[test]
+    fn deny_unknown_fields_message_lists_the_known_fields() {
+        let text = "[admin]\nlisten = \"127.0.0.1:9100\"\nlisen = \"x\"\n";
+        let err = parse_toml::<Strict>(text, "agent.toml").unwrap_err();
+        assert_eq!(err.len(), 1, "{err}");
+        let problem = &err.problems()[0];
+        assert_eq!(problem.field, "[admin].lisen");
+        assert_eq!(problem.message, "unknown field \"lisen\"");
+        assert_eq!(problem.fix, "remove it, or use one of: listen, token");
+        assert_eq!(problem.location.map(|l| l.line), Some(3));
+    }
+
+    #[test]
+    fn syntax_error_has_position_and_no_field() {
+        let text = "[tunnel]\naddress = \"x\nmtu = 3\n";
+        let err = parse_toml::<Loose>(text, "agent.toml").unwrap_err();
+        assert_eq!(err.len(), 1);
+        let problem = &err.problems()[0];
+        assert_eq!(problem.field, "");
+        assert_eq!(problem.location.map(|l| l.line), Some(2));
+        assert_eq!(problem.fix, "correct the TOML syntax there");
+    }
+
+    #[test]
+    fn read_toml_reports_a_missing_file() {
+        let err = read_toml::<Loose>("/nonexistent/xpart/agent.toml").unwrap_err();
+        assert_eq!(err.len(), 1);
+        let line = err.to_string();
+        assert!(
+            line.starts_with("/nonexistent/xpart/agent.toml: cannot read the file:"),
+            "{line}"
+        );
+        assert!(
+            line.ends_with("— fix: check the path given to --config"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn read_toml_reads_a_file() {
+        let dir = std::env::temp_dir().join(format!("xpart-daemon-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, "[tunnel]\naddress = \"100.64.0.1/30\"\n").unwrap();
+        let config: Loose = read_toml(&path).unwrap();
+        assert_eq!(config.tunnel.address, "100.64.0.1/30");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn diagnostics_collect_validation_problems() {
+        let mut diagnostics = Diagnostics::new("agent.toml");
+        assert!(diagnostics.clone().into_result(1).is_ok());
+        diagnostics.push(
+            "[front].cert_file",
+            "no such file \"/x\"",
+            "run `xpart ca issue`",
+        );
+        diagnostics.push(
+            "",
+            "the file is empty",
+            "start from config/agent.example.toml",
+        );
+        assert_eq!(diagnostics.len(), 2);
+        assert_eq!(
+            diagnostics.into_result(1).unwrap_err().to_string(),
+            "agent.toml: [front].cert_file: no such file \"/x\" — fix: run `xpart ca issue`\nagent.toml: the file is empty — fix: start from config/agent.example.toml"
+        );
+    }
+}
