@@ -1,0 +1,617 @@
+//! The sans-IO WireGuard engine: a table of peers, each a `boringtun::noise::Tunn`, with no
+//! sockets, devices, clocks or threads of its own.
+//!
+//! Bytes and the current `Instant` go in; UDP datagrams, decrypted IP packets, events and the
+//! next timer deadline come out. A driver loop looks like:
+//!
+//! ```text
+//! loop {
+//!     select {
+//!         udp datagram (from, bytes)  => engine.handle_datagram(from, bytes, now),
+//!         IP packet from the stack    => engine.handle_outbound(packet, now),
+//!         engine.poll_timeout()       => engine.handle_timeout(now),
+//!     }
+//!     while let Some(t) = engine.poll_transmit() { udp.send_to(&t.payload, t.dst); engine.recycle(t.payload) }
+//!     while let Some(p) = engine.poll_inbound()  { stack.write(&p); engine.recycle(p) }
+//!     while let Some(e) = engine.poll_event()    { log / metrics }
+//! }
+//! ```
+//!
+//! On the fast paths, [`Engine::handle_datagram_into`] and [`Engine::handle_outbound_into`]
+//! write the common result (the decrypted packet, the encrypted datagram) straight into the
+//! caller's buffer; everything else still goes through the queues. Queue buffers come from a
+//! pool that [`Engine::recycle`] refills, so a steady flow allocates nothing.
+//!
+//! What the engine adds to `Tunn`:
+//! - routing: datagrams reach their peer by the receiver index boringtun put in the upper 24
+//!   bits of every session index; handshake initiations, which carry no index of ours, by the
+//!   static key they decrypt to (after the shared rate limiter has checked mac1 and load);
+//!   outbound packets by longest-prefix match of their destination over all allowed IPs;
+//! - cryptokey routing: a decrypted packet whose source lies outside its peer's allowed IPs is
+//!   dropped;
+//! - roaming: a peer's endpoint follows the source of its last authenticated datagram;
+//! - timers: `update_timers` on every tick, the shared handshake [`RateLimiter`] reset each
+//!   second, and recovery after `ConnectionExpired` (peers with a persistent keepalive and a
+//!   known endpoint keep initiating; others recover on the next packet either way);
+//! - per-peer counters and drops by reason ([`DropReason`]).
+//!
+//! Time: every entry point takes `now`, and the engine never reads a clock. boringtun reads its
+//! own clock internally; with the crate feature `sim-clock` (on for this crate's tests) that
+//! clock is `mock_instant`'s, and the engine sets it from `now` before every call into
+//! boringtun (see `clock.rs`), so a test that passes simulated instants moves both clocks.
+
+mod buffers;
+mod clock;
+mod peer;
+mod routing;
+mod stats;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{HandshakeInit, Packet, Tunn, TunnResult};
+use boringtun::x25519;
+use ipnet::IpNet;
+
+use crate::keys::{PrivateKey, PublicKey};
+use buffers::BufferPool;
+use clock::Clock;
+use peer::{error_reason, Peer};
+use routing::RoutingTable;
+use stats::DropCounts;
+
+pub use stats::{DropReason, PeerStats};
+
+/// How often [`Engine::handle_timeout`] wants to run; boringtun's timers have one-second
+/// resolution and its retransmit rules assume a tick of this order.
+pub const TIMER_TICK: Duration = Duration::from_millis(250);
+
+/// Handshake messages the shared rate limiter lets through per second before it answers with
+/// cookie replies instead (the figure boringtun's own device uses). Initiations are checked
+/// twice (before the Diffie-Hellman that identifies the sender, and inside `Tunn`), so about
+/// half this many initiations per second are processed under a flood.
+pub const HANDSHAKE_CHECKS_PER_SECOND: u64 = 100;
+
+/// WireGuard data message overhead: 16-byte header + 16-byte Poly1305 tag.
+pub const DATA_OVERHEAD: usize = 32;
+
+/// Largest inner IP packet the engine encrypts: the UDP payload limit over IPv4 (65,507)
+/// minus [`DATA_OVERHEAD`].
+pub const MAX_IP_PACKET: usize = 65_507 - DATA_OVERHEAD;
+
+/// boringtun panics if a destination buffer is shorter than a handshake initiation.
+const MIN_WIRE_BUFFER: usize = 148;
+
+/// Scratch space for timers and queued-packet flushes: any IP packet plus overhead.
+const SCRATCH_LEN: usize = MAX_IP_PACKET + DATA_OVERHEAD;
+
+const RATE_LIMITER_RESET: Duration = Duration::from_secs(1);
+
+/// boringtun keeps retrying a handshake for REKEY_TIMEOUT between initiations.
+const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Session indices are 32 bits: boringtun puts the index we give each `Tunn` in the upper 24
+/// and counts sessions in the lower 8.
+const PEER_INDEX_MASK: u32 = 0x00ff_ffff;
+
+/// One WireGuard peer as the engine needs it.
+#[derive(Debug, Clone)]
+pub struct PeerSpec {
+    /// Label for logs and statistics.
+    pub name: String,
+    pub public_key: PublicKey,
+    /// `None`: learned from the peer's first authenticated datagram.
+    pub endpoint: Option<SocketAddr>,
+    /// Inner source addresses accepted from this peer, and destinations routed to it.
+    pub allowed_ips: Vec<IpNet>,
+    /// Seconds between keepalives when idle; also makes the engine initiate at start and keep
+    /// re-initiating after `ConnectionExpired`.
+    pub persistent_keepalive: Option<u16>,
+    pub preshared_key: Option<[u8; 32]>,
+}
+
+/// A peer's position in the table given to [`Engine::new`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(usize);
+
+impl PeerId {
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// A UDP datagram to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    pub dst: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// Something the driver may want to log or count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A new session exists with this peer (first handshake or rekey).
+    HandshakeCompleted { peer: PeerId },
+    /// The peer's endpoint was learned or moved (roaming).
+    EndpointChanged { peer: PeerId, endpoint: SocketAddr },
+    /// boringtun gave up: no session and no handshake for too long. Emitted once per outage,
+    /// and only for a peer that had a session.
+    ConnectionExpired { peer: PeerId },
+}
+
+/// The peer table. See the module documentation.
+pub struct Engine {
+    peers: Vec<Peer>,
+    peers_by_key: HashMap<[u8; 32], PeerId>,
+    /// Peer `i`'s `Tunn` index is `index_base + i` (24 bits), so a receiver index maps back to
+    /// its peer without a lookup; the random base keeps indices unpredictable to outsiders.
+    index_base: u32,
+    routes: RoutingTable,
+    static_private: x25519::StaticSecret,
+    static_public: x25519::PublicKey,
+    rate_limiter: Arc<RateLimiter>,
+    clock: Clock,
+    next_tick: Instant,
+    next_rate_limiter_reset: Instant,
+    outbox: Outbox,
+    inbound: VecDeque<Vec<u8>>,
+    events: VecDeque<Event>,
+    /// Drops that no peer can be blamed for (unparseable datagrams, unknown senders, no route).
+    drops: DropCounts,
+    scratch: Box<[u8]>,
+}
+
+impl Engine {
+    pub fn new(private_key: &PrivateKey, peers: Vec<PeerSpec>, now: Instant) -> Engine {
+        let clock = Clock::new(now);
+        let static_private = private_key.as_static_secret().clone();
+        let static_public = private_key.public_key();
+        let rate_limiter = Arc::new(RateLimiter::new(
+            static_public.as_x25519(),
+            HANDSHAKE_CHECKS_PER_SECOND,
+        ));
+        let index_base = rand::random::<u32>() & PEER_INDEX_MASK;
+        let routes = RoutingTable::new(
+            peers
+                .iter()
+                .enumerate()
+                .flat_map(|(i, spec)| spec.allowed_ips.iter().map(move |net| (*net, PeerId(i)))),
+        );
+        let mut peers_by_key = HashMap::new();
+        let peers: Vec<Peer> = peers
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                // A duplicated key keeps its first peer: initiations can only name one.
+                peers_by_key
+                    .entry(*spec.public_key.as_bytes())
+                    .or_insert(PeerId(i));
+                let index = index_base.wrapping_add(i as u32) & PEER_INDEX_MASK;
+                let tunn = Tunn::new(
+                    static_private.clone(),
+                    *spec.public_key.as_x25519(),
+                    spec.preshared_key,
+                    spec.persistent_keepalive,
+                    index,
+                    Some(rate_limiter.clone()),
+                );
+                Peer::new(spec, tunn)
+            })
+            .collect();
+        let mut engine = Engine {
+            peers,
+            peers_by_key,
+            index_base,
+            routes,
+            static_private,
+            static_public: *static_public.as_x25519(),
+            rate_limiter,
+            clock,
+            next_tick: now + TIMER_TICK,
+            next_rate_limiter_reset: now + RATE_LIMITER_RESET,
+            outbox: Outbox::default(),
+            inbound: VecDeque::new(),
+            events: VecDeque::new(),
+            drops: DropCounts::default(),
+            scratch: vec![0u8; SCRATCH_LEN].into_boxed_slice(),
+        };
+        engine.initiate_keepalive_peers(now);
+        engine
+    }
+
+    /// Any UDP datagram received on the socket, from `from`.
+    pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        self.clock.advance_to(now);
+        let mut buffer = self.outbox.pool.take(datagram.len().max(MIN_WIRE_BUFFER));
+        match self.receive(from, datagram, &mut buffer) {
+            Some(len) => {
+                buffer.truncate(len);
+                self.inbound.push_back(buffer);
+            }
+            None => self.outbox.pool.put(buffer),
+        }
+    }
+
+    /// [`Engine::handle_datagram`] that writes a decrypted IP packet into `out` and returns its
+    /// length. `out` must hold `max(datagram.len(), 148)` bytes; a shorter one sends the
+    /// packet through [`Engine::poll_inbound`] instead.
+    pub fn handle_datagram_into(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+        out: &mut [u8],
+    ) -> Option<usize> {
+        if out.len() < datagram.len().max(MIN_WIRE_BUFFER) {
+            self.handle_datagram(from, datagram, now);
+            return None;
+        }
+        self.clock.advance_to(now);
+        self.receive(from, datagram, out)
+    }
+
+    /// An IP packet from the local stack: encrypted for the peer whose allowed IPs hold its
+    /// destination, or queued while that peer's handshake runs.
+    pub fn handle_outbound(&mut self, ip_packet: &[u8], now: Instant) {
+        self.clock.advance_to(now);
+        let Some(peer) = self.route(ip_packet) else {
+            return;
+        };
+        let mut buffer = self
+            .outbox
+            .pool
+            .take((ip_packet.len() + DATA_OVERHEAD).max(MIN_WIRE_BUFFER));
+        match self.encapsulate(peer, ip_packet, &mut buffer) {
+            Some((dst, len)) => {
+                buffer.truncate(len);
+                self.outbox.transmits.push_back(Transmit {
+                    dst,
+                    payload: buffer,
+                });
+            }
+            None => self.outbox.pool.put(buffer),
+        }
+    }
+
+    /// [`Engine::handle_outbound`] that writes the datagram to send into `out` and returns its
+    /// destination and length: the encrypted packet, or a handshake initiation while the packet
+    /// waits for a session. `out` must hold `max(ip_packet.len() + 32, 148)` bytes; a shorter
+    /// one sends the datagram through [`Engine::poll_transmit`] instead.
+    pub fn handle_outbound_into(
+        &mut self,
+        ip_packet: &[u8],
+        now: Instant,
+        out: &mut [u8],
+    ) -> Option<(SocketAddr, usize)> {
+        if out.len() < (ip_packet.len() + DATA_OVERHEAD).max(MIN_WIRE_BUFFER) {
+            self.handle_outbound(ip_packet, now);
+            return None;
+        }
+        self.clock.advance_to(now);
+        let peer = self.route(ip_packet)?;
+        self.encapsulate(peer, ip_packet, out)
+    }
+
+    /// Runs every peer's timers (handshake retries, rekeys, keepalives, expiry), resets the
+    /// handshake rate limiter each second and restarts expired keepalive peers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let now = self.clock.advance_to(now);
+        if now >= self.next_rate_limiter_reset {
+            self.rate_limiter.reset_count();
+            self.next_rate_limiter_reset = now + RATE_LIMITER_RESET;
+        }
+        for index in 0..self.peers.len() {
+            self.update_peer_timers(PeerId(index), now);
+        }
+        self.next_tick = now + TIMER_TICK;
+    }
+
+    /// The next UDP datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.outbox.transmits.pop_front()
+    }
+
+    /// The next decrypted IP packet for the local stack.
+    pub fn poll_inbound(&mut self) -> Option<Vec<u8>> {
+        self.inbound.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Engine::handle_timeout`] must next run; `None` when there are no peers.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.peers.is_empty() {
+            return None;
+        }
+        Some(self.next_tick)
+    }
+
+    /// Returns a buffer from [`Transmit::payload`] or [`Engine::poll_inbound`] for reuse.
+    pub fn recycle(&mut self, buffer: Vec<u8>) {
+        self.outbox.pool.put(buffer);
+    }
+
+    pub fn stats(&self) -> Vec<PeerStats> {
+        self.peers
+            .iter()
+            .map(|peer| peer.stats(&self.clock))
+            .collect()
+    }
+
+    /// Drops not attributable to a peer (garbage from unknown senders, initiations from
+    /// unknown keys, packets with no route), by reason.
+    pub fn unattributed_drops(&self) -> std::collections::BTreeMap<String, u64> {
+        self.drops.to_map()
+    }
+
+    pub fn peer_name(&self, peer: PeerId) -> Option<&str> {
+        self.peers.get(peer.0).map(|p| p.name.as_str())
+    }
+
+    pub fn peer_id(&self, name: &str) -> Option<PeerId> {
+        self.peers.iter().position(|p| p.name == name).map(PeerId)
+    }
+
+    pub fn endpoint(&self, peer: PeerId) -> Option<SocketAddr> {
+        self.peers.get(peer.0).and_then(|p| p.endpoint)
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey::from_bytes(self.static_public.to_bytes())
+    }
+
+    /// Peers that keep a connection open (persistent keepalive) and know where to find their
+    /// peer start the handshake at once, as `wg` does when such a peer is configured.
+    fn initiate_keepalive_peers(&mut self, now: Instant) {
+        let Engine {
+            peers,
+            outbox,
+            scratch,
+            ..
+        } = self;
+        for peer in peers.iter_mut() {
+            if peer.keepalive.is_none() || peer.endpoint.is_none() {
+                continue;
+            }
+            if let TunnResult::WriteToNetwork(init) =
+                peer.tunn.format_handshake_initiation(scratch, false)
+            {
+                outbox.send_to_peer(peer, init);
+            }
+            peer.next_recovery = Some(now + peer.keepalive_interval());
+        }
+    }
+
+    fn receive(&mut self, from: SocketAddr, datagram: &[u8], out: &mut [u8]) -> Option<usize> {
+        let (peer_id, kind) = match Tunn::parse_incoming_packet(datagram) {
+            Ok(Packet::HandshakeInit(init)) => (
+                self.identify_initiator(from, datagram, &init)?,
+                Kind::Initiation,
+            ),
+            Ok(Packet::HandshakeResponse(p)) => (self.peer_by_index(p.receiver_idx)?, Kind::Other),
+            Ok(Packet::PacketCookieReply(p)) => {
+                (self.peer_by_index(p.receiver_idx)?, Kind::CookieReply)
+            }
+            Ok(Packet::PacketData(p)) => (self.peer_by_index(p.receiver_idx)?, Kind::Data),
+            Err(_) => {
+                self.drops.add(DropReason::Garbage);
+                return None;
+            }
+        };
+        let now = self.clock.now();
+        let Engine {
+            peers,
+            outbox,
+            events,
+            scratch,
+            ..
+        } = self;
+        let peer = &mut peers[peer_id.0];
+        match peer.tunn.decapsulate(Some(from.ip()), datagram, out) {
+            TunnResult::Done => {
+                // A keepalive authenticates its sender; a cookie reply only proves that the
+                // sender saw our initiation, which is not enough to move the endpoint.
+                if kind == Kind::Data {
+                    peer.authenticated(peer_id, from, datagram.len(), events);
+                }
+                None
+            }
+            TunnResult::Err(err) => {
+                peer.drops.add(error_reason(&err));
+                None
+            }
+            TunnResult::WriteToNetwork(reply) if is_cookie_reply(reply) => {
+                // We are under load: the sender must prove its address before we spend a
+                // Diffie-Hellman on it.
+                peer.drops.add(DropReason::UnderLoad);
+                outbox.send(from, reply);
+                None
+            }
+            TunnResult::WriteToNetwork(reply) => {
+                // A handshake response (we answered an initiation) or the keepalive that
+                // confirms the peer's response: either way a new session exists.
+                peer.authenticated(peer_id, from, datagram.len(), events);
+                peer.handshake_completed(peer_id, now, events);
+                outbox.send_to_peer(peer, reply);
+                flush_queued(peer, outbox, scratch);
+                None
+            }
+            TunnResult::WriteToTunnelV4(packet, source) => {
+                peer.authenticated(peer_id, from, datagram.len(), events);
+                peer.admit(source.into(), packet.len())
+            }
+            TunnResult::WriteToTunnelV6(packet, source) => {
+                peer.authenticated(peer_id, from, datagram.len(), events);
+                peer.admit(source.into(), packet.len())
+            }
+        }
+    }
+
+    /// Finds the peer an initiation comes from. mac1 and the load check run first, on the
+    /// shared rate limiter, so a flood costs a keyed hash per datagram, not a Diffie-Hellman.
+    fn identify_initiator(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        init: &HandshakeInit,
+    ) -> Option<PeerId> {
+        let mut cookie = [0u8; MIN_WIRE_BUFFER];
+        match self
+            .rate_limiter
+            .verify_packet(Some(from.ip()), datagram, &mut cookie)
+        {
+            Ok(_) => {}
+            Err(TunnResult::WriteToNetwork(reply)) => {
+                self.drops.add(DropReason::UnderLoad);
+                self.outbox.send(from, reply);
+                return None;
+            }
+            Err(_) => {
+                self.drops.add(DropReason::Garbage);
+                return None;
+            }
+        }
+        let Ok(half) = parse_handshake_anon(&self.static_private, &self.static_public, init) else {
+            self.drops.add(DropReason::Garbage);
+            return None;
+        };
+        let Some(peer) = self.peers_by_key.get(&half.peer_static_public) else {
+            self.drops.add(DropReason::UnknownPeer);
+            return None;
+        };
+        Some(*peer)
+    }
+
+    fn peer_by_index(&mut self, receiver_index: u32) -> Option<PeerId> {
+        let slot = (receiver_index >> 8).wrapping_sub(self.index_base) & PEER_INDEX_MASK;
+        let slot = slot as usize;
+        if slot >= self.peers.len() {
+            self.drops.add(DropReason::UnknownPeer);
+            return None;
+        }
+        Some(PeerId(slot))
+    }
+
+    fn route(&mut self, ip_packet: &[u8]) -> Option<PeerId> {
+        if ip_packet.len() > MAX_IP_PACKET {
+            self.drops.add(DropReason::TooBig);
+            return None;
+        }
+        let Some(destination) = Tunn::dst_address(ip_packet) else {
+            self.drops.add(DropReason::MalformedOutbound);
+            return None;
+        };
+        let Some(peer) = self.routes.lookup(destination) else {
+            self.drops.add(DropReason::NoRoute);
+            return None;
+        };
+        Some(peer)
+    }
+
+    /// Encrypts into `out` (sized by the caller) and returns where to send it.
+    fn encapsulate(
+        &mut self,
+        peer_id: PeerId,
+        ip_packet: &[u8],
+        out: &mut [u8],
+    ) -> Option<(SocketAddr, usize)> {
+        let peer = &mut self.peers[peer_id.0];
+        match peer.tunn.encapsulate(ip_packet, out) {
+            TunnResult::WriteToNetwork(datagram) => {
+                let Some(endpoint) = peer.endpoint else {
+                    peer.drops.add(DropReason::NoEndpoint);
+                    return None;
+                };
+                peer.sent(datagram.len());
+                Some((endpoint, datagram.len()))
+            }
+            TunnResult::Err(err) => {
+                peer.drops.add(error_reason(&err));
+                None
+            }
+            // Queued until the handshake in flight completes.
+            TunnResult::Done => None,
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => None,
+        }
+    }
+
+    fn update_peer_timers(&mut self, peer_id: PeerId, now: Instant) {
+        let Engine {
+            peers,
+            outbox,
+            events,
+            scratch,
+            ..
+        } = self;
+        let peer = &mut peers[peer_id.0];
+        match peer.tunn.update_timers(scratch) {
+            TunnResult::WriteToNetwork(datagram) => outbox.send_to_peer(peer, datagram),
+            TunnResult::Err(boringtun::noise::errors::WireGuardError::ConnectionExpired) => {
+                peer.connection_expired(peer_id, now, events);
+                if peer.wants_recovery(now) {
+                    if let TunnResult::WriteToNetwork(init) =
+                        peer.tunn.format_handshake_initiation(scratch, false)
+                    {
+                        outbox.send_to_peer(peer, init);
+                    }
+                    peer.next_recovery = Some(now + peer.keepalive_interval().max(REKEY_TIMEOUT));
+                }
+            }
+            TunnResult::Err(err) => {
+                tracing::debug!(peer = %peer.name, ?err, "wireguard timer error");
+            }
+            TunnResult::Done => {}
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+        }
+    }
+}
+
+/// Datagrams waiting to be sent, and the buffers they are built in.
+#[derive(Default)]
+struct Outbox {
+    transmits: VecDeque<Transmit>,
+    pool: BufferPool,
+}
+
+impl Outbox {
+    fn send(&mut self, dst: SocketAddr, datagram: &[u8]) {
+        let payload = self.pool.copy_of(datagram);
+        self.transmits.push_back(Transmit { dst, payload });
+    }
+
+    fn send_to_peer(&mut self, peer: &mut Peer, datagram: &[u8]) {
+        let Some(endpoint) = peer.endpoint else {
+            peer.drops.add(DropReason::NoEndpoint);
+            return;
+        };
+        peer.sent(datagram.len());
+        self.send(endpoint, datagram);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Initiation,
+    CookieReply,
+    Data,
+    Other,
+}
+
+/// After a handshake message, boringtun releases the packets it queued while waiting for a
+/// session one per call with an empty datagram.
+fn flush_queued(peer: &mut Peer, outbox: &mut Outbox, scratch: &mut [u8]) {
+    while let TunnResult::WriteToNetwork(datagram) = peer.tunn.decapsulate(None, &[], scratch) {
+        outbox.send_to_peer(peer, datagram);
+    }
+}
+
+fn is_cookie_reply(datagram: &[u8]) -> bool {
+    const COOKIE_REPLY: u8 = 3;
+    datagram.first() == Some(&COOKIE_REPLY)
+}
