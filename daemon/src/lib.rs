@@ -21,7 +21,8 @@
 //! also sets `x-xpart-request-id`; [`protocol`] holds the tunnel header names;
 //! [`config::Problem`] has a `location` (line, column) and [`config::parse_toml`] parses
 //! text (for `from_toml_str`); [`audit::AuditLog`] has `flush`, `reopen`, `close` and
-//! `register` (its metrics); the shutdown future is [`shutdown::signal`] and the SIGHUP
+//! `register` (its metrics); the shutdown future is [`shutdown::signal`] (or
+//! [`shutdown::stop_signals`] to listen from a known moment) and the SIGHUP
 //! stream [`shutdown::reload`]. `admin::serve` and `AuditLog::open` are synchronous but
 //! must run inside a Tokio runtime. Errors are per module (`BedrockError`, `Diagnostics`,
 //! `io::Error`) because each goes to a different audience: Bedrock clients, operators

@@ -23,14 +23,34 @@ impl fmt::Display for Stop {
 }
 
 /// Resolve on the first SIGINT or SIGTERM. The handlers are installed when this is first
-/// polled, so call it (and keep the future) early. Fails only when signal handlers cannot
+/// polled; [`stop_signals`] installs them at once. Fails only when signal handlers cannot
 /// be installed.
 pub async fn signal() -> io::Result<Stop> {
-    let mut interrupt = unix_signal(SignalKind::interrupt())?;
-    let mut terminate = unix_signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = interrupt.recv() => Ok(Stop::Interrupt),
-        _ = terminate.recv() => Ok(Stop::Terminate),
+    Ok(stop_signals()?.recv().await)
+}
+
+/// SIGINT and SIGTERM deliveries, listened for from the moment this is created.
+pub struct StopSignals {
+    interrupt: UnixSignal,
+    terminate: UnixSignal,
+}
+
+/// Start listening for SIGINT and SIGTERM (their default action, ending the process, is
+/// replaced from here on). Must be called inside a Tokio runtime.
+pub fn stop_signals() -> io::Result<StopSignals> {
+    Ok(StopSignals {
+        interrupt: unix_signal(SignalKind::interrupt())?,
+        terminate: unix_signal(SignalKind::terminate())?,
+    })
+}
+
+impl StopSignals {
+    /// Wait for the next SIGINT or SIGTERM.
+    pub async fn recv(&mut self) -> Stop {
+        tokio::select! {
+            _ = self.interrupt.recv() => Stop::Interrupt,
+            _ = self.terminate.recv() => Stop::Terminate,
+        }
     }
 }
 
