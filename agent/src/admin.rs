@@ -1,0 +1,102 @@
+//! The agent's answers on the admin port (`xpart_daemon::admin` serves them).
+//!
+//! `/readyz` is ready while at least one relay is healthy. `/status` is the JSON that
+//! `xpart status` prints; its shape is documented in `agent/README.md`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use prometheus::Registry;
+use serde_json::{json, Value};
+use xpart_daemon::admin::AdminHandler;
+
+use crate::monitor::PeerSource;
+use crate::pipeline::Agent;
+
+/// What `/status` reports besides live state.
+pub struct AdminView {
+    pub agent: Arc<Agent>,
+    pub peers: Option<PeerSource>,
+    pub started: Instant,
+    pub front_addr: SocketAddr,
+    pub dns_addr: Option<SocketAddr>,
+    /// `kernel`, `userspace`, or `host` when no tunnel of the agent's own carries traffic.
+    pub tunnel_mode: &'static str,
+    pub tunnel_address: Option<String>,
+}
+
+#[async_trait]
+impl AdminHandler for AdminView {
+    fn registry(&self) -> &Registry {
+        &self.agent.metrics.registry
+    }
+
+    async fn ready(&self) -> (bool, Value) {
+        let relays = &self.agent.relays;
+        let healthy: Vec<&str> = relays
+            .report()
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| relays.health().is_healthy(*i))
+            .map(|(i, _)| relays.name(i))
+            .collect();
+        let ready = !healthy.is_empty();
+        let detail = match ready {
+            true => json!({ "ready": true, "healthy_relays": healthy }),
+            false => {
+                json!({ "ready": false, "reason": "no relay is healthy", "relays": relays.report() })
+            }
+        };
+        (ready, detail)
+    }
+
+    async fn status(&self) -> Value {
+        let relays = &self.agent.relays;
+        let active = relays.pick().map(|i| relays.name(i).to_owned());
+        let relay_list: Vec<Value> = relays
+            .report()
+            .into_iter()
+            .zip(relays.targets())
+            .map(|(report, target)| {
+                json!({
+                    "name": report.name,
+                    "service_addr": target.service_addr.to_string(),
+                    "state": report.state,
+                    "active": active.as_deref() == Some(target.name.as_str()),
+                    "consecutive_failures": report.consecutive_failures,
+                    "last_error": report.last_error,
+                    "state_age_seconds": report.state_age_seconds,
+                })
+            })
+            .collect();
+        let peers = self.peers.as_ref().map(|peers| peers()).unwrap_or_default();
+        let principals: Vec<Value> = self
+            .agent
+            .principals
+            .iter()
+            .map(|p| json!({ "name": p.name, "in_flight": self.agent.limits.in_flight(&p.name) }))
+            .collect();
+        json!({
+            "service": "agent",
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_seconds": self.started.elapsed().as_secs_f64(),
+            "ready": active.is_some(),
+            "active_relay": active,
+            "front": self.front_addr.to_string(),
+            "dns": self.dns_addr.map(|a| a.to_string()),
+            "relays": relay_list,
+            "tunnel": {
+                "mode": self.tunnel_mode,
+                "address": self.tunnel_address,
+                "peers": peers,
+            },
+            "principals": principals,
+            "audit": {
+                "written": self.agent.audit.written(),
+                "dropped": self.agent.audit.dropped(),
+            },
+        })
+    }
+}

@@ -1,0 +1,544 @@
+//! `agent.toml`: parsed with serde, then validated in one pass that reports every problem at
+//! once, each naming the file, the field and the fix. `config/agent.example.toml` documents
+//! every field.
+//!
+//! Relative paths in the file are taken relative to the file's directory, so a config and
+//! its keys and certificates can move together.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use xpart_daemon::config::Diagnostics;
+use xpart_tunnel::{Mode, PrivateKey, PublicKey};
+
+use crate::auth::Principal;
+use crate::dns::DnsSettings;
+use crate::health::HealthSettings;
+use crate::limits::LimitSettings;
+
+/// The agent's configuration as written in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub tunnel: TunnelSection,
+    #[serde(rename = "relay", default)]
+    pub relays: Vec<RelaySection>,
+    pub dns: Option<DnsSection>,
+    pub front: FrontSection,
+    #[serde(rename = "principal", default)]
+    pub principals: Vec<PrincipalSection>,
+    #[serde(default)]
+    pub admin: AdminSection,
+    #[serde(default)]
+    pub audit: AuditSection,
+    #[serde(default)]
+    pub health: HealthSection,
+    /// Where the file was read from (for messages and relative paths).
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelSection {
+    pub private_key_file: PathBuf,
+    pub address: IpNet,
+    #[serde(default = "default_mode")]
+    pub mode: Mode,
+    pub listen: Option<SocketAddr>,
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+    pub interface_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySection {
+    pub name: String,
+    pub public_key: String,
+    pub endpoint: SocketAddr,
+    pub tunnel_address: IpAddr,
+    #[serde(default = "default_service_port")]
+    pub service_port: u16,
+    #[serde(default = "default_keepalive")]
+    pub persistent_keepalive: u16,
+    pub preshared_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSection {
+    pub listen: SocketAddr,
+    pub answer: Ipv4Addr,
+    pub answer_v6: Option<Ipv6Addr>,
+    pub names: Vec<String>,
+    #[serde(default)]
+    pub upstream: Vec<SocketAddr>,
+    #[serde(default = "default_ttl")]
+    pub ttl: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrontSection {
+    pub listen: SocketAddr,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalSection {
+    pub name: String,
+    pub token_sha256: Option<String>,
+    #[serde(default)]
+    pub source_cidrs: Vec<IpNet>,
+    #[serde(default)]
+    pub models: Vec<String>,
+    pub requests_per_second: Option<f64>,
+    pub burst: Option<u32>,
+    pub max_concurrent: Option<u32>,
+    pub max_body_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// JSON lines file; absent disables the audit log.
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSection {
+    #[serde(default = "default_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "default_probe_timeout_ms")]
+    pub probe_timeout_ms: u64,
+    #[serde(default = "default_fail_after")]
+    pub fail_after: u32,
+    #[serde(default = "default_rise_after")]
+    pub rise_after: u32,
+    #[serde(default = "default_handshake_max_age_s")]
+    pub handshake_max_age_s: u64,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+impl AgentConfig {
+    /// Reads and validates `path`.
+    pub fn load(path: impl AsRef<Path>) -> Result<AgentConfig, Diagnostics> {
+        let path = path.as_ref();
+        let mut config: AgentConfig = xpart_daemon::config::read_toml(path)?;
+        config.file = path.to_owned();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses and validates `text`; relative paths resolve against the current directory
+    /// and messages name `file_label`.
+    pub fn from_toml_str(text: &str, file_label: &str) -> Result<AgentConfig, Diagnostics> {
+        let mut config: AgentConfig = xpart_daemon::config::parse_toml(text, file_label)?;
+        config.file = PathBuf::from(file_label);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks everything that can be checked without binding sockets: values, key and
+    /// certificate files, principals.
+    pub fn validate(&self) -> Result<(), Diagnostics> {
+        let mut check = Checker::new(&self.file);
+        self.check_tunnel(&mut check);
+        self.check_relays(&mut check);
+        self.check_dns(&mut check);
+        self.check_front(&mut check);
+        self.check_principals(&mut check);
+        self.check_health(&mut check);
+        check.finish()
+    }
+
+    /// A path from the file, relative to the file's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        match self.file.parent() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_owned(),
+        }
+    }
+
+    pub fn private_key(&self) -> Result<PrivateKey, String> {
+        let path = self.resolve(&self.tunnel.private_key_file);
+        xpart_tunnel::keys::read_private_key_file(&path).map_err(|e| e.to_string())
+    }
+
+    pub fn principals(&self) -> Vec<Principal> {
+        self.principals
+            .iter()
+            .map(|p| Principal {
+                name: p.name.clone(),
+                token_sha256: p.token_sha256.as_deref().and_then(decode_sha256),
+                source_cidrs: p.source_cidrs.clone(),
+                models: p.models.clone(),
+                limits: LimitSettings {
+                    requests_per_second: p.requests_per_second,
+                    burst: p
+                        .burst
+                        .unwrap_or_else(|| default_burst(p.requests_per_second)),
+                    max_concurrent: p.max_concurrent,
+                },
+                max_body_bytes: p.max_body_bytes.unwrap_or(MAX_BODY_BYTES),
+            })
+            .collect()
+    }
+
+    pub fn dns_settings(&self) -> Option<DnsSettings> {
+        let dns = self.dns.as_ref()?;
+        Some(DnsSettings {
+            listen: dns.listen,
+            names: dns.names.clone(),
+            answer_v4: dns.answer,
+            answer_v6: dns.answer_v6,
+            ttl: dns.ttl,
+            upstream: dns.upstream.clone(),
+        })
+    }
+
+    pub fn health_settings(&self) -> HealthSettings {
+        let h = &self.health;
+        HealthSettings {
+            interval: Duration::from_millis(h.interval_ms),
+            probe_timeout: Duration::from_millis(h.probe_timeout_ms),
+            fail_after: h.fail_after,
+            rise_after: h.rise_after,
+            handshake_max_age: Duration::from_secs(h.handshake_max_age_s),
+        }
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.health.connect_timeout_ms)
+    }
+
+    fn check_tunnel(&self, check: &mut Checker) {
+        if let Err(message) = self.private_key() {
+            check.problem(
+                "[tunnel].private_key_file",
+                message,
+                "write one with `xpart keygen` (the file must be mode 0600)",
+            );
+        }
+        if self.tunnel.mtu < 1280 {
+            check.problem(
+                "[tunnel].mtu",
+                format!("{} is below 1280, the IPv6 minimum", self.tunnel.mtu),
+                "leave it out to use 1420",
+            );
+        }
+    }
+
+    fn check_relays(&self, check: &mut Checker) {
+        if self.relays.is_empty() {
+            check.problem(
+                "[[relay]]",
+                "no relay configured",
+                "add a [[relay]] with the relay's name, public_key, endpoint and tunnel_address",
+            );
+        }
+        let mut names = HashSet::new();
+        for (i, relay) in self.relays.iter().enumerate() {
+            let field = |f: &str| format!("[[relay]] #{} ({}).{f}", i + 1, relay.name);
+            if !names.insert(relay.name.as_str()) {
+                check.problem(
+                    field("name"),
+                    "duplicate relay name",
+                    "give each relay its own name",
+                );
+            }
+            if PublicKey::from_base64(&relay.public_key).is_err() {
+                check.problem(
+                    field("public_key"),
+                    format!(
+                        "{:?} is not a base64 WireGuard public key",
+                        relay.public_key
+                    ),
+                    "paste the relay's key as `xpart pubkey` (or `wg pubkey`) prints it",
+                );
+            }
+            if relay.tunnel_address == self.tunnel.address.addr() {
+                check.problem(
+                    field("tunnel_address"),
+                    "is the agent's own tunnel address",
+                    "use the relay's address from its [tunnel].address",
+                );
+            }
+            if let Some(psk) = &relay.preshared_key_file {
+                if let Err(message) = read_preshared_key(&self.resolve(psk)) {
+                    check.problem(
+                        field("preshared_key_file"),
+                        message,
+                        "write 32 random bytes as base64 (`wg genpsk`)",
+                    );
+                }
+            }
+        }
+    }
+
+    fn check_dns(&self, check: &mut Checker) {
+        let Some(dns) = &self.dns else {
+            return;
+        };
+        if dns.names.is_empty() {
+            check.problem(
+                "[dns].names",
+                "no names to answer",
+                "list the Bedrock names, e.g. [\"bedrock-runtime.us-east-1.amazonaws.com\"]",
+            );
+        }
+        for name in &dns.names {
+            if hickory_proto::rr::Name::from_utf8(name).is_err() {
+                check.problem(
+                    "[dns].names",
+                    format!("{name:?} is not a DNS name"),
+                    "remove or correct it",
+                );
+            }
+        }
+        if !crate::dns::is_usable_answer(IpAddr::V4(dns.answer)) {
+            check.problem(
+                "[dns].answer",
+                format!("{} cannot be an answer", dns.answer),
+                "use the address callers reach the TLS front on",
+            );
+        }
+    }
+
+    fn check_front(&self, check: &mut Checker) {
+        let cert = self.resolve(&self.front.cert_file);
+        let key = self.resolve(&self.front.key_file);
+        if let Err(error) = crate::tls::CertStore::load(&cert, &key) {
+            let field = match &error {
+                crate::Error::Certificate { file, .. } if file == &key => "[front].key_file",
+                _ => "[front].cert_file",
+            };
+            check.problem(
+                field,
+                error.to_string(),
+                "issue a certificate for the Bedrock names with `xpart ca issue`",
+            );
+        }
+    }
+
+    fn check_principals(&self, check: &mut Checker) {
+        if self.principals.is_empty() {
+            check.problem(
+                "[[principal]]",
+                "no principal configured, so every request would be refused",
+                "add a [[principal]] with a token_sha256 from `xpart token create`, source_cidrs, or both",
+            );
+        }
+        let mut names = HashSet::new();
+        let mut hashes = HashSet::new();
+        for (i, p) in self.principals.iter().enumerate() {
+            let field = |f: &str| format!("[[principal]] #{} ({}).{f}", i + 1, p.name);
+            if !names.insert(p.name.as_str()) {
+                check.problem(
+                    field("name"),
+                    "duplicate principal name",
+                    "give each principal its own name",
+                );
+            }
+            match p.token_sha256.as_deref() {
+                Some(hex) if decode_sha256(hex).is_none() => check.problem(
+                    field("token_sha256"),
+                    "is not 64 hexadecimal characters (a SHA-256)",
+                    "store the hash `xpart token create` prints, never the token itself",
+                ),
+                Some(hex) if !hashes.insert(hex.to_ascii_lowercase()) => check.problem(
+                    field("token_sha256"),
+                    "the same token hash is already used by another principal",
+                    "issue each principal its own token",
+                ),
+                Some(_) => {}
+                None if p.source_cidrs.is_empty() => check.problem(
+                    field("token_sha256"),
+                    "neither token_sha256 nor source_cidrs is set, so nobody can be this principal",
+                    "set token_sha256, source_cidrs, or both",
+                ),
+                None => {}
+            }
+            if p.models.is_empty() {
+                check.problem(
+                    field("models"),
+                    "no models allowed",
+                    "list model-id patterns, e.g. [\"anthropic.claude-*\"], or [\"*\"] for all",
+                );
+            }
+            if let Some(rate) = p.requests_per_second {
+                if !(rate.is_finite() && rate > 0.0) {
+                    check.problem(
+                        field("requests_per_second"),
+                        format!("{rate} is not a positive number"),
+                        "leave it out for no rate limit",
+                    );
+                }
+            }
+            if p.max_concurrent == Some(0) {
+                check.problem(
+                    field("max_concurrent"),
+                    "0 refuses every request",
+                    "leave it out for no limit",
+                );
+            }
+            if let Some(bytes) = p.max_body_bytes {
+                if bytes == 0 || bytes > MAX_BODY_BYTES {
+                    check.problem(
+                        field("max_body_bytes"),
+                        format!("{bytes} is outside 1..={MAX_BODY_BYTES} (Bedrock's own limit)"),
+                        "leave it out to use Bedrock's limit",
+                    );
+                }
+            }
+        }
+    }
+
+    fn check_health(&self, check: &mut Checker) {
+        let h = &self.health;
+        if h.interval_ms == 0 || h.probe_timeout_ms == 0 || h.connect_timeout_ms == 0 {
+            check.problem(
+                "[health]",
+                "intervals and timeouts must be above 0 ms",
+                "leave the section out to use the defaults",
+            );
+        }
+        if h.fail_after == 0 || h.rise_after == 0 {
+            check.problem(
+                "[health]",
+                "fail_after and rise_after must be at least 1",
+                "use 2 (the default)",
+            );
+        }
+    }
+}
+
+impl Default for AdminSection {
+    fn default() -> AdminSection {
+        AdminSection {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+impl Default for HealthSection {
+    fn default() -> HealthSection {
+        HealthSection {
+            interval_ms: default_interval_ms(),
+            probe_timeout_ms: default_probe_timeout_ms(),
+            fail_after: default_fail_after(),
+            rise_after: default_rise_after(),
+            handshake_max_age_s: default_handshake_max_age_s(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+        }
+    }
+}
+
+/// Bedrock's own request body limit.
+const MAX_BODY_BYTES: u64 = xpart_daemon::bedrock::MAX_BODY_BYTES as u64;
+
+/// Reads a WireGuard preshared key file (base64 of 32 bytes).
+pub fn read_preshared_key(path: &Path) -> Result<[u8; 32], String> {
+    use base64::Engine as _;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|e| format!("{}: not base64: {e}", path.display()))?;
+    <[u8; 32]>::try_from(bytes.as_slice())
+        .map_err(|_| format!("{}: a preshared key is 32 bytes", path.display()))
+}
+
+fn decode_sha256(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// A bucket of one second's worth of requests (at least one) when no burst is given.
+fn default_burst(rate: Option<f64>) -> u32 {
+    rate.map_or(1, |r| r.ceil().clamp(1.0, f64::from(u32::MAX)) as u32)
+}
+
+fn default_mode() -> Mode {
+    Mode::Kernel
+}
+fn default_mtu() -> u16 {
+    xpart_tunnel::DEFAULT_MTU
+}
+fn default_service_port() -> u16 {
+    8080
+}
+fn default_keepalive() -> u16 {
+    25
+}
+fn default_ttl() -> u32 {
+    60
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9100))
+}
+fn default_interval_ms() -> u64 {
+    1000
+}
+fn default_probe_timeout_ms() -> u64 {
+    800
+}
+fn default_fail_after() -> u32 {
+    2
+}
+fn default_rise_after() -> u32 {
+    2
+}
+fn default_handshake_max_age_s() -> u64 {
+    180
+}
+fn default_connect_timeout_ms() -> u64 {
+    2000
+}
+
+/// Collects problems against one file.
+struct Checker {
+    diagnostics: Diagnostics,
+}
+
+impl Checker {
+    fn new(file: &Path) -> Checker {
+        Checker {
+            diagnostics: Diagnostics::new(file.display().to_string()),
+        }
+    }
+
+    fn problem(
+        &mut self,
+        field: impl Into<String>,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) {
+        self.diagnostics.push(field, message, fix);
+    }
+
+    fn finish(self) -> Result<(), Diagnostics> {
+        self.diagnostics.into_result(())
+    }
+}

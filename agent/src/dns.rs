@@ -1,0 +1,258 @@
+//! Private DNS: the configured Bedrock names resolve to the agent; everything else goes to
+//! the upstream resolvers (or is refused when there are none).
+//!
+//! hickory-server parses the wire format and answers malformed messages it can still read a
+//! header from with FORMERR; [`Answerer`] decides each well-formed query.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use hickory_proto::op::{Header, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA};
+use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
+use hickory_proto::xfer::Protocol;
+use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+use hickory_resolver::name_server::TokioConnectionProvider;
+use hickory_resolver::TokioResolver;
+use hickory_server::authority::MessageResponseBuilder;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::ServerFuture;
+use tokio::net::{TcpListener, UdpSocket};
+
+use crate::metrics::Metrics;
+use crate::Error;
+
+/// What the DNS server answers, from `[dns]`.
+#[derive(Debug, Clone)]
+pub struct DnsSettings {
+    pub listen: SocketAddr,
+    /// Names answered with the agent's own address (case-insensitive, exact).
+    pub names: Vec<String>,
+    pub answer_v4: Ipv4Addr,
+    pub answer_v6: Option<Ipv6Addr>,
+    pub ttl: u32,
+    /// Resolvers for every other name; empty refuses them.
+    pub upstream: Vec<SocketAddr>,
+}
+
+/// A running DNS server (UDP and TCP on the same address).
+pub struct DnsServer {
+    local_addr: SocketAddr,
+    server: ServerFuture<Answerer>,
+}
+
+impl DnsServer {
+    pub async fn start(settings: DnsSettings, metrics: Metrics) -> Result<DnsServer, Error> {
+        let bind = |source| Error::Bind {
+            what: "dns",
+            addr: settings.listen,
+            source,
+        };
+        let udp = UdpSocket::bind(settings.listen).await.map_err(bind)?;
+        let local_addr = udp.local_addr().map_err(bind)?;
+        // TCP on the same port the UDP socket got, so an ephemeral port serves both.
+        let tcp = TcpListener::bind(local_addr).await.map_err(bind)?;
+        let answerer = Answerer::new(&settings, metrics)?;
+        let mut server = ServerFuture::new(answerer);
+        server.register_socket(udp);
+        server.register_listener(tcp, Duration::from_secs(5));
+        Ok(DnsServer { local_addr, server })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Err(error) = self.server.shutdown_gracefully().await {
+            tracing::warn!(%error, "dns server did not shut down cleanly");
+        }
+    }
+}
+
+/// Decides the answer to each query.
+pub struct Answerer {
+    names: HashSet<LowerName>,
+    answer_v4: Ipv4Addr,
+    answer_v6: Option<Ipv6Addr>,
+    ttl: u32,
+    upstream: Option<TokioResolver>,
+    metrics: Metrics,
+}
+
+/// How a query was answered, for the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Answered,
+    Forwarded,
+    NxDomain,
+    NoData,
+    Refused,
+    ServFail,
+    FormErr,
+    NotImplemented,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Answered => "answered",
+            Outcome::Forwarded => "forwarded",
+            Outcome::NxDomain => "nxdomain",
+            Outcome::NoData => "nodata",
+            Outcome::Refused => "refused",
+            Outcome::ServFail => "servfail",
+            Outcome::FormErr => "formerr",
+            Outcome::NotImplemented => "notimp",
+        }
+    }
+}
+
+impl Answerer {
+    pub fn new(settings: &DnsSettings, metrics: Metrics) -> Result<Answerer, Error> {
+        let mut names = HashSet::new();
+        for name in &settings.names {
+            let parsed = Name::from_utf8(name).map_err(|e| Error::DnsName {
+                name: name.clone(),
+                reason: e.to_string(),
+            })?;
+            let mut fqdn = parsed;
+            fqdn.set_fqdn(true);
+            names.insert(LowerName::new(&fqdn));
+        }
+        let upstream =
+            (!settings.upstream.is_empty()).then(|| upstream_resolver(&settings.upstream));
+        Ok(Answerer {
+            names,
+            answer_v4: settings.answer_v4,
+            answer_v6: settings.answer_v6,
+            ttl: settings.ttl,
+            upstream,
+            metrics,
+        })
+    }
+
+    async fn answer<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        mut response: R,
+    ) -> (Outcome, std::io::Result<ResponseInfo>) {
+        let builder = MessageResponseBuilder::from_message_request(request);
+        let mut header = Header::response_from_request(request.header());
+        header.set_recursion_available(self.upstream.is_some());
+
+        if request.message_type() != MessageType::Query {
+            // Responses are never answered: that would let anyone reflect traffic off us.
+            return (Outcome::FormErr, Ok(ResponseInfo::from(header)));
+        }
+        if request.op_code() != OpCode::Query {
+            let reply = builder.error_msg(request.header(), ResponseCode::NotImp);
+            return (Outcome::NotImplemented, response.send_response(reply).await);
+        }
+        let Ok(info) = request.request_info() else {
+            // Exactly one question is required (RFC 9619).
+            let reply = builder.error_msg(request.header(), ResponseCode::FormErr);
+            return (Outcome::FormErr, response.send_response(reply).await);
+        };
+        let query = info.query;
+        let name: Name = query.name().into();
+
+        if self.names.contains(query.name()) {
+            header.set_authoritative(true);
+            let records = self.own_records(&name, query.query_type());
+            let outcome = match records.is_empty() {
+                true => Outcome::NoData,
+                false => Outcome::Answered,
+            };
+            let reply = builder.build(header, records.iter(), &[], &[], &[]);
+            return (outcome, response.send_response(reply).await);
+        }
+
+        let Some(resolver) = &self.upstream else {
+            let reply = builder.error_msg(request.header(), ResponseCode::Refused);
+            return (Outcome::Refused, response.send_response(reply).await);
+        };
+        match resolver.lookup(name, query.query_type()).await {
+            Ok(lookup) => {
+                let records: Vec<Record> = lookup.records().to_vec();
+                let reply = builder.build(header, records.iter(), &[], &[], &[]);
+                (Outcome::Forwarded, response.send_response(reply).await)
+            }
+            Err(error) if error.is_nx_domain() => {
+                header.set_response_code(ResponseCode::NXDomain);
+                let reply = builder.build_no_records(header);
+                (Outcome::NxDomain, response.send_response(reply).await)
+            }
+            Err(error) if error.is_no_records_found() => {
+                let reply = builder.build_no_records(header);
+                (Outcome::NoData, response.send_response(reply).await)
+            }
+            Err(error) => {
+                tracing::debug!(%error, "upstream resolver failed");
+                let reply = builder.error_msg(request.header(), ResponseCode::ServFail);
+                (Outcome::ServFail, response.send_response(reply).await)
+            }
+        }
+    }
+
+    fn own_records(&self, name: &Name, query_type: RecordType) -> Vec<Record> {
+        let v4 = || Record::from_rdata(name.clone(), self.ttl, RData::A(A(self.answer_v4)));
+        let v6 = |ip| Record::from_rdata(name.clone(), self.ttl, RData::AAAA(AAAA(ip)));
+        match query_type {
+            RecordType::A => vec![v4()],
+            RecordType::AAAA => self.answer_v6.map(v6).into_iter().collect(),
+            RecordType::ANY => {
+                let mut all = vec![v4()];
+                all.extend(self.answer_v6.map(v6));
+                all
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Answerer {
+    async fn handle_request<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        response: R,
+    ) -> ResponseInfo {
+        let (outcome, sent) = self.answer(request, response).await;
+        self.metrics
+            .dns_answers
+            .with_label_values(&[outcome.label()])
+            .inc();
+        match sent {
+            Ok(info) => info,
+            Err(error) => {
+                tracing::debug!(%error, peer = %request.src(), "could not send dns answer");
+                let mut header = Header::response_from_request(request.header());
+                header.set_response_code(ResponseCode::ServFail);
+                header.into()
+            }
+        }
+    }
+}
+
+fn upstream_resolver(upstream: &[SocketAddr]) -> TokioResolver {
+    let mut config = ResolverConfig::new();
+    for addr in upstream {
+        config.add_name_server(NameServerConfig::new(*addr, Protocol::Udp));
+        config.add_name_server(NameServerConfig::new(*addr, Protocol::Tcp));
+    }
+    let mut opts = ResolverOpts::default();
+    // Callers do their own search-list expansion; forward names exactly as asked.
+    opts.ndots = 0;
+    opts.timeout = Duration::from_secs(2);
+    opts.attempts = 2;
+    TokioResolver::builder_with_config(config, TokioConnectionProvider::default())
+        .with_options(opts)
+        .build()
+}
+
+/// Addresses the answer may use, for validation messages.
+pub fn is_usable_answer(ip: IpAddr) -> bool {
+    !ip.is_unspecified() && !ip.is_multicast()
+}

@@ -1,0 +1,427 @@
+//! Which relays may take traffic.
+//!
+//! A sans-IO core: [`Health`] is told the outcome of each probe (the relay's
+//! `GET /_xpart/health` through the tunnel plus the WireGuard handshake age) and of each
+//! failed forward, and the current `Instant`; it says which relay to probe next, when to
+//! wake, which relay takes the next request (the first healthy one in priority order) and
+//! which relays just went up or down. The tokio driver that sends the probes lives in
+//! `monitor`.
+//!
+//! A healthy relay that fails once is probed again at once rather than at the next tick, so
+//! a dead relay is declared down after `fail_after` failures within about
+//! `interval + fail_after × probe_timeout` (2.6 s with the defaults), inside the 3 s failover
+//! budget, while a single slow probe under load does not move traffic.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// How probes are paced and judged.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HealthSettings {
+    /// Time between probes of a relay that answered its last one.
+    pub interval: Duration,
+    /// A probe that has not answered after this long has failed (enforced by the driver).
+    pub probe_timeout: Duration,
+    /// Consecutive failures that take a healthy relay out of service.
+    pub fail_after: u32,
+    /// Consecutive successes that bring a relay that was down back into service.
+    pub rise_after: u32,
+    /// A WireGuard session older than this cannot carry traffic (REJECT_AFTER_TIME is 180 s
+    /// in the WireGuard paper, §6.1), so the relay counts as down whatever its probe said.
+    pub handshake_max_age: Duration,
+}
+
+impl Default for HealthSettings {
+    fn default() -> HealthSettings {
+        HealthSettings {
+            interval: Duration::from_secs(1),
+            probe_timeout: Duration::from_millis(800),
+            fail_after: 2,
+            rise_after: 2,
+            handshake_max_age: Duration::from_secs(180),
+        }
+    }
+}
+
+/// What a probe found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProbeOutcome {
+    /// The relay answered 200; `handshake_age` is `None` when no tunnel is involved
+    /// (host networking) and the age of the last WireGuard handshake otherwise.
+    Ready { handshake_age: Option<Duration> },
+    /// The relay answered but is not ready (503: drained or its upstream is unavailable).
+    NotReady(String),
+    /// No answer: connect failure, timeout, reset.
+    Failed(String),
+}
+
+/// A relay's place in the rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Not probed yet; takes no traffic.
+    Unknown,
+    Healthy,
+    Down,
+}
+
+/// A change the driver acts on (metrics, logs, aborting requests in flight).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthEvent {
+    Up { relay: usize },
+    Down { relay: usize, reason: String },
+}
+
+/// One relay's health as shown on /status.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RelayReport {
+    pub name: String,
+    pub state: State,
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+    /// Seconds since the state last changed.
+    pub state_age_seconds: f64,
+}
+
+/// Health of every relay, in priority order (index 0 first).
+#[derive(Debug)]
+pub struct Health {
+    settings: HealthSettings,
+    relays: Vec<RelayHealth>,
+    events: VecDeque<HealthEvent>,
+}
+
+#[derive(Debug)]
+struct RelayHealth {
+    name: String,
+    state: State,
+    state_since: Instant,
+    failures: u32,
+    successes: u32,
+    next_probe: Instant,
+    probing: bool,
+    last_error: Option<String>,
+}
+
+impl Health {
+    pub fn new(names: Vec<String>, settings: HealthSettings, now: Instant) -> Health {
+        let relays = names
+            .into_iter()
+            .map(|name| RelayHealth {
+                name,
+                state: State::Unknown,
+                state_since: now,
+                failures: 0,
+                successes: 0,
+                next_probe: now,
+                probing: false,
+                last_error: None,
+            })
+            .collect();
+        Health {
+            settings,
+            relays,
+            events: VecDeque::new(),
+        }
+    }
+
+    pub fn settings(&self) -> HealthSettings {
+        self.settings
+    }
+
+    /// The relay that should take the next request: the first healthy one by priority.
+    pub fn pick(&self) -> Option<usize> {
+        self.relays.iter().position(|r| r.state == State::Healthy)
+    }
+
+    pub fn is_healthy(&self, relay: usize) -> bool {
+        self.relays
+            .get(relay)
+            .is_some_and(|r| r.state == State::Healthy)
+    }
+
+    pub fn any_healthy(&self) -> bool {
+        self.pick().is_some()
+    }
+
+    /// A relay whose probe is due; the caller sends it and reports back with [`Health::on_probe`].
+    pub fn poll_probe(&mut self, now: Instant) -> Option<usize> {
+        let index = self
+            .relays
+            .iter()
+            .position(|r| !r.probing && r.next_probe <= now)?;
+        self.relays[index].probing = true;
+        Some(index)
+    }
+
+    /// When the next probe falls due (`None` while every relay has a probe out).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.relays
+            .iter()
+            .filter(|r| !r.probing)
+            .map(|r| r.next_probe)
+            .min()
+    }
+
+    pub fn poll_event(&mut self) -> Option<HealthEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn on_probe(&mut self, relay: usize, outcome: ProbeOutcome, now: Instant) {
+        let settings = self.settings;
+        let Some(r) = self.relays.get_mut(relay) else {
+            return;
+        };
+        r.probing = false;
+        let failure = match outcome {
+            ProbeOutcome::Ready {
+                handshake_age: Some(age),
+            } if age > settings.handshake_max_age => Some(format!(
+                "last WireGuard handshake {}s ago (limit {}s)",
+                age.as_secs(),
+                settings.handshake_max_age.as_secs()
+            )),
+            ProbeOutcome::Ready { .. } => None,
+            ProbeOutcome::NotReady(reason) => Some(format!("relay not ready: {reason}")),
+            ProbeOutcome::Failed(reason) => Some(reason),
+        };
+        match failure {
+            None => self.record_success(relay, now),
+            Some(reason) => self.record_failure(relay, reason, now),
+        }
+    }
+
+    /// A forward to `relay` failed at the connection level (refused, reset, h2 error).
+    /// Counts as a failed probe and asks for a probe at once, so a relay that died between
+    /// probes leaves the rotation without waiting for the next tick.
+    pub fn on_forward_failed(&mut self, relay: usize, reason: String, now: Instant) {
+        if relay < self.relays.len() {
+            self.record_failure(relay, reason, now);
+        }
+    }
+
+    pub fn report(&self, now: Instant) -> Vec<RelayReport> {
+        self.relays
+            .iter()
+            .map(|r| RelayReport {
+                name: r.name.clone(),
+                state: r.state,
+                consecutive_failures: r.failures,
+                last_error: r.last_error.clone(),
+                state_age_seconds: now.saturating_duration_since(r.state_since).as_secs_f64(),
+            })
+            .collect()
+    }
+
+    fn record_success(&mut self, relay: usize, now: Instant) {
+        let interval = self.settings.interval;
+        let rise_after = self.settings.rise_after.max(1);
+        let r = &mut self.relays[relay];
+        r.failures = 0;
+        r.successes = r.successes.saturating_add(1);
+        r.next_probe = now + interval;
+        let comes_up = match r.state {
+            State::Healthy => false,
+            // A relay that was never in service has nothing to flap back from.
+            State::Unknown => true,
+            State::Down => r.successes >= rise_after,
+        };
+        if comes_up {
+            r.state = State::Healthy;
+            r.state_since = now;
+            r.last_error = None;
+            self.events.push_back(HealthEvent::Up { relay });
+        }
+    }
+
+    fn record_failure(&mut self, relay: usize, reason: String, now: Instant) {
+        let settings = self.settings;
+        let r = &mut self.relays[relay];
+        r.successes = 0;
+        r.failures = r.failures.saturating_add(1);
+        r.last_error = Some(reason.clone());
+        let goes_down = match r.state {
+            State::Healthy => r.failures >= settings.fail_after.max(1),
+            State::Unknown => true,
+            State::Down => false,
+        };
+        if goes_down {
+            r.state = State::Down;
+            r.state_since = now;
+            r.next_probe = now + settings.interval;
+            self.events.push_back(HealthEvent::Down { relay, reason });
+        } else if r.state == State::Healthy {
+            r.next_probe = now;
+        } else {
+            r.next_probe = now + settings.interval;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const READY: ProbeOutcome = ProbeOutcome::Ready {
+        handshake_age: Some(Duration::from_secs(5)),
+    };
+
+    fn failed() -> ProbeOutcome {
+        ProbeOutcome::Failed("timed out".into())
+    }
+
+    fn two_relays(now: Instant) -> Health {
+        Health::new(
+            vec!["relay-a".into(), "relay-b".into()],
+            HealthSettings::default(),
+            now,
+        )
+    }
+
+    /// Answers every due probe with `outcome(relay)` at `now`.
+    fn probe_all(health: &mut Health, now: Instant, outcome: impl Fn(usize) -> ProbeOutcome) {
+        while let Some(relay) = health.poll_probe(now) {
+            health.on_probe(relay, outcome(relay), now);
+        }
+    }
+
+    #[test]
+    fn relays_take_no_traffic_until_a_probe_succeeds() {
+        let start = Instant::now();
+        let mut health = two_relays(start);
+        assert_eq!(health.pick(), None);
+        assert_eq!(health.poll_probe(start), Some(0));
+        assert_eq!(health.poll_probe(start), Some(1));
+        assert_eq!(health.poll_probe(start), None, "both probes are out");
+        health.on_probe(1, READY, start);
+        assert_eq!(health.pick(), Some(1));
+        health.on_probe(0, READY, start);
+        assert_eq!(health.pick(), Some(0), "priority order wins");
+        assert_eq!(health.poll_event(), Some(HealthEvent::Up { relay: 1 }));
+        assert_eq!(health.poll_event(), Some(HealthEvent::Up { relay: 0 }));
+        assert_eq!(health.poll_event(), None);
+    }
+
+    #[test]
+    fn probes_follow_the_interval() {
+        let start = Instant::now();
+        let mut health = two_relays(start);
+        probe_all(&mut health, start, |_| READY);
+        assert_eq!(health.poll_timeout(), Some(start + Duration::from_secs(1)));
+        assert_eq!(health.poll_probe(start + Duration::from_millis(999)), None);
+        assert_eq!(health.poll_probe(start + Duration::from_secs(1)), Some(0));
+    }
+
+    #[test]
+    fn dead_primary_fails_over_within_three_seconds() {
+        let settings = HealthSettings::default();
+        let start = Instant::now();
+        let mut health = two_relays(start);
+        probe_all(&mut health, start, |_| READY);
+        while health.poll_event().is_some() {}
+
+        // relay-a dies just after answering at `start`. Its next probe goes out at +1 s and
+        // times out; the immediate re-probe times out too.
+        let first = start + settings.interval;
+        assert_eq!(health.poll_probe(first), Some(0));
+        let first_fails = first + settings.probe_timeout;
+        health.on_probe(0, failed(), first_fails);
+        assert_eq!(health.pick(), Some(0), "one failure is not enough");
+        assert_eq!(health.poll_probe(first_fails), Some(0), "re-probed at once");
+        let second_fails = first_fails + settings.probe_timeout;
+        health.on_probe(0, failed(), second_fails);
+
+        assert_eq!(health.pick(), Some(1));
+        assert!(second_fails - start <= Duration::from_secs(3));
+        assert_eq!(
+            health.poll_event(),
+            Some(HealthEvent::Down {
+                relay: 0,
+                reason: "timed out".into()
+            })
+        );
+    }
+
+    #[test]
+    fn forward_failure_counts_and_triggers_an_immediate_probe() {
+        let start = Instant::now();
+        let mut health = two_relays(start);
+        probe_all(&mut health, start, |_| READY);
+        let later = start + Duration::from_millis(300);
+        health.on_forward_failed(0, "connection refused".into(), later);
+        assert_eq!(health.poll_probe(later), Some(0));
+        health.on_probe(0, failed(), later);
+        assert_eq!(health.pick(), Some(1));
+    }
+
+    #[test]
+    fn one_slow_probe_does_not_move_traffic() {
+        let start = Instant::now();
+        let mut health = two_relays(start);
+        probe_all(&mut health, start, |_| READY);
+        let t = start + Duration::from_secs(1);
+        assert_eq!(health.poll_probe(t), Some(0));
+        health.on_probe(0, failed(), t);
+        assert_eq!(health.poll_probe(t), Some(0));
+        health.on_probe(0, READY, t);
+        assert_eq!(health.pick(), Some(0));
+        health.poll_event();
+        health.poll_event();
+        assert_eq!(health.poll_event(), None, "no down/up churn");
+    }
+
+    #[test]
+    fn stale_handshake_takes_relay_down_even_if_probe_answered() {
+        let start = Instant::now();
+        let mut health = Health::new(
+            vec!["relay-a".into()],
+            HealthSettings {
+                fail_after: 1,
+                ..HealthSettings::default()
+            },
+            start,
+        );
+        probe_all(&mut health, start, |_| READY);
+        let t = start + Duration::from_secs(1);
+        probe_all(&mut health, t, |_| ProbeOutcome::Ready {
+            handshake_age: Some(Duration::from_secs(181)),
+        });
+        assert_eq!(health.pick(), None);
+        let report = health.report(t);
+        assert_eq!(report[0].state, State::Down);
+        assert!(report[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("handshake")));
+    }
+
+    #[test]
+    fn drained_relay_goes_down_and_needs_two_successes_to_return() {
+        let start = Instant::now();
+        let mut health = two_relays(start);
+        probe_all(&mut health, start, |_| READY);
+        let mut t = start + Duration::from_secs(1);
+        probe_all(&mut health, t, |relay| match relay {
+            0 => ProbeOutcome::NotReady("draining".into()),
+            _ => READY,
+        });
+        assert_eq!(health.pick(), Some(1));
+
+        t += Duration::from_secs(1);
+        probe_all(&mut health, t, |_| READY);
+        assert_eq!(health.pick(), Some(1), "one success is not enough");
+        t += Duration::from_secs(1);
+        probe_all(&mut health, t, |_| READY);
+        assert_eq!(health.pick(), Some(0), "back in priority order");
+    }
+
+    #[test]
+    fn unknown_relay_that_fails_is_down_and_probed_on_interval() {
+        let start = Instant::now();
+        let mut health = two_relays(start);
+        probe_all(&mut health, start, |_| failed());
+        assert_eq!(health.pick(), None);
+        assert_eq!(health.poll_timeout(), Some(start + Duration::from_secs(1)));
+        assert!(!health.any_healthy());
+    }
+}

@@ -1,0 +1,408 @@
+//! `xpart-agent` is the GovCloud-side appliance: what a Lambda function or instance in a
+//! private subnet talks to when it believes it is calling Amazon Bedrock.
+//!
+//! Data flow: a caller resolves `bedrock-runtime.<region>.amazonaws.com` through the agent's
+//! private DNS ([`dns`]), which answers with the agent's own address and forwards every other
+//! name upstream. The caller's SDK then connects to the TLS front ([`front`], certificate from
+//! [`tls`], HTTP/1.1 or HTTP/2), where each request runs through [`pipeline`]:
+//! [`auth`] finds the principal (bearer token and/or source address) and checks its model
+//! allowlist, [`limits`] applies its rate and concurrency limits, and [`forward`] sends the
+//! request over HTTP/2 through the WireGuard tunnel (`xpart-tunnel`) to the first healthy
+//! relay, without the caller's credentials and with `x-xpart-*` headers naming the principal,
+//! request id and source. The response streams back frame by frame ([`streaming`]); when it
+//! ends, the audit line is written (`xpart_daemon::audit`). Relay health comes from the
+//! sans-IO [`health`] core, driven by [`monitor`], which probes each relay through the tunnel
+//! every second. The admin port ([`admin`]) serves `/metrics` ([`metrics`]), `/healthz`,
+//! `/readyz` and `/status`.
+//!
+//! Entry points: [`config::AgentConfig::load`] and [`start`] (which brings up the tunnel),
+//! or [`start_with_network`] to use a [`xpart_tunnel::Network`] set up elsewhere.
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod dns;
+pub mod forward;
+pub mod front;
+pub mod health;
+pub mod limits;
+pub mod metrics;
+pub mod monitor;
+pub mod pipeline;
+pub mod streaming;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ipnet::IpNet;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use xpart_daemon::admin::AdminServer;
+use xpart_daemon::audit::AuditLog;
+use xpart_daemon::bedrock::{BedrockError, ErrorType};
+use xpart_tunnel::{Network, PeerConfig, Tunnel, TunnelConfig};
+
+use crate::auth::{Denial, Principals};
+use crate::config::AgentConfig;
+use crate::dns::DnsServer;
+use crate::forward::{ForwardError, RelayTarget, Relays};
+use crate::limits::{Limits, Refusal, SharedLimits};
+use crate::metrics::Metrics;
+use crate::monitor::PeerSource;
+use crate::pipeline::Agent;
+use crate::tls::CertStore;
+
+/// Everything that can go wrong in the agent, at startup or for one request.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("binding the {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{}: {reason}", file.display())]
+    Certificate { file: PathBuf, reason: String },
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("[dns].names: {name:?} is not a DNS name: {reason}")]
+    DnsName { name: String, reason: String },
+    #[error(transparent)]
+    Tunnel(#[from] xpart_tunnel::Error),
+    #[error("opening the audit log {}: {source}", path.display())]
+    Audit {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("caller refused: {0:?}")]
+    Denied(Denial),
+    #[error("{0}")]
+    Route(BedrockError),
+    #[error("principal {principal} throttled: {refusal:?}")]
+    Throttled { principal: String, refusal: Refusal },
+    #[error("principal {principal}: body over {limit} bytes")]
+    BodyTooLarge {
+        principal: String,
+        limit: u64,
+        length: Option<u64>,
+    },
+    #[error("no relay is healthy")]
+    NoHealthyRelay,
+    #[error(transparent)]
+    Forward(ForwardError),
+}
+
+/// How a caller sets itself up, quoted in authentication errors.
+const CALLER_SETUP: &str = "Configure the caller with AWS_ENDPOINT_URL_BEDROCK_RUNTIME=https://<this agent's Bedrock name>, \
+     AWS_CA_BUNDLE=<the xpart CA certificate file> and AWS_BEARER_TOKEN_BEDROCK=<the token issued for it by `xpart token create`>";
+
+impl Error {
+    /// The Bedrock error a caller receives: status and `x-amzn-ErrorType` for every case.
+    pub fn to_bedrock(&self) -> BedrockError {
+        match self {
+            Error::Denied(Denial::MissingCredentials) => BedrockError::new(
+                ErrorType::UnrecognizedClient,
+                format!("No credentials: this endpoint is an xpart agent in front of Amazon Bedrock and needs a bearer token (or a call from an address a principal allows). {CALLER_SETUP}."),
+            ),
+            Error::Denied(Denial::SigV4NotAccepted) => BedrockError::new(
+                ErrorType::UnrecognizedClient,
+                format!("This endpoint is an xpart agent: AWS SigV4 signatures are not accepted here (the caller's AWS credentials are not valid for the partition Bedrock runs in). {CALLER_SETUP}; with AWS_BEARER_TOKEN_BEDROCK set, the SDK sends the token instead of signing."),
+            ),
+            Error::Denied(Denial::UnknownToken) => BedrockError::new(
+                ErrorType::UnrecognizedClient,
+                format!("The bearer token is not one this xpart agent knows. Check AWS_BEARER_TOKEN_BEDROCK against the token issued for this caller. {CALLER_SETUP}."),
+            ),
+            Error::Denied(Denial::SourceNotAllowed { principal, source }) => BedrockError::access_denied(format!(
+                "Principal {principal} may not call from {source}; its source_cidrs do not include this address."
+            )),
+            Error::Denied(Denial::ModelNotAllowed { principal, model }) => BedrockError::access_denied(format!(
+                "Principal {principal} is not allowed to use model {model}."
+            )),
+            Error::Route(error) => error.clone(),
+            Error::Throttled { principal, refusal: Refusal::Rate { limit, retry_after } } => BedrockError::throttling(format!(
+                "Too many requests: principal {principal} is limited to {limit} requests per second; retry after {} ms.",
+                retry_after.as_millis().max(1)
+            )),
+            Error::Throttled { principal, refusal: Refusal::Concurrency { limit } } => BedrockError::throttling(format!(
+                "Too many concurrent requests: principal {principal} may have {limit} in flight."
+            )),
+            Error::BodyTooLarge { principal, limit, length: Some(length) } => BedrockError::validation(format!(
+                "Request body of {length} bytes exceeds the {limit}-byte limit for principal {principal}."
+            )),
+            Error::BodyTooLarge { principal, limit, length: None } => BedrockError::validation(format!(
+                "Request body exceeds the {limit}-byte limit for principal {principal}."
+            )),
+            Error::NoHealthyRelay => BedrockError::unavailable(
+                "No relay is reachable through the tunnel; the request was not sent. Retry shortly.",
+            ),
+            Error::Forward(ForwardError::Unreachable { relay, reason }) => BedrockError::unavailable(format!(
+                "Relay {relay} is unreachable ({reason}); the request was not sent. Retry shortly."
+            )),
+            Error::Forward(ForwardError::Lost { relay }) => BedrockError::unavailable(format!(
+                "Relay {relay} stopped answering while the request was in flight; Bedrock may or may not have processed it."
+            )),
+            Error::Forward(ForwardError::Failed { relay, reason }) => BedrockError::unavailable(format!(
+                "Relay {relay} failed while the request was in flight ({reason}); Bedrock may or may not have processed it."
+            )),
+            Error::Config(_)
+            | Error::Bind { .. }
+            | Error::Certificate { .. }
+            | Error::Tls(_)
+            | Error::DnsName { .. }
+            | Error::Tunnel(_)
+            | Error::Audit { .. } => BedrockError::internal("The xpart agent is misconfigured."),
+        }
+    }
+
+    /// A short reason for the audit line (no secrets, no caller-controlled bulk).
+    pub fn audit_reason(&self) -> String {
+        match self {
+            Error::Denied(Denial::MissingCredentials) => "no credentials".into(),
+            Error::Denied(Denial::SigV4NotAccepted) => "SigV4 signature, no token".into(),
+            Error::Denied(Denial::UnknownToken) => "unknown bearer token".into(),
+            Error::Denied(Denial::SourceNotAllowed { .. }) => "source address not allowed".into(),
+            Error::Denied(Denial::ModelNotAllowed { .. }) => "model not allowed".into(),
+            Error::Route(error) => error.kind.code().into(),
+            Error::Throttled {
+                refusal: Refusal::Rate { .. },
+                ..
+            } => "over rate limit".into(),
+            Error::Throttled {
+                refusal: Refusal::Concurrency { .. },
+                ..
+            } => "over concurrency limit".into(),
+            Error::BodyTooLarge { .. } => "body too large".into(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// A running agent.
+pub struct AgentHandle {
+    front_addr: SocketAddr,
+    dns: Option<DnsServer>,
+    dns_addr: Option<SocketAddr>,
+    admin: AdminServer,
+    certs: Arc<CertStore>,
+    audit: AuditLog,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    tunnel: Option<Arc<Tunnel>>,
+}
+
+impl AgentHandle {
+    pub fn front_addr(&self) -> SocketAddr {
+        self.front_addr
+    }
+
+    /// `None` when the config has no `[dns]` section.
+    pub fn dns_addr(&self) -> Option<SocketAddr> {
+        self.dns_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr()
+    }
+
+    /// Re-reads the TLS certificate and key (SIGHUP); open connections are unaffected.
+    pub fn reload_certificate(&self) -> Result<(), Error> {
+        self.certs.reload()
+    }
+
+    /// Reopens the audit log (after logrotate moved it).
+    pub async fn reopen_audit(&self) -> std::io::Result<()> {
+        self.audit.reopen().await
+    }
+
+    /// Stops accepting, ends connections, flushes the audit log, shuts the tunnel down.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        if let Some(dns) = self.dns {
+            dns.shutdown().await;
+        }
+        self.admin.shutdown().await;
+        self.audit.close().await;
+        if let Some(tunnel) = self.tunnel {
+            match Arc::try_unwrap(tunnel) {
+                Ok(tunnel) => tunnel.shutdown().await,
+                Err(_) => tracing::warn!("tunnel still in use at shutdown; dropping it"),
+            }
+        }
+    }
+}
+
+/// Brings up the tunnel to the relays, then the agent on it.
+pub async fn start(config: AgentConfig) -> Result<AgentHandle, Error> {
+    let tunnel = Arc::new(Tunnel::start(tunnel_config(&config)?).await?);
+    let network = tunnel.network();
+    let peers_of = tunnel.clone();
+    let peers: PeerSource = Arc::new(move || peers_of.peer_stats());
+    let mode = match config.tunnel.mode {
+        xpart_tunnel::Mode::Kernel => "kernel",
+        xpart_tunnel::Mode::Userspace => "userspace",
+    };
+    start_inner(config, network, Some((tunnel, peers, mode))).await
+}
+
+/// Runs the agent over `network` without a tunnel of its own: for hosts where WireGuard is
+/// managed outside xpart (the relay addresses are routed by the host) and for tests. The
+/// `[tunnel]` section is not used.
+pub async fn start_with_network(
+    config: AgentConfig,
+    network: Network,
+) -> Result<AgentHandle, Error> {
+    start_inner(config, network, None).await
+}
+
+async fn start_inner(
+    config: AgentConfig,
+    network: Network,
+    tunnel: Option<(Arc<Tunnel>, PeerSource, &'static str)>,
+) -> Result<AgentHandle, Error> {
+    let certs = Arc::new(CertStore::load(
+        &config.resolve(&config.front.cert_file),
+        &config.resolve(&config.front.key_file),
+    )?);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(certs.clone())?);
+    let listener = tokio::net::TcpListener::bind(config.front.listen)
+        .await
+        .map_err(|source| Error::Bind {
+            what: "TLS front",
+            addr: config.front.listen,
+            source,
+        })?;
+    let front_addr = listener.local_addr().map_err(|source| Error::Bind {
+        what: "TLS front",
+        addr: config.front.listen,
+        source,
+    })?;
+
+    let metrics = Metrics::new();
+    let audit = match &config.audit.path {
+        Some(path) => {
+            let path = config.resolve(path);
+            AuditLog::open(&path).map_err(|source| Error::Audit { path, source })?
+        }
+        None => AuditLog::disabled(),
+    };
+    if let Err(error) = audit.register(&metrics.registry) {
+        tracing::warn!(%error, "audit metrics not registered");
+    }
+    let dns = match config.dns_settings() {
+        Some(settings) => Some(DnsServer::start(settings, metrics.clone()).await?),
+        None => None,
+    };
+    let dns_addr = dns.as_ref().map(DnsServer::local_addr);
+
+    let principals = config.principals();
+    let mut limits = Limits::new();
+    let now = Instant::now();
+    for principal in &principals {
+        limits.add_principal(&principal.name, principal.limits, now);
+    }
+    let targets = config
+        .relays
+        .iter()
+        .map(|r| RelayTarget {
+            name: r.name.clone(),
+            service_addr: SocketAddr::new(r.tunnel_address, r.service_port),
+        })
+        .collect();
+    let relays = Arc::new(Relays::new(
+        targets,
+        config.health_settings(),
+        network,
+        config.connect_timeout(),
+    ));
+    let agent = Arc::new(Agent {
+        principals: Principals::new(principals),
+        limits: SharedLimits::new(limits),
+        relays: relays.clone(),
+        audit: audit.clone(),
+        metrics: metrics.clone(),
+    });
+
+    let (stop, stopped) = watch::channel(false);
+    let peers = tunnel.as_ref().map(|(_, peers, _)| peers.clone());
+    let tasks = vec![
+        tokio::spawn(monitor::run(
+            relays,
+            peers.clone(),
+            metrics,
+            stopped.clone(),
+        )),
+        tokio::spawn(front::serve(listener, acceptor, agent.clone(), stopped)),
+    ];
+    let view = admin::AdminView {
+        agent,
+        peers,
+        started: Instant::now(),
+        front_addr,
+        dns_addr,
+        tunnel_mode: tunnel.as_ref().map_or("host", |(_, _, mode)| *mode),
+        tunnel_address: tunnel.as_ref().map(|_| config.tunnel.address.to_string()),
+    };
+    let admin =
+        xpart_daemon::admin::serve(config.admin.listen, Arc::new(view)).map_err(|source| {
+            Error::Bind {
+                what: "admin",
+                addr: config.admin.listen,
+                source,
+            }
+        })?;
+    tracing::info!(front = %front_addr, dns = ?dns_addr, admin = %admin.local_addr(), "agent started");
+    Ok(AgentHandle {
+        front_addr,
+        dns,
+        dns_addr,
+        admin,
+        certs,
+        audit,
+        stop,
+        tasks,
+        tunnel: tunnel.map(|(tunnel, _, _)| tunnel),
+    })
+}
+
+/// The WireGuard side of the config: one peer per relay, routing its tunnel address.
+pub fn tunnel_config(config: &AgentConfig) -> Result<TunnelConfig, Error> {
+    let private_key = config.private_key().map_err(Error::Config)?;
+    let mut peers = Vec::new();
+    for relay in &config.relays {
+        let public_key = xpart_tunnel::PublicKey::from_base64(&relay.public_key)
+            .map_err(|e| Error::Config(format!("[[relay]] {}: public_key: {e}", relay.name)))?;
+        let preshared_key = match &relay.preshared_key_file {
+            Some(path) => {
+                Some(config::read_preshared_key(&config.resolve(path)).map_err(Error::Config)?)
+            }
+            None => None,
+        };
+        peers.push(PeerConfig {
+            name: relay.name.clone(),
+            public_key,
+            endpoint: Some(relay.endpoint),
+            allowed_ips: vec![IpNet::from(relay.tunnel_address)],
+            persistent_keepalive: (relay.persistent_keepalive > 0)
+                .then_some(relay.persistent_keepalive),
+            preshared_key,
+        });
+    }
+    Ok(TunnelConfig {
+        private_key,
+        address: config.tunnel.address,
+        mode: config.tunnel.mode,
+        listen: config.tunnel.listen,
+        mtu: config.tunnel.mtu,
+        interface_name: config.tunnel.interface_name.clone(),
+        peers,
+    })
+}

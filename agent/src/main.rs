@@ -1,0 +1,75 @@
+//! `xpart-agent --config agent.toml [--check]`: loads and validates the configuration, then
+//! runs the agent until SIGINT/SIGTERM. SIGHUP reloads the TLS certificate and reopens the
+//! audit log, without dropping connections.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use xpart_agent::config::AgentConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "xpart-agent",
+    version,
+    about = "GovCloud-side xpart appliance: private DNS, TLS front and relay failover for Amazon Bedrock callers"
+)]
+struct Args {
+    /// The agent's TOML configuration (see config/agent.example.toml).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Validate the configuration, print every problem, and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match AgentConfig::load(&args.config) {
+        Ok(config) => config,
+        Err(diagnostics) => {
+            eprintln!("{diagnostics}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        println!("{}: ok", args.config.display());
+        return ExitCode::SUCCESS;
+    }
+    xpart_daemon::logging::init("agent");
+    match run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "agent stopped");
+            eprintln!("xpart-agent: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: AgentConfig) -> Result<(), Box<dyn std::error::Error>> {
+    let stop = xpart_daemon::shutdown::signal();
+    tokio::pin!(stop);
+    let mut reload = xpart_daemon::shutdown::reload()?;
+    let agent = xpart_agent::start(config).await?;
+    loop {
+        tokio::select! {
+            signal = &mut stop => {
+                tracing::info!(signal = %signal?, "stopping");
+                break;
+            }
+            Some(()) = reload.recv() => {
+                match agent.reload_certificate() {
+                    Ok(()) => tracing::info!("TLS certificate reloaded"),
+                    Err(error) => tracing::error!(%error, "TLS certificate reload failed; keeping the previous one"),
+                }
+                if let Err(error) = agent.reopen_audit().await {
+                    tracing::error!(%error, "reopening the audit log failed");
+                }
+            }
+        }
+    }
+    agent.shutdown().await;
+    Ok(())
+}

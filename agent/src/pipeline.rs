@@ -1,0 +1,407 @@
+//! One caller request, start to finish: authenticate → route → authorize → limit → forward
+//! → audit. Each step is a call into the module named for it; a step that refuses returns an
+//! [`Error`], which becomes a Bedrock-shaped error response and an audit line in
+//! [`handle`]. A forwarded request's audit line is written when its response body ends.
+
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, HOST};
+use http::{HeaderName, HeaderValue, Request, Response, Uri};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use xpart_daemon::audit::{AuditLog, AuditRecord, Service};
+use xpart_daemon::bedrock::{self, Route, ERROR_TYPE_HEADER};
+use xpart_daemon::protocol::{
+    strip_xpart_headers, PRINCIPAL_HEADER, REQUEST_ID_HEADER, SOURCE_HEADER,
+};
+
+use crate::auth::{Principal, Principals};
+use crate::forward::{ForwardBody, ForwardError, Relays};
+use crate::limits::{SharedLimits, Slot};
+use crate::metrics::Metrics;
+use crate::streaming::{BoxError, RequestBody, RequestMeter, ResponseBody, StreamEnd};
+use crate::Error;
+
+/// What the caller gets back.
+pub type CallerBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Everything a request needs, shared by all connections.
+pub struct Agent {
+    pub principals: Principals,
+    pub limits: SharedLimits,
+    pub relays: Arc<Relays>,
+    pub audit: AuditLog,
+    pub metrics: Metrics,
+}
+
+/// Handles one request from `source`; never fails (refusals are responses).
+pub async fn handle(
+    agent: Arc<Agent>,
+    request: Request<Incoming>,
+    source: IpAddr,
+) -> Response<CallerBody> {
+    let mut exchange = Exchange::new(source);
+    match steps(&agent, request, &mut exchange).await {
+        Ok(response) => response,
+        Err(error) => refuse(&agent, exchange, error),
+    }
+}
+
+async fn steps(
+    agent: &Arc<Agent>,
+    request: Request<Incoming>,
+    exchange: &mut Exchange,
+) -> Result<Response<CallerBody>, Error> {
+    let principal = authenticate(agent, &request, exchange)?;
+    let route = route(&request, exchange)?;
+    authorize(&principal, &route, exchange)?;
+    check_declared_length(&principal, &request)?;
+    let slot = limit(agent, &principal)?;
+    let response = forward(agent, request, &principal, exchange, slot).await?;
+    Ok(response)
+}
+
+/// The request's id, clock and audit line in the making.
+struct Exchange {
+    request_id: String,
+    started: Instant,
+    record: AuditRecord,
+    /// Model label for metrics: set only once the principal may use the model, so refused
+    /// callers cannot grow the label set with made-up model ids.
+    model_label: String,
+}
+
+impl Exchange {
+    fn new(source: IpAddr) -> Exchange {
+        let request_id = new_request_id();
+        let mut record = AuditRecord::new(Service::Agent, request_id.clone());
+        record.source = Some(source);
+        Exchange {
+            request_id,
+            started: Instant::now(),
+            record,
+            model_label: "-".to_owned(),
+        }
+    }
+}
+
+fn authenticate(
+    agent: &Agent,
+    request: &Request<Incoming>,
+    exchange: &mut Exchange,
+) -> Result<Arc<Principal>, Error> {
+    let source = exchange.record.source.unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let principal = agent
+        .principals
+        .authenticate(request.headers(), request.uri().query(), source)
+        .map_err(Error::Denied)?;
+    exchange.record.principal = Some(principal.name.clone());
+    Ok(principal)
+}
+
+fn route(request: &Request<Incoming>, exchange: &mut Exchange) -> Result<Route, Error> {
+    let route = Route::parse(request.method(), request.uri().path()).map_err(Error::Route)?;
+    exchange.record.operation = Some(route.operation);
+    exchange.record.model = route.model.clone();
+    Ok(route)
+}
+
+fn authorize(principal: &Principal, route: &Route, exchange: &mut Exchange) -> Result<(), Error> {
+    principal
+        .authorize(route.model.as_ref().map(|m| m.as_str()))
+        .map_err(Error::Denied)?;
+    if let Some(model) = &route.model {
+        exchange.model_label = model.as_str().to_owned();
+    }
+    Ok(())
+}
+
+/// Refuses at once a body whose declared length is over the limit; bodies without a length
+/// are cut off while streaming (see [`RequestBody`]).
+fn check_declared_length(principal: &Principal, request: &Request<Incoming>) -> Result<(), Error> {
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(length) if length > principal.max_body_bytes => Err(Error::BodyTooLarge {
+            principal: principal.name.clone(),
+            limit: principal.max_body_bytes,
+            length: Some(length),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn limit(agent: &Agent, principal: &Principal) -> Result<Slot, Error> {
+    agent
+        .limits
+        .admit(&principal.name)
+        .map_err(|refusal| Error::Throttled {
+            principal: principal.name.clone(),
+            refusal,
+        })
+}
+
+/// Sends the request to the first healthy relay (moving on to the next while nothing has
+/// been sent) and streams the answer back; the audit line is written when it ends.
+async fn forward(
+    agent: &Arc<Agent>,
+    request: Request<Incoming>,
+    principal: &Principal,
+    exchange: &mut Exchange,
+    slot: Slot,
+) -> Result<Response<CallerBody>, Error> {
+    let relays = &agent.relays;
+    let (relay, sender) = connect_to_healthy_relay(relays).await?;
+    exchange.record.relay = Some(relays.name(relay).to_owned());
+
+    let meter = Arc::new(RequestMeter::default());
+    let outgoing = outgoing_request(request, principal, exchange, meter.clone());
+    let sent_at = Instant::now();
+    let response = match relays.send(relay, sender, outgoing).await {
+        Ok(response) => response,
+        Err(_) if meter.over_limit.load(Ordering::Relaxed) => {
+            exchange.record.bytes_in = meter.bytes.load(Ordering::Relaxed);
+            return Err(Error::BodyTooLarge {
+                principal: principal.name.clone(),
+                limit: principal.max_body_bytes,
+                length: None,
+            });
+        }
+        Err(error) => {
+            exchange.record.bytes_in = meter.bytes.load(Ordering::Relaxed);
+            if let ForwardError::Failed { reason, .. } = &error {
+                relays.report_failure(relay, reason.clone());
+            }
+            return Err(Error::Forward(error));
+        }
+    };
+    let upstream = sent_at.elapsed();
+    agent
+        .metrics
+        .upstream_seconds
+        .with_label_values(&[relays.name(relay)])
+        .observe(upstream.as_secs_f64());
+    exchange.record.upstream_latency_ms = Some(upstream.as_secs_f64() * 1000.0);
+
+    let (mut parts, body) = response.into_parts();
+    bedrock::strip_hop_by_hop(&mut parts.headers);
+    if let Ok(id) = HeaderValue::from_str(&exchange.request_id) {
+        parts.headers.insert(REQUEST_ID_HEADER, id);
+    }
+    let audit = audit_on_end(agent, exchange, &parts, meter, slot);
+    let body = ResponseBody::new(body, relays.death_of(relay), audit);
+    Ok(Response::from_parts(parts, body.boxed_unsync()))
+}
+
+/// Tries relays in priority order until one accepts a connection; a relay that refuses is
+/// reported to the health core, so the next pick skips it.
+async fn connect_to_healthy_relay(
+    relays: &Relays,
+) -> Result<(usize, hyper::client::conn::http2::SendRequest<ForwardBody>), Error> {
+    let mut last_error = None;
+    for _ in 0..relays.len() {
+        let Some(relay) = relays.pick() else {
+            break;
+        };
+        match relays.ready_sender(relay).await {
+            Ok(sender) => return Ok((relay, sender)),
+            Err(error) => {
+                relays.report_failure(relay, error.to_string());
+                last_error = Some(error);
+            }
+        }
+    }
+    Err(match last_error {
+        Some(error) => Error::Forward(error),
+        None => Error::NoHealthyRelay,
+    })
+}
+
+/// The request as it crosses the tunnel: same method, path and body; the caller's
+/// credentials and hop-by-hop headers removed; principal, request id and source added.
+fn outgoing_request(
+    request: Request<Incoming>,
+    principal: &Principal,
+    exchange: &Exchange,
+    meter: Arc<RequestMeter>,
+) -> Request<ForwardBody> {
+    let (mut parts, body) = request.into_parts();
+    let headers = &mut parts.headers;
+    bedrock::strip_hop_by_hop(headers);
+    bedrock::strip_caller_credentials(headers);
+    strip_xpart_headers(headers);
+    headers.remove(HOST);
+    let added = [
+        (PRINCIPAL_HEADER, principal.name.as_str()),
+        (REQUEST_ID_HEADER, exchange.request_id.as_str()),
+    ];
+    for (name, value) in added {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(HeaderName::from_static(name), value);
+        }
+    }
+    if let Some(source) = exchange.record.source {
+        if let Ok(value) = HeaderValue::from_str(&source.to_string()) {
+            headers.insert(HeaderName::from_static(SOURCE_HEADER), value);
+        }
+    }
+    parts.uri = without_presigning(&parts.uri);
+    parts.version = http::Version::HTTP_2;
+    let body = RequestBody::new(body, principal.max_body_bytes, meter).boxed_unsync();
+    Request::from_parts(parts, body)
+}
+
+/// Drops presigned-URL parameters (`X-Amz-Credential`, `X-Amz-Signature`, …) from the
+/// query: they are caller credentials too.
+fn without_presigning(uri: &Uri) -> Uri {
+    let Some(query) = uri.query() else {
+        return uri.clone();
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| !pair.to_ascii_lowercase().starts_with("x-amz-"))
+        .collect();
+    let path_and_query = match kept.is_empty() {
+        true => uri.path().to_owned(),
+        false => format!("{}?{}", uri.path(), kept.join("&")),
+    };
+    path_and_query.parse().unwrap_or_else(|_| uri.clone())
+}
+
+/// The hook [`ResponseBody`] calls when the answer has been streamed (or abandoned): writes
+/// the audit line, counts the request and frees the concurrency slot.
+fn audit_on_end(
+    agent: &Arc<Agent>,
+    exchange: &mut Exchange,
+    parts: &http::response::Parts,
+    meter: Arc<RequestMeter>,
+    slot: Slot,
+) -> impl FnOnce(u64, StreamEnd) + Send + 'static {
+    let mut record = std::mem::replace(
+        &mut exchange.record,
+        AuditRecord::new(Service::Agent, String::new()),
+    );
+    record.status = parts.status.as_u16();
+    record.error_type = parts
+        .headers
+        .get(ERROR_TYPE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(':').next().unwrap_or(v).to_owned());
+    let started = exchange.started;
+    let model_label = exchange.model_label.clone();
+    let agent = agent.clone();
+    move |bytes_out, end| {
+        drop(slot);
+        record.bytes_in = meter.bytes.load(Ordering::Relaxed);
+        record.bytes_out = bytes_out;
+        record.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        match end {
+            StreamEnd::Complete => {}
+            StreamEnd::Failed(reason) => {
+                record.message = Some(format!("response stream failed: {reason}"))
+            }
+            StreamEnd::RelayLost => {
+                record.message = Some("relay stopped answering mid-stream".to_owned())
+            }
+            StreamEnd::CallerGone => {
+                record.message = Some("caller closed the connection before the end".to_owned())
+            }
+        }
+        count(&agent.metrics, &record, &model_label, started);
+        agent.audit.record(record);
+    }
+}
+
+/// Answers a refused or failed request and writes its audit line.
+fn refuse(agent: &Agent, mut exchange: Exchange, error: Error) -> Response<CallerBody> {
+    let bedrock = error.to_bedrock();
+    match &error {
+        Error::Forward(_) | Error::NoHealthyRelay => {
+            tracing::warn!(request_id = %exchange.request_id, %error, "request failed")
+        }
+        _ => tracing::debug!(request_id = %exchange.request_id, %error, "request refused"),
+    }
+    let record = &mut exchange.record;
+    record.status = bedrock.kind.status().as_u16();
+    record.error_type = Some(bedrock.kind.code().to_owned());
+    record.message = Some(error.audit_reason());
+    record.latency_ms = exchange.started.elapsed().as_secs_f64() * 1000.0;
+    count(
+        &agent.metrics,
+        record,
+        &exchange.model_label,
+        exchange.started,
+    );
+    agent.audit.record(exchange.record);
+    let response = bedrock.into_response(&exchange.request_id);
+    response.map(|body| body.map_err(|never| match never {}).boxed_unsync())
+}
+
+fn count(metrics: &Metrics, record: &AuditRecord, model_label: &str, started: Instant) {
+    let operation = record.operation.map_or("-", |op| op.name());
+    let status = record.status.to_string();
+    metrics
+        .requests
+        .with_label_values(&[
+            record.principal.as_deref().unwrap_or("-"),
+            operation,
+            model_label,
+            status.as_str(),
+        ])
+        .inc();
+    metrics
+        .request_seconds
+        .with_label_values(&[operation])
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// A random id in the UUID v4 layout Bedrock uses for `x-amzn-RequestId`.
+fn new_request_id() -> String {
+    let bits: u128 = rand::random();
+    let bits = (bits & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
+    let hex = format!("{bits:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_look_like_uuid_v4_and_differ() {
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4");
+        assert!(matches!(&a[19..20], "8" | "9" | "a" | "b"));
+    }
+
+    #[test]
+    fn presigning_parameters_are_dropped_from_the_query() {
+        let uri: Uri = "/async-invoke?maxResults=5&X-Amz-Credential=AKIA%2Fx&X-Amz-Signature=ab"
+            .parse()
+            .expect("valid");
+        assert_eq!(
+            without_presigning(&uri).to_string(),
+            "/async-invoke?maxResults=5"
+        );
+        let only: Uri = "/model/m/invoke?X-Amz-Signature=ab".parse().expect("valid");
+        assert_eq!(without_presigning(&only).to_string(), "/model/m/invoke");
+    }
+}

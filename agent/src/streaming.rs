@@ -1,0 +1,307 @@
+//! Bodies that stream through the agent frame by frame, never buffered whole.
+//!
+//! [`RequestBody`] carries the caller's body to the relay, counting bytes and cutting the
+//! request off at the principal's body limit. [`ResponseBody`] carries the relay's answer
+//! back, counting bytes, ending with an error if the relay is declared dead mid-stream, and
+//! calling its `on_end` hook exactly once when the body finishes, fails or is dropped (the
+//! caller went away): that is where the audit line is written and the concurrency slot freed.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Counters a request body fills while it streams.
+#[derive(Debug, Default)]
+pub struct RequestMeter {
+    pub bytes: AtomicU64,
+    /// Set when the body went over the limit (the forward then failed because of it).
+    pub over_limit: AtomicBool,
+}
+
+/// The caller's body on its way to the relay.
+pub struct RequestBody<B> {
+    inner: B,
+    limit: u64,
+    meter: Arc<RequestMeter>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds {limit} bytes")]
+pub struct BodyTooLarge {
+    pub limit: u64,
+}
+
+impl<B> RequestBody<B> {
+    pub fn new(inner: B, limit: u64, meter: Arc<RequestMeter>) -> RequestBody<B> {
+        RequestBody {
+            inner,
+            limit,
+            meter,
+        }
+    }
+}
+
+impl<B> Body for RequestBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error.into()))),
+            Poll::Ready(Some(Ok(frame))) => frame,
+        };
+        if let Some(data) = frame.data_ref() {
+            let len = data.len() as u64;
+            let total = self.meter.bytes.fetch_add(len, Ordering::Relaxed) + len;
+            if total > self.limit {
+                self.meter.over_limit.store(true, Ordering::Relaxed);
+                return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit: self.limit }))));
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// How a response body ended, for the audit line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEnd {
+    Complete,
+    /// The relay's stream failed (reset, connection lost).
+    Failed(String),
+    /// The relay was declared dead while the body was streaming.
+    RelayLost,
+    /// The caller stopped reading (dropped the connection) before the end.
+    CallerGone,
+}
+
+type EndHook = Box<dyn FnOnce(u64, StreamEnd) + Send>;
+type AbortSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The relay's response body on its way to the caller.
+pub struct ResponseBody<B> {
+    inner: B,
+    bytes: u64,
+    abort: Option<AbortSignal>,
+    on_end: Option<EndHook>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the relay stopped answering while the response was streaming")]
+pub struct RelayLostMidStream;
+
+impl<B> ResponseBody<B> {
+    /// `abort` resolves when the relay carrying this response is declared dead.
+    pub fn new(
+        inner: B,
+        abort: impl Future<Output = ()> + Send + 'static,
+        on_end: impl FnOnce(u64, StreamEnd) + Send + 'static,
+    ) -> ResponseBody<B> {
+        ResponseBody {
+            inner,
+            bytes: 0,
+            abort: Some(Box::pin(abort)),
+            on_end: Some(Box::new(on_end)),
+        }
+    }
+
+    fn finish(&mut self, end: StreamEnd) {
+        if let Some(hook) = self.on_end.take() {
+            hook(self.bytes, end);
+        }
+        self.abort = None;
+    }
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.on_end.is_none() {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            Poll::Ready(Some(Err(error))) => {
+                self.finish(StreamEnd::Failed(error.to_string()));
+                return Poll::Ready(Some(Err(error.to_string().into())));
+            }
+            Poll::Ready(None) => {
+                self.finish(StreamEnd::Complete);
+                return Poll::Ready(None);
+            }
+            Poll::Pending => {}
+        }
+        let lost = self
+            .abort
+            .as_mut()
+            .is_some_and(|abort| abort.as_mut().poll(cx).is_ready());
+        if lost {
+            self.finish(StreamEnd::RelayLost);
+            return Poll::Ready(Some(Err(Box::new(RelayLostMidStream))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.on_end.is_none() || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for ResponseBody<B> {
+    fn drop(&mut self) {
+        self.finish(StreamEnd::CallerGone);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use std::sync::Mutex;
+
+    #[tokio::test]
+    async fn request_body_passes_frames_and_counts_bytes() {
+        let meter = Arc::new(RequestMeter::default());
+        let body = RequestBody::new(Full::new(Bytes::from_static(b"hello")), 5, meter.clone());
+        let collected = body.collect().await.expect("within limit").to_bytes();
+        assert_eq!(collected, Bytes::from_static(b"hello"));
+        assert_eq!(meter.bytes.load(Ordering::Relaxed), 5);
+        assert!(!meter.over_limit.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn request_body_over_limit_fails_and_flags() {
+        let meter = Arc::new(RequestMeter::default());
+        let chunks = futures_util::stream::iter(vec![
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"1234"))),
+            Ok(Frame::data(Bytes::from_static(b"5678"))),
+        ]);
+        let body = RequestBody::new(StreamBody::new(chunks), 6, meter.clone());
+        let error = body.collect().await.expect_err("over the limit");
+        assert!(error.to_string().contains("exceeds 6 bytes"));
+        assert!(meter.over_limit.load(Ordering::Relaxed));
+    }
+
+    fn recorder() -> (
+        Arc<Mutex<Vec<(u64, StreamEnd)>>>,
+        impl FnOnce(u64, StreamEnd) + Send,
+    ) {
+        let ends = Arc::new(Mutex::new(Vec::new()));
+        let sink = ends.clone();
+        (ends, move |bytes, end| {
+            sink.lock().expect("test lock").push((bytes, end))
+        })
+    }
+
+    #[tokio::test]
+    async fn response_body_reports_completion_once() {
+        let (ends, hook) = recorder();
+        let body = ResponseBody::new(
+            Full::new(Bytes::from_static(b"abc")),
+            std::future::pending(),
+            hook,
+        );
+        let collected = body.collect().await.expect("complete").to_bytes();
+        assert_eq!(collected, Bytes::from_static(b"abc"));
+        assert_eq!(
+            *ends.lock().expect("test lock"),
+            vec![(3, StreamEnd::Complete)]
+        );
+    }
+
+    #[tokio::test]
+    async fn response_body_dropped_early_reports_caller_gone() {
+        let (ends, hook) = recorder();
+        let body = ResponseBody::new(
+            Full::new(Bytes::from_static(b"abc")),
+            std::future::pending(),
+            hook,
+        );
+        drop(body);
+        assert_eq!(
+            *ends.lock().expect("test lock"),
+            vec![(0, StreamEnd::CallerGone)]
+        );
+    }
+
+    #[tokio::test]
+    async fn response_body_ends_with_error_when_relay_is_lost() {
+        let (ends, hook) = recorder();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (chunks_tx, chunks_rx) =
+            tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(4);
+        chunks_tx
+            .try_send(Ok(Frame::data(Bytes::from_static(b"first"))))
+            .expect("room in channel");
+        let chunks_rx = futures_util::stream::unfold(chunks_rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        let mut body = ResponseBody::new(
+            StreamBody::new(Box::pin(chunks_rx)),
+            async move {
+                let _ = rx.await;
+            },
+            hook,
+        );
+        let first = body.frame().await.expect("a frame").expect("ok frame");
+        assert_eq!(
+            first.into_data().expect("data"),
+            Bytes::from_static(b"first")
+        );
+        tx.send(()).expect("receiver alive");
+        let error = body
+            .frame()
+            .await
+            .expect("an error frame")
+            .expect_err("relay lost");
+        assert!(error.to_string().contains("stopped answering"));
+        assert!(body.frame().await.is_none(), "nothing after the error");
+        drop(body);
+        assert_eq!(
+            *ends.lock().expect("test lock"),
+            vec![(5, StreamEnd::RelayLost)]
+        );
+        drop(chunks_tx);
+    }
+}

@@ -1,0 +1,98 @@
+//! The TLS front's certificate: loaded at start, swapped on reload.
+//!
+//! Connections already established keep the session they negotiated; only handshakes after
+//! a reload see the new certificate, so a reload never drops a connection. A reload that
+//! fails (missing file, key that does not match) keeps serving the previous certificate.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::Error;
+
+/// The current certificate and where it came from.
+#[derive(Debug)]
+pub struct CertStore {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl CertStore {
+    pub fn load(cert_file: &Path, key_file: &Path) -> Result<CertStore, Error> {
+        let key = read_certified_key(cert_file, key_file)?;
+        Ok(CertStore {
+            cert_file: cert_file.to_owned(),
+            key_file: key_file.to_owned(),
+            current: RwLock::new(Arc::new(key)),
+        })
+    }
+
+    /// Reads the files again and serves the result to new handshakes.
+    pub fn reload(&self) -> Result<(), Error> {
+        let key = read_certified_key(&self.cert_file, &self.key_file)?;
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *current = Arc::new(key);
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<CertifiedKey> {
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+/// rustls server settings for the front: ring, TLS 1.2 and 1.3, ALPN h2 then http/1.1.
+pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(store);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn read_certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, Error> {
+    let cert_error = |reason: String| Error::Certificate {
+        file: cert_file.to_owned(),
+        reason,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .map_err(|e| cert_error(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| cert_error(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(cert_error("no PEM certificate in the file".into()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| Error::Certificate {
+        file: key_file.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let provider: CryptoProvider = rustls::crypto::ring::default_provider();
+    CertifiedKey::from_der(certs, key, &provider).map_err(|e| Error::Certificate {
+        file: key_file.to_owned(),
+        reason: format!(
+            "key does not fit the certificate in {}: {e}",
+            cert_file.display()
+        ),
+    })
+}
