@@ -1,21 +1,101 @@
-//! The tokio driver (placeholder until the engine lands): `Tunnel::start` refuses to start.
+//! The tokio driver: owns the UDP socket, the clock, the network backend and the sans-IO
+//! engine, and moves packets between them.
+//!
+//! Three loops run as tasks, each a straight line from an input to the outputs it causes:
+//! - receive: UDP batch → engine (decrypt) → backend (TUN write, or smoltcp, whose ACKs go
+//!   straight back through the engine) → UDP batch;
+//! - send: backend (TUN read batch, or what smoltcp's sockets have queued) → engine
+//!   (encrypt) → UDP batch;
+//! - timers: sleep until the engine's next deadline (handshake retries, keepalives, rekeys).
+//!
+//! The engine sits behind one mutex taken once per batch, never across an await; the
+//! userspace stack has its own lock, and no code path holds both.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use crate::{Error, Network, PeerStats, TunnelConfig};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::core::{self, Engine, PeerSpec};
+use crate::kernel::{TunDevice, READ_BATCH};
+use crate::udp::{self, RecvBatch, UdpSocket};
+use crate::userspace::Stack;
+use crate::{Error, Mode, Network, PeerStats, TunnelConfig};
+
+/// Longest sleep of the timer loop when the engine has no deadline.
+const IDLE_TIMER: Duration = Duration::from_secs(1);
 
 /// A running WireGuard tunnel.
-#[derive(Debug)]
 pub struct Tunnel {
+    shared: Arc<Shared>,
     network: Network,
     local_udp: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Tunnel {
-    pub async fn start(_config: TunnelConfig) -> Result<Tunnel, Error> {
-        Err(Error::Config("the tunnel driver is not built yet".into()))
+    /// Binds the UDP socket, creates the backend (the TUN interface in kernel mode) and
+    /// starts the driver's tasks on the current tokio runtime.
+    pub async fn start(config: TunnelConfig) -> Result<Tunnel, Error> {
+        validate(&config)?;
+        let listen = config
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let udp = UdpSocket::bind(listen).map_err(|source| Error::UdpBind {
+            addr: listen,
+            source,
+        })?;
+        let local_udp = udp.local_addr().map_err(|source| Error::UdpBind {
+            addr: listen,
+            source,
+        })?;
+        let backend = match config.mode {
+            Mode::Kernel => Backend::Kernel(Arc::new(TunDevice::create(&config)?)),
+            Mode::Userspace => Backend::Userspace(Stack::new(config.address, config.mtu)),
+        };
+        let peers = config.peers.iter().map(peer_spec).collect();
+        let engine = Engine::new(&config.private_key, peers, Instant::now());
+        let shared = Arc::new(Shared {
+            engine: Mutex::new(engine),
+            udp,
+            timer: Notify::new(),
+            timer_deadline: AtomicU64::new(u64::MAX),
+            epoch: Instant::now(),
+        });
+        let network = match &backend {
+            Backend::Kernel(tun) => {
+                tracing::info!(interface = tun.name(), udp = %local_udp, "tunnel up (kernel mode)");
+                Network::host()
+            }
+            Backend::Userspace(stack) => {
+                tracing::info!(address = %config.address, udp = %local_udp, "tunnel up (userspace mode)");
+                Network::userspace(stack.clone())
+            }
+        };
+        let mtu = usize::from(config.mtu);
+        let tasks = vec![
+            tokio::spawn(receive_loop(shared.clone(), backend.clone())),
+            match &backend {
+                Backend::Kernel(tun) => tokio::spawn(tun_loop(shared.clone(), tun.clone(), mtu)),
+                Backend::Userspace(stack) => {
+                    tokio::spawn(stack_loop(shared.clone(), stack.clone(), mtu))
+                }
+            },
+            tokio::spawn(timer_loop(shared.clone(), backend, mtu)),
+        ];
+        Ok(Tunnel {
+            shared,
+            network,
+            local_udp,
+            tasks,
+        })
     }
 
+    /// Where applications open and accept TCP connections: the host's stack in kernel
+    /// mode, the embedded stack in userspace mode.
     pub fn network(&self) -> Network {
         self.network.clone()
     }
@@ -25,8 +105,339 @@ impl Tunnel {
     }
 
     pub fn peer_stats(&self) -> Vec<PeerStats> {
-        Vec::new()
+        self.shared.lock().stats()
     }
 
-    pub async fn shutdown(self) {}
+    /// Stops the tasks; in kernel mode the TUN interface and its routes go away with them.
+    pub async fn shutdown(mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("local_udp", &self.local_udp)
+            .field("network", &self.network)
+            .finish()
+    }
+}
+
+fn validate(config: &TunnelConfig) -> Result<(), Error> {
+    let min_mtu = match config.address {
+        ipnet::IpNet::V4(_) => 576,
+        ipnet::IpNet::V6(_) => 1280,
+    };
+    if config.mtu < min_mtu {
+        return Err(Error::Config(format!(
+            "mtu {} is below the minimum of {min_mtu} for a tunnel address like {}",
+            config.mtu, config.address
+        )));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for peer in &config.peers {
+        if !names.insert(peer.name.as_str()) {
+            return Err(Error::Config(format!(
+                "two peers are named {:?}; peer names must be unique",
+                peer.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn peer_spec(peer: &crate::PeerConfig) -> PeerSpec {
+    PeerSpec {
+        name: peer.name.clone(),
+        public_key: peer.public_key.clone(),
+        endpoint: peer.endpoint,
+        allowed_ips: peer.allowed_ips.clone(),
+        persistent_keepalive: peer.persistent_keepalive,
+        preshared_key: peer.preshared_key,
+    }
+}
+
+#[derive(Clone)]
+enum Backend {
+    Kernel(Arc<TunDevice>),
+    Userspace(Stack),
+}
+
+struct Shared {
+    engine: Mutex<Engine>,
+    udp: UdpSocket,
+    /// Wakes the timer loop when the engine's next deadline moved earlier.
+    timer: Notify,
+    /// The deadline the timer loop sleeps until, in nanoseconds since `epoch`.
+    timer_deadline: AtomicU64,
+    epoch: Instant,
+}
+
+/// What the engine queued (handshakes, keepalives, packets released by a new session),
+/// taken out while the lock is held and acted on after.
+#[derive(Default)]
+struct Output {
+    datagrams: Vec<(SocketAddr, Vec<u8>)>,
+    packets: Vec<Vec<u8>>,
+}
+
+/// Reusable buffers for encrypted datagrams: the engine writes each into its own slot, and
+/// one `sendmmsg` sends the batch.
+struct WireBatch {
+    bufs: Vec<Vec<u8>>,
+    sends: Vec<(usize, SocketAddr, usize)>,
+}
+
+impl WireBatch {
+    fn new(slots: usize, packet_len: usize) -> WireBatch {
+        WireBatch {
+            bufs: (0..slots)
+                .map(|_| vec![0u8; packet_len + core::DATA_OVERHEAD])
+                .collect(),
+            sends: Vec::with_capacity(slots),
+        }
+    }
+
+    fn datagrams(&self) -> Vec<(SocketAddr, &[u8])> {
+        self.sends
+            .iter()
+            .map(|(slot, dst, len)| (*dst, &self.bufs[*slot][..*len]))
+            .collect()
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Engine> {
+        // The engine's methods keep it consistent between calls; a panic elsewhere while the
+        // lock was held must not stop the tunnel.
+        self.engine
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Encrypts IP packets from the backend into `wire` (one slot per packet, in order).
+    fn encrypt<'p>(
+        &self,
+        packets: impl Iterator<Item = &'p [u8]>,
+        wire: &mut WireBatch,
+        out: &mut Output,
+    ) {
+        wire.sends.clear();
+        let mut engine = self.lock();
+        let now = Instant::now();
+        for (slot, packet) in packets.enumerate() {
+            if slot == wire.bufs.len() {
+                wire.bufs.push(Vec::new());
+            }
+            let buf = &mut wire.bufs[slot];
+            let needed = packet.len() + core::DATA_OVERHEAD;
+            if buf.len() < needed {
+                buf.resize(needed, 0);
+            }
+            if let Some((dst, len)) = engine.handle_outbound_into(packet, now, buf) {
+                wire.sends.push((slot, dst, len));
+            }
+        }
+        self.drain(&mut engine, out);
+    }
+
+    fn drain(&self, engine: &mut Engine, out: &mut Output) {
+        while let Some(transmit) = engine.poll_transmit() {
+            out.datagrams.push((transmit.dst, transmit.payload));
+        }
+        while let Some(packet) = engine.poll_inbound() {
+            out.packets.push(packet);
+        }
+        while let Some(event) = engine.poll_event() {
+            tracing::info!(?event, "tunnel event");
+        }
+        if let Some(deadline) = engine.poll_timeout() {
+            let nanos = self.nanos_since_epoch(deadline);
+            if nanos < self.timer_deadline.load(Ordering::Relaxed) {
+                self.timer.notify_one();
+            }
+        }
+    }
+
+    fn nanos_since_epoch(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    async fn send(&self, datagrams: &[(SocketAddr, impl AsRef<[u8]>)]) {
+        if datagrams.is_empty() {
+            return;
+        }
+        if let Err(err) = self.udp.send_all(datagrams).await {
+            tracing::warn!(error = %err, "sending WireGuard datagrams failed");
+        }
+    }
+}
+
+/// UDP → engine (decrypt) → backend, and the backend's immediate replies back out.
+async fn receive_loop(shared: Arc<Shared>, backend: Backend) {
+    let mut batch = RecvBatch::new();
+    let mut plain: Vec<Vec<u8>> = (0..udp::BATCH)
+        .map(|_| vec![0u8; udp::MAX_DATAGRAM])
+        .collect();
+    let mut plain_lens: Vec<(usize, usize)> = Vec::with_capacity(udp::BATCH);
+    let mut wire = WireBatch::new(udp::BATCH, udp::MAX_DATAGRAM);
+    let mut out = Output::default();
+    loop {
+        if let Err(err) = shared.udp.recv_batch(&mut batch).await {
+            tracing::error!(error = %err, "WireGuard UDP socket failed; tunnel stopped receiving");
+            return;
+        }
+        plain_lens.clear();
+        {
+            let mut engine = shared.lock();
+            let now = Instant::now();
+            for (slot, (from, datagram)) in batch.iter().enumerate() {
+                if let Some(len) =
+                    engine.handle_datagram_into(from, datagram, now, &mut plain[slot])
+                {
+                    plain_lens.push((slot, len));
+                }
+            }
+            shared.drain(&mut engine, &mut out);
+        }
+        let packets = plain_lens.iter().map(|(slot, len)| &plain[*slot][..*len]);
+        to_backend(&shared, &backend, packets, &mut wire, &mut out).await;
+        deliver(&shared, &backend, &mut wire, &mut out).await;
+    }
+}
+
+/// Hands decrypted packets to the backend; the userspace stack's replies (ACKs, window
+/// updates) are encrypted and sent at once.
+async fn to_backend<'p>(
+    shared: &Shared,
+    backend: &Backend,
+    packets: impl Iterator<Item = &'p [u8]>,
+    wire: &mut WireBatch,
+    out: &mut Output,
+) {
+    match backend {
+        Backend::Kernel(tun) => {
+            if let Err(err) = tun.write_all(packets).await {
+                tracing::warn!(interface = tun.name(), error = %err, "writing to TUN failed");
+            }
+        }
+        Backend::Userspace(stack) => {
+            let mut replies = Vec::new();
+            stack.receive(packets, &mut replies);
+            if replies.is_empty() {
+                return;
+            }
+            shared.encrypt(replies.iter().map(Vec::as_slice), wire, out);
+            shared.send(&wire.datagrams()).await;
+        }
+    }
+}
+
+/// Sends what the engine queued and hands queued packets to the backend, until nothing is left.
+async fn deliver(shared: &Shared, backend: &Backend, wire: &mut WireBatch, out: &mut Output) {
+    while !out.datagrams.is_empty() || !out.packets.is_empty() {
+        let datagrams = std::mem::take(&mut out.datagrams);
+        shared.send(&datagrams).await;
+        let packets = std::mem::take(&mut out.packets);
+        to_backend(
+            shared,
+            backend,
+            packets.iter().map(Vec::as_slice),
+            wire,
+            out,
+        )
+        .await;
+    }
+}
+
+/// TUN → engine (encrypt) → UDP (kernel mode).
+async fn tun_loop(shared: Arc<Shared>, tun: Arc<TunDevice>, mtu: usize) {
+    // Room for a packet a little over the MTU, so an oversized one is seen, not truncated.
+    let packet_len = mtu + 64;
+    let mut bufs: Vec<Vec<u8>> = (0..READ_BATCH).map(|_| vec![0u8; packet_len]).collect();
+    let mut lens = Vec::with_capacity(READ_BATCH);
+    let mut wire = WireBatch::new(READ_BATCH, packet_len);
+    let backend = Backend::Kernel(tun.clone());
+    let mut out = Output::default();
+    loop {
+        if let Err(err) = tun.read_batch(&mut bufs, &mut lens).await {
+            tracing::error!(interface = tun.name(), error = %err, "reading from TUN failed; tunnel stopped sending");
+            return;
+        }
+        let packets = bufs.iter().zip(&lens).map(|(buf, len)| &buf[..*len]);
+        shared.encrypt(packets, &mut wire, &mut out);
+        shared.send(&wire.datagrams()).await;
+        deliver(&shared, &backend, &mut wire, &mut out).await;
+    }
+}
+
+/// smoltcp → engine (encrypt) → UDP (userspace mode). Runs when an application wrote, read
+/// or closed, and at smoltcp's own deadline (retransmits, delayed ACKs); never on a fixed tick.
+async fn stack_loop(shared: Arc<Shared>, stack: Stack, mtu: usize) {
+    let backend = Backend::Userspace(stack.clone());
+    let mut packets = Vec::new();
+    let mut wire = WireBatch::new(64, mtu);
+    let mut out = Output::default();
+    loop {
+        let delay = stack.poll(&mut packets);
+        if !packets.is_empty() {
+            shared.encrypt(packets.iter().map(Vec::as_slice), &mut wire, &mut out);
+            packets.clear();
+            shared.send(&wire.datagrams()).await;
+            deliver(&shared, &backend, &mut wire, &mut out).await;
+            // More may be queued behind a full pass; look again before sleeping.
+            continue;
+        }
+        match delay {
+            Some(delay) if delay.is_zero() => tokio::task::yield_now().await,
+            Some(delay) => {
+                tokio::select! {
+                    _ = stack.wait() => {}
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            None => stack.wait().await,
+        }
+    }
+}
+
+/// Handshake retries, keepalives, rekeys and session expiry, at the engine's deadlines.
+async fn timer_loop(shared: Arc<Shared>, backend: Backend, mtu: usize) {
+    let mut wire = WireBatch::new(0, mtu);
+    let mut out = Output::default();
+    loop {
+        let now = Instant::now();
+        let deadline = shared
+            .lock()
+            .poll_timeout()
+            .unwrap_or(now + IDLE_TIMER)
+            .min(now + IDLE_TIMER);
+        shared
+            .timer_deadline
+            .store(shared.nanos_since_epoch(deadline), Ordering::Relaxed);
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline.into()) => {}
+            _ = shared.timer.notified() => continue,
+        }
+        shared.timer_deadline.store(u64::MAX, Ordering::Relaxed);
+        {
+            let mut engine = shared.lock();
+            engine.handle_timeout(Instant::now());
+            shared.drain(&mut engine, &mut out);
+        }
+        deliver(&shared, &backend, &mut wire, &mut out).await;
+    }
 }

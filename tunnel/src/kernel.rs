@@ -173,9 +173,11 @@ fn open_tun(name: &str) -> Result<TunDevice, Error> {
     if rc < 0 {
         return Err(permission(io::Error::last_os_error()));
     }
-    let fd = tokio::io::unix::AsyncFd::new(fd).map_err(|source| Error::Tun {
+    // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and the same for
+    // the AsyncFd's whole life.
+    let fd = unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|err| Error::Tun {
         interface: name.to_string(),
-        source,
+        source: err.into(),
     })?;
     Ok(TunDevice {
         fd,
@@ -229,7 +231,10 @@ impl TunDevice {
     }
 
     /// Writes decrypted packets into the host's stack.
-    pub(crate) async fn write_all(&self, packets: &[Vec<u8>]) -> io::Result<()> {
+    pub(crate) async fn write_all<'p>(
+        &self,
+        packets: impl Iterator<Item = &'p [u8]>,
+    ) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         let fd = self.fd.get_ref().as_raw_fd();
         for packet in packets {
@@ -274,7 +279,10 @@ impl TunDevice {
         ))
     }
 
-    pub(crate) async fn write_all(&self, _packets: &[Vec<u8>]) -> io::Result<()> {
+    pub(crate) async fn write_all<'p>(
+        &self,
+        _packets: impl Iterator<Item = &'p [u8]>,
+    ) -> io::Result<()> {
         Err(io::Error::new(
             io::ErrorKind::Unsupported,
             "TUN is Linux-only",

@@ -17,10 +17,9 @@ mod net;
 mod udp;
 mod userspace;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::SystemTime;
 
+pub use core::PeerStats;
 pub use driver::Tunnel;
 pub use keys::{PrivateKey, PublicKey};
 pub use net::{Network, TcpConn, TcpListener};
@@ -69,22 +68,6 @@ pub struct PeerConfig {
     pub allowed_ips: Vec<ipnet::IpNet>,
     pub persistent_keepalive: Option<u16>,
     pub preshared_key: Option<[u8; 32]>,
-}
-
-/// A snapshot of one peer's counters.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct PeerStats {
-    pub name: String,
-    /// Base64, as `wg` prints it.
-    pub public_key: String,
-    pub endpoint: Option<SocketAddr>,
-    pub last_handshake: Option<SystemTime>,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
-    pub rx_packets: u64,
-    pub tx_packets: u64,
-    /// Dropped packets by reason (e.g. `"source_not_allowed"`).
-    pub drops: BTreeMap<String, u64>,
 }
 
 /// Why a tunnel could not start.

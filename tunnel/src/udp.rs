@@ -86,7 +86,10 @@ impl UdpSocket {
     /// Sends every datagram, waiting for socket space when the kernel queue is full.
     /// Datagrams the kernel refuses outright (no route, unreachable) are dropped:
     /// WireGuard treats the path as lossy and retries on its own timers.
-    pub(crate) async fn send_all(&self, datagrams: &[(SocketAddr, Vec<u8>)]) -> io::Result<()> {
+    pub(crate) async fn send_all<D: AsRef<[u8]>>(
+        &self,
+        datagrams: &[(SocketAddr, D)],
+    ) -> io::Result<()> {
         let mut sent = 0;
         while sent < datagrams.len() {
             let rest = &datagrams[sent..];
@@ -210,7 +213,7 @@ impl UdpSocket {
         Ok(kept)
     }
 
-    fn send_now(&self, datagrams: &[(SocketAddr, Vec<u8>)]) -> io::Result<usize> {
+    fn send_now<D: AsRef<[u8]>>(&self, datagrams: &[(SocketAddr, D)]) -> io::Result<usize> {
         use std::os::fd::AsRawFd;
         let n = datagrams.len().min(BATCH);
         let addrs: Vec<SockAddr> = datagrams[..n]
@@ -221,8 +224,9 @@ impl UdpSocket {
         let mut iovecs: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
         let mut headers: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
         for i in 0..n {
-            iovecs[i].iov_base = datagrams[i].1.as_ptr() as *mut libc::c_void;
-            iovecs[i].iov_len = datagrams[i].1.len();
+            let payload = datagrams[i].1.as_ref();
+            iovecs[i].iov_base = payload.as_ptr() as *mut libc::c_void;
+            iovecs[i].iov_len = payload.len();
             headers[i].msg_hdr.msg_name = addrs[i].as_ptr() as *mut libc::c_void;
             headers[i].msg_hdr.msg_namelen = addrs[i].len();
             headers[i].msg_hdr.msg_iov = &mut iovecs[i];
@@ -264,10 +268,10 @@ impl UdpSocket {
         Ok(kept)
     }
 
-    fn send_now(&self, datagrams: &[(SocketAddr, Vec<u8>)]) -> io::Result<usize> {
+    fn send_now<D: AsRef<[u8]>>(&self, datagrams: &[(SocketAddr, D)]) -> io::Result<usize> {
         let (dst, payload) = &datagrams[0];
         let dst = self.wire_addr(*dst).as_socket().unwrap_or(*dst);
-        self.io.try_send_to(payload, dst)?;
+        self.io.try_send_to(payload.as_ref(), dst)?;
         Ok(1)
     }
 }

@@ -110,9 +110,13 @@ impl Stack {
     }
 
     /// Feeds decrypted packets to the stack and returns the packets it answers with.
-    pub(crate) fn receive(&self, packets: Vec<Vec<u8>>, out: &mut Vec<Vec<u8>>) {
+    pub(crate) fn receive<'p>(
+        &self,
+        packets: impl Iterator<Item = &'p [u8]>,
+        out: &mut Vec<Vec<u8>>,
+    ) {
         let mut state = self.lock();
-        state.device.rx.extend(packets);
+        state.device.rx.extend(packets.map(<[u8]>::to_vec));
         state.run(out);
     }
 

@@ -1,0 +1,202 @@
+//! Two tunnels in userspace mode on 127.0.0.1 carrying TCP both ways through WireGuard.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use xpart_tunnel::{Mode, PeerConfig, PeerStats, PrivateKey, Tunnel, TunnelConfig};
+
+const TRANSFER_BYTES: usize = 4 * 1024 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_crosses_the_tunnel_both_ways_and_counts_bytes() {
+    let (a, b) = tunnel_pair().await;
+    let a_ip: IpAddr = "100.64.0.1".parse().unwrap();
+    let b_ip: IpAddr = "100.64.0.2".parse().unwrap();
+
+    // A listens, B connects: B's payload must arrive at A intact, and A's reply back at B.
+    let listener = a
+        .network()
+        .listen(SocketAddr::new(a_ip, 8080))
+        .await
+        .unwrap();
+    let server = tokio::spawn(async move {
+        let (mut conn, peer) = listener.accept().await.unwrap();
+        let mut received = vec![0u8; TRANSFER_BYTES];
+        conn.read_exact(&mut received).await.unwrap();
+        conn.write_all(&pattern(TRANSFER_BYTES, 7)).await.unwrap();
+        conn.shutdown().await.unwrap();
+        (peer, received)
+    });
+    let mut conn = within(b.network().connect(SocketAddr::new(a_ip, 8080)))
+        .await
+        .expect("connect through the tunnel");
+    assert_eq!(conn.peer_addr(), SocketAddr::new(a_ip, 8080));
+    assert_eq!(conn.local_addr().ip(), b_ip);
+    conn.write_all(&pattern(TRANSFER_BYTES, 3)).await.unwrap();
+    let mut reply = Vec::new();
+    within(conn.read_to_end(&mut reply)).await.unwrap();
+    let (peer_seen_by_a, received) = within(server).await.unwrap();
+
+    assert_eq!(peer_seen_by_a.ip(), b_ip, "A sees B's tunnel address");
+    assert!(
+        received == pattern(TRANSFER_BYTES, 3),
+        "payload B->A corrupted"
+    );
+    assert!(
+        reply == pattern(TRANSFER_BYTES, 7),
+        "payload A->B corrupted"
+    );
+
+    // The other direction of connection setup: B listens, A connects.
+    let listener = b
+        .network()
+        .listen(SocketAddr::new(b_ip, 9090))
+        .await
+        .unwrap();
+    let echo = tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = conn.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            conn.write_all(&buf[..n]).await.unwrap();
+        }
+        conn.shutdown().await.unwrap();
+    });
+    let conn = within(a.network().connect(SocketAddr::new(b_ip, 9090)))
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = tokio::io::split(conn);
+    let sent = pattern(TRANSFER_BYTES / 4, 11);
+    let writer = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            wr.write_all(&sent).await.unwrap();
+            wr.shutdown().await.unwrap();
+        })
+    };
+    let mut echoed = Vec::new();
+    within(rd.read_to_end(&mut echoed)).await.unwrap();
+    within(writer).await.unwrap();
+    within(echo).await.unwrap();
+    assert!(echoed == sent, "echo through A->B connection corrupted");
+
+    let a_stats = single(a.peer_stats());
+    let b_stats = single(b.peer_stats());
+    assert_eq!(a_stats.name, "b");
+    assert_eq!(b_stats.name, "a");
+    let min_bytes = (TRANSFER_BYTES + TRANSFER_BYTES / 4) as u64;
+    for stats in [&a_stats, &b_stats] {
+        assert!(
+            stats.rx_bytes >= min_bytes,
+            "rx_bytes {} < {min_bytes}: {stats:?}",
+            stats.rx_bytes
+        );
+        assert!(
+            stats.tx_bytes >= min_bytes,
+            "tx_bytes {} < {min_bytes}: {stats:?}",
+            stats.tx_bytes
+        );
+        assert!(
+            stats.rx_packets > 100 && stats.tx_packets > 100,
+            "{stats:?}"
+        );
+        assert!(stats.last_handshake.is_some(), "{stats:?}");
+    }
+    assert_eq!(
+        a_stats.endpoint,
+        Some(b.local_udp_addr()),
+        "A learned B's endpoint from its datagrams"
+    );
+
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn connecting_to_a_closed_port_is_refused_promptly() {
+    let (a, b) = tunnel_pair().await;
+    let started = std::time::Instant::now();
+    let err = b
+        .network()
+        .connect("100.64.0.1:4444".parse().unwrap())
+        .await
+        .expect_err("nothing listens on A:4444");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    drop(a);
+}
+
+#[tokio::test]
+async fn listening_on_an_address_that_is_not_the_tunnels_fails() {
+    let (a, _b) = tunnel_pair().await;
+    let err = a
+        .network()
+        .listen("100.64.0.2:80".parse().unwrap())
+        .await
+        .expect_err("100.64.0.2 belongs to the other side");
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrNotAvailable, "{err}");
+}
+
+/// A (100.64.0.1, fixed endpoint known to B) and B (100.64.0.2, knows A's endpoint; A learns B's).
+async fn tunnel_pair() -> (Tunnel, Tunnel) {
+    let key_a = PrivateKey::generate();
+    let key_b = PrivateKey::generate();
+    let a = Tunnel::start(TunnelConfig {
+        private_key: key_a.clone(),
+        address: "100.64.0.1/30".parse().unwrap(),
+        mode: Mode::Userspace,
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        mtu: xpart_tunnel::DEFAULT_MTU,
+        interface_name: None,
+        peers: vec![PeerConfig {
+            name: "b".into(),
+            public_key: key_b.public_key(),
+            endpoint: None,
+            allowed_ips: vec!["100.64.0.2/32".parse().unwrap()],
+            persistent_keepalive: None,
+            preshared_key: None,
+        }],
+    })
+    .await
+    .expect("start A");
+    let b = Tunnel::start(TunnelConfig {
+        private_key: key_b,
+        address: "100.64.0.2/30".parse().unwrap(),
+        mode: Mode::Userspace,
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        mtu: xpart_tunnel::DEFAULT_MTU,
+        interface_name: None,
+        peers: vec![PeerConfig {
+            name: "a".into(),
+            public_key: key_a.public_key(),
+            endpoint: Some(a.local_udp_addr()),
+            allowed_ips: vec!["100.64.0.1/32".parse().unwrap()],
+            persistent_keepalive: Some(25),
+            preshared_key: None,
+        }],
+    })
+    .await
+    .expect("start B");
+    (a, b)
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 11) as u8)
+        .collect()
+}
+
+fn single(mut stats: Vec<PeerStats>) -> PeerStats {
+    assert_eq!(stats.len(), 1, "{stats:?}");
+    stats.remove(0)
+}
+
+async fn within<F: std::future::IntoFuture>(future: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(30), future)
+        .await
+        .expect("took longer than 30 s")
+}
