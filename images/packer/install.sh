@@ -1,0 +1,49 @@
+#!/bin/sh
+# Runs as root on the Packer build instance. Installs what the file provisioners staged in
+# /tmp/xpart-staging for XPART_ROLE (agent or relay) and enables the units without starting
+# them. No key, token or deployment value goes into the image: at first boot the user data
+# writes /etc/xpart/deployment.env and xpart-boot fetches the secrets with the instance role.
+set -eu
+role="${XPART_ROLE:-}"
+case "$role" in
+    agent | relay) ;;
+    *) echo "install.sh: XPART_ROLE must be agent or relay, not \"$role\"" >&2; exit 1 ;;
+esac
+staging=/tmp/xpart-staging
+images="$staging/images"
+
+# Part of the standard AL2023 image already; listed because xpart-boot and the units use them.
+dnf install -y --setopt=install_weak_deps=False awscli-2 iproute logrotate
+
+install -m 0755 -o root -g root "$staging/bin/xpart-$role" "$staging/bin/xpart" /usr/local/bin/
+install -D -m 0755 -o root -g root "$images/cloud-init/xpart-boot" /usr/local/libexec/xpart/xpart-boot
+
+install -D -m 0644 "$images/sysusers.d/xpart.conf" /usr/lib/sysusers.d/xpart.conf
+systemd-sysusers /usr/lib/sysusers.d/xpart.conf
+install -D -m 0644 "$images/sysctl.d/60-xpart.conf" /usr/lib/sysctl.d/60-xpart.conf
+install -D -m 0644 "$images/modules-load.d/xpart.conf" /usr/lib/modules-load.d/xpart.conf
+install -D -m 0644 "$images/logrotate.d/xpart" /etc/logrotate.d/xpart
+
+# /etc/xpart: configuration readable by the service group, written by root (xpart-boot);
+# the key files inside are 0600 and owned by xpart.
+install -d -m 0750 -o root -g xpart /etc/xpart
+install -d -m 0750 -o xpart -g xpart /var/log/xpart
+
+install -D -m 0644 "$staging/config/$role.example.toml" "/usr/local/share/doc/xpart/$role.example.toml"
+install -D -m 0644 "$images/README.md" /usr/local/share/doc/xpart/README.md
+
+units="xpart-$role.service"
+if [ "$role" = agent ]; then
+    units="$units xpart-floating-address.service"
+fi
+for unit in $units; do
+    install -m 0644 "$images/systemd/$unit" "/usr/lib/systemd/system/$unit"
+done
+systemctl daemon-reload
+# Enabled, not started: each unit waits for the configuration cloud-init writes at first boot.
+# shellcheck disable=SC2086
+systemctl enable $units logrotate.timer
+
+rm -rf "$staging"
+# The next boot is a new instance: let cloud-init run the user data again and drop build logs.
+cloud-init clean --logs
