@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 LEFT_UNDERLAY, RIGHT_UNDERLAY = "192.0.2.1", "192.0.2.2"
 LEFT_TUNNEL, RIGHT_TUNNEL = "100.64.0.1", "100.64.0.2"
 WG_PORT = 51820
-TOOLS = ("ip", "wg", "wireguard-go")
+TOOLS = ("ip", "wg", "wireguard-go", "ping")
 
 
 def missing_prerequisite():
@@ -29,7 +29,7 @@ def missing_prerequisite():
         return "needs root (network namespaces, TUN devices)"
     for tool in TOOLS:
         if shutil.which(tool) is None:
-            return f"needs `{tool}` (Debian: apt-get install wireguard-go wireguard-tools iproute2)"
+            return f"needs `{tool}` (Debian: apt-get install wireguard-go wireguard-tools iproute2 iputils-ping)"
     if not os.path.exists("/dev/net/tun"):
         return "needs /dev/net/tun (modprobe tun)"
     if peer_binary() is None:
