@@ -77,7 +77,7 @@ build {
 
   provisioner "shell" {
     script           = "${path.root}/install.sh"
-    environment_vars = ["XPART_ROLE=agent"]
+    environment_vars = ["XPART_ROLE=relay"]
     execute_command  = "chmod +x {{ .Path }}; sudo env {{ .Vars }} {{ .Path }}"
   }
 }

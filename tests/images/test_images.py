@@ -1,0 +1,647 @@
+"""Checks on images/: the AMI templates, the systemd units and their companions, and the two
+CloudFormation stacks, as CI can run them without an AWS account.
+
+Tools: cfn-lint (PyPI), Debian's packer 1.6.6, systemd-analyze (Debian's systemd), logrotate.
+A test whose tool is missing skips and says which package provides it; CI installs them all.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from cfnlint.decode import decode
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGES = REPO / "images"
+PACKER_DIR = IMAGES / "packer"
+UNITS = IMAGES / "systemd"
+GOVCLOUD = IMAGES / "cloudformation" / "govcloud.yaml"
+COMMERCIAL = IMAGES / "cloudformation" / "commercial.yaml"
+GUIDE = IMAGES / "README.md"
+
+DAEMON_UNITS = ["xpart-agent.service", "xpart-relay.service"]
+ALLOWED_CAPS = {"CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"}
+
+
+def run(args, **kwargs):
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def need(tool, package):
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} not installed (apt-get install -y --no-install-recommends {package})")
+
+
+def load_stack(path):
+    template, problems = decode(str(path))
+    assert not problems, f"{path.name} does not parse: {problems}"
+    return template
+
+
+def resources(template, kind):
+    return {
+        name: res.get("Properties", {})
+        for name, res in template["Resources"].items()
+        if res["Type"] == kind
+    }
+
+
+def strings_in(node):
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from strings_in(key)
+            yield from strings_in(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from strings_in(item)
+
+
+# ---------------------------------------------------------------------------------------------
+# CloudFormation
+
+
+@pytest.mark.parametrize(
+    "template, regions",
+    [(GOVCLOUD, ["us-gov-west-1", "us-gov-east-1"]), (COMMERCIAL, ["us-east-1"])],
+    ids=["govcloud", "commercial"],
+)
+def test_stack_passes_cfn_lint_for_its_partition(template, regions):
+    need("cfn-lint", "python3-cfnlint or pip install cfn-lint")
+    result = run(["cfn-lint", "--regions", *regions, "--", str(template)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cfn_lint_run_rejects_a_resource_govcloud_does_not_have(tmp_path):
+    """The lint above really checks the GovCloud region schemas, not only YAML syntax."""
+    need("cfn-lint", "pip install cfn-lint")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(
+        GOVCLOUD.read_text().replace(
+            "Type: AWS::EC2::LaunchTemplate", "Type: AWS::EC2::LaunchTemplateTypo"
+        )
+    )
+    result = run(["cfn-lint", "--regions", "us-gov-west-1", "--", str(broken)])
+    assert result.returncode != 0
+    assert "LaunchTemplateTypo" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p for p in IMAGES.rglob("*") if p.is_file()), ids=lambda p: str(p.relative_to(IMAGES))
+)
+def test_no_file_hard_codes_the_commercial_partition(path):
+    assert "arn:aws:" not in path.read_text(errors="replace"), (
+        f"{path}: use arn:${{AWS::Partition}}: so the same text works in aws-us-gov"
+    )
+
+
+@pytest.mark.parametrize("stack", [GOVCLOUD, COMMERCIAL], ids=["govcloud", "commercial"])
+def test_every_arn_in_the_stacks_takes_the_partition_from_the_stack(stack):
+    template = load_stack(stack)
+    arns = [s for s in strings_in(template["Resources"]) if s.startswith("arn:")]
+    assert arns, "the stack should build ARNs for its IAM policies"
+    for arn in arns:
+        assert arn.startswith("arn:${AWS::Partition}:"), arn
+
+
+@pytest.mark.parametrize("stack", [GOVCLOUD, COMMERCIAL], ids=["govcloud", "commercial"])
+def test_instances_launch_with_imdsv2_only_and_encrypted_volumes(stack):
+    template = load_stack(stack)
+    templates = resources(template, "AWS::EC2::LaunchTemplate")
+    assert len(templates) == 1
+    (lt_name, lt), = templates.items()
+    data = lt["LaunchTemplateData"]
+    assert data["MetadataOptions"]["HttpTokens"] == "required"
+    assert data["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
+    assert data["MetadataOptions"]["InstanceMetadataTags"] == "enabled"
+    mappings = data["BlockDeviceMappings"]
+    assert mappings and all(m["Ebs"]["Encrypted"] is True for m in mappings)
+
+    instances = resources(template, "AWS::EC2::Instance")
+    assert len(instances) == 2, "a pair of appliances"
+    for name, props in instances.items():
+        assert props["LaunchTemplate"]["LaunchTemplateId"] == {"Ref": lt_name}, name
+        for overriding in ("BlockDeviceMappings", "MetadataOptions", "UserData", "ImageId"):
+            assert overriding not in props, f"{name} overrides the launch template's {overriding}"
+        tags = {t["Key"]: t["Value"] for t in props["Tags"]}
+        assert tags["xpart:name"] in ("agent-a", "agent-b", "relay-a", "relay-b")
+
+
+@pytest.mark.parametrize(
+    "stack, user_data",
+    [
+        (GOVCLOUD, IMAGES / "cloud-init" / "agent-user-data.yaml"),
+        (COMMERCIAL, IMAGES / "cloud-init" / "relay-user-data.yaml"),
+    ],
+    ids=["govcloud", "commercial"],
+)
+def test_stack_user_data_is_the_cloud_init_file_verbatim(stack, user_data):
+    template = load_stack(stack)
+    (lt,) = resources(template, "AWS::EC2::LaunchTemplate").values()
+    embedded = lt["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Sub"]
+    assert embedded == user_data.read_text(), (
+        f"{stack.name} and {user_data.name} drifted apart; copy the file into the launch template"
+    )
+    known = set(template["Parameters"]) | {"AWS::Region", "AWS::Partition", "AWS::AccountId"}
+    placeholders = set(re.findall(r"\$\{([^}!]+)\}", embedded))
+    assert placeholders <= known, f"unknown placeholders {placeholders - known}"
+
+
+def _ingress(template, group):
+    rules = list(template["Resources"][group]["Properties"].get("SecurityGroupIngress", []))
+    for props in resources(template, "AWS::EC2::SecurityGroupIngress").values():
+        if props["GroupId"] == {"Ref": group}:
+            rules.append(props)
+    return rules
+
+
+def test_no_security_group_admits_the_whole_internet():
+    for stack in (GOVCLOUD, COMMERCIAL):
+        template = load_stack(stack)
+        for group in resources(template, "AWS::EC2::SecurityGroup"):
+            for rule in _ingress(template, group):
+                assert rule.get("CidrIp") != "0.0.0.0/0", (stack.name, group, rule)
+                assert rule.get("CidrIpv6") != "::/0", (stack.name, group, rule)
+
+
+def test_agents_admit_https_from_callers_and_dns_only_from_the_resolver_endpoint():
+    template = load_stack(GOVCLOUD)
+    rules = _ingress(template, "AgentSecurityGroup")
+    summary = sorted(
+        (r["IpProtocol"], r["FromPort"], r["ToPort"], str(r.get("CidrIp") or r.get("SourceSecurityGroupId")))
+        for r in rules
+    )
+    assert summary == [
+        ("tcp", 53, 53, "{'Ref': 'ResolverEndpointSecurityGroup'}"),
+        ("tcp", 443, 443, "{'Ref': 'CallerCidr'}"),
+        ("udp", 53, 53, "{'Ref': 'ResolverEndpointSecurityGroup'}"),
+    ]
+    egress = template["Resources"]["AgentSecurityGroup"]["Properties"]["SecurityGroupEgress"]
+    udp = [r for r in egress if r["IpProtocol"] == "udp"]
+    assert [r["CidrIp"] for r in udp] == [{"Fn::Sub": "${RelayAPublicIp}/32"}, {"Fn::Sub": "${RelayBPublicIp}/32"}]
+    assert all(r["FromPort"] == r["ToPort"] == {"Ref": "WireGuardPort"} for r in udp)
+
+
+def test_relays_admit_wireguard_only_from_the_two_agent_addresses():
+    template = load_stack(COMMERCIAL)
+    rules = _ingress(template, "RelaySecurityGroup")
+    assert sorted(str(r["CidrIp"]) for r in rules) == [
+        "{'Fn::Sub': '${AgentAPublicIp}/32'}",
+        "{'Fn::Sub': '${AgentBPublicIp}/32'}",
+    ]
+    for rule in rules:
+        assert rule["IpProtocol"] == "udp"
+        assert rule["FromPort"] == rule["ToPort"] == {"Ref": "WireGuardPort"}
+    endpoint_rules = _ingress(template, "EndpointSecurityGroup")
+    assert [(r["IpProtocol"], r["FromPort"], r["SourceSecurityGroupId"]) for r in endpoint_rules] == [
+        ("tcp", 443, {"Ref": "RelaySecurityGroup"})
+    ]
+
+
+def _statements(role):
+    for policy in role["Policies"]:
+        for statement in policy["PolicyDocument"]["Statement"]:
+            if "Fn::If" in statement:
+                yield from (s for s in statement["Fn::If"][1:] if "Ref" not in s)
+            else:
+                yield statement
+
+
+def _actions(statement):
+    actions = statement["Action"]
+    return [actions] if isinstance(actions, str) else actions
+
+
+def test_relay_role_may_only_invoke_the_allowed_models():
+    template = load_stack(COMMERCIAL)
+    role = template["Resources"]["RelayRole"]["Properties"]
+    bedrock = [s for s in _statements(role) if any(a.startswith("bedrock:") for a in _actions(s))]
+    assert len(bedrock) == 1
+    (statement,) = bedrock
+    assert statement["Effect"] == "Allow"
+    assert sorted(_actions(statement)) == ["bedrock:InvokeModel", "bedrock:InvokeModelWithResponseStream"]
+    resources_ = [r["Fn::Sub"] for r in statement["Resource"]]
+    assert resources_ == [
+        "arn:${AWS::Partition}:bedrock:*::foundation-model/${AllowedFoundationModels}",
+        "arn:${AWS::Partition}:bedrock:${AWS::Region}:${AWS::AccountId}:inference-profile/${AllowedInferenceProfiles}",
+    ]
+    for s in _statements(role):
+        assert "*" not in _actions(s) and s["Resource"] != "*", s
+
+
+def test_bedrock_endpoint_is_private_dns_and_admits_only_the_relay_role():
+    template = load_stack(COMMERCIAL)
+    (endpoint,) = resources(template, "AWS::EC2::VPCEndpoint").values()
+    assert endpoint["ServiceName"] == {"Fn::Sub": "com.amazonaws.${AWS::Region}.bedrock-runtime"}
+    assert endpoint["VpcEndpointType"] == "Interface"
+    assert endpoint["PrivateDnsEnabled"] is True
+    (statement,) = endpoint["PolicyDocument"]["Statement"]
+    assert statement["Condition"]["ArnEquals"]["aws:PrincipalArn"] == {"Fn::GetAtt": ["RelayRole", "Arn"]}
+    assert sorted(statement["Action"]) == ["bedrock:InvokeModel", "bedrock:InvokeModelWithResponseStream"]
+
+
+def test_agent_role_grants_the_failover_calls_on_the_pairs_resources_only():
+    template = load_stack(GOVCLOUD)
+    role = template["Resources"]["AgentRole"]["Properties"]
+    granted = {}
+    for s in _statements(role):
+        for action in _actions(s):
+            granted[action] = s
+    for action in [
+        "ec2:ReplaceRoute",
+        "ec2:CreateRoute",
+        "ec2:AssignPrivateIpAddresses",
+        "ec2:UnassignPrivateIpAddresses",
+        "ec2:AssociateAddress",
+        "ec2:DescribeRouteTables",
+        "ec2:DescribeNetworkInterfaces",
+        "ec2:DescribeInstances",
+        "ec2:DescribeAddresses",
+        "ssm:GetParameter",
+    ]:
+        assert action in granted, f"{action} missing from the agent role"
+    for action, statement in granted.items():
+        if action.startswith("ec2:Describe"):
+            continue
+        assert statement["Resource"] != "*", f"{action} must not apply to every resource"
+    routes = granted["ec2:ReplaceRoute"]
+    assert routes["Condition"]["StringEquals"]["aws:ResourceTag/xpart:deployment"] == {"Ref": "DeploymentName"}
+
+
+def test_resolver_forwards_only_the_bedrock_runtime_name_to_the_floating_address():
+    template = load_stack(GOVCLOUD)
+    (endpoint,) = resources(template, "AWS::Route53Resolver::ResolverEndpoint").values()
+    assert endpoint["Direction"] == "OUTBOUND"
+    rules = resources(template, "AWS::Route53Resolver::ResolverRule")
+    assert len(rules) == 1
+    (rule,) = rules.values()
+    assert rule["RuleType"] == "FORWARD"
+    assert rule["DomainName"] == {"Fn::Sub": "bedrock-runtime.${BedrockRegion}.amazonaws.com"}
+    assert rule["TargetIps"] == [{"Ip": {"Ref": "FloatingAddress"}, "Port": "53"}]
+    (association,) = resources(template, "AWS::Route53Resolver::ResolverRuleAssociation").values()
+    assert association["VPCId"] == {"Ref": "VpcId"}
+    # The floating address starts on agent-a as a secondary private IP.
+    eni = template["Resources"]["AgentANetworkInterface"]["Properties"]
+    assert {"PrivateIpAddress": {"Ref": "FloatingAddress"}, "Primary": False} in eni["PrivateIpAddresses"]
+
+
+def test_both_stacks_agree_on_the_tunnel_plan():
+    gov = load_stack(GOVCLOUD)["Parameters"]
+    com = load_stack(COMMERCIAL)["Parameters"]
+    shared = [
+        "TunnelPrefixLength",
+        "AgentATunnelAddress",
+        "AgentBTunnelAddress",
+        "RelayATunnelAddress",
+        "RelayBTunnelAddress",
+        "WireGuardPort",
+        "RelayServicePort",
+        "ParameterPrefix",
+    ]
+    for name in shared:
+        assert gov[name]["Default"] == com[name]["Default"], name
+
+
+@pytest.mark.parametrize("stack", [GOVCLOUD, COMMERCIAL], ids=["govcloud", "commercial"])
+def test_every_parameter_and_output_is_described(stack):
+    template = load_stack(stack)
+    for section in ("Parameters", "Outputs"):
+        for name, spec in template[section].items():
+            assert len(spec.get("Description", "")) > 10, f"{section}.{name} needs a description"
+
+
+def _guide_commands(stack_file):
+    """Parameter and output names the deployment guide uses with one stack's file."""
+    text = GUIDE.read_text()
+    blocks = re.findall(r"```(?:sh|bash)\n(.*?)```", text, flags=re.S)
+    params, outputs = set(), set()
+    for block in blocks:
+        for command in re.split(r"\n(?=\S)", block):
+            if stack_file.name in command and "create-stack" in command:
+                params |= set(re.findall(r"ParameterKey=(\w+)", command))
+    stack_name = "xpart-govcloud" if stack_file == GOVCLOUD else "xpart-commercial"
+    for match in re.finditer(rf"--stack-name {stack_name}\b(.*)", text):
+        outputs |= set(re.findall(r"OutputKey=='(\w+)'", match.group(1)))
+    return params, outputs
+
+
+@pytest.mark.parametrize("stack", [GOVCLOUD, COMMERCIAL], ids=["govcloud", "commercial"])
+def test_deployment_guide_passes_every_required_parameter_and_reads_real_outputs(stack):
+    template = load_stack(stack)
+    params, outputs = _guide_commands(stack)
+    assert params, f"the guide has no create-stack command for {stack.name}"
+    declared = set(template["Parameters"])
+    assert params <= declared, f"the guide passes unknown parameters {params - declared}"
+    required = {n for n, p in template["Parameters"].items() if "Default" not in p}
+    assert required <= params, f"the guide leaves out required parameters {required - params}"
+    assert outputs <= set(template["Outputs"]), f"the guide reads unknown outputs {outputs - set(template['Outputs'])}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Packer (Debian's 1.6.6: validates offline, but predates required_plugins, imds_support and
+# metadata_options, see shared notes)
+
+PACKER_TEMPLATES = sorted(p for p in PACKER_DIR.glob("*.pkr.hcl") if p.name != "versions.pkr.hcl")
+# Arguments the Amazon plugin gained after Packer 1.6.6; removed only for the offline full
+# validation, and checked to be present in the real files below.
+NEWER_THAN_DEBIAN_PACKER = [
+    (r'\n  imds_support += "v2.0"\n', "\n"),
+    (r"\n  metadata_options \{\n.*?\n  \}\n", "\n"),
+]
+
+
+def test_packer_templates_are_formatted():
+    need("packer", "packer")
+    result = run(["packer", "fmt", "-check", "-diff", str(PACKER_DIR)])
+    assert result.returncode == 0, f"run `packer fmt images/packer`:\n{result.stdout}{result.stderr}"
+
+
+@pytest.mark.parametrize("template", PACKER_TEMPLATES, ids=lambda p: p.name)
+def test_each_packer_file_passes_syntax_validation(template):
+    need("packer", "packer")
+    result = run(["packer", "validate", "-syntax-only", str(template)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _packer_mirror(tmp_path):
+    """images/ as Debian's packer can fully validate it: the real units, configs and scripts
+    (symlinked, so a missing one fails validation), the templates minus versions.pkr.hcl and
+    the post-1.6.6 arguments."""
+    repo = tmp_path / "repo"
+    (repo / "images" / "packer").mkdir(parents=True)
+    for entry in IMAGES.iterdir():
+        if entry.name != "packer":
+            (repo / "images" / entry.name).symlink_to(entry)
+    (repo / "config").symlink_to(REPO / "config")
+    for source in PACKER_DIR.iterdir():
+        if source.name == "versions.pkr.hcl":
+            continue
+        text = source.read_text()
+        if source.suffix == ".hcl":
+            for pattern, replacement in NEWER_THAN_DEBIAN_PACKER:
+                text = re.sub(pattern, replacement, text, flags=re.S)
+        (repo / "images" / "packer" / source.name).write_text(text)
+    return repo / "images" / "packer"
+
+
+def _release_binaries(tmp_path, names=("xpart-agent", "xpart-relay", "xpart")):
+    bin_dir = tmp_path / "release"
+    bin_dir.mkdir()
+    for name in names:
+        (bin_dir / name).write_text("#!/bin/sh\n")
+    return bin_dir
+
+
+@pytest.mark.parametrize(
+    "partition, arch", [("aws-us-gov", "x86_64"), ("aws", "arm64")], ids=["govcloud-x86_64", "commercial-arm64"]
+)
+def test_packer_builds_validate_with_their_files(tmp_path, partition, arch):
+    need("packer", "packer")
+    mirror = _packer_mirror(tmp_path)
+    bin_dir = _release_binaries(tmp_path)
+    result = run(
+        ["packer", "validate", "-var", f"partition={partition}", "-var", f"arch={arch}",
+         "-var", f"binary_dir={bin_dir}", str(mirror)],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_packer_validation_names_a_missing_release_binary(tmp_path):
+    need("packer", "packer")
+    mirror = _packer_mirror(tmp_path)
+    bin_dir = _release_binaries(tmp_path, names=("xpart-relay", "xpart"))
+    result = run(
+        ["packer", "validate", "-var", "partition=aws-us-gov", "-var", f"binary_dir={bin_dir}", str(mirror)],
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    assert "xpart-agent" in result.stdout + result.stderr
+
+
+def test_packer_refuses_an_unknown_architecture_or_partition(tmp_path):
+    need("packer", "packer")
+    mirror = _packer_mirror(tmp_path)
+    bin_dir = _release_binaries(tmp_path)
+    for var, message in [("arch=sparc", "x86_64"), ("partition=aws-cn", "aws-us-gov")]:
+        result = run(
+            ["packer", "validate", "-var", f"binary_dir={bin_dir}", "-var", "partition=aws",
+             "-var", var, str(mirror)],
+            cwd=tmp_path,
+        )
+        assert result.returncode != 0, var
+        assert message in result.stdout + result.stderr, var
+
+
+@pytest.mark.parametrize("role", ["agent", "relay"])
+def test_packer_template_requires_imdsv2_encryption_and_clears_keys(role):
+    text = (PACKER_DIR / f"{role}.pkr.hcl").read_text()
+    for pattern in [
+        r'\n  imds_support += "v2.0"\n',
+        r'metadata_options \{[^}]*http_tokens += "required"',
+        r"launch_block_device_mappings \{[^}]*encrypted += true",
+        r"ssh_clear_authorized_keys += true",
+        r'owners += \["amazon"\]',
+        r"name += local.base_ami_name",
+        rf'environment_vars += \["XPART_ROLE={role}"\]',
+        rf'binary_dir\}}/xpart-{role}"',
+    ]:
+        assert re.search(pattern, text, flags=re.S), f"{role}.pkr.hcl lacks {pattern}"
+    variables = (PACKER_DIR / "variables.pkr.hcl").read_text()
+    assert 'base_ami_name = "al2023-ami-2023.*-kernel-${var.al2023_kernel}-${var.arch}"' in variables
+
+
+def test_required_plugins_block_lives_alone_in_versions_file():
+    versions = (PACKER_DIR / "versions.pkr.hcl").read_text()
+    assert "required_plugins" in versions and 'source  = "github.com/hashicorp/amazon"' in versions
+    assert "source \"" not in versions and "variable" not in versions
+    for template in PACKER_TEMPLATES:
+        assert "required_plugins" not in template.read_text(), template.name
+
+
+def test_install_script_enables_but_does_not_start_units():
+    script = (PACKER_DIR / "install.sh").read_text()
+    need("sh", "dash")
+    assert run(["sh", "-n", str(PACKER_DIR / "install.sh")]).returncode == 0
+    assert "systemctl enable $units logrotate.timer" in script
+    assert not re.search(r"systemctl (start|restart|enable --now)", script)
+    assert "/usr/local/libexec/xpart/xpart-boot" in script
+    for unit in ["xpart-agent.service", "xpart-relay.service", "xpart-floating-address.service"]:
+        assert (UNITS / unit).is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# systemd units, sysusers, sysctl
+
+
+def _unit_copies(tmp_path):
+    """The units with ExecStart binaries pointed at stand-ins, since verify requires every
+    executable to exist and the release binaries are not installed here."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    out = tmp_path / "units"
+    out.mkdir()
+    for name in ("xpart-agent", "xpart-relay"):
+        stand_in = bin_dir / name
+        stand_in.write_text("#!/bin/sh\n")
+        stand_in.chmod(0o755)
+    for unit in UNITS.glob("*.service"):
+        text = unit.read_text().replace("/usr/local/bin/", f"{bin_dir}/")
+        (out / unit.name).write_text(text)
+    return out
+
+
+def test_units_pass_systemd_analyze_verify(tmp_path):
+    need("systemd-analyze", "systemd")
+    copies = _unit_copies(tmp_path)
+    for unit in sorted(copies.iterdir()):
+        result = run(["systemd-analyze", "verify", str(unit)])
+        # verify exits 0 on unknown keys and only warns, so any output is a failure too.
+        assert result.returncode == 0 and not result.stderr.strip(), f"{unit.name}:\n{result.stderr}"
+
+
+def test_verify_output_check_catches_a_misspelt_directive(tmp_path):
+    need("systemd-analyze", "systemd")
+    copies = _unit_copies(tmp_path)
+    unit = copies / "xpart-agent.service"
+    unit.write_text(unit.read_text().replace("ProtectSystem=strict", "ProtectSytsem=strict"))
+    result = run(["systemd-analyze", "verify", str(unit)])
+    assert "ProtectSytsem" in result.stderr
+
+
+@pytest.mark.parametrize("unit", DAEMON_UNITS)
+def test_unit_exposure_is_low_by_systemds_own_measure(tmp_path, unit):
+    need("systemd-analyze", "systemd")
+    copy = _unit_copies(tmp_path) / unit
+    # systemd scores 0 (locked down) to 10 (unprotected); 2.5 leaves margin below its "OK" band.
+    result = run(["systemd-analyze", "security", "--offline=true", "--threshold=25", str(copy)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+
+
+def parse_unit(path):
+    """systemd's format allows repeated keys, which configparser refuses."""
+    entries = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";", "[")):
+            continue
+        key, _, value = line.partition("=")
+        entries.setdefault(key, []).append(value)
+    return entries
+
+
+@pytest.mark.parametrize("unit", DAEMON_UNITS)
+def test_daemon_units_are_hardened_as_the_appliance_needs(unit):
+    entries = parse_unit(UNITS / unit)
+    daemon = unit.removesuffix(".service")
+    role = daemon.removeprefix("xpart-")
+    config = f"/etc/xpart/{role}.toml"
+
+    assert entries["User"] == ["xpart"] and entries["Group"] == ["xpart"]
+    assert entries["ExecStart"] == [f"/usr/local/bin/{daemon} --config {config}"]
+    assert entries["ExecStartPre"] == [f"/usr/local/bin/{daemon} --config {config} --check"]
+    assert entries["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert entries["Restart"] == ["on-failure"]
+    assert entries["ConditionPathExists"] == [config]
+    assert entries["NoNewPrivileges"] == ["yes"]
+    assert entries["ProtectSystem"] == ["strict"]
+    assert entries["ReadWritePaths"] == ["/var/log/xpart /run/xpart"]
+    assert entries["DeviceAllow"] == ["/dev/net/tun rw"]
+    ambient = set(" ".join(entries["AmbientCapabilities"]).split())
+    bounding = set(" ".join(entries["CapabilityBoundingSet"]).split())
+    assert ambient == bounding and "CAP_NET_ADMIN" in ambient and ambient <= ALLOWED_CAPS
+    if role == "agent":
+        assert "CAP_NET_BIND_SERVICE" in ambient, "the agent listens on 53 and 443"
+    assert entries["WantedBy"] == ["multi-user.target"]
+
+
+def test_sysusers_creates_the_service_account_without_a_shell(tmp_path):
+    need("systemd-sysusers", "systemd")
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    conf = IMAGES / "sysusers.d" / "xpart.conf"
+    result = run(["systemd-sysusers", f"--root={root}", str(conf)])
+    assert result.returncode == 0, result.stderr
+    passwd = {line.split(":")[0]: line.split(":") for line in (root / "etc" / "passwd").read_text().splitlines()}
+    assert "xpart" in passwd
+    uid, shell = int(passwd["xpart"][2]), passwd["xpart"][6]
+    assert uid < 1000, "a system account"
+    assert shell.endswith("nologin")
+    assert "xpart:" in (root / "etc" / "group").read_text()
+
+
+def test_sysctl_settings_exist_in_the_kernel_and_each_is_explained():
+    lines = (IMAGES / "sysctl.d" / "60-xpart.conf").read_text().splitlines()
+    settings = {}
+    for i, line in enumerate(lines):
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = (part.strip() for part in line.partition("="))
+        settings[key.lstrip("-")] = value
+        above = i - 1
+        while above >= 0 and lines[above] and not lines[above].startswith("#"):
+            above -= 1
+        assert above >= 0 and lines[above].startswith("#"), f"{key} has no comment explaining it"
+        if "xpart0" in key:
+            assert key.startswith("-"), "xpart0 does not exist at boot; a leading '-' keeps systemd-sysctl quiet"
+        else:
+            assert Path("/proc/sys", *key.split(".")).exists(), f"no kernel setting {key}"
+    assert settings == {
+        "net.ipv4.ip_forward": "0",
+        "net.ipv6.conf.all.forwarding": "0",
+        "net.ipv6.conf.default.forwarding": "0",
+        "net.ipv4.conf.all.rp_filter": "2",
+        "net.ipv4.conf.xpart0.rp_filter": "2",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# logrotate
+
+
+def test_logrotate_rotates_the_audit_file_and_reloads_only_running_daemons(tmp_path):
+    need("logrotate", "logrotate")
+    logs = tmp_path / "log"
+    logs.mkdir()
+    audit = logs / "audit.jsonl"
+    audit.write_text('{"request_id":"a"}\n{"request_id":"b"}\n')
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    calls = tmp_path / "systemctl.calls"
+    systemctl = fake_bin / "systemctl"
+    systemctl.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {calls}\n'
+        # Only the agent runs on this "appliance".
+        'case "$*" in *is-active*xpart-agent.service) exit 0 ;; *is-active*) exit 3 ;; esac\n'
+    )
+    systemctl.chmod(0o755)
+
+    user = run(["id", "-un"]).stdout.strip()
+    group = run(["id", "-gn"]).stdout.strip()
+    conf_text = (IMAGES / "logrotate.d" / "xpart").read_text()
+    conf_text = conf_text.replace("/var/log/xpart/audit.jsonl", str(audit))
+    conf_text = conf_text.replace("su xpart xpart", f"su {user} {group}")
+    conf_text = conf_text.replace("create 0640 xpart xpart", f"create 0640 {user} {group}")
+    conf = tmp_path / "logrotate.conf"
+    conf.write_text(conf_text)
+
+    env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}")
+    result = run(["logrotate", "--force", "--state", str(tmp_path / "state"), str(conf)], env=env)
+    assert result.returncode == 0, result.stderr
+
+    rotated = [p for p in logs.iterdir() if p.name != "audit.jsonl"]
+    assert len(rotated) == 1 and rotated[0].name.startswith("audit.jsonl-"), rotated
+    assert rotated[0].read_text() == '{"request_id":"a"}\n{"request_id":"b"}\n', "delaycompress keeps it readable"
+    assert audit.read_text() == ""
+    assert audit.stat().st_mode & 0o777 == 0o640
+    assert calls.read_text().splitlines() == [
+        "--quiet is-active xpart-agent.service",
+        "reload xpart-agent.service",
+        "--quiet is-active xpart-relay.service",
+    ]
