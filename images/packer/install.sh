@@ -34,7 +34,7 @@ install -D -m 0644 "$images/README.md" /usr/local/share/doc/xpart/README.md
 
 units="xpart-$role.service"
 if [ "$role" = agent ]; then
-    units="$units xpart-floating-address.service"
+    units="$units xpart-floating-address.service xpart-failover-watch.service"
 fi
 for unit in $units; do
     install -m 0644 "$images/systemd/$unit" "/usr/lib/systemd/system/$unit"

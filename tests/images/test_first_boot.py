@@ -86,6 +86,8 @@ STACK_VALUES = {
     "RelayAPublicIp": "198.51.100.10",
     "RelayBPublicIp": "198.51.100.11",
     "FloatingAddress": "10.0.1.10",
+    "AgentAPrivateAddress": "10.0.1.11",
+    "AgentBPrivateAddress": "10.0.1.12",
 }
 
 
@@ -118,10 +120,12 @@ def deployment_env(user_data):
 
 
 class FakeImds:
-    """IMDSv2 on 127.0.0.1: a PUT for a token, then GETs that must present it."""
+    """IMDSv2 on 127.0.0.1: a PUT for a token, then GETs that must present it. `tags` are the
+    instance tags; `local_ipv4` the primary private address."""
 
-    def __init__(self, tags):
-        self.tags = tags
+    def __init__(self, tags, local_ipv4="10.0.1.21"):
+        self.metadata = {f"tags/instance/{k}": v for k, v in tags.items()}
+        self.metadata["local-ipv4"] = local_ipv4
         self.token = "test-token-0123456789"
         self.unauthenticated_gets = 0
         outer = self
@@ -138,10 +142,10 @@ class FakeImds:
                     outer.unauthenticated_gets += 1
                     self._reply(401, "")
                     return
-                prefix = "/latest/meta-data/tags/instance/"
+                prefix = "/latest/meta-data/"
                 key = self.path[len(prefix):] if self.path.startswith(prefix) else None
-                if key in outer.tags:
-                    self._reply(200, outer.tags[key])
+                if key in outer.metadata:
+                    self._reply(200, outer.metadata[key])
                 else:
                     self._reply(404, "")
 
@@ -256,7 +260,7 @@ def relay_user_data(**overrides):
 
 def test_agent_first_boot_writes_keys_and_config_and_starts_the_agent(tmp_path):
     appliance = Appliance(tmp_path, AGENT_SECRETS)
-    with FakeImds({"xpart:name": "agent-b"}) as imds:
+    with FakeImds({"xpart:name": "agent-b", "xpart:role": "standby"}, local_ipv4="10.0.1.12") as imds:
         result = appliance.boot(agent_user_data(), imds)
     assert result.returncode == 0, result.stderr
     assert imds.unauthenticated_gets == 0, "every metadata read carries the IMDSv2 token"
@@ -287,6 +291,7 @@ def test_agent_first_boot_writes_keys_and_config_and_starts_the_agent(tmp_path):
         "upstream": ["169.254.169.253:53"],
     }
     assert config["front"]["listen"] == "10.0.1.10:443"
+    assert config["admin"]["listen"] == "10.0.1.12:9100", "reachable by the other agent's watch"
     assert config["principal"][0]["name"] == "summarizer-lambda"
     assert config["audit"]["path"] == "/var/log/xpart/audit.jsonl"
 
@@ -294,11 +299,32 @@ def test_agent_first_boot_writes_keys_and_config_and_starts_the_agent(tmp_path):
     assert all(c[:2] == ["ssm", "get-parameter"] and "--with-decryption" in c for c in fetched)
     names = sorted(c[c.index("--name") + 1] for c in fetched)
     assert names == sorted(k for k in AGENT_SECRETS if "agent-a" not in k), "agent-b reads its own key only"
-    assert ["restart", "xpart-floating-address.service"] in appliance.recorded("systemctl")
-    assert appliance.recorded("systemctl")[-1] == ["restart", "xpart-agent.service"]
+    started = [c[1] for c in appliance.recorded("systemctl") if c[0] == "restart"]
+    assert started == ["xpart-floating-address.service", "xpart-agent.service", "xpart-failover-watch.service"]
+
+    # agent-b is the standby: it watches agent-a and would move the floating address here.
+    assert (appliance.conf / "failover-watch.env").read_text().splitlines() == [
+        "AWS_REGION=us-gov-west-1",
+        "XPART_ACTIVE_READYZ=http://10.0.1.11:9100/readyz",
+        "XPART_PAIR=xpart",
+        "XPART_FLOATING_ADDRESS=10.0.1.10",
+    ]
 
     for secret in (KEYS["agent-b"][0], CERT_KEY_PEM.splitlines()[1]):
         assert secret not in result.stdout + result.stderr, "secrets must not reach the cloud-init log"
+
+
+def test_the_active_agent_runs_no_failover_watch(tmp_path):
+    appliance = Appliance(tmp_path, AGENT_SECRETS)
+    (appliance.conf / "failover-watch.env").write_text("left over from when it was the standby\n")
+    with FakeImds({"xpart:name": "agent-a", "xpart:role": "active"}, local_ipv4="10.0.1.11") as imds:
+        result = appliance.boot(agent_user_data(), imds)
+    assert result.returncode == 0, result.stderr
+    assert tomllib.loads((appliance.conf / "agent.toml").read_text())["tunnel"]["address"] == "100.64.0.1/24"
+    assert not (appliance.conf / "failover-watch.env").exists()
+    calls = appliance.recorded("systemctl")
+    assert ["stop", "xpart-failover-watch.service"] in calls
+    assert ["restart", "xpart-failover-watch.service"] not in calls
 
 
 def test_relay_first_boot_writes_policy_rewrites_and_agents(tmp_path):

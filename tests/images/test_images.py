@@ -178,6 +178,7 @@ def test_agents_admit_https_from_callers_and_dns_only_from_the_resolver_endpoint
     assert summary == [
         ("tcp", 53, 53, "{'Ref': 'ResolverEndpointSecurityGroup'}"),
         ("tcp", 443, 443, "{'Ref': 'CallerCidr'}"),
+        ("tcp", 9100, 9100, "{'Ref': 'AgentSecurityGroup'}"),
         ("udp", 53, 53, "{'Ref': 'ResolverEndpointSecurityGroup'}"),
     ]
     egress = template["Resources"]["AgentSecurityGroup"]["Properties"]["SecurityGroupEgress"]
@@ -269,7 +270,14 @@ def test_agent_role_grants_the_failover_calls_on_the_pairs_resources_only():
             continue
         assert statement["Resource"] != "*", f"{action} must not apply to every resource"
     routes = granted["ec2:ReplaceRoute"]
-    assert routes["Condition"]["StringEquals"]["aws:ResourceTag/xpart:deployment"] == {"Ref": "DeploymentName"}
+    # `xpart failover --pair NAME` selects route tables and instances by these tags.
+    assert routes["Condition"]["StringEquals"]["aws:ResourceTag/xpart:pair"] == {"Ref": "DeploymentName"}
+    roles = {}
+    for props in resources(template, "AWS::EC2::Instance").values():
+        tags = {t["Key"]: t["Value"] for t in props["Tags"]}
+        assert tags["xpart:pair"] == {"Ref": "DeploymentName"}
+        roles[tags["xpart:name"]] = tags["xpart:role"]
+    assert roles == {"agent-a": "active", "agent-b": "standby"}
 
 
 def test_resolver_forwards_only_the_bedrock_runtime_name_to_the_floating_address():
@@ -470,7 +478,8 @@ def test_install_script_enables_but_does_not_start_units():
     assert "systemctl enable $units logrotate.timer" in script
     assert not re.search(r"systemctl (start|restart|enable --now)", script)
     assert "/usr/local/libexec/xpart/xpart-boot" in script
-    for unit in ["xpart-agent.service", "xpart-relay.service", "xpart-floating-address.service"]:
+    for unit in ["xpart-agent.service", "xpart-relay.service", "xpart-floating-address.service",
+                 "xpart-failover-watch.service"]:
         assert (UNITS / unit).is_file()
 
 
@@ -485,7 +494,7 @@ def _unit_copies(tmp_path):
     bin_dir.mkdir()
     out = tmp_path / "units"
     out.mkdir()
-    for name in ("xpart-agent", "xpart-relay"):
+    for name in ("xpart-agent", "xpart-relay", "xpart"):
         stand_in = bin_dir / name
         stand_in.write_text("#!/bin/sh\n")
         stand_in.chmod(0o755)
