@@ -1,0 +1,103 @@
+//! The relay's admin routes on top of the shared admin server: `/metrics`, `/healthz`,
+//! `/readyz` (credentials and drain state), `/status`, and `POST /drain` / `POST /undrain`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use http_body_util::Full;
+use prometheus::Registry;
+use serde_json::{json, Value};
+use xpart_daemon::admin::{self, AdminHandler};
+
+use crate::credentials::Status;
+use crate::metrics::unix_seconds;
+use crate::Relay;
+
+pub struct AdminApi {
+    pub relay: Arc<Relay>,
+}
+
+#[async_trait]
+impl AdminHandler for AdminApi {
+    fn registry(&self) -> &Registry {
+        // The admin server asks for the registry right before each scrape, which is when the
+        // gauges copied from credentials and tunnel state must be current.
+        self.relay
+            .metrics
+            .observe(&self.relay.credentials.status(), &self.relay.peer_stats());
+        &self.relay.metrics.registry
+    }
+
+    async fn ready(&self) -> (bool, Value) {
+        let draining = self.relay.draining.load(Ordering::Relaxed);
+        let credentials = credentials_json(&self.relay.credentials.status());
+        let has_credentials = credentials["available"] == json!(true);
+        let reason = match (draining, has_credentials) {
+            (true, _) => Some("draining (POST /undrain to resume)".to_string()),
+            (false, false) => Some(format!(
+                "no AWS credentials: {}; only the echo model {} can be answered",
+                credentials["reason"].as_str().unwrap_or("unknown"),
+                self.relay.echo_model.as_deref().unwrap_or("(disabled)")
+            )),
+            (false, true) => None,
+        };
+        let detail = json!({
+            "ready": reason.is_none(),
+            "reason": reason,
+            "draining": draining,
+            "credentials": credentials,
+        });
+        (reason.is_none(), detail)
+    }
+
+    async fn status(&self) -> Value {
+        let relay = &self.relay;
+        json!({
+            "service": "relay",
+            "version": env!("CARGO_PKG_VERSION"),
+            "service_addr": relay.service_addr.to_string(),
+            "draining": relay.draining.load(Ordering::Relaxed),
+            "region": relay.region,
+            "upstream": relay.upstream.endpoint_url(),
+            "upstream_host": relay.upstream.host_header(),
+            "echo_model": relay.echo_model,
+            "credentials": credentials_json(&relay.credentials.status()),
+            "peers": relay.peer_stats(),
+        })
+    }
+
+    async fn extra(
+        &self,
+        method: &Method,
+        path: &str,
+        _body: Bytes,
+    ) -> Option<Response<Full<Bytes>>> {
+        let draining = match (method, path) {
+            (&Method::POST, "/drain") => true,
+            (&Method::POST, "/undrain") => false,
+            _ => return None,
+        };
+        self.relay.draining.store(draining, Ordering::Relaxed);
+        tracing::info!(draining, "drain state changed through the admin port");
+        Some(admin::json(
+            StatusCode::OK,
+            &json!({ "draining": draining }),
+        ))
+    }
+}
+
+fn credentials_json(status: &Status) -> Value {
+    match status {
+        Status::Available { expiry } => json!({
+            "available": true,
+            "expires_at": expiry.map(unix_seconds),
+        }),
+        Status::Missing { reason } => json!({
+            "available": false,
+            "reason": reason,
+        }),
+    }
+}

@@ -1,0 +1,490 @@
+//! `relay.toml`: typed sections, defaults, and one validation pass that reports every problem
+//! at once, each naming the file, the field and the fix.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use xpart_daemon::bedrock::Operation;
+use xpart_daemon::config::Diagnostics;
+
+/// The relay's whole configuration, validated.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    pub tunnel: TunnelSection,
+    #[serde(rename = "agent", default)]
+    pub agents: Vec<AgentSection>,
+    pub service: ServiceSection,
+    pub upstream: UpstreamSection,
+    pub policy: PolicySection,
+    #[serde(default)]
+    pub rewrite: RewriteSection,
+    #[serde(default)]
+    pub echo: EchoSection,
+    #[serde(default)]
+    pub credentials: CredentialsSection,
+    pub admin: Option<AdminSection>,
+    pub audit: Option<AuditSection>,
+    /// Where the file was read from; error messages name it and relative paths resolve against it.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+/// How the relay reaches its agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelMode {
+    /// WireGuard through a Linux TUN interface (needs CAP_NET_ADMIN).
+    Kernel,
+    /// WireGuard with an embedded TCP/IP stack (no privileges).
+    Userspace,
+    /// No WireGuard: the service listens on the host network. Accepted only with a loopback
+    /// `[service] listen`, for tests on one machine.
+    Host,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelSection {
+    pub mode: TunnelMode,
+    pub private_key_file: Option<PathBuf>,
+    pub address: Option<ipnet::IpNet>,
+    #[serde(default = "default_listen_port")]
+    pub listen_port: u16,
+    #[serde(default = "default_bind_address")]
+    pub bind_address: IpAddr,
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+    pub interface_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    pub name: String,
+    pub public_key: Option<String>,
+    pub tunnel_address: IpAddr,
+    pub endpoint: Option<SocketAddr>,
+    pub persistent_keepalive: Option<u16>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSection {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub region: String,
+    pub endpoint: String,
+    /// Host name sent and signed as `Host`; defaults to the endpoint's host. Set it to the public
+    /// `bedrock-runtime.<region>.amazonaws.com` when `endpoint` is a `vpce-…` name.
+    pub host_header: Option<String>,
+    #[serde(default)]
+    pub resolver: Vec<SocketAddr>,
+    pub extra_ca_file: Option<PathBuf>,
+    pub inference_profile_prefix: Option<String>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    #[serde(default = "default_first_byte_timeout")]
+    pub first_byte_timeout_secs: u64,
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    #[serde(default = "default_pool_idle_timeout")]
+    pub pool_idle_timeout_secs: u64,
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    pub operations: Vec<String>,
+    pub models: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewriteSection {
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RewriteRule>,
+}
+
+/// Replace a leading `from` with `to`: on bare model IDs, on whole ARNs, and on the resource
+/// ID after an ARN's last `/`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RewriteRule {
+    pub from: String,
+    pub to: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EchoSection {
+    #[serde(default = "default_echo_enabled")]
+    pub enabled: bool,
+    #[serde(default = "default_echo_model")]
+    pub model: String,
+}
+
+impl Default for EchoSection {
+    fn default() -> Self {
+        EchoSection {
+            enabled: default_echo_enabled(),
+            model: default_echo_model(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsSection {
+    #[serde(default = "default_refresh_margin")]
+    pub refresh_before_expiry_secs: u64,
+    #[serde(default = "default_credentials_timeout")]
+    pub fetch_timeout_secs: u64,
+}
+
+impl Default for CredentialsSection {
+    fn default() -> Self {
+        CredentialsSection {
+            refresh_before_expiry_secs: default_refresh_margin(),
+            fetch_timeout_secs: default_credentials_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    pub path: PathBuf,
+}
+
+/// Operations the relay can sign with a plain SigV4 header signature over a buffered body.
+/// `InvokeModelWithBidirectionalStream` needs per-event signing and the async-invoke family
+/// carries the model in the body, so neither is offered.
+pub const SUPPORTED_OPERATIONS: [Operation; 6] = [
+    Operation::InvokeModel,
+    Operation::InvokeModelWithResponseStream,
+    Operation::Converse,
+    Operation::ConverseStream,
+    Operation::CountTokens,
+    Operation::ApplyGuardrail,
+];
+
+impl RelayConfig {
+    /// Read and validate `path`.
+    pub fn load(path: impl AsRef<Path>) -> Result<RelayConfig, Diagnostics> {
+        let path = path.as_ref();
+        let label = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            problems(
+                &label,
+                vec![Problem::new(
+                    "",
+                    format!("cannot read the file: {err}"),
+                    "check the path given to --config",
+                )],
+            )
+        })?;
+        let mut config = RelayConfig::from_toml_str(&text, &label)?;
+        config.source = path.to_path_buf();
+        Ok(config)
+    }
+
+    /// Parse and validate TOML text; `file_label` names it in error messages.
+    pub fn from_toml_str(text: &str, file_label: &str) -> Result<RelayConfig, Diagnostics> {
+        let mut config: RelayConfig = xpart_daemon::config::parse_toml(text, file_label)?;
+        config.source = PathBuf::from(file_label);
+        let found = config.validate();
+        if !found.is_empty() {
+            return Err(problems(file_label, found));
+        }
+        Ok(config)
+    }
+
+    /// The operations named in `[policy] operations` (validated).
+    pub fn allowed_operations(&self) -> BTreeSet<Operation> {
+        self.policy
+            .operations
+            .iter()
+            .filter_map(|name| name.parse().ok())
+            .collect()
+    }
+
+    pub fn model_patterns(&self) -> Vec<String> {
+        self.policy.models.clone()
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.upstream.connect_timeout_secs)
+    }
+
+    pub fn first_byte_timeout(&self) -> Duration {
+        Duration::from_secs(self.upstream.first_byte_timeout_secs)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.upstream.idle_timeout_secs)
+    }
+
+    /// Resolve a configured path against the config file's directory.
+    pub fn resolve_path(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            return path.to_path_buf();
+        }
+        match self.source.parent() {
+            Some(dir) => dir.join(path),
+            None => path.to_path_buf(),
+        }
+    }
+
+    fn validate(&self) -> Vec<Problem> {
+        let mut found = Vec::new();
+        self.validate_tunnel(&mut found);
+        self.validate_agents(&mut found);
+        self.validate_upstream(&mut found);
+        self.validate_policy(&mut found);
+        self.validate_rewrite(&mut found);
+        found
+    }
+
+    fn validate_tunnel(&self, found: &mut Vec<Problem>) {
+        match self.tunnel.mode {
+            TunnelMode::Host => {
+                if !self.service.listen.ip().is_loopback() {
+                    found.push(Problem::new(
+                        "[tunnel].mode",
+                        "mode \"host\" has no WireGuard authentication and is only for loopback tests".into(),
+                        "use mode = \"kernel\" or \"userspace\", or set [service].listen to a 127.0.0.0/8 address",
+                    ));
+                }
+            }
+            TunnelMode::Kernel | TunnelMode::Userspace => {
+                if self.tunnel.private_key_file.is_none() {
+                    found.push(Problem::new(
+                        "[tunnel].private_key_file",
+                        "missing".into(),
+                        "write a key with `xpart keygen` and name its file here",
+                    ));
+                }
+                match self.tunnel.address {
+                    None => found.push(Problem::new(
+                        "[tunnel].address",
+                        "missing".into(),
+                        "set this side's tunnel address with its prefix, e.g. \"100.64.0.2/30\"",
+                    )),
+                    Some(net) if net.addr() != self.service.listen.ip() => {
+                        found.push(Problem::new(
+                            "[service].listen",
+                            format!(
+                                "{} is not this relay's tunnel address {}",
+                                self.service.listen,
+                                net.addr()
+                            ),
+                            "listen on the tunnel address, e.g. \"100.64.0.2:8080\"",
+                        ))
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+    }
+
+    fn validate_agents(&self, found: &mut Vec<Problem>) {
+        if self.agents.is_empty() {
+            found.push(Problem::new(
+                "[[agent]]",
+                "no agent is configured, so every request would be refused".into(),
+                "add an [[agent]] table with name, public_key and tunnel_address",
+            ));
+        }
+        for (i, agent) in self.agents.iter().enumerate() {
+            let needs_key = self.tunnel.mode != TunnelMode::Host;
+            if needs_key && agent.public_key.is_none() {
+                found.push(Problem::new(
+                    &format!("[[agent]][{i}].public_key"),
+                    format!("agent {:?} has no public key", agent.name),
+                    "paste the agent's WireGuard public key (`xpart keygen` prints it)",
+                ));
+            }
+            if let Some(net) = self.tunnel.address {
+                if needs_key && !net.contains(&agent.tunnel_address) {
+                    found.push(Problem::new(
+                        &format!("[[agent]][{i}].tunnel_address"),
+                        format!(
+                            "{} is outside this relay's tunnel network {}",
+                            agent.tunnel_address,
+                            net.trunc()
+                        ),
+                        "use the agent's [tunnel].address without the prefix",
+                    ));
+                }
+            }
+        }
+    }
+
+    fn validate_upstream(&self, found: &mut Vec<Problem>) {
+        let up = &self.upstream;
+        if up.region.is_empty() {
+            found.push(Problem::new(
+                "[upstream].region",
+                "empty".into(),
+                "set the Commercial region Bedrock runs in, e.g. \"us-east-1\"",
+            ));
+        }
+        if let Err(message) = crate::upstream::Endpoint::parse(&up.endpoint) {
+            found.push(Problem::new(
+                "[upstream].endpoint",
+                message,
+                "use \"https://bedrock-runtime.<region>.amazonaws.com\" or the VPC endpoint's DNS name",
+            ));
+        }
+        if let Some(file) = &up.extra_ca_file {
+            let resolved = self.resolve_path(file);
+            if !resolved.is_file() {
+                found.push(Problem::new(
+                    "[upstream].extra_ca_file",
+                    format!("no such file {:?}", resolved.display().to_string()),
+                    "name a PEM file of CA certificates, or remove the field",
+                ));
+            }
+        }
+        if let Some(prefix) = &up.inference_profile_prefix {
+            if !prefix.ends_with('.') || prefix.len() < 2 {
+                found.push(Problem::new(
+                    "[upstream].inference_profile_prefix",
+                    format!("{prefix:?} is not an inference-profile prefix"),
+                    "use a prefix ending in a dot, e.g. \"us.\"",
+                ));
+            }
+        }
+        for (field, value) in [
+            ("connect_timeout_secs", up.connect_timeout_secs),
+            ("first_byte_timeout_secs", up.first_byte_timeout_secs),
+            ("idle_timeout_secs", up.idle_timeout_secs),
+        ] {
+            if value == 0 {
+                found.push(Problem::new(
+                    &format!("[upstream].{field}"),
+                    "0 would time every request out".into(),
+                    "use a number of seconds above zero",
+                ));
+            }
+        }
+    }
+
+    fn validate_policy(&self, found: &mut Vec<Problem>) {
+        for (i, name) in self.policy.operations.iter().enumerate() {
+            let field = format!("[policy].operations[{i}]");
+            match name.parse::<Operation>() {
+                Err(_) => found.push(Problem::new(
+                    &field,
+                    format!("{name:?} is not a Bedrock Runtime operation"),
+                    "use names like \"Converse\", \"ConverseStream\", \"InvokeModel\"",
+                )),
+                Ok(op) if !SUPPORTED_OPERATIONS.contains(&op) => found.push(Problem::new(
+                    &field,
+                    format!("{name} cannot be relayed (it needs per-event signing or carries its model in the body)"),
+                    "remove it; supported: InvokeModel, InvokeModelWithResponseStream, Converse, ConverseStream, CountTokens, ApplyGuardrail",
+                )),
+                Ok(_) => {}
+            }
+        }
+        if self.policy.models.is_empty() {
+            found.push(Problem::new(
+                "[policy].models",
+                "empty, so every model would be refused".into(),
+                "list model ID patterns, e.g. [\"anthropic.claude-*\", \"us.anthropic.*\"]",
+            ));
+        }
+    }
+
+    fn validate_rewrite(&self, found: &mut Vec<Problem>) {
+        for (i, rule) in self.rewrite.rules.iter().enumerate() {
+            if rule.from.is_empty() {
+                found.push(Problem::new(
+                    &format!("[[rewrite.rule]][{i}].from"),
+                    "empty".into(),
+                    "give the GovCloud prefix to replace, e.g. \"us-gov.\"",
+                ));
+            }
+        }
+    }
+}
+
+/// One problem before it is attached to the file name.
+struct Problem {
+    field: String,
+    message: String,
+    fix: String,
+}
+
+impl Problem {
+    fn new(field: &str, message: String, fix: &str) -> Problem {
+        Problem {
+            field: field.to_string(),
+            message,
+            fix: fix.to_string(),
+        }
+    }
+}
+
+fn problems(file: &str, found: Vec<Problem>) -> Diagnostics {
+    let mut diagnostics = Diagnostics::new(file);
+    for p in found {
+        diagnostics.push(p.field, p.message, p.fix);
+    }
+    diagnostics
+}
+
+fn default_listen_port() -> u16 {
+    51820
+}
+fn default_bind_address() -> IpAddr {
+    IpAddr::from([0, 0, 0, 0])
+}
+fn default_mtu() -> u16 {
+    1420
+}
+fn default_connect_timeout() -> u64 {
+    5
+}
+fn default_first_byte_timeout() -> u64 {
+    // Bedrock answers a non-streaming call only when the whole generation is done, which for
+    // long outputs takes minutes.
+    900
+}
+fn default_idle_timeout() -> u64 {
+    300
+}
+fn default_pool_idle_timeout() -> u64 {
+    60
+}
+fn default_pool_max_idle() -> usize {
+    32
+}
+fn default_echo_enabled() -> bool {
+    true
+}
+fn default_echo_model() -> String {
+    "xpart.echo".to_string()
+}
+fn default_refresh_margin() -> u64 {
+    300
+}
+fn default_credentials_timeout() -> u64 {
+    10
+}

@@ -1,0 +1,297 @@
+//! The relay's own AWS credentials, from the standard chain (`aws-config`: environment,
+//! profile, web identity, ECS/container endpoint, EC2 instance role through IMDSv2), cached and
+//! refreshed a configured margin before they expire. The relay runs without them (the echo
+//! model needs none) and reports that state to `/readyz` and `/metrics`.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
+use aws_credential_types::Credentials;
+use tokio::sync::Mutex;
+
+use crate::error::Error;
+
+/// After a failed fetch, requests fail fast for this long instead of each waiting on the chain.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
+/// The background refresher looks at least this often, so status and metrics stay current.
+const MAX_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    Available { expiry: Option<SystemTime> },
+    Missing { reason: String },
+}
+
+pub struct CredentialSource {
+    provider: Option<SharedCredentialsProvider>,
+    margin: Duration,
+    fetch_timeout: Duration,
+    cache: Mutex<Cache>,
+    status: RwLock<Status>,
+}
+
+#[derive(Default)]
+struct Cache {
+    credentials: Option<Credentials>,
+    failed_at: Option<(Instant, String)>,
+}
+
+impl CredentialSource {
+    /// The default chain for `region`. Nothing is fetched until [`CredentialSource::current`].
+    pub async fn default_chain(region: &str, margin: Duration, fetch_timeout: Duration) -> Self {
+        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(region.to_string()))
+            .load()
+            .await;
+        CredentialSource::new(sdk.credentials_provider(), margin, fetch_timeout)
+    }
+
+    pub fn new(
+        provider: Option<SharedCredentialsProvider>,
+        margin: Duration,
+        fetch_timeout: Duration,
+    ) -> Self {
+        CredentialSource {
+            provider,
+            margin,
+            fetch_timeout,
+            cache: Mutex::new(Cache::default()),
+            status: RwLock::new(Status::Missing {
+                reason: "not fetched yet".into(),
+            }),
+        }
+    }
+
+    /// Credentials valid for at least the refresh margin, fetching new ones when needed.
+    pub async fn current(&self) -> Result<Credentials, Error> {
+        let mut cache = self.cache.lock().await;
+        let now = SystemTime::now();
+        if let Some(creds) = &cache.credentials {
+            if !needs_refresh(creds.expiry(), now, self.margin) {
+                return Ok(creds.clone());
+            }
+        }
+        if let Some((at, reason)) = &cache.failed_at {
+            if at.elapsed() < RETRY_AFTER_FAILURE && cache.credentials.is_none() {
+                return Err(Error::NoCredentials {
+                    reason: reason.clone(),
+                });
+            }
+        }
+        match self.fetch().await {
+            Ok(creds) => {
+                tracing::info!(
+                    access_key_id = creds.access_key_id(),
+                    expiry = ?creds.expiry().map(humane_time),
+                    "AWS credentials loaded"
+                );
+                self.set_status(Status::Available {
+                    expiry: creds.expiry(),
+                });
+                cache.credentials = Some(creds.clone());
+                cache.failed_at = None;
+                Ok(creds)
+            }
+            Err(reason) => {
+                cache.failed_at = Some((Instant::now(), reason.clone()));
+                // Credentials that are still valid (only inside the margin) beat none at all.
+                if let Some(creds) = &cache.credentials {
+                    if !needs_refresh(creds.expiry(), now, Duration::ZERO) {
+                        tracing::warn!(%reason, "credential refresh failed; using the current ones until they expire");
+                        return Ok(creds.clone());
+                    }
+                }
+                cache.credentials = None;
+                self.set_status(Status::Missing {
+                    reason: reason.clone(),
+                });
+                Err(Error::NoCredentials { reason })
+            }
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        match self.status.read() {
+            Ok(status) => status.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Fetch once now (logging whether the relay starts with credentials), then keep them fresh
+    /// ahead of requests.
+    pub fn spawn_refresher(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            if let Err(err) = self.current().await {
+                tracing::warn!(
+                    "starting without AWS credentials: {err}. Requests to Bedrock get \
+                     ServiceUnavailableException until credentials appear; /readyz reports this"
+                );
+            }
+            loop {
+                tokio::time::sleep(self.next_check()).await;
+                if let Err(err) = self.current().await {
+                    tracing::warn!("{err}");
+                }
+            }
+        })
+    }
+
+    fn next_check(&self) -> Duration {
+        let Status::Available {
+            expiry: Some(expiry),
+        } = self.status()
+        else {
+            return MAX_REFRESH_INTERVAL.min(RETRY_AFTER_FAILURE * 2);
+        };
+        let refresh_at = expiry.checked_sub(self.margin).unwrap_or(expiry);
+        let wait = refresh_at
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        wait.clamp(Duration::from_secs(1), MAX_REFRESH_INTERVAL)
+    }
+
+    async fn fetch(&self) -> Result<Credentials, String> {
+        let Some(provider) = &self.provider else {
+            return Err("no credential provider is configured".into());
+        };
+        match tokio::time::timeout(self.fetch_timeout, provider.provide_credentials()).await {
+            Ok(Ok(creds)) => Ok(creds),
+            Ok(Err(err)) => Err(describe(&err)),
+            Err(_) => Err(format!(
+                "the credential chain did not answer within {} s",
+                self.fetch_timeout.as_secs()
+            )),
+        }
+    }
+
+    fn set_status(&self, status: Status) {
+        match self.status.write() {
+            Ok(mut slot) => *slot = status,
+            Err(poisoned) => *poisoned.into_inner() = status,
+        }
+    }
+}
+
+/// Whether credentials expiring at `expiry` must be replaced at `now`.
+pub fn needs_refresh(expiry: Option<SystemTime>, now: SystemTime, margin: Duration) -> bool {
+    match expiry {
+        None => false,
+        Some(expiry) => now + margin >= expiry,
+    }
+}
+
+fn describe(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+fn humane_time(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn refresh_decision() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let margin = Duration::from_secs(300);
+        assert!(
+            !needs_refresh(None, now, margin),
+            "static keys never expire"
+        );
+        assert!(!needs_refresh(
+            Some(now + Duration::from_secs(301)),
+            now,
+            margin
+        ));
+        assert!(needs_refresh(
+            Some(now + Duration::from_secs(300)),
+            now,
+            margin
+        ));
+        assert!(needs_refresh(
+            Some(now - Duration::from_secs(1)),
+            now,
+            margin
+        ));
+    }
+
+    #[derive(Debug)]
+    struct Counting {
+        calls: Arc<AtomicUsize>,
+        lifetime: Duration,
+    }
+
+    impl ProvideCredentials for Counting {
+        fn provide_credentials<'a>(
+            &'a self,
+        ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+        where
+            Self: 'a,
+        {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            let creds = Credentials::new(
+                format!("AKID{n}"),
+                "secret",
+                None,
+                Some(SystemTime::now() + self.lifetime),
+                "test",
+            );
+            aws_credential_types::provider::future::ProvideCredentials::ready(Ok(creds))
+        }
+    }
+
+    fn source(lifetime: Duration) -> (CredentialSource, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let provider = SharedCredentialsProvider::new(Counting {
+            calls: calls.clone(),
+            lifetime,
+        });
+        (
+            CredentialSource::new(
+                Some(provider),
+                Duration::from_secs(60),
+                Duration::from_secs(1),
+            ),
+            calls,
+        )
+    }
+
+    #[tokio::test]
+    async fn caches_until_inside_the_margin() {
+        let (long, calls) = source(Duration::from_secs(3600));
+        assert_eq!(long.current().await.unwrap().access_key_id(), "AKID0");
+        assert_eq!(long.current().await.unwrap().access_key_id(), "AKID0");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(matches!(
+            long.status(),
+            Status::Available { expiry: Some(_) }
+        ));
+
+        let (short, calls) = source(Duration::from_secs(30));
+        assert_eq!(short.current().await.unwrap().access_key_id(), "AKID0");
+        assert_eq!(short.current().await.unwrap().access_key_id(), "AKID1");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn without_a_provider_reports_missing() {
+        let none = CredentialSource::new(None, Duration::from_secs(60), Duration::from_secs(1));
+        let err = none.current().await.unwrap_err();
+        assert!(matches!(err, Error::NoCredentials { .. }));
+        assert_eq!(err.to_bedrock().kind.status().as_u16(), 503);
+        assert!(matches!(none.status(), Status::Missing { .. }));
+    }
+}

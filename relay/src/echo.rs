@@ -1,0 +1,356 @@
+//! The synthetic echo model (`[echo] model`, default `xpart.echo`): the relay answers it itself,
+//! with the shapes Bedrock uses, so a deployment or a drill can prove the whole path without
+//! calling Bedrock or holding credentials. It repeats the last user text.
+
+use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use http_body_util::Full;
+use serde_json::{json, Value};
+use xpart_daemon::bedrock::Operation;
+
+use crate::error::Error;
+
+const JSON: &str = "application/json";
+const EVENT_STREAM: &str = "application/vnd.amazon.eventstream";
+
+/// The echo model's answer to `operation`, or `None` for an operation it does not implement.
+pub fn answer(
+    operation: Operation,
+    model: &str,
+    body: &[u8],
+) -> Result<Option<http::Response<Full<Bytes>>>, Error> {
+    let response = match operation {
+        Operation::Converse => json_response(converse(&parse(body)?)),
+        Operation::ConverseStream => stream_response(converse_stream(&parse(body)?)?),
+        Operation::InvokeModel => json_response(invoke(&parse(body)?, model)),
+        Operation::InvokeModelWithResponseStream => {
+            stream_response(invoke_stream(&parse(body)?, model)?)
+        }
+        Operation::CountTokens => json_response(count_tokens(&parse(body)?)),
+        _ => return Ok(None),
+    };
+    Ok(Some(response))
+}
+
+fn parse(body: &[u8]) -> Result<Value, Error> {
+    serde_json::from_slice(body).map_err(|e| Error::EchoInput(format!("body ({e})")))
+}
+
+fn converse(request: &Value) -> Value {
+    let text = last_user_text(request.get("messages"));
+    let usage = usage(request, &text);
+    json!({
+        "output": {"message": {"role": "assistant", "content": [{"text": text}]}},
+        "stopReason": "end_turn",
+        "usage": usage,
+        "metrics": {"latencyMs": 0}
+    })
+}
+
+fn converse_stream(request: &Value) -> Result<Bytes, Error> {
+    let text = last_user_text(request.get("messages"));
+    let usage = usage(request, &text);
+    let mut events = vec![
+        ("messageStart", json!({"role": "assistant"})),
+        (
+            "contentBlockStart",
+            json!({"contentBlockIndex": 0, "start": {}}),
+        ),
+    ];
+    for piece in pieces(&text) {
+        events.push((
+            "contentBlockDelta",
+            json!({"contentBlockIndex": 0, "delta": {"text": piece}}),
+        ));
+    }
+    events.push(("contentBlockStop", json!({"contentBlockIndex": 0})));
+    events.push(("messageStop", json!({"stopReason": "end_turn"})));
+    events.push((
+        "metadata",
+        json!({"usage": usage, "metrics": {"latencyMs": 0}}),
+    ));
+    frames(events)
+}
+
+/// Anthropic Messages shape, the most common InvokeModel body; `prompt`/`inputText` bodies are
+/// echoed too.
+fn invoke(request: &Value, model: &str) -> Value {
+    let text = invoke_input_text(request);
+    let tokens = estimate_tokens(&text);
+    json!({
+        "id": "msg_xpart_echo",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn",
+        "stop_sequence": null,
+        "usage": {"input_tokens": tokens, "output_tokens": tokens}
+    })
+}
+
+fn invoke_stream(request: &Value, model: &str) -> Result<Bytes, Error> {
+    let text = invoke_input_text(request);
+    let tokens = estimate_tokens(&text);
+    let mut chunks = vec![
+        json!({"type": "message_start", "message": {"id": "msg_xpart_echo", "type": "message",
+            "role": "assistant", "model": model, "content": [],
+            "usage": {"input_tokens": tokens, "output_tokens": 0}}}),
+        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    ];
+    for piece in pieces(&text) {
+        chunks.push(json!({"type": "content_block_delta", "index": 0,
+            "delta": {"type": "text_delta", "text": piece}}));
+    }
+    chunks.push(json!({"type": "content_block_stop", "index": 0}));
+    chunks.push(
+        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+        "usage": {"output_tokens": tokens}}),
+    );
+    chunks.push(json!({"type": "message_stop"}));
+    let engine = base64::engine::general_purpose::STANDARD;
+    let events = chunks
+        .into_iter()
+        .map(|chunk| ("chunk", json!({"bytes": engine.encode(chunk.to_string())})))
+        .collect();
+    frames(events)
+}
+
+/// CountTokens input is either `{"converse": {"messages": …}}` or `{"invokeModel": {"body": <base64>}}`.
+fn count_tokens(request: &Value) -> Value {
+    let input = request.get("input");
+    let text = match input.and_then(|i| i.get("converse")) {
+        Some(converse) => all_text(converse.get("messages")),
+        None => input
+            .and_then(|i| i.get("invokeModel"))
+            .and_then(|i| i.get("body"))
+            .and_then(Value::as_str)
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .map(|body| invoke_input_text(&body))
+            .unwrap_or_default(),
+    };
+    json!({"inputTokens": estimate_tokens(&text)})
+}
+
+fn last_user_text(messages: Option<&Value>) -> String {
+    let Some(list) = messages.and_then(Value::as_array) else {
+        return String::new();
+    };
+    list.iter()
+        .rev()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        .map(|m| content_text(m.get("content")))
+        .unwrap_or_default()
+}
+
+fn all_text(messages: Option<&Value>) -> String {
+    let Some(list) = messages.and_then(Value::as_array) else {
+        return String::new();
+    };
+    list.iter()
+        .map(|m| content_text(m.get("content")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Content is a string or a list of blocks with `text`.
+fn content_text(content: Option<&Value>) -> String {
+    match content {
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Array(blocks)) => blocks
+            .iter()
+            .filter_map(|b| b.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => String::new(),
+    }
+}
+
+fn invoke_input_text(request: &Value) -> String {
+    if request.get("messages").is_some() {
+        return last_user_text(request.get("messages"));
+    }
+    for key in ["prompt", "inputText"] {
+        if let Some(text) = request.get(key).and_then(Value::as_str) {
+            return text.to_string();
+        }
+    }
+    String::new()
+}
+
+fn usage(request: &Value, output: &str) -> Value {
+    let input = estimate_tokens(&all_text(request.get("messages")));
+    let output = estimate_tokens(output);
+    json!({"inputTokens": input, "outputTokens": output, "totalTokens": input + output})
+}
+
+/// A rough count (about four characters a token, as AWS documents for English text).
+fn estimate_tokens(text: &str) -> u64 {
+    (text.chars().count() as u64).div_ceil(4).max(1)
+}
+
+/// Word-sized pieces, so the stream has several deltas as a real one does.
+fn pieces(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for ch in text.chars() {
+        current.push(ch);
+        if ch == ' ' {
+            out.push(std::mem::take(&mut current));
+        }
+    }
+    if !current.is_empty() || out.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+fn frames(events: Vec<(&'static str, Value)>) -> Result<Bytes, Error> {
+    let mut buf = BytesMut::new();
+    for (event_type, payload) in events {
+        let message = Message::new(Bytes::from(payload.to_string()))
+            .add_header(Header::new(
+                ":event-type",
+                HeaderValue::String(event_type.into()),
+            ))
+            .add_header(Header::new(
+                ":content-type",
+                HeaderValue::String(JSON.into()),
+            ))
+            .add_header(Header::new(
+                ":message-type",
+                HeaderValue::String("event".into()),
+            ));
+        aws_smithy_eventstream::frame::write_message_to(&message, &mut buf)
+            .map_err(|e| Error::EchoInput(format!("event frame ({e})")))?;
+    }
+    Ok(buf.freeze())
+}
+
+fn json_response(value: Value) -> http::Response<Full<Bytes>> {
+    let mut response = http::Response::new(Full::new(Bytes::from(value.to_string())));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(JSON),
+    );
+    response
+}
+
+fn stream_response(frames: Bytes) -> http::Response<Full<Bytes>> {
+    let mut response = http::Response::new(Full::new(frames));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(EVENT_STREAM),
+    );
+    response.headers_mut().insert(
+        "x-amzn-bedrock-content-type",
+        http::HeaderValue::from_static(JSON),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_smithy_eventstream::frame::{DecodedFrame, MessageFrameDecoder};
+    use http_body_util::BodyExt;
+
+    async fn body(r: http::Response<Full<Bytes>>) -> Bytes {
+        r.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    fn decode_all(mut bytes: Bytes) -> Vec<Message> {
+        let mut decoder = MessageFrameDecoder::new();
+        let mut out = Vec::new();
+        while let DecodedFrame::Complete(m) = decoder.decode_frame(&mut bytes).unwrap() {
+            out.push(m);
+        }
+        out
+    }
+
+    fn header(m: &Message, name: &str) -> String {
+        let h = m
+            .headers()
+            .iter()
+            .find(|h| h.name().as_str() == name)
+            .unwrap();
+        h.value().as_string().unwrap().as_str().to_string()
+    }
+
+    const CONVERSE: &str = r#"{"messages":[{"role":"user","content":[{"text":"first"}]},
+        {"role":"assistant","content":[{"text":"ok"}]},{"role":"user","content":[{"text":"hello echo"}]}]}"#;
+
+    #[tokio::test]
+    async fn converse_echoes_last_user_text() {
+        let r = answer(Operation::Converse, "xpart.echo", CONVERSE.as_bytes())
+            .unwrap()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&body(r).await).unwrap();
+        assert_eq!(v["output"]["message"]["content"][0]["text"], "hello echo");
+        assert_eq!(v["stopReason"], "end_turn");
+    }
+
+    #[tokio::test]
+    async fn converse_stream_is_real_event_stream_frames() {
+        let r = answer(Operation::ConverseStream, "xpart.echo", CONVERSE.as_bytes())
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.headers()["content-type"], EVENT_STREAM);
+        let messages = decode_all(body(r).await);
+        let types: Vec<String> = messages.iter().map(|m| header(m, ":event-type")).collect();
+        assert_eq!(types.first().unwrap(), "messageStart");
+        assert_eq!(types.last().unwrap(), "metadata");
+        let text: String = messages
+            .iter()
+            .filter(|m| header(m, ":event-type") == "contentBlockDelta")
+            .map(|m| {
+                let v: Value = serde_json::from_slice(m.payload()).unwrap();
+                v["delta"]["text"].as_str().unwrap().to_string()
+            })
+            .collect();
+        assert_eq!(text, "hello echo");
+    }
+
+    #[tokio::test]
+    async fn invoke_stream_chunks_carry_base64_json() {
+        let req = r#"{"anthropic_version":"bedrock-2023-05-31","max_tokens":10,"messages":[{"role":"user","content":"hi there"}]}"#;
+        let r = answer(
+            Operation::InvokeModelWithResponseStream,
+            "xpart.echo",
+            req.as_bytes(),
+        )
+        .unwrap()
+        .unwrap();
+        let messages = decode_all(body(r).await);
+        let mut text = String::new();
+        for m in &messages {
+            assert_eq!(header(m, ":event-type"), "chunk");
+            let v: Value = serde_json::from_slice(m.payload()).unwrap();
+            let inner = base64::engine::general_purpose::STANDARD
+                .decode(v["bytes"].as_str().unwrap())
+                .unwrap();
+            let inner: Value = serde_json::from_slice(&inner).unwrap();
+            if inner["type"] == "content_block_delta" {
+                text.push_str(inner["delta"]["text"].as_str().unwrap());
+            }
+        }
+        assert_eq!(text, "hi there");
+    }
+
+    #[tokio::test]
+    async fn count_tokens_and_bad_json() {
+        let req = r#"{"input":{"converse":{"messages":[{"role":"user","content":[{"text":"12345678"}]}]}}}"#;
+        let r = answer(Operation::CountTokens, "xpart.echo", req.as_bytes())
+            .unwrap()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&body(r).await).unwrap();
+        assert_eq!(v["inputTokens"], 2);
+        let err = answer(Operation::Converse, "xpart.echo", b"not json").unwrap_err();
+        assert_eq!(err.to_bedrock().kind.status().as_u16(), 400);
+        assert!(answer(Operation::ApplyGuardrail, "xpart.echo", b"{}")
+            .unwrap()
+            .is_none());
+    }
+}

@@ -1,0 +1,272 @@
+//! `xpart-relay` is the Commercial-side appliance. It accepts Bedrock Runtime requests that
+//! agents send through the WireGuard tunnel (HTTP/2 or HTTP/1.1 to its service address on the
+//! tunnel IP) and forwards them to the Bedrock endpoint signed with its own AWS credentials.
+//!
+//! Each request runs one pipeline ([`service`]): **check** the source is a configured agent and
+//! the operation and model are allowlisted ([`policy`]); **rewrite** GovCloud model IDs and
+//! choose the headers that go upstream ([`rewrite`]); read the body (refusing more than
+//! Bedrock's 25,000,000 bytes before reading it whole); **sign** with SigV4 ([`signer`], with
+//! [`credentials`] from the standard AWS chain); **send** to the one configured endpoint over
+//! TLS ([`upstream`], names resolved by [`resolver`]), retrying once through an inference
+//! profile when Bedrock refuses on-demand throughput; **stream** the response back frame by
+//! frame as it arrives ([`stream`]); and **audit** one JSON line per request ([`audit`]).
+//! The relay answers the synthetic echo model itself ([`echo`]). Around the pipeline:
+//! [`config`] (`relay.toml`), [`metrics`] and the admin routes ([`admin`]).
+
+mod admin;
+mod audit;
+pub mod config;
+mod credentials;
+mod echo;
+mod error;
+mod metrics;
+mod policy;
+mod resolver;
+mod rewrite;
+mod service;
+mod signer;
+mod stream;
+mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use xpart_daemon::audit::AuditLog;
+use xpart_daemon::bedrock::ModelId;
+use xpart_tunnel::{Network, PeerConfig, PeerStats, Tunnel, TunnelConfig};
+
+pub use crate::config::RelayConfig;
+pub use crate::error::Error;
+
+use crate::config::TunnelMode;
+use crate::credentials::CredentialSource;
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::rewrite::Rewriter;
+use crate::upstream::Upstream;
+
+/// Start the relay: tunnel, service listener, admin server, credential refresher.
+pub async fn start(config: RelayConfig) -> Result<RelayHandle, Error> {
+    let tunnel = start_tunnel(&config).await?;
+    let network = match &tunnel {
+        Some(tunnel) => tunnel.network(),
+        None => Network::host(),
+    };
+    let udp_addr = tunnel.as_ref().map(Tunnel::local_udp_addr);
+
+    let audit = match &config.audit {
+        Some(section) => {
+            let path = config.resolve_path(&section.path);
+            AuditLog::open(&path).map_err(|source| Error::Audit { path, source })?
+        }
+        None => AuditLog::disabled(),
+    };
+    let metrics = Arc::new(Metrics::new().map_err(|e| Error::Tls(format!("metrics: {e}")))?);
+    let _ = audit.register(&metrics.registry);
+
+    let credentials = Arc::new(
+        CredentialSource::default_chain(
+            &config.upstream.region,
+            Duration::from_secs(config.credentials.refresh_before_expiry_secs),
+            Duration::from_secs(config.credentials.fetch_timeout_secs),
+        )
+        .await,
+    );
+    let refresher = credentials.clone().spawn_refresher();
+
+    let listener = network
+        .listen(config.service.listen)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: config.service.listen,
+            source,
+        })?;
+    let service_addr = listener.local_addr();
+
+    let relay = Arc::new(Relay {
+        policy: Policy::from_config(&config),
+        rewriter: Rewriter::new(
+            config.rewrite.rules.clone(),
+            config.upstream.inference_profile_prefix.clone(),
+        ),
+        credentials,
+        upstream: Upstream::from_config(&config)?,
+        echo_model: config.echo.enabled.then(|| config.echo.model.clone()),
+        region: config.upstream.region.clone(),
+        audit: audit.clone(),
+        metrics,
+        draining: AtomicBool::new(false),
+        idle_timeout: config.idle_timeout(),
+        service_addr,
+        tunnel: Mutex::new(tunnel),
+    });
+
+    let admin = match &config.admin {
+        Some(section) => {
+            let api = Arc::new(admin::AdminApi {
+                relay: relay.clone(),
+            });
+            let server =
+                xpart_daemon::admin::serve(section.listen, api).map_err(|source| Error::Admin {
+                    addr: section.listen,
+                    source,
+                })?;
+            Some(server)
+        }
+        None => None,
+    };
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let serving = tokio::spawn(service::serve(listener, relay.clone(), stopped));
+    tracing::info!(
+        service = %service_addr,
+        admin = ?admin.as_ref().map(|a| a.local_addr()),
+        upstream = %relay.upstream.endpoint_url(),
+        region = %relay.region,
+        echo_model = ?relay.echo_model,
+        "relay started"
+    );
+    Ok(RelayHandle {
+        relay,
+        service_addr,
+        udp_addr,
+        admin,
+        audit,
+        stop,
+        serving,
+        refresher,
+    })
+}
+
+/// A running relay.
+pub struct RelayHandle {
+    relay: Arc<Relay>,
+    service_addr: SocketAddr,
+    udp_addr: Option<SocketAddr>,
+    admin: Option<xpart_daemon::admin::AdminServer>,
+    audit: AuditLog,
+    stop: tokio::sync::watch::Sender<bool>,
+    serving: tokio::task::JoinHandle<()>,
+    refresher: tokio::task::JoinHandle<()>,
+}
+
+impl RelayHandle {
+    /// The service address (on the tunnel IP, or loopback in host mode).
+    pub fn service_addr(&self) -> SocketAddr {
+        self.service_addr
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.local_addr())
+    }
+
+    /// The WireGuard UDP socket; `None` in host mode.
+    pub fn udp_addr(&self) -> Option<SocketAddr> {
+        self.udp_addr
+    }
+
+    /// Stop accepting, end open connections, flush the audit log and bring the tunnel down.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.serving.await;
+        self.refresher.abort();
+        if let Some(admin) = self.admin {
+            admin.shutdown().await;
+        }
+        self.audit.close().await;
+        let tunnel = match self.relay.tunnel.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(tunnel) = tunnel {
+            tunnel.shutdown().await;
+        }
+    }
+}
+
+/// What every request handler shares.
+pub(crate) struct Relay {
+    policy: Policy,
+    rewriter: Rewriter,
+    credentials: Arc<CredentialSource>,
+    upstream: Upstream,
+    echo_model: Option<String>,
+    region: String,
+    audit: AuditLog,
+    metrics: Arc<Metrics>,
+    draining: AtomicBool,
+    idle_timeout: Duration,
+    service_addr: SocketAddr,
+    tunnel: Mutex<Option<Tunnel>>,
+}
+
+impl Relay {
+    fn is_echo(&self, model: &ModelId) -> bool {
+        self.echo_model.as_deref() == Some(model.as_str())
+    }
+
+    fn peer_stats(&self) -> Vec<PeerStats> {
+        match self.tunnel.lock() {
+            Ok(slot) => slot.as_ref().map(Tunnel::peer_stats).unwrap_or_default(),
+            Err(poisoned) => poisoned
+                .into_inner()
+                .as_ref()
+                .map(Tunnel::peer_stats)
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Bring up WireGuard with one peer per configured agent; `None` in host mode.
+async fn start_tunnel(config: &RelayConfig) -> Result<Option<Tunnel>, Error> {
+    let mode = match config.tunnel.mode {
+        TunnelMode::Host => return Ok(None),
+        TunnelMode::Kernel => xpart_tunnel::Mode::Kernel,
+        TunnelMode::Userspace => xpart_tunnel::Mode::Userspace,
+    };
+    let (Some(key_file), Some(address)) = (&config.tunnel.private_key_file, config.tunnel.address)
+    else {
+        return Err(Error::Tunnel(
+            "[tunnel] private_key_file and address are required outside host mode".into(),
+        ));
+    };
+    let key_file = config.resolve_path(key_file);
+    let private_key = xpart_tunnel::keys::read_private_key_file(&key_file)
+        .map_err(|e| Error::Tunnel(e.to_string()))?;
+    let mut peers = Vec::new();
+    for agent in &config.agents {
+        let Some(key) = &agent.public_key else {
+            return Err(Error::Tunnel(format!(
+                "agent {} has no public_key",
+                agent.name
+            )));
+        };
+        let public_key = xpart_tunnel::PublicKey::from_base64(key)
+            .map_err(|e| Error::Tunnel(format!("agent {} public_key: {e}", agent.name)))?;
+        peers.push(PeerConfig {
+            name: agent.name.clone(),
+            public_key,
+            endpoint: agent.endpoint,
+            allowed_ips: vec![ipnet::IpNet::from(agent.tunnel_address)],
+            persistent_keepalive: agent.persistent_keepalive,
+            preshared_key: None,
+        });
+    }
+    let tunnel = Tunnel::start(TunnelConfig {
+        private_key,
+        address,
+        mode,
+        listen: Some(SocketAddr::new(
+            config.tunnel.bind_address,
+            config.tunnel.listen_port,
+        )),
+        mtu: config.tunnel.mtu,
+        interface_name: config.tunnel.interface_name.clone(),
+        peers,
+    })
+    .await
+    .map_err(|e| Error::Tunnel(e.to_string()))?;
+    Ok(Some(tunnel))
+}

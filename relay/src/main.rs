@@ -1,0 +1,75 @@
+//! `xpart-relay --config relay.toml [--check]`: validate the configuration (and stop there with
+//! `--check`), start the relay, print one JSON line with the bound addresses on stdout, and run
+//! until SIGINT/SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use xpart_relay::config::RelayConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "xpart-relay",
+    version,
+    about = "Commercial-side xpart appliance: policy-checked SigV4 signer for Bedrock"
+)]
+struct Args {
+    /// The relay configuration (see config/relay.example.toml).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Validate the configuration, print every problem found, and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match RelayConfig::load(&args.config) {
+        Ok(config) => config,
+        Err(diagnostics) => {
+            eprintln!("{diagnostics}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        println!("{}: ok", args.config.display());
+        return ExitCode::SUCCESS;
+    }
+    xpart_daemon::logging::init("relay");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("xpart-relay: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(config))
+}
+
+async fn run(config: RelayConfig) -> ExitCode {
+    let handle = match xpart_relay::start(config).await {
+        Ok(handle) => handle,
+        Err(err) => {
+            tracing::error!("cannot start: {err}");
+            eprintln!("xpart-relay: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listening = serde_json::json!({
+        "event": "listening",
+        "service": handle.service_addr().to_string(),
+        "admin": handle.admin_addr().map(|a| a.to_string()),
+        "udp": handle.udp_addr().map(|a| a.to_string()),
+    });
+    println!("{listening}");
+    match xpart_daemon::shutdown::signal().await {
+        Ok(stop) => tracing::info!("stopping on {stop:?}"),
+        Err(err) => tracing::error!("cannot wait for signals ({err}); stopping"),
+    }
+    handle.shutdown().await;
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,198 @@
+//! The relay's Prometheus metrics. Model labels carry only models that passed the policy,
+//! so callers cannot grow the label set with made-up IDs.
+
+use std::time::{Duration, SystemTime};
+
+use prometheus::{
+    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+use xpart_tunnel::PeerStats;
+
+use crate::credentials::Status;
+
+/// Buckets up to 15 minutes: whole generations are measured, not just first bytes.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0,
+];
+
+pub struct Metrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    upstream_latency: HistogramVec,
+    upstream_errors: IntCounterVec,
+    in_flight: IntGauge,
+    credentials_available: IntGauge,
+    credentials_expiry: Gauge,
+    peer_bytes: IntGaugeVec,
+    peer_packets: IntGaugeVec,
+    peer_handshake: GaugeVec,
+    peer_drops: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "xpart_relay_requests_total",
+                "Requests by operation, model and status",
+            ),
+            &["operation", "model", "status"],
+        )?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "xpart_relay_request_duration_seconds",
+                "Time from request arrival to the last response byte",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["operation"],
+        )?;
+        let upstream_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "xpart_relay_upstream_first_byte_seconds",
+                "Time from sending upstream to the response head",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["operation"],
+        )?;
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "xpart_relay_upstream_errors_total",
+                "Upstream failures: unavailable, timeout, stream_error, idle_timeout",
+            ),
+            &["kind"],
+        )?;
+        let in_flight = IntGauge::new("xpart_relay_in_flight", "Requests being handled")?;
+        let credentials_available = IntGauge::new(
+            "xpart_relay_credentials_available",
+            "1 when the relay holds AWS credentials",
+        )?;
+        let credentials_expiry = Gauge::new(
+            "xpart_relay_credentials_expiry_timestamp_seconds",
+            "Unix time the current AWS credentials expire (0: none or no expiry)",
+        )?;
+        let peer_bytes = IntGaugeVec::new(
+            Opts::new(
+                "xpart_tunnel_peer_bytes",
+                "Tunnel bytes by peer and direction",
+            ),
+            &["peer", "direction"],
+        )?;
+        let peer_packets = IntGaugeVec::new(
+            Opts::new(
+                "xpart_tunnel_peer_packets",
+                "Tunnel packets by peer and direction",
+            ),
+            &["peer", "direction"],
+        )?;
+        let peer_handshake = GaugeVec::new(
+            Opts::new(
+                "xpart_tunnel_peer_last_handshake_timestamp_seconds",
+                "Unix time of the last WireGuard handshake with the peer",
+            ),
+            &["peer"],
+        )?;
+        let peer_drops = IntGaugeVec::new(
+            Opts::new(
+                "xpart_tunnel_peer_drops",
+                "Tunnel packets dropped by peer and reason",
+            ),
+            &["peer", "reason"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(latency.clone()))?;
+        registry.register(Box::new(upstream_latency.clone()))?;
+        registry.register(Box::new(upstream_errors.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(credentials_available.clone()))?;
+        registry.register(Box::new(credentials_expiry.clone()))?;
+        registry.register(Box::new(peer_bytes.clone()))?;
+        registry.register(Box::new(peer_packets.clone()))?;
+        registry.register(Box::new(peer_handshake.clone()))?;
+        registry.register(Box::new(peer_drops.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            latency,
+            upstream_latency,
+            upstream_errors,
+            in_flight,
+            credentials_available,
+            credentials_expiry,
+            peer_bytes,
+            peer_packets,
+            peer_handshake,
+            peer_drops,
+        })
+    }
+
+    pub fn started(&self) {
+        self.in_flight.inc();
+    }
+
+    pub fn finished(&self, operation: &str, model: &str, status: u16, latency: Duration) {
+        self.in_flight.dec();
+        self.requests
+            .with_label_values(&[operation, model, &status.to_string()])
+            .inc();
+        self.latency
+            .with_label_values(&[operation])
+            .observe(latency.as_secs_f64());
+    }
+
+    pub fn upstream_answered(&self, operation: &str, latency: Duration) {
+        self.upstream_latency
+            .with_label_values(&[operation])
+            .observe(latency.as_secs_f64());
+    }
+
+    pub fn upstream_error(&self, kind: &str) {
+        self.upstream_errors.with_label_values(&[kind]).inc();
+    }
+
+    /// Refresh the gauges read from elsewhere just before a scrape.
+    pub fn observe(&self, credentials: &Status, peers: &[PeerStats]) {
+        match credentials {
+            Status::Available { expiry } => {
+                self.credentials_available.set(1);
+                self.credentials_expiry
+                    .set(expiry.map(unix_seconds).unwrap_or(0.0));
+            }
+            Status::Missing { .. } => {
+                self.credentials_available.set(0);
+                self.credentials_expiry.set(0.0);
+            }
+        }
+        for peer in peers {
+            let name = peer.name.as_str();
+            self.peer_bytes
+                .with_label_values(&[name, "rx"])
+                .set(peer.rx_bytes as i64);
+            self.peer_bytes
+                .with_label_values(&[name, "tx"])
+                .set(peer.tx_bytes as i64);
+            self.peer_packets
+                .with_label_values(&[name, "rx"])
+                .set(peer.rx_packets as i64);
+            self.peer_packets
+                .with_label_values(&[name, "tx"])
+                .set(peer.tx_packets as i64);
+            self.peer_handshake
+                .with_label_values(&[name])
+                .set(peer.last_handshake.map(unix_seconds).unwrap_or(0.0));
+            for (reason, count) in &peer.drops {
+                self.peer_drops
+                    .with_label_values(&[name, reason])
+                    .set(*count as i64);
+            }
+        }
+    }
+}
+
+pub fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}

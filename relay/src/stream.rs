@@ -1,0 +1,113 @@
+//! Pass an upstream response body to the agent frame by frame as it arrives (event-stream
+//! responses included: nothing is gathered first), count its bytes, stop it when upstream goes
+//! quiet for longer than the idle timeout, and report how it ended exactly once.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How a relayed body ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    Complete,
+    UpstreamError(String),
+    IdleTimeout(Duration),
+    /// The agent stopped reading (dropped the stream) before the end.
+    Abandoned,
+}
+
+pub type OnEnd = Box<dyn FnOnce(Ending, u64) + Send + 'static>;
+
+pub struct Relayed {
+    inner: Incoming,
+    idle: Duration,
+    timer: Pin<Box<Sleep>>,
+    bytes: u64,
+    on_end: Option<OnEnd>,
+}
+
+impl Relayed {
+    pub fn new(inner: Incoming, idle: Duration, on_end: OnEnd) -> Relayed {
+        Relayed {
+            inner,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            bytes: 0,
+            on_end: Some(on_end),
+        }
+    }
+
+    fn end(&mut self, ending: Ending) {
+        if let Some(on_end) = self.on_end.take() {
+            on_end(ending, self.bytes);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("upstream sent nothing for {0:?}; stream stopped")]
+struct IdleTimeout(Duration);
+
+impl Body for Relayed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+                let deadline = Instant::now() + this.idle;
+                this.timer.as_mut().reset(deadline);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => {
+                this.end(Ending::UpstreamError(crate::upstream::describe(&err)));
+                Poll::Ready(Some(Err(Box::new(err))))
+            }
+            Poll::Ready(None) => {
+                this.end(Ending::Complete);
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if this.timer.as_mut().poll(cx).is_ready() {
+                    let idle = this.idle;
+                    this.end(Ending::IdleTimeout(idle));
+                    return Poll::Ready(Some(Err(Box::new(IdleTimeout(idle)))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Relayed {
+    fn drop(&mut self) {
+        if self.inner.is_end_stream() {
+            self.end(Ending::Complete);
+        } else {
+            self.end(Ending::Abandoned);
+        }
+    }
+}
