@@ -1,0 +1,339 @@
+//! `xpart ca`: the private CA that callers trust through `AWS_CA_BUNDLE`, and the leaf
+//! certificate the agent's TLS front presents for the Bedrock names and its own addresses.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use serde::Serialize;
+use time::{Duration, OffsetDateTime};
+
+use crate::{files, Error};
+
+const CA_CERT_FILE: &str = "ca.pem";
+const CA_KEY_FILE: &str = "ca.key";
+/// Backdating absorbs clock skew between the machine issuing and the callers verifying.
+const BACKDATE: Duration = Duration::hours(1);
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a private CA: DIR/ca.pem (give it to callers) and DIR/ca.key (0600, keep it safe).
+    #[command(after_help = "\
+Examples:
+  xpart ca init --dir /etc/xpart/ca
+  xpart ca init --dir ca --name 'Example Corp xpart CA' --days 3650")]
+    Init {
+        /// Directory for ca.pem and ca.key (created if missing).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "xpart private CA")]
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: i64,
+        /// Replace an existing CA (certificates it issued stop verifying).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue the agent's TLS certificate: the Bedrock runtime names and the agent's IPs as SANs.
+    #[command(after_help = "\
+Examples:
+  xpart ca issue --ca-dir ca --region us-east-1 --ip 10.0.1.10 --out front
+      -> front.pem (certificate + CA chain) and front.key (0600) for agent.toml [front]
+  xpart ca issue --ca-dir ca --name bedrock-runtime.us-west-2.amazonaws.com --name localhost --ip 127.0.0.1")]
+    Issue {
+        /// Directory holding ca.pem and ca.key from `xpart ca init`.
+        #[arg(long, default_value = ".")]
+        ca_dir: PathBuf,
+        /// Bedrock region the agent answers for; adds bedrock-runtime.REGION.amazonaws.com
+        /// (repeatable).
+        #[arg(long = "region", value_name = "REGION")]
+        regions: Vec<String>,
+        /// Extra DNS name (repeatable).
+        #[arg(long = "name", value_name = "DNS_NAME")]
+        names: Vec<String>,
+        /// Agent address callers may dial directly (repeatable).
+        #[arg(long = "ip", value_name = "ADDRESS")]
+        ips: Vec<IpAddr>,
+        /// Output prefix: writes PREFIX.pem and PREFIX.key.
+        #[arg(long, default_value = "front")]
+        out: PathBuf,
+        /// Validity in days (browsers cap at 398; SDKs do not).
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+        /// Replace existing output files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Serialize)]
+struct InitReport {
+    ca_cert: PathBuf,
+    ca_key: PathBuf,
+    not_after: String,
+}
+
+#[derive(Debug, Serialize)]
+struct IssueReport {
+    cert: PathBuf,
+    key: PathBuf,
+    dns_names: Vec<String>,
+    ip_addresses: Vec<IpAddr>,
+    not_after: String,
+    ca_bundle: PathBuf,
+}
+
+pub fn run(command: CaCommand, json: bool) -> Result<ExitCode, Error> {
+    match command {
+        CaCommand::Init {
+            dir,
+            name,
+            days,
+            force,
+        } => {
+            let report = init(&dir, &name, days, force)?;
+            print_init(&report, json);
+        }
+        CaCommand::Issue {
+            ca_dir,
+            regions,
+            names,
+            ips,
+            out,
+            days,
+            force,
+        } => {
+            let dns_names = leaf_dns_names(&regions, &names)?;
+            let report = issue(&ca_dir, dns_names, ips, &out, days, force)?;
+            print_issue(&report, json);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init(dir: &Path, name: &str, days: i64, force: bool) -> Result<InitReport, Error> {
+    check_days(days)?;
+    let cert_path = dir.join(CA_CERT_FILE);
+    let key_path = dir.join(CA_KEY_FILE);
+    files::refuse_existing(&[&cert_path, &key_path], force)?;
+    std::fs::create_dir_all(dir)
+        .map_err(|err| Error::file(dir, format!("cannot create directory: {err}")))?;
+
+    let now = OffsetDateTime::now_utc();
+    let mut params = CertificateParams::default();
+    params.distinguished_name = distinguished_name(name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = now - BACKDATE;
+    params.not_after = now + Duration::days(days);
+    let key = KeyPair::generate().map_err(certificate_error)?;
+    let cert = params.self_signed(&key).map_err(certificate_error)?;
+
+    files::write_secret(&key_path, &key.serialize_pem(), force)?;
+    files::write_public(&cert_path, &cert.pem(), force)?;
+    Ok(InitReport {
+        ca_cert: cert_path,
+        ca_key: key_path,
+        not_after: params.not_after.date().to_string(),
+    })
+}
+
+fn leaf_dns_names(regions: &[String], names: &[String]) -> Result<Vec<String>, Error> {
+    let mut dns_names = Vec::new();
+    for region in regions {
+        let valid = !region.is_empty()
+            && region
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !valid {
+            return Err(Error::Usage(format!(
+                "--region {region:?} is not a region name like us-east-1 or us-gov-west-1"
+            )));
+        }
+        dns_names.push(format!("bedrock-runtime.{region}.amazonaws.com"));
+    }
+    dns_names.extend(names.iter().cloned());
+    if dns_names.is_empty() {
+        return Err(Error::Usage(
+            "name the certificate: give --region REGION (for bedrock-runtime.REGION.amazonaws.com) or --name DNS_NAME".into(),
+        ));
+    }
+    dns_names.dedup();
+    Ok(dns_names)
+}
+
+fn issue(
+    ca_dir: &Path,
+    dns_names: Vec<String>,
+    ips: Vec<IpAddr>,
+    out: &Path,
+    days: i64,
+    force: bool,
+) -> Result<IssueReport, Error> {
+    check_days(days)?;
+    let ca_cert_path = ca_dir.join(CA_CERT_FILE);
+    let ca_key_path = ca_dir.join(CA_KEY_FILE);
+    let cert_path = PathBuf::from(format!("{}.pem", out.display()));
+    let key_path = PathBuf::from(format!("{}.key", out.display()));
+    files::refuse_existing(&[&cert_path, &key_path], force)?;
+
+    let ca_cert_pem = files::read_text(&ca_cert_path, "the CA certificate (run `xpart ca init`)")?;
+    let ca_key_pem = files::read_secret(&ca_key_path, "the CA private key")?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem)
+        .map_err(|err| Error::file(&ca_key_path, format!("not a PEM private key: {err}")))?;
+    check_key_matches_cert(&ca_cert_pem, &ca_key, &ca_cert_path, &ca_key_path)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_cert_pem, ca_key)
+        .map_err(|err| Error::file(&ca_cert_path, format!("not a CA certificate: {err}")))?;
+
+    let now = OffsetDateTime::now_utc();
+    let mut params = CertificateParams::new(dns_names.clone())
+        .map_err(|err| Error::Usage(format!("invalid DNS name: {err}")))?;
+    params
+        .subject_alt_names
+        .extend(ips.iter().copied().map(SanType::IpAddress));
+    params.distinguished_name = distinguished_name(&dns_names[0]);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = now - BACKDATE;
+    params.not_after = now + Duration::days(days);
+    let key = KeyPair::generate().map_err(certificate_error)?;
+    let cert = params.signed_by(&key, &issuer).map_err(certificate_error)?;
+
+    files::write_secret(&key_path, &key.serialize_pem(), force)?;
+    let chain = format!("{}{}", cert.pem(), ca_cert_pem);
+    files::write_public(&cert_path, &chain, force)?;
+    Ok(IssueReport {
+        cert: cert_path,
+        key: key_path,
+        dns_names,
+        ip_addresses: ips,
+        not_after: params.not_after.date().to_string(),
+        ca_bundle: ca_cert_path,
+    })
+}
+
+fn check_days(days: i64) -> Result<(), Error> {
+    if (1..=36500).contains(&days) {
+        return Ok(());
+    }
+    Err(Error::Usage(format!(
+        "--days {days} is out of range (1..=36500)"
+    )))
+}
+
+fn distinguished_name(common_name: &str) -> DistinguishedName {
+    let mut name = DistinguishedName::new();
+    name.push(DnType::OrganizationName, "xpart");
+    name.push(DnType::CommonName, common_name);
+    name
+}
+
+/// A CA key that does not belong to the CA certificate would produce leaves that no caller
+/// can verify; catch it before writing anything.
+fn check_key_matches_cert(
+    cert_pem: &str,
+    key: &KeyPair,
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(), Error> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+        .map_err(|err| Error::file(cert_path, format!("not a PEM certificate: {err}")))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|err| Error::file(cert_path, format!("not an X.509 certificate: {err}")))?;
+    if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        return Err(Error::file(
+            key_path,
+            format!(
+                "this key does not belong to the CA certificate {}; use the ca.key written with it",
+                cert_path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn certificate_error(err: rcgen::Error) -> Error {
+    Error::Usage(format!("cannot build the certificate: {err}"))
+}
+
+fn print_init(report: &InitReport, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(report).unwrap_or_default());
+        return;
+    }
+    println!("CA certificate: {}", report.ca_cert.display());
+    println!("CA private key: {} (mode 600; anyone holding it can impersonate the agent to your callers: keep it off the appliances)", report.ca_key.display());
+    println!("Valid until:    {}", report.not_after);
+    println!();
+    println!("Next, issue the agent's certificate:");
+    println!(
+        "  xpart ca issue --ca-dir {} --region REGION --ip AGENT_IP",
+        report
+            .ca_cert
+            .parent()
+            .map(Path::display)
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| ".".into())
+    );
+    print_bundle_instructions(&report.ca_cert);
+}
+
+fn print_issue(report: &IssueReport, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(report).unwrap_or_default());
+        return;
+    }
+    println!("Certificate: {} (with the CA chain)", report.cert.display());
+    println!("Private key: {} (mode 600)", report.key.display());
+    println!("DNS names:   {}", report.dns_names.join(", "));
+    if !report.ip_addresses.is_empty() {
+        let ips: Vec<String> = report
+            .ip_addresses
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        println!("IP SANs:     {}", ips.join(", "));
+    }
+    println!("Valid until: {}", report.not_after);
+    println!();
+    println!("In agent.toml:");
+    println!("  [front]");
+    println!("  cert_file = {:?}", report.cert.display().to_string());
+    println!("  key_file = {:?}", report.key.display().to_string());
+    print_bundle_instructions(&report.ca_bundle);
+}
+
+fn print_bundle_instructions(ca_cert: &Path) {
+    println!();
+    println!("On each caller, trust the CA for Bedrock calls:");
+    println!(
+        "  export AWS_CA_BUNDLE=/path/to/{}",
+        ca_cert
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| CA_CERT_FILE.into())
+    );
+    println!(
+        "AWS_CA_BUNDLE replaces the SDK's trust store for every AWS endpoint: if the caller also"
+    );
+    println!(
+        "reaches other AWS services directly, give it a bundle with the system CAs and this one:"
+    );
+    println!(
+        "  cat /etc/pki/tls/certs/ca-bundle.crt {} > xpart-bundle.pem",
+        ca_cert.display()
+    );
+}

@@ -1,0 +1,548 @@
+//! The EC2 side of failover: read the state a [`Plan`] is computed from, and apply a plan.
+//! Every SDK error leaves this module as an [`Error::Aws`] naming the operation and what to
+//! do about it; throttling is retried by the SDK's standard retry strategy with backoff.
+
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::types::{AttributeBooleanValue, Filter};
+use aws_sdk_ec2::Client;
+
+use super::plan::{
+    Action, AddressState, InstanceState, InterfaceIp, InterfaceState, Plan, RouteState,
+    RouteTableState,
+};
+use super::{AwsArgs, StandbyArgs, PAIR_TAG, ROLE_TAG};
+use crate::Error;
+
+/// Attempts per call; throttling (RequestLimitExceeded) backs off exponentially between them.
+const MAX_ATTEMPTS: u32 = 6;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Ec2 {
+    client: Client,
+}
+
+/// The interface that traffic moves to, and where it lives.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Standby {
+    pub instance_id: Option<String>,
+    pub network_interface_id: String,
+    pub vpc_id: Option<String>,
+}
+
+/// What one applied action did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Applied {
+    pub action: Action,
+    /// `false` when the executor found the change already made (e.g. EC2 had released the IP).
+    pub changed: bool,
+}
+
+impl Ec2 {
+    pub async fn connect(args: &AwsArgs) -> Result<Ec2, Error> {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(MAX_ATTEMPTS)
+                    .with_initial_backoff(Duration::from_millis(200)),
+            )
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .operation_timeout(OPERATION_TIMEOUT)
+                    .build(),
+            );
+        if let Some(region) = &args.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some(profile) = &args.profile {
+            loader = loader.profile_name(profile);
+        }
+        if let Some(endpoint) = &args.endpoint_url {
+            loader = loader.endpoint_url(endpoint);
+        }
+        let config = loader.load().await;
+        if config.region().is_none() {
+            return Err(Error::Usage(
+                "no AWS region: pass --region, or set AWS_REGION or a region in the profile".into(),
+            ));
+        }
+        Ok(Ec2 {
+            client: Client::new(&config),
+        })
+    }
+
+    pub async fn resolve_standby(&self, args: &StandbyArgs) -> Result<Standby, Error> {
+        if let Some(eni) = &args.to_eni {
+            return self.standby_from_interface(eni).await;
+        }
+        let instance_id = match (&args.to_instance, &args.pair) {
+            (Some(instance), _) => instance.clone(),
+            (None, Some(pair)) => self.instance_by_tags(pair, &args.role).await?,
+            (None, None) => {
+                return Err(Error::Usage(
+                    "name the standby: --to-eni ENI, --to-instance ID, or --pair NAME (finds the instance tagged xpart:pair=NAME, xpart:role=standby)".into(),
+                ))
+            }
+        };
+        self.standby_from_instance(&instance_id).await
+    }
+
+    async fn standby_from_interface(&self, eni: &str) -> Result<Standby, Error> {
+        let output = self
+            .client
+            .describe_network_interfaces()
+            .network_interface_ids(eni)
+            .send()
+            .await
+            .map_err(|err| aws_error("DescribeNetworkInterfaces", err))?;
+        let Some(interface) = output.network_interfaces().first() else {
+            return Err(not_found("network interface", eni));
+        };
+        Ok(Standby {
+            instance_id: interface
+                .attachment()
+                .and_then(|attachment| attachment.instance_id())
+                .map(str::to_string),
+            network_interface_id: eni.to_string(),
+            vpc_id: interface.vpc_id().map(str::to_string),
+        })
+    }
+
+    async fn standby_from_instance(&self, instance_id: &str) -> Result<Standby, Error> {
+        let output = self
+            .client
+            .describe_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+            .map_err(|err| aws_error("DescribeInstances", err))?;
+        let Some(instance) = output
+            .reservations()
+            .iter()
+            .flat_map(|reservation| reservation.instances())
+            .next()
+        else {
+            return Err(not_found("instance", instance_id));
+        };
+        // The primary interface (device index 0) carries the instance's routes and IPs.
+        let primary = instance
+            .network_interfaces()
+            .iter()
+            .find(|interface| {
+                interface
+                    .attachment()
+                    .and_then(|attachment| attachment.device_index())
+                    == Some(0)
+            })
+            .or_else(|| instance.network_interfaces().first());
+        let Some(eni) = primary.and_then(|interface| interface.network_interface_id()) else {
+            return Err(Error::Aws {
+                operation: "DescribeInstances".into(),
+                message: format!("instance {instance_id} has no network interface; is it running?"),
+            });
+        };
+        Ok(Standby {
+            instance_id: Some(instance_id.to_string()),
+            network_interface_id: eni.to_string(),
+            vpc_id: instance.vpc_id().map(str::to_string),
+        })
+    }
+
+    /// Exactly one instance may carry a pair's role tag: two would make the target ambiguous.
+    async fn instance_by_tags(&self, pair: &str, role: &str) -> Result<String, Error> {
+        let ids = self.instances_tagged(pair, Some(role)).await?;
+        match ids.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Err(Error::Aws {
+                operation: "DescribeInstances".into(),
+                message: format!(
+                    "no running instance tagged {PAIR_TAG}={pair} and {ROLE_TAG}={role}; tag the standby agent, or pass --to-instance"
+                ),
+            }),
+            many => Err(Error::Aws {
+                operation: "DescribeInstances".into(),
+                message: format!(
+                    "{} instances are tagged {PAIR_TAG}={pair}, {ROLE_TAG}={role} ({}); tag exactly one, or pass --to-instance",
+                    many.len(),
+                    many.join(", ")
+                ),
+            }),
+        }
+    }
+
+    pub async fn instances_tagged(
+        &self,
+        pair: &str,
+        role: Option<&str>,
+    ) -> Result<Vec<String>, Error> {
+        let mut request = self
+            .client
+            .describe_instances()
+            .filters(filter(&format!("tag:{PAIR_TAG}"), pair))
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .values("pending")
+                    .values("running")
+                    .values("stopping")
+                    .values("stopped")
+                    .build(),
+            );
+        if let Some(role) = role {
+            request = request.filters(filter(&format!("tag:{ROLE_TAG}"), role));
+        }
+        let output = request
+            .send()
+            .await
+            .map_err(|err| aws_error("DescribeInstances", err))?;
+        let mut ids: Vec<String> = output
+            .reservations()
+            .iter()
+            .flat_map(|reservation| reservation.instances())
+            .filter_map(|instance| instance.instance_id().map(str::to_string))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    pub async fn route_tables(
+        &self,
+        ids: &[String],
+        tag: Option<(&str, &str)>,
+    ) -> Result<Vec<RouteTableState>, Error> {
+        let mut request = self.client.describe_route_tables();
+        for id in ids {
+            request = request.route_table_ids(id);
+        }
+        if let Some((key, value)) = tag {
+            request = request.filters(filter(&format!("tag:{key}"), value));
+        }
+        let output = request
+            .send()
+            .await
+            .map_err(|err| aws_error("DescribeRouteTables", err))?;
+        let tables = output
+            .route_tables()
+            .iter()
+            .map(|table| RouteTableState {
+                id: table.route_table_id().unwrap_or_default().to_string(),
+                routes: table
+                    .routes()
+                    .iter()
+                    .filter_map(|route| {
+                        Some(RouteState {
+                            destination_cidr: route.destination_cidr_block()?.to_string(),
+                            target: route_target(route),
+                            network_interface_id: route.network_interface_id().map(str::to_string),
+                        })
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(tables)
+    }
+
+    pub async fn interfaces_in_vpc(
+        &self,
+        vpc_id: Option<&str>,
+    ) -> Result<Vec<InterfaceState>, Error> {
+        let mut request = self.client.describe_network_interfaces();
+        if let Some(vpc_id) = vpc_id {
+            request = request.filters(filter("vpc-id", vpc_id));
+        }
+        // Scanned here rather than filtered by `addresses.private-ip-address`: the filter
+        // is not applied to secondary addresses by every EC2 implementation.
+        let output = request
+            .send()
+            .await
+            .map_err(|err| aws_error("DescribeNetworkInterfaces", err))?;
+        let interfaces = output
+            .network_interfaces()
+            .iter()
+            .map(|interface| InterfaceState {
+                id: interface
+                    .network_interface_id()
+                    .unwrap_or_default()
+                    .to_string(),
+                private_ips: interface
+                    .private_ip_addresses()
+                    .iter()
+                    .filter_map(|ip| {
+                        Some(InterfaceIp {
+                            address: ip.private_ip_address()?.to_string(),
+                            primary: ip.primary().unwrap_or(false),
+                        })
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(interfaces)
+    }
+
+    pub async fn addresses(
+        &self,
+        allocation_ids: &[String],
+        public_ips: &[String],
+    ) -> Result<Vec<AddressState>, Error> {
+        let mut request = self.client.describe_addresses();
+        for id in allocation_ids {
+            request = request.allocation_ids(id);
+        }
+        for ip in public_ips {
+            request = request.public_ips(ip);
+        }
+        let output = request
+            .send()
+            .await
+            .map_err(|err| aws_error("DescribeAddresses", err))?;
+        let addresses: Vec<AddressState> = output
+            .addresses()
+            .iter()
+            .map(|address| AddressState {
+                allocation_id: address.allocation_id().unwrap_or_default().to_string(),
+                public_ip: address.public_ip().unwrap_or_default().to_string(),
+                network_interface_id: address.network_interface_id().map(str::to_string),
+                private_ip: address.private_ip_address().map(str::to_string),
+            })
+            .collect();
+        for wanted in allocation_ids {
+            if !addresses.iter().any(|a| &a.allocation_id == wanted) {
+                return Err(not_found("Elastic IP allocation", wanted));
+            }
+        }
+        for wanted in public_ips {
+            if !addresses.iter().any(|a| &a.public_ip == wanted) {
+                return Err(not_found("Elastic IP", wanted));
+            }
+        }
+        Ok(addresses)
+    }
+
+    pub async fn instances(&self, ids: &[String]) -> Result<Vec<InstanceState>, Error> {
+        let output = self
+            .client
+            .describe_instances()
+            .set_instance_ids(Some(ids.to_vec()))
+            .send()
+            .await
+            .map_err(|err| aws_error("DescribeInstances", err))?;
+        let instances: Vec<InstanceState> = output
+            .reservations()
+            .iter()
+            .flat_map(|reservation| reservation.instances())
+            .map(|instance| InstanceState {
+                id: instance.instance_id().unwrap_or_default().to_string(),
+                source_dest_check: instance.source_dest_check(),
+            })
+            .collect();
+        for wanted in ids {
+            if !instances.iter().any(|i| &i.id == wanted) {
+                return Err(not_found("instance", wanted));
+            }
+        }
+        Ok(instances)
+    }
+
+    /// Applies actions in order and stops at the first failure, reporting what was done
+    /// before it so a partial failover is visible.
+    pub async fn apply(&self, plan: &Plan) -> Result<Vec<Applied>, (Vec<Applied>, Error)> {
+        let mut applied = Vec::new();
+        for action in &plan.actions {
+            match self.apply_one(action).await {
+                Ok(changed) => applied.push(Applied {
+                    action: action.clone(),
+                    changed,
+                }),
+                Err(err) => return Err((applied, err)),
+            }
+        }
+        Ok(applied)
+    }
+
+    async fn apply_one(&self, action: &Action) -> Result<bool, Error> {
+        match action {
+            Action::ReplaceRoute {
+                route_table_id,
+                destination_cidr,
+                network_interface_id,
+                ..
+            } => {
+                self.client
+                    .replace_route()
+                    .route_table_id(route_table_id)
+                    .destination_cidr_block(destination_cidr)
+                    .network_interface_id(network_interface_id)
+                    .send()
+                    .await
+                    .map_err(|err| aws_error("ReplaceRoute", err))?;
+            }
+            Action::CreateRoute {
+                route_table_id,
+                destination_cidr,
+                network_interface_id,
+            } => {
+                self.client
+                    .create_route()
+                    .route_table_id(route_table_id)
+                    .destination_cidr_block(destination_cidr)
+                    .network_interface_id(network_interface_id)
+                    .send()
+                    .await
+                    .map_err(|err| aws_error("CreateRoute", err))?;
+            }
+            Action::AssignPrivateIp {
+                network_interface_id,
+                private_ip,
+                ..
+            } => {
+                self.client
+                    .assign_private_ip_addresses()
+                    .network_interface_id(network_interface_id)
+                    .private_ip_addresses(private_ip)
+                    .allow_reassignment(true)
+                    .send()
+                    .await
+                    .map_err(|err| aws_error("AssignPrivateIpAddresses", err))?;
+            }
+            Action::UnassignPrivateIp {
+                network_interface_id,
+                private_ip,
+            } => {
+                if !self
+                    .interface_holds(network_interface_id, private_ip)
+                    .await?
+                {
+                    return Ok(false);
+                }
+                self.client
+                    .unassign_private_ip_addresses()
+                    .network_interface_id(network_interface_id)
+                    .private_ip_addresses(private_ip)
+                    .send()
+                    .await
+                    .map_err(|err| aws_error("UnassignPrivateIpAddresses", err))?;
+            }
+            Action::AssociateAddress {
+                allocation_id,
+                network_interface_id,
+                private_ip,
+                ..
+            } => {
+                self.client
+                    .associate_address()
+                    .allocation_id(allocation_id)
+                    .network_interface_id(network_interface_id)
+                    .set_private_ip_address(private_ip.clone())
+                    .allow_reassociation(true)
+                    .send()
+                    .await
+                    .map_err(|err| aws_error("AssociateAddress", err))?;
+            }
+            Action::SetSourceDestCheck {
+                instance_id,
+                enabled,
+            } => {
+                self.client
+                    .modify_instance_attribute()
+                    .instance_id(instance_id)
+                    .source_dest_check(AttributeBooleanValue::builder().value(*enabled).build())
+                    .send()
+                    .await
+                    .map_err(|err| aws_error("ModifyInstanceAttribute", err))?;
+            }
+        }
+        Ok(true)
+    }
+
+    async fn interface_holds(&self, eni: &str, ip: &str) -> Result<bool, Error> {
+        let output = self
+            .client
+            .describe_network_interfaces()
+            .network_interface_ids(eni)
+            .send()
+            .await
+            .map_err(|err| aws_error("DescribeNetworkInterfaces", err))?;
+        Ok(output
+            .network_interfaces()
+            .iter()
+            .flat_map(|interface| interface.private_ip_addresses())
+            .any(|held| held.private_ip_address() == Some(ip)))
+    }
+}
+
+fn filter(name: &str, value: &str) -> Filter {
+    Filter::builder().name(name).values(value).build()
+}
+
+fn route_target(route: &aws_sdk_ec2::types::Route) -> String {
+    let target = route
+        .network_interface_id()
+        .or(route.instance_id())
+        .or(route.nat_gateway_id())
+        .or(route.transit_gateway_id())
+        .or(route.vpc_peering_connection_id())
+        .or(route.gateway_id());
+    match (target, route.state()) {
+        (_, Some(aws_sdk_ec2::types::RouteState::Blackhole)) => {
+            format!("blackhole ({})", target.unwrap_or("deleted target"))
+        }
+        (Some(target), _) => target.to_string(),
+        (None, _) => "unknown target".into(),
+    }
+}
+
+fn not_found(what: &str, id: &str) -> Error {
+    Error::Aws {
+        operation: "lookup".into(),
+        message: format!("{what} {id} not found; check the ID and the --region"),
+    }
+}
+
+/// Turns an SDK error into the operator's terms: what failed and what to check.
+fn aws_error<E, R>(operation: &str, err: SdkError<E, R>) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let code = err.code().map(str::to_string);
+    let detail = err
+        .message()
+        .map(str::to_string)
+        .unwrap_or_else(|| DisplayErrorContext(&err).to_string());
+    let hint = match (&err, code.as_deref()) {
+        (SdkError::DispatchFailure(_), _) => {
+            "cannot reach the EC2 endpoint or resolve credentials; check the network, --endpoint-url, and the credential chain (AWS_PROFILE, instance role)"
+        }
+        (SdkError::TimeoutError(_), _) => "the EC2 endpoint did not answer in time",
+        (_, Some("AuthFailure" | "UnrecognizedClientException" | "InvalidClientTokenId" | "SignatureDoesNotMatch")) => {
+            "the credentials were rejected; check AWS_PROFILE / the instance role, and that the region is in the credentials' partition (GovCloud keys work only in us-gov-* regions)"
+        }
+        (_, Some("UnauthorizedOperation" | "AccessDenied" | "AccessDeniedException")) => {
+            "IAM denies this call; grant it to the role running xpart (see the failover policy in images/)"
+        }
+        (_, Some(code)) if code.contains("NotFound") || code.contains("Malformed") => {
+            "an ID does not exist in this account and region; check it and --region"
+        }
+        (_, Some("RequestLimitExceeded" | "Throttling" | "ThrottlingException")) => {
+            "EC2 kept throttling after retries with backoff; try again shortly"
+        }
+        (_, Some("DryRunOperation")) => "dry run only",
+        _ => "",
+    };
+    let message = match (code, hint) {
+        (Some(code), "") => format!("{code}: {detail}"),
+        (Some(code), hint) => format!("{code}: {detail} — {hint}"),
+        (None, "") => detail,
+        (None, hint) => format!("{detail} — {hint}"),
+    };
+    Error::Aws {
+        operation: operation.to_string(),
+        message,
+    }
+}

@@ -1,0 +1,456 @@
+//! `xpart failover watch`: run on the standby agent. Every interval it checks the active
+//! agent (`/readyz` on its admin port, and optionally a probe request through its front);
+//! after N consecutive failures it moves traffic here, then holds down: no further move for
+//! the hold-down period, and never a move back (failing back is an operator's decision).
+//!
+//! The decision logic is [`Watchdog`], a plain state machine fed check results and the
+//! current `Instant`; the loop below only performs checks, EC2 calls and logging.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde::Serialize;
+
+use super::ec2::Ec2;
+use super::{plan_moves, AwsArgs, EipSpec, Moves, RouteSpec, StandbyArgs, VipSpec};
+use crate::admin::AdminUrl;
+use crate::probe::{Prober, TargetArgs};
+use crate::{duration, Error};
+
+/// What the loop should do after one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Healthy {
+        recovered: bool,
+    },
+    Failing {
+        consecutive: u32,
+    },
+    FailOver,
+    /// Failing, but a move happened recently; wait.
+    HeldDown {
+        remaining: Duration,
+    },
+}
+
+/// Counts consecutive failed checks and decides when to fail over.
+#[derive(Debug, Clone)]
+pub struct Watchdog {
+    threshold: u32,
+    hold_down: Duration,
+    retry_after_error: Duration,
+    consecutive: u32,
+    quiet_until: Option<Instant>,
+}
+
+impl Watchdog {
+    pub fn new(threshold: u32, hold_down: Duration, retry_after_error: Duration) -> Watchdog {
+        Watchdog {
+            threshold: threshold.max(1),
+            hold_down,
+            retry_after_error,
+            consecutive: 0,
+            quiet_until: None,
+        }
+    }
+
+    pub fn observe(&mut self, healthy: bool, now: Instant) -> Verdict {
+        if healthy {
+            let recovered = self.consecutive > 0;
+            self.consecutive = 0;
+            return Verdict::Healthy { recovered };
+        }
+        self.consecutive = self.consecutive.saturating_add(1);
+        if let Some(until) = self.quiet_until {
+            if now < until {
+                return Verdict::HeldDown {
+                    remaining: until - now,
+                };
+            }
+        }
+        if self.consecutive >= self.threshold {
+            return Verdict::FailOver;
+        }
+        Verdict::Failing {
+            consecutive: self.consecutive,
+        }
+    }
+
+    /// Traffic moved (or was already here): stay put for the hold-down period.
+    pub fn moved(&mut self, now: Instant) {
+        self.quiet_until = Some(now + self.hold_down);
+    }
+
+    /// The move failed (e.g. an AWS error): try again after a short pause, not every tick.
+    pub fn move_failed(&mut self, now: Instant) {
+        self.quiet_until = Some(now + self.retry_after_error);
+    }
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples (on the standby agent):
+  xpart failover watch --readyz http://10.0.1.10:9100/readyz --pair bedrock \\
+      --cidr 100.64.0.0/30 --ip 10.0.1.100 --failures 3 --hold-down 10m
+  xpart failover watch --readyz 10.0.1.10:9100 --probe --connect 10.0.1.10:443 --ca-bundle ca.pem \\
+      --to-instance i-0standby --cidr 100.64.0.0/30 --once --json
+
+It never moves traffic back: after a failover the operator decides when the old active
+returns (restore its role tags, then run `xpart failover route` towards it).")]
+pub struct WatchArgs {
+    /// The active agent's admin address or readiness URL (a bare HOST:PORT gets /readyz).
+    #[arg(long, value_name = "URL")]
+    pub readyz: Option<String>,
+    /// Also send a probe request through the active agent's front each check.
+    #[arg(long)]
+    pub probe: bool,
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Consecutive failed checks before failing over.
+    #[arg(long, default_value_t = 3)]
+    pub failures: u32,
+    /// Time between checks.
+    #[arg(long, default_value = "1s", value_parser = duration::parse, value_name = "DURATION")]
+    pub interval: Duration,
+    /// After a move, make no other move for this long.
+    #[arg(long, default_value = "5m", value_parser = duration::parse, value_name = "DURATION")]
+    pub hold_down: Duration,
+    /// After a failed move, wait this long before trying again.
+    #[arg(long, default_value = "10s", value_parser = duration::parse, value_name = "DURATION")]
+    pub retry_after: Duration,
+    /// Exit after the first failover.
+    #[arg(long)]
+    pub once: bool,
+    /// Exit (status 0) after running this long.
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    pub max_runtime: Option<Duration>,
+    #[command(flatten)]
+    pub routes: RouteSpec,
+    #[command(flatten)]
+    pub vip: VipSpec,
+    #[command(flatten)]
+    pub eip: EipSpec,
+    #[command(flatten)]
+    pub standby: StandbyArgs,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+}
+
+/// One line of the watch log.
+#[derive(Debug, Serialize)]
+struct Event<'a> {
+    elapsed_s: f64,
+    event: &'a str,
+    message: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    actions: Vec<String>,
+}
+
+struct Checks {
+    readyz: Option<AdminUrl>,
+    readyz_path: String,
+    prober: Option<Prober>,
+    timeout: Duration,
+}
+
+pub async fn run(args: WatchArgs, json: bool) -> Result<ExitCode, Error> {
+    let moves = Moves {
+        routes: (!args.routes.cidrs.is_empty()).then(|| args.routes.clone()),
+        vip: (!args.vip.ips.is_empty()).then(|| args.vip.clone()),
+        eip: (!args.eip.allocation_ids.is_empty() || !args.eip.public_ips.is_empty())
+            .then(|| args.eip.clone()),
+    };
+    moves.validate()?;
+    let checks = Checks::new(&args)?;
+    let ec2 = Ec2::connect(&args.aws).await?;
+    // Resolved once up front so a typo fails at start, not in the middle of an outage.
+    let standby = ec2.resolve_standby(&args.standby).await?;
+    let pair = args.standby.pair.as_deref();
+    let log = Log {
+        started: Instant::now(),
+        json,
+    };
+    log.event(
+        "start",
+        format!(
+            "watching {}; failing over to {} after {} failed checks",
+            checks.describe(),
+            standby.network_interface_id,
+            args.failures
+        ),
+        Vec::new(),
+    );
+
+    let mut watchdog = Watchdog::new(args.failures, args.hold_down, args.retry_after);
+    let mut next_tick = Instant::now();
+    loop {
+        if let Some(limit) = args.max_runtime {
+            if log.started.elapsed() >= limit {
+                log.event("stop", "max runtime reached".into(), Vec::new());
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+        let result = checks.run().await;
+        let now = Instant::now();
+        match (watchdog.observe(result.is_ok(), now), result) {
+            (Verdict::Healthy { recovered: true }, _) => {
+                log.event("recovered", "active agent answers again".into(), Vec::new());
+            }
+            (Verdict::Healthy { recovered: false }, _) => {}
+            (Verdict::Failing { consecutive }, Err(reason)) => {
+                log.event(
+                    "check_failed",
+                    format!("{consecutive}/{}: {reason}", args.failures),
+                    Vec::new(),
+                );
+            }
+            (Verdict::HeldDown { remaining }, Err(reason)) => {
+                log.event(
+                    "held_down",
+                    format!(
+                        "{reason}; holding down for {:.0}s more",
+                        remaining.as_secs_f64()
+                    ),
+                    Vec::new(),
+                );
+            }
+            (Verdict::FailOver, Err(reason)) => {
+                log.event("failing_over", reason, Vec::new());
+                let moved = fail_over(&ec2, &moves, &standby, pair, args.aws.dry_run, &log).await;
+                match moved {
+                    Ok(()) => {
+                        watchdog.moved(Instant::now());
+                        if args.once {
+                            return Ok(ExitCode::SUCCESS);
+                        }
+                    }
+                    Err(err) => {
+                        log.event("failover_error", err.to_string(), Vec::new());
+                        watchdog.move_failed(Instant::now());
+                        if args.once {
+                            return Err(err);
+                        }
+                    }
+                }
+            }
+            (_, Ok(())) => {}
+        }
+        next_tick += args.interval;
+        let now = Instant::now();
+        if next_tick < now {
+            next_tick = now;
+        }
+        tokio::time::sleep_until(next_tick.into()).await;
+    }
+}
+
+async fn fail_over(
+    ec2: &Ec2,
+    moves: &Moves,
+    standby: &super::ec2::Standby,
+    pair: Option<&str>,
+    dry_run: bool,
+    log: &Log,
+) -> Result<(), Error> {
+    let plan = plan_moves(ec2, moves, standby, pair).await?;
+    if plan.is_empty() {
+        log.event(
+            "in_place",
+            format!("traffic already on {}", standby.network_interface_id),
+            plan.in_place.clone(),
+        );
+        return Ok(());
+    }
+    let actions: Vec<String> = plan.actions.iter().map(ToString::to_string).collect();
+    if dry_run {
+        log.event("dry_run", "would run".into(), actions);
+        return Ok(());
+    }
+    match ec2.apply(&plan).await {
+        Ok(_) => {
+            log.event(
+                "failover",
+                format!("moved traffic to {}", standby.network_interface_id),
+                actions,
+            );
+            Ok(())
+        }
+        Err((applied, err)) => {
+            let done = applied.iter().map(|a| a.action.to_string()).collect();
+            log.event("failover_partial", err.to_string(), done);
+            Err(err)
+        }
+    }
+}
+
+impl Checks {
+    fn new(args: &WatchArgs) -> Result<Checks, Error> {
+        let (readyz, readyz_path) = match &args.readyz {
+            Some(text) => {
+                let url = AdminUrl::parse(text).map_err(Error::Usage)?;
+                let path = if url.url("").ends_with("/readyz") {
+                    String::new()
+                } else {
+                    "/readyz".to_string()
+                };
+                (Some(url), path)
+            }
+            None => (None, String::new()),
+        };
+        let prober = if args.probe {
+            Some(Prober::new(&args.target)?)
+        } else {
+            None
+        };
+        if readyz.is_none() && prober.is_none() {
+            return Err(Error::Usage(
+                "nothing to watch: give --readyz URL and/or --probe".into(),
+            ));
+        }
+        Ok(Checks {
+            readyz,
+            readyz_path,
+            prober,
+            timeout: args.target.timeout,
+        })
+    }
+
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(readyz) = &self.readyz {
+            parts.push(readyz.url(&self.readyz_path));
+        }
+        if self.prober.is_some() {
+            parts.push("a probe request".to_string());
+        }
+        parts.join(" and ")
+    }
+
+    async fn run(&self) -> Result<(), String> {
+        if let Some(readyz) = &self.readyz {
+            let response = readyz.get(&self.readyz_path, self.timeout).await?;
+            if response.status != 200 {
+                let body = String::from_utf8_lossy(&response.body);
+                return Err(format!(
+                    "readyz answered {}: {}",
+                    response.status,
+                    body.chars().take(200).collect::<String>()
+                ));
+            }
+        }
+        if let Some(prober) = &self.prober {
+            let outcome = prober.probe().await;
+            if !outcome.ok {
+                return Err(format!(
+                    "probe failed in {}: {}",
+                    outcome.failed_phase.unwrap_or("request"),
+                    outcome.message.unwrap_or_default()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Log {
+    started: Instant,
+    json: bool,
+}
+
+impl Log {
+    fn event(&self, event: &str, message: String, actions: Vec<String>) {
+        let elapsed_s = (self.started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
+        if self.json {
+            let line = Event {
+                elapsed_s,
+                event,
+                message,
+                actions,
+            };
+            println!("{}", serde_json::to_string(&line).unwrap_or_default());
+            return;
+        }
+        println!("[{elapsed_s:8.3}s] {event}: {message}");
+        for action in actions {
+            println!("             {action}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOLD: Duration = Duration::from_secs(300);
+    const RETRY: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn fails_over_after_n_consecutive_failures_only() {
+        let start = Instant::now();
+        let mut dog = Watchdog::new(3, HOLD, RETRY);
+        assert_eq!(
+            dog.observe(false, start),
+            Verdict::Failing { consecutive: 1 }
+        );
+        assert_eq!(
+            dog.observe(false, start),
+            Verdict::Failing { consecutive: 2 }
+        );
+        assert_eq!(
+            dog.observe(true, start),
+            Verdict::Healthy { recovered: true }
+        );
+        assert_eq!(
+            dog.observe(false, start),
+            Verdict::Failing { consecutive: 1 }
+        );
+        assert_eq!(
+            dog.observe(false, start),
+            Verdict::Failing { consecutive: 2 }
+        );
+        assert_eq!(dog.observe(false, start), Verdict::FailOver);
+    }
+
+    #[test]
+    fn holds_down_after_a_move_then_may_move_again() {
+        let start = Instant::now();
+        let mut dog = Watchdog::new(2, HOLD, RETRY);
+        dog.observe(false, start);
+        assert_eq!(dog.observe(false, start), Verdict::FailOver);
+        dog.moved(start);
+        let later = start + Duration::from_secs(100);
+        assert_eq!(
+            dog.observe(false, later),
+            Verdict::HeldDown {
+                remaining: Duration::from_secs(200)
+            }
+        );
+        assert_eq!(dog.observe(false, start + HOLD), Verdict::FailOver);
+    }
+
+    #[test]
+    fn a_failed_move_is_retried_after_the_short_pause() {
+        let start = Instant::now();
+        let mut dog = Watchdog::new(1, HOLD, RETRY);
+        assert_eq!(dog.observe(false, start), Verdict::FailOver);
+        dog.move_failed(start);
+        assert!(matches!(
+            dog.observe(false, start + Duration::from_secs(5)),
+            Verdict::HeldDown { .. }
+        ));
+        assert_eq!(dog.observe(false, start + RETRY), Verdict::FailOver);
+    }
+
+    #[test]
+    fn healthy_checks_never_trigger_a_move() {
+        let start = Instant::now();
+        let mut dog = Watchdog::new(1, HOLD, RETRY);
+        for second in 0..100 {
+            assert_eq!(
+                dog.observe(true, start + Duration::from_secs(second)),
+                Verdict::Healthy { recovered: false }
+            );
+        }
+    }
+}
