@@ -346,7 +346,7 @@ def test_relay_first_boot_writes_policy_rewrites_and_agents(tmp_path):
     assert config["upstream"]["region"] == "us-east-1"
     assert config["upstream"]["endpoint"] == "https://bedrock-runtime.us-east-1.amazonaws.com"
     assert config["policy"]["operations"] == ["InvokeModel", "InvokeModelWithResponseStream", "Converse", "ConverseStream"]
-    assert config["policy"]["models"] == ["anthropic.claude-*", "us.anthropic.claude-*"]
+    assert config["policy"]["models"] == ["xpart.echo", "anthropic.claude-*", "us.anthropic.claude-*"]
     assert config["rewrite"]["rule"] == [{"from": "us-gov.", "to": "us."}]
     assert appliance.recorded("systemctl")[-1] == ["restart", "xpart-relay.service"]
     assert KEYS["relay-a"][0] not in result.stdout + result.stderr

@@ -331,9 +331,9 @@ def _guide_commands(stack_file):
         for command in re.split(r"\n(?=\S)", block):
             if stack_file.name in command and "create-stack" in command:
                 params |= set(re.findall(r"ParameterKey=(\w+)", command))
+    # The guide reads outputs with its helper: out PROFILE STACK-NAME OUTPUT-KEY
     stack_name = "xpart-govcloud" if stack_file == GOVCLOUD else "xpart-commercial"
-    for match in re.finditer(rf"--stack-name {stack_name}\b(.*)", text):
-        outputs |= set(re.findall(r"OutputKey=='(\w+)'", match.group(1)))
+    outputs = set(re.findall(rf"\bout \w+ {stack_name} (\w+)", text))
     return params, outputs
 
 
@@ -342,6 +342,7 @@ def test_deployment_guide_passes_every_required_parameter_and_reads_real_outputs
     template = load_stack(stack)
     params, outputs = _guide_commands(stack)
     assert params, f"the guide has no create-stack command for {stack.name}"
+    assert outputs, f"the guide reads no output of {stack.name}"
     declared = set(template["Parameters"])
     assert params <= declared, f"the guide passes unknown parameters {params - declared}"
     required = {n for n, p in template["Parameters"].items() if "Default" not in p}
