@@ -259,9 +259,14 @@ fn serde_problem(
         None if steps.is_empty() => "correct the TOML syntax there".to_string(),
         None => "correct the value (see the example config for its format)".to_string(),
     };
-    let fix = match (&explained.kind, field.as_str()) {
-        (Explained::Missing, "") => fix,
-        (Explained::Missing, field) => format!("add `{field}` (see the example config)"),
+    let fix = match (&explained.kind, steps.split_last()) {
+        (Explained::Missing, Some((Step::Key(name), []))) => {
+            format!("add `{name} = …` or a [{name}] table (see the example config)")
+        }
+        (Explained::Missing, Some((Step::Key(name), parent))) => format!(
+            "add `{name} = …` to {} (see the example config)",
+            field_name(document, parent)
+        ),
         _ => fix,
     };
     Problem {
@@ -335,18 +340,31 @@ fn explain(raw: &str) -> Explanation {
             fix: Some(format!("use one of: {}", expected.join(", "))),
         };
     }
-    if let Some(rest) = flat
+    if let Some((found, expected)) = flat
         .strip_prefix("invalid type: ")
-        .or_else(|| flat.strip_prefix("invalid value: "))
+        .and_then(|rest| rest.split_once(", expected "))
     {
-        let fix = rest
-            .split_once(", expected ")
-            .map(|(_, expected)| format!("give {expected}"));
+        let expected = toml_terms(expected);
         return Explanation {
             kind: Explained::Other,
             field: None,
-            message: flat.clone(),
-            fix,
+            message: format!("wrong type: found {found}, expected {}", short(&expected)),
+            fix: Some(format!("give {expected}")),
+        };
+    }
+    if let Some((found, expected)) = flat
+        .strip_prefix("invalid value: ")
+        .and_then(|rest| rest.split_once(", expected "))
+    {
+        let expected = toml_terms(expected);
+        return Explanation {
+            kind: Explained::Other,
+            field: None,
+            message: format!(
+                "invalid value: found {found}, expected {}",
+                short(&expected)
+            ),
+            fix: Some(format!("give {expected}")),
         };
     }
     Explanation {
@@ -355,6 +373,30 @@ fn explain(raw: &str) -> Explanation {
         message: flat,
         fix: None,
     }
+}
+
+/// Serde's names for expected types, in the words of a TOML file.
+fn toml_terms(expected: &str) -> String {
+    let term = match expected {
+        "u8" => "a whole number from 0 to 255",
+        "u16" => "a whole number from 0 to 65535",
+        "u32" => "a whole number from 0 to 4294967295",
+        "u64" | "usize" => "a whole number of 0 or more",
+        "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number",
+        "f32" | "f64" => "a number",
+        "a boolean" => "true or false",
+        "a string" => "a quoted string",
+        "a sequence" => "a list, e.g. [\"a\", \"b\"]",
+        "a map" => "a table",
+        other if other.starts_with("struct ") => "a table",
+        other => other,
+    };
+    term.to_string()
+}
+
+/// A term without its example, for the message (the fix keeps the example).
+fn short(term: &str) -> &str {
+    term.split(", e.g.").next().unwrap_or(term)
 }
 
 /// The texts between pairs of backticks, in order.
@@ -514,15 +556,14 @@ mod tests {
         let problem = &err.problems()[0];
         assert_eq!(problem.field, "[tunnel].mtu");
         assert_eq!(problem.location, Some(Location { line: 3, column: 7 }));
-        assert!(
-            problem.message.contains("invalid type: string \"big\""),
-            "{}",
-            problem.message
+        assert_eq!(
+            problem.message,
+            "wrong type: found string \"big\", expected a whole number from 0 to 65535"
         );
-        assert!(problem.fix.contains("u16"), "{}", problem.fix);
+        assert_eq!(problem.fix, "give a whole number from 0 to 65535");
         assert!(
             err.to_string()
-                .starts_with("agent.toml:3:7: [tunnel].mtu: invalid type"),
+                .starts_with("agent.toml:3:7: [tunnel].mtu: wrong type"),
             "{err}"
         );
     }
@@ -542,7 +583,7 @@ mod tests {
             "{}",
             lines[1]
         );
-        assert!(lines[2].starts_with("agent.toml:12:16: [[relay]][1].service_port: invalid value: integer `99999`, expected u16"), "{}", lines[2]);
+        assert!(lines[2].starts_with("agent.toml:12:16: [[relay]][1].service_port: invalid value: found integer `99999`, expected a whole number from 0 to 65535"), "{}", lines[2]);
     }
 
     #[test]
@@ -582,8 +623,30 @@ mod tests {
         assert_eq!(problem.message, "required field is missing");
         assert_eq!(
             problem.fix,
-            "add `[tunnel].address` (see the example config)"
+            "add `address = …` to [tunnel] (see the example config)"
         );
+    }
+
+    #[test]
+    fn missing_or_mistyped_table_is_named_as_a_table() {
+        let err = parse_toml::<Loose>("", "agent.toml").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "agent.toml:1:1: tunnel: required field is missing — fix: add `tunnel = …` or a [tunnel] table (see the example config)"
+        );
+        let err = parse_toml::<Loose>("tunnel = 3\n", "agent.toml").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "agent.toml:1:10: tunnel: wrong type: found integer `3`, expected a table — fix: give a table"
+        );
+        let text = "[tunnel]\naddress = \"x\"\n[policy]\noperations = \"Converse\"\n";
+        let err = parse_toml::<Loose>(text, "relay.toml").unwrap_err();
+        let problem = &err.problems()[0];
+        assert_eq!(
+            problem.message,
+            "wrong type: found string \"Converse\", expected a list"
+        );
+        assert_eq!(problem.fix, "give a list, e.g. [\"a\", \"b\"]");
     }
 
     #[test]
