@@ -1,0 +1,375 @@
+"""A Bedrock Runtime stand-in for tests: HTTPS with a test certificate, SigV4 on EVERY request
+checked independently of the code under test (botocore recomputes the signature from the
+known test credentials), each request's headers recorded, realistic answers for the
+operations (hand-framed event streams for the streaming ones), and faults on demand.
+
+Model ids that steer it:
+  standin.error.<kind>   answer with that Bedrock error (throttling, validation, access-denied,
+                         model-timeout, model-error, internal, unavailable, not-found)
+  standin.hold           stream the first event, then wait for release_hold() before the rest
+  standin.slow           wait `slow_seconds` before answering
+  any id in on_demand_refused
+                         400 ValidationException "…on-demand throughput isn’t supported…"
+                         (the same id behind a `us.` prefix works)
+
+Use in-process (`BedrockStandin(...).start()`) or as a program:
+  python3 bedrock_standin.py --cert server.pem --key server.key --credentials creds.json
+prints {"port": N} and serves GET /_standin/requests and POST /_standin/release as well.
+"""
+
+import argparse
+import base64
+import datetime
+import hashlib
+import hmac
+import json
+import re
+import ssl
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
+
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+
+try:
+    from . import eventstream
+except ImportError:  # run as a script
+    import eventstream
+
+ERROR_NAMESPACE = "http://internal.amazon.com/coral/com.amazon.bedrock/"
+ERRORS = {
+    "throttling": (429, "ThrottlingException", "Too many requests, please wait before trying again."),
+    "validation": (400, "ValidationException", "Malformed input request, please reformat your input and try again."),
+    "access-denied": (403, "AccessDeniedException", "You don't have access to the model with the specified model ID."),
+    "model-timeout": (408, "ModelTimeoutException", "Model has timed out in processing the request."),
+    "model-error": (424, "ModelErrorException", "The model returned an error."),
+    "internal": (500, "InternalServerException", "An internal server error occurred."),
+    "unavailable": (503, "ServiceUnavailableException", "Service is unavailable."),
+    "not-found": (404, "ResourceNotFoundException", "Could not resolve the foundation model from the provided model identifier."),
+}
+ON_DEMAND_MESSAGE = (
+    "Invocation of model ID {model} with on-demand throughput isn\u2019t supported. Retry your "
+    "request with the ID or ARN of an inference profile that contains this model."
+)
+ROUTE = re.compile(r"^/model/(?P<model>[^/]+)/(?P<op>invoke|invoke-with-response-stream|converse|converse-stream|count-tokens)$")
+GUARDRAIL = re.compile(r"^/guardrail/(?P<id>[^/]+)/version/(?P<version>[^/]+)/apply$")
+AUTH = re.compile(
+    r"^AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<date>\d{8})/(?P<region>[^/]+)/(?P<service>[^/]+)/aws4_request, "
+    r"SignedHeaders=(?P<signed>[a-z0-9;-]+), Signature=(?P<signature>[0-9a-f]{64})$"
+)
+MAX_SKEW = datetime.timedelta(minutes=5)
+
+
+class CredentialStore:
+    """Access key id -> (secret, session token or None, expiry datetime or None)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._keys = {}
+
+    def add(self, access_key, secret, token=None, expiry=None):
+        with self._lock:
+            self._keys[access_key] = (secret, token, expiry)
+
+    def get(self, access_key):
+        with self._lock:
+            return self._keys.get(access_key)
+
+
+class SignatureProblem(Exception):
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def verify_sigv4(method, path, headers, body, store, region, now=None):
+    """Check a SigV4 header signature with botocore; return the access key id or raise."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    auth = headers.get("authorization")
+    if not auth:
+        raise SignatureProblem("MissingAuthenticationTokenException", "Missing Authentication Token")
+    match = AUTH.match(auth)
+    if not match:
+        raise SignatureProblem("IncompleteSignatureException", f"Authorization header is not SigV4: {auth[:40]}")
+    if match["service"] != "bedrock" or match["region"] != region:
+        raise SignatureProblem(
+            "InvalidSignatureException",
+            f"Credential should be scoped to a valid region/service ({match['region']}/{match['service']})",
+        )
+    found = store.get(match["key"])
+    if found is None:
+        raise SignatureProblem("UnrecognizedClientException", "The security token included in the request is invalid.")
+    secret, token, expiry = found
+    if expiry is not None and now >= expiry:
+        raise SignatureProblem("ExpiredTokenException", "The security token included in the request is expired")
+    if token != headers.get("x-amz-security-token"):
+        raise SignatureProblem("UnrecognizedClientException", "The security token included in the request is invalid.")
+    amz_date = headers.get("x-amz-date", "")
+    try:
+        signed_at = datetime.datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.timezone.utc)
+    except ValueError:
+        raise SignatureProblem("IncompleteSignatureException", "X-Amz-Date is missing or malformed")
+    if abs(now - signed_at) > MAX_SKEW or amz_date[:8] != match["date"]:
+        raise SignatureProblem("InvalidSignatureException", "Signature expired or date does not match the scope")
+    declared_hash = headers.get("x-amz-content-sha256")
+    if declared_hash is not None and declared_hash != hashlib.sha256(body).hexdigest():
+        raise SignatureProblem("InvalidSignatureException", "x-amz-content-sha256 does not match the body")
+    signed = match["signed"].split(";")
+    for required in ("host", "x-amz-date"):
+        if required not in signed:
+            raise SignatureProblem("InvalidSignatureException", f"{required} is not signed")
+    missing = [h for h in signed if h not in headers]
+    if missing:
+        raise SignatureProblem("InvalidSignatureException", f"signed headers not sent: {missing}")
+    request = AWSRequest(
+        method=method,
+        url=f"https://{headers['host']}{path}",
+        data=body,
+        headers={name: headers[name] for name in signed},
+    )
+    request.context["timestamp"] = amz_date
+    signer = SigV4Auth(Credentials(match["key"], secret, token), "bedrock", region)
+    canonical = signer.canonical_request(request)
+    expected = signer.signature(signer.string_to_sign(request, canonical), request)
+    if not hmac.compare_digest(expected, match["signature"]):
+        raise SignatureProblem(
+            "InvalidSignatureException",
+            "The request signature we calculated does not match the signature you provided.",
+        )
+    return match["key"]
+
+
+class BedrockStandin:
+    def __init__(self, cert_file, key_file, store=None, region="us-east-1", host="127.0.0.1", port=0):
+        self.store = store or CredentialStore()
+        self.region = region
+        self.records = []
+        self.on_demand_refused = set()
+        self.slow_seconds = 5.0
+        self.hold_release = threading.Event()
+        self.hold_first_sent = threading.Event()
+        self.hold_last_sent = threading.Event()
+        self._lock = threading.Lock()
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert_file, key_file)
+        context.set_alpn_protocols(["http/1.1"])
+        self.server = _TlsServer((host, port), _Handler, context, self)
+        self.port = self.server.server_address[1]
+        self._thread = None
+
+    def start(self):
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        """Stop serving and close the port: upstream is down."""
+        self.hold_release.set()
+        if self._thread is not None:
+            self.server.shutdown()
+            self._thread = None
+        self.server.server_close()
+
+    def release_hold(self):
+        self.hold_release.set()
+
+    def record(self, entry):
+        with self._lock:
+            self.records.append(entry)
+
+    def requests(self):
+        with self._lock:
+            return list(self.records)
+
+    def clear(self):
+        with self._lock:
+            self.records.clear()
+
+
+class _TlsServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, handler, context, standin):
+        self.context = context
+        self.standin = standin
+        super().__init__(address, handler)
+
+    def finish_request(self, request, client_address):
+        # The handshake runs in the request's own thread, so a stalled client blocks nobody.
+        try:
+            request.settimeout(30)
+            tls = self.context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            return
+        self.RequestHandlerClass(tls, client_address, self)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "BedrockStandin"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path == "/_standin/requests":
+            return self._json(200, self.server.standin.requests())
+        self._error(404, "UnknownOperationException", "no such operation")
+
+    def do_POST(self):
+        standin = self.server.standin
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else b""
+        if self.path == "/_standin/release":
+            standin.release_hold()
+            return self._json(200, {"released": True})
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        entry = {"method": "POST", "path": self.path, "headers": headers, "body_length": len(body), "time": time.time()}
+        try:
+            entry["access_key"] = verify_sigv4("POST", self.path, headers, body, standin.store, standin.region)
+            entry["verified"] = True
+        except SignatureProblem as problem:
+            entry["verified"] = False
+            entry["problem"] = problem.message
+            standin.record(entry)
+            return self._error(403, problem.code, problem.message)
+        standin.record(entry)
+        guardrail = GUARDRAIL.match(self.path.split("?")[0])
+        if guardrail:
+            return self._json(200, {"usage": {"topicPolicyUnits": 1}, "action": "NONE", "outputs": [], "assessments": []})
+        route = ROUTE.match(self.path.split("?")[0])
+        if not route:
+            return self._error(404, "UnknownOperationException", "no such operation")
+        model = unquote(route["model"])
+        entry["model"] = model
+        op = route["op"]
+        try:
+            request = json.loads(body or b"{}")
+        except ValueError:
+            return self._error(400, "ValidationException", "Malformed input request")
+        if model.startswith("standin.error."):
+            kind = model[len("standin.error."):]
+            status, code, message = ERRORS.get(kind, ERRORS["internal"])
+            return self._error(status, code, message)
+        if model in standin.on_demand_refused:
+            return self._error(400, "ValidationException", ON_DEMAND_MESSAGE.format(model=model))
+        if model == "standin.slow":
+            time.sleep(standin.slow_seconds)
+        text = _last_user_text(request)
+        if op == "converse":
+            return self._json(200, {
+                "output": {"message": {"role": "assistant", "content": [{"text": f"standin:{text}"}]}},
+                "stopReason": "end_turn",
+                "usage": {"inputTokens": 3, "outputTokens": 4, "totalTokens": 7},
+                "metrics": {"latencyMs": 12},
+            })
+        if op == "count-tokens":
+            return self._json(200, {"inputTokens": 11})
+        if op == "invoke":
+            return self._json(200, {
+                "id": "msg_standin", "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": f"standin:{text}"}],
+                "stop_reason": "end_turn", "usage": {"input_tokens": 3, "output_tokens": 4},
+            })
+        if op == "converse-stream":
+            frames = [
+                eventstream.event("messageStart", json.dumps({"role": "assistant"}).encode()),
+                eventstream.event("contentBlockDelta", json.dumps({"contentBlockIndex": 0, "delta": {"text": "standin:"}}).encode()),
+                eventstream.event("contentBlockDelta", json.dumps({"contentBlockIndex": 0, "delta": {"text": text}}).encode()),
+                eventstream.event("contentBlockStop", json.dumps({"contentBlockIndex": 0}).encode()),
+                eventstream.event("messageStop", json.dumps({"stopReason": "end_turn"}).encode()),
+                eventstream.event("metadata", json.dumps({"usage": {"inputTokens": 3, "outputTokens": 4, "totalTokens": 7}, "metrics": {"latencyMs": 9}}).encode()),
+            ]
+            return self._stream(frames, hold=(model == "standin.hold"))
+        if op == "invoke-with-response-stream":
+            chunks = [
+                {"type": "message_start", "message": {"role": "assistant", "model": model}},
+                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": f"standin:{text}"}},
+                {"type": "message_stop"},
+            ]
+            frames = [
+                eventstream.event("chunk", json.dumps({"bytes": base64.b64encode(json.dumps(c).encode()).decode()}).encode())
+                for c in chunks
+            ]
+            return self._stream(frames, hold=(model == "standin.hold"))
+        return self._error(404, "UnknownOperationException", "no such operation")
+
+    def _stream(self, frames, hold):
+        standin = self.server.standin
+        self.send_response(200)
+        self.send_header("Content-Type", "application/vnd.amazon.eventstream")
+        self.send_header("X-Amzn-Bedrock-Content-Type", "application/json")
+        self.send_header("x-amzn-RequestId", "standin-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for i, frame in enumerate(frames):
+            if hold and i == 1:
+                standin.hold_first_sent.set()
+                standin.hold_release.wait(timeout=30)
+            if hold and i == len(frames) - 1:
+                standin.hold_last_sent.set()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(frame), frame))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _json(self, status, value):
+        body = json.dumps(value).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("x-amzn-RequestId", "standin-request")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, status, code, message):
+        body = json.dumps({"message": message}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("x-amzn-ErrorType", f"{code}:{ERROR_NAMESPACE}")
+        self.send_header("x-amzn-RequestId", "standin-error")
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def _last_user_text(request):
+    for message in reversed(request.get("messages") or []):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            return "".join(block.get("text", "") for block in content or [] if isinstance(block, dict))
+    return request.get("prompt") or request.get("inputText") or ""
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cert", required=True)
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--credentials", required=True, help='JSON: {"AKID": "secret", ...}')
+    parser.add_argument("--region", default="us-east-1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--on-demand-refused", action="append", default=[])
+    args = parser.parse_args()
+    store = CredentialStore()
+    with open(args.credentials) as f:
+        for key, secret in json.load(f).items():
+            store.add(key, secret)
+    standin = BedrockStandin(args.cert, args.key, store, args.region, port=args.port)
+    standin.on_demand_refused.update(args.on_demand_refused)
+    standin.start()
+    print(json.dumps({"port": standin.port}), flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        standin.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
