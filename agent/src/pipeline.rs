@@ -20,7 +20,7 @@ use xpart_daemon::protocol::{
     strip_xpart_headers, PRINCIPAL_HEADER, REQUEST_ID_HEADER, SOURCE_HEADER,
 };
 
-use crate::auth::{Principal, Principals};
+use crate::auth::{Denial, Principal, Principals};
 use crate::forward::{ForwardBody, ForwardError, Relays};
 use crate::limits::{SharedLimits, Slot};
 use crate::metrics::Metrics;
@@ -99,7 +99,13 @@ fn authenticate(
     let principal = agent
         .principals
         .authenticate(request.headers(), request.uri().query(), source)
-        .map_err(Error::Denied)?;
+        .map_err(|denial| {
+            // The token was good; the audit line names whose token came from the wrong place.
+            if let Denial::SourceNotAllowed { principal, .. } = &denial {
+                exchange.record.principal = Some(principal.clone());
+            }
+            Error::Denied(denial)
+        })?;
     exchange.record.principal = Some(principal.name.clone());
     Ok(principal)
 }

@@ -1,0 +1,163 @@
+//! Relay failover: traffic moves to the next healthy relay within 3 s of one dying; requests
+//! in flight on a dead relay end promptly with a 503, never hang.
+
+mod fixture;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fixture::*;
+
+const CONVERSE: &str = "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse";
+
+fn relay_of(answer: &Answer) -> String {
+    let value: serde_json::Value = serde_json::from_slice(&answer.body).unwrap_or_default();
+    value["relay"].as_str().unwrap_or("").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_primary_under_load_moves_traffic_within_three_seconds() {
+    let scratch = Scratch::new("failover-kill");
+    let a = FakeRelay::start("relay-a").await;
+    let b = FakeRelay::start("relay-b").await;
+    let agent = start_agent(
+        &scratch,
+        &agent_toml(&scratch, &[&a, &b], &token_principal("")),
+    )
+    .await;
+    wait_ready(&agent).await;
+    // Both relays healthy: priority order sends traffic to relay-a.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut probe = Caller::connect(&scratch, agent.front_addr(), false).await;
+    assert_eq!(
+        relay_of(&probe.post(CONVERSE, Some(TOKEN), b"{}").await),
+        "relay-a"
+    );
+
+    let front = agent.front_addr();
+    let scratch = Arc::new(scratch);
+    let start = Instant::now();
+    let kill_at = Duration::from_millis(800);
+    let run_for = Duration::from_secs(5);
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let scratch = scratch.clone();
+        workers.push(tokio::spawn(async move {
+            let mut results = Vec::new();
+            let mut caller = Caller::connect(&scratch, front, false).await;
+            while start.elapsed() < run_for {
+                let answer = caller.post(CONVERSE, Some(TOKEN), b"{}").await;
+                results.push((
+                    start.elapsed(),
+                    answer.status,
+                    answer.error_type().to_owned(),
+                    relay_of(&answer),
+                ));
+                if answer.status != 200 {
+                    // hyper keeps the HTTP/1.1 connection; pace failures a little.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            results
+        }));
+    }
+    tokio::time::sleep(kill_at).await;
+    a.kill();
+    let killed = start.elapsed();
+
+    let mut results = Vec::new();
+    for worker in workers {
+        results.extend(worker.await.expect("worker"));
+    }
+    let succeeded = results.iter().filter(|r| r.1 == 200).count();
+    let failed: Vec<_> = results.iter().filter(|r| r.1 != 200).collect();
+    for (_, status, error_type, _) in &failed {
+        assert_eq!(*status, 503, "failures are 503-class: {failed:?}");
+        assert_eq!(error_type, "ServiceUnavailableException");
+    }
+    let recovered = results
+        .iter()
+        .filter(|r| r.0 > killed + Duration::from_secs(3))
+        .collect::<Vec<_>>();
+    assert!(!recovered.is_empty(), "requests kept flowing");
+    assert!(
+        recovered.iter().all(|r| r.1 == 200 && r.3 == "relay-b"),
+        "3 s after the kill every request succeeds through relay-b"
+    );
+    assert!(succeeded > 0);
+    eprintln!(
+        "failover: {} requests, {} succeeded, {} failed with 503",
+        results.len(),
+        succeeded,
+        failed.len()
+    );
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_in_flight_on_a_silent_relay_ends_with_503_promptly() {
+    let scratch = Scratch::new("failover-silent");
+    let a = FakeRelay::start("relay-a").await;
+    let b = FakeRelay::start("relay-b").await;
+    let agent = start_agent(
+        &scratch,
+        &agent_toml(&scratch, &[&a, &b], &token_principal("")),
+    )
+    .await;
+    wait_ready(&agent).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // relay-a keeps its connections open but answers nothing: a tunnel gone quiet.
+    a.set(Behaviour::Silent);
+    let start = Instant::now();
+    let mut caller = Caller::connect(&scratch, agent.front_addr(), false).await;
+    let answer = caller.post(CONVERSE, Some(TOKEN), b"{}").await;
+    let took = start.elapsed();
+    assert_eq!(answer.status, 503, "body: {:?}", answer.body);
+    assert_eq!(answer.error_type(), "ServiceUnavailableException");
+    assert!(
+        answer.message().contains("relay-a stopped answering"),
+        "{}",
+        answer.message()
+    );
+    assert!(took < Duration::from_secs(4), "ended after {took:?}");
+
+    let next = caller.post(CONVERSE, Some(TOKEN), b"{}").await;
+    assert_eq!(next.status, 200);
+    assert_eq!(relay_of(&next), "relay-b");
+
+    // relay-a recovers and takes traffic back after two good probes.
+    a.set(Behaviour::Serve);
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let answer = caller.post(CONVERSE, Some(TOKEN), b"{}").await;
+        if relay_of(&answer) == "relay-a" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "relay-a never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    agent.shutdown().await;
+    let audit = audit_lines(&scratch);
+    assert!(audit
+        .iter()
+        .any(|l| l["status"] == 503 && l["relay"] == "relay-a"));
+}
+
+#[tokio::test]
+async fn no_healthy_relay_is_a_prompt_503() {
+    let scratch = Scratch::new("failover-none");
+    let a = FakeRelay::start("relay-a").await;
+    a.set(Behaviour::Drained);
+    let agent = start_agent(&scratch, &agent_toml(&scratch, &[&a], &token_principal(""))).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut caller = Caller::connect(&scratch, agent.front_addr(), false).await;
+    let start = Instant::now();
+    let answer = caller.post(CONVERSE, Some(TOKEN), b"{}").await;
+    assert_eq!(answer.status, 503);
+    assert_eq!(answer.error_type(), "ServiceUnavailableException");
+    assert!(answer.message().contains("request was not sent"));
+    assert!(start.elapsed() < Duration::from_millis(500));
+    assert!(a.seen().is_empty());
+    agent.shutdown().await;
+}

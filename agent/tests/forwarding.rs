@@ -1,0 +1,280 @@
+//! Requests that pass authentication reach the relay with the caller's credentials removed
+//! and the principal, request id and source added; answers stream back unchanged.
+
+mod fixture;
+
+use std::time::{Duration, Instant};
+
+use fixture::*;
+use http_body_util::BodyExt;
+
+const CONVERSE: &str = "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse";
+
+#[tokio::test]
+async fn converse_is_forwarded_without_caller_credentials() {
+    let scratch = Scratch::new("forward");
+    let relay = FakeRelay::start("relay-a").await;
+    let agent = start_agent(
+        &scratch,
+        &agent_toml(&scratch, &[&relay], &token_principal("")),
+    )
+    .await;
+    wait_ready(&agent).await;
+
+    let mut caller = Caller::connect(&scratch, agent.front_addr(), false).await;
+    let answer = caller
+        .post(CONVERSE, Some(TOKEN), br#"{"messages":[]}"#)
+        .await;
+
+    assert_eq!(answer.status, 200, "body: {:?}", answer.body);
+    assert_eq!(
+        answer.headers["x-amzn-requestid"], "upstream-request-id",
+        "upstream headers pass through"
+    );
+    let seen = relay.seen();
+    assert_eq!(seen.len(), 1);
+    let forwarded = &seen[0];
+    assert_eq!(forwarded.path, CONVERSE, "path forwarded byte for byte");
+    assert_eq!(forwarded.body.as_ref(), br#"{"messages":[]}"#);
+    assert_eq!(forwarded.headers["x-xpart-principal"], "lambda");
+    assert_eq!(forwarded.headers["x-xpart-source"], "127.0.0.1");
+    assert_eq!(forwarded.headers["x-xpart-request-id"], answer.request_id());
+    assert!(!answer.request_id().is_empty());
+    for credential in ["authorization", "x-amz-date"] {
+        assert!(
+            !forwarded.headers.contains_key(credential),
+            "{credential} must not cross the tunnel"
+        );
+    }
+
+    agent.shutdown().await;
+    let audit = audit_lines(&scratch);
+    assert_eq!(audit.len(), 1);
+    let line = &audit[0];
+    assert_eq!(line["service"], "agent");
+    assert_eq!(line["principal"], "lambda");
+    assert_eq!(line["source"], "127.0.0.1");
+    assert_eq!(line["operation"], "Converse");
+    assert_eq!(line["model"], "anthropic.claude-3-haiku-20240307-v1:0");
+    assert_eq!(line["relay"], "relay-a");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["request_id"], answer.request_id());
+    assert_eq!(line["bytes_in"], 15);
+    assert_eq!(line["bytes_out"], answer.body.len() as u64);
+    assert!(line["error_type"].is_null());
+}
+
+#[tokio::test]
+async fn caller_spoofed_xpart_headers_are_replaced() {
+    let scratch = Scratch::new("spoof");
+    let relay = FakeRelay::start("relay-a").await;
+    let agent = start_agent(
+        &scratch,
+        &agent_toml(&scratch, &[&relay], &token_principal("")),
+    )
+    .await;
+    wait_ready(&agent).await;
+
+    let mut caller = Caller::connect(&scratch, agent.front_addr(), true).await;
+    let spoofed = [
+        ("x-xpart-principal", "admin"),
+        ("x-xpart-source", "10.9.9.9"),
+        ("x-amz-security-token", "govcloud-session"),
+    ];
+    let answer = caller
+        .post_with(CONVERSE, Some(TOKEN), &spoofed, b"{}")
+        .await;
+    assert_eq!(answer.status, 200);
+    let headers = &relay.seen()[0].headers;
+    assert_eq!(headers["x-xpart-principal"], "lambda");
+    assert_eq!(headers["x-xpart-source"], "127.0.0.1");
+    assert!(!headers.contains_key("x-amz-security-token"));
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn http2_callers_are_served_and_multiplexed() {
+    let scratch = Scratch::new("h2");
+    let relay = FakeRelay::start("relay-a").await;
+    let agent = start_agent(
+        &scratch,
+        &agent_toml(&scratch, &[&relay], &token_principal("")),
+    )
+    .await;
+    wait_ready(&agent).await;
+
+    let caller = Caller::connect(&scratch, agent.front_addr(), true).await;
+    let caller = std::sync::Arc::new(tokio::sync::Mutex::new(caller));
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let caller = caller.clone();
+        tasks.push(tokio::spawn(async move {
+            caller
+                .lock()
+                .await
+                .post(CONVERSE, Some(TOKEN), b"{}")
+                .await
+                .status
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.expect("task"), 200);
+    }
+    assert_eq!(relay.seen().len(), 20);
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn streams_arrive_frame_by_frame() {
+    let scratch = Scratch::new("stream");
+    let relay = FakeRelay::start("relay-a").await;
+    let agent = start_agent(
+        &scratch,
+        &agent_toml(&scratch, &[&relay], &token_principal("")),
+    )
+    .await;
+    wait_ready(&agent).await;
+
+    let mut caller = Caller::connect(&scratch, agent.front_addr(), false).await;
+    let path = "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse-stream";
+    let response = caller.send(path, Some(TOKEN), b"{}").await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let start = Instant::now();
+    let mut arrivals = Vec::new();
+    let mut text = String::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.expect("frame");
+        if let Some(data) = frame.data_ref() {
+            arrivals.push(start.elapsed());
+            text.push_str(&String::from_utf8_lossy(data));
+        }
+    }
+    assert_eq!(text, "chunk-0;chunk-1;chunk-2;");
+    assert!(
+        arrivals.len() >= 3,
+        "three separate frames, got {arrivals:?}"
+    );
+    assert!(
+        arrivals[0] < Duration::from_millis(250),
+        "first chunk must not wait for the rest: {arrivals:?}"
+    );
+    assert!(arrivals[arrivals.len() - 1] >= Duration::from_millis(500));
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn upstream_errors_reach_the_caller_unchanged() {
+    let scratch = Scratch::new("upstream-error");
+    let relay = FakeRelay::start("relay-a").await;
+    let agent = start_agent(
+        &scratch,
+        &agent_toml(&scratch, &[&relay], &token_principal("")),
+    )
+    .await;
+    wait_ready(&agent).await;
+
+    let mut caller = Caller::connect(&scratch, agent.front_addr(), false).await;
+    let answer = caller
+        .post(
+            "/model/anthropic.claude-throttle/converse",
+            Some(TOKEN),
+            b"{}",
+        )
+        .await;
+    assert_eq!(answer.status, 429);
+    assert_eq!(answer.error_type(), "ThrottlingException");
+    assert_eq!(
+        answer.message(),
+        "Too many tokens, please wait before trying again."
+    );
+    agent.shutdown().await;
+    let audit = audit_lines(&scratch);
+    let last = audit.last().expect("audit line");
+    assert_eq!(last["status"], 429);
+    assert_eq!(last["error_type"], "ThrottlingException");
+}
+
+#[tokio::test]
+async fn admin_reports_status_metrics_and_readiness() {
+    let scratch = Scratch::new("admin");
+    let relay = FakeRelay::start("relay-a").await;
+    relay.set(Behaviour::Drained);
+    let agent = start_agent(
+        &scratch,
+        &agent_toml(&scratch, &[&relay], &token_principal("")),
+    )
+    .await;
+
+    let (status, body) = admin_get(agent.admin_addr(), "/readyz").await;
+    assert_eq!(status, 503, "not ready while no relay is healthy: {body}");
+    relay.set(Behaviour::Serve);
+    wait_ready(&agent).await;
+
+    let mut caller = Caller::connect(&scratch, agent.front_addr(), false).await;
+    assert_eq!(caller.post(CONVERSE, Some(TOKEN), b"{}").await.status, 200);
+    assert_eq!(caller.post(CONVERSE, None, b"{}").await.status, 403);
+
+    let (status, body) = admin_get(agent.admin_addr(), "/status").await;
+    assert_eq!(status, 200);
+    let status_json: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+    assert_eq!(status_json["service"], "agent");
+    assert_eq!(status_json["active_relay"], "relay-a");
+    assert_eq!(status_json["relays"][0]["state"], "healthy");
+    assert_eq!(status_json["tunnel"]["mode"], "host");
+    assert_eq!(status_json["principals"][0]["name"], "lambda");
+
+    let (_, metrics) = admin_get(agent.admin_addr(), "/metrics").await;
+    assert!(metrics.contains(
+        r#"xpart_agent_requests_total{model="anthropic.claude-3-haiku-20240307-v1:0",operation="Converse",principal="lambda",status="200"} 1"#
+    ), "{metrics}");
+    assert!(
+        metrics.contains(
+            r#"xpart_agent_requests_total{model="-",operation="-",principal="-",status="403"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"xpart_agent_relay_healthy{relay="relay-a"} 1"#));
+    assert!(metrics.contains("xpart_agent_request_duration_seconds_bucket"));
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn certificate_reload_keeps_open_connections() {
+    let scratch = Scratch::new("reload");
+    let relay = FakeRelay::start("relay-a").await;
+    let agent = start_agent(
+        &scratch,
+        &agent_toml(&scratch, &[&relay], &token_principal("")),
+    )
+    .await;
+    wait_ready(&agent).await;
+
+    let mut before = Caller::connect(&scratch, agent.front_addr(), false).await;
+    assert_eq!(before.post(CONVERSE, Some(TOKEN), b"{}").await.status, 200);
+
+    let new_der = scratch.issue("cert.pem", "key.pem");
+    assert_ne!(before.peer_certificate, new_der);
+    agent.reload_certificate().expect("reload");
+
+    let mut after = Caller::connect(&scratch, agent.front_addr(), false).await;
+    assert_eq!(
+        after.peer_certificate, new_der,
+        "new handshakes get the new certificate"
+    );
+    assert_eq!(
+        before.post(CONVERSE, Some(TOKEN), b"{}").await.status,
+        200,
+        "the connection opened before the reload still works"
+    );
+    assert_eq!(after.post(CONVERSE, Some(TOKEN), b"{}").await.status, 200);
+
+    std::fs::write(scratch.dir.join("key.pem"), "not a key").expect("corrupt key");
+    assert!(agent.reload_certificate().is_err());
+    let still = Caller::connect(&scratch, agent.front_addr(), false).await;
+    assert_eq!(
+        still.peer_certificate, new_der,
+        "a failed reload keeps the last good certificate"
+    );
+    agent.shutdown().await;
+}

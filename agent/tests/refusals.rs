@@ -1,0 +1,275 @@
+//! Every refusal: exact status and error type, a message that says what to do, an audit
+//! line, and nothing forwarded to the relay.
+
+mod fixture;
+
+use fixture::*;
+
+const CONVERSE: &str = "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse";
+
+struct Setup {
+    scratch: Scratch,
+    relay: FakeRelay,
+    agent: xpart_agent::AgentHandle,
+}
+
+async fn setup(test: &str, principals: &str) -> Setup {
+    let scratch = Scratch::new(test);
+    let relay = FakeRelay::start("relay-a").await;
+    let agent = start_agent(&scratch, &agent_toml(&scratch, &[&relay], principals)).await;
+    wait_ready(&agent).await;
+    Setup {
+        scratch,
+        relay,
+        agent,
+    }
+}
+
+impl Setup {
+    async fn caller(&self) -> Caller {
+        Caller::connect(&self.scratch, self.agent.front_addr(), false).await
+    }
+
+    /// Shuts down and returns the audit lines.
+    async fn finish(self) -> (Vec<Seen>, Vec<serde_json::Value>) {
+        let seen = self.relay.seen();
+        self.agent.shutdown().await;
+        (seen, audit_lines(&self.scratch))
+    }
+}
+
+fn assert_refused(answer: &Answer, status: u16, error_type: &str, message_part: &str) {
+    assert_eq!(answer.status, status, "body: {:?}", answer.body);
+    assert_eq!(answer.error_type(), error_type);
+    assert!(
+        answer.message().contains(message_part),
+        "message {:?} should mention {message_part:?}",
+        answer.message()
+    );
+    assert_eq!(
+        answer.headers["x-amzn-requestid"],
+        answer.request_id(),
+        "xpart's own errors carry the request id as x-amzn-RequestId"
+    );
+}
+
+#[tokio::test]
+async fn missing_token_is_refused_with_setup_instructions() {
+    let s = setup("no-token", &token_principal("")).await;
+    let answer = s.caller().await.post(CONVERSE, None, b"{}").await;
+    assert_refused(
+        &answer,
+        403,
+        "UnrecognizedClientException",
+        "AWS_BEARER_TOKEN_BEDROCK",
+    );
+    assert!(answer.message().contains("AWS_CA_BUNDLE"));
+    let (seen, audit) = s.finish().await;
+    assert!(seen.is_empty());
+    assert_eq!(audit[0]["status"], 403);
+    assert_eq!(audit[0]["error_type"], "UnrecognizedClientException");
+    assert!(audit[0]["principal"].is_null());
+    assert_eq!(audit[0]["source"], "127.0.0.1");
+    assert_eq!(audit[0]["message"], "no credentials");
+}
+
+#[tokio::test]
+async fn wrong_token_is_refused() {
+    let s = setup("wrong-token", &token_principal("")).await;
+    let answer = s
+        .caller()
+        .await
+        .post(CONVERSE, Some("not-the-token"), b"{}")
+        .await;
+    assert_refused(
+        &answer,
+        403,
+        "UnrecognizedClientException",
+        "not one this xpart agent knows",
+    );
+    let (seen, audit) = s.finish().await;
+    assert!(seen.is_empty());
+    assert_eq!(audit[0]["message"], "unknown bearer token");
+    let line = serde_json::to_string(&audit[0]).expect("json");
+    assert!(!line.contains("not-the-token"), "tokens are never logged");
+}
+
+#[tokio::test]
+async fn sigv4_signed_request_is_told_to_use_a_token() {
+    let s = setup("sigv4", &token_principal("")).await;
+    let signature = "AWS4-HMAC-SHA256 Credential=AKIAEXAMPLE/20260101/us-gov-west-1/bedrock/aws4_request, SignedHeaders=host;x-amz-date, Signature=abcd";
+    let answer = s
+        .caller()
+        .await
+        .post_with(CONVERSE, None, &[("authorization", signature)], b"{}")
+        .await;
+    assert_refused(
+        &answer,
+        403,
+        "UnrecognizedClientException",
+        "SigV4 signatures are not accepted",
+    );
+    let (seen, _) = s.finish().await;
+    assert!(seen.is_empty());
+}
+
+#[tokio::test]
+async fn token_from_an_address_outside_the_cidrs_is_refused() {
+    let s = setup(
+        "cidr",
+        &token_principal(r#"source_cidrs = ["10.0.16.0/20"]"#),
+    )
+    .await;
+    let answer = s.caller().await.post(CONVERSE, Some(TOKEN), b"{}").await;
+    assert_refused(
+        &answer,
+        403,
+        "AccessDeniedException",
+        "may not call from 127.0.0.1",
+    );
+    let (seen, audit) = s.finish().await;
+    assert!(seen.is_empty());
+    assert_eq!(audit[0]["principal"], "lambda");
+    assert_eq!(audit[0]["message"], "source address not allowed");
+}
+
+#[tokio::test]
+async fn address_alone_identifies_a_token_less_principal() {
+    let principals = r#"
+[[principal]]
+name = "subnet"
+source_cidrs = ["127.0.0.0/8"]
+models = ["*"]
+"#;
+    let s = setup("cidr-only", principals).await;
+    let answer = s.caller().await.post(CONVERSE, None, b"{}").await;
+    assert_eq!(answer.status, 200);
+    let (seen, _) = s.finish().await;
+    assert_eq!(seen[0].headers["x-xpart-principal"], "subnet");
+}
+
+#[tokio::test]
+async fn model_outside_the_allowlist_is_refused() {
+    let s = setup("model", &token_principal("")).await;
+    let answer = s
+        .caller()
+        .await
+        .post("/model/amazon.nova-pro-v1%3A0/converse", Some(TOKEN), b"{}")
+        .await;
+    assert_refused(
+        &answer,
+        403,
+        "AccessDeniedException",
+        "not allowed to use model amazon.nova-pro-v1:0",
+    );
+    let (seen, audit) = s.finish().await;
+    assert!(seen.is_empty());
+    assert_eq!(audit[0]["model"], "amazon.nova-pro-v1:0");
+    assert_eq!(audit[0]["operation"], "Converse");
+}
+
+#[tokio::test]
+async fn unknown_operation_is_refused_as_bedrock_would() {
+    let s = setup("route", &token_principal("")).await;
+    let answer = s
+        .caller()
+        .await
+        .post("/model/x/explode", Some(TOKEN), b"{}")
+        .await;
+    assert_eq!(answer.status, 404);
+    assert_eq!(answer.error_type(), "UnknownOperationException");
+    let (seen, _) = s.finish().await;
+    assert!(seen.is_empty());
+}
+
+#[tokio::test]
+async fn over_the_rate_is_throttled() {
+    let s = setup(
+        "rate",
+        &token_principal("requests_per_second = 1\nburst = 2"),
+    )
+    .await;
+    let mut caller = s.caller().await;
+    assert_eq!(caller.post(CONVERSE, Some(TOKEN), b"{}").await.status, 200);
+    assert_eq!(caller.post(CONVERSE, Some(TOKEN), b"{}").await.status, 200);
+    let answer = caller.post(CONVERSE, Some(TOKEN), b"{}").await;
+    assert_refused(
+        &answer,
+        429,
+        "ThrottlingException",
+        "limited to 1 requests per second",
+    );
+    let (seen, audit) = s.finish().await;
+    assert_eq!(seen.len(), 2, "the throttled request was not forwarded");
+    assert_eq!(audit[2]["message"], "over rate limit");
+}
+
+#[tokio::test]
+async fn over_concurrency_is_throttled_and_the_slot_returns() {
+    let s = setup("concurrency", &token_principal("max_concurrent = 1")).await;
+    let mut first = s.caller().await;
+    // A stream that takes 600 ms holds the only slot.
+    let stream = first
+        .send(
+            "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse-stream",
+            Some(TOKEN),
+            b"{}",
+        )
+        .await;
+    assert_eq!(stream.status(), 200);
+    let answer = s.caller().await.post(CONVERSE, Some(TOKEN), b"{}").await;
+    assert_refused(&answer, 429, "ThrottlingException", "may have 1 in flight");
+
+    use http_body_util::BodyExt;
+    let streamed = stream
+        .into_body()
+        .collect()
+        .await
+        .expect("stream")
+        .to_bytes();
+    assert_eq!(streamed.as_ref(), b"chunk-0;chunk-1;chunk-2;");
+    // The slot is freed when the body ends.
+    let mut ok = false;
+    for _ in 0..20 {
+        if s.caller()
+            .await
+            .post(CONVERSE, Some(TOKEN), b"{}")
+            .await
+            .status
+            == 200
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(ok, "the slot came back after the stream ended");
+    let (seen, _) = s.finish().await;
+    assert_eq!(seen.len(), 2);
+}
+
+#[tokio::test]
+async fn oversized_body_is_refused_before_forwarding() {
+    let s = setup("body", &token_principal("max_body_bytes = 1000")).await;
+    let answer = s
+        .caller()
+        .await
+        .post(CONVERSE, Some(TOKEN), &[b'x'; 1001])
+        .await;
+    assert_refused(
+        &answer,
+        400,
+        "ValidationException",
+        "exceeds the 1000-byte limit",
+    );
+    let ok = s
+        .caller()
+        .await
+        .post(CONVERSE, Some(TOKEN), &[b'x'; 1000])
+        .await;
+    assert_eq!(ok.status, 200);
+    let (seen, audit) = s.finish().await;
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body.len(), 1000);
+    assert_eq!(audit[0]["message"], "body too large");
+}
