@@ -113,6 +113,25 @@ impl Diagnostics {
         &self.problems
     }
 
+    /// Fill in the line and column of problems that have none, from the file's text,
+    /// for fields written the way this module writes them (`[policy].operations[2]`,
+    /// `[[relay]][0].endpoint`). Fields that are not in the text stay without a location.
+    pub fn locate_in(&mut self, text: &str) {
+        let Ok(document) = ImDocument::parse(text) else {
+            return;
+        };
+        for problem in &mut self.problems {
+            if problem.location.is_some() {
+                continue;
+            }
+            let Some(steps) = parse_field(&problem.field) else {
+                continue;
+            };
+            problem.location =
+                locate(&document, &steps).and_then(|span| location(text, span.start));
+        }
+    }
+
     /// `Ok(value)` when nothing was recorded, else these diagnostics.
     pub fn into_result<T>(self, value: T) -> Result<T, Diagnostics> {
         if self.problems.is_empty() {
@@ -404,6 +423,40 @@ fn backticked(text: &str) -> Vec<&str> {
     text.split('`').skip(1).step_by(2).collect()
 }
 
+/// Read back a field name written by [`field_name`] (or by hand in the same form).
+fn parse_field(field: &str) -> Option<Vec<Step>> {
+    let mut steps = Vec::new();
+    let mut rest = field;
+    if let Some(inner) = rest.strip_prefix("[[") {
+        let (name, after) = inner.split_once("]]")?;
+        steps.push(Step::Key(name.to_string()));
+        rest = after;
+    } else if let Some(inner) = rest.strip_prefix('[') {
+        let (name, after) = inner.split_once(']')?;
+        steps.push(Step::Key(name.to_string()));
+        rest = after;
+    }
+    while !rest.is_empty() {
+        if let Some(inner) = rest.strip_prefix('[') {
+            let (index, after) = inner.split_once(']')?;
+            steps.push(Step::Index(index.parse().ok()?));
+            rest = after;
+            continue;
+        }
+        let key_text = rest.strip_prefix('.').unwrap_or(rest);
+        let end = key_text.find(['.', '[']).unwrap_or(key_text.len());
+        if end == 0 {
+            return None;
+        }
+        steps.push(Step::Key(key_text[..end].to_string()));
+        rest = &key_text[end..];
+    }
+    if steps.is_empty() {
+        return None;
+    }
+    Some(steps)
+}
+
 /// Render a path the way the operator sees it in the file: `[table].key`,
 /// `[[array]][1].key`, `key[2]`.
 fn field_name(document: Option<&ImDocument<&str>>, steps: &[Step]) -> String {
@@ -670,6 +723,51 @@ mod tests {
         assert_eq!(problem.field, "");
         assert_eq!(problem.location.map(|l| l.line), Some(2));
         assert_eq!(problem.fix, "correct the TOML syntax there");
+    }
+
+    #[test]
+    fn validation_problems_get_located_from_their_field() {
+        let text = "[tunnel]\naddress = \"x\"\n\n[[relay]]\nname = \"a\"\n\n[[relay]]\nname = \"b\"\nservice_port = 0\n\n[policy]\noperations = [\"Converse\",\n  \"Bogus\"]\n";
+        let mut diagnostics = Diagnostics::new("relay.toml");
+        diagnostics.push("[[relay]][1].service_port", "port 0", "use 1-65535");
+        diagnostics.push("[policy].operations[1]", "not allowed", "remove it");
+        diagnostics.push("[tunnel]", "incomplete", "add mode");
+        diagnostics.push("[front].cert_file", "missing", "add it");
+        diagnostics.push("", "whole file", "rewrite");
+        diagnostics.locate_in(text);
+        let lines: Vec<Option<usize>> = diagnostics
+            .problems()
+            .iter()
+            .map(|problem| problem.location.map(|at| at.line))
+            .collect();
+        assert_eq!(lines, [Some(9), Some(13), Some(1), None, None]);
+        assert!(diagnostics
+            .to_string()
+            .starts_with("relay.toml:9:1: [[relay]][1].service_port: port 0"));
+    }
+
+    #[test]
+    fn field_names_read_back() {
+        assert_eq!(
+            parse_field("[[relay]][0].endpoint"),
+            Some(vec![
+                Step::Key("relay".into()),
+                Step::Index(0),
+                Step::Key("endpoint".into())
+            ])
+        );
+        assert_eq!(
+            parse_field("[policy].operations[2]"),
+            Some(vec![
+                Step::Key("policy".into()),
+                Step::Key("operations".into()),
+                Step::Index(2)
+            ])
+        );
+        assert_eq!(parse_field("top"), Some(vec![Step::Key("top".into())]));
+        assert_eq!(parse_field(""), None);
+        assert_eq!(parse_field("[policy].operations[x]"), None);
+        assert_eq!(parse_field("[policy"), None);
     }
 
     #[test]
