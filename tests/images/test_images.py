@@ -182,6 +182,12 @@ def test_agents_admit_https_from_callers_and_dns_only_from_the_resolver_endpoint
         ("udp", 53, 53, "{'Ref': 'ResolverEndpointSecurityGroup'}"),
     ]
     egress = template["Resources"]["AgentSecurityGroup"]["Properties"]["SecurityGroupEgress"]
+    egress += [p for p in resources(template, "AWS::EC2::SecurityGroupEgress").values()
+               if p["GroupId"] == {"Ref": "AgentSecurityGroup"}]
+    # The failover watch on the standby must reach the active agent's admin port.
+    assert {"IpProtocol": "tcp", "FromPort": 9100, "ToPort": 9100,
+            "DestinationSecurityGroupId": {"Ref": "AgentSecurityGroup"}} in [
+        {k: v for k, v in r.items() if k not in ("Description", "GroupId")} for r in egress]
     udp = [r for r in egress if r["IpProtocol"] == "udp"]
     assert [r["CidrIp"] for r in udp] == [{"Fn::Sub": "${RelayAPublicIp}/32"}, {"Fn::Sub": "${RelayBPublicIp}/32"}]
     assert all(r["FromPort"] == r["ToPort"] == {"Ref": "WireGuardPort"} for r in udp)
