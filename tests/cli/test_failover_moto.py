@@ -1,0 +1,508 @@
+"""`xpart failover` against moto_server: every move is read back through the EC2 API.
+
+Topology per test: one VPC and subnet; an active and a standby agent instance tagged
+xpart:pair=bedrock / xpart:role=active|standby; a route table tagged for the pair whose
+route 100.64.0.0/30 points at the active ENI, and a second tagged table without that route;
+a secondary private IP (the floating IP callers dial) and an Elastic IP on the active ENI.
+"""
+
+import json
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import boto3
+import pytest
+
+from conftest import XPART, aws_env, free_port, reset_moto, run_json, run_xpart
+
+PAIR = "bedrock"
+TUNNEL_CIDR = "100.64.0.0/30"
+VIP = "10.0.1.100"
+
+
+@pytest.fixture
+def ec2(moto_endpoint):
+    reset_moto(moto_endpoint)
+    return boto3.client(
+        "ec2",
+        endpoint_url=moto_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+@pytest.fixture
+def world(ec2, moto_endpoint):
+    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.0.1.0/24")["Subnet"]["SubnetId"]
+    image = ec2.describe_images()["Images"][0]["ImageId"]
+
+    def agent(role):
+        instance = ec2.run_instances(
+            ImageId=image,
+            MinCount=1,
+            MaxCount=1,
+            InstanceType="t3.micro",
+            SubnetId=subnet,
+            TagSpecifications=[
+                {
+                    "ResourceType": "instance",
+                    "Tags": [
+                        {"Key": "xpart:pair", "Value": PAIR},
+                        {"Key": "xpart:role", "Value": role},
+                    ],
+                }
+            ],
+        )["Instances"][0]
+        eni = instance["NetworkInterfaces"][0]["NetworkInterfaceId"]
+        return instance["InstanceId"], eni
+
+    active, active_eni = agent("active")
+    standby, standby_eni = agent("standby")
+
+    def tagged_table():
+        table = ec2.create_route_table(VpcId=vpc)["RouteTable"]["RouteTableId"]
+        ec2.create_tags(Resources=[table], Tags=[{"Key": "xpart:pair", "Value": PAIR}])
+        return table
+
+    with_route = tagged_table()
+    ec2.create_route(
+        RouteTableId=with_route, DestinationCidrBlock=TUNNEL_CIDR, NetworkInterfaceId=active_eni
+    )
+    without_route = tagged_table()
+    untagged = ec2.create_route_table(VpcId=vpc)["RouteTable"]["RouteTableId"]
+    ec2.create_route(
+        RouteTableId=untagged, DestinationCidrBlock=TUNNEL_CIDR, NetworkInterfaceId=active_eni
+    )
+
+    ec2.assign_private_ip_addresses(NetworkInterfaceId=active_eni, PrivateIpAddresses=[VIP])
+    eip = ec2.allocate_address(Domain="vpc")
+    ec2.associate_address(AllocationId=eip["AllocationId"], NetworkInterfaceId=active_eni)
+
+    return {
+        "endpoint": moto_endpoint,
+        "vpc": vpc,
+        "active": active,
+        "active_eni": active_eni,
+        "standby": standby,
+        "standby_eni": standby_eni,
+        "with_route": with_route,
+        "without_route": without_route,
+        "untagged": untagged,
+        "allocation_id": eip["AllocationId"],
+        "public_ip": eip["PublicIp"],
+    }
+
+
+def route_target(ec2, table, cidr=TUNNEL_CIDR):
+    routes = ec2.describe_route_tables(RouteTableIds=[table])["RouteTables"][0]["Routes"]
+    for route in routes:
+        if route.get("DestinationCidrBlock") == cidr:
+            return route.get("NetworkInterfaceId")
+    return None
+
+
+def secondary_ips(ec2, eni):
+    interface = ec2.describe_network_interfaces(NetworkInterfaceIds=[eni])["NetworkInterfaces"][0]
+    return {ip["PrivateIpAddress"] for ip in interface["PrivateIpAddresses"] if not ip["Primary"]}
+
+
+def eip_interface(ec2, allocation_id):
+    return ec2.describe_addresses(AllocationIds=[allocation_id])["Addresses"][0].get(
+        "NetworkInterfaceId"
+    )
+
+
+def failover(world, *args):
+    return run_xpart("failover", *args, "--endpoint-url", world["endpoint"])
+
+
+# --- route -----------------------------------------------------------------------------
+
+
+def test_route_by_tags_replaces_the_route_and_creates_the_missing_one(ec2, world):
+    result = failover(world, "route", "--cidr", TUNNEL_CIDR, "--pair", PAIR)
+    assert result.returncode == 0, result.stderr
+    assert route_target(ec2, world["with_route"]) == world["standby_eni"]
+    assert route_target(ec2, world["without_route"]) == world["standby_eni"]
+    # Only tables tagged for the pair are touched.
+    assert route_target(ec2, world["untagged"]) == world["active_eni"]
+    assert f"replace-route --route-table-id {world['with_route']}" in result.stdout
+    assert f"create-route --route-table-id {world['without_route']}" in result.stdout
+
+
+def test_route_is_idempotent(ec2, world):
+    first = failover(world, "route", "--cidr", TUNNEL_CIDR, "--pair", PAIR)
+    assert first.returncode == 0, first.stderr
+    second, report = run_json(
+        "failover", "route", "--cidr", TUNNEL_CIDR, "--pair", PAIR,
+        "--endpoint-url", world["endpoint"],
+    )
+    assert second.returncode == 0, second.stderr
+    assert report["plan"]["actions"] == []
+    assert len(report["plan"]["in_place"]) == 2
+    assert report["applied"] == []
+
+
+def test_route_dry_run_prints_the_exact_plan_and_changes_nothing(ec2, world):
+    result, report = run_json(
+        "failover", "route", "--cidr", TUNNEL_CIDR, "--pair", PAIR, "--dry-run",
+        "--endpoint-url", world["endpoint"],
+    )
+    assert result.returncode == 0, result.stderr
+    assert report["dry_run"] is True
+    actions = {a["action"]: a for a in report["plan"]["actions"]}
+    assert actions["ReplaceRoute"] == {
+        "action": "ReplaceRoute",
+        "route_table_id": world["with_route"],
+        "destination_cidr": TUNNEL_CIDR,
+        "network_interface_id": world["standby_eni"],
+        "previous_target": world["active_eni"],
+    }
+    assert actions["CreateRoute"]["route_table_id"] == world["without_route"]
+    assert report["applied"] == []
+    assert route_target(ec2, world["with_route"]) == world["active_eni"]
+    assert route_target(ec2, world["without_route"]) is None
+
+    text = failover(world, "route", "--cidr", TUNNEL_CIDR, "--pair", PAIR, "--dry-run")
+    assert text.returncode == 0
+    assert "dry run, would run:" in text.stdout
+    assert (
+        f"aws ec2 replace-route --route-table-id {world['with_route']} "
+        f"--destination-cidr-block {TUNNEL_CIDR} --network-interface-id {world['standby_eni']}"
+    ) in text.stdout
+    assert route_target(ec2, world["with_route"]) == world["active_eni"]
+
+
+def test_route_with_explicit_table_and_instance(ec2, world):
+    result = failover(
+        world, "route", "--cidr", TUNNEL_CIDR,
+        "--route-table", world["untagged"], "--to-instance", world["standby"],
+    )
+    assert result.returncode == 0, result.stderr
+    assert route_target(ec2, world["untagged"]) == world["standby_eni"]
+    assert route_target(ec2, world["with_route"]) == world["active_eni"]
+
+
+def test_route_back_to_the_active_by_role(ec2, world):
+    assert failover(world, "route", "--cidr", TUNNEL_CIDR, "--pair", PAIR).returncode == 0
+    back = failover(world, "route", "--cidr", TUNNEL_CIDR, "--pair", PAIR, "--role", "active")
+    assert back.returncode == 0, back.stderr
+    assert route_target(ec2, world["with_route"]) == world["active_eni"]
+
+
+def test_route_table_tag_selects_tables(ec2, world):
+    ec2.create_tags(Resources=[world["untagged"]], Tags=[{"Key": "team", "Value": "ml"}])
+    result = failover(
+        world, "route", "--cidr", TUNNEL_CIDR, "--route-table-tag", "team=ml",
+        "--to-eni", world["standby_eni"],
+    )
+    assert result.returncode == 0, result.stderr
+    assert route_target(ec2, world["untagged"]) == world["standby_eni"]
+    assert route_target(ec2, world["with_route"]) == world["active_eni"]
+
+
+# --- vip / eip / source-dest-check ---------------------------------------------------------
+
+
+def test_vip_moves_to_the_standby_and_leaves_the_active(ec2, world):
+    result = failover(world, "vip", "--ip", VIP, "--pair", PAIR)
+    assert result.returncode == 0, result.stderr
+    assert VIP in secondary_ips(ec2, world["standby_eni"])
+    # moto keeps the address on the old ENI after a reassignment; xpart releases it.
+    assert VIP not in secondary_ips(ec2, world["active_eni"])
+    again, report = run_json(
+        "failover", "vip", "--ip", VIP, "--pair", PAIR, "--endpoint-url", world["endpoint"]
+    )
+    assert again.returncode == 0
+    assert report["plan"]["actions"] == []
+
+
+def test_vip_dry_run_changes_nothing(ec2, world):
+    result = failover(world, "vip", "--ip", VIP, "--to-eni", world["standby_eni"], "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "assign-private-ip-addresses" in result.stdout
+    assert "--allow-reassignment" in result.stdout
+    assert VIP in secondary_ips(ec2, world["active_eni"])
+    assert VIP not in secondary_ips(ec2, world["standby_eni"])
+
+
+def test_vip_refuses_to_move_a_primary_address(ec2, world):
+    interface = ec2.describe_network_interfaces(NetworkInterfaceIds=[world["active_eni"]])
+    primary = interface["NetworkInterfaces"][0]["PrivateIpAddress"]
+    result = failover(world, "vip", "--ip", primary, "--pair", PAIR)
+    assert result.returncode == 2
+    assert "primary private IP" in result.stderr
+    assert primary not in secondary_ips(ec2, world["standby_eni"])
+
+
+def test_eip_moves_with_reassociation(ec2, world):
+    result = failover(world, "eip", "--allocation-id", world["allocation_id"], "--pair", PAIR)
+    assert result.returncode == 0, result.stderr
+    assert eip_interface(ec2, world["allocation_id"]) == world["standby_eni"]
+    assert "--allow-reassociation" in result.stdout
+
+
+def test_eip_by_public_ip_and_dry_run(ec2, world):
+    dry = failover(world, "eip", "--public-ip", world["public_ip"], "--pair", PAIR, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert eip_interface(ec2, world["allocation_id"]) == world["active_eni"]
+    real = failover(world, "eip", "--public-ip", world["public_ip"], "--pair", PAIR)
+    assert real.returncode == 0, real.stderr
+    assert eip_interface(ec2, world["allocation_id"]) == world["standby_eni"]
+
+
+def test_source_dest_check_turns_off_for_the_whole_pair(ec2, world):
+    def check(instance):
+        return ec2.describe_instance_attribute(InstanceId=instance, Attribute="sourceDestCheck")[
+            "SourceDestCheck"
+        ]["Value"]
+
+    assert check(world["active"]) is True
+    result = failover(world, "source-dest-check", "--pair", PAIR)
+    assert result.returncode == 0, result.stderr
+    assert check(world["active"]) is False
+    assert check(world["standby"]) is False
+    enable = failover(world, "source-dest-check", "--instance", world["active"], "--enable")
+    assert enable.returncode == 0, enable.stderr
+    assert check(world["active"]) is True
+    assert check(world["standby"]) is False
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+
+def test_unknown_instance_is_an_aws_error_with_a_hint(ec2, world):
+    result = failover(
+        world, "route", "--cidr", TUNNEL_CIDR, "--route-table", world["with_route"],
+        "--to-instance", "i-0123456789abcdef0",
+    )
+    assert result.returncode == 3
+    assert "i-0123456789abcdef0" in result.stderr
+    assert "region" in result.stderr
+    assert route_target(ec2, world["with_route"]) == world["active_eni"]
+
+
+def test_unknown_route_table_and_allocation(ec2, world):
+    table = failover(
+        world, "route", "--cidr", TUNNEL_CIDR, "--route-table", "rtb-0000000000000000a",
+        "--pair", PAIR,
+    )
+    assert table.returncode == 3
+    assert "DescribeRouteTables" in table.stderr
+    eip = failover(world, "eip", "--allocation-id", "eipalloc-00000000000000000", "--pair", PAIR)
+    assert eip.returncode == 3
+    assert "eipalloc-00000000000000000" in eip.stderr
+    assert eip_interface(ec2, world["allocation_id"]) == world["active_eni"]
+
+
+def test_standby_tags_must_match_exactly_one_instance(ec2, world):
+    missing = failover(world, "route", "--cidr", TUNNEL_CIDR, "--pair", "nonexistent-pair")
+    assert missing.returncode == 3
+    assert "xpart:pair=nonexistent-pair" in missing.stderr
+    ec2.create_tags(Resources=[world["active"]], Tags=[{"Key": "xpart:role", "Value": "standby"}])
+    ambiguous = failover(world, "route", "--cidr", TUNNEL_CIDR, "--pair", PAIR)
+    assert ambiguous.returncode == 3
+    assert "2 instances" in ambiguous.stderr
+    assert route_target(ec2, world["with_route"]) == world["active_eni"]
+
+
+def test_usage_errors_exit_2(world):
+    no_cidr = failover(world, "route", "--pair", PAIR)
+    assert no_cidr.returncode == 2
+    assert "--cidr" in no_cidr.stderr
+    no_standby = failover(world, "route", "--cidr", TUNNEL_CIDR, "--route-table", "rtb-1")
+    assert no_standby.returncode == 2
+    assert "--to-eni" in no_standby.stderr
+    bad_cidr = failover(world, "route", "--cidr", "300.1.0.0/16", "--pair", PAIR)
+    assert bad_cidr.returncode == 2
+
+
+def test_missing_region_is_a_usage_error(world):
+    env = aws_env()
+    del env["AWS_REGION"]
+    result = run_xpart(
+        "failover", "route", "--cidr", TUNNEL_CIDR, "--pair", PAIR,
+        "--endpoint-url", world["endpoint"], env=env,
+    )
+    assert result.returncode == 2
+    assert "--region" in result.stderr
+
+
+def test_unreachable_endpoint_is_explained(world):
+    port = free_port()
+    started = time.monotonic()
+    result = run_xpart(
+        "failover", "route", "--cidr", TUNNEL_CIDR, "--pair", PAIR,
+        "--endpoint-url", f"http://127.0.0.1:{port}",
+    )
+    assert result.returncode == 3
+    assert "cannot reach the EC2 endpoint" in result.stderr
+    assert time.monotonic() - started < 45
+
+
+# --- watch -------------------------------------------------------------------------------
+
+
+class FakeAgent:
+    """An agent admin port whose /readyz answers 200 until `fail()` is called."""
+
+    def __init__(self):
+        self.healthy = True
+        self.checks = 0
+        agent = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                agent.checks += 1
+                if self.path != "/readyz":
+                    self.send_error(404)
+                    return
+                status = 200 if agent.healthy else 503
+                body = json.dumps({"ready": agent.healthy}).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def fail(self):
+        self.healthy = False
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_agent():
+    agent = FakeAgent()
+    yield agent
+    agent.close()
+
+
+def start_watch(world, fake_agent, *extra):
+    return subprocess.Popen(
+        [
+            str(XPART), "--json", "failover", "watch",
+            "--readyz", f"http://127.0.0.1:{fake_agent.port}/readyz",
+            "--interval", "200ms", "--failures", "3", "--timeout", "1s",
+            "--pair", PAIR, "--cidr", TUNNEL_CIDR, "--ip", VIP,
+            "--endpoint-url", world["endpoint"], *extra,
+        ],
+        env=aws_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_until(predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def events(stdout):
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+def test_watch_fails_over_after_n_failures_then_holds_down(ec2, world, fake_agent):
+    watch = start_watch(world, fake_agent, "--hold-down", "60s", "--max-runtime", "7s")
+    try:
+        # Healthy for a while: nothing moves.
+        time.sleep(1.5)
+        assert fake_agent.checks >= 3
+        assert route_target(ec2, world["with_route"]) == world["active_eni"]
+
+        fake_agent.fail()
+        assert wait_until(
+            lambda: route_target(ec2, world["with_route"]) == world["standby_eni"], 10
+        ), "watch did not move the route"
+        assert route_target(ec2, world["without_route"]) == world["standby_eni"]
+        assert VIP in secondary_ips(ec2, world["standby_eni"])
+        assert VIP not in secondary_ips(ec2, world["active_eni"])
+
+        # Someone moves the route back while the active is still failing: the watch is in
+        # hold-down and must not move it again (no flapping).
+        ec2.replace_route(
+            RouteTableId=world["with_route"],
+            DestinationCidrBlock=TUNNEL_CIDR,
+            NetworkInterfaceId=world["active_eni"],
+        )
+        stdout, stderr = watch.communicate(timeout=30)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.communicate()
+    assert watch.returncode == 0, stderr
+    assert route_target(ec2, world["with_route"]) == world["active_eni"]
+
+    log = events(stdout)
+    kinds = [event["event"] for event in log]
+    assert kinds[0] == "start"
+    assert kinds.count("failover") == 1, kinds
+    first_failure = kinds.index("check_failed")
+    failing_over = kinds.index("failing_over")
+    assert kinds[first_failure:failing_over] == ["check_failed", "check_failed"]
+    assert "held_down" in kinds[failing_over:]
+    assert kinds[-1] == "stop"
+    moved = next(event for event in log if event["event"] == "failover")
+    assert any("replace-route" in action for action in moved["actions"])
+    assert any("assign-private-ip-addresses" in action for action in moved["actions"])
+
+
+def test_watch_once_exits_after_the_failover(ec2, world, fake_agent):
+    fake_agent.fail()
+    watch = start_watch(world, fake_agent, "--once", "--max-runtime", "20s")
+    stdout, stderr = watch.communicate(timeout=30)
+    assert watch.returncode == 0, stderr
+    kinds = [event["event"] for event in events(stdout)]
+    assert kinds[-1] == "failover", kinds
+    assert route_target(ec2, world["with_route"]) == world["standby_eni"]
+
+
+def test_watch_that_stays_healthy_changes_nothing(ec2, world, fake_agent):
+    watch = start_watch(world, fake_agent, "--max-runtime", "1500ms")
+    stdout, stderr = watch.communicate(timeout=30)
+    assert watch.returncode == 0, stderr
+    kinds = [event["event"] for event in events(stdout)]
+    assert kinds == ["start", "stop"]
+    assert route_target(ec2, world["with_route"]) == world["active_eni"]
+    assert fake_agent.checks >= 5
+
+
+def test_watch_dry_run_logs_the_plan_without_moving(ec2, world, fake_agent):
+    fake_agent.fail()
+    watch = start_watch(world, fake_agent, "--once", "--dry-run", "--max-runtime", "20s")
+    stdout, stderr = watch.communicate(timeout=30)
+    assert watch.returncode == 0, stderr
+    last = events(stdout)[-1]
+    assert last["event"] == "dry_run"
+    assert any("replace-route" in action for action in last["actions"])
+    assert route_target(ec2, world["with_route"]) == world["active_eni"]
+
+
+def test_watch_refuses_a_standby_that_does_not_exist(world, fake_agent):
+    result = run_xpart(
+        "failover", "watch", "--readyz", f"127.0.0.1:{fake_agent.port}",
+        "--to-instance", "i-0123456789abcdef0", "--cidr", TUNNEL_CIDR,
+        "--route-table", world["with_route"], "--endpoint-url", world["endpoint"],
+        "--max-runtime", "5s",
+    )
+    assert result.returncode == 3
+    assert "i-0123456789abcdef0" in result.stderr
