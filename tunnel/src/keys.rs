@@ -367,6 +367,41 @@ mod tests {
         assert!(message.contains("missing.key"), "{message}");
     }
 
+    #[test]
+    fn interoperates_with_the_wg_tool() {
+        let Some(wg_genkey) = wg(&["genkey"], "") else {
+            eprintln!("skipping: `wg` (wireguard-tools) is not installed");
+            return;
+        };
+        let theirs = PrivateKey::from_base64(&wg_genkey).unwrap();
+        let their_public = wg(&["pubkey"], &wg_genkey).unwrap();
+        assert_eq!(theirs.public_key().to_base64(), their_public.trim());
+
+        let ours = PrivateKey::generate();
+        let our_public = wg(&["pubkey"], &format!("{}\n", ours.to_base64())).unwrap();
+        assert_eq!(ours.public_key().to_base64(), our_public.trim());
+    }
+
+    /// Runs `wg ARGS` with `stdin`; `None` if the tool is missing.
+    fn wg(args: &[&str], stdin: &str) -> Option<String> {
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("wg")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .ok()?;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success(), "wg {args:?} failed");
+        Some(String::from_utf8(output.stdout).unwrap())
+    }
+
     /// A directory removed on drop; keeps the tests free of a tempfile dependency.
     struct TempDir(PathBuf);
 
