@@ -285,11 +285,18 @@ impl Route {
 }
 
 fn unknown_operation(method: &Method, path: &str) -> BedrockError {
+    // The path is the caller's; echo enough of it to recognise, not all of it.
+    let shown = match path.char_indices().nth(MAX_ECHOED_PATH_CHARS) {
+        Some((cut, _)) => format!("{}…", &path[..cut]),
+        None => path.to_string(),
+    };
     BedrockError::new(
         ErrorType::UnknownOperation,
-        format!("no Bedrock Runtime operation matches {method} {path}"),
+        format!("no Bedrock Runtime operation matches {method} {shown}"),
     )
 }
+
+const MAX_ECHOED_PATH_CHARS: usize = 200;
 
 fn decode_model_id(raw: &str) -> Result<ModelId, BedrockError> {
     let id = decode_param(raw, "modelId")?;
@@ -670,6 +677,10 @@ mod tests {
             assert_eq!(err.kind.status(), StatusCode::NOT_FOUND);
             assert!(err.message.contains(path), "{}", err.message);
         }
+        let long = format!("/{}", "x".repeat(10_000));
+        let err = post(&long).unwrap_err();
+        assert_eq!(err.kind, ErrorType::UnknownOperation);
+        assert!(err.message.len() < 300, "{}", err.message);
     }
 
     #[test]

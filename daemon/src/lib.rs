@@ -15,18 +15,26 @@
 //! `/metrics`, `/healthz`, `/readyz`, `/status` and daemon-specific routes; [`logging::init`]
 //! sets up tracing; [`shutdown`] turns SIGINT/SIGTERM and SIGHUP into futures.
 //!
-//! Beyond CONTRACTS.md §2: [`bedrock::ErrorType::UnknownOperation`] (404
-//! `UnknownOperationException`, for paths no operation uses); [`bedrock::Route`] carries
-//! `raw_model`, `guardrail` and `invocation_arn` as its path parameters; `into_response`
-//! also sets `x-xpart-request-id`; [`protocol`] holds the tunnel header names;
-//! [`config::Problem`] has a `location` (line, column) and [`config::parse_toml`] parses
-//! text (for `from_toml_str`); [`audit::AuditLog`] has `flush`, `reopen`, `close` and
-//! `register` (its metrics); the shutdown future is [`shutdown::signal`] (or
-//! [`shutdown::stop_signals`] to listen from a known moment) and the SIGHUP
-//! stream [`shutdown::reload`]. `admin::serve` and `AuditLog::open` are synchronous but
-//! must run inside a Tokio runtime. Errors are per module (`BedrockError`, `Diagnostics`,
-//! `io::Error`) because each goes to a different audience: Bedrock clients, operators
-//! editing a file, and the daemon's startup.
+//! Beyond CONTRACTS.md §2:
+//! - [`bedrock::ErrorType::UnknownOperation`] (404 `UnknownOperationException`, what AWS
+//!   rest-json front ends answer for a path no operation uses);
+//! - [`bedrock::Route`] carries `raw_model` (the segment as sent), `guardrail` and
+//!   `invocation_arn` as its path parameters; `into_response` also sets
+//!   `x-xpart-request-id`;
+//! - [`protocol`] holds the tunnel header names and [`protocol::strip_xpart_headers`];
+//! - [`config::Problem`] has a `location` (line, column); [`config::parse_toml`] parses
+//!   text (for `from_toml_str`); [`config::Diagnostics::locate_in`] adds line numbers to
+//!   validation problems;
+//! - [`admin::json`] and [`admin::text`] build responses for `AdminHandler::extra`;
+//! - [`audit::AuditLog`] has `flush`, `reopen` (call it on SIGHUP), `close` (call it on
+//!   shutdown) and `register` (its written/dropped counters);
+//! - the shutdown future is [`shutdown::signal`] ([`shutdown::stop_signals`] listens from a
+//!   known moment); the SIGHUP stream is [`shutdown::reload`].
+//!
+//! `admin::serve` and `AuditLog::open` are synchronous but must be called inside a Tokio
+//! runtime. Errors are per audience rather than one enum: [`bedrock::BedrockError`] for
+//! Bedrock clients, [`config::Diagnostics`] for operators editing a file, `io::Error` for
+//! the daemon's startup.
 
 pub mod admin;
 pub mod audit;
