@@ -12,7 +12,7 @@ use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use xpart_tunnel::core::{Engine, Event, PeerId, PeerSpec, HANDSHAKE_CHECKS_PER_SECOND};
+use xpart_tunnel::core::{Engine, Event, PeerId, PeerSpec, Transmit, HANDSHAKE_CHECKS_PER_SECOND};
 use xpart_tunnel::keys::PrivateKey;
 
 const A_TUN: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
@@ -552,6 +552,56 @@ fn timeout_is_always_scheduled_and_time_never_runs_backwards() {
     engine.handle_outbound(&ipv4(A_TUN, B_TUN, 0, 60), start);
     assert!(engine.poll_transmit().is_some(), "a handshake initiation");
     assert!(Engine::new(&me, Vec::new(), start).poll_timeout().is_none());
+}
+
+#[test]
+fn fast_paths_fall_back_to_the_queues_when_the_buffer_is_short() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let (a_key, b_key) = (key(&mut rng), key(&mut rng));
+    let (a_addr, b_addr) = (addr(1, 1), addr(2, 2));
+    let now = Instant::now();
+    let mut a = Engine::new(
+        &a_key,
+        vec![spec("b", &b_key, Some(b_addr), &["100.64.0.2/32"], None)],
+        now,
+    );
+    let mut b = Engine::new(
+        &b_key,
+        vec![spec("a", &a_key, None, &["100.64.0.1/32"], None)],
+        now,
+    );
+    let packet = ipv4(A_TUN, B_TUN, 1, 500);
+    let mut short = [0u8; 64];
+
+    assert_eq!(a.handle_outbound_into(&packet, now, &mut short), None);
+    let init = a.poll_transmit().expect("the initiation went to the queue");
+    assert_eq!(init.dst, b_addr);
+    b.handle_datagram(a_addr, &init.payload, now);
+    let response = b.poll_transmit().expect("a response");
+    assert_eq!(response.dst, a_addr);
+    a.handle_datagram(b_addr, &response.payload, now);
+    let mut to_b: Vec<Transmit> = std::iter::from_fn(|| a.poll_transmit()).collect();
+    assert_eq!(to_b.len(), 2, "keepalive and the queued packet");
+    let data = to_b.pop().unwrap();
+
+    assert_eq!(
+        b.handle_datagram_into(a_addr, &data.payload, now, &mut short),
+        None
+    );
+    assert_eq!(b.poll_inbound(), Some(packet.clone()));
+
+    // Buffers handed back are used again: no allocation per packet in a steady flow.
+    let mut big = vec![0u8; 2048];
+    let (dst, len) = a
+        .handle_outbound_into(&packet, now, &mut big)
+        .expect("a session exists");
+    assert_eq!((dst, len), (b_addr, packet.len() + 32));
+    a.handle_outbound(&packet, now);
+    let first = a.poll_transmit().unwrap().payload;
+    let reused = first.as_ptr();
+    a.recycle(first);
+    a.handle_outbound(&packet, now);
+    assert_eq!(a.poll_transmit().unwrap().payload.as_ptr(), reused);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{HandshakeInit, Packet, Tunn, TunnResult};
@@ -389,16 +390,13 @@ impl Engine {
     }
 
     fn receive(&mut self, from: SocketAddr, datagram: &[u8], out: &mut [u8]) -> Option<usize> {
-        let (peer_id, kind) = match Tunn::parse_incoming_packet(datagram) {
-            Ok(Packet::HandshakeInit(init)) => (
-                self.identify_initiator(from, datagram, &init)?,
-                Kind::Initiation,
-            ),
-            Ok(Packet::HandshakeResponse(p)) => (self.peer_by_index(p.receiver_idx)?, Kind::Other),
-            Ok(Packet::PacketCookieReply(p)) => {
-                (self.peer_by_index(p.receiver_idx)?, Kind::CookieReply)
+        let (peer_id, is_data) = match Tunn::parse_incoming_packet(datagram) {
+            Ok(Packet::HandshakeInit(init)) => {
+                (self.identify_initiator(from, datagram, &init)?, false)
             }
-            Ok(Packet::PacketData(p)) => (self.peer_by_index(p.receiver_idx)?, Kind::Data),
+            Ok(Packet::HandshakeResponse(p)) => (self.peer_by_index(p.receiver_idx)?, false),
+            Ok(Packet::PacketCookieReply(p)) => (self.peer_by_index(p.receiver_idx)?, false),
+            Ok(Packet::PacketData(p)) => (self.peer_by_index(p.receiver_idx)?, true),
             Err(_) => {
                 self.drops.add(DropReason::Garbage);
                 return None;
@@ -417,7 +415,7 @@ impl Engine {
             TunnResult::Done => {
                 // A keepalive authenticates its sender; a cookie reply only proves that the
                 // sender saw our initiation, which is not enough to move the endpoint.
-                if kind == Kind::Data {
+                if is_data {
                     peer.authenticated(peer_id, from, datagram.len(), events);
                 }
                 None
@@ -552,7 +550,7 @@ impl Engine {
         let peer = &mut peers[peer_id.0];
         match peer.tunn.update_timers(scratch) {
             TunnResult::WriteToNetwork(datagram) => outbox.send_to_peer(peer, datagram),
-            TunnResult::Err(boringtun::noise::errors::WireGuardError::ConnectionExpired) => {
+            TunnResult::Err(WireGuardError::ConnectionExpired) => {
                 peer.connection_expired(peer_id, now, events);
                 if peer.wants_recovery(now) {
                     if let TunnResult::WriteToNetwork(init) =
@@ -593,14 +591,6 @@ impl Outbox {
         peer.sent(datagram.len());
         self.send(endpoint, datagram);
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Initiation,
-    CookieReply,
-    Data,
-    Other,
 }
 
 /// After a handshake message, boringtun releases the packets it queued while waiting for a
