@@ -20,7 +20,7 @@ use std::time::SystemTime;
 
 use prometheus::{IntCounter, Registry};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::bedrock::{ModelId, Operation};
@@ -141,7 +141,13 @@ impl AuditLog {
             written: written_counter(),
             dropped: dropped_counter(),
         };
-        runtime.spawn(write_records(path, file, commands, log.written.clone()));
+        runtime.spawn(write_records(
+            path,
+            file,
+            commands,
+            log.written.clone(),
+            log.dropped.clone(),
+        ));
         Ok(log)
     }
 
@@ -180,7 +186,7 @@ impl AuditLog {
         self.written.get()
     }
 
-    /// Records dropped so far because the queue was full or closed.
+    /// Records dropped so far: the queue was full or closed, or the write failed.
     pub fn dropped(&self) -> u64 {
         self.dropped.get()
     }
@@ -238,7 +244,7 @@ fn dropped_counter() -> IntCounter {
     // Infallible: the name and help are constant and valid.
     IntCounter::new(
         "xpart_audit_records_dropped_total",
-        "Audit records dropped because the audit queue was full or the log closed",
+        "Audit records lost: the audit queue was full or closed, or the write failed",
     )
     .expect("valid metric")
 }
@@ -258,68 +264,86 @@ fn open_file(path: &Path) -> io::Result<tokio::fs::File> {
     Ok(tokio::fs::File::from_std(file))
 }
 
-/// The writer task: takes whatever is queued, writes it, flushes, repeats.
+/// The writer task: takes the records queued so far, writes them with one `write` and
+/// flushes, then carries out a control command if one ended the batch.
 async fn write_records(
     path: PathBuf,
-    file: tokio::fs::File,
+    mut file: tokio::fs::File,
     mut commands: mpsc::Receiver<Command>,
     written: IntCounter,
+    dropped: IntCounter,
 ) {
-    let mut out = BufWriter::new(file);
     let mut failing = false;
     while let Some(first) = commands.recv().await {
+        let mut batch = Vec::new();
+        let mut records = 0;
+        let mut control = None;
         let mut next = Some(first);
         while let Some(command) = next.take() {
-            match command {
-                Command::Record(record) => {
-                    let result = write_line(&mut out, *record).await;
-                    report(&path, &result, &mut failing);
-                    if result.is_ok() {
-                        written.inc();
-                    }
-                }
-                Command::Flush(done) => {
-                    report(&path, &out.flush().await, &mut failing);
-                    let _ = done.send(());
-                }
-                Command::Reopen(done) => {
-                    let _ = out.flush().await;
-                    let result = open_file(&path);
-                    let reply = match result {
-                        Ok(file) => {
-                            out = BufWriter::new(file);
-                            Ok(())
-                        }
-                        Err(err) => Err(err),
-                    };
-                    let _ = done.send(reply);
-                }
-                Command::Close(done) => {
-                    report(&path, &out.flush().await, &mut failing);
-                    commands.close();
-                    let _ = done.send(());
-                    return;
-                }
+            let Command::Record(record) = command else {
+                control = Some(command);
+                break;
+            };
+            encode_line(&mut batch, *record);
+            records += 1;
+            if batch.len() < MAX_BATCH_BYTES {
+                next = commands.try_recv().ok();
             }
-            next = commands.try_recv().ok();
         }
-        report(&path, &out.flush().await, &mut failing);
+        if records > 0 {
+            let result = write_batch(&mut file, &batch).await;
+            report(&path, &result, &mut failing);
+            match result {
+                Ok(()) => written.inc_by(records),
+                Err(_) => dropped.inc_by(records),
+            }
+        }
+        match control {
+            None => {}
+            // A record never ends a batch; it is matched to keep the match exhaustive.
+            Some(Command::Record(_)) => {}
+            Some(Command::Flush(done)) => {
+                let _ = done.send(());
+            }
+            Some(Command::Reopen(done)) => {
+                let reply = match open_file(&path) {
+                    Ok(reopened) => {
+                        file = reopened;
+                        Ok(())
+                    }
+                    Err(err) => Err(err),
+                };
+                let _ = done.send(reply);
+            }
+            Some(Command::Close(done)) => {
+                commands.close();
+                let _ = done.send(());
+                return;
+            }
+        }
     }
-    let _ = out.flush().await;
 }
 
-async fn write_line(
-    out: &mut BufWriter<tokio::fs::File>,
-    mut record: AuditRecord,
-) -> io::Result<()> {
+/// Bytes gathered into one write before the writer goes to the disk.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+fn encode_line(batch: &mut Vec<u8>, mut record: AuditRecord) {
     if let Some(message) = &mut record.message {
         if let Some((cut, _)) = message.char_indices().nth(MAX_MESSAGE_CHARS) {
             message.truncate(cut);
         }
     }
-    let mut line = serde_json::to_vec(&record).map_err(io::Error::other)?;
-    line.push(b'\n');
-    out.write_all(&line).await
+    // Serializing this struct cannot fail: every field is a string, a number or null
+    // (serde_json writes non-finite floats as null).
+    if serde_json::to_writer(&mut *batch, &record).is_ok() {
+        batch.push(b'\n');
+    }
+}
+
+async fn write_batch(file: &mut tokio::fs::File, batch: &[u8]) -> io::Result<()> {
+    file.write_all(batch).await?;
+    // tokio's File completes writes in the background; flush surfaces their errors.
+    file.flush().await
 }
 
 /// Log the first failure of a run of failures, and the recovery, not every line.

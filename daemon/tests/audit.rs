@@ -123,6 +123,22 @@ async fn a_full_queue_drops_and_counts_instead_of_blocking() {
 }
 
 #[tokio::test]
+async fn failed_writes_are_counted_as_dropped() {
+    let full = Path::new("/dev/full");
+    if !full.exists() {
+        eprintln!("skipped: /dev/full is not available to simulate a full disk");
+        return;
+    }
+    let log = AuditLog::open(full).unwrap();
+    for i in 0..3 {
+        log.record(agent_record(&format!("req-{i}"), 200, None));
+    }
+    log.flush().await;
+    assert_eq!((log.written(), log.dropped()), (0, 3));
+    log.close().await;
+}
+
+#[tokio::test]
 async fn reopen_starts_a_new_file_after_rotation() {
     let dir = scratch_dir("reopen");
     let path = dir.join("audit.jsonl");
