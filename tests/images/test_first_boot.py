@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cfnlint.decode import decode
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.x509.oid import NameOID
+
+decode = pytest.importorskip("cfnlint.decode", reason="cfn-lint not installed (pip install -r tests/requirements.txt)").decode
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "images"
