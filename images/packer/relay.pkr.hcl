@@ -5,8 +5,8 @@
 source "amazon-ebs" "relay" {
   region          = local.region
   instance_type   = local.instance_type
-  ami_name        = "xpart-relay-${var.version}-${var.arch}-${local.build_time}"
-  ami_description = "xpart relay ${var.version} (${var.arch}) on Amazon Linux 2023"
+  ami_name        = "xpart-relay-${var.xpart_version}-${var.arch}-${local.build_time}"
+  ami_description = "xpart relay ${var.xpart_version} (${var.arch}) on Amazon Linux 2023"
 
   source_ami_filter {
     filters = {
@@ -46,8 +46,8 @@ source "amazon-ebs" "relay" {
   ssh_username                          = "ec2-user"
   ssh_clear_authorized_keys             = true
 
-  tags          = merge(local.tags, { Name = "xpart-relay-${var.version}-${var.arch}", "xpart:role" = "relay" })
-  snapshot_tags = merge(local.tags, { "xpart:role" = "relay" })
+  tags          = merge(local.tags, { Name = "xpart-relay-${var.xpart_version}-${var.arch}", "xpart:image" = "relay" })
+  snapshot_tags = merge(local.tags, { "xpart:image" = "relay" })
   run_tags      = { Name = "packer-xpart-relay" }
 }
 

@@ -77,7 +77,7 @@ variable "kms_key_id" {
   description = "KMS key for the encrypted root volume and snapshot; empty uses the account's default EBS key (alias/aws/ebs). Use a customer key to share the AMI with other accounts."
 }
 
-variable "version" {
+variable "xpart_version" {
   type        = string
   default     = "dev"
   description = "xpart version recorded in the AMI name and tags."
@@ -103,7 +103,7 @@ locals {
   base_ami_name = "al2023-ami-2023.*-kernel-${var.al2023_kernel}-${var.arch}"
 
   tags = {
-    "xpart:version"   = var.version
+    "xpart:version"   = var.xpart_version
     "xpart:partition" = var.partition
     "xpart:arch"      = var.arch
     "xpart:base-ami"  = "{{ .SourceAMI }}"
