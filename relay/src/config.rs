@@ -320,6 +320,15 @@ impl RelayConfig {
                     "paste the agent's WireGuard public key (`xpart keygen` prints it)",
                 ));
             }
+            if let Some(key) = &agent.public_key {
+                if let Err(err) = xpart_tunnel::PublicKey::from_base64(key) {
+                    found.push(Problem::new(
+                        &format!("[[agent]][{i}].public_key"),
+                        format!("agent {:?}: {err}", agent.name),
+                        "paste the agent's WireGuard public key (44 base64 characters, as `xpart keygen` prints it)",
+                    ));
+                }
+            }
             if let Some(net) = self.tunnel.address {
                 if needs_key && !net.contains(&agent.tunnel_address) {
                     found.push(Problem::new(

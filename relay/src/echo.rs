@@ -51,13 +51,9 @@ fn converse(request: &Value) -> Value {
 fn converse_stream(request: &Value) -> Result<Bytes, Error> {
     let text = last_user_text(request.get("messages"));
     let usage = usage(request, &text);
-    let mut events = vec![
-        ("messageStart", json!({"role": "assistant"})),
-        (
-            "contentBlockStart",
-            json!({"contentBlockIndex": 0, "start": {}}),
-        ),
-    ];
+    // Bedrock sends contentBlockStart only for tool-use blocks; a text block starts with its
+    // first delta.
+    let mut events = vec![("messageStart", json!({"role": "assistant"}))];
     for piece in pieces(&text) {
         events.push((
             "contentBlockDelta",

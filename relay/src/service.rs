@@ -139,6 +139,7 @@ async fn forward(
         return Ok(Answer::Upstream(response));
     };
     let invoked = relay.rewriter.invoked(&commercial);
+    exchange.set_model(&invoked);
     let models = Some((&requested, &invoked));
     let response = send_signed(relay, &parts, models, &body, &credentials, exchange).await?;
     let Some(profile) = relay.rewriter.profile_for(&invoked) else {

@@ -50,3 +50,453 @@ def test_converse_is_signed_by_the_relay_and_audited(relay):
     assert line["error_type"] is None
     assert line["upstream_latency_ms"] is not None and line["upstream_latency_ms"] >= 0
     assert line["bytes_in"] > 0 and line["bytes_out"] > 0
+
+
+def test_converse_stream_through_boto3(relay):
+    out = relay.client().converse_stream(
+        modelId="anthropic.claude-3-haiku-20240307-v1:0",
+        messages=[{"role": "user", "content": [{"text": "stream me"}]}],
+    )
+    events = list(out["stream"])
+    kinds = [next(iter(e)) for e in events]
+    assert kinds == ["messageStart", "contentBlockDelta", "contentBlockDelta", "contentBlockStop", "messageStop", "metadata"]
+    text = "".join(e["contentBlockDelta"]["delta"]["text"] for e in events if "contentBlockDelta" in e)
+    assert text == "standin:stream me"
+    [record] = relay.standin.requests()
+    assert_no_caller_credentials(record)
+    assert record["path"].endswith("/converse-stream")
+
+
+def test_invoke_model(relay):
+    body = json.dumps({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 20,
+                       "messages": [{"role": "user", "content": "invoke me"}]})
+    out = relay.client().invoke_model(modelId="anthropic.claude-v2", body=body,
+                                      contentType="application/json", accept="application/json")
+    answer = json.loads(out["body"].read())
+    assert answer["content"][0]["text"] == "standin:invoke me"
+    [record] = relay.standin.requests()
+    assert_no_caller_credentials(record)
+    assert record["headers"]["content-type"] == "application/json"
+    assert record["headers"]["accept"] == "application/json"
+
+
+def test_invoke_model_with_response_stream(relay):
+    body = json.dumps({"messages": [{"role": "user", "content": "chunks"}]})
+    out = relay.client().invoke_model_with_response_stream(modelId="anthropic.claude-v2", body=body)
+    chunks = [json.loads(e["chunk"]["bytes"]) for e in out["body"]]
+    assert [c["type"] for c in chunks] == ["message_start", "content_block_delta", "message_stop"]
+    assert chunks[1]["delta"]["text"] == "standin:chunks"
+    [record] = relay.standin.requests()
+    assert_no_caller_credentials(record)
+
+
+def test_count_tokens(relay):
+    out = relay.client().count_tokens(
+        modelId="anthropic.claude-3-haiku-20240307-v1:0",
+        input={"converse": {"messages": [{"role": "user", "content": [{"text": "count"}]}]}},
+    )
+    assert out["inputTokens"] == 11
+    [record] = relay.standin.requests()
+    assert_no_caller_credentials(record)
+    assert record["path"].endswith("/count-tokens")
+
+
+def test_bedrock_headers_pass_and_upstream_errors_come_back_unchanged(relay):
+    status, headers, body = h.post(
+        relay.relay.service,
+        "/model/standin.error.throttling/converse",
+        h.converse_body(),
+        {"content-type": "application/json", "x-amzn-bedrock-trace": "ENABLED",
+         "x-amzn-bedrock-guardrailidentifier": "gr-1", "x-amzn-bedrock-guardrailversion": "1"},
+    )
+    assert status == 429
+    assert h.error_type(headers) == "ThrottlingException"
+    assert headers["x-amzn-requestid"] == "standin-error", "upstream's request id passes through"
+    assert "x-xpart-request-id" in headers
+    [record] = relay.standin.requests()
+    for name in ("x-amzn-bedrock-trace", "x-amzn-bedrock-guardrailidentifier", "x-amzn-bedrock-guardrailversion"):
+        assert name in record["headers"]
+        assert name in record["headers"]["authorization"], "Bedrock headers are signed"
+    [line] = relay.audit(1)
+    assert (line["status"], line["error_type"]) == (429, "ThrottlingException")
+
+
+def test_http2_prior_knowledge(relay):
+    if not shutil.which("curl"):
+        pytest.skip("curl is not installed")
+    out = subprocess.run(
+        ["curl", "-sS", "--http2-prior-knowledge", "-o", "-", "-w", "\n%{http_version} %{http_code}",
+         "-H", "content-type: application/json", "--data-binary", h.converse_body("over h2").decode(),
+         f"{relay.relay.endpoint}/model/anthropic.claude-v2/converse"],
+        capture_output=True, text=True, timeout=30,
+    )
+    body, _, trailer = out.stdout.rpartition("\n")
+    assert trailer == "2 200", out.stderr
+    assert json.loads(body)["output"]["message"]["content"][0]["text"] == "standin:over h2"
+
+
+# --- streaming: frames reach the caller as they are produced ---------------------------------
+
+def test_stream_frames_arrive_before_the_last_is_sent(relay):
+    out = relay.client().converse_stream(
+        modelId="standin.hold", messages=[{"role": "user", "content": [{"text": "held"}]}]
+    )
+    stream = iter(out["stream"])
+    first = next(stream)
+    assert "messageStart" in first
+    assert relay.standin.hold_first_sent.is_set()
+    assert not relay.standin.hold_last_sent.is_set(), "the first frame arrived while the stand-in held the rest"
+    relay.standin.release_hold()
+    rest = list(stream)
+    assert relay.standin.hold_last_sent.is_set()
+    assert "metadata" in rest[-1]
+    assert len(rest) == 5
+
+
+def test_invoke_stream_frames_arrive_before_the_last_is_sent_raw(relay):
+    """The same proof with a raw HTTP/1.1 reader decoding frames as bytes arrive."""
+    import http.client
+
+    conn = http.client.HTTPConnection(*relay.relay.service, timeout=30)
+    conn.request("POST", "/model/standin.hold/invoke-with-response-stream",
+                 body=json.dumps({"messages": [{"role": "user", "content": "x"}]}),
+                 headers={"content-type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.getheader("content-type") == "application/vnd.amazon.eventstream"
+    decoder = h.eventstream.FrameDecoder()
+    frames = []
+    while not frames:
+        frames += decoder.feed(response.read1(65536))
+    assert len(frames) == 1
+    assert not relay.standin.hold_last_sent.is_set()
+    relay.standin.release_hold()
+    while True:
+        data = response.read1(65536)
+        if not data:
+            break
+        frames += decoder.feed(data)
+    conn.close()
+    assert [f[0][":event-type"] for f in frames] == ["chunk", "chunk", "chunk"]
+
+
+# --- inference-profile retry -------------------------------------------------------------------
+
+def test_on_demand_refusal_is_retried_once_with_the_profile_and_remembered(relay):
+    relay.standin.on_demand_refused.add("anthropic.needs-profile")
+    client = relay.client()
+    out = client.converse(modelId="anthropic.needs-profile", messages=[{"role": "user", "content": [{"text": "a"}]}])
+    assert out["output"]["message"]["content"][0]["text"] == "standin:a"
+    paths = [r["path"] for r in relay.standin.requests()]
+    assert paths == ["/model/anthropic.needs-profile/converse", "/model/us.anthropic.needs-profile/converse"]
+    relay.standin.clear()
+    client.converse(modelId="anthropic.needs-profile", messages=[{"role": "user", "content": [{"text": "b"}]}])
+    assert [r["path"] for r in relay.standin.requests()] == ["/model/us.anthropic.needs-profile/converse"]
+    lines = relay.audit(2)
+    assert [l["model"] for l in lines] == ["us.anthropic.needs-profile", "us.anthropic.needs-profile"]
+    assert all(l["status"] == 200 for l in lines)
+
+
+def test_other_validation_errors_are_not_retried(relay):
+    status, headers, body = h.post(relay.relay.service, "/model/standin.error.validation/converse", h.converse_body())
+    assert status == 400 and h.error_type(headers) == "ValidationException"
+    assert len(relay.standin.requests()) == 1
+
+
+# --- GovCloud model ids ------------------------------------------------------------------------
+
+def test_govcloud_profile_id_is_rewritten_by_rule(relay):
+    out = relay.client().converse(modelId="us-gov.anthropic.claude-3-haiku",
+                                  messages=[{"role": "user", "content": [{"text": "gov"}]}])
+    assert out["output"]["message"]["content"][0]["text"] == "standin:gov"
+    [record] = relay.standin.requests()
+    assert record["path"] == "/model/us.anthropic.claude-3-haiku/converse"
+
+
+def test_govcloud_arn_is_rewritten_by_rule(relay):
+    arn = "arn:aws-us-gov:bedrock:us-gov-west-1:111122223333:inference-profile/us-gov.anthropic.claude-3-haiku"
+    relay.client().converse(modelId=arn, messages=[{"role": "user", "content": [{"text": "arn"}]}])
+    [record] = relay.standin.requests()
+    assert record["model"] == "arn:aws:bedrock:us-east-1:444455556666:inference-profile/us.anthropic.claude-3-haiku"
+
+
+# --- refusals: exact status and error type, nothing forwarded ------------------------------------
+
+def refused(relay, status, code, fragment, response):
+    got_status, headers, body = response
+    assert got_status == status, body
+    assert h.error_type(headers) == code
+    assert headers["content-type"] == "application/json"
+    assert headers["x-amzn-requestid"] == headers["x-xpart-request-id"]
+    message = json.loads(body)["message"]
+    assert fragment in message, message
+    assert relay.standin.requests() == [], "nothing reached the upstream"
+    return message
+
+
+def test_refuses_operation_not_allowed(relay):
+    refused(relay, 403, "AccessDeniedException", "ApplyGuardrail",
+            h.post(relay.relay.service, "/guardrail/gr-1/version/1/apply", b'{"source":"INPUT","content":[]}'))
+    refused(relay, 403, "AccessDeniedException", "StartAsyncInvoke",
+            h.post(relay.relay.service, "/async-invoke", b"{}"))
+    [a, b] = relay.audit(2)
+    assert (a["status"], a["error_type"], a["operation"]) == (403, "AccessDeniedException", "ApplyGuardrail")
+    assert "not allowed" in a["message"]
+
+
+def test_refuses_model_not_allowed(relay):
+    refused(relay, 403, "AccessDeniedException", "meta.llama3-8b-instruct-v1:0",
+            h.post(relay.relay.service, "/model/meta.llama3-8b-instruct-v1%3A0/converse", h.converse_body()))
+    [line] = relay.audit(1)
+    assert line["model"] == "meta.llama3-8b-instruct-v1:0" and line["status"] == 403
+
+
+def test_refuses_non_agent_source(relay):
+    refused(relay, 403, "AccessDeniedException", "127.0.0.2",
+            h.post(relay.relay.service, "/model/anthropic.claude-v2/converse", h.converse_body(), source="127.0.0.2"))
+    status, _, _ = h.get(relay.relay.service, "/_xpart/health", source="127.0.0.2")
+    assert status == 403
+
+
+def test_refuses_unknown_paths_and_never_signs_for_another_host(relay):
+    refused(relay, 404, "UnknownOperationException", "",
+            h.post(relay.relay.service, "/v1/chat/completions", b"{}"))
+    refused(relay, 404, "UnknownOperationException", "",
+            h.post(relay.relay.service, "/model/anthropic.claude-v2/../../iam/converse", b"{}"))
+    # A Host naming another service changes nothing: the request goes to, and is signed for,
+    # the configured endpoint only.
+    status, _, _ = h.post(relay.relay.service, "/model/anthropic.claude-v2/converse", h.converse_body(),
+                          {"host": "sts.amazonaws.com"})
+    assert status == 200
+    [record] = relay.standin.requests()
+    assert record["headers"]["host"] == f"{h.UPSTREAM_NAME}:{relay.standin.port}"
+
+
+def test_refuses_wrong_method(relay):
+    status, headers, _ = h.get(relay.relay.service, "/model/anthropic.claude-v2/converse")
+    assert status == 404 and h.error_type(headers) == "UnknownOperationException"
+    status, headers, _ = h.get(relay.relay.service, "/model/anthropic.claude-v2/converse", method="PUT")
+    assert status == 404 and h.error_type(headers) == "UnknownOperationException"
+    assert relay.standin.requests() == []
+
+
+def test_refuses_govcloud_id_without_rule(relay):
+    arn = "arn%3Aaws-us-gov%3Abedrock%3Aus-gov-east-1%3A999999999999%3Ainference-profile%2Fx.model"
+    message = refused(relay, 400, "ValidationException", "GovCloud",
+                      h.post(relay.relay.service, f"/model/{arn}/converse", h.converse_body()))
+    assert "[rewrite]" in message
+
+
+def test_caller_credentials_and_cookies_never_reach_upstream(relay):
+    status, _, _ = h.post(
+        relay.relay.service, "/model/anthropic.claude-v2/converse", h.converse_body(),
+        {"authorization": "Bearer bedrock-api-key-CALLERSECRET", "x-amz-security-token": h.CALLER_TOKEN,
+         "x-amz-date": "20200101T000000Z", "x-amz-content-sha256": "UNSIGNED-PAYLOAD",
+         "cookie": "session=CALLERSECRET", "x-xpart-principal": "p", "x-xpart-source": "10.0.0.9",
+         "proxy-authorization": "Basic CALLERSECRET", "content-type": "application/json"},
+    )
+    assert status == 200
+    [record] = relay.standin.requests()
+    assert_no_caller_credentials(record)
+    assert "CALLERSECRET" not in json.dumps(record["headers"])
+    assert record["headers"]["x-amz-date"] != "20200101T000000Z"
+
+
+# --- body limit --------------------------------------------------------------------------------
+
+def test_oversized_body_refused_from_content_length_before_reading(relay):
+    import socket
+
+    sock = socket.create_connection(relay.relay.service, timeout=10)
+    sock.sendall(b"POST /model/anthropic.claude-v2/converse HTTP/1.1\r\nhost: relay\r\n"
+                 b"content-type: application/json\r\ncontent-length: 25000001\r\n\r\n{")
+    started = time.monotonic()
+    reply = sock.recv(65536).decode(errors="replace")
+    sock.close()
+    assert time.monotonic() - started < 5, "answered without waiting for 25 MB"
+    assert reply.startswith("HTTP/1.1 400")
+    assert "ValidationException" in reply and "25000000" in reply
+    assert relay.standin.requests() == []
+
+
+def test_oversized_chunked_body_refused_by_count(relay):
+    import socket
+
+    sock = socket.create_connection(relay.relay.service, timeout=20)
+    sock.sendall(b"POST /model/anthropic.claude-v2/converse HTTP/1.1\r\nhost: relay\r\n"
+                 b"transfer-encoding: chunked\r\n\r\n")
+    chunk = b"x" * (1 << 20)
+    sent = 0
+    try:
+        while sent <= 26_000_000:
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            sent += len(chunk)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    sock.settimeout(10)
+    reply = sock.recv(65536).decode(errors="replace")
+    sock.close()
+    assert reply.startswith("HTTP/1.1 400"), reply[:200]
+    assert "ValidationException" in reply
+    assert relay.standin.requests() == []
+
+
+def test_body_at_the_limit_is_accepted(relay):
+    padding = "y" * (25_000_000 - 100)
+    body = json.dumps({"messages": [{"role": "user", "content": [{"text": "big"}]}], "pad": padding}).encode()
+    assert len(body) <= 25_000_000
+    status, _, _ = h.post(relay.relay.service, "/model/anthropic.claude-v2/converse", body, timeout=60)
+    assert status == 200
+    [record] = relay.standin.requests()
+    assert record["body_length"] == len(body) and record["verified"]
+
+
+# --- upstream down or slow -----------------------------------------------------------------------
+
+def test_upstream_down_gives_prompt_service_unavailable(relay):
+    relay.standin.stop()
+    started = time.monotonic()
+    status, headers, body = h.post(relay.relay.service, "/model/anthropic.claude-v2/converse", h.converse_body())
+    assert time.monotonic() - started < 5
+    assert status == 503 and h.error_type(headers) == "ServiceUnavailableException"
+    message = json.loads(body)["message"]
+    assert f"https://{h.UPSTREAM_NAME}:{relay.standin.port}" in message
+    [line] = relay.audit(1)
+    assert (line["status"], line["error_type"]) == (503, "ServiceUnavailableException")
+    _, _, metrics = h.get(relay.relay.admin, "/metrics")
+    assert 'xpart_relay_upstream_errors_total{kind="unavailable"} 1' in metrics.decode()
+
+
+def test_upstream_slow_times_out_at_first_byte(start_relay):
+    stack = start_relay(first_byte_timeout=1)
+    stack.standin.slow_seconds = 6
+    started = time.monotonic()
+    status, headers, body = h.post(stack.relay.service, "/model/standin.slow/converse", h.converse_body())
+    elapsed = time.monotonic() - started
+    assert 0.9 < elapsed < 3, elapsed
+    assert status == 503 and h.error_type(headers) == "ServiceUnavailableException"
+    assert "did not start answering within 1 s" in json.loads(body)["message"]
+
+
+def test_unresolvable_upstream_name_gives_service_unavailable(start_relay):
+    stack = start_relay(upstream_host="bedrock-runtime.nowhere.invalid")
+    status, headers, body = h.post(stack.relay.service, "/model/anthropic.claude-v2/converse", h.converse_body())
+    assert status == 503 and h.error_type(headers) == "ServiceUnavailableException"
+    assert "bedrock-runtime.nowhere.invalid" in json.loads(body)["message"]
+
+
+# --- credentials ---------------------------------------------------------------------------------
+
+def test_short_lived_credentials_are_refreshed_before_they_expire(start_relay, credential_store):
+    creds = h.ContainerCredentials(credential_store, lifetime_seconds=8)
+    try:
+        stack = start_relay(credentials=creds, refresh_before_expiry=5)
+        client = stack.client()
+        keys = []
+        deadline = time.monotonic() + 12
+        while time.monotonic() < deadline:
+            client.converse(modelId="anthropic.claude-v2", messages=[{"role": "user", "content": [{"text": "k"}]}])
+            keys.append(stack.standin.requests()[-1]["access_key"])
+            time.sleep(0.5)
+        # Every request verified with a key the endpoint issued, and the key changed while the
+        # requests kept succeeding: refreshed before expiry, never sent expired.
+        assert all(r["verified"] for r in stack.standin.requests())
+        issued = [k for k, _ in creds.issued]
+        assert len(set(keys)) >= 2, keys
+        assert set(keys) <= set(issued)
+    finally:
+        creds.stop()
+
+
+def test_starts_without_credentials_echo_works_and_readyz_says_why(start_relay):
+    stack = start_relay(credentials="none")
+    out = stack.client().converse(modelId="xpart.echo", messages=[{"role": "user", "content": [{"text": "echo me"}]}])
+    assert out["output"]["message"]["content"][0]["text"] == "echo me"
+    status, headers, body = h.post(stack.relay.service, "/model/anthropic.claude-v2/converse", h.converse_body())
+    assert status == 503 and h.error_type(headers) == "ServiceUnavailableException"
+    assert "no AWS credentials" in json.loads(body)["message"]
+    assert stack.standin.requests() == []
+    status, _, body = h.get(stack.relay.admin, "/readyz")
+    assert status == 503
+    assert "no AWS credentials" in body.decode()
+    assert "starting without AWS credentials" in stack.relay.logs()
+
+
+# --- echo model ------------------------------------------------------------------------------------
+
+def test_echo_model_answers_every_operation_without_upstream(relay):
+    client = relay.client()
+    messages = [{"role": "user", "content": [{"text": "hello relay"}]}]
+    assert client.converse(modelId="xpart.echo", messages=messages)["output"]["message"]["content"][0]["text"] == "hello relay"
+    events = list(client.converse_stream(modelId="xpart.echo", messages=messages)["stream"])
+    assert "".join(e["contentBlockDelta"]["delta"]["text"] for e in events if "contentBlockDelta" in e) == "hello relay"
+    body = json.dumps({"messages": [{"role": "user", "content": "invoke echo"}]})
+    answer = json.loads(client.invoke_model(modelId="xpart.echo", body=body)["body"].read())
+    assert answer["content"][0]["text"] == "invoke echo"
+    chunks = [json.loads(e["chunk"]["bytes"]) for e in client.invoke_model_with_response_stream(modelId="xpart.echo", body=body)["body"]]
+    assert "".join(c["delta"]["text"] for c in chunks if c["type"] == "content_block_delta") == "invoke echo"
+    assert client.count_tokens(modelId="xpart.echo", input={"converse": {"messages": messages}})["inputTokens"] > 0
+    assert relay.standin.requests() == []
+    lines = relay.audit(5)
+    assert [l["operation"] for l in lines] == ["Converse", "ConverseStream", "InvokeModel", "InvokeModelWithResponseStream", "CountTokens"]
+
+
+# --- admin -----------------------------------------------------------------------------------------
+
+def test_admin_metrics_health_drain(relay):
+    relay.client().converse(modelId="anthropic.claude-v2", messages=[{"role": "user", "content": [{"text": "m"}]}])
+    relay.audit(1)
+    _, _, metrics = h.get(relay.relay.admin, "/metrics")
+    text = metrics.decode()
+    assert 'xpart_relay_requests_total{model="anthropic.claude-v2",operation="Converse",status="200"} 1' in text
+    assert "xpart_relay_request_duration_seconds_bucket" in text
+    assert "xpart_relay_in_flight 0" in text
+    assert "xpart_relay_credentials_available 1" in text
+    status, _, _ = h.get(relay.relay.admin, "/readyz")
+    assert status == 200
+    status, _, body = h.get(relay.relay.service, "/_xpart/health")
+    assert status == 200 and json.loads(body)["ready"] is True
+    status, _, _ = h.get(relay.relay.admin, "/drain", method="POST")
+    assert status == 200
+    status, _, body = h.get(relay.relay.service, "/_xpart/health")
+    assert status == 503 and json.loads(body)["draining"] is True
+    status, _, _ = h.get(relay.relay.admin, "/readyz")
+    assert status == 503
+    h.get(relay.relay.admin, "/undrain", method="POST")
+    status, _, _ = h.get(relay.relay.service, "/_xpart/health")
+    assert status == 200
+    status, _, body = h.get(relay.relay.admin, "/status")
+    status_json = json.loads(body)
+    assert status_json["upstream"] == f"https://{h.UPSTREAM_NAME}:{relay.standin.port}"
+    assert status_json["credentials"]["available"] is True
+
+
+# --- configuration -----------------------------------------------------------------------------------
+
+def test_check_reports_every_problem_with_file_field_and_fix(relay_bin, tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("""
+[tunnel]
+mode = "host"
+[service]
+listen = "0.0.0.0:8080"
+[upstream]
+region = "us-east-1"
+endpoint = "http://bedrock-runtime.us-east-1.amazonaws.com"
+[policy]
+operations = ["Converse", "InvokeModelWithBidirectionalStream", "Chat"]
+models = []
+""")
+    out = subprocess.run([relay_bin, "--config", str(path), "--check"], capture_output=True, text=True, timeout=10)
+    assert out.returncode == 2
+    err = out.stderr
+    for fragment in ("[tunnel].mode", "[[agent]]", "[upstream].endpoint", "[policy].operations[1]",
+                     "[policy].operations[2]", "[policy].models", "fix:", str(path)):
+        assert fragment in err, err
+
+
+def test_check_accepts_the_example_configs(relay_bin):
+    for name in ("config/relay.example.toml", "config/demo/relay.toml"):
+        out = subprocess.run([relay_bin, "--config", f"{h.REPO}/{name}", "--check"],
+                             capture_output=True, text=True, timeout=10)
+        assert out.returncode == 0, out.stderr
