@@ -24,10 +24,16 @@ use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndp
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
-/// Per-connection socket buffers. The receive buffer sets the advertised window (smoltcp
-/// picks the window scale from it); 1 MiB keeps a gigabit path full at several ms RTT.
+/// Receive buffer per connection. It sets the advertised window (smoltcp picks the window
+/// scale from it); 1 MiB keeps a gigabit path full at several ms RTT.
 const RX_BUFFER_BYTES: usize = 1024 * 1024;
-const TX_BUFFER_BYTES: usize = 1024 * 1024;
+/// Send buffer per connection, which bounds the bytes in flight. smoltcp has neither pacing
+/// nor SACK, and its congestion control reacts late: with a large send buffer it fires bursts
+/// that overflow a peer's default-sized UDP receive buffer (wireguard-go's, ~200 KiB), then
+/// recovers go-back-N under exponential backoff and stalls for seconds. 64 KiB in flight stays
+/// below that buffer and still fills a gigabit at sub-millisecond RTT, at the price of about
+/// 64 KiB per RTT on long paths (kernel mode has no such limit).
+const TX_BUFFER_BYTES: usize = 64 * 1024;
 /// Listening sockets kept per listener: connections that can be in their handshake at once.
 const BACKLOG: usize = 4;
 /// A connection attempt that gets no answer fails after this long.
@@ -374,6 +380,8 @@ fn new_socket() -> tcp::Socket<'static> {
     // Request/response traffic (HTTP/2 frames) must not wait for a full segment.
     socket.set_nagle_enabled(false);
     socket.set_keep_alive(Some(smoltcp::time::Duration::from_secs(25)));
+    // Without congestion control smoltcp would send a whole window again after every loss.
+    socket.set_congestion_control(tcp::CongestionControl::Reno);
     socket
 }
 

@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""Tunnel throughput benchmark: iperf3 TCP through xpart vs through the reference peers, side by
+side in one run (alternating, medians, ratio). Root only; uses the namespace topology of
+tests/netns/tunnel_netns.py (two namespaces joined by veth, 192.0.2.0/24 underlay, 100.64.0.0/30
+tunnel; nothing leaves the namespaces).
+
+    cargo build --release -p xpart-tunnel --examples
+    XPART_BIN_DIR=target/release python3 tests/bench/tunnel.py [--rounds 3] [--seconds 5] [--write]
+
+Cases (each with 1 and 4 parallel streams):
+  kernel:    xpart kernel mode <-> xpart kernel mode  vs  wireguard-go <-> wireguard-go
+  userspace: xpart userspace mode (TCP forward) -> wireguard-go  vs  onetun -> wireguard-go
+             (iperf3 connects to a forwarded port on the left; the server sits behind wireguard-go)
+--write replaces the tunnel section of docs/BENCHMARKS.md with the table.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "netns"))
+import tunnel_netns as tn  # noqa: E402
+from tunnel_netns import LEFT_TUNNEL, LEFT_UNDERLAY, RIGHT_TUNNEL, RIGHT_UNDERLAY, WG_PORT  # noqa: E402
+
+IPERF_PORT = 5201
+FORWARD_PORT = 7000
+SECTION_START = "<!-- tunnel-benchmark:start -->"
+SECTION_END = "<!-- tunnel-benchmark:end -->"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--write", action="store_true", help="update docs/BENCHMARKS.md")
+    parser.add_argument("--skip-userspace", action="store_true")
+    args = parser.parse_args()
+
+    problem = tn.missing_prerequisite()
+    if problem is None and shutil.which("iperf3") is None:
+        problem = "needs iperf3"
+    if problem:
+        sys.exit(f"tunnel benchmark: {problem}")
+
+    cases = [
+        ("kernel", "wireguard-go <-> wireguard-go", setup_wg_pair),
+        ("kernel", "xpart kernel <-> xpart kernel", setup_xpart_kernel_pair),
+    ]
+    onetun = shutil.which("onetun") or str(Path.home() / ".cargo/bin/onetun")
+    onetun_note = None
+    if not args.skip_userspace:
+        cases.append(("userspace", "xpart userspace -> wireguard-go", setup_xpart_userspace))
+        if os.path.exists(onetun):
+            cases.append(("userspace", "onetun -> wireguard-go", lambda topo: setup_onetun(topo, onetun)))
+        else:
+            onetun_note = "onetun not installed (`cargo install onetun`); not measured"
+
+    results = {(case[1], streams): [] for case in cases for streams in (1, 4)}
+    for round_no in range(1, args.rounds + 1):
+        for _group, name, setup in cases:
+            for streams in (1, 4):
+                with tn.Topology() as topo:
+                    target = setup(topo)
+                    bps = iperf(topo, target, streams, args.seconds)
+                results[(name, streams)].append(bps)
+                print(f"round {round_no}  {name:36s} P{streams}  {bps / 1e9:6.3f} Gbit/s", flush=True)
+
+    table = render(cases, results, args, onetun_note)
+    print()
+    print(table)
+    if args.write:
+        write_section(table)
+
+
+def setup_wg_pair(topo):
+    left_priv, left_pub = tn.genkey()
+    right_priv, right_pub = tn.genkey()
+    topo.start_wireguard_go(topo.right, "xptwgr", right_priv, left_pub, f"{RIGHT_TUNNEL}/30",
+                            f"{LEFT_UNDERLAY}:{WG_PORT}", f"{LEFT_TUNNEL}/32")
+    topo.start_wireguard_go(topo.left, "xptwgl", left_priv, right_pub, f"{LEFT_TUNNEL}/30",
+                            f"{RIGHT_UNDERLAY}:{WG_PORT}", f"{RIGHT_TUNNEL}/32")
+    return ("left", RIGHT_TUNNEL, IPERF_PORT)
+
+
+def setup_xpart_kernel_pair(topo):
+    left_priv, left_pub = tn.genkey()
+    right_priv, right_pub = tn.genkey()
+    topo.start_xpart(topo.right, "kernel", right_priv, left_pub, f"{RIGHT_TUNNEL}/30",
+                     f"{LEFT_UNDERLAY}:{WG_PORT}", f"{LEFT_TUNNEL}/32", interface="xptkr")
+    topo.start_xpart(topo.left, "kernel", left_priv, right_pub, f"{LEFT_TUNNEL}/30",
+                     f"{RIGHT_UNDERLAY}:{WG_PORT}", f"{RIGHT_TUNNEL}/32", interface="xptkl")
+    return ("left", RIGHT_TUNNEL, IPERF_PORT)
+
+
+def setup_xpart_userspace(topo):
+    left_priv, left_pub = tn.genkey()
+    right_priv, right_pub = tn.genkey()
+    topo.start_wireguard_go(topo.right, "xptwgr", right_priv, left_pub, f"{RIGHT_TUNNEL}/30",
+                            f"{LEFT_UNDERLAY}:{WG_PORT}", f"{LEFT_TUNNEL}/32")
+    topo.start_xpart(topo.left, "userspace", left_priv, right_pub, f"{LEFT_TUNNEL}/30",
+                     f"{RIGHT_UNDERLAY}:{WG_PORT}", f"{RIGHT_TUNNEL}/32",
+                     extra=("--forward", f"127.0.0.1:{FORWARD_PORT}={RIGHT_TUNNEL}:{IPERF_PORT}"))
+    return ("left", "127.0.0.1", FORWARD_PORT)
+
+
+def setup_onetun(topo, onetun):
+    left_priv, left_pub = tn.genkey()
+    right_priv, right_pub = tn.genkey()
+    topo.start_wireguard_go(topo.right, "xptwgr", right_priv, left_pub, f"{RIGHT_TUNNEL}/30",
+                            f"{LEFT_UNDERLAY}:{WG_PORT}", f"{LEFT_TUNNEL}/32")
+    proc = topo.spawn(topo.left, onetun, "--endpoint-addr", f"{RIGHT_UNDERLAY}:{WG_PORT}",
+                      "--endpoint-public-key", right_pub, "--private-key", left_priv,
+                      "--source-peer-ip", LEFT_TUNNEL, "--keep-alive", "10",
+                      f"127.0.0.1:{FORWARD_PORT}:{RIGHT_TUNNEL}:{IPERF_PORT}", name="onetun")
+    tn.wait_for(lambda: port_open(topo, topo.left, "127.0.0.1", FORWARD_PORT), "onetun listening", proc)
+    return ("left", "127.0.0.1", FORWARD_PORT)
+
+
+def port_open(topo, ns, host, port):
+    code = f"import socket; socket.create_connection(({host!r}, {port}), timeout=1).close()"
+    return topo.exec(ns, "python3", "-c", code, check=False).returncode == 0
+
+
+def iperf(topo, target, streams, seconds):
+    _side, host, port = target
+    server = topo.spawn(topo.right, "iperf3", "-s", "-1", "-B", RIGHT_TUNNEL, "-p", str(IPERF_PORT),
+                        name="iperf3-server")
+    tn.wait_for(lambda: port_open_right(topo), "iperf3 server", server)
+    try:
+        result = topo.exec(topo.left, "iperf3", "-c", host, "-p", str(port), "-t", str(seconds),
+                           "-P", str(streams), "-J", check=False, timeout=seconds + 30)
+    except subprocess.TimeoutExpired:
+        print(f"iperf3 -P {streams} through {host}:{port} did not finish; counted as 0", file=sys.stderr)
+        return 0.0
+    try:
+        report = json.loads(result.stdout)
+        return report["end"]["sum_received"]["bits_per_second"]
+    except (ValueError, KeyError):
+        print(f"iperf3 failed: {result.stdout[-500:]} {result.stderr[-500:]}", file=sys.stderr)
+        return 0.0
+
+
+def port_open_right(topo):
+    out = topo.exec(topo.right, "ss", "-ltn", check=False).stdout
+    return f"{RIGHT_TUNNEL}:{IPERF_PORT}" in out
+
+
+def render(cases, results, args, onetun_note):
+    def median(name, streams):
+        values = results[(name, streams)]
+        return statistics.median(values) / 1e9 if values else 0.0
+
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    lines = [
+        f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on "
+        f"`nproc` = {os.cpu_count()}, {cpu}; wireguard-go {wg_go_version()}.",
+        "",
+        f"Command: `cargo build --release -p xpart-tunnel --examples && "
+        f"XPART_BIN_DIR=target/release python3 tests/bench/tunnel.py --rounds {args.rounds} "
+        f"--seconds {args.seconds}{' --write' if args.write else ''}`",
+        "",
+        f"iperf3 TCP, {args.seconds} s per run, {args.rounds} alternating rounds, median Gbit/s "
+        "(each run in a fresh pair of namespaces).",
+        "",
+        "| case | 1 stream | 4 streams | runs (1 stream) | runs (4 streams) |",
+        "| --- | ---: | ---: | --- | --- |",
+    ]
+    for _group, name, _setup in cases:
+        runs1 = ", ".join(f"{v / 1e9:.3f}" for v in results[(name, 1)])
+        runs4 = ", ".join(f"{v / 1e9:.3f}" for v in results[(name, 4)])
+        lines.append(f"| {name} | {median(name, 1):.3f} | {median(name, 4):.3f} | {runs1} | {runs4} |")
+    lines.append("")
+    names = [c[1] for c in cases]
+    pairs = [("xpart kernel <-> xpart kernel", "wireguard-go <-> wireguard-go"),
+             ("xpart userspace -> wireguard-go", "onetun -> wireguard-go")]
+    for ours, theirs in pairs:
+        if ours in names and theirs in names:
+            for streams in (1, 4):
+                base = median(theirs, streams)
+                ratio = median(ours, streams) / base if base else float("nan")
+                lines.append(f"- {ours} / {theirs}, {streams} stream(s): **{ratio:.2f}x**")
+    if onetun_note:
+        lines.append(f"- onetun: {onetun_note}")
+    return "\n".join(lines)
+
+
+def wg_go_version():
+    out = subprocess.run(["wireguard-go", "--version"], capture_output=True, text=True).stdout
+    match = re.search(r"v[\d.]+", out)
+    return match.group(0) if match else "unknown"
+
+
+def write_section(table):
+    path = tn.REPO / "docs" / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = f"{SECTION_START}\n{table}\n{SECTION_END}"
+    if SECTION_START in text and SECTION_END in text:
+        before = text.split(SECTION_START)[0]
+        after = text.split(SECTION_END, 1)[1]
+        text = before + section + after
+    else:
+        text = text.rstrip() + "\n\n## Tunnel throughput\n\n" + section + "\n"
+    path.write_text(text)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
