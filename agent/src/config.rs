@@ -45,22 +45,39 @@ pub struct AgentConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TunnelSection {
-    pub private_key_file: PathBuf,
-    pub address: IpNet,
+    /// Required unless `mode = "host"`.
+    pub private_key_file: Option<PathBuf>,
+    /// Required unless `mode = "host"`.
+    pub address: Option<IpNet>,
     #[serde(default = "default_mode")]
-    pub mode: Mode,
+    pub mode: TunnelMode,
     pub listen: Option<SocketAddr>,
     #[serde(default = "default_mtu")]
     pub mtu: u16,
     pub interface_name: Option<String>,
 }
 
+/// How the agent reaches its relays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelMode {
+    /// WireGuard through a Linux TUN interface (needs CAP_NET_ADMIN).
+    Kernel,
+    /// WireGuard with an embedded TCP/IP stack (no privileges).
+    Userspace,
+    /// No WireGuard of the agent's own: relays' tunnel addresses are reached through the host's
+    /// network (WireGuard managed outside xpart, or a relay in host mode on the same machine).
+    Host,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelaySection {
     pub name: String,
-    pub public_key: String,
-    pub endpoint: SocketAddr,
+    /// Required unless `[tunnel] mode = "host"`.
+    pub public_key: Option<String>,
+    /// Required unless `[tunnel] mode = "host"`.
+    pub endpoint: Option<SocketAddr>,
     pub tunnel_address: IpAddr,
     #[serde(default = "default_service_port")]
     pub service_port: u16,
@@ -177,8 +194,20 @@ impl AgentConfig {
     }
 
     pub fn private_key(&self) -> Result<PrivateKey, String> {
-        let path = self.resolve(&self.tunnel.private_key_file);
+        let Some(path) = &self.tunnel.private_key_file else {
+            return Err("no private_key_file".to_owned());
+        };
+        let path = self.resolve(path);
         xpart_tunnel::keys::read_private_key_file(&path).map_err(|e| e.to_string())
+    }
+
+    /// The WireGuard mode, or `None` in host mode.
+    pub fn wireguard_mode(&self) -> Option<Mode> {
+        match self.tunnel.mode {
+            TunnelMode::Kernel => Some(Mode::Kernel),
+            TunnelMode::Userspace => Some(Mode::Userspace),
+            TunnelMode::Host => None,
+        }
     }
 
     pub fn principals(&self) -> Vec<Principal> {
@@ -229,11 +258,21 @@ impl AgentConfig {
     }
 
     fn check_tunnel(&self, check: &mut Checker) {
+        if self.tunnel.mode == TunnelMode::Host {
+            return;
+        }
         if let Err(message) = self.private_key() {
             check.problem(
                 "[tunnel].private_key_file",
                 message,
                 "write one with `xpart keygen` (the file must be mode 0600)",
+            );
+        }
+        if self.tunnel.address.is_none() {
+            check.problem(
+                "[tunnel].address",
+                "missing",
+                "set this side's tunnel address with its prefix, e.g. \"100.64.0.1/30\"",
             );
         }
         if self.tunnel.mtu < 1280 {
@@ -263,17 +302,28 @@ impl AgentConfig {
                     "give each relay its own name",
                 );
             }
-            if PublicKey::from_base64(&relay.public_key).is_err() {
-                check.problem(
+            let wireguard = self.tunnel.mode != TunnelMode::Host;
+            match &relay.public_key {
+                Some(key) if PublicKey::from_base64(key).is_err() => check.problem(
                     field("public_key"),
-                    format!(
-                        "{:?} is not a base64 WireGuard public key",
-                        relay.public_key
-                    ),
+                    format!("{key:?} is not a base64 WireGuard public key"),
                     "paste the relay's key as `xpart pubkey` (or `wg pubkey`) prints it",
+                ),
+                None if wireguard => check.problem(
+                    field("public_key"),
+                    "missing",
+                    "paste the relay's key as `xpart pubkey` (or `wg pubkey`) prints it",
+                ),
+                _ => {}
+            }
+            if wireguard && relay.endpoint.is_none() {
+                check.problem(
+                    field("endpoint"),
+                    "missing",
+                    "set the relay's public UDP address, e.g. \"203.0.113.10:51820\"",
                 );
             }
-            if relay.tunnel_address == self.tunnel.address.addr() {
+            if Some(relay.tunnel_address) == self.tunnel.address.map(|a| a.addr()) {
                 check.problem(
                     field("tunnel_address"),
                     "is the agent's own tunnel address",
@@ -480,8 +530,8 @@ fn default_burst(rate: Option<f64>) -> u32 {
     rate.map_or(1, |r| r.ceil().clamp(1.0, f64::from(u32::MAX)) as u32)
 }
 
-fn default_mode() -> Mode {
-    Mode::Kernel
+fn default_mode() -> TunnelMode {
+    TunnelMode::Kernel
 }
 fn default_mtu() -> u16 {
     xpart_tunnel::DEFAULT_MTU

@@ -240,16 +240,18 @@ impl AgentHandle {
     }
 }
 
-/// Brings up the tunnel to the relays, then the agent on it.
+/// Brings up the tunnel to the relays, then the agent on it (in `mode = "host"`, the agent
+/// alone, on the host network).
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, Error> {
+    let mode = match config.wireguard_mode() {
+        Some(xpart_tunnel::Mode::Kernel) => "kernel",
+        Some(xpart_tunnel::Mode::Userspace) => "userspace",
+        None => return start_with_network(config, Network::host()).await,
+    };
     let tunnel = Arc::new(Tunnel::start(tunnel_config(&config)?).await?);
     let network = tunnel.network();
     let peers_of = tunnel.clone();
     let peers: PeerSource = Arc::new(move || peers_of.peer_stats());
-    let mode = match config.tunnel.mode {
-        xpart_tunnel::Mode::Kernel => "kernel",
-        xpart_tunnel::Mode::Userspace => "userspace",
-    };
     start_inner(config, network, Some((tunnel, peers, mode))).await
 }
 
@@ -349,7 +351,7 @@ async fn start_inner(
         front_addr,
         dns_addr,
         tunnel_mode: tunnel.as_ref().map_or("host", |(_, _, mode)| *mode),
-        tunnel_address: tunnel.as_ref().map(|_| config.tunnel.address.to_string()),
+        tunnel_address: config.tunnel.address.map(|a| a.to_string()),
     };
     let admin =
         xpart_daemon::admin::serve(config.admin.listen, Arc::new(view)).map_err(|source| {
@@ -378,7 +380,8 @@ pub fn tunnel_config(config: &AgentConfig) -> Result<TunnelConfig, Error> {
     let private_key = config.private_key().map_err(Error::Config)?;
     let mut peers = Vec::new();
     for relay in &config.relays {
-        let public_key = xpart_tunnel::PublicKey::from_base64(&relay.public_key)
+        let key = relay.public_key.as_deref().unwrap_or_default();
+        let public_key = xpart_tunnel::PublicKey::from_base64(key)
             .map_err(|e| Error::Config(format!("[[relay]] {}: public_key: {e}", relay.name)))?;
         let preshared_key = match &relay.preshared_key_file {
             Some(path) => {
@@ -389,17 +392,24 @@ pub fn tunnel_config(config: &AgentConfig) -> Result<TunnelConfig, Error> {
         peers.push(PeerConfig {
             name: relay.name.clone(),
             public_key,
-            endpoint: Some(relay.endpoint),
+            endpoint: relay.endpoint,
             allowed_ips: vec![IpNet::from(relay.tunnel_address)],
             persistent_keepalive: (relay.persistent_keepalive > 0)
                 .then_some(relay.persistent_keepalive),
             preshared_key,
         });
     }
+    let address = config
+        .tunnel
+        .address
+        .ok_or_else(|| Error::Config("[tunnel].address is missing".to_owned()))?;
+    let mode = config.wireguard_mode().ok_or_else(|| {
+        Error::Config("[tunnel].mode = \"host\" has no WireGuard tunnel".to_owned())
+    })?;
     Ok(TunnelConfig {
         private_key,
-        address: config.tunnel.address,
-        mode: config.tunnel.mode,
+        address,
+        mode,
         listen: config.tunnel.listen,
         mtu: config.tunnel.mtu,
         interface_name: config.tunnel.interface_name.clone(),

@@ -1,5 +1,6 @@
-//! `xpart-agent --config agent.toml [--check]`: loads and validates the configuration, then
-//! runs the agent until SIGINT/SIGTERM. SIGHUP reloads the TLS certificate and reopens the
+//! `xpart-agent --config agent.toml [--check]`: loads and validates the configuration, starts
+//! the agent, prints one JSON line with the bound addresses on stdout, and runs until
+//! SIGINT/SIGTERM. SIGHUP reloads the TLS certificate and reopens the
 //! audit log, without dropping connections.
 
 use std::path::PathBuf;
@@ -53,6 +54,14 @@ async fn run(config: AgentConfig) -> Result<(), Box<dyn std::error::Error>> {
     tokio::pin!(stop);
     let mut reload = xpart_daemon::shutdown::reload()?;
     let agent = xpart_agent::start(config).await?;
+    // One line for whoever started the process (tests, the demo) to learn the bound ports.
+    let listening = serde_json::json!({
+        "event": "listening",
+        "front": agent.front_addr().to_string(),
+        "dns": agent.dns_addr().map(|a| a.to_string()),
+        "admin": agent.admin_addr().to_string(),
+    });
+    println!("{listening}");
     loop {
         tokio::select! {
             signal = &mut stop => {
