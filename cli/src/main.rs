@@ -105,7 +105,9 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
-            if json {
+            // A failed check has already printed its report; anything else prints an error
+            // object in its place so stdout stays one JSON document.
+            if json && !matches!(err, Error::CheckFailed(_)) {
                 let body =
                     serde_json::json!({ "error": err.to_string(), "exit_code": err.exit_code() });
                 println!("{body}");

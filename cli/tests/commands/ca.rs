@@ -1,0 +1,262 @@
+use std::net::IpAddr;
+
+use x509_parser::extensions::GeneralName;
+use x509_parser::pem::Pem;
+
+use crate::support::{chmod, mode, xpart, Scratch};
+
+fn certificates(path: &std::path::Path) -> Vec<Pem> {
+    let bytes = std::fs::read(path).unwrap();
+    Pem::iter_from_buffer(&bytes)
+        .map(|pem| pem.unwrap())
+        .collect()
+}
+
+fn init_ca(dir: &Scratch) {
+    xpart(&[
+        "ca",
+        "init",
+        "--dir",
+        &dir.arg("ca"),
+        "--name",
+        "Test xpart CA",
+    ])
+    .ok();
+}
+
+#[test]
+fn init_writes_a_ca_certificate_and_a_0600_key() {
+    let dir = Scratch::new();
+    let run = xpart(&["ca", "init", "--dir", &dir.arg("ca")]).ok();
+    assert!(run.stdout.contains("AWS_CA_BUNDLE"), "{}", run.stdout);
+    assert_eq!(mode(&dir.path("ca/ca.key")), 0o600);
+    assert_eq!(mode(&dir.path("ca/ca.pem")), 0o644);
+    let pems = certificates(&dir.path("ca/ca.pem"));
+    let ca = pems[0].parse_x509().unwrap();
+    assert!(ca.is_ca());
+    assert_eq!(ca.subject(), ca.issuer());
+    assert!(ca.subject().to_string().contains("xpart private CA"));
+}
+
+#[test]
+fn issue_names_the_bedrock_endpoints_and_agent_ips_and_chains_to_the_ca() {
+    let dir = Scratch::new();
+    init_ca(&dir);
+    let run = xpart(&[
+        "ca",
+        "issue",
+        "--ca-dir",
+        &dir.arg("ca"),
+        "--region",
+        "us-east-1",
+        "--region",
+        "us-west-2",
+        "--name",
+        "localhost",
+        "--ip",
+        "10.0.1.10",
+        "--ip",
+        "127.0.0.1",
+        "--ip",
+        "::1",
+        "--out",
+        &dir.arg("front"),
+    ])
+    .ok();
+    assert!(run.stdout.contains("AWS_CA_BUNDLE"), "{}", run.stdout);
+    assert!(run.stdout.contains("cert_file"), "{}", run.stdout);
+    assert_eq!(mode(&dir.path("front.key")), 0o600);
+
+    let chain = certificates(&dir.path("front.pem"));
+    assert_eq!(chain.len(), 2, "leaf followed by the CA");
+    let leaf = chain[0].parse_x509().unwrap();
+    let ca_pems = certificates(&dir.path("ca/ca.pem"));
+    let ca = ca_pems[0].parse_x509().unwrap();
+    assert_eq!(chain[1].contents, ca_pems[0].contents);
+    assert_eq!(leaf.issuer(), ca.subject());
+    leaf.verify_signature(Some(ca.public_key()))
+        .expect("leaf signed by the CA");
+    assert!(!leaf.is_ca());
+
+    let san = leaf
+        .subject_alternative_name()
+        .unwrap()
+        .expect("SAN extension");
+    let mut dns = Vec::new();
+    let mut ips = Vec::new();
+    for name in &san.value.general_names {
+        match name {
+            GeneralName::DNSName(name) => dns.push(name.to_string()),
+            GeneralName::IPAddress(bytes) => ips.push(match bytes.len() {
+                4 => IpAddr::from(<[u8; 4]>::try_from(*bytes).unwrap()),
+                _ => IpAddr::from(<[u8; 16]>::try_from(*bytes).unwrap()),
+            }),
+            other => panic!("unexpected SAN {other:?}"),
+        }
+    }
+    assert_eq!(
+        dns,
+        [
+            "bedrock-runtime.us-east-1.amazonaws.com",
+            "bedrock-runtime.us-west-2.amazonaws.com",
+            "localhost"
+        ]
+    );
+    let expected: Vec<IpAddr> = ["10.0.1.10", "127.0.0.1", "::1"]
+        .iter()
+        .map(|ip| ip.parse().unwrap())
+        .collect();
+    assert_eq!(ips, expected);
+    let eku = leaf.extended_key_usage().unwrap().expect("EKU");
+    assert!(eku.value.server_auth);
+}
+
+#[test]
+fn issue_without_a_ca_says_to_run_init() {
+    let dir = Scratch::new();
+    let run = xpart(&[
+        "ca",
+        "issue",
+        "--ca-dir",
+        &dir.arg("none"),
+        "--region",
+        "us-east-1",
+        "--out",
+        &dir.arg("front"),
+    ])
+    .fails_with(2);
+    assert!(run.stderr.contains("xpart ca init"), "{}", run.stderr);
+    assert!(!dir.path("front.pem").exists());
+    assert!(!dir.path("front.key").exists());
+}
+
+#[test]
+fn issue_refuses_a_ca_key_readable_by_others() {
+    let dir = Scratch::new();
+    init_ca(&dir);
+    chmod(&dir.path("ca/ca.key"), 0o644);
+    let run = xpart(&[
+        "ca",
+        "issue",
+        "--ca-dir",
+        &dir.arg("ca"),
+        "--region",
+        "us-east-1",
+        "--out",
+        &dir.arg("front"),
+    ])
+    .fails_with(2);
+    assert!(run.stderr.contains("chmod 600"), "{}", run.stderr);
+    assert!(!dir.path("front.pem").exists());
+}
+
+#[test]
+fn issue_refuses_a_key_from_another_ca() {
+    let dir = Scratch::new();
+    init_ca(&dir);
+    xpart(&["ca", "init", "--dir", &dir.arg("other")]).ok();
+    std::fs::copy(dir.path("other/ca.key"), dir.path("ca/ca.key")).unwrap();
+    let run = xpart(&[
+        "ca",
+        "issue",
+        "--ca-dir",
+        &dir.arg("ca"),
+        "--region",
+        "us-east-1",
+        "--out",
+        &dir.arg("front"),
+    ])
+    .fails_with(2);
+    assert!(run.stderr.contains("does not belong"), "{}", run.stderr);
+    assert!(!dir.path("front.key").exists());
+}
+
+#[test]
+fn issue_needs_a_name_and_valid_inputs() {
+    let dir = Scratch::new();
+    init_ca(&dir);
+    let ca = dir.arg("ca");
+    let out = dir.arg("front");
+    let none = xpart(&["ca", "issue", "--ca-dir", &ca, "--out", &out]).fails_with(2);
+    assert!(none.stderr.contains("--region"), "{}", none.stderr);
+    xpart(&[
+        "ca", "issue", "--ca-dir", &ca, "--region", "US East", "--out", &out,
+    ])
+    .fails_with(2);
+    xpart(&[
+        "ca",
+        "issue",
+        "--ca-dir",
+        &ca,
+        "--region",
+        "us-east-1",
+        "--ip",
+        "10.0.1",
+        "--out",
+        &out,
+    ])
+    .fails_with(2);
+    xpart(&[
+        "ca",
+        "issue",
+        "--ca-dir",
+        &ca,
+        "--region",
+        "us-east-1",
+        "--days",
+        "0",
+        "--out",
+        &out,
+    ])
+    .fails_with(2);
+    assert!(!dir.path("front.pem").exists());
+}
+
+#[test]
+fn ca_files_are_never_overwritten_without_force() {
+    let dir = Scratch::new();
+    init_ca(&dir);
+    let before = std::fs::read(dir.path("ca/ca.key")).unwrap();
+    let again = xpart(&["ca", "init", "--dir", &dir.arg("ca")]).fails_with(2);
+    assert!(again.stderr.contains("--force"), "{}", again.stderr);
+    assert_eq!(std::fs::read(dir.path("ca/ca.key")).unwrap(), before);
+
+    let out = dir.arg("front");
+    xpart(&[
+        "ca",
+        "issue",
+        "--ca-dir",
+        &dir.arg("ca"),
+        "--name",
+        "localhost",
+        "--out",
+        &out,
+    ])
+    .ok();
+    let leaf = std::fs::read(dir.path("front.pem")).unwrap();
+    xpart(&[
+        "ca",
+        "issue",
+        "--ca-dir",
+        &dir.arg("ca"),
+        "--name",
+        "localhost",
+        "--out",
+        &out,
+    ])
+    .fails_with(2);
+    assert_eq!(std::fs::read(dir.path("front.pem")).unwrap(), leaf);
+    xpart(&[
+        "ca",
+        "issue",
+        "--ca-dir",
+        &dir.arg("ca"),
+        "--name",
+        "localhost",
+        "--out",
+        &out,
+        "--force",
+    ])
+    .ok();
+    assert_ne!(std::fs::read(dir.path("front.pem")).unwrap(), leaf);
+}

@@ -1,0 +1,191 @@
+use std::process::Command;
+
+use crate::support::{tool_available, xpart, Scratch};
+
+fn agent_toml(relay_a: &str, relay_b: &str) -> String {
+    format!(
+        r#"
+[tunnel]
+private_key_file = "keys/agent.key"
+address = "100.64.0.1/30"
+mode = "kernel"
+listen = "0.0.0.0:51821"
+mtu = 1380
+
+[[relay]]
+name = "relay-a"
+public_key = "{relay_a}"
+endpoint = "203.0.113.10:51820"
+tunnel_address = "100.64.0.2"
+
+[[relay]]
+name = "relay-b"
+public_key = "{relay_b}"
+endpoint = "198.51.100.20:51820"
+tunnel_address = "100.64.0.6"
+persistent_keepalive = 10
+
+[front]
+listen = "10.0.1.10:443"
+cert_file = "front.pem"
+key_file = "front.key"
+"#
+    )
+}
+
+fn relay_toml(agent: &str) -> String {
+    format!(
+        r#"
+[tunnel]
+mode = "kernel"
+private_key_file = "/etc/xpart/relay.key"
+address = "100.64.0.2/30"
+
+[[agent]]
+name = "agent-a"
+public_key = "{agent}"
+tunnel_address = "100.64.0.1"
+
+[service]
+listen = "100.64.0.2:8080"
+"#
+    )
+}
+
+fn public_key(dir: &Scratch, name: &str) -> String {
+    xpart(&["keygen", "--out", &dir.arg(name)])
+        .ok()
+        .stdout
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn agent_side_renders_interface_and_every_relay_peer() {
+    let dir = Scratch::new();
+    std::fs::create_dir(dir.path("keys")).unwrap();
+    public_key(&dir, "keys/agent.key");
+    let relay_a = public_key(&dir, "a.key");
+    let relay_b = public_key(&dir, "b.key");
+    dir.write("agent.toml", &agent_toml(&relay_a, &relay_b));
+    let out = xpart(&["wg-config", &dir.arg("agent.toml")]).ok().stdout;
+    let key_path = dir.path("keys/agent.key").display().to_string();
+    let expected = format!(
+        "[Interface]\nAddress = 100.64.0.1/30\nListenPort = 51821\nMTU = 1380\nPostUp = wg set %i private-key {key_path}\n\n\
+         # relay-a\n[Peer]\nPublicKey = {relay_a}\nAllowedIPs = 100.64.0.2/32\nEndpoint = 203.0.113.10:51820\nPersistentKeepalive = 25\n\n\
+         # relay-b\n[Peer]\nPublicKey = {relay_b}\nAllowedIPs = 100.64.0.6/32\nEndpoint = 198.51.100.20:51820\nPersistentKeepalive = 10\n"
+    );
+    assert!(
+        out.ends_with(&expected),
+        "got:\n{out}\nexpected to end with:\n{expected}"
+    );
+    let key = std::fs::read_to_string(dir.path("keys/agent.key")).unwrap();
+    assert!(
+        !out.contains(key.trim()),
+        "the private key stays out of the output by default"
+    );
+}
+
+#[test]
+fn relay_side_with_the_private_key_inlined() {
+    let dir = Scratch::new();
+    let agent = public_key(&dir, "agent.key");
+    public_key(&dir, "relay.key");
+    let toml = relay_toml(&agent).replace("/etc/xpart/relay.key", "relay.key");
+    dir.write("relay.toml", &toml);
+    let out = xpart(&["wg-config", &dir.arg("relay.toml"), "--include-private-key"])
+        .ok()
+        .stdout;
+    let key = std::fs::read_to_string(dir.path("relay.key")).unwrap();
+    assert!(
+        out.contains(&format!("PrivateKey = {}\n", key.trim())),
+        "{out}"
+    );
+    assert!(out.contains("ListenPort = 51820\n"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "PublicKey = {agent}\nAllowedIPs = 100.64.0.1/32\n"
+        )),
+        "{out}"
+    );
+    assert!(
+        !out.contains("Endpoint"),
+        "the relay learns the agent's endpoint: {out}"
+    );
+}
+
+#[test]
+fn output_is_accepted_by_wg_quick() {
+    if !tool_available("wg-quick") || !tool_available("wg") {
+        eprintln!("skipped: wg-quick/wg (wireguard-tools) not installed");
+        return;
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("skipped: wg-quick strip re-executes itself as root");
+        return;
+    }
+    let dir = Scratch::new();
+    let agent = public_key(&dir, "agent.key");
+    public_key(&dir, "relay.key");
+    dir.write(
+        "relay.toml",
+        &relay_toml(&agent).replace("/etc/xpart/relay.key", "relay.key"),
+    );
+    let out = xpart(&["wg-config", &dir.arg("relay.toml"), "--include-private-key"])
+        .ok()
+        .stdout;
+    let conf = dir.write("xpt0.conf", &out);
+    let strip = Command::new("wg-quick")
+        .arg("strip")
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(
+        strip.status.success(),
+        "{}",
+        String::from_utf8_lossy(&strip.stderr)
+    );
+    let stripped = String::from_utf8(strip.stdout).unwrap();
+    assert!(
+        stripped.contains(&format!("PublicKey = {agent}")),
+        "{stripped}"
+    );
+    assert!(
+        !stripped.contains("Address"),
+        "wg-quick-only keys are stripped: {stripped}"
+    );
+}
+
+#[test]
+fn bad_files_are_refused_with_the_reason() {
+    let dir = Scratch::new();
+    let missing = xpart(&["wg-config", &dir.arg("none.toml")]).fails_with(2);
+    assert!(
+        missing.stderr.contains("no such file"),
+        "{}",
+        missing.stderr
+    );
+
+    dir.write("neither.toml", "[tunnel]\naddress = \"100.64.0.1/30\"\n");
+    let neither = xpart(&["wg-config", &dir.arg("neither.toml")]).fails_with(2);
+    assert!(neither.stderr.contains("[[relay]]"), "{}", neither.stderr);
+
+    dir.write("badkey.toml", &relay_toml("not-a-key"));
+    let bad_key = xpart(&["wg-config", &dir.arg("badkey.toml")]).fails_with(2);
+    assert!(
+        bad_key.stderr.contains("[[agent]][0].public_key"),
+        "{}",
+        bad_key.stderr
+    );
+
+    dir.write(
+        "host.toml",
+        "[tunnel]\nmode = \"host\"\n[[agent]]\nname = \"a\"\ntunnel_address = \"127.0.0.1\"\n",
+    );
+    let host = xpart(&["wg-config", &dir.arg("host.toml")]).fails_with(2);
+    assert!(host.stderr.contains("without WireGuard"), "{}", host.stderr);
+
+    dir.write("syntax.toml", "[tunnel\n");
+    xpart(&["wg-config", &dir.arg("syntax.toml")]).fails_with(2);
+}
