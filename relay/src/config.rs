@@ -497,3 +497,108 @@ fn default_refresh_margin() -> u64 {
 fn default_credentials_timeout() -> u64 {
     10
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AGENT_KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+    fn minimal() -> String {
+        format!(
+            r#"
+[tunnel]
+mode = "userspace"
+private_key_file = "relay.key"
+address = "100.64.0.2/30"
+[[agent]]
+name = "agent-a"
+public_key = "{AGENT_KEY}"
+tunnel_address = "100.64.0.1"
+[service]
+listen = "100.64.0.2:8080"
+[upstream]
+region = "us-east-1"
+endpoint = "https://bedrock-runtime.us-east-1.amazonaws.com"
+[policy]
+operations = ["Converse", "ConverseStream"]
+models = ["anthropic.*"]
+"#
+        )
+    }
+
+    fn problems_of(text: &str) -> String {
+        RelayConfig::from_toml_str(text, "relay.toml")
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn minimal_config_gets_long_generation_friendly_defaults() {
+        let config = RelayConfig::from_toml_str(&minimal(), "relay.toml").unwrap();
+        assert_eq!(config.tunnel.listen_port, 51820);
+        assert_eq!(config.first_byte_timeout(), Duration::from_secs(900));
+        assert_eq!(config.idle_timeout(), Duration::from_secs(300));
+        assert_eq!(config.echo.model, "xpart.echo");
+        assert!(config.echo.enabled);
+        assert_eq!(
+            config.allowed_operations(),
+            [Operation::Converse, Operation::ConverseStream]
+                .into_iter()
+                .collect()
+        );
+    }
+
+    #[test]
+    fn reports_every_problem_with_field_and_fix() {
+        let text = minimal()
+            .replace("\"100.64.0.2:8080\"", "\"100.64.0.9:8080\"")
+            .replace("https://bedrock", "http://bedrock")
+            .replace(
+                "[\"Converse\", \"ConverseStream\"]",
+                "[\"Converse\", \"Chat\", \"InvokeModelWithBidirectionalStream\"]",
+            )
+            .replace(AGENT_KEY, "not-a-key");
+        let out = problems_of(&text);
+        for fragment in [
+            "relay.toml",
+            "[service].listen",
+            "[upstream].endpoint",
+            "[policy].operations[1]",
+            "[policy].operations[2]",
+            "[[agent]][0].public_key",
+            "fix:",
+        ] {
+            assert!(out.contains(fragment), "{fragment} missing from:\n{out}");
+        }
+    }
+
+    #[test]
+    fn host_mode_only_on_loopback() {
+        let text = minimal()
+            .replace("mode = \"userspace\"", "mode = \"host\"")
+            .replace("\"100.64.0.2:8080\"", "\"0.0.0.0:8080\"");
+        let out = problems_of(&text);
+        assert!(out.contains("[tunnel].mode"), "{out}");
+        let text = minimal()
+            .replace("mode = \"userspace\"", "mode = \"host\"")
+            .replace("\"100.64.0.2:8080\"", "\"127.0.0.1:8080\"")
+            .replace("address = \"100.64.0.2/30\"\n", "")
+            .replace(
+                "tunnel_address = \"100.64.0.1\"",
+                "tunnel_address = \"127.0.0.1\"",
+            );
+        assert!(RelayConfig::from_toml_str(&text, "relay.toml").is_ok());
+    }
+
+    #[test]
+    fn unknown_fields_and_zero_timeouts_are_refused() {
+        let out = problems_of(&minimal().replace("[policy]", "[upstream.extra]\nx = 1\n[policy]"));
+        assert!(out.contains("relay.toml"), "{out}");
+        let out = problems_of(&minimal().replace(
+            "region = \"us-east-1\"",
+            "region = \"us-east-1\"\nfirst_byte_timeout_secs = 0",
+        ));
+        assert!(out.contains("[upstream].first_byte_timeout_secs"), "{out}");
+    }
+}

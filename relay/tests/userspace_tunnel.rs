@@ -1,0 +1,154 @@
+//! The relay in its normal local mode: WireGuard in userspace on 127.0.0.1, an agent-side
+//! tunnel speaking HTTP/2 (prior knowledge) to the relay's service address on the tunnel IP,
+//! answered by the echo model. No AWS credentials and no traffic outside loopback.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use xpart_relay::config::RelayConfig;
+use xpart_tunnel::{keys, Mode, PeerConfig, PrivateKey, Tunnel, TunnelConfig};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_reaches_the_echo_model_over_http2_through_the_tunnel() {
+    keep_credentials_lookups_on_loopback();
+    let dir = std::env::temp_dir().join(format!("xpart-relay-tunnel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let relay_key = PrivateKey::generate();
+    let agent_key = PrivateKey::generate();
+    keys::write_private_key_file(dir.join("relay.key"), &relay_key).unwrap();
+    let text = format!(
+        r#"
+[tunnel]
+mode = "userspace"
+private_key_file = "{key}"
+address = "100.64.0.2/30"
+listen_port = 0
+bind_address = "127.0.0.1"
+
+[[agent]]
+name = "agent-a"
+public_key = "{agent_pub}"
+tunnel_address = "100.64.0.1"
+
+[service]
+listen = "100.64.0.2:8080"
+
+[upstream]
+region = "us-east-1"
+endpoint = "https://127.0.0.1:9"
+resolver = ["127.0.0.1:9"]
+
+[policy]
+operations = ["Converse"]
+models = ["anthropic.*"]
+
+[credentials]
+fetch_timeout_secs = 2
+"#,
+        key = dir.join("relay.key").display(),
+        agent_pub = agent_key.public_key().to_base64(),
+    );
+    let config = RelayConfig::from_toml_str(&text, "relay.toml").unwrap();
+    let relay = xpart_relay::start(config).await.unwrap();
+    let relay_udp = relay.udp_addr().expect("userspace mode has a UDP socket");
+    assert_eq!(relay.service_addr(), "100.64.0.2:8080".parse().unwrap());
+
+    let agent = Tunnel::start(TunnelConfig {
+        private_key: agent_key,
+        address: "100.64.0.1/30".parse().unwrap(),
+        mode: Mode::Userspace,
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        mtu: 1420,
+        interface_name: None,
+        peers: vec![PeerConfig {
+            name: "relay".into(),
+            public_key: relay_key.public_key(),
+            endpoint: Some(relay_udp),
+            allowed_ips: vec!["100.64.0.2/32".parse().unwrap()],
+            persistent_keepalive: None,
+            preshared_key: None,
+        }],
+    })
+    .await
+    .unwrap();
+
+    let service: SocketAddr = "100.64.0.2:8080".parse().unwrap();
+    let conn = within(agent.network().connect(service)).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(conn))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+
+    let health = http::Request::get("http://100.64.0.2:8080/_xpart/health")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = within(sender.send_request(health)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let health: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(health["ready"], true);
+    assert_eq!(health["credentials"], false);
+
+    let converse = http::Request::post("http://100.64.0.2:8080/model/xpart.echo/converse")
+        .header("content-type", "application/json")
+        .header("x-xpart-principal", "tester")
+        .body(Full::new(Bytes::from_static(
+            br#"{"messages":[{"role":"user","content":[{"text":"through the tunnel"}]}]}"#,
+        )))
+        .unwrap();
+    let response = within(sender.send_request(converse)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().contains_key("x-xpart-request-id"));
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        answer["output"]["message"]["content"][0]["text"],
+        "through the tunnel"
+    );
+
+    // Without credentials a real model is refused promptly, naming the reason.
+    let real = http::Request::post("http://100.64.0.2:8080/model/anthropic.claude-v2/converse")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let response = within(sender.send_request(real)).await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(response.headers()["x-amzn-errortype"]
+        .to_str()
+        .unwrap()
+        .starts_with("ServiceUnavailableException"));
+
+    agent.shutdown().await;
+    relay.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The default credential chain must not reach for IMDS (169.254.169.254) or real profiles.
+fn keep_credentials_lookups_on_loopback() {
+    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+    std::env::set_var("AWS_CONFIG_FILE", "/nonexistent/xpart-test-aws-config");
+    std::env::set_var(
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "/nonexistent/xpart-test-aws-credentials",
+    );
+    for name in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    ] {
+        std::env::remove_var(name);
+    }
+}
+
+async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), future)
+        .await
+        .expect("timed out")
+}
