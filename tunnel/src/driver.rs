@@ -305,6 +305,10 @@ async fn receive_loop(shared: Arc<Shared>, backend: Backend) {
             let mut engine = shared.lock();
             let now = Instant::now();
             for (slot, (from, datagram)) in batch.iter().enumerate() {
+                // A GRO batch can hold hundreds of datagrams; grow to the largest seen.
+                if slot == plain.len() {
+                    plain.push(vec![0u8; udp::MAX_DATAGRAM]);
+                }
                 if let Some(len) =
                     engine.handle_datagram_into(from, datagram, now, &mut plain[slot])
                 {

@@ -12,40 +12,55 @@ use tokio::io::Interest;
 /// milliseconds at gigabit rates need a few MB; the default (~200 KiB) drops under load.
 const SOCKET_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 
-/// Datagrams moved per system call.
+/// Messages moved per system call.
 pub(crate) const BATCH: usize = 64;
 
-/// Largest datagram accepted. WireGuard peers with an MTU up to 1500 send at most
-/// 1500 + 32 bytes; larger datagrams are truncated by the kernel and dropped.
+/// Receive buffers per `recvmmsg`. Each holds one datagram, or with UDP GRO a train of up to
+/// 64 KiB of them, so a batch can carry far more than this many datagrams.
+const RECV_SLOTS: usize = 32;
+const RECV_BUFFER: usize = 65_536;
+
+/// Largest single datagram the driver expects: WireGuard peers with an MTU up to 1500 send
+/// at most 1500 + 32 bytes.
 pub(crate) const MAX_DATAGRAM: usize = 2048;
 
 pub(crate) struct UdpSocket {
     io: tokio::net::UdpSocket,
     /// An IPv6 socket reaches IPv4 endpoints through v4-mapped addresses.
     ipv6: bool,
+    /// UDP generic segmentation offload: one send carries many equal-sized datagrams.
+    gso: std::sync::atomic::AtomicBool,
 }
 
-/// Reusable receive buffers for [`UdpSocket::recv_batch`].
+/// Reusable receive buffers for [`UdpSocket::recv_batch`]. With UDP GRO one buffer can
+/// hold many datagrams of one flow back to back, all of one size except maybe the last.
 pub(crate) struct RecvBatch {
     bufs: Vec<Vec<u8>>,
-    lens: Vec<usize>,
-    addrs: Vec<SocketAddr>,
-    count: usize,
+    meta: Vec<Received>,
+}
+
+struct Received {
+    slot: usize,
+    from: SocketAddr,
+    len: usize,
+    segment: usize,
 }
 
 impl RecvBatch {
     pub(crate) fn new() -> RecvBatch {
         RecvBatch {
-            bufs: (0..BATCH).map(|_| vec![0u8; MAX_DATAGRAM]).collect(),
-            lens: vec![0; BATCH],
-            addrs: vec![SocketAddr::from(([0, 0, 0, 0], 0)); BATCH],
-            count: 0,
+            bufs: (0..RECV_SLOTS).map(|_| vec![0u8; RECV_BUFFER]).collect(),
+            meta: Vec::with_capacity(RECV_SLOTS),
         }
     }
 
     /// The datagrams of the last receive: source and payload.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> {
-        (0..self.count).map(|i| (self.addrs[i], &self.bufs[i][..self.lens[i]]))
+        self.meta.iter().flat_map(move |received| {
+            self.bufs[received.slot][..received.len]
+                .chunks(received.segment)
+                .map(move |datagram| (received.from, datagram))
+        })
     }
 }
 
@@ -57,10 +72,15 @@ impl UdpSocket {
             socket.set_only_v6(false)?;
         }
         set_buffer_sizes(&socket);
+        let gso = UdpSocket::enable_offloads(&socket);
         socket.set_nonblocking(true)?;
         socket.bind(&SockAddr::from(addr))?;
         let io = tokio::net::UdpSocket::from_std(socket.into())?;
-        Ok(UdpSocket { io, ipv6 })
+        Ok(UdpSocket {
+            io,
+            ipv6,
+            gso: gso.into(),
+        })
     }
 
     pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -94,7 +114,7 @@ impl UdpSocket {
         while sent < datagrams.len() {
             let rest = &datagrams[sent..];
             match self.io.try_io(Interest::WRITABLE, || self.send_now(rest)) {
-                Ok(count) => sent += count.max(1),
+                Ok(count) => sent += count,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                     self.io.writable().await?;
                 }
@@ -158,13 +178,41 @@ fn from_wire(addr: SocketAddr) -> SocketAddr {
 
 #[cfg(target_os = "linux")]
 impl UdpSocket {
+    /// Asks the kernel to coalesce received datagrams of one flow (UDP GRO) and checks that
+    /// it can segment ours (UDP GSO). Both are optional: older kernels just say no.
+    fn enable_offloads(socket: &Socket) -> bool {
+        use std::os::fd::AsRawFd;
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt/getsockopt with a valid fd and c_int-sized option values.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_UDP,
+                libc::UDP_GRO,
+                &on as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+            let mut value: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_UDP,
+                libc::UDP_SEGMENT,
+                &mut value as *mut libc::c_int as *mut libc::c_void,
+                &mut len,
+            ) == 0
+        }
+    }
+
     fn recv_now(&self, batch: &mut RecvBatch) -> io::Result<usize> {
         use std::os::fd::AsRawFd;
+        let slots = batch.bufs.len();
         // SAFETY: all-zero is a valid bit pattern for these plain C structs.
-        let mut storage: [libc::sockaddr_storage; BATCH] = unsafe { std::mem::zeroed() };
-        let mut iovecs: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
-        let mut headers: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-        for i in 0..BATCH {
+        let mut storage: [libc::sockaddr_storage; RECV_SLOTS] = unsafe { std::mem::zeroed() };
+        let mut iovecs: [libc::iovec; RECV_SLOTS] = unsafe { std::mem::zeroed() };
+        let mut headers: [libc::mmsghdr; RECV_SLOTS] = unsafe { std::mem::zeroed() };
+        let mut control = [[0u64; CONTROL_WORDS]; RECV_SLOTS];
+        for i in 0..slots {
             iovecs[i].iov_base = batch.bufs[i].as_mut_ptr() as *mut libc::c_void;
             iovecs[i].iov_len = batch.bufs[i].len();
             headers[i].msg_hdr.msg_name = &mut storage[i] as *mut _ as *mut libc::c_void;
@@ -172,13 +220,15 @@ impl UdpSocket {
                 std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             headers[i].msg_hdr.msg_iov = &mut iovecs[i];
             headers[i].msg_hdr.msg_iovlen = 1;
+            headers[i].msg_hdr.msg_control = control[i].as_mut_ptr() as *mut libc::c_void;
+            headers[i].msg_hdr.msg_controllen = std::mem::size_of_val(&control[i]);
         }
         // SAFETY: every header points at live buffers owned by `batch`/this frame, sized above.
         let count = unsafe {
             libc::recvmmsg(
                 self.io.as_raw_fd(),
                 headers.as_mut_ptr(),
-                BATCH as libc::c_uint,
+                slots as libc::c_uint,
                 libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
             )
@@ -186,9 +236,8 @@ impl UdpSocket {
         if count < 0 {
             return Err(io::Error::last_os_error());
         }
-        let mut kept = 0;
-        for i in 0..count as usize {
-            let header = &headers[i];
+        batch.meta.clear();
+        for (i, header) in headers.iter().enumerate().take(count as usize) {
             if header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
                 continue;
             }
@@ -202,70 +251,168 @@ impl UdpSocket {
             let Some(addr) = addr.as_socket() else {
                 continue;
             };
-            if kept != i {
-                batch.bufs.swap(kept, i);
-            }
-            batch.addrs[kept] = from_wire(addr);
-            batch.lens[kept] = header.msg_len as usize;
-            kept += 1;
+            let len = header.msg_len as usize;
+            // SAFETY: the header's control buffer was filled by the kernel for this message.
+            let segment = unsafe { gro_segment_size(&header.msg_hdr) }.unwrap_or(len);
+            batch.meta.push(Received {
+                slot: i,
+                from: from_wire(addr),
+                len,
+                segment: segment.max(1),
+            });
         }
-        batch.count = kept;
-        Ok(kept)
+        Ok(batch.meta.len())
     }
 
+    /// Sends a prefix of `datagrams` and returns how many went. With GSO, runs of datagrams
+    /// to one destination with one size (the last may be shorter) go as one message that
+    /// the kernel cuts up after routing; otherwise one message per datagram.
     fn send_now<D: AsRef<[u8]>>(&self, datagrams: &[(SocketAddr, D)]) -> io::Result<usize> {
         use std::os::fd::AsRawFd;
-        let n = datagrams.len().min(BATCH);
-        let addrs: Vec<SockAddr> = datagrams[..n]
-            .iter()
-            .map(|(dst, _)| self.wire_addr(*dst))
-            .collect();
-        // SAFETY: all-zero is a valid bit pattern for these plain C structs.
-        let mut iovecs: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
-        let mut headers: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-        for i in 0..n {
-            let payload = datagrams[i].1.as_ref();
-            iovecs[i].iov_base = payload.as_ptr() as *mut libc::c_void;
-            iovecs[i].iov_len = payload.len();
-            headers[i].msg_hdr.msg_name = addrs[i].as_ptr() as *mut libc::c_void;
-            headers[i].msg_hdr.msg_namelen = addrs[i].len();
-            headers[i].msg_hdr.msg_iov = &mut iovecs[i];
-            headers[i].msg_hdr.msg_iovlen = 1;
+        let gso = self.gso.load(std::sync::atomic::Ordering::Relaxed);
+        let mut groups: Vec<(usize, usize, usize)> = Vec::with_capacity(SEND_MESSAGES); // start, end, segment
+        let mut start = 0;
+        while start < datagrams.len() && groups.len() < SEND_MESSAGES {
+            let (dst, first) = (&datagrams[start].0, datagrams[start].1.as_ref().len());
+            let mut end = start + 1;
+            let mut total = first;
+            while gso && end < datagrams.len() && end - start < GSO_MAX_SEGMENTS {
+                let (next_dst, next) = (&datagrams[end].0, datagrams[end].1.as_ref().len());
+                if next_dst != dst || next > first || total + next > GSO_MAX_BYTES {
+                    break;
+                }
+                total += next;
+                end += 1;
+                if next < first {
+                    break; // a shorter datagram can only close a GSO run
+                }
+            }
+            groups.push((start, end, first));
+            start = end;
         }
-        // SAFETY: headers point at `addrs` and `datagrams`, which outlive the call; the
-        // kernel only reads them.
-        let count = unsafe {
+        let addrs: Vec<SockAddr> = groups
+            .iter()
+            .map(|(start, _, _)| self.wire_addr(datagrams[*start].0))
+            .collect();
+        let mut iovecs: Vec<libc::iovec> = datagrams[..start]
+            .iter()
+            .map(|(_, payload)| {
+                let payload = payload.as_ref();
+                libc::iovec {
+                    iov_base: payload.as_ptr() as *mut libc::c_void,
+                    iov_len: payload.len(),
+                }
+            })
+            .collect();
+        let mut control = vec![[0u64; CONTROL_WORDS]; groups.len()];
+        // SAFETY: all-zero is a valid bit pattern for mmsghdr.
+        let mut headers: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; groups.len()];
+        for (i, (start, end, segment)) in groups.iter().enumerate() {
+            let hdr = &mut headers[i].msg_hdr;
+            hdr.msg_name = addrs[i].as_ptr() as *mut libc::c_void;
+            hdr.msg_namelen = addrs[i].len();
+            hdr.msg_iov = iovecs[*start..*end].as_mut_ptr();
+            hdr.msg_iovlen = end - start;
+            if end - start > 1 {
+                // SAFETY: the control buffer is large and aligned enough for one c_int cmsg.
+                unsafe { set_gso_segment(hdr, &mut control[i], *segment) };
+            }
+        }
+        // SAFETY: headers point at `addrs`, `iovecs`, `control` and `datagrams`, which outlive
+        // the call; the kernel only reads them.
+        let sent = unsafe {
             libc::sendmmsg(
                 self.io.as_raw_fd(),
                 headers.as_mut_ptr(),
-                n as libc::c_uint,
+                headers.len() as libc::c_uint,
                 libc::MSG_DONTWAIT,
             )
         };
-        if count < 0 {
-            return Err(io::Error::last_os_error());
+        if sent < 0 {
+            let err = io::Error::last_os_error();
+            // EIO: the route's device cannot take GSO packets. Send datagram by datagram.
+            if gso && err.raw_os_error() == Some(libc::EIO) {
+                tracing::info!("UDP GSO refused by the kernel; sending datagrams one by one");
+                self.gso.store(false, std::sync::atomic::Ordering::Relaxed);
+                return Ok(0);
+            }
+            return Err(err);
         }
-        Ok(count as usize)
+        Ok(groups[..sent as usize]
+            .iter()
+            .map(|(start, end, _)| end - start)
+            .sum())
     }
+}
+
+/// Control buffer size in u64 words (for alignment): room for one cmsg carrying a c_int.
+#[cfg(target_os = "linux")]
+const CONTROL_WORDS: usize = 4;
+
+/// Linux accepts at most 64 segments per GSO send, and the whole must fit one UDP datagram.
+#[cfg(target_os = "linux")]
+const GSO_MAX_SEGMENTS: usize = 64;
+#[cfg(target_os = "linux")]
+const GSO_MAX_BYTES: usize = 65_000;
+
+/// Messages per `sendmmsg`.
+#[cfg(target_os = "linux")]
+const SEND_MESSAGES: usize = BATCH;
+
+/// # Safety
+/// `hdr.msg_control` must point at `msg_controllen` bytes the kernel filled for this message.
+#[cfg(target_os = "linux")]
+unsafe fn gro_segment_size(hdr: &libc::msghdr) -> Option<usize> {
+    let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
+    while !cmsg.is_null() {
+        if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == libc::UDP_GRO {
+            let value = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::c_int);
+            return usize::try_from(value).ok();
+        }
+        cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
+    }
+    None
+}
+
+/// # Safety
+/// `control` must outlive the send that uses `hdr`.
+#[cfg(target_os = "linux")]
+unsafe fn set_gso_segment(
+    hdr: &mut libc::msghdr,
+    control: &mut [u64; CONTROL_WORDS],
+    segment: usize,
+) {
+    let space = libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) as usize;
+    hdr.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    hdr.msg_controllen = space;
+    let cmsg = libc::CMSG_FIRSTHDR(hdr);
+    (*cmsg).cmsg_level = libc::SOL_UDP;
+    (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+    (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
+    std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut u16, segment as u16);
 }
 
 #[cfg(not(target_os = "linux"))]
 impl UdpSocket {
+    fn enable_offloads(_socket: &Socket) -> bool {
+        false
+    }
+
     fn recv_now(&self, batch: &mut RecvBatch) -> io::Result<usize> {
-        let mut kept = 0;
-        while kept < BATCH {
-            match self.io.try_recv_from(&mut batch.bufs[kept]) {
-                Ok((len, addr)) => {
-                    batch.addrs[kept] = from_wire(addr);
-                    batch.lens[kept] = len;
-                    kept += 1;
-                }
-                Err(err) if kept > 0 && err.kind() == io::ErrorKind::WouldBlock => break,
+        batch.meta.clear();
+        for slot in 0..batch.bufs.len() {
+            match self.io.try_recv_from(&mut batch.bufs[slot]) {
+                Ok((len, from)) => batch.meta.push(Received {
+                    slot,
+                    from: from_wire(from),
+                    len,
+                    segment: len.max(1),
+                }),
+                Err(err) if slot > 0 && err.kind() == io::ErrorKind::WouldBlock => break,
                 Err(err) => return Err(err),
             }
         }
-        batch.count = kept;
-        Ok(kept)
+        Ok(batch.meta.len())
     }
 
     fn send_now<D: AsRef<[u8]>>(&self, datagrams: &[(SocketAddr, D)]) -> io::Result<usize> {
