@@ -74,14 +74,14 @@ Examples:
 }
 
 #[derive(Debug, Serialize)]
-struct InitReport {
+pub(crate) struct InitReport {
     ca_cert: PathBuf,
     ca_key: PathBuf,
     not_after: String,
 }
 
 #[derive(Debug, Serialize)]
-struct IssueReport {
+pub(crate) struct IssueReport {
     cert: PathBuf,
     key: PathBuf,
     dns_names: Vec<String>,
@@ -118,7 +118,7 @@ pub fn run(command: CaCommand, json: bool) -> Result<ExitCode, Error> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn init(dir: &Path, name: &str, days: i64, force: bool) -> Result<InitReport, Error> {
+pub(crate) fn init(dir: &Path, name: &str, days: i64, force: bool) -> Result<InitReport, Error> {
     check_days(days)?;
     let cert_path = dir.join(CA_CERT_FILE);
     let key_path = dir.join(CA_KEY_FILE);
@@ -173,7 +173,7 @@ fn leaf_dns_names(regions: &[String], names: &[String]) -> Result<Vec<String>, E
     Ok(dns_names)
 }
 
-fn issue(
+pub(crate) fn issue(
     ca_dir: &Path,
     dns_names: Vec<String>,
     ips: Vec<IpAddr>,

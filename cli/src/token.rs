@@ -178,7 +178,7 @@ fn validate_principal_name(name: &str) -> Result<(), Error> {
     )))
 }
 
-fn generate_token() -> String {
+pub(crate) fn generate_token() -> String {
     let mut bytes = [0u8; TOKEN_BYTES];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
     format!(
