@@ -192,6 +192,12 @@ impl Relays {
             match event {
                 HealthEvent::Down { relay, reason } => {
                     tracing::warn!(relay = self.name(*relay), %reason, "relay down");
+                }
+                HealthEvent::Lost { relay } => {
+                    tracing::warn!(
+                        relay = self.name(*relay),
+                        "relay not answering; ending its requests in flight"
+                    );
                     if let Some(link) = self.links.get(*relay) {
                         link.deaths.send_modify(|n| *n += 1);
                         if let Ok(mut slot) = link.sender.try_lock() {

@@ -68,8 +68,20 @@ pub enum State {
 /// A change the driver acts on (metrics, logs, aborting requests in flight).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HealthEvent {
-    Up { relay: usize },
-    Down { relay: usize, reason: String },
+    Up {
+        relay: usize,
+    },
+    /// Out of the rotation: new requests go elsewhere.
+    Down {
+        relay: usize,
+        reason: String,
+    },
+    /// Out of the rotation and not answering at all: requests in flight there will never
+    /// complete and are ended. A relay that answers "not ready" (drained) is only `Down`, so
+    /// what it is already serving finishes.
+    Lost {
+        relay: usize,
+    },
 }
 
 /// One relay's health as shown on /status.
@@ -101,6 +113,8 @@ struct RelayHealth {
     next_probe: Instant,
     probing: bool,
     last_error: Option<String>,
+    /// `Lost` has been reported since the relay last answered.
+    lost: bool,
 }
 
 impl Health {
@@ -116,6 +130,7 @@ impl Health {
                 next_probe: now,
                 probing: false,
                 last_error: None,
+                lost: false,
             })
             .collect();
         Health {
@@ -173,22 +188,22 @@ impl Health {
             return;
         };
         r.probing = false;
-        let failure = match outcome {
+        let (reason, answered) = match outcome {
             ProbeOutcome::Ready {
                 handshake_age: Some(age),
-            } if age > settings.handshake_max_age => Some(format!(
-                "last WireGuard handshake {}s ago (limit {}s)",
-                age.as_secs(),
-                settings.handshake_max_age.as_secs()
-            )),
-            ProbeOutcome::Ready { .. } => None,
-            ProbeOutcome::NotReady(reason) => Some(format!("relay not ready: {reason}")),
-            ProbeOutcome::Failed(reason) => Some(reason),
+            } if age > settings.handshake_max_age => (
+                format!(
+                    "last WireGuard handshake {}s ago (limit {}s)",
+                    age.as_secs(),
+                    settings.handshake_max_age.as_secs()
+                ),
+                false,
+            ),
+            ProbeOutcome::Ready { .. } => return self.record_success(relay, now),
+            ProbeOutcome::NotReady(reason) => (format!("relay not ready: {reason}"), true),
+            ProbeOutcome::Failed(reason) => (reason, false),
         };
-        match failure {
-            None => self.record_success(relay, now),
-            Some(reason) => self.record_failure(relay, reason, now),
-        }
+        self.record_failure(relay, reason, answered, now);
     }
 
     /// A forward to `relay` failed at the connection level (refused, reset, h2 error).
@@ -196,7 +211,7 @@ impl Health {
     /// probes leaves the rotation without waiting for the next tick.
     pub fn on_forward_failed(&mut self, relay: usize, reason: String, now: Instant) {
         if relay < self.relays.len() {
-            self.record_failure(relay, reason, now);
+            self.record_failure(relay, reason, false, now);
         }
     }
 
@@ -218,6 +233,7 @@ impl Health {
         let rise_after = self.settings.rise_after.max(1);
         let r = &mut self.relays[relay];
         r.failures = 0;
+        r.lost = false;
         r.successes = r.successes.saturating_add(1);
         r.next_probe = now + interval;
         let comes_up = match r.state {
@@ -234,7 +250,8 @@ impl Health {
         }
     }
 
-    fn record_failure(&mut self, relay: usize, reason: String, now: Instant) {
+    /// `answered`: the relay replied (not ready), as opposed to not replying at all.
+    fn record_failure(&mut self, relay: usize, reason: String, answered: bool, now: Instant) {
         let settings = self.settings;
         let r = &mut self.relays[relay];
         r.successes = 0;
@@ -254,6 +271,10 @@ impl Health {
             r.next_probe = now;
         } else {
             r.next_probe = now + settings.interval;
+        }
+        if r.state == State::Down && !answered && !r.lost {
+            r.lost = true;
+            self.events.push_back(HealthEvent::Lost { relay });
         }
     }
 }
@@ -340,6 +361,43 @@ mod tests {
                 reason: "timed out".into()
             })
         );
+        assert_eq!(health.poll_event(), Some(HealthEvent::Lost { relay: 0 }));
+        assert_eq!(health.poll_event(), None);
+
+        // Further failures do not repeat the loss; an answer re-arms it.
+        let later = second_fails + settings.interval;
+        assert_eq!(health.poll_probe(later), Some(0));
+        health.on_probe(0, failed(), later);
+        assert_eq!(health.poll_event(), None);
+    }
+
+    #[test]
+    fn drained_relay_leaves_the_rotation_but_is_not_lost() {
+        let start = Instant::now();
+        let mut health = two_relays(start);
+        probe_all(&mut health, start, |_| READY);
+        while health.poll_event().is_some() {}
+        let t = start + Duration::from_secs(1);
+        probe_all(&mut health, t, |relay| match relay {
+            0 => ProbeOutcome::NotReady("draining".into()),
+            _ => READY,
+        });
+        assert_eq!(health.pick(), Some(1));
+        assert!(matches!(
+            health.poll_event(),
+            Some(HealthEvent::Down { relay: 0, .. })
+        ));
+        assert_eq!(
+            health.poll_event(),
+            None,
+            "requests in flight on a drained relay finish"
+        );
+
+        // If the drained relay then stops answering, what it still holds is ended.
+        let t = t + Duration::from_secs(1);
+        assert_eq!(health.poll_probe(t), Some(0));
+        health.on_probe(0, failed(), t);
+        assert_eq!(health.poll_event(), Some(HealthEvent::Lost { relay: 0 }));
     }
 
     #[test]

@@ -76,6 +76,7 @@ pub async fn run(
             let (relay, up) = match event {
                 HealthEvent::Up { relay } => (relay, 1),
                 HealthEvent::Down { relay, .. } => (relay, 0),
+                HealthEvent::Lost { .. } => continue,
             };
             metrics
                 .relay_healthy

@@ -25,9 +25,10 @@ import pytest
 import relay_harness as h
 
 AGENT_TUNNEL = "100.64.0.1"
-# One /30 per relay; the agent is .1 in the first and reaches the others by their peers'
-# allowed IPs.
-RELAY_TUNNELS = ["100.64.0.2", "100.64.0.6", "100.64.0.10"]
+# Agent and relays share one tunnel network (each relay accepts only agents inside its own
+# network); the agent routes to each relay by that peer's allowed IP.
+TUNNEL_PREFIX = 24
+RELAY_TUNNELS = ["100.64.0.2", "100.64.0.3", "100.64.0.4"]
 SERVICE_PORT = 8080
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
 
@@ -75,7 +76,7 @@ def relay_userspace_config(directory, standin_port, dns_port, ca_file, *, privat
     tunnel_sections = f"""[tunnel]
 mode = "userspace"
 private_key_file = "{private_key_file}"
-address = "{tunnel_address}/30"
+address = "{tunnel_address}/{TUNNEL_PREFIX}"
 listen_port = 0
 bind_address = "127.0.0.1"
 
@@ -151,7 +152,7 @@ persistent_keepalive = 1
     text = f"""
 [tunnel]
 private_key_file = "{private_key_file}"
-address = "{AGENT_TUNNEL}/30"
+address = "{AGENT_TUNNEL}/{TUNNEL_PREFIX}"
 mode = "{mode}"
 listen = "127.0.0.1:0"
 {relay_tables}

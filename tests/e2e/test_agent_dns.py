@@ -1,0 +1,181 @@
+"""The agent's private DNS, over UDP and TCP on 127.0.0.1: the Bedrock names resolve to the
+agent, other names are forwarded to the configured resolver (a tiny test server on 127.0.0.1)
+or refused, and malformed queries get FORMERR or nothing, never a crash."""
+
+import os
+import socket
+import struct
+
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import pytest
+
+import agent_harness as a
+import relay_harness as h
+
+FORWARDED = "vpce-0abc.bedrock-runtime.us-east-1.vpce.amazonaws.com"
+
+
+def host_mode_config(directory, test_pki, upstream):
+    """An agent that only needs its DNS and front: host mode, a relay nobody listens for."""
+    text = f"""
+[tunnel]
+mode = "host"
+
+[[relay]]
+name = "relay-a"
+tunnel_address = "127.0.0.1"
+service_port = 9
+
+[dns]
+listen = "127.0.0.1:0"
+answer = "127.0.0.1"
+answer_v6 = "::1"
+names = ["{h.UPSTREAM_NAME}", "bedrock-runtime-fips.us-east-1.amazonaws.com"]
+upstream = {upstream}
+ttl = 30
+
+[front]
+listen = "127.0.0.1:0"
+cert_file = "{test_pki['cert']}"
+key_file = "{test_pki['key']}"
+
+{a.principal("lambda", token="t")}
+
+[admin]
+listen = "127.0.0.1:0"
+"""
+    path = os.path.join(directory, "agent.toml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+@pytest.fixture
+def start_agent(tmp_path, test_pki):
+    if not os.access(a.agent_binary(), os.X_OK):
+        pytest.skip(f"xpart-agent is not built at {a.agent_binary()}")
+    started = []
+
+    def start(upstream=()):
+        upstream_list = "[" + ", ".join(f'"{host}:{port}"' for host, port in upstream) + "]"
+        directory = tmp_path / f"agent{len(started)}"
+        directory.mkdir()
+        agent = a.AgentProcess(host_mode_config(str(directory), test_pki, upstream_list), str(directory / "agent.log"))
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop()
+
+
+def ask(agent, name, rdtype="A", tcp=False):
+    query = dns.message.make_query(name, rdtype)
+    send = dns.query.tcp if tcp else dns.query.udp
+    return send(query, agent.dns[0], port=agent.dns[1], timeout=3)
+
+
+def test_bedrock_names_resolve_to_the_agent_over_udp_and_tcp(start_agent):
+    agent = start_agent()
+    for tcp in (False, True):
+        reply = ask(agent, h.UPSTREAM_NAME, "A", tcp=tcp)
+        assert reply.rcode() == dns.rcode.NOERROR
+        assert reply.flags & dns.flags.AA
+        [rrset] = reply.answer
+        assert [r.address for r in rrset] == ["127.0.0.1"]
+        assert rrset.ttl == 30
+    reply = ask(agent, "BEDROCK-Runtime.US-East-1.amazonaws.com.", "AAAA")
+    [rrset] = reply.answer
+    assert [r.address for r in rrset] == ["::1"]
+    reply = ask(agent, "bedrock-runtime-fips.us-east-1.amazonaws.com", "A")
+    assert reply.answer[0][0].address == "127.0.0.1"
+    reply = ask(agent, h.UPSTREAM_NAME, "MX")
+    assert reply.rcode() == dns.rcode.NOERROR and reply.answer == [], "other types: no data"
+
+
+def test_other_names_are_refused_without_an_upstream(start_agent):
+    agent = start_agent()
+    reply = ask(agent, "example.internal", "A")
+    assert reply.rcode() == dns.rcode.REFUSED
+    assert reply.answer == []
+    metrics = agent.metrics()
+    assert 'xpart_agent_dns_answers_total{outcome="refused"} 1' in metrics
+
+
+def test_other_names_are_forwarded_to_the_upstream_and_cached(start_agent):
+    upstream = h.dns_server.TestDnsServer({FORWARDED: "127.0.0.7"}).start()
+    try:
+        agent = start_agent(upstream=[upstream.address])
+        first = ask(agent, FORWARDED, "A")
+        assert first.rcode() == dns.rcode.NOERROR
+        assert first.answer[0][0].address == "127.0.0.7"
+        second = ask(agent, FORWARDED, "A", tcp=True)
+        assert second.answer[0][0].address == "127.0.0.7"
+        assert upstream.queries[FORWARDED] == 1, "the second answer came from the cache"
+        missing = ask(agent, "nothing-here.example.internal", "A")
+        assert missing.rcode() == dns.rcode.NXDOMAIN
+        # The agent's own names never go upstream.
+        ask(agent, h.UPSTREAM_NAME, "A")
+        assert h.UPSTREAM_NAME not in upstream.queries
+        metrics = agent.metrics()
+        assert 'xpart_agent_dns_answers_total{outcome="forwarded"} 2' in metrics
+        assert 'xpart_agent_dns_answers_total{outcome="nxdomain"} 1' in metrics
+    finally:
+        upstream.stop()
+
+
+def test_dead_upstream_gives_servfail_not_a_hang(start_agent):
+    dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dead.bind(("127.0.0.1", 0))
+    try:
+        agent = start_agent(upstream=[dead.getsockname()])
+        query = dns.message.make_query("example.internal", "A")
+        reply = dns.query.udp(query, agent.dns[0], port=agent.dns[1], timeout=15)
+        assert reply.rcode() == dns.rcode.SERVFAIL
+    finally:
+        dead.close()
+
+
+def raw_udp(agent, payload, timeout=1.0):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(timeout)
+    try:
+        sock.sendto(payload, agent.dns)
+        try:
+            return sock.recv(4096)
+        except socket.timeout:
+            return None
+    finally:
+        sock.close()
+
+
+def test_garbage_gets_formerr_or_silence_and_the_server_survives(start_agent):
+    agent = start_agent()
+    # Shorter than a header: no id to answer to.
+    assert raw_udp(agent, b"\x00\x01\x02") is None
+    # A header promising one question, then a label running off the end.
+    truncated = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + b"\x3fabc"
+    reply = raw_udp(agent, truncated)
+    assert reply is not None
+    query_id, flags = struct.unpack(">HH", reply[:4])
+    assert query_id == 0x1234
+    assert flags & 0x8000, "a response"
+    assert flags & 0x000F == dns.rcode.FORMERR
+    # Two questions in one query.
+    two = dns.message.make_query(h.UPSTREAM_NAME, "A")
+    two.question.append(dns.message.make_query("example.internal", "A").question[0])
+    reply = dns.message.from_wire(raw_udp(agent, two.to_wire()))
+    assert reply.rcode() == dns.rcode.FORMERR
+    # Random bytes of every length, over UDP and TCP.
+    for length in range(0, 64, 7):
+        raw_udp(agent, os.urandom(length), timeout=0.05)
+    with socket.create_connection(agent.dns, timeout=2) as tcp:
+        tcp.sendall(struct.pack(">H", 40) + os.urandom(40))
+    # Still answering.
+    assert ask(agent, h.UPSTREAM_NAME, "A").answer[0][0].address == "127.0.0.1"
+    assert agent.proc.poll() is None
+    assert 'xpart_agent_dns_answers_total{outcome="formerr"}' in agent.metrics()

@@ -1,0 +1,123 @@
+"""Relay failover through the real tunnel: two relays in userspace mode, one killed (SIGKILL,
+so its tunnel just goes silent) while boto3 callers keep the agent busy. Every request either
+succeeds or ends with a clear 503 (both counted); from 3 s after the kill every request
+succeeds through the other relay. A drained relay hands over without failing anything."""
+
+import threading
+import time
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import pytest
+
+import agent_harness as a
+import relay_harness as h
+from agent_harness import start_stack  # noqa: F401  (pytest fixture)
+
+MESSAGES = [{"role": "user", "content": [{"text": "keep going"}]}]
+
+
+@pytest.fixture
+def env_session(monkeypatch):
+    """boto3 sessions built from nothing but the given environment variables."""
+    def make(env):
+        import os
+        for name in list(os.environ):
+            if name.startswith("AWS_"):
+                monkeypatch.delenv(name)
+        for name, value in env.items():
+            if name.startswith("AWS_"):
+                monkeypatch.setenv(name, value)
+        return boto3.session.Session()
+    return make
+
+
+class Load:
+    """`workers` threads calling Converse in a loop, recording (start, end, outcome, request id)."""
+
+    def __init__(self, session, workers):
+        self.results = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        # The default 60 s read timeout stays: a hang would show up as a slow request.
+        config = botocore.config.Config(max_pool_connections=workers)
+        self.clients = [session.client("bedrock-runtime", config=config) for _ in range(workers)]
+        self.threads = [threading.Thread(target=self.run, args=(c,)) for c in self.clients]
+
+    def run(self, client):
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                out = client.converse(modelId=a.CLAUDE, messages=MESSAGES)
+                outcome = ("ok", out["ResponseMetadata"]["HTTPHeaders"].get("x-xpart-request-id"))
+            except botocore.exceptions.ClientError as e:
+                outcome = (e.response["Error"]["Code"], e.response["Error"]["Message"])
+            except Exception as e:  # connection-level failure: counted as unclear
+                outcome = ("exception", repr(e))
+            with self.lock:
+                self.results.append((started, time.monotonic(), outcome))
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+
+def test_killed_relay_under_load_fails_over_within_three_seconds(start_stack, env_session):  # noqa: F811
+    stack = start_stack(relays=2)
+    session = env_session(stack.env())
+    # Both relays healthy; priority sends everything to relay-a.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        _, status = stack.agent.admin_json("/status")
+        if all(r["state"] == "healthy" for r in status["relays"]):
+            break
+        time.sleep(0.1)
+    assert status["active_relay"] == "relay-a", status
+
+    with Load(session, workers=4) as load:
+        time.sleep(1.5)
+        killed_at = time.monotonic()
+        stack.relays[0].kill()
+        time.sleep(5.5)
+    results = load.results
+
+    ok = [r for r in results if r[2][0] == "ok"]
+    failed = [r for r in results if r[2][0] != "ok"]
+    print(f"\nfailover under load: {len(results)} requests, {len(ok)} succeeded, {len(failed)} failed with 503")
+    assert all(r[2][0] == "ServiceUnavailableException" for r in failed), failed
+    assert all("relay-a" in r[2][1] for r in failed), failed
+    assert all(r[1] - r[0] < 4.0 for r in results), "no request hung"
+    late = [r for r in results if r[0] >= killed_at + 3.0]
+    assert late, "load continued after the failover"
+    assert all(r[2][0] == "ok" for r in late), [r for r in late if r[2][0] != "ok"]
+    before = [r for r in ok if r[1] < killed_at]
+    assert before, "requests succeeded before the kill"
+
+    lines = {line["request_id"]: line for line in stack.audit(len(results), timeout=10)}
+    assert all(lines[r[2][1]]["relay"] == "relay-b" for r in late)
+    assert all(lines[r[2][1]]["relay"] == "relay-a" for r in before)
+    _, status = stack.agent.admin_json("/status")
+    assert status["active_relay"] == "relay-b"
+    assert [r["state"] for r in status["relays"]] == ["down", "healthy"]
+    assert 'xpart_agent_relay_healthy{relay="relay-a"} 0' in stack.agent.metrics()
+
+
+def test_drained_relay_hands_over_without_failures(start_stack, env_session):  # noqa: F811
+    stack = start_stack(relays=2)
+    session = env_session(stack.env())
+    with Load(session, workers=2) as load:
+        time.sleep(1.0)
+        status, _, _ = h.post(stack.relays[0].process.admin, "/drain")
+        assert status == 200
+        time.sleep(3.5)
+    results = load.results
+    assert results and all(r[2][0] == "ok" for r in results), [r for r in results if r[2][0] != "ok"]
+    _, status = stack.agent.admin_json("/status")
+    assert status["active_relay"] == "relay-b"
