@@ -131,3 +131,22 @@ def test_userspace_mode_refuses_a_tunnel_port_nobody_listens_on(topo):
                        "except ConnectionRefusedError:\n sys.exit(0)\n"
                        "sys.exit(1)\n", check=False, timeout=30)
     assert result.returncode == 0, result.stderr
+
+
+def test_kernel_mode_without_cap_net_admin_fails_with_a_clear_error(topo):
+    """Started as an unprivileged user, the peer must refuse with the fix, not half-start."""
+    if subprocess.run(["which", "setpriv"], capture_output=True).returncode != 0:
+        pytest.skip("needs setpriv (util-linux) to drop privileges")
+    private, _ = tn.genkey()
+    _, peer_public = tn.genkey()
+    key = topo.key_file("unprivileged", private)
+    os.chown(key, 65534, 65534)
+    topo.tmp.chmod(0o755)
+    result = topo.exec(topo.left, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                       "--inh-caps=-all", str(tn.peer_binary()), "--mode", "kernel",
+                       "--private-key-file", str(key), "--address", f"{LEFT_TUNNEL}/30",
+                       "--interface", "xptnoperm", "--peer-public-key", peer_public,
+                       "--allowed-ip", f"{RIGHT_TUNNEL}/32", check=False, timeout=30)
+    assert result.returncode != 0
+    assert "CAP_NET_ADMIN" in result.stderr and "userspace" in result.stderr, result.stderr
+    assert topo.exec(topo.left, "ip", "link", "show", "xptnoperm", check=False).returncode != 0
