@@ -7,9 +7,6 @@ use xpart_daemon::bedrock::{BedrockError, ErrorType};
 /// Everything that can go wrong in the relay, in the terms an operator or a caller would use.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}")]
-    Config(xpart_daemon::config::Diagnostics),
-
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -31,8 +28,11 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    #[error("upstream TLS setup: {0}")]
-    Tls(String),
+    #[error("upstream setup: {0}")]
+    UpstreamSetup(String),
+
+    #[error("metrics registry: {0}")]
+    Metrics(String),
 
     #[error(
         "requests are accepted only from configured agents' tunnel addresses; {peer} is not one"
@@ -81,12 +81,12 @@ impl Error {
     /// are decided here and nowhere else.
     pub fn to_bedrock(&self) -> BedrockError {
         let kind = match self {
-            Error::Config(_) => ErrorType::InternalServer,
             Error::Listen { .. } => ErrorType::InternalServer,
             Error::Tunnel(_) => ErrorType::InternalServer,
             Error::Admin { .. } => ErrorType::InternalServer,
             Error::Audit { .. } => ErrorType::InternalServer,
-            Error::Tls(_) => ErrorType::InternalServer,
+            Error::UpstreamSetup(_) => ErrorType::InternalServer,
+            Error::Metrics(_) => ErrorType::InternalServer,
             Error::NotAnAgent { .. } => ErrorType::AccessDenied,
             Error::Route(route) => return route.clone(),
             Error::OperationNotAllowed { .. } => ErrorType::AccessDenied,

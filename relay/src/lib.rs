@@ -5,7 +5,8 @@
 //! Each request runs one pipeline ([`service`]): **check** the source is a configured agent and
 //! the operation and model are allowlisted ([`policy`]); **rewrite** GovCloud model IDs and
 //! choose the headers that go upstream ([`rewrite`]); read the body (refusing more than
-//! Bedrock's 25,000,000 bytes before reading it whole); **sign** with SigV4 ([`signer`], with
+//! Bedrock's 25,000,000 bytes before reading it whole; the body is held in memory because
+//! SigV4 hashes it and the inference-profile retry resends it); **sign** with SigV4 ([`signer`], with
 //! [`credentials`] from the standard AWS chain); **send** to the one configured endpoint over
 //! TLS ([`upstream`], names resolved by [`resolver`]), retrying once through an inference
 //! profile when Bedrock refuses on-demand throughput; **stream** the response back frame by
@@ -63,7 +64,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, Error> {
         }
         None => AuditLog::disabled(),
     };
-    let metrics = Arc::new(Metrics::new().map_err(|e| Error::Tls(format!("metrics: {e}")))?);
+    let metrics = Arc::new(Metrics::new().map_err(|e| Error::Metrics(e.to_string()))?);
     let _ = audit.register(&metrics.registry);
 
     let credentials = Arc::new(

@@ -23,7 +23,7 @@ impl UpstreamResolver {
         opts.ip_strategy = hickory_resolver::config::LookupIpStrategy::Ipv4AndIpv6;
         let resolver = if servers.is_empty() {
             Resolver::builder_tokio()
-                .map_err(|e| Error::Tunnel(format!("system resolver configuration: {e}")))?
+                .map_err(|e| Error::UpstreamSetup(format!("system resolver configuration: {e}")))?
                 .with_options(opts)
                 .build()
         } else {

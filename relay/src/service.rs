@@ -106,8 +106,8 @@ async fn forward(
         exchange.set_model(requested);
         if relay.is_echo(requested) {
             exchange.model_allowed();
-            let (_, body) = request.into_parts();
-            let body = read_body(&HeaderMap::new(), body).await?;
+            let (parts, body) = request.into_parts();
+            let body = read_body(&parts.headers, body).await?;
             exchange.set_bytes_in(body.len() as u64);
             return match echo::answer(route.operation, requested.as_str(), &body)? {
                 Some(response) => Ok(Answer::Local(response)),

@@ -84,7 +84,7 @@ pub struct Upstream {
 impl Upstream {
     pub fn from_config(config: &RelayConfig) -> Result<Upstream, Error> {
         let up = &config.upstream;
-        let endpoint = Endpoint::parse(&up.endpoint).map_err(Error::Tls)?;
+        let endpoint = Endpoint::parse(&up.endpoint).map_err(Error::UpstreamSetup)?;
         let extra_ca = up.extra_ca_file.as_ref().map(|f| config.resolve_path(f));
         let tls = tls_connector(extra_ca.as_deref())?;
         let connector = Connector {
@@ -140,7 +140,7 @@ impl Upstream {
             .unwrap_or("/");
         parts.uri = format!("{}{path}", self.endpoint.url())
             .parse()
-            .map_err(|e: http::uri::InvalidUri| Error::Signing(e.to_string()))?;
+            .map_err(|e: http::uri::InvalidUri| Error::UpstreamSetup(e.to_string()))?;
         let request = http::Request::from_parts(parts, Full::new(body));
         match tokio::time::timeout(self.first_byte_timeout, self.client.request(request)).await {
             Err(_) => Err(Error::UpstreamTimeout {
@@ -161,18 +161,19 @@ fn tls_connector(extra_ca: Option<&Path>) -> Result<TlsConnector, Error> {
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(file) = extra_ca {
         let certs = CertificateDer::pem_file_iter(file)
-            .map_err(|e| Error::Tls(format!("{}: {e}", file.display())))?;
+            .map_err(|e| Error::UpstreamSetup(format!("{}: {e}", file.display())))?;
         for cert in certs {
-            let cert = cert.map_err(|e| Error::Tls(format!("{}: {e}", file.display())))?;
+            let cert =
+                cert.map_err(|e| Error::UpstreamSetup(format!("{}: {e}", file.display())))?;
             roots
                 .add(cert)
-                .map_err(|e| Error::Tls(format!("{}: {e}", file.display())))?;
+                .map_err(|e| Error::UpstreamSetup(format!("{}: {e}", file.display())))?;
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Tls(e.to_string()))?
+        .map_err(|e| Error::UpstreamSetup(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];

@@ -180,6 +180,24 @@ def test_invoke_stream_frames_arrive_before_the_last_is_sent_raw(relay):
     assert [f[0][":event-type"] for f in frames] == ["chunk", "chunk", "chunk"]
 
 
+def test_stream_that_goes_quiet_is_stopped_after_the_idle_timeout(start_relay):
+    stack = start_relay(idle_timeout=1)
+    out = stack.client().converse_stream(
+        modelId="standin.hold", messages=[{"role": "user", "content": [{"text": "quiet"}]}]
+    )
+    stream = iter(out["stream"])
+    assert "messageStart" in next(stream)
+    started = time.monotonic()
+    with pytest.raises(Exception):
+        list(stream)
+    assert time.monotonic() - started < 5, "the relay cut the stream instead of waiting for upstream"
+    stack.standin.release_hold()
+    [line] = stack.audit(1)
+    assert line["status"] == 200 and "sent nothing for 1 s" in line["message"]
+    _, _, metrics = h.get(stack.relay.admin, "/metrics")
+    assert 'xpart_relay_upstream_errors_total{kind="idle_timeout"} 1' in metrics.decode()
+
+
 # --- inference-profile retry -------------------------------------------------------------------
 
 def test_on_demand_refusal_is_retried_once_with_the_profile_and_remembered(relay):
