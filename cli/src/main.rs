@@ -13,6 +13,7 @@
 mod admin;
 mod ca;
 mod config_check;
+mod demo;
 mod drill;
 mod duration;
 mod error;
@@ -70,6 +71,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run an agent and a relay on loopback with the relay's echo model, and print how to call it.
+    Demo(demo::DemoArgs),
     /// Generate a WireGuard private key (same format as `wg genkey`).
     Keygen(keys::KeygenArgs),
     /// Derive the public key from a private key (same as `wg pubkey`).
@@ -121,6 +124,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode, Error> {
     let json = cli.json;
     match cli.command {
+        Command::Demo(args) => demo::run(args, json),
         Command::Keygen(args) => keys::keygen(args),
         Command::Pubkey(args) => keys::pubkey(args),
         Command::Ca(command) => ca::run(command, json),
