@@ -28,7 +28,8 @@ Examples:
   xpart drill run -- systemctl stop xpart-relay
   xpart drill --json failover route --cidr 100.64.0.0/30 --pair bedrock
 
-Time is measured from the moment the cut completes. Exit 0 when the last probes succeed
+Times are measured from the moment the cut starts; a probe still in flight then counts
+as after the cut. Exit 0 when the last probes succeed
 (and the outage stayed under --max-outage), 1 otherwise.")]
 pub struct DrillArgs {
     #[command(flatten)]
@@ -120,9 +121,9 @@ struct Report {
     probes_failed: usize,
     failed_before_cut: usize,
     failed_after_cut: usize,
-    /// From the cut to the first failed probe sent after it.
+    /// From the cut to the sending of the first failed probe it affected (0 when in flight).
     first_failure_after_cut_s: Option<f64>,
-    /// From the cut to the end of the first successful probe sent after it.
+    /// From the cut to the end of the first successful probe that ended after it.
     first_success_after_cut_s: Option<f64>,
     /// From the cut to the end of the first success after the first post-cut failure;
     /// 0 when no probe failed.
@@ -162,7 +163,7 @@ pub async fn run(args: DrillArgs, json: bool) -> Result<ExitCode, Error> {
     let report = analyse(
         cut.describe(),
         cut_detail,
-        seconds(cut_done - started),
+        seconds(cut_started - started),
         millis(cut_done - cut_started),
         samples,
     );
@@ -372,10 +373,11 @@ fn analyse(
     cut_took_ms: f64,
     samples: Vec<Sample>,
 ) -> Report {
-    let after_cut: Vec<&Sample> = samples.iter().filter(|s| s.sent_s >= cut_at_s).collect();
+    // A probe in flight when the cut starts may be hit by it, so it counts as after.
+    let after_cut: Vec<&Sample> = samples.iter().filter(|s| s.done_s > cut_at_s).collect();
     let failed_before_cut = samples
         .iter()
-        .filter(|s| s.sent_s < cut_at_s && !s.ok)
+        .filter(|s| s.done_s <= cut_at_s && !s.ok)
         .count();
     let failed_after_cut = after_cut.iter().filter(|s| !s.ok).count();
     let first_failure = after_cut.iter().find(|s| !s.ok);
@@ -403,7 +405,7 @@ fn analyse(
         probes_failed: samples.iter().filter(|s| !s.ok).count(),
         failed_before_cut,
         failed_after_cut,
-        first_failure_after_cut_s: first_failure.map(|s| round3(s.sent_s - cut_at_s)),
+        first_failure_after_cut_s: first_failure.map(|s| round3((s.sent_s - cut_at_s).max(0.0))),
         first_success_after_cut_s: first_success.map(|s| round3(s.done_s - cut_at_s)),
         recovery_s,
         longest_failure_streak,
@@ -527,6 +529,20 @@ mod tests {
         assert_eq!(report.recovery_s, Some(1.35));
         assert_eq!(report.longest_failure_streak, 2);
         assert!(report.recovered);
+    }
+
+    #[test]
+    fn a_probe_in_flight_at_the_cut_counts_as_after_it() {
+        let in_flight = Sample {
+            done_s: 1.4,
+            ..probe(1.1, false)
+        };
+        let samples = vec![probe(0.0, true), in_flight, probe(1.5, true)];
+        let report = analyse("cut".into(), vec![], 1.2, 1.0, samples);
+        assert_eq!(report.failed_before_cut, 0);
+        assert_eq!(report.failed_after_cut, 1);
+        assert_eq!(report.first_failure_after_cut_s, Some(0.0));
+        assert_eq!(report.recovery_s, Some(0.35));
     }
 
     #[test]
