@@ -1,0 +1,295 @@
+//! `xpart demo --once` as a user runs it: the self-probe crosses the agent, the userspace
+//! WireGuard tunnel and the relay on loopback, and the files it leaves behind are the ones that
+//! ran (keys 0600, the token's hash in agent.toml, the peers' keys crossed over). Every run
+//! uses free ports (`0`) so parallel test runs cannot collide.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use sha2::{Digest, Sha256};
+
+const FREE_PORTS: [&str; 6] = ["--front-port", "0", "--wg-port", "0", "--admin-port", "0"];
+
+#[test]
+fn once_gets_the_echo_back_through_agent_tunnel_and_relay() {
+    let scratch = Scratch::new();
+    let dir = scratch.path().join("demo");
+
+    let run = demo(&dir, &["--once"]);
+
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stdout.contains(
+            "Self-probe: ok, xpart.echo replied \"hello from xpart demo\" through agent, tunnel and relay"
+        ),
+        "{run:?}"
+    );
+    let audit = std::fs::read_to_string(dir.join("agent-audit.jsonl")).expect("agent audit log");
+    let line: serde_json::Value =
+        serde_json::from_str(audit.lines().next().expect("one audit line")).expect("JSON line");
+    assert_eq!(line["principal"], "demo-caller");
+    assert_eq!(line["operation"], "Converse");
+    assert_eq!(line["model"], "xpart.echo");
+    assert_eq!(line["status"], 200);
+    let relay_audit =
+        std::fs::read_to_string(dir.join("relay-audit.jsonl")).expect("relay audit log");
+    assert_eq!(relay_audit.lines().count(), 1, "{relay_audit}");
+}
+
+#[test]
+fn the_printed_environment_is_the_one_written_to_caller_env_and_agent_toml() {
+    let scratch = Scratch::new();
+    let dir = scratch.path().join("demo");
+
+    let run = demo(&dir, &["--once"]);
+
+    assert_eq!(run.code, 0, "{run:?}");
+    let caller_env = std::fs::read_to_string(dir.join("caller.env")).expect("caller.env");
+    let written: Vec<&str> = caller_env
+        .lines()
+        .filter(|l| l.starts_with("export "))
+        .collect();
+    let printed: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("export "))
+        .collect();
+    assert_eq!(written, printed);
+    let env = exports(&caller_env);
+    let ca_bundle = dir.canonicalize().unwrap().join("ca/ca.pem");
+    assert_eq!(env["AWS_CA_BUNDLE"], ca_bundle.display().to_string());
+    assert_eq!(env["AWS_REGION"], "us-east-1");
+    assert_eq!(env["AWS_DEFAULT_REGION"], "us-east-1");
+    let agent: toml::Value = read_toml(&dir.join("agent.toml"));
+    let front_port = agent["front"]["listen"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        env["AWS_ENDPOINT_URL_BEDROCK_RUNTIME"],
+        format!("https://localhost:{front_port}")
+    );
+    let token = &env["AWS_BEARER_TOKEN_BEDROCK"];
+    assert!(token.starts_with("xpt_"), "{token}");
+    assert_eq!(
+        agent["principal"][0]["token_sha256"].as_str().unwrap(),
+        hex_sha256(token)
+    );
+    assert!(
+        !std::fs::read_to_string(dir.join("agent.toml"))
+            .unwrap()
+            .contains(token.as_str()),
+        "agent.toml must hold only the token's hash"
+    );
+}
+
+#[test]
+fn keys_are_private_and_each_side_names_the_others_public_key() {
+    let scratch = Scratch::new();
+    let dir = scratch.path().join("demo");
+
+    let run = demo(&dir, &["--once"]);
+
+    assert_eq!(run.code, 0, "{run:?}");
+    for secret in [
+        "agent.key",
+        "relay.key",
+        "front.key",
+        "ca/ca.key",
+        "caller.env",
+    ] {
+        let mode = std::fs::metadata(dir.join(secret))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{secret} has mode {:o}", mode & 0o777);
+    }
+    let agent_key = xpart_tunnel::keys::read_private_key_file(dir.join("agent.key")).unwrap();
+    let relay_key = xpart_tunnel::keys::read_private_key_file(dir.join("relay.key")).unwrap();
+    let agent: toml::Value = read_toml(&dir.join("agent.toml"));
+    let relay: toml::Value = read_toml(&dir.join("relay.toml"));
+    assert_eq!(
+        agent["relay"][0]["public_key"].as_str().unwrap(),
+        relay_key.public_key().to_base64()
+    );
+    assert_eq!(
+        relay["agent"][0]["public_key"].as_str().unwrap(),
+        agent_key.public_key().to_base64()
+    );
+    assert_eq!(agent["tunnel"]["mode"].as_str(), Some("userspace"));
+    assert_eq!(relay["tunnel"]["mode"].as_str(), Some("userspace"));
+}
+
+#[test]
+fn json_reports_the_environment_commands_and_probe() {
+    let scratch = Scratch::new();
+    let dir = scratch.path().join("demo");
+
+    let run = demo(&dir, &["--once", "--json"]);
+
+    assert_eq!(run.code, 0, "{run:?}");
+    let report: serde_json::Value = serde_json::from_str(run.stdout.trim()).expect("one JSON");
+    assert_eq!(report["self_probe"]["echoed"], true);
+    assert_eq!(
+        report["self_probe"]["outcome"]["reply"],
+        "hello from xpart demo"
+    );
+    assert!(report["env"]["AWS_BEARER_TOKEN_BEDROCK"]
+        .as_str()
+        .unwrap()
+        .starts_with("xpt_"));
+    assert!(report["commands"]["aws_converse"]
+        .as_str()
+        .unwrap()
+        .starts_with("aws bedrock-runtime converse --model-id xpart.echo --messages "));
+}
+
+#[test]
+fn a_rerun_in_the_same_directory_replaces_the_earlier_demo() {
+    let scratch = Scratch::new();
+    let dir = scratch.path().join("demo");
+    let first = demo(&dir, &["--once"]);
+    assert_eq!(first.code, 0, "{first:?}");
+    let first_env = std::fs::read_to_string(dir.join("caller.env")).unwrap();
+
+    let second = demo(&dir, &["--once"]);
+
+    assert_eq!(second.code, 0, "{second:?}");
+    let second_env = std::fs::read_to_string(dir.join("caller.env")).unwrap();
+    assert_ne!(
+        exports(&first_env)["AWS_BEARER_TOKEN_BEDROCK"],
+        exports(&second_env)["AWS_BEARER_TOKEN_BEDROCK"]
+    );
+    let audit = std::fs::read_to_string(dir.join("agent-audit.jsonl")).unwrap();
+    assert_eq!(audit.lines().count(), 1, "the old audit log is replaced");
+}
+
+#[test]
+fn a_directory_with_other_files_is_refused_and_left_alone() {
+    let scratch = Scratch::new();
+    let dir = scratch.path().join("precious");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("agent.key"), "someone's real key\n").unwrap();
+
+    let run = demo(&dir, &["--once"]);
+
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("is not empty and was not made by `xpart demo`"),
+        "{run:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("agent.key")).unwrap(),
+        "someone's real key\n"
+    );
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+}
+
+#[test]
+fn a_taken_port_is_refused_naming_the_flag_before_anything_is_written() {
+    let scratch = Scratch::new();
+    let dir = scratch.path().join("demo");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+
+    let output = Command::new(env!("CARGO_BIN_EXE_xpart"))
+        .args(["demo", "--once", "--dir"])
+        .arg(&dir)
+        .args(["--front-port", &port, "--wg-port", "0", "--admin-port", "0"])
+        .output()
+        .expect("run xpart demo");
+    let run = Run::from(output);
+
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.stderr.contains(&format!("127.0.0.1:{port}")) && run.stderr.contains("--front-port"),
+        "{run:?}"
+    );
+    assert!(!dir.exists());
+}
+
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(output: Output) -> Run {
+        Run {
+            code: output.status.code().expect("xpart exited by signal"),
+            stdout: String::from_utf8(output.stdout).expect("utf-8 stdout"),
+            stderr: String::from_utf8(output.stderr).expect("utf-8 stderr"),
+        }
+    }
+}
+
+/// The caller's own credentials and region must not leak into the demo from the test's
+/// environment, and the daemons' logs stay on stderr.
+fn demo(dir: &Path, extra: &[&str]) -> Run {
+    let output = Command::new(env!("CARGO_BIN_EXE_xpart"))
+        .arg("demo")
+        .arg("--dir")
+        .arg(dir)
+        .args(FREE_PORTS)
+        .args(extra)
+        .env_remove("AWS_CA_BUNDLE")
+        .env_remove("AWS_BEARER_TOKEN_BEDROCK")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .expect("run xpart demo");
+    Run::from(output)
+}
+
+fn exports(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix("export "))
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .collect()
+}
+
+fn read_toml(path: &Path) -> toml::Value {
+    let text = std::fs::read_to_string(path).unwrap();
+    toml::from_str(&text).unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+}
+
+fn hex_sha256(text: &str) -> String {
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// A scratch directory removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Scratch {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "xpart-demo-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
