@@ -417,6 +417,7 @@ impl Engine {
                 // sender saw our initiation, which is not enough to move the endpoint.
                 if is_data {
                     peer.authenticated(peer_id, from, datagram.len(), events);
+                    flush_queued(peer, outbox, scratch);
                 }
                 None
             }
@@ -431,9 +432,18 @@ impl Engine {
                 outbox.send(from, reply);
                 None
             }
+            TunnResult::WriteToNetwork(reply) if is_handshake_response(reply) => {
+                // We answered an initiation. Packets queued here wait for the initiator's
+                // first data message, which confirms the session: flushing now would make
+                // boringtun start an initiation of its own that discards the state of one
+                // already in flight, so crossing handshakes would keep cancelling each other.
+                peer.authenticated(peer_id, from, datagram.len(), events);
+                peer.handshake_completed(peer_id, now, events);
+                outbox.send_to_peer(peer, reply);
+                None
+            }
             TunnResult::WriteToNetwork(reply) => {
-                // A handshake response (we answered an initiation) or the keepalive that
-                // confirms the peer's response: either way a new session exists.
+                // The keepalive that confirms the peer's handshake response.
                 peer.authenticated(peer_id, from, datagram.len(), events);
                 peer.handshake_completed(peer_id, now, events);
                 outbox.send_to_peer(peer, reply);
@@ -442,10 +452,12 @@ impl Engine {
             }
             TunnResult::WriteToTunnelV4(packet, source) => {
                 peer.authenticated(peer_id, from, datagram.len(), events);
+                flush_queued(peer, outbox, scratch);
                 peer.admit(source.into(), packet.len())
             }
             TunnResult::WriteToTunnelV6(packet, source) => {
                 peer.authenticated(peer_id, from, datagram.len(), events);
+                flush_queued(peer, outbox, scratch);
                 peer.admit(source.into(), packet.len())
             }
         }
@@ -593,12 +605,19 @@ impl Outbox {
     }
 }
 
-/// After a handshake message, boringtun releases the packets it queued while waiting for a
-/// session one per call with an empty datagram.
+/// Sends what boringtun queued while waiting for a session, one packet per call with an empty
+/// datagram. Called once a session is usable: after the keepalive that completes our own
+/// handshake, and after any data from the peer (which is what confirms a session we
+/// answered). With nothing queued it is a single empty-queue check.
 fn flush_queued(peer: &mut Peer, outbox: &mut Outbox, scratch: &mut [u8]) {
     while let TunnResult::WriteToNetwork(datagram) = peer.tunn.decapsulate(None, &[], scratch) {
         outbox.send_to_peer(peer, datagram);
     }
+}
+
+fn is_handshake_response(datagram: &[u8]) -> bool {
+    const HANDSHAKE_RESPONSE: u8 = 2;
+    datagram.first() == Some(&HANDSHAKE_RESPONSE)
 }
 
 fn is_cookie_reply(datagram: &[u8]) -> bool {
