@@ -123,10 +123,13 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, Error> {
     let serving = tokio::spawn(service::serve(listener, relay.clone(), stopped));
     tracing::info!(
         service = %service_addr,
-        admin = ?admin.as_ref().map(|a| a.local_addr()),
+        admin = %admin
+            .as_ref()
+            .map(|a| a.local_addr().to_string())
+            .unwrap_or_else(|| "disabled".into()),
         upstream = %relay.upstream.endpoint_url(),
         region = %relay.region,
-        echo_model = ?relay.echo_model,
+        echo_model = relay.echo_model.as_deref().unwrap_or("disabled"),
         "relay started"
     );
     Ok(RelayHandle {

@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -215,6 +216,7 @@ impl ConnectorInner {
             .resolve(host, self.endpoint.port)
             .await
             .map_err(io::Error::other)?;
+        tracing::debug!(host = %host, addresses = ?addrs, "upstream resolved");
         let server_name = ServerName::try_from(
             host.trim_start_matches('[')
                 .trim_end_matches(']')
@@ -223,39 +225,38 @@ impl ConnectorInner {
         .map_err(|e| io::Error::other(format!("{host}: {e}")))?;
         let mut failures = Vec::new();
         for addr in addrs {
-            let seconds = self.connect_timeout.as_secs();
-            let tcp =
-                match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-                    Err(_) => {
-                        failures.push(format!("{addr}: connect timed out after {seconds} s"));
-                        continue;
-                    }
-                    Ok(Err(err)) => {
-                        failures.push(format!("{addr}: {err}"));
-                        continue;
-                    }
-                    Ok(Ok(tcp)) => tcp,
-                };
-            let _ = tcp.set_nodelay(true);
-            match tokio::time::timeout(
-                self.connect_timeout,
-                self.tls.connect(server_name.clone(), tcp),
-            )
-            .await
-            {
-                Err(_) => {
-                    failures.push(format!("{addr}: TLS handshake timed out after {seconds} s"))
-                }
-                Ok(Err(err)) => failures.push(format!("{addr}: TLS: {err}")),
-                Ok(Ok(tls)) => {
-                    return Ok(TlsConn {
-                        io: TokioIo::new(tls),
-                    })
+            match self.try_address(addr, &server_name).await {
+                Ok(conn) => return Ok(conn),
+                Err(failure) => {
+                    tracing::warn!(%addr, %failure, "upstream address failed; trying the next");
+                    failures.push(format!("{addr}: {failure}"));
                 }
             }
-            tracing::warn!(%addr, failure = failures.last().map(String::as_str), "upstream address failed; trying the next");
         }
         Err(io::Error::other(failures.join("; ")))
+    }
+
+    async fn try_address(
+        &self,
+        addr: SocketAddr,
+        server_name: &ServerName<'static>,
+    ) -> Result<TlsConn, String> {
+        let seconds = self.connect_timeout.as_secs();
+        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+            Err(_) => return Err(format!("connect timed out after {seconds} s")),
+            Ok(Err(err)) => return Err(err.to_string()),
+            Ok(Ok(tcp)) => tcp,
+        };
+        // Bedrock requests are small writes followed by waiting; Nagle would only add delay.
+        let _ = tcp.set_nodelay(true);
+        let handshake = self.tls.connect(server_name.clone(), tcp);
+        match tokio::time::timeout(self.connect_timeout, handshake).await {
+            Err(_) => Err(format!("TLS handshake timed out after {seconds} s")),
+            Ok(Err(err)) => Err(format!("TLS: {err}")),
+            Ok(Ok(tls)) => Ok(TlsConn {
+                io: TokioIo::new(tls),
+            }),
+        }
     }
 }
 

@@ -19,12 +19,14 @@ def relay_bin():
 
 @pytest.fixture(scope="session")
 def test_pki(tmp_path_factory):
-    return h.certs.make_test_pki(str(tmp_path_factory.mktemp("pki")), [h.UPSTREAM_NAME, "localhost"])
+    return h.certs.make_test_pki(str(tmp_path_factory.mktemp("pki")), [h.UPSTREAM_NAME, h.MULTI_ADDRESS_NAME, "localhost"])
 
 
 @pytest.fixture(scope="session")
 def upstream_dns():
-    server = h.dns_server.TestDnsServer({h.UPSTREAM_NAME: "127.0.0.1"}).start()
+    server = h.dns_server.TestDnsServer(
+        {h.UPSTREAM_NAME: "127.0.0.1", h.MULTI_ADDRESS_NAME: ["127.0.0.2", "127.0.0.1"]}
+    ).start()
     yield server
     server.stop()
 

@@ -23,6 +23,8 @@ import dns_server  # noqa: E402
 import eventstream  # noqa: E402
 
 UPSTREAM_NAME = "bedrock-runtime.us-east-1.amazonaws.com"
+# Resolves to a dead address first, then the stand-in: the relay must try the next one.
+MULTI_ADDRESS_NAME = "vpce-0test-multi.bedrock-runtime.us-east-1.vpce.amazonaws.com"
 REGION = "us-east-1"
 # The relay's own (test) credentials; callers' fake credentials must never reach the stand-in.
 RELAY_KEY = ("AKIARELAYTESTKEY0001", "relay-test-secret-key")
@@ -111,7 +113,7 @@ def relay_env(home, *, static_key=None, container_uri=None):
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": home,
-        "RUST_LOG": "info",
+        "RUST_LOG": os.environ.get("XPART_TEST_RUST_LOG", "info"),
         "AWS_EC2_METADATA_DISABLED": "true",
         "AWS_CONFIG_FILE": os.path.join(home, "no-aws-config"),
         "AWS_SHARED_CREDENTIALS_FILE": os.path.join(home, "no-aws-credentials"),

@@ -396,6 +396,15 @@ def test_upstream_slow_times_out_at_first_byte(start_relay):
     assert "did not start answering within 1 s" in json.loads(body)["message"]
 
 
+def test_next_address_is_tried_when_one_fails(start_relay):
+    stack = start_relay(upstream_host=h.MULTI_ADDRESS_NAME)
+    out = stack.client().converse(modelId="anthropic.claude-v2", messages=[{"role": "user", "content": [{"text": "n"}]}])
+    assert out["output"]["message"]["content"][0]["text"] == "standin:n"
+    [record] = stack.standin.requests()
+    assert record["headers"]["host"] == f"{h.MULTI_ADDRESS_NAME}:{stack.standin.port}"
+    assert "127.0.0.2" in stack.relay.logs() and "trying the next" in stack.relay.logs()
+
+
 def test_unresolvable_upstream_name_gives_service_unavailable(start_relay):
     stack = start_relay(upstream_host="bedrock-runtime.nowhere.invalid")
     status, headers, body = h.post(stack.relay.service, "/model/anthropic.claude-v2/converse", h.converse_body())

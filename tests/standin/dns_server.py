@@ -11,7 +11,10 @@ TYPE_A = 1
 
 class TestDnsServer:
     def __init__(self, records, ttl=30, host="127.0.0.1"):
-        self.records = {name.lower().rstrip("."): ip for name, ip in records.items()}
+        # name -> one address or a list of addresses (answered in that order)
+        self.records = {
+            name.lower().rstrip("."): [ips] if isinstance(ips, str) else list(ips) for name, ips in records.items()
+        }
         self.ttl = ttl
         self.queries = {}
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -58,12 +61,12 @@ class TestDnsServer:
         question = packet[12 : i + 4]
         name = ".".join(labels).lower()
         self.queries[name] = self.queries.get(name, 0) + 1
-        ip = self.records.get(name)
-        if ip is None:
+        ips = self.records.get(name)
+        if ips is None:
             header = struct.pack(">HHHHHH", query_id, 0x8183, 1, 0, 0, 0)
             return header + question
-        answers = b""
+        answers = []
         if qtype == TYPE_A:
-            answers = struct.pack(">HHHIH", 0xC00C, TYPE_A, 1, self.ttl, 4) + socket.inet_aton(ip)
-        header = struct.pack(">HHHHHH", query_id, 0x8180, 1, 1 if answers else 0, 0, 0)
-        return header + question + answers
+            answers = [struct.pack(">HHHIH", 0xC00C, TYPE_A, 1, self.ttl, 4) + socket.inet_aton(ip) for ip in ips]
+        header = struct.pack(">HHHHHH", query_id, 0x8180, 1, len(answers), 0, 0)
+        return header + question + b"".join(answers)
