@@ -44,15 +44,7 @@ pub struct DnsServer {
 
 impl DnsServer {
     pub async fn start(settings: DnsSettings, metrics: Metrics) -> Result<DnsServer, Error> {
-        let bind = |source| Error::Bind {
-            what: "dns",
-            addr: settings.listen,
-            source,
-        };
-        let udp = UdpSocket::bind(settings.listen).await.map_err(bind)?;
-        let local_addr = udp.local_addr().map_err(bind)?;
-        // TCP on the same port the UDP socket got, so an ephemeral port serves both.
-        let tcp = TcpListener::bind(local_addr).await.map_err(bind)?;
+        let (udp, tcp, local_addr) = bind_pair(settings.listen).await?;
         let answerer = Answerer::new(&settings, metrics)?;
         let mut server = ServerFuture::new(answerer);
         server.register_socket(udp);
@@ -69,6 +61,29 @@ impl DnsServer {
             tracing::warn!(%error, "dns server did not shut down cleanly");
         }
     }
+}
+
+/// Binds UDP and TCP on the same address. With port 0 the UDP socket picks the port and TCP
+/// follows it; another process may already hold that TCP port, so a few ports are tried.
+async fn bind_pair(listen: SocketAddr) -> Result<(UdpSocket, TcpListener, SocketAddr), Error> {
+    let bind = |source| Error::Bind {
+        what: "dns",
+        addr: listen,
+        source,
+    };
+    let attempts = if listen.port() == 0 { 20 } else { 1 };
+    let mut last_error = None;
+    for _ in 0..attempts {
+        let udp = UdpSocket::bind(listen).await.map_err(bind)?;
+        let local_addr = udp.local_addr().map_err(bind)?;
+        match TcpListener::bind(local_addr).await {
+            Ok(tcp) => return Ok((udp, tcp, local_addr)),
+            Err(error) => last_error = Some(error),
+        }
+    }
+    Err(bind(
+        last_error.unwrap_or_else(|| std::io::Error::other("no port found")),
+    ))
 }
 
 /// Decides the answer to each query.

@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http::header::{CONTENT_LENGTH, HOST};
 use http::{HeaderName, HeaderValue, Request, Response, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, BodyStream, StreamBody};
 use hyper::body::Incoming;
 use xpart_daemon::audit::{AuditLog, AuditRecord, Service};
 use xpart_daemon::bedrock::{self, Route, ERROR_TYPE_HEADER};
@@ -165,6 +166,10 @@ async fn forward(
     slot: Slot,
 ) -> Result<Response<CallerBody>, Error> {
     let relays = &agent.relays;
+    let streams = exchange
+        .record
+        .operation
+        .is_some_and(|op| op.streams_response());
     let (relay, sender) = connect_to_healthy_relay(relays).await?;
     exchange.record.relay = Some(relays.name(relay).to_owned());
 
@@ -198,6 +203,10 @@ async fn forward(
     exchange.record.upstream_latency_ms = Some(upstream.as_secs_f64() * 1000.0);
 
     let (mut parts, body) = response.into_parts();
+    let body = match streams {
+        true => body.boxed_unsync(),
+        false => prefetch(relays, relay, body).await?,
+    };
     bedrock::strip_hop_by_hop(&mut parts.headers);
     if let Ok(id) = HeaderValue::from_str(&exchange.request_id) {
         parts.headers.insert(REQUEST_ID_HEADER, id);
@@ -206,6 +215,54 @@ async fn forward(
     let body = ResponseBody::new(body, relays.death_of(relay), audit);
     Ok(Response::from_parts(parts, body.boxed_unsync()))
 }
+
+/// Reads a non-streaming answer (a JSON document, normally one frame) before the caller sees
+/// its headers, so that a relay lost mid-answer still turns into a 503 rather than a
+/// truncated 200. Bodies larger than [`PREFETCH_LIMIT`] stream on from where reading stopped.
+async fn prefetch(
+    relays: &Relays,
+    relay: usize,
+    mut body: Incoming,
+) -> Result<UnsyncBoxBody<Bytes, hyper::Error>, Error> {
+    let name = relays.name(relay).to_owned();
+    let death = relays.death_of(relay);
+    tokio::pin!(death);
+    let mut frames = Vec::new();
+    let mut buffered = 0;
+    let mut ended = false;
+    while buffered < PREFETCH_LIMIT {
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            () = &mut death => return Err(Error::Forward(ForwardError::Lost { relay: name })),
+        };
+        match frame {
+            None => {
+                ended = true;
+                break;
+            }
+            Some(Err(error)) => {
+                relays.report_failure(relay, error.to_string());
+                return Err(Error::Forward(ForwardError::Failed {
+                    relay: name,
+                    reason: error.to_string(),
+                }));
+            }
+            Some(Ok(frame)) => {
+                buffered += frame.data_ref().map_or(0, |d| d.len());
+                frames.push(Ok(frame));
+            }
+        }
+    }
+    let head = futures_util::stream::iter(frames);
+    let body = match ended {
+        true => StreamBody::new(head.boxed()).boxed_unsync(),
+        false => StreamBody::new(head.chain(BodyStream::new(body)).boxed()).boxed_unsync(),
+    };
+    Ok(body)
+}
+
+/// How much of a non-streaming answer is read before its headers go to the caller.
+const PREFETCH_LIMIT: usize = 1 << 20;
 
 /// Tries relays in priority order until one accepts a connection; a relay that refuses is
 /// reported to the health core, so the next pick skips it.

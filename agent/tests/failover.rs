@@ -144,6 +144,37 @@ async fn request_in_flight_on_a_silent_relay_ends_with_503_promptly() {
         .any(|l| l["status"] == 503 && l["relay"] == "relay-a"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_lost_in_the_middle_of_an_answer_is_a_503_not_a_truncated_200() {
+    let scratch = Scratch::new("failover-partial");
+    let a = FakeRelay::start("relay-a").await;
+    let b = FakeRelay::start("relay-b").await;
+    let agent = start_agent(
+        &scratch,
+        &agent_toml(&scratch, &[&a, &b], &token_principal("")),
+    )
+    .await;
+    wait_ready(&agent).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut caller = Caller::connect(&scratch, agent.front_addr(), false).await;
+    let request = caller.post(
+        "/model/anthropic.claude-partial/converse",
+        Some(TOKEN),
+        b"{}",
+    );
+    let silence = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        a.set(Behaviour::Silent);
+    };
+    let start = Instant::now();
+    let (answer, ()) = tokio::join!(request, silence);
+    assert_eq!(answer.status, 503, "body: {:?}", answer.body);
+    assert_eq!(answer.error_type(), "ServiceUnavailableException");
+    assert!(start.elapsed() < Duration::from_secs(4));
+    agent.shutdown().await;
+}
+
 #[tokio::test]
 async fn no_healthy_relay_is_a_prompt_503() {
     let scratch = Scratch::new("failover-none");

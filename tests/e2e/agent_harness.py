@@ -212,7 +212,9 @@ class AgentProcess:
         reader.join(20)
         if not result.get("line"):
             self.stop()
-            raise RuntimeError(f"xpart-agent did not start; its log:\n{self.logs()}")
+            with open(log_path, "rb") as f:
+                log = f.read().decode(errors="replace")
+            raise RuntimeError(f"xpart-agent did not start; its log:\n{log}")
         info = json.loads(result["line"])
         self.front = _addr(info["front"])
         self.dns = _addr(info["dns"]) if info.get("dns") else None
@@ -241,7 +243,8 @@ class AgentProcess:
         raise AssertionError(f"agent never became ready: {self.admin_json('/status')}\n{self.logs()}")
 
     def logs(self):
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         with open(self.log_path, "rb") as f:
             return f.read().decode(errors="replace")
 
@@ -253,7 +256,8 @@ class AgentProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.log.close()
+        if not self.log.closed:
+            self.log.close()
 
 
 def _addr(text):
