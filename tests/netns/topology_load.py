@@ -65,9 +65,9 @@ class Load:
         try:
             if fault is not None:
                 net.wait_for(lambda: sum(r["ok"] for r in self.phase_results(phase)) >= 3,
-                             f"{phase}: three successes before the fault", timeout=20, procs=[self.proc])
-                report.fault = fault()
+                             f"{phase}: three successes before the fault", timeout=10, procs=[self.proc])
                 report.fault_at = time.monotonic()
+                report.fault = fault()
             while time.monotonic() < deadline and not until(self.phase_results(phase), report):
                 time.sleep(0.1)
         finally:
@@ -144,6 +144,13 @@ def table(phases):
         rows.append((p.name, p.fault, str(p.sent), str(p.succeeded), f"{len(p.failures)} ({errors})"
                      if p.failures else "0", str(len(p.silent)), f"{p.recovery_seconds():.1f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    seen = {}
+    for p in phases:
+        for failure in p.failures:
+            seen.setdefault((p.name, failure["error"]), failure["message"])
+    if seen:
+        lines.append("errors the caller saw (first message of each kind):")
+        lines += [f"  {phase}: {error}: {message}" for (phase, error), message in seen.items()]
     return "\n".join(lines)

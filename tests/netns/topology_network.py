@@ -163,6 +163,14 @@ class Topology:
         for _ in range(3):
             send_gratuitous_arp(self.ns[agent], "lan0", FLOATING)
 
+    def mac(self, role, dev):
+        return json.loads(self.ip(role, "-j", "link", "show", "dev", dev).stdout)[0]["address"]
+
+    def neighbour_mac(self, role, address):
+        """The hardware address `role` has cached for `address`, or None."""
+        entries = json.loads(self.ip(role, "-j", "neigh", "show", address).stdout or "[]")
+        return next((e.get("lladdr") for e in entries if e.get("lladdr")), None)
+
     def spawn(self, role, args, name, env=None, stdin=False):
         """Start `args` in `role`'s namespace; stdout is a pipe, stderr goes to TMP/NAME.log."""
         log_path = self.tmp / f"{name}.log"
