@@ -163,6 +163,32 @@ fn rekeys_under_continuous_traffic(seed: u64, wire: Wire) {
 }
 
 #[test]
+fn preshared_keys_must_match() {
+    let same = PairOptions {
+        a_psk: Some([7; 32]),
+        b_psk: Some([7; 32]),
+        ..PairOptions::default()
+    };
+    let mut sim = Sim::pair(14, Wire::perfect(), same);
+    sim.send(0, ipv4(A_TUN, B_TUN, 0, 100));
+    sim.run_for(Duration::from_secs(1));
+    assert_eq!(seqs(&sim.nodes[1].received), vec![0]);
+
+    let different = PairOptions {
+        a_psk: Some([7; 32]),
+        b_psk: Some([8; 32]),
+        ..PairOptions::default()
+    };
+    let mut sim = Sim::pair(14, Wire::perfect(), different);
+    sim.send(0, ipv4(A_TUN, B_TUN, 0, 100));
+    sim.run_for(Duration::from_secs(12));
+    assert!(sim.nodes[1].received.is_empty());
+    assert_eq!(sim.handshakes(0), 0);
+    // Every response B sent failed A's check, so A kept retrying.
+    assert!(sim.nodes[0].engine.stats()[0].drops["garbage"] >= 2);
+}
+
+#[test]
 fn endpoint_follows_the_peer_when_it_roams_but_not_forgeries() {
     let mut sim = Sim::pair(3, Wire::perfect(), PairOptions::default());
     let (a, b) = (0, 1);
@@ -465,7 +491,7 @@ fn several_peers_are_routed_by_index_key_and_allowed_ips() {
         )],
     );
     let agent2 = sim.add_node(
-        addr(3, 40000),
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 40000),
         &agent2_key,
         vec![spec(
             "relay",
@@ -655,6 +681,8 @@ impl Wire {
 #[derive(Default)]
 struct PairOptions {
     a_keepalive: Option<u16>,
+    a_psk: Option<[u8; 32]>,
+    b_psk: Option<[u8; 32]>,
 }
 
 struct Node {
@@ -716,22 +744,18 @@ impl Sim {
         let a_key = key(&mut sim.rng);
         let b_key = key(&mut sim.rng);
         let (a_addr, b_addr) = (addr(1, 40000), addr(2, 51820));
-        sim.add_node(
-            a_addr,
-            &a_key,
-            vec![spec(
-                "b",
-                &b_key,
-                Some(b_addr),
-                &["100.64.0.2/32"],
-                options.a_keepalive,
-            )],
-        );
-        sim.add_node(
-            b_addr,
+        let mut to_b = spec(
+            "b",
             &b_key,
-            vec![spec("a", &a_key, None, &["100.64.0.1/32"], None)],
+            Some(b_addr),
+            &["100.64.0.2/32"],
+            options.a_keepalive,
         );
+        to_b.preshared_key = options.a_psk;
+        let mut to_a = spec("a", &a_key, None, &["100.64.0.1/32"], None);
+        to_a.preshared_key = options.b_psk;
+        sim.add_node(a_addr, &a_key, vec![to_b]);
+        sim.add_node(b_addr, &b_key, vec![to_a]);
         sim
     }
 

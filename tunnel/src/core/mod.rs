@@ -33,6 +33,9 @@
 //! - timers: `update_timers` on every tick, the shared handshake [`RateLimiter`] reset each
 //!   second, and recovery after `ConnectionExpired` (peers with a persistent keepalive and a
 //!   known endpoint keep initiating; others recover on the next packet either way);
+//! - boringtun's queue of packets waiting for a session is released once a session is
+//!   usable: after the keepalive that completes our own handshake, and after data from the
+//!   peer, never right after answering an initiation (see `flush_queued`);
 //! - per-peer counters and drops by reason ([`DropReason`]).
 //!
 //! Time: every entry point takes `now`, and the engine never reads a clock. boringtun reads its
@@ -67,8 +70,8 @@ use stats::DropCounts;
 
 pub use stats::{DropReason, PeerStats};
 
-/// How often [`Engine::handle_timeout`] wants to run; boringtun's timers have one-second
-/// resolution and its retransmit rules assume a tick of this order.
+/// How often [`Engine::handle_timeout`] wants to run. boringtun checks its timers only when
+/// asked, and stamps events with the time of the last check; its own device ticks at this rate.
 pub const TIMER_TICK: Duration = Duration::from_millis(250);
 
 /// Handshake messages the shared rate limiter lets through per second before it answers with
@@ -92,7 +95,7 @@ const SCRATCH_LEN: usize = MAX_IP_PACKET + DATA_OVERHEAD;
 
 const RATE_LIMITER_RESET: Duration = Duration::from_secs(1);
 
-/// boringtun keeps retrying a handshake for REKEY_TIMEOUT between initiations.
+/// boringtun retries an unanswered initiation after this long (WireGuard's REKEY_TIMEOUT).
 const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Session indices are 32 bits: boringtun puts the index we give each `Tunn` in the upper 24
