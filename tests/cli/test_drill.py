@@ -1,8 +1,10 @@
 """`xpart drill` against a loopback agent with two relays: the report is checked against
 what the daemons recorded (the agent's audit log and the relays' own audit logs)."""
 
+import json
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -10,7 +12,7 @@ import boto3
 import pytest
 
 import daemons
-from conftest import aws_env, free_port, reset_moto, run_json, run_xpart
+from conftest import XPART, aws_env, free_port, reset_moto, run_json, run_xpart
 
 pytestmark = pytest.mark.skipif(
     not daemons.binaries_present(),
@@ -136,7 +138,8 @@ def test_bad_cuts_are_refused_before_probing(stack):
     assert "the cut" in failed.stderr and "failed" in failed.stderr
 
 
-def test_an_ec2_route_failover_as_the_cut(stack, moto_endpoint):
+def route_world(moto_endpoint):
+    """Two instances tagged as the pair "drill" and a route table pointing at the active."""
     reset_moto(moto_endpoint)
     ec2 = boto3.client(
         "ec2", endpoint_url=moto_endpoint, region_name="us-east-1",
@@ -157,7 +160,17 @@ def test_an_ec2_route_failover_as_the_cut(stack, moto_endpoint):
     ec2.create_route(
         RouteTableId=table, DestinationCidrBlock="100.64.0.0/30", NetworkInterfaceId=enis["active"]
     )
+    return ec2, table, enis
 
+
+def route_target(ec2, table):
+    routes = ec2.describe_route_tables(RouteTableIds=[table])["RouteTables"][0]["Routes"]
+    moved = [r for r in routes if r.get("DestinationCidrBlock") == "100.64.0.0/30"]
+    return moved[0].get("NetworkInterfaceId")
+
+
+def test_an_ec2_route_failover_as_the_cut(stack, moto_endpoint):
+    ec2, table, enis = route_world(moto_endpoint)
     result, report = run_json(
         "drill", *stack.probe_args(), *TIMING,
         "failover", "route", "--cidr", "100.64.0.0/30", "--route-table", table,
@@ -167,8 +180,39 @@ def test_an_ec2_route_failover_as_the_cut(stack, moto_endpoint):
     assert result.returncode == 0, result.stderr
     assert report["cut"] == "EC2 failover"
     assert any("replace-route" in line and enis["standby"] in line for line in report["cut_detail"])
-    routes = ec2.describe_route_tables(RouteTableIds=[table])["RouteTables"][0]["Routes"]
-    moved = [r for r in routes if r.get("DestinationCidrBlock") == "100.64.0.0/30"]
-    assert moved[0]["NetworkInterfaceId"] == enis["standby"]
+    assert route_target(ec2, table) == enis["standby"]
     assert report["probes_failed"] == 0
     assert report["recovery_s"] == 0
+
+
+def test_watch_probes_a_real_agent_and_fails_over_when_it_dies(stack, moto_endpoint):
+    ec2, table, enis = route_world(moto_endpoint)
+    watch = subprocess.Popen(
+        [
+            str(XPART), "--json", "failover", "watch",
+            "--readyz", stack.agent.admin_url() + "/readyz", "--probe", *map(str, stack.probe_args()),
+            "--timeout", "1s", "--interval", "200ms", "--failures", "3", "--once",
+            "--max-runtime", "30s", "--pair", "drill", "--cidr", "100.64.0.0/30",
+            "--route-table", table, "--endpoint-url", moto_endpoint,
+        ],
+        env=aws_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        time.sleep(1.5)
+        assert route_target(ec2, table) == enis["active"]
+        probes_while_healthy = len(stack.audit("agent"))
+        stack.agent.stop()
+        stdout, stderr = watch.communicate(timeout=40)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.communicate()
+    assert watch.returncode == 0, stderr
+    # Each healthy check sent a probe request through the agent's front.
+    assert probes_while_healthy >= 4
+    assert all(a["principal"] == "drill" and a["status"] == 200 for a in stack.audit("agent"))
+    events = [json.loads(line) for line in stdout.splitlines()]
+    kinds = [event["event"] for event in events]
+    assert kinds[:1] == ["start"] and kinds[-1] == "failover", kinds
+    assert kinds.count("check_failed") == 2
+    assert route_target(ec2, table) == enis["standby"]

@@ -10,6 +10,8 @@ import json
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
@@ -506,3 +508,90 @@ def test_watch_refuses_a_standby_that_does_not_exist(world, fake_agent):
     )
     assert result.returncode == 3
     assert "i-0123456789abcdef0" in result.stderr
+
+
+# --- throttling --------------------------------------------------------------------------
+
+
+class ThrottlingProxy:
+    """An EC2 endpoint that answers the first `throttle` calls with RequestLimitExceeded (as
+    EC2 does under API rate limits) and forwards the rest to moto."""
+
+    ERROR = (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
+        b"<Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message>"
+        b"</Error></Errors><RequestID>throttled</RequestID></Response>"
+    )
+
+    def __init__(self, upstream, throttle):
+        self.throttle = throttle
+        self.throttled = 0
+        self.forwarded = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                if proxy.throttled < proxy.throttle:
+                    proxy.throttled += 1
+                    self.reply(503, proxy.ERROR)
+                    return
+                proxy.forwarded += 1
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "content-length", "connection")}
+                request = urllib.request.Request(upstream + self.path, data=body, headers=headers)
+                try:
+                    with urllib.request.urlopen(request, timeout=10) as response:
+                        self.reply(response.status, response.read())
+                except urllib.error.HTTPError as err:
+                    self.reply(err.code, err.read())
+
+            def reply(self, status, payload):
+                self.send_response(status)
+                self.send_header("content-type", "text/xml")
+                self.send_header("content-length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_throttling_is_retried_with_backoff(ec2, world):
+    proxy = ThrottlingProxy(world["endpoint"], throttle=3)
+    try:
+        result = run_xpart(
+            "failover", "route", "--cidr", TUNNEL_CIDR, "--pair", PAIR, "--endpoint-url", proxy.url
+        )
+    finally:
+        proxy.close()
+    assert result.returncode == 0, result.stderr
+    assert proxy.throttled == 3
+    assert proxy.forwarded >= 3
+    assert route_target(ec2, world["with_route"]) == world["standby_eni"]
+
+
+def test_endless_throttling_gives_up_with_an_explanation(ec2, world):
+    proxy = ThrottlingProxy(world["endpoint"], throttle=10_000)
+    started = time.monotonic()
+    try:
+        result = run_xpart(
+            "failover", "route", "--cidr", TUNNEL_CIDR, "--pair", PAIR, "--endpoint-url", proxy.url
+        )
+    finally:
+        proxy.close()
+    assert result.returncode == 3
+    assert "RequestLimitExceeded" in result.stderr
+    assert "throttling" in result.stderr
+    assert proxy.throttled == 6, "one call and five retries"
+    assert proxy.forwarded == 0
+    assert time.monotonic() - started < 40
+    assert route_target(ec2, world["with_route"]) == world["active_eni"]
