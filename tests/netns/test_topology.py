@@ -49,6 +49,7 @@ class Stack:
         self.secrets = secrets
         self.procs = {}
         self.phases = []
+        self.relay_killed_at = None  # wall clock, to compare with the stand-in's records
 
     def records(self):
         return xd.standin_records(self.procs["vpc"])
