@@ -90,59 +90,120 @@ enum Answer {
     Local(Response<Full<Bytes>>),
 }
 
-/// check → rewrite → sign → send (with one retry through an inference profile).
+/// check → rewrite → sign → send, with one retry through an inference profile.
 async fn forward(
     relay: &Relay,
     peer: SocketAddr,
     request: Request<Incoming>,
     exchange: &mut Exchange,
 ) -> Result<Answer, Error> {
-    relay.policy.admit_source(peer)?;
-    let route = Route::parse(request.method(), request.uri().path()).map_err(Error::Route)?;
-    exchange.set_operation(route.operation);
-    relay.policy.check_operation(route.operation)?;
-
-    if let Some(requested) = &route.model {
-        exchange.set_model(requested);
-        if relay.is_echo(requested) {
-            exchange.model_allowed();
-            let (parts, body) = request.into_parts();
-            let body = read_body(&parts.headers, body).await?;
-            exchange.set_bytes_in(body.len() as u64);
-            return match echo::answer(route.operation, requested.as_str(), &body)? {
-                Some(response) => Ok(Answer::Local(response)),
-                None => Err(Error::OperationNotAllowed {
-                    operation: format!("{} on the echo model", route.operation.name()),
-                }),
-            };
-        }
+    let route = check(relay, peer, &request, exchange)?;
+    if route.model.as_ref().is_some_and(|m| relay.is_echo(m)) {
+        return answer_echo(&route, request, exchange).await;
     }
-
-    let target = match &route.model {
-        None => None,
-        Some(requested) => {
-            let commercial = relay.rewriter.model(requested)?;
-            relay.policy.check_model(&commercial)?;
-            exchange.set_model(&commercial);
-            exchange.model_allowed();
-            Some((requested.clone(), commercial))
-        }
-    };
+    let target = rewrite_model(relay, &route, exchange)?;
 
     let (parts, body) = request.into_parts();
     let body = read_body(&parts.headers, body).await?;
     exchange.set_bytes_in(body.len() as u64);
     let credentials = relay.credentials.current().await?;
 
-    let Some((requested, commercial)) = target else {
-        let response = send_signed(relay, &parts, None, &body, &credentials, exchange).await?;
+    let models = target.as_ref().map(|t| (&t.requested, &t.invoked));
+    let response = send_signed(relay, &parts, models, &body, &credentials, exchange).await?;
+    let Some(target) = target else {
         return Ok(Answer::Upstream(response));
     };
+    retry_through_profile(
+        relay,
+        &parts,
+        &target,
+        &body,
+        &credentials,
+        response,
+        exchange,
+    )
+    .await
+}
+
+/// The model a `/model/{id}/…` request names, as requested, after [`Rewriter::model`]
+/// (what the policy checks), and as invoked (the remembered inference profile, if any).
+///
+/// [`Rewriter::model`]: crate::rewrite::Rewriter::model
+struct Target {
+    requested: ModelId,
+    commercial: ModelId,
+    invoked: ModelId,
+}
+
+/// The source is a configured agent, the path is a Bedrock operation with the right method,
+/// and the operation is allowed.
+fn check(
+    relay: &Relay,
+    peer: SocketAddr,
+    request: &Request<Incoming>,
+    exchange: &mut Exchange,
+) -> Result<Route, Error> {
+    relay.policy.admit_source(peer)?;
+    let route = Route::parse(request.method(), request.uri().path()).map_err(Error::Route)?;
+    exchange.set_operation(route.operation);
+    if let Some(model) = &route.model {
+        exchange.set_model(model);
+    }
+    relay.policy.check_operation(route.operation)?;
+    Ok(route)
+}
+
+async fn answer_echo(
+    route: &Route,
+    request: Request<Incoming>,
+    exchange: &mut Exchange,
+) -> Result<Answer, Error> {
+    exchange.model_allowed();
+    let (parts, body) = request.into_parts();
+    let body = read_body(&parts.headers, body).await?;
+    exchange.set_bytes_in(body.len() as u64);
+    let model = route.model.as_ref().map(ModelId::as_str).unwrap_or("");
+    match echo::answer(route.operation, model, &body)? {
+        Some(response) => Ok(Answer::Local(response)),
+        None => Err(Error::OperationNotAllowed {
+            operation: format!("{} on the echo model", route.operation.name()),
+        }),
+    }
+}
+
+/// GovCloud IDs rewritten by the configured rules, then the model allowlist.
+fn rewrite_model(
+    relay: &Relay,
+    route: &Route,
+    exchange: &mut Exchange,
+) -> Result<Option<Target>, Error> {
+    let Some(requested) = &route.model else {
+        return Ok(None);
+    };
+    let commercial = relay.rewriter.model(requested)?;
+    relay.policy.check_model(&commercial)?;
     let invoked = relay.rewriter.invoked(&commercial);
     exchange.set_model(&invoked);
-    let models = Some((&requested, &invoked));
-    let response = send_signed(relay, &parts, models, &body, &credentials, exchange).await?;
-    let Some(profile) = relay.rewriter.profile_for(&invoked) else {
+    exchange.model_allowed();
+    Ok(Some(Target {
+        requested: requested.clone(),
+        commercial,
+        invoked,
+    }))
+}
+
+/// Bedrock refuses on-demand throughput for some models and names inference profiles as the
+/// way in: retry once with the configured prefix, and remember the profile when it works.
+async fn retry_through_profile(
+    relay: &Relay,
+    parts: &http::request::Parts,
+    target: &Target,
+    body: &Bytes,
+    credentials: &aws_credential_types::Credentials,
+    response: Response<Incoming>,
+    exchange: &mut Exchange,
+) -> Result<Answer, Error> {
+    let Some(profile) = relay.rewriter.profile_for(&target.invoked) else {
         return Ok(Answer::Upstream(response));
     };
     if response.status() != StatusCode::BAD_REQUEST {
@@ -150,16 +211,14 @@ async fn forward(
     }
     let (head, error_body) = read_error_body(relay, response).await?;
     if !rewrite::is_on_demand_refusal(head.status, &head.headers, &error_body) {
-        return Ok(Answer::Local(Response::from_parts(
-            head,
-            Full::new(error_body),
-        )));
+        let unchanged = Response::from_parts(head, Full::new(error_body));
+        return Ok(Answer::Local(unchanged));
     }
-    tracing::info!(model = %commercial, profile = %profile, "model needs an inference profile; retrying once");
-    let models = Some((&requested, &profile));
-    let retried = send_signed(relay, &parts, models, &body, &credentials, exchange).await?;
+    tracing::info!(model = %target.commercial, profile = %profile, "model needs an inference profile; retrying once");
+    let models = Some((&target.requested, &profile));
+    let retried = send_signed(relay, parts, models, body, credentials, exchange).await?;
     if retried.status().is_success() {
-        relay.rewriter.remember(&commercial, &profile);
+        relay.rewriter.remember(&target.commercial, &profile);
         exchange.set_model(&profile);
     }
     Ok(Answer::Upstream(retried))
