@@ -32,7 +32,8 @@ from topology_impair import Impairment
 _missing = net.missing_prerequisite() or xd.missing_binary()
 pytestmark = pytest.mark.skipif(_missing is not None, reason=str(_missing))
 
-RECOVERY_BUDGET_S = 10.0
+# "Success resumes within a few seconds": new calls succeed again this soon after the fault.
+RECOVERY_BUDGET_S = 8.0
 STABLE_CALLS = 10
 # Errors a caller can see while the address it calls moves to another machine: the old agent is
 # gone (refused, reset or timed out connections), or the request reached an agent that answered
@@ -134,9 +135,11 @@ def test_loss_relay_death_and_agent_failover_lose_nothing(stack, capsys):
         relay_phase = stack.load.run_phase("relay killed", tl.stable_after_fault(STABLE_CALLS), timeout=25,
                                            fault=lambda: kill_relay(stack, "relay-a"))
         stack.phases.append(relay_phase)
-        check_recovered(relay_phase)
+        # The agent, not the caller's patience, ends every call the dead relay had: a
+        # Bedrock-shaped 503 saying what happened, never a hang until the caller gives up.
         for failure in relay_phase.failures:
             assert failure["error"] == "ServiceUnavailableException" and failure["message"], failure
+        check_recovered(relay_phase)
         assert xd.agent_status(stack.topo, "agent-a")["active_relay"] == "relay-b"
         after_kill = [r for r in stack.records() if r["time"] > stack.relay_killed_at]
         assert len(after_kill) >= STABLE_CALLS
@@ -146,9 +149,9 @@ def test_loss_relay_death_and_agent_failover_lose_nothing(stack, capsys):
         agent_phase = stack.load.run_phase("agent failover", tl.stable_after_fault(STABLE_CALLS), timeout=25,
                                            fault=lambda: fail_over_agent(stack))
         stack.phases.append(agent_phase)
-        check_recovered(agent_phase)
         for failure in agent_phase.failures:
             assert failure["error"] in FAILOVER_ERRORS and failure["message"], failure
+        check_recovered(agent_phase)
         served_by_standby = [a for a in xd.audit_lines(stack.secrets, "agent-b") if a["status"] == 200]
         assert len(served_by_standby) >= STABLE_CALLS
         assert {(a["principal"], a["relay"]) for a in served_by_standby} == {(xd.PRINCIPAL, "relay-b")}
@@ -156,6 +159,11 @@ def test_loss_relay_death_and_agent_failover_lose_nothing(stack, capsys):
         assert stack.topo.neighbour_mac("caller", net.FLOATING) == stack.topo.mac("agent-b", "lan0")
         # The name now resolves through the standby's DNS on the same address.
         assert stack.load.ask("resolve", "resolved")["addresses"] == [net.FLOATING]
+    except BaseException:
+        with capsys.disabled():
+            for name in ("agent-a", "agent-b", "relay-a", "relay-b"):
+                print(f"\n--- last lines of {name}'s log ---\n{net.log_tail(stack.procs[name], 15)}")
+        raise
     finally:
         with capsys.disabled():
             print("\n\nxpart topology: every call accounted for\n" + tl.table(stack.phases) + "\n")
@@ -175,6 +183,9 @@ def kill_relay(stack, relay):
 
 
 def fail_over_agent(stack):
+    """The active instance dies without a word (its link goes first, so no FIN or RST reaches the
+    caller), then the floating address moves to the standby as `xpart failover` would move it."""
+    stack.topo.ip("agent-a", "link", "set", "lan0", "down")
     net.kill(stack.procs["agent-a"])
     stack.topo.move_floating("agent-b")
-    return "SIGKILL agent-a, floating address to agent-b"
+    return "agent-a cut off + SIGKILL, address to agent-b"

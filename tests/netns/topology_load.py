@@ -110,25 +110,36 @@ class Phase:
         return Counter(r["error"] for r in self.failures)
 
     def successes_after_last_failure(self):
-        """Successes sent after the fault and after the last failed call."""
-        last_failure = max((r["seq"] for r in self.failures), default=0)
-        start = self.fault_at if self.fault_at is not None else 0
-        return [r for r in self.results if r["ok"] and r["seq"] > last_failure and r["sent"] > start]
+        return successes_after_last_failure(self.results, self.fault_at)
 
     def recovery_seconds(self):
-        """From the fault to the end of the last failed call (0 when nothing failed)."""
+        """From the fault to the sending of the first call after which every call succeeded
+        (0 when nothing failed): how long new calls kept failing."""
         if self.fault_at is None or not self.failures:
             return 0.0
-        return max(0.0, max(r["done"] for r in self.failures) - self.fault_at)
+        resumed = self.successes_after_last_failure()
+        if not resumed:
+            return float("inf")
+        return max(0.0, resumed[0]["sent"] - self.fault_at)
+
+    def longest_failure_seconds(self):
+        """How long the slowest failed call took to fail: a hang shows here."""
+        return max((r["done"] - r["sent"] for r in self.failures), default=0.0)
+
+
+def successes_after_last_failure(results, fault_at):
+    """Successes sent after the fault and after the last failed call, in sending order."""
+    last_failure = max((r["seq"] for r in results if not r["ok"]), default=0)
+    start = fault_at if fault_at is not None else 0
+    return sorted((r for r in results if r["ok"] and r["seq"] > last_failure and r["sent"] > start),
+                  key=lambda r: r["seq"])
 
 
 def stable_after_fault(count):
     """`until` for run_phase: `count` successes since the fault and the last failure."""
     def until(results, report):
-        if report.fault_at is None:
-            return False
-        report.results = sorted(results, key=lambda r: r["seq"])
-        return len(report.successes_after_last_failure()) >= count
+        return report.fault_at is not None and \
+            len(successes_after_last_failure(results, report.fault_at)) >= count
     return until
 
 
@@ -137,12 +148,14 @@ def at_least(count):
 
 
 def table(phases):
-    header = ("phase", "fault", "sent", "succeeded", "failed (error: count)", "silent", "recovery s")
+    header = ("phase", "fault", "sent", "succeeded", "failed (error: count)", "silent", "recovery s",
+              "slowest failure s")
     rows = [header]
     for p in phases:
         errors = ", ".join(f"{name}: {n}" for name, n in sorted(p.errors().items())) or "-"
         rows.append((p.name, p.fault, str(p.sent), str(p.succeeded), f"{len(p.failures)} ({errors})"
-                     if p.failures else "0", str(len(p.silent)), f"{p.recovery_seconds():.1f}"))
+                     if p.failures else "0", str(len(p.silent)), f"{p.recovery_seconds():.1f}",
+                     f"{p.longest_failure_seconds():.1f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -101,7 +101,9 @@ class Topology:
         return run("ip", "-n", self.ns[role], *args, check=check)
 
     def sysctl(self, role, key, value):
-        run("ip", "netns", "exec", self.ns[role], "sysctl", "-q", "-w", f"{key}={value}")
+        """Set a per-namespace sysctl (/proc/sys/net follows the writer's namespace); no procps needed."""
+        path = "/proc/sys/" + key.replace(".", "/")
+        run("ip", "netns", "exec", self.ns[role], "sh", "-c", f"echo {value} > {path}")
 
     def _create(self):
         for role, name in self.ns.items():
