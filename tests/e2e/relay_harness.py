@@ -141,8 +141,10 @@ class RelayProcess:
         info = json.loads(line)
         host, port = info["service"].rsplit(":", 1)
         self.service = (host, int(port))
-        host, port = info["admin"].rsplit(":", 1)
-        self.admin = (host, int(port))
+        self.admin = None
+        if info.get("admin"):
+            host, port = info["admin"].rsplit(":", 1)
+            self.admin = (host, int(port))
 
     def _first_line(self, timeout):
         result = {}
