@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http::header::{CONTENT_LENGTH, HOST};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use http::{HeaderName, HeaderValue, Request, Response, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, BodyStream, StreamBody};
@@ -27,6 +27,9 @@ use crate::limits::{SharedLimits, Slot};
 use crate::metrics::Metrics;
 use crate::streaming::{BoxError, RequestBody, RequestMeter, ResponseBody, StreamEnd};
 use crate::Error;
+
+/// Content type of Bedrock's streaming answers.
+const EVENT_STREAM: &str = "application/vnd.amazon.eventstream";
 
 /// What the caller gets back.
 pub type CallerBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -212,7 +215,14 @@ async fn forward(
         parts.headers.insert(REQUEST_ID_HEADER, id);
     }
     let audit = audit_on_end(agent, exchange, &parts, meter, slot);
-    let body = ResponseBody::new(body, relays.death_of(relay), audit);
+    let is_event_stream = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(EVENT_STREAM.as_bytes()));
+    let mut body = ResponseBody::new(body, relays.death_of(relay), audit);
+    if is_event_stream {
+        body = body.with_event_stream();
+    }
     Ok(Response::from_parts(parts, body.boxed_unsync()))
 }
 

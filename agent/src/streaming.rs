@@ -5,6 +5,9 @@
 //! back, counting bytes, ending with an error if the relay is declared dead mid-stream, and
 //! calling its `on_end` hook exactly once when the body finishes, fails or is dropped (the
 //! caller went away): that is where the audit line is written and the concurrency slot freed.
+//! For event streams it tracks frame boundaries, so that a relay lost between frames ends the
+//! stream with a `serviceUnavailableException` event the SDK raises as such, rather than with a
+//! bare transport error.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -107,6 +110,7 @@ pub struct ResponseBody<B> {
     bytes: u64,
     abort: Option<AbortSignal>,
     on_end: Option<EndHook>,
+    frames: Option<FrameBoundary>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +129,14 @@ impl<B> ResponseBody<B> {
             bytes: 0,
             abort: Some(Box::pin(abort)),
             on_end: Some(Box::new(on_end)),
+            frames: None,
         }
+    }
+
+    /// Marks the body as an `application/vnd.amazon.eventstream`.
+    pub fn with_event_stream(mut self) -> ResponseBody<B> {
+        self.frames = Some(FrameBoundary::default());
+        self
     }
 
     fn finish(&mut self, end: StreamEnd) {
@@ -155,6 +166,9 @@ where
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     self.bytes += data.len() as u64;
+                    if let Some(frames) = self.frames.as_mut() {
+                        frames.feed(data);
+                    }
                 }
                 return Poll::Ready(Some(Ok(frame)));
             }
@@ -173,8 +187,16 @@ where
             .as_mut()
             .is_some_and(|abort| abort.as_mut().poll(cx).is_ready());
         if lost {
+            let farewell = self
+                .frames
+                .as_ref()
+                .filter(|frames| frames.at_boundary())
+                .and_then(|_| relay_lost_event());
             self.finish(StreamEnd::RelayLost);
-            return Poll::Ready(Some(Err(Box::new(RelayLostMidStream))));
+            return match farewell {
+                Some(event) => Poll::Ready(Some(Ok(Frame::data(event)))),
+                None => Poll::Ready(Some(Err(Box::new(RelayLostMidStream)))),
+            };
         }
         Poll::Pending
     }
@@ -188,6 +210,70 @@ where
     }
 }
 
+/// Follows an event stream's frames by their length prelude (total length, u32 big-endian) to
+/// know whether the bytes sent so far end on a frame boundary.
+#[derive(Debug, Default)]
+pub struct FrameBoundary {
+    prelude: [u8; 4],
+    prelude_len: usize,
+    /// Bytes of the current frame still to come after its length field.
+    remaining: u64,
+}
+
+impl FrameBoundary {
+    pub fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let take = self.remaining.min(data.len() as u64);
+                self.remaining -= take;
+                data = &data[take as usize..];
+                continue;
+            }
+            let take = (4 - self.prelude_len).min(data.len());
+            self.prelude[self.prelude_len..self.prelude_len + take].copy_from_slice(&data[..take]);
+            self.prelude_len += take;
+            data = &data[take..];
+            if self.prelude_len == 4 {
+                let total = u32::from_be_bytes(self.prelude);
+                // A frame is at least its 16 bytes of framing; a smaller length is garbage,
+                // after which no boundary can be trusted.
+                self.remaining = u64::from(total.max(16)) - 4;
+                self.prelude_len = 0;
+            }
+        }
+    }
+
+    pub fn at_boundary(&self) -> bool {
+        self.remaining == 0 && self.prelude_len == 0
+    }
+}
+
+/// The event that ends a stream whose relay stopped answering: an exception both
+/// ConverseStream and InvokeModelWithResponseStream model, so the SDK raises it by name.
+fn relay_lost_event() -> Option<Bytes> {
+    use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
+    let payload = serde_json::json!({
+        "message": "The relay stopped answering while the response was streaming; the rest of the response is lost."
+    })
+    .to_string();
+    let message = Message::new(payload)
+        .add_header(Header::new(
+            ":message-type",
+            HeaderValue::String("exception".into()),
+        ))
+        .add_header(Header::new(
+            ":exception-type",
+            HeaderValue::String("serviceUnavailableException".into()),
+        ))
+        .add_header(Header::new(
+            ":content-type",
+            HeaderValue::String("application/json".into()),
+        ));
+    let mut buffer = Vec::new();
+    aws_smithy_eventstream::frame::write_message_to(&message, &mut buffer).ok()?;
+    Some(Bytes::from(buffer))
+}
+
 impl<B> Drop for ResponseBody<B> {
     fn drop(&mut self) {
         self.finish(StreamEnd::CallerGone);
@@ -197,6 +283,7 @@ impl<B> Drop for ResponseBody<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::StreamExt;
     use http_body_util::{BodyExt, Full, StreamBody};
     use std::sync::Mutex;
 
@@ -263,6 +350,83 @@ mod tests {
             *ends.lock().expect("test lock"),
             vec![(0, StreamEnd::CallerGone)]
         );
+    }
+
+    fn event(kind: &str) -> Vec<u8> {
+        use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
+        let message = Message::new(Bytes::from_static(b"{}"))
+            .add_header(Header::new(
+                ":message-type",
+                HeaderValue::String("event".into()),
+            ))
+            .add_header(Header::new(
+                ":event-type",
+                HeaderValue::String(kind.to_owned().into()),
+            ));
+        let mut out = Vec::new();
+        aws_smithy_eventstream::frame::write_message_to(&message, &mut out).expect("encode");
+        out
+    }
+
+    #[test]
+    fn frame_boundaries_are_followed_across_any_split() {
+        let mut stream = event("messageStart");
+        stream.extend(event("contentBlockDelta"));
+        let first_len = event("messageStart").len();
+        for split in 0..=stream.len() {
+            let mut frames = FrameBoundary::default();
+            frames.feed(&stream[..split]);
+            let expected = split == 0 || split == first_len || split == stream.len();
+            assert_eq!(frames.at_boundary(), expected, "split at {split}");
+            frames.feed(&stream[split..]);
+            assert!(frames.at_boundary());
+        }
+    }
+
+    #[tokio::test]
+    async fn event_stream_lost_between_frames_ends_with_an_exception_event() {
+        let (ends, hook) = recorder();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let first = Bytes::from(event("messageStart"));
+        let chunks = futures_util::stream::once({
+            let first = first.clone();
+            async move { Ok::<_, std::convert::Infallible>(Frame::data(first)) }
+        })
+        .chain(futures_util::stream::pending());
+        let mut body = ResponseBody::new(
+            StreamBody::new(Box::pin(chunks)),
+            async move {
+                let _ = rx.await;
+            },
+            hook,
+        )
+        .with_event_stream();
+        let got = body.frame().await.expect("frame").expect("ok");
+        assert_eq!(got.into_data().expect("data"), first);
+        tx.send(()).expect("receiver alive");
+        let last = body
+            .frame()
+            .await
+            .expect("farewell")
+            .expect("an event, not an error");
+        let message =
+            aws_smithy_eventstream::frame::read_message_from(last.into_data().expect("data"))
+                .expect("a valid frame");
+        let header = |name: &str| {
+            message
+                .headers()
+                .iter()
+                .find(|h| h.name().as_str() == name)
+                .and_then(|h| h.value().as_string().ok().map(|s| s.as_str().to_owned()))
+        };
+        assert_eq!(header(":message-type").as_deref(), Some("exception"));
+        assert_eq!(
+            header(":exception-type").as_deref(),
+            Some("serviceUnavailableException")
+        );
+        assert!(body.frame().await.is_none(), "the stream ends after it");
+        drop(body);
+        assert_eq!(ends.lock().expect("test lock")[0].1, StreamEnd::RelayLost);
     }
 
     #[tokio::test]
