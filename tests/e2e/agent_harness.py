@@ -340,12 +340,12 @@ try:
         out = {"inputTokens": r["inputTokens"]}
     else:
         raise SystemExit("unknown op " + op)
+except botocore.exceptions.EventStreamError as e:  # a ClientError subclass: test it first
+    out = {"stream_error": e.response["Error"]["Code"], "message": e.response["Error"].get("Message", "")}
 except botocore.exceptions.ClientError as e:
     out = {"error": e.response["Error"]["Code"], "message": e.response["Error"].get("Message", ""),
            "status": e.response["ResponseMetadata"].get("HTTPStatusCode"),
            "request_id": e.response["ResponseMetadata"].get("RequestId")}
-except botocore.exceptions.EventStreamError as e:
-    out = {"stream_error": e.response["Error"]["Code"], "message": e.response["Error"].get("Message", "")}
 print(json.dumps(out, default=str))
 """
 

@@ -121,3 +121,32 @@ def test_drained_relay_hands_over_without_failures(start_stack, env_session):  #
     assert results and all(r[2][0] == "ok" for r in results), [r for r in results if r[2][0] != "ok"]
     _, status = stack.agent.admin_json("/status")
     assert status["active_relay"] == "relay-b"
+
+
+def test_stream_cut_by_a_dead_relay_ends_with_a_service_unavailable_event(start_stack):  # noqa: F811
+    stack = start_stack(relays=2)
+    stack.standin.hold_release.clear()
+    stack.standin.hold_first_sent.clear()
+    result = {}
+
+    def call():
+        result["out"] = a.boto3_call(stack.env(), op="converse_stream", model="standin.hold", text="cut")
+
+    caller = threading.Thread(target=call)
+    started = time.monotonic()
+    caller.start()
+    try:
+        assert stack.standin.hold_first_sent.wait(30)
+        time.sleep(0.3)
+        stack.relays[0].kill()
+        caller.join(30)
+    finally:
+        stack.standin.release_hold()
+    out = result["out"]
+    assert out.get("stream_error") == "serviceUnavailableException", out
+    assert "relay stopped answering" in out["message"]
+    assert time.monotonic() - started < 15
+    # The next stream goes through relay-b in full.
+    stack.standin.release_hold()
+    out = a.boto3_call(stack.env(), op="converse_stream", model=a.CLAUDE, text="again")
+    assert [e["kind"] for e in out["events"]][-1] == "metadata"
