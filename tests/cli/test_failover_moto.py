@@ -334,6 +334,19 @@ def test_missing_region_is_a_usage_error(world):
     assert "--region" in result.stderr
 
 
+def test_missing_credentials_are_explained(world):
+    env = aws_env()
+    del env["AWS_ACCESS_KEY_ID"]
+    del env["AWS_SECRET_ACCESS_KEY"]
+    result = run_xpart(
+        "failover", "route", "--cidr", TUNNEL_CIDR, "--pair", PAIR,
+        "--endpoint-url", world["endpoint"], env=env,
+    )
+    assert result.returncode == 3
+    assert "no AWS credentials found" in result.stderr
+    assert "AWS_PROFILE" in result.stderr
+
+
 def test_unreachable_endpoint_is_explained(world):
     port = free_port()
     started = time.monotonic()
@@ -342,7 +355,8 @@ def test_unreachable_endpoint_is_explained(world):
         "--endpoint-url", f"http://127.0.0.1:{port}",
     )
     assert result.returncode == 3
-    assert "cannot reach the EC2 endpoint" in result.stderr
+    assert "cannot reach the EC2 endpoint: " in result.stderr
+    assert "Connection refused" in result.stderr
     assert time.monotonic() - started < 45
 
 

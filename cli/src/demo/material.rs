@@ -62,7 +62,8 @@ pub struct Material {
 }
 
 /// A port given as 0 becomes a free one the system picks. A fixed port that is taken is
-/// refused here, naming the flag to change, before anything is written.
+/// refused here, naming the flag to change, before anything is written. Every socket stays
+/// bound until all four ports are known, so two free picks cannot be the same port.
 pub fn choose_ports(front: u16, wireguard: u16, admin: u16) -> Result<Ports, Error> {
     let relay_admin = match admin {
         0 => 0,
@@ -70,30 +71,30 @@ pub fn choose_ports(front: u16, wireguard: u16, admin: u16) -> Result<Ports, Err
             Error::Usage("--admin-port 65535 leaves no port for the relay's admin".into())
         })?,
     };
+    let front = hold_tcp_port(front, "--front-port")?;
+    let wireguard = hold_udp_port(wireguard, "--wg-port")?;
+    let agent_admin = hold_tcp_port(admin, "--admin-port")?;
+    let relay_admin = hold_tcp_port(relay_admin, "--admin-port")?;
     Ok(Ports {
-        front: free_tcp_port(front, "--front-port")?,
-        wireguard: free_udp_port(wireguard, "--wg-port")?,
-        agent_admin: free_tcp_port(admin, "--admin-port")?,
-        relay_admin: free_tcp_port(relay_admin, "--admin-port")?,
+        front: bound_port(front.local_addr(), "--front-port")?,
+        wireguard: bound_port(wireguard.local_addr(), "--wg-port")?,
+        agent_admin: bound_port(agent_admin.local_addr(), "--admin-port")?,
+        relay_admin: bound_port(relay_admin.local_addr(), "--admin-port")?,
     })
 }
 
-fn free_tcp_port(port: u16, flag: &str) -> Result<u16, Error> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port))
-        .map_err(|err| port_taken("TCP", port, flag, err))?;
-    let address = listener
-        .local_addr()
-        .map_err(|err| port_taken("TCP", port, flag, err))?;
-    Ok(address.port())
+fn hold_tcp_port(port: u16, flag: &str) -> Result<TcpListener, Error> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, port)).map_err(|err| port_taken("TCP", port, flag, err))
 }
 
-fn free_udp_port(port: u16, flag: &str) -> Result<u16, Error> {
-    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, port))
-        .map_err(|err| port_taken("UDP", port, flag, err))?;
-    let address = socket
-        .local_addr()
-        .map_err(|err| port_taken("UDP", port, flag, err))?;
-    Ok(address.port())
+fn hold_udp_port(port: u16, flag: &str) -> Result<UdpSocket, Error> {
+    UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).map_err(|err| port_taken("UDP", port, flag, err))
+}
+
+fn bound_port(address: std::io::Result<SocketAddr>, flag: &str) -> Result<u16, Error> {
+    address
+        .map(|address| address.port())
+        .map_err(|err| Error::Usage(format!("cannot read the port bound for {flag}: {err}")))
 }
 
 fn port_taken(protocol: &str, port: u16, flag: &str, err: std::io::Error) -> Error {

@@ -508,41 +508,66 @@ fn not_found(what: &str, id: &str) -> Error {
 fn aws_error<E, R>(operation: &str, err: SdkError<E, R>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
+    R: std::fmt::Debug + 'static,
 {
-    let code = err.code().map(str::to_string);
-    let detail = err
-        .message()
-        .map(str::to_string)
-        .unwrap_or_else(|| DisplayErrorContext(&err).to_string());
-    let hint = match (&err, code.as_deref()) {
-        (SdkError::DispatchFailure(_), _) => {
-            "cannot reach the EC2 endpoint or resolve credentials; check the network, --endpoint-url, and the credential chain (AWS_PROFILE, instance role)"
+    let message = match &err {
+        SdkError::DispatchFailure(failure) if failure.is_io() || failure.is_timeout() => format!(
+            "cannot reach the EC2 endpoint: {} — check the network path, security groups and --endpoint-url",
+            root_cause(&err)
+        ),
+        SdkError::DispatchFailure(_) if DisplayErrorContext(&err).to_string().contains("no credentials") => {
+            "no AWS credentials found (tried the environment, profiles, web identity, container and instance metadata) — set AWS_PROFILE or AWS_ACCESS_KEY_ID, or attach an instance role".to_string()
         }
-        (SdkError::TimeoutError(_), _) => "the EC2 endpoint did not answer in time",
-        (_, Some("AuthFailure" | "UnrecognizedClientException" | "InvalidClientTokenId" | "SignatureDoesNotMatch")) => {
-            "the credentials were rejected; check AWS_PROFILE / the instance role, and that the region is in the credentials' partition (GovCloud keys work only in us-gov-* regions)"
-        }
-        (_, Some("UnauthorizedOperation" | "AccessDenied" | "AccessDeniedException")) => {
-            "IAM denies this call; grant it to the role running xpart (see the failover policy in images/)"
-        }
-        (_, Some(code)) if code.contains("NotFound") || code.contains("Malformed") => {
-            "an ID does not exist in this account and region; check it and --region"
-        }
-        (_, Some("RequestLimitExceeded" | "Throttling" | "ThrottlingException")) => {
-            "EC2 kept throttling after retries with backoff; try again shortly"
-        }
-        (_, Some("DryRunOperation")) => "dry run only",
-        _ => "",
-    };
-    let message = match (code, hint) {
-        (Some(code), "") => format!("{code}: {detail}"),
-        (Some(code), hint) => format!("{code}: {detail} — {hint}"),
-        (None, "") => detail,
-        (None, hint) => format!("{detail} — {hint}"),
+        SdkError::DispatchFailure(_) => format!(
+            "cannot reach the EC2 endpoint or resolve credentials: {} — check --endpoint-url and the credential chain (AWS_PROFILE, instance role)",
+            root_cause(&err)
+        ),
+        SdkError::TimeoutError(_) => "the EC2 endpoint did not answer in time; check the network path and --endpoint-url".to_string(),
+        _ => service_error_message(&err),
     };
     Error::Aws {
         operation: operation.to_string(),
         message,
     }
+}
+
+fn service_error_message<E, R>(err: &SdkError<E, R>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + 'static,
+{
+    let code = err.code();
+    let detail = err
+        .message()
+        .map(str::to_string)
+        .unwrap_or_else(|| root_cause(err));
+    let hint = match code {
+        Some("AuthFailure" | "UnrecognizedClientException" | "InvalidClientTokenId" | "SignatureDoesNotMatch") => {
+            "the credentials were rejected; check AWS_PROFILE / the instance role, and that the region is in the credentials' partition (GovCloud keys work only in us-gov-* regions)"
+        }
+        Some("UnauthorizedOperation" | "AccessDenied" | "AccessDeniedException") => {
+            "IAM denies this call; grant it to the role running xpart"
+        }
+        Some(code) if code.contains("NotFound") || code.contains("Malformed") => {
+            "an ID does not exist in this account and region; check it and --region"
+        }
+        Some("RequestLimitExceeded" | "Throttling" | "ThrottlingException") => {
+            "EC2 kept throttling after retries with backoff; try again shortly"
+        }
+        _ => "",
+    };
+    match (code, hint) {
+        (Some(code), "") => format!("{code}: {detail}"),
+        (Some(code), hint) => format!("{code}: {detail} — {hint}"),
+        (None, _) => detail,
+    }
+}
+
+/// The innermost error's message: SDK errors wrap the useful part several layers deep.
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = err;
+    while let Some(source) = current.source() {
+        current = source;
+    }
+    current.to_string()
 }
