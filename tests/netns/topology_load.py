@@ -57,7 +57,7 @@ class Load:
             return list(self.results.get(phase, []))
 
     def run_phase(self, phase, until, timeout, fault=None):
-        """Calls at RATE per second until `until(results)` holds (or `timeout`); `fault()` runs
+        """Calls at RATE per second until `until(results, report)` holds (or `timeout`); `fault()` runs
         once the phase has three successes and returns its own description. Returns a Phase."""
         self.command(cmd="start", phase=phase, rate=RATE)
         report = Phase(phase)
