@@ -31,12 +31,17 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 pub use error::Error;
 
-const EXIT_CODES: &str = "\
+/// The exit-code table, shared by the short and long help.
+macro_rules! exit_codes {
+    () => {
+        "\
 Exit codes:
   0  success
   1  a check failed: config problems, a probe or status found a failure, a drill did not recover
   2  usage or input error: bad arguments, missing/unreadable/insecure files, malformed keys
-  3  AWS error: credentials, permissions, unknown IDs, throttled after retries";
+  3  AWS error: credentials, permissions, unknown IDs, throttled after retries"
+    };
+}
 
 /// Operate an xpart deployment: keys, certificates, tokens, config checks, status, probes,
 /// EC2 failover and drills.
@@ -44,21 +49,18 @@ Exit codes:
 #[command(
     name = "xpart",
     version,
-    after_help = EXIT_CODES,
+    after_help = exit_codes!(),
     after_long_help = concat!("\
 Typical setup:
   xpart keygen --out agent.key > agent.pub         # on each side; exchange the .pub files
-  xpart ca init --dir ca/                            # a private CA for the agent's TLS front
-  xpart ca issue --ca-dir ca/ --region us-gov-west-1 --ip 10.0.1.10 --out front
+  xpart ca init --dir ca                             # a private CA for the agent's TLS front
+  xpart ca issue --ca-dir ca --region us-east-1 --ip 10.0.1.10 --out front
   xpart token new --principal summarizer-lambda      # paste the snippet into agent.toml
   xpart config check agent.toml relay.toml
-  xpart probe --endpoint https://bedrock-runtime.us-east-1.amazonaws.com --connect 10.0.1.10:443
+  xpart probe --connect 10.0.1.10:443 --ca-bundle ca/ca.pem --token \"$TOKEN\"
+  xpart failover route --cidr 100.64.0.0/30 --pair bedrock --dry-run
 
-Exit codes:
-  0  success
-  1  a check failed: config problems, a probe or status found a failure, a drill did not recover
-  2  usage or input error: bad arguments, missing/unreadable/insecure files, malformed keys
-  3  AWS error: credentials, permissions, unknown IDs, throttled after retries")
+", exit_codes!())
 )]
 pub struct Cli {
     /// Print the report as JSON on stdout (one object; `failover watch` prints one per line).

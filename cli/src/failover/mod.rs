@@ -226,6 +226,25 @@ async fn move_to_standby(
     execute(&ec2, Some(&standby), &plan, aws.dry_run, json).await
 }
 
+/// Plans and applies a move without printing, returning the actions taken; drills report
+/// them in their own output.
+pub async fn move_quietly(
+    moves: &Moves,
+    standby: &StandbyArgs,
+    aws: &AwsArgs,
+) -> Result<Vec<String>, Error> {
+    moves.validate()?;
+    let ec2 = Ec2::connect(aws).await?;
+    let pair = standby.pair.as_deref();
+    let standby = ec2.resolve_standby(standby).await?;
+    let plan = plan_moves(&ec2, moves, &standby, pair).await?;
+    let actions: Vec<String> = plan.actions.iter().map(ToString::to_string).collect();
+    if !aws.dry_run {
+        ec2.apply(&plan).await.map_err(|(_, err)| err)?;
+    }
+    Ok(actions)
+}
+
 impl Moves {
     pub fn validate(&self) -> Result<(), Error> {
         if let Some(routes) = &self.routes {
@@ -433,23 +452,4 @@ fn parse_tag(text: &str) -> Result<(String, String), String> {
         Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
         _ => Err(format!("{text:?} is not KEY=VALUE")),
     }
-}
-
-/// Plans and applies a move without printing, returning the actions taken; drills report
-/// them in their own output.
-pub async fn move_quietly(
-    moves: &Moves,
-    standby: &StandbyArgs,
-    aws: &AwsArgs,
-) -> Result<Vec<String>, Error> {
-    moves.validate()?;
-    let ec2 = Ec2::connect(aws).await?;
-    let pair = standby.pair.as_deref();
-    let standby = ec2.resolve_standby(standby).await?;
-    let plan = plan_moves(&ec2, moves, &standby, pair).await?;
-    let actions: Vec<String> = plan.actions.iter().map(ToString::to_string).collect();
-    if !aws.dry_run {
-        ec2.apply(&plan).await.map_err(|(_, err)| err)?;
-    }
-    Ok(actions)
 }

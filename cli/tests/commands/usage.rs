@@ -66,3 +66,82 @@ fn json_errors_are_json_too() {
     assert_eq!(report["exit_code"], 2);
     assert!(report["error"].as_str().unwrap().contains("principal name"));
 }
+
+#[test]
+fn watch_needs_something_to_watch_and_something_to_move() {
+    let nothing_to_move = xpart(&["failover", "watch", "--readyz", "127.0.0.1:9100"]).fails_with(2);
+    assert!(
+        nothing_to_move.stderr.contains("nothing to move"),
+        "{}",
+        nothing_to_move.stderr
+    );
+    let nothing_to_watch = xpart(&["failover", "watch", "--cidr", "100.64.0.0/30"]).fails_with(2);
+    assert!(
+        nothing_to_watch.stderr.contains("nothing to watch"),
+        "{}",
+        nothing_to_watch.stderr
+    );
+    let bad_url = xpart(&[
+        "failover",
+        "watch",
+        "--cidr",
+        "100.64.0.0/30",
+        "--readyz",
+        "https://x:1",
+    ])
+    .fails_with(2);
+    assert!(bad_url.stderr.contains("http://"), "{}", bad_url.stderr);
+    xpart(&[
+        "failover",
+        "watch",
+        "--cidr",
+        "100.64.0.0/30",
+        "--readyz",
+        "127.0.0.1:1",
+        "--interval",
+        "often",
+    ])
+    .fails_with(2);
+}
+
+#[test]
+fn failover_arguments_that_conflict_are_refused() {
+    xpart(&[
+        "failover",
+        "route",
+        "--cidr",
+        "10.0.0.0/8",
+        "--to-eni",
+        "eni-1",
+        "--to-instance",
+        "i-1",
+    ])
+    .fails_with(2);
+    xpart(&[
+        "failover",
+        "route",
+        "--cidr",
+        "10.0.0.0/8",
+        "--route-table",
+        "rtb-1",
+        "--route-table-tag",
+        "a=b",
+        "--pair",
+        "p",
+    ])
+    .fails_with(2);
+    let tag = xpart(&[
+        "failover",
+        "route",
+        "--cidr",
+        "10.0.0.0/8",
+        "--route-table-tag",
+        "novalue",
+        "--pair",
+        "p",
+    ])
+    .fails_with(2);
+    assert!(tag.stderr.contains("KEY=VALUE"), "{}", tag.stderr);
+    let eip = xpart(&["failover", "eip", "--pair", "p"]).fails_with(2);
+    assert!(eip.stderr.contains("--allocation-id"), "{}", eip.stderr);
+}
