@@ -168,21 +168,32 @@ async fn forward(
     exchange: &mut Exchange,
     slot: Slot,
 ) -> Result<Response<CallerBody>, Error> {
-    let relays = &agent.relays;
-    let streams = exchange
-        .record
-        .operation
-        .is_some_and(|op| op.streams_response());
-    let (relay, sender) = connect_to_healthy_relay(relays).await?;
-    exchange.record.relay = Some(relays.name(relay).to_owned());
-
+    let (relay, sender) = connect_to_healthy_relay(&agent.relays).await?;
+    exchange.record.relay = Some(agent.relays.name(relay).to_owned());
     let meter = Arc::new(RequestMeter::default());
     let outgoing = outgoing_request(request, principal, exchange, meter.clone());
+    let response = send(agent, relay, sender, outgoing, principal, exchange, &meter).await?;
+    let response = answer(agent, relay, response, exchange, meter, slot).await?;
+    Ok(response)
+}
+
+/// Sends the request and waits for the relay's response headers.
+async fn send(
+    agent: &Agent,
+    relay: usize,
+    sender: hyper::client::conn::http2::SendRequest<ForwardBody>,
+    outgoing: Request<ForwardBody>,
+    principal: &Principal,
+    exchange: &mut Exchange,
+    meter: &RequestMeter,
+) -> Result<Response<Incoming>, Error> {
+    let relays = &agent.relays;
     let sent_at = Instant::now();
-    let response = match relays.send(relay, sender, outgoing).await {
+    let result = relays.send(relay, sender, outgoing).await;
+    exchange.record.bytes_in = meter.bytes.load(Ordering::Relaxed);
+    let response = match result {
         Ok(response) => response,
         Err(_) if meter.over_limit.load(Ordering::Relaxed) => {
-            exchange.record.bytes_in = meter.bytes.load(Ordering::Relaxed);
             return Err(Error::BodyTooLarge {
                 principal: principal.name.clone(),
                 limit: principal.max_body_bytes,
@@ -190,8 +201,9 @@ async fn forward(
             });
         }
         Err(error) => {
-            exchange.record.bytes_in = meter.bytes.load(Ordering::Relaxed);
-            if let ForwardError::Failed { reason, .. } = &error {
+            // A caller that broke off its upload says nothing about the relay.
+            let caller_failed = meter.caller_failed.load(Ordering::Relaxed);
+            if let (ForwardError::Failed { reason, .. }, false) = (&error, caller_failed) {
                 relays.report_failure(relay, reason.clone());
             }
             return Err(Error::Forward(error));
@@ -204,7 +216,24 @@ async fn forward(
         .with_label_values(&[relays.name(relay)])
         .observe(upstream.as_secs_f64());
     exchange.record.upstream_latency_ms = Some(upstream.as_secs_f64() * 1000.0);
+    Ok(response)
+}
 
+/// The relay's answer as the caller receives it: hop-by-hop headers removed, the request id
+/// added, the body streamed (or, for non-streaming operations, read first) and watched.
+async fn answer(
+    agent: &Arc<Agent>,
+    relay: usize,
+    response: Response<Incoming>,
+    exchange: &mut Exchange,
+    meter: Arc<RequestMeter>,
+    slot: Slot,
+) -> Result<Response<CallerBody>, Error> {
+    let relays = &agent.relays;
+    let streams = exchange
+        .record
+        .operation
+        .is_some_and(|op| op.streams_response());
     let (mut parts, body) = response.into_parts();
     let body = match streams {
         true => body.boxed_unsync(),
@@ -214,11 +243,11 @@ async fn forward(
     if let Ok(id) = HeaderValue::from_str(&exchange.request_id) {
         parts.headers.insert(REQUEST_ID_HEADER, id);
     }
-    let audit = audit_on_end(agent, exchange, &parts, meter, slot);
     let is_event_stream = parts
         .headers
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(EVENT_STREAM.as_bytes()));
+    let audit = audit_on_end(agent, exchange, &parts, meter, slot);
     let mut body = ResponseBody::new(body, relays.death_of(relay), audit);
     if is_event_stream {
         body = body.with_event_stream();

@@ -26,6 +26,8 @@ pub struct RequestMeter {
     pub bytes: AtomicU64,
     /// Set when the body went over the limit (the forward then failed because of it).
     pub over_limit: AtomicBool,
+    /// Set when the caller's side of the body failed (it broke off the upload).
+    pub caller_failed: AtomicBool,
 }
 
 /// The caller's body on its way to the relay.
@@ -66,7 +68,10 @@ where
         let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error.into()))),
+            Poll::Ready(Some(Err(error))) => {
+                self.meter.caller_failed.store(true, Ordering::Relaxed);
+                return Poll::Ready(Some(Err(error.into())));
+            }
             Poll::Ready(Some(Ok(frame))) => frame,
         };
         if let Some(data) = frame.data_ref() {
@@ -310,10 +315,10 @@ mod tests {
         assert!(meter.over_limit.load(Ordering::Relaxed));
     }
 
-    fn recorder() -> (
-        Arc<Mutex<Vec<(u64, StreamEnd)>>>,
-        impl FnOnce(u64, StreamEnd) + Send,
-    ) {
+    /// How each test body ended: bytes sent and the kind of end.
+    type Ends = Arc<Mutex<Vec<(u64, StreamEnd)>>>;
+
+    fn recorder() -> (Ends, impl FnOnce(u64, StreamEnd) + Send) {
         let ends = Arc::new(Mutex::new(Vec::new()));
         let sink = ends.clone();
         (ends, move |bytes, end| {
