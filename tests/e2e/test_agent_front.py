@@ -1,0 +1,121 @@
+"""The agent's TLS front as a process: SIGHUP swaps the certificate for new connections while
+connections already open keep working; a bad certificate on SIGHUP keeps the old one; and
+`--check` reports configuration problems with file, field and fix."""
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import http.client
+
+import pytest
+
+import agent_harness as a
+import relay_harness as h
+from test_agent_dns import host_mode_config
+
+
+@pytest.fixture
+def agent_with_own_cert(tmp_path, test_pki):
+    if not os.access(a.agent_binary(), os.X_OK):
+        pytest.skip(f"xpart-agent is not built at {a.agent_binary()}")
+    # The agent serves copies, so the test can replace them.
+    pki = dict(test_pki)
+    for key in ("cert", "key"):
+        copy = tmp_path / os.path.basename(test_pki[key])
+        shutil.copy(test_pki[key], copy)
+        os.chmod(copy, 0o600)
+        pki[key] = str(copy)
+    agent = a.AgentProcess(host_mode_config(str(tmp_path), pki, "[]"), str(tmp_path / "agent.log"))
+    yield agent, pki, tmp_path
+    agent.stop()
+
+
+def fingerprint_of(conn):
+    return hashlib.sha256(conn.sock.getpeercert(binary_form=True)).hexdigest()
+
+
+def connect(port, cafile):
+    context = ssl.create_default_context(cafile=cafile)
+    conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
+    conn.connect()
+    return conn
+
+
+def ask(conn):
+    conn.request("POST", "/model/anthropic.claude-v2/converse", body=b"{}", headers={"authorization": "Bearer t"})
+    response = conn.getresponse()
+    response.read()
+    return response.status
+
+
+def test_sighup_reloads_the_certificate_without_dropping_connections(agent_with_own_cert, tmp_path):
+    agent, pki, _ = agent_with_own_cert
+    # A new CA too: once the new certificate is served, only the new CA verifies it.
+    fresh = h.certs.make_test_pki(str(tmp_path / "fresh"), [h.UPSTREAM_NAME, "localhost"])
+
+    before = connect(agent.front[1], pki["ca"])
+    old_fingerprint = fingerprint_of(before)
+    # Whatever the relay's state, the agent answers (503 without a relay): the connection works.
+    assert ask(before) in (200, 503)
+
+    shutil.copy(fresh["cert"], pki["cert"])
+    shutil.copy(fresh["key"], pki["key"])
+    agent.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            after = connect(agent.front[1], fresh["ca"])
+            break
+        except ssl.SSLCertVerificationError:
+            assert time.monotonic() < deadline, "new connections never got the new certificate"
+            time.sleep(0.1)
+    assert fingerprint_of(after) != old_fingerprint
+    assert ask(after) in (200, 503)
+    assert ask(before) in (200, 503), "the connection opened before SIGHUP still works"
+    assert agent.proc.poll() is None
+
+    # A broken key on the next SIGHUP keeps the certificate that works.
+    with open(pki["key"], "w") as f:
+        f.write("not a key\n")
+    agent.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    again = connect(agent.front[1], fresh["ca"])
+    assert fingerprint_of(again) == fingerprint_of(after)
+    assert "TLS certificate reload failed" in agent.logs()
+
+
+def test_http1_and_http2_by_alpn(agent_with_own_cert):
+    agent, pki, _ = agent_with_own_cert
+    for protocols, expected in ((["h2", "http/1.1"], "h2"), (["http/1.1"], "http/1.1")):
+        context = ssl.create_default_context(cafile=pki["ca"])
+        context.set_alpn_protocols(protocols)
+        with socket.create_connection(agent.front, timeout=5) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                assert tls.selected_alpn_protocol() == expected
+
+
+def test_check_reports_problems_with_file_field_and_fix(tmp_path):
+    if not os.access(a.agent_binary(), os.X_OK):
+        pytest.skip(f"xpart-agent is not built at {a.agent_binary()}")
+    path = tmp_path / "agent.toml"
+    path.write_text("""
+[tunnel]
+mode = "userspace"
+private_key_file = "missing.key"
+address = "100.64.0.1/24"
+
+[front]
+listen = "127.0.0.1:0"
+cert_file = "missing.pem"
+key_file = "missing.key"
+""")
+    proc = subprocess.run([a.agent_binary(), "--config", str(path), "--check"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    for expected in ("[tunnel].private_key_file", "[front].cert_file", "[[relay]]", "[[principal]]", "fix:"):
+        assert expected in proc.stderr, proc.stderr
+    assert str(path) in proc.stderr
