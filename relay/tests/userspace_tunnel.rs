@@ -47,6 +47,9 @@ models = ["anthropic.*"]
 
 [credentials]
 fetch_timeout_secs = 2
+
+[admin]
+listen = "127.0.0.1:0"
 "#,
         key = dir.join("relay.key").display(),
         agent_pub = agent_key.public_key().to_base64(),
@@ -121,6 +124,16 @@ fetch_timeout_secs = 2
         .unwrap()
         .starts_with("ServiceUnavailableException"));
 
+    // The admin port reports the tunnel peer's traffic.
+    let metrics = admin_get(relay.admin_addr().unwrap(), "/metrics").await;
+    let rx_line = metrics
+        .lines()
+        .find(|l| l.starts_with("xpart_tunnel_peer_bytes{direction=\"rx\",peer=\"agent-a\"}"))
+        .unwrap_or_else(|| panic!("no peer rx bytes in:\n{metrics}"));
+    let rx: u64 = rx_line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(rx > 0, "{rx_line}");
+    assert!(metrics.contains("xpart_relay_credentials_available 0"));
+
     agent.shutdown().await;
     relay.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -145,6 +158,21 @@ fn keep_credentials_lookups_on_loopback() {
     ] {
         std::env::remove_var(name);
     }
+}
+
+async fn admin_get(addr: SocketAddr, path: &str) -> String {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get(path)
+        .header("host", addr.to_string())
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = within(sender.send_request(request)).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
 }
 
 async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
