@@ -93,7 +93,7 @@ def test_killed_relay_under_load_fails_over_within_three_seconds(start_stack, en
     print(f"\nfailover under load: {len(results)} requests, {len(ok)} succeeded, {len(failed)} failed with 503")
     assert all(r[2][0] == "ServiceUnavailableException" for r in failed), failed
     assert all("relay-a" in r[2][1] for r in failed), failed
-    assert all(r[1] - r[0] < 4.0 for r in results), "no request hung"
+    assert all(r[1] - r[0] < 5.0 for r in results), "no request hung"
     late = [r for r in results if r[0] >= killed_at + 3.0]
     assert late, "load continued after the failover"
     assert all(r[2][0] == "ok" for r in late), [r for r in late if r[2][0] != "ok"]
