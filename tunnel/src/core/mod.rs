@@ -88,7 +88,7 @@ pub const DATA_OVERHEAD: usize = 32;
 pub const MAX_IP_PACKET: usize = 65_507 - DATA_OVERHEAD;
 
 /// boringtun panics if a destination buffer is shorter than a handshake initiation.
-const MIN_WIRE_BUFFER: usize = 148;
+pub const MIN_WIRE_BUFFER: usize = 148;
 
 /// Scratch space for timers and queued-packet flushes: any IP packet plus overhead.
 const SCRATCH_LEN: usize = MAX_IP_PACKET + DATA_OVERHEAD;
@@ -101,6 +101,16 @@ const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Session indices are 32 bits: boringtun puts the index we give each `Tunn` in the upper 24
 /// and counts sessions in the lower 8.
 const PEER_INDEX_MASK: u32 = 0x00ff_ffff;
+
+/// The buffer [`Engine::handle_outbound_into`] needs for an IP packet of this length.
+pub fn outbound_buffer_len(ip_packet_len: usize) -> usize {
+    (ip_packet_len + DATA_OVERHEAD).max(MIN_WIRE_BUFFER)
+}
+
+/// The buffer [`Engine::handle_datagram_into`] needs for a datagram of this length.
+pub fn inbound_buffer_len(datagram_len: usize) -> usize {
+    datagram_len.max(MIN_WIRE_BUFFER)
+}
 
 /// One WireGuard peer as the engine needs it.
 #[derive(Debug, Clone)]
@@ -230,7 +240,7 @@ impl Engine {
     /// Any UDP datagram received on the socket, from `from`.
     pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
         self.clock.advance_to(now);
-        let mut buffer = self.outbox.pool.take(datagram.len().max(MIN_WIRE_BUFFER));
+        let mut buffer = self.outbox.pool.take(inbound_buffer_len(datagram.len()));
         match self.receive(from, datagram, &mut buffer) {
             Some(len) => {
                 buffer.truncate(len);
@@ -241,8 +251,8 @@ impl Engine {
     }
 
     /// [`Engine::handle_datagram`] that writes a decrypted IP packet into `out` and returns its
-    /// length. `out` must hold `max(datagram.len(), 148)` bytes; a shorter one sends the
-    /// packet through [`Engine::poll_inbound`] instead.
+    /// length. `out` must hold [`inbound_buffer_len`] bytes; a shorter one sends the packet
+    /// through [`Engine::poll_inbound`] instead.
     pub fn handle_datagram_into(
         &mut self,
         from: SocketAddr,
@@ -250,7 +260,7 @@ impl Engine {
         now: Instant,
         out: &mut [u8],
     ) -> Option<usize> {
-        if out.len() < datagram.len().max(MIN_WIRE_BUFFER) {
+        if out.len() < inbound_buffer_len(datagram.len()) {
             self.handle_datagram(from, datagram, now);
             return None;
         }
@@ -265,10 +275,7 @@ impl Engine {
         let Some(peer) = self.route(ip_packet) else {
             return;
         };
-        let mut buffer = self
-            .outbox
-            .pool
-            .take((ip_packet.len() + DATA_OVERHEAD).max(MIN_WIRE_BUFFER));
+        let mut buffer = self.outbox.pool.take(outbound_buffer_len(ip_packet.len()));
         match self.encapsulate(peer, ip_packet, &mut buffer) {
             Some((dst, len)) => {
                 buffer.truncate(len);
@@ -283,15 +290,15 @@ impl Engine {
 
     /// [`Engine::handle_outbound`] that writes the datagram to send into `out` and returns its
     /// destination and length: the encrypted packet, or a handshake initiation while the packet
-    /// waits for a session. `out` must hold `max(ip_packet.len() + 32, 148)` bytes; a shorter
-    /// one sends the datagram through [`Engine::poll_transmit`] instead.
+    /// waits for a session. `out` must hold [`outbound_buffer_len`] bytes; a shorter one sends
+    /// the datagram through [`Engine::poll_transmit`] instead.
     pub fn handle_outbound_into(
         &mut self,
         ip_packet: &[u8],
         now: Instant,
         out: &mut [u8],
     ) -> Option<(SocketAddr, usize)> {
-        if out.len() < (ip_packet.len() + DATA_OVERHEAD).max(MIN_WIRE_BUFFER) {
+        if out.len() < outbound_buffer_len(ip_packet.len()) {
             self.handle_outbound(ip_packet, now);
             return None;
         }
