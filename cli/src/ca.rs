@@ -169,7 +169,8 @@ fn leaf_dns_names(regions: &[String], names: &[String]) -> Result<Vec<String>, E
             "name the certificate: give --region REGION (for bedrock-runtime.REGION.amazonaws.com) or --name DNS_NAME".into(),
         ));
     }
-    dns_names.dedup();
+    let mut seen = std::collections::HashSet::new();
+    dns_names.retain(|name| seen.insert(name.clone()));
     Ok(dns_names)
 }
 

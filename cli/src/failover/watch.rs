@@ -18,6 +18,9 @@ use crate::admin::AdminUrl;
 use crate::probe::{Prober, TargetArgs};
 use crate::{duration, Error};
 
+/// A failing active agent during hold-down is logged this often, not on every check.
+const HELD_DOWN_LOG_EVERY: Duration = Duration::from_secs(30);
+
 /// What the loop should do after one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -183,6 +186,7 @@ pub async fn run(args: WatchArgs, json: bool) -> Result<ExitCode, Error> {
     );
 
     let mut watchdog = Watchdog::new(args.failures, args.hold_down, args.retry_after);
+    let mut last_held_down_log: Option<Instant> = None;
     let mut next_tick = Instant::now();
     loop {
         if let Some(limit) = args.max_runtime {
@@ -206,14 +210,18 @@ pub async fn run(args: WatchArgs, json: bool) -> Result<ExitCode, Error> {
                 );
             }
             (Verdict::HeldDown { remaining }, Err(reason)) => {
-                log.event(
-                    "held_down",
-                    format!(
-                        "{reason}; holding down for {:.0}s more",
-                        remaining.as_secs_f64()
-                    ),
-                    Vec::new(),
-                );
+                let due = last_held_down_log.is_none_or(|at| now - at >= HELD_DOWN_LOG_EVERY);
+                if due {
+                    last_held_down_log = Some(now);
+                    log.event(
+                        "held_down",
+                        format!(
+                            "{reason}; holding down for {:.0}s more",
+                            remaining.as_secs_f64()
+                        ),
+                        Vec::new(),
+                    );
+                }
             }
             (Verdict::FailOver, Err(reason)) => {
                 log.event("failing_over", reason, Vec::new());
