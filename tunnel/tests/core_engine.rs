@@ -189,6 +189,35 @@ fn preshared_keys_must_match() {
 }
 
 #[test]
+fn responder_releases_its_queue_when_the_confirmation_is_lost() {
+    let options = PairOptions {
+        a_keepalive: Some(25),
+        ..PairOptions::default()
+    };
+    let mut sim = Sim::pair(15, Wire::perfect(), options);
+    let (a, b) = (0, 1);
+    // B has something to say before it knows where A is; A's initiation is on its way.
+    sim.send(b, ipv4(B_TUN, A_TUN, 1, 100));
+    // The keepalive that would confirm B's session is lost, and A has nothing else to send.
+    let mut dropped = 0;
+    sim.drop_if = Some(Box::new(move |from, datagram| {
+        let confirmation = from == a && datagram[0] == 4 && datagram.len() == 32;
+        if confirmation && dropped == 0 {
+            dropped += 1;
+            return true;
+        }
+        false
+    }));
+    sim.run_for(Duration::from_secs(1));
+    assert_eq!(sim.handshakes(a), 1);
+    assert!(sim.nodes[a].received.is_empty(), "B's packet waits for A");
+
+    // Well before A's next persistent keepalive (25 s), B sends it on its own.
+    sim.run_for(Duration::from_secs(6));
+    assert_eq!(seqs(&sim.nodes[a].received), vec![1]);
+}
+
+#[test]
 fn endpoint_follows_the_peer_when_it_roams_but_not_forgeries() {
     let mut sim = Sim::pair(3, Wire::perfect(), PairOptions::default());
     let (a, b) = (0, 1);
@@ -722,6 +751,8 @@ struct Sim {
     order: u64,
     sent: Vec<Sent>,
     partitioned: bool,
+    /// Loses the datagrams (sender node, bytes) it picks, on top of the random losses.
+    drop_if: Option<Box<dyn FnMut(usize, &[u8]) -> bool>>,
 }
 
 impl Sim {
@@ -735,6 +766,7 @@ impl Sim {
             order: 0,
             sent: Vec::new(),
             partitioned: false,
+            drop_if: None,
         }
     }
 
@@ -866,7 +898,11 @@ impl Sim {
     }
 
     fn transmit(&mut self, node: usize, to: SocketAddr, payload: Vec<u8>) {
-        let lost = self.partitioned || self.rng.gen_bool(self.wire.loss);
+        let picked = self
+            .drop_if
+            .as_mut()
+            .is_some_and(|pick| pick(node, &payload));
+        let lost = self.partitioned || picked || self.rng.gen_bool(self.wire.loss);
         let copies = if lost {
             0
         } else if self.rng.gen_bool(self.wire.duplicate) {

@@ -427,6 +427,7 @@ impl Engine {
                 // sender saw our initiation, which is not enough to move the endpoint.
                 if is_data {
                     peer.authenticated(peer_id, from, datagram.len(), events);
+                    peer.answered_at = None;
                     flush_queued(peer, outbox, scratch);
                 }
                 None
@@ -449,6 +450,7 @@ impl Engine {
                 // already in flight, so crossing handshakes would keep cancelling each other.
                 peer.authenticated(peer_id, from, datagram.len(), events);
                 peer.handshake_completed(peer_id, now, events);
+                peer.answered_at = Some(now);
                 outbox.send_to_peer(peer, reply);
                 None
             }
@@ -462,11 +464,13 @@ impl Engine {
             }
             TunnResult::WriteToTunnelV4(packet, source) => {
                 peer.authenticated(peer_id, from, datagram.len(), events);
+                peer.answered_at = None;
                 flush_queued(peer, outbox, scratch);
                 peer.admit(source.into(), packet.len())
             }
             TunnResult::WriteToTunnelV6(packet, source) => {
                 peer.authenticated(peer_id, from, datagram.len(), events);
+                peer.answered_at = None;
                 flush_queued(peer, outbox, scratch);
                 peer.admit(source.into(), packet.len())
             }
@@ -570,6 +574,14 @@ impl Engine {
             ..
         } = self;
         let peer = &mut peers[peer_id.0];
+        if peer.answered_at.is_some_and(|at| now >= at + REKEY_TIMEOUT) {
+            // We answered an initiation but the initiator's confirming data never came (lost,
+            // and it has nothing else to send): release what is queued here, which starts a
+            // handshake of our own if need be. Waiting REKEY_TIMEOUT first lets a handshake
+            // of ours that crossed theirs finish undisturbed.
+            peer.answered_at = None;
+            flush_queued(peer, outbox, scratch);
+        }
         match peer.tunn.update_timers(scratch) {
             TunnResult::WriteToNetwork(datagram) => outbox.send_to_peer(peer, datagram),
             TunnResult::Err(WireGuardError::ConnectionExpired) => {

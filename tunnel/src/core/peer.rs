@@ -24,6 +24,9 @@ pub(super) struct Peer {
     expired: bool,
     /// When an expired keepalive peer next re-initiates.
     pub(super) next_recovery: Option<Instant>,
+    /// When we last answered an initiation whose session the peer has not yet confirmed
+    /// with data; packets queued meanwhile wait for that confirmation.
+    pub(super) answered_at: Option<Instant>,
     rx_bytes: u64,
     rx_packets: u64,
     tx_bytes: u64,
@@ -43,6 +46,7 @@ impl Peer {
             last_handshake: None,
             expired: false,
             next_recovery: None,
+            answered_at: None,
             rx_bytes: 0,
             rx_packets: 0,
             tx_bytes: 0,
