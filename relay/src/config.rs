@@ -145,6 +145,8 @@ impl Default for EchoSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialsSection {
+    #[serde(default)]
+    pub source: CredentialsFrom,
     #[serde(default = "default_refresh_margin")]
     pub refresh_before_expiry_secs: u64,
     #[serde(default = "default_credentials_timeout")]
@@ -154,10 +156,23 @@ pub struct CredentialsSection {
 impl Default for CredentialsSection {
     fn default() -> Self {
         CredentialsSection {
+            source: CredentialsFrom::default(),
             refresh_before_expiry_secs: default_refresh_margin(),
             fetch_timeout_secs: default_credentials_timeout(),
         }
     }
+}
+
+/// Where the relay's AWS credentials come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CredentialsFrom {
+    /// The standard chain: environment, profile, web identity, container endpoint, IMDSv2.
+    #[default]
+    Chain,
+    /// No credentials at all: only the echo model is answered, and nothing (IMDS included) is
+    /// asked. For demos and tests off EC2.
+    None,
 }
 
 #[derive(Debug, Clone, Deserialize)]

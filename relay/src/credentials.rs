@@ -153,7 +153,7 @@ impl CredentialSource {
 
     async fn fetch(&self) -> Result<Credentials, String> {
         let Some(provider) = &self.provider else {
-            return Err("no credential provider is configured".into());
+            return Err("[credentials] source = \"none\"".into());
         };
         match tokio::time::timeout(self.fetch_timeout, provider.provide_credentials()).await {
             Ok(Ok(creds)) => Ok(creds),

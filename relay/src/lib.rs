@@ -41,7 +41,7 @@ use xpart_tunnel::{Network, PeerConfig, PeerStats, Tunnel, TunnelConfig};
 pub use crate::config::RelayConfig;
 pub use crate::error::Error;
 
-use crate::config::TunnelMode;
+use crate::config::{CredentialsFrom, TunnelMode};
 use crate::credentials::CredentialSource;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -67,14 +67,14 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, Error> {
     let metrics = Arc::new(Metrics::new().map_err(|e| Error::Metrics(e.to_string()))?);
     let _ = audit.register(&metrics.registry);
 
-    let credentials = Arc::new(
-        CredentialSource::default_chain(
-            &config.upstream.region,
-            Duration::from_secs(config.credentials.refresh_before_expiry_secs),
-            Duration::from_secs(config.credentials.fetch_timeout_secs),
-        )
-        .await,
-    );
+    let margin = Duration::from_secs(config.credentials.refresh_before_expiry_secs);
+    let fetch_timeout = Duration::from_secs(config.credentials.fetch_timeout_secs);
+    let credentials = Arc::new(match config.credentials.source {
+        CredentialsFrom::Chain => {
+            CredentialSource::default_chain(&config.upstream.region, margin, fetch_timeout).await
+        }
+        CredentialsFrom::None => CredentialSource::new(None, margin, fetch_timeout),
+    });
     let refresher = credentials.clone().spawn_refresher();
 
     let listener = network

@@ -53,6 +53,7 @@ def relay_config(
     models=("anthropic.*", "us.anthropic.*", "standin.*", "us.standin.*", "arn:aws:bedrock:*"),
     agent_address="127.0.0.1",
     upstream_host=UPSTREAM_NAME,
+    credentials_source="chain",
 ):
     """Write relay.toml for a loopback test (tunnel mode "host") and return its path."""
     audit = os.path.join(directory, "audit.jsonl")
@@ -93,6 +94,7 @@ to = "us."
 model = "xpart.echo"
 
 [credentials]
+source = "{credentials_source}"
 refresh_before_expiry_secs = {refresh_before_expiry}
 fetch_timeout_secs = 5
 

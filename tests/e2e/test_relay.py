@@ -449,6 +449,23 @@ def test_starts_without_credentials_echo_works_and_readyz_says_why(start_relay):
     assert "starting without AWS credentials" in stack.relay.logs()
 
 
+def test_credentials_source_none_asks_nothing_and_serves_echo(start_relay, credential_store):
+    creds = h.ContainerCredentials(credential_store, lifetime_seconds=600)
+    try:
+        # The container endpoint is offered in the environment, and must not be asked.
+        stack = start_relay(credentials=creds, credentials_source="none")
+        out = stack.client().converse(modelId="xpart.echo", messages=[{"role": "user", "content": [{"text": "quiet"}]}])
+        assert out["output"]["message"]["content"][0]["text"] == "quiet"
+        status, headers, body = h.post(stack.relay.service, "/model/anthropic.claude-v2/converse", h.converse_body())
+        assert status == 503 and 'source = \\"none\\"' in body.decode()
+        status, _, body = h.get(stack.relay.admin, "/readyz")
+        assert status == 503 and "no AWS credentials" in body.decode()
+        assert creds.issued == []
+        assert stack.standin.requests() == []
+    finally:
+        creds.stop()
+
+
 # --- echo model ------------------------------------------------------------------------------------
 
 def test_echo_model_answers_every_operation_without_upstream(relay):
