@@ -198,6 +198,38 @@ def test_stream_that_goes_quiet_is_stopped_after_the_idle_timeout(start_relay):
     assert 'xpart_relay_upstream_errors_total{kind="idle_timeout"} 1' in metrics.decode()
 
 
+def test_stream_frames_arrive_one_by_one_over_http2(relay):
+    """The agent's protocol (HTTP/2 prior knowledge), read with curl -N as bytes arrive."""
+    import os
+    import select
+
+    if not shutil.which("curl"):
+        pytest.skip("curl is not installed")
+    proc = subprocess.Popen(
+        ["curl", "-sS", "-N", "--http2-prior-knowledge", "-H", "content-type: application/json",
+         "--data-binary", h.converse_body("h2 stream").decode(),
+         f"{relay.relay.endpoint}/model/standin.hold/converse-stream"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        decoder = h.eventstream.FrameDecoder()
+        frames = []
+        deadline = time.monotonic() + 10
+        while not frames and time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+            if ready:
+                frames += decoder.feed(os.read(proc.stdout.fileno(), 65536))
+        assert [f[0][":event-type"] for f in frames] == ["messageStart"]
+        assert not relay.standin.hold_last_sent.is_set()
+        relay.standin.release_hold()
+        rest, _ = proc.communicate(timeout=10)
+        frames += decoder.feed(rest)
+    finally:
+        proc.kill()
+    assert [f[0][":event-type"] for f in frames][-1] == "metadata"
+    assert len(frames) == 6
+
+
 # --- inference-profile retry -------------------------------------------------------------------
 
 def test_on_demand_refusal_is_retried_once_with_the_profile_and_remembered(relay):
