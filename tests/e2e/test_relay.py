@@ -101,6 +101,18 @@ def test_count_tokens(relay):
     assert record["path"].endswith("/count-tokens")
 
 
+def test_apply_guardrail_when_allowed(start_relay):
+    stack = start_relay(operations=("Converse", "ApplyGuardrail"))
+    out = stack.client().apply_guardrail(
+        guardrailIdentifier="gr-abc123", guardrailVersion="DRAFT", source="INPUT",
+        content=[{"text": {"text": "check me"}}],
+    )
+    assert out["action"] == "NONE"
+    [record] = stack.standin.requests()
+    assert_no_caller_credentials(record)
+    assert record["path"] == "/guardrail/gr-abc123/version/DRAFT/apply"
+
+
 def test_bedrock_headers_pass_and_upstream_errors_come_back_unchanged(relay):
     status, headers, body = h.post(
         relay.relay.service,
