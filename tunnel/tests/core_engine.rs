@@ -742,6 +742,8 @@ struct Sent {
     copies: usize,
 }
 
+type DropPicker = Box<dyn FnMut(usize, &[u8]) -> bool>;
+
 struct Sim {
     now: Instant,
     rng: StdRng,
@@ -752,7 +754,7 @@ struct Sim {
     sent: Vec<Sent>,
     partitioned: bool,
     /// Loses the datagrams (sender node, bytes) it picks, on top of the random losses.
-    drop_if: Option<Box<dyn FnMut(usize, &[u8]) -> bool>>,
+    drop_if: Option<DropPicker>,
 }
 
 impl Sim {
@@ -793,7 +795,7 @@ impl Sim {
 
     fn add_node(&mut self, addr: SocketAddr, key: &PrivateKey, peers: Vec<PeerSpec>) -> usize {
         let engine = Engine::new(key, peers, self.now);
-        let fast_path = self.nodes.len() % 2 == 0;
+        let fast_path = self.nodes.len() & 1 == 0;
         self.nodes.push(Node {
             engine,
             addr,
