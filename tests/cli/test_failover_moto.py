@@ -446,12 +446,16 @@ def test_watch_fails_over_after_n_failures_then_holds_down(ec2, world, fake_agen
         assert route_target(ec2, world["with_route"]) == world["active_eni"]
 
         fake_agent.fail()
-        assert wait_until(
-            lambda: route_target(ec2, world["with_route"]) == world["standby_eni"], 10
-        ), "watch did not move the route"
-        assert route_target(ec2, world["without_route"]) == world["standby_eni"]
-        assert VIP in secondary_ips(ec2, world["standby_eni"])
-        assert VIP not in secondary_ips(ec2, world["active_eni"])
+
+        def moved():
+            return (
+                route_target(ec2, world["with_route"]) == world["standby_eni"]
+                and route_target(ec2, world["without_route"]) == world["standby_eni"]
+                and VIP in secondary_ips(ec2, world["standby_eni"])
+                and VIP not in secondary_ips(ec2, world["active_eni"])
+            )
+
+        assert wait_until(moved, 10), "watch did not move the routes and the VIP"
 
         # Someone moves the route back while the active is still failing: the watch is in
         # hold-down and must not move it again (no flapping).
