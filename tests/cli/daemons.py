@@ -64,7 +64,8 @@ class Daemon:
         return f"http://{host}:{port}"
 
     def logs(self):
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         with open(self.log_path, "rb") as f:
             return f.read().decode(errors="replace")
 
@@ -88,8 +89,14 @@ def http_json(url, method="GET"):
         return err.code, json.loads(err.read() or b"null")
 
 
-def relay_config(directory, name, service_ip):
-    text = f"""
+AGENT_TUNNEL = "100.64.0.1"
+RELAY_TUNNELS = {"relay-a": "100.64.0.2", "relay-b": "100.64.0.3"}
+SERVICE_PORT = 8080
+
+
+def relay_config(directory, name, service_ip, agent_public=None):
+    if agent_public is None:
+        tunnel = f"""
 [tunnel]
 mode = "host"
 
@@ -99,7 +106,26 @@ tunnel_address = "127.0.0.1"
 
 [service]
 listen = "{service_ip}:0"
+"""
+    else:
+        address = RELAY_TUNNELS[name]
+        tunnel = f"""
+[tunnel]
+mode = "userspace"
+private_key_file = "{directory / f'{name}.key'}"
+address = "{address}/24"
+listen_port = 0
+bind_address = "127.0.0.1"
 
+[[agent]]
+name = "agent-test"
+public_key = "{agent_public}"
+tunnel_address = "{AGENT_TUNNEL}"
+
+[service]
+listen = "{address}:{SERVICE_PORT}"
+"""
+    text = tunnel + f"""
 [upstream]
 region = "us-east-1"
 endpoint = "https://bedrock-runtime.us-east-1.amazonaws.com"
@@ -123,20 +149,40 @@ path = "{directory / f'{name}-audit.jsonl'}"
     return path
 
 
-def agent_config(directory, relays, token_hash, health):
-    relay_tables = "".join(
-        f"""
+def agent_config(directory, relays, token_hash, health, relay_publics=None):
+    if relay_publics is None:
+        tunnel = '[tunnel]\nmode = "host"\n'
+        relay_tables = "".join(
+            f"""
 [[relay]]
 name = "{name}"
 tunnel_address = "{relay.addr('service')[0]}"
 service_port = {relay.addr('service')[1]}
 """
-        for name, relay in relays
-    )
+            for name, relay in relays
+        )
+    else:
+        tunnel = f"""[tunnel]
+mode = "userspace"
+private_key_file = "{directory / 'agent.key'}"
+address = "{AGENT_TUNNEL}/24"
+listen = "127.0.0.1:0"
+"""
+        relay_tables = "".join(
+            f"""
+[[relay]]
+name = "{name}"
+public_key = "{relay_publics[name]}"
+endpoint = "127.0.0.1:{relay.addr('udp')[1]}"
+tunnel_address = "{RELAY_TUNNELS[name]}"
+service_port = {SERVICE_PORT}
+persistent_keepalive = 1
+"""
+            for name, relay in relays
+        )
     health_table = "".join(f"{key} = {value}\n" for key, value in health.items())
     text = f"""
-[tunnel]
-mode = "host"
+{tunnel}
 {relay_tables}
 [front]
 listen = "127.0.0.1:0"
@@ -162,10 +208,17 @@ path = "{directory / 'agent-audit.jsonl'}"
     return path
 
 
-class Stack:
-    """An agent with relays relay-a (preferred) and relay-b on loopback."""
+def keygen(path):
+    result = run_xpart("keygen", "--out", path)
+    result.check_returncode()
+    return result.stdout.strip()
 
-    def __init__(self, directory, health=None):
+
+class Stack:
+    """An agent with relays relay-a (preferred) and relay-b on loopback; in tunnel mode "host"
+    by default, or over userspace WireGuard with `wireguard=True`."""
+
+    def __init__(self, directory, health=None, wireguard=False):
         self.directory = directory
         self.daemons = []
         run_xpart("ca", "init", "--dir", directory / "ca").check_returncode()
@@ -176,15 +229,21 @@ class Stack:
         _, token = run_json("token", "new", "--principal", "drill")
         self.token = token["token"]
         self.ca = directory / "ca" / "ca.pem"
+        agent_public = relay_publics = None
+        if wireguard:
+            agent_public = keygen(directory / "agent.key")
+            relay_publics = {name: keygen(directory / f"{name}.key") for name in RELAY_TUNNELS}
         try:
             self.relays = {}
             for name, ip in (("relay-a", "127.0.0.1"), ("relay-b", "127.0.0.2")):
-                relay = Daemon(RELAY, relay_config(directory, name, ip), directory / f"{name}.log")
+                config = relay_config(directory, name, ip, agent_public)
+                relay = Daemon(RELAY, config, directory / f"{name}.log")
                 self.daemons.append(relay)
                 self.relays[name] = relay
             config = agent_config(
                 directory, list(self.relays.items()), token["token_sha256"],
                 health or {"interval_ms": 200, "probe_timeout_ms": 500, "fail_after": 2, "rise_after": 2},
+                relay_publics,
             )
             self.agent = Daemon(AGENT, config, directory / "agent.log")
             self.daemons.append(self.agent)

@@ -66,6 +66,21 @@ def test_draining_the_active_relay_moves_traffic_to_the_other(stack):
     assert status == 200 and body["draining"] is False
 
 
+def test_drain_drill_over_userspace_wireguard(tmp_path):
+    stack = daemons.Stack(tmp_path, wireguard=True)
+    try:
+        admin = stack.relays["relay-a"].admin_url()
+        result, report = drill(stack, "drain-relay", "--admin", admin, "--restore")
+        check_counts_against_the_agent_audit(stack, report)
+        served_by_b = [a for a in stack.audit("relay-b") if a["status"] == 200]
+    finally:
+        stack.stop()
+    assert result.returncode == 0, result.stderr
+    assert report["recovered"] is True
+    assert report["failed_before_cut"] == 0
+    assert len(served_by_b) >= 5
+
+
 def test_killing_the_active_relay_process(stack):
     pid = stack.relays["relay-a"].pid
     result, report = drill(stack, "stop", "--pid", str(pid), "--signal", "kill")

@@ -251,3 +251,26 @@ def test_status_shows_tunnel_peers_with_handshake_ages():
     assert report["daemons"][0]["requests"]["total"] == 3
     assert "never" in text.stdout
     assert "127.0.0.1:40000" in text.stdout
+
+
+def test_status_over_wireguard_shows_peers_with_recent_handshakes(tmp_path):
+    stack = daemons.Stack(tmp_path, wireguard=True)
+    try:
+        run_xpart("probe", *stack.probe_args()).check_returncode()
+        result, report = run_json("status", *status_args(stack), "--window", "0")
+        text = run_xpart("status", *status_args(stack), "--window", "0")
+    finally:
+        stack.stop()
+    assert result.returncode == 0, result.stderr
+    agent, relay_a, relay_b = report["daemons"]
+    assert agent["status"]["tunnel"]["mode"] == "userspace"
+    agent_peers = {p["name"]: p for p in agent["peers"]}
+    assert set(agent_peers) == {"relay-a", "relay-b"}
+    for name, peer in agent_peers.items():
+        assert peer["handshake_age_s"] is not None and peer["handshake_age_s"] < 30, (name, peer)
+        assert peer["tx_bytes"] > 0 and peer["rx_bytes"] > 0
+        assert peer["endpoint"] == f"127.0.0.1:{stack.relays[name].addr('udp')[1]}"
+    relay_peer = relay_a["peers"][0]
+    assert relay_peer["name"] == "agent-test"
+    assert relay_peer["handshake_age_s"] is not None
+    assert "HANDSHAKE AGO" in text.stdout and "relay-b" in text.stdout
