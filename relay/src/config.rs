@@ -75,6 +75,9 @@ pub struct AgentSection {
 #[serde(deny_unknown_fields)]
 pub struct ServiceSection {
     pub listen: SocketAddr,
+    /// On shutdown, how long requests in flight may run on before they are cut.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -482,6 +485,9 @@ fn default_bind_address() -> IpAddr {
 }
 fn default_mtu() -> u16 {
     1420
+}
+fn default_shutdown_grace() -> u64 {
+    30
 }
 fn default_connect_timeout() -> u64 {
     5

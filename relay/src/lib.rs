@@ -120,7 +120,12 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, Error> {
     };
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let serving = tokio::spawn(service::serve(listener, relay.clone(), stopped));
+    let serving = tokio::spawn(service::serve(
+        listener,
+        relay.clone(),
+        Duration::from_secs(config.service.shutdown_grace_secs),
+        stopped,
+    ));
     tracing::info!(
         service = %service_addr,
         admin = %admin

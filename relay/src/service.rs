@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, HOST};
@@ -15,11 +15,12 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use xpart_daemon::bedrock::{strip_hop_by_hop, ModelId, Route, MAX_BODY_BYTES};
 use xpart_daemon::protocol::{HEALTH_PATH, REQUEST_ID_HEADER};
-use xpart_tunnel::{TcpConn, TcpListener};
+use xpart_tunnel::TcpListener;
 
 use crate::audit::{upstream_error_type, Exchange, CLIENT_CLOSED};
 use crate::credentials::Status;
@@ -32,33 +33,51 @@ pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 /// Largest upstream error body read to look for the on-demand refusal.
 const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 
-/// Accept connections until `stop` turns true, then end the open ones.
-pub async fn serve(listener: TcpListener, relay: Arc<Relay>, mut stop: watch::Receiver<bool>) {
+/// Accept connections until `stop` turns true; then stop accepting, let requests in flight
+/// finish for up to `grace` (idle connections close at once), and cut what remains.
+pub async fn serve(
+    listener: TcpListener,
+    relay: Arc<Relay>,
+    grace: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             accepted = listener.accept() => match accepted {
                 Ok((conn, peer)) => {
-                    connections.spawn(serve_connection(conn, peer, relay.clone()));
+                    let relay = relay.clone();
+                    let service = hyper::service::service_fn(move |request| handle(relay.clone(), peer, request));
+                    let connection = builder.serve_connection(TokioIo::new(conn), service).into_owned();
+                    let watched = graceful.watch(connection);
+                    connections.spawn(async move {
+                        if let Err(err) = watched.await {
+                            tracing::debug!(%peer, "service connection ended: {err}");
+                        }
+                    });
                 }
                 Err(err) => {
                     tracing::warn!("service listener: accept failed: {err}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
     }
-    connections.abort_all();
-}
-
-async fn serve_connection(conn: TcpConn, peer: SocketAddr, relay: Arc<Relay>) {
-    let service = hyper::service::service_fn(move |request| handle(relay.clone(), peer, request));
-    let builder = auto::Builder::new(TokioExecutor::new());
-    if let Err(err) = builder.serve_connection(TokioIo::new(conn), service).await {
-        tracing::debug!(%peer, "service connection ended: {err}");
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "requests still running {} s after shutdown began; stopping them",
+            grace.as_secs()
+        );
     }
+    connections.abort_all();
 }
 
 /// One request, start to finish.

@@ -559,6 +559,27 @@ def test_admin_metrics_health_drain(relay):
     assert status_json["credentials"]["available"] is True
 
 
+def test_sigterm_lets_a_stream_in_flight_finish(relay):
+    import signal
+
+    out = relay.client().converse_stream(
+        modelId="standin.hold", messages=[{"role": "user", "content": [{"text": "finish me"}]}]
+    )
+    stream = iter(out["stream"])
+    assert "messageStart" in next(stream)
+    relay.relay.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert relay.relay.proc.poll() is None, "still running while a stream is in flight"
+    with pytest.raises(OSError):
+        h.get(relay.relay.service, "/_xpart/health", timeout=2)
+    relay.standin.release_hold()
+    rest = list(stream)
+    assert "metadata" in rest[-1]
+    assert relay.relay.proc.wait(timeout=10) == 0
+    [line] = relay.audit(1)
+    assert line["status"] == 200 and line["operation"] == "ConverseStream"
+
+
 # --- configuration -----------------------------------------------------------------------------------
 
 def test_check_reports_every_problem_with_file_field_and_fix(relay_bin, tmp_path):
