@@ -12,7 +12,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::admin::AdminUrl;
-use crate::failover::{self, EipArgs, Moves, RouteArgs, VipArgs};
+use crate::failover::{self, AwsArgs, EipArgs, Moves, RouteArgs, StandbyArgs, VipArgs};
 use crate::probe::{ProbeOutcome, Prober, TargetArgs};
 use crate::{duration, Error};
 
@@ -50,6 +50,8 @@ pub struct DrillArgs {
     cut: Cut,
 }
 
+// One value per run, so the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Cut {
     /// Mark a relay down through its admin port (POST /drain).
@@ -142,7 +144,7 @@ pub async fn run(args: DrillArgs, json: bool) -> Result<ExitCode, Error> {
 
     tokio::time::sleep(args.before).await;
     let cut_started = Instant::now();
-    let cut_result = perform_cut(&cut, &args.cut).await;
+    let cut_result = perform_cut(&cut).await;
     let cut_done = Instant::now();
     if cut_result.is_ok() {
         tokio::time::sleep(args.after).await;
@@ -194,11 +196,20 @@ pub async fn run(args: DrillArgs, json: bool) -> Result<ExitCode, Error> {
 }
 
 /// A cut checked before the drill starts, so a typo does not waste the baseline.
+// One value per run, so the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum PreparedCut {
     Drain(AdminUrl),
-    Signal { pid: i32, signal: Signal },
+    Signal {
+        pid: i32,
+        signal: Signal,
+    },
     Command(Vec<String>),
-    Failover,
+    Failover {
+        moves: Moves,
+        standby: StandbyArgs,
+        aws: AwsArgs,
+    },
 }
 
 impl PreparedCut {
@@ -209,7 +220,7 @@ impl PreparedCut {
                 format!("send SIG{} to pid {pid}", signal_name(*signal))
             }
             PreparedCut::Command(command) => format!("run {:?}", command.join(" ")),
-            PreparedCut::Failover => "EC2 failover".to_string(),
+            PreparedCut::Failover { .. } => "EC2 failover".to_string(),
         }
     }
 }
@@ -237,7 +248,30 @@ fn prepare_cut(cut: &Cut) -> Result<PreparedCut, Error> {
             })
         }
         Cut::Run { command } => Ok(PreparedCut::Command(command.clone())),
-        Cut::Failover(_) => Ok(PreparedCut::Failover),
+        Cut::Failover(FailoverCut::Route(route)) => Ok(PreparedCut::Failover {
+            moves: Moves {
+                routes: Some(route.routes.clone()),
+                ..Moves::default()
+            },
+            standby: route.standby.clone(),
+            aws: route.aws.clone(),
+        }),
+        Cut::Failover(FailoverCut::Vip(vip)) => Ok(PreparedCut::Failover {
+            moves: Moves {
+                vip: Some(vip.vip.clone()),
+                ..Moves::default()
+            },
+            standby: vip.standby.clone(),
+            aws: vip.aws.clone(),
+        }),
+        Cut::Failover(FailoverCut::Eip(eip)) => Ok(PreparedCut::Failover {
+            moves: Moves {
+                eip: Some(eip.eip.clone()),
+                ..Moves::default()
+            },
+            standby: eip.standby.clone(),
+            aws: eip.aws.clone(),
+        }),
     }
 }
 
@@ -279,7 +313,7 @@ fn sample(outcome: ProbeOutcome, sent_s: f64, done_s: f64) -> Sample {
     }
 }
 
-async fn perform_cut(cut: &PreparedCut, args: &Cut) -> Result<Vec<String>, String> {
+async fn perform_cut(cut: &PreparedCut) -> Result<Vec<String>, String> {
     match cut {
         PreparedCut::Drain(admin) => {
             let response = admin.post("/drain", Duration::from_secs(5)).await?;
@@ -313,40 +347,13 @@ async fn perform_cut(cut: &PreparedCut, args: &Cut) -> Result<Vec<String>, Strin
             }
             Ok(vec![command.join(" ")])
         }
-        PreparedCut::Failover => {
-            let Cut::Failover(failover_cut) = args else {
-                return Err("internal: failover cut without failover arguments".into());
-            };
-            let (moves, standby, aws) = match failover_cut {
-                FailoverCut::Route(route) => (
-                    Moves {
-                        routes: Some(route.routes.clone()),
-                        ..Moves::default()
-                    },
-                    &route.standby,
-                    &route.aws,
-                ),
-                FailoverCut::Vip(vip) => (
-                    Moves {
-                        vip: Some(vip.vip.clone()),
-                        ..Moves::default()
-                    },
-                    &vip.standby,
-                    &vip.aws,
-                ),
-                FailoverCut::Eip(eip) => (
-                    Moves {
-                        eip: Some(eip.eip.clone()),
-                        ..Moves::default()
-                    },
-                    &eip.standby,
-                    &eip.aws,
-                ),
-            };
-            failover::move_quietly(&moves, standby, aws)
-                .await
-                .map_err(|err| err.to_string())
-        }
+        PreparedCut::Failover {
+            moves,
+            standby,
+            aws,
+        } => failover::move_quietly(moves, standby, aws)
+            .await
+            .map_err(|err| err.to_string()),
     }
 }
 

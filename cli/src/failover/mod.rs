@@ -23,6 +23,8 @@ pub const PAIR_TAG: &str = "xpart:pair";
 /// Tag naming an instance's role in its pair: `active` or `standby`.
 pub const ROLE_TAG: &str = "xpart:role";
 
+// One value per run, so the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum FailoverCommand {
     /// Point routes for the given CIDRs at the standby's ENI (ReplaceRoute, or CreateRoute when missing).
