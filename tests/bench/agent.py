@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import ssl
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -374,6 +374,41 @@ def new_token():
     return "xpart-" + secrets.token_urlsafe(24)
 
 
+def host_mode_config(directory, test_pki, upstream):
+    """An agent that only needs its DNS and front: host mode, a relay nobody listens for."""
+    text = f"""
+[tunnel]
+mode = "host"
+
+[[relay]]
+name = "relay-a"
+tunnel_address = "127.0.0.1"
+service_port = 9
+
+[dns]
+listen = "127.0.0.1:0"
+answer = "127.0.0.1"
+answer_v6 = "::1"
+names = ["{h.UPSTREAM_NAME}", "bedrock-runtime-fips.us-east-1.amazonaws.com"]
+upstream = {upstream}
+ttl = 30
+
+[front]
+listen = "127.0.0.1:0"
+cert_file = "{test_pki['cert']}"
+key_file = "{test_pki['key']}"
+
+{principal("lambda", token="t")}
+
+[admin]
+listen = "127.0.0.1:0"
+"""
+    path = os.path.join(directory, "agent.toml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 # --- the fixture ------------------------------------------------------------------------------
 
 DEFAULT_MODELS = ("anthropic.*", "us.anthropic.*", "standin.*")

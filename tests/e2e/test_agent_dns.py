@@ -19,41 +19,6 @@ import relay_harness as h
 FORWARDED = "vpce-0abc.bedrock-runtime.us-east-1.vpce.amazonaws.com"
 
 
-def host_mode_config(directory, test_pki, upstream):
-    """An agent that only needs its DNS and front: host mode, a relay nobody listens for."""
-    text = f"""
-[tunnel]
-mode = "host"
-
-[[relay]]
-name = "relay-a"
-tunnel_address = "127.0.0.1"
-service_port = 9
-
-[dns]
-listen = "127.0.0.1:0"
-answer = "127.0.0.1"
-answer_v6 = "::1"
-names = ["{h.UPSTREAM_NAME}", "bedrock-runtime-fips.us-east-1.amazonaws.com"]
-upstream = {upstream}
-ttl = 30
-
-[front]
-listen = "127.0.0.1:0"
-cert_file = "{test_pki['cert']}"
-key_file = "{test_pki['key']}"
-
-{a.principal("lambda", token="t")}
-
-[admin]
-listen = "127.0.0.1:0"
-"""
-    path = os.path.join(directory, "agent.toml")
-    with open(path, "w") as f:
-        f.write(text)
-    return path
-
-
 @pytest.fixture
 def start_agent(tmp_path, test_pki):
     if not os.access(a.agent_binary(), os.X_OK):
@@ -64,7 +29,7 @@ def start_agent(tmp_path, test_pki):
         upstream_list = "[" + ", ".join(f'"{host}:{port}"' for host, port in upstream) + "]"
         directory = tmp_path / f"agent{len(started)}"
         directory.mkdir()
-        agent = a.AgentProcess(host_mode_config(str(directory), test_pki, upstream_list), str(directory / "agent.log"))
+        agent = a.AgentProcess(a.host_mode_config(str(directory), test_pki, upstream_list), str(directory / "agent.log"))
         started.append(agent)
         return agent
 

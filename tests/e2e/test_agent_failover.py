@@ -3,6 +3,7 @@ so its tunnel just goes silent) while boto3 callers keep the agent busy. Every r
 succeeds or ends with a clear 503 (both counted); from 3 s after the kill every request
 succeeds through the other relay. A drained relay hands over without failing anything."""
 
+import os
 import threading
 import time
 
@@ -22,7 +23,6 @@ MESSAGES = [{"role": "user", "content": [{"text": "keep going"}]}]
 def env_session(monkeypatch):
     """boto3 sessions built from nothing but the given environment variables."""
     def make(env):
-        import os
         for name in list(os.environ):
             if name.startswith("AWS_"):
                 monkeypatch.delenv(name)

@@ -16,7 +16,6 @@ import pytest
 
 import agent_harness as a
 import relay_harness as h
-from test_agent_dns import host_mode_config
 
 
 @pytest.fixture
@@ -30,7 +29,7 @@ def agent_with_own_cert(tmp_path, test_pki):
         shutil.copy(test_pki[key], copy)
         os.chmod(copy, 0o600)
         pki[key] = str(copy)
-    agent = a.AgentProcess(host_mode_config(str(tmp_path), pki, "[]"), str(tmp_path / "agent.log"))
+    agent = a.AgentProcess(a.host_mode_config(str(tmp_path), pki, "[]"), str(tmp_path / "agent.log"))
     yield agent, pki, tmp_path
     agent.stop()
 

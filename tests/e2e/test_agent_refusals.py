@@ -4,6 +4,7 @@ to do, an audit line, and nothing reaching the stand-in."""
 
 import http.client
 import json
+import os
 import ssl
 import threading
 
@@ -22,7 +23,7 @@ MESSAGES = [{"role": "user", "content": [{"text": "hi"}]}]
 def env_client(monkeypatch):
     """A boto3 client built from nothing but the given environment variables."""
     def make(env):
-        for name in list(__import__("os").environ):
+        for name in list(os.environ):
             if name.startswith("AWS_"):
                 monkeypatch.delenv(name)
         for name, value in env.items():
