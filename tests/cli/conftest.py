@@ -3,6 +3,7 @@ server per test module, and a helper that runs the CLI with an isolated AWS envi
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -74,6 +75,8 @@ def run_json(*args, **kwargs):
 @pytest.fixture(scope="module")
 def moto_endpoint():
     """A moto_server on a free loopback port for the module; tests reset it."""
+    if shutil.which("moto_server") is None:
+        pytest.skip("moto_server not installed (pip install 'moto[server]')")
     port = free_port()
     proc = subprocess.Popen(
         ["moto_server", "-H", "127.0.0.1", "-p", str(port)],
