@@ -3,7 +3,8 @@
 127.0.0.1) → xpart-relay → Bedrock stand-in, against the stand-in alone, alternating in one run.
 Loopback only; no root.
 
-    cargo build --release -p xpart-agent -p xpart-relay --example loadgen
+    cargo build --release -p xpart-agent -p xpart-relay
+    cargo build --release -p xpart-agent --example loadgen
     XPART_BIN_DIR=target/release python3 tests/bench/agent.py [--rounds 5] [--requests 300]
         [--seconds 5] [--write]
 
