@@ -71,7 +71,8 @@ def main():
                     target = setup(topo)
                     bps = iperf(topo, target, streams, args.seconds)
                 results[(name, streams)].append(bps)
-                print(f"round {round_no}  {name:36s} P{streams}  {bps / 1e9:6.3f} Gbit/s", flush=True)
+                shown = "failed" if bps is None else f"{bps / 1e9:6.3f} Gbit/s"
+                print(f"round {round_no}  {name:36s} P{streams}  {shown}", flush=True)
 
     table = render(cases, results, args, onetun_note)
     print()
@@ -138,14 +139,14 @@ def iperf(topo, target, streams, seconds):
         result = topo.exec(topo.left, "iperf3", "-c", host, "-p", str(port), "-t", str(seconds),
                            "-P", str(streams), "-J", check=False, timeout=seconds + 30)
     except subprocess.TimeoutExpired:
-        print(f"iperf3 -P {streams} through {host}:{port} did not finish; counted as 0", file=sys.stderr)
-        return 0.0
+        print(f"iperf3 -P {streams} through {host}:{port} did not finish", file=sys.stderr)
+        return None
     try:
         report = json.loads(result.stdout)
         return report["end"]["sum_received"]["bits_per_second"]
     except (ValueError, KeyError):
         print(f"iperf3 failed: {result.stdout[-500:]} {result.stderr[-500:]}", file=sys.stderr)
-        return 0.0
+        return None
 
 
 def port_open_right(topo):
@@ -155,8 +156,12 @@ def port_open_right(topo):
 
 def render(cases, results, args, onetun_note):
     def median(name, streams):
-        values = results[(name, streams)]
-        return statistics.median(values) / 1e9 if values else 0.0
+        """Median of the runs that finished (Gbit/s), or None when none did."""
+        values = [v for v in results[(name, streams)] if v is not None]
+        return statistics.median(values) / 1e9 if values else None
+
+    def show(value):
+        return "failed" if value is None else f"{value:.3f}"
 
     cpu = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -178,9 +183,9 @@ def render(cases, results, args, onetun_note):
         "| --- | ---: | ---: | --- | --- |",
     ]
     for _group, name, _setup in cases:
-        runs1 = ", ".join(f"{v / 1e9:.3f}" for v in results[(name, 1)])
-        runs4 = ", ".join(f"{v / 1e9:.3f}" for v in results[(name, 4)])
-        lines.append(f"| {name} | {median(name, 1):.3f} | {median(name, 4):.3f} | {runs1} | {runs4} |")
+        runs1 = ", ".join(show(None if v is None else v / 1e9) for v in results[(name, 1)])
+        runs4 = ", ".join(show(None if v is None else v / 1e9) for v in results[(name, 4)])
+        lines.append(f"| {name} | {show(median(name, 1))} | {show(median(name, 4))} | {runs1} | {runs4} |")
     lines.append("")
     names = [c[1] for c in cases]
     pairs = [("xpart kernel <-> xpart kernel", "wireguard-go <-> wireguard-go"),
@@ -188,9 +193,12 @@ def render(cases, results, args, onetun_note):
     for ours, theirs in pairs:
         if ours in names and theirs in names:
             for streams in (1, 4):
-                base = median(theirs, streams)
-                ratio = median(ours, streams) / base if base else float("nan")
-                lines.append(f"- {ours} / {theirs}, {streams} stream(s): **{ratio:.2f}x**")
+                base, value = median(theirs, streams), median(ours, streams)
+                if base and value is not None:
+                    lines.append(f"- {ours} / {theirs}, {streams} stream(s): **{value / base:.2f}x**")
+                else:
+                    lines.append(f"- {ours} / {theirs}, {streams} stream(s): no ratio "
+                                 f"({theirs if not base else ours} did not finish)")
     if onetun_note:
         lines.append(f"- onetun: {onetun_note}")
     return "\n".join(lines)

@@ -2,10 +2,9 @@
 //! engine, and moves packets between them.
 //!
 //! Three loops run as tasks, each a straight line from an input to the outputs it causes:
-//! - receive: UDP batch → engine (decrypt) → backend (TUN write, or smoltcp, whose ACKs go
-//!   straight back through the engine) → UDP batch;
-//! - send: backend (TUN read batch, or what smoltcp's sockets have queued) → engine
-//!   (encrypt) → UDP batch;
+//! - receive: UDP batch → engine (decrypt) → backend (TUN write, or smoltcp ingress);
+//! - send: backend (TUN read batch, or everything smoltcp has queued, replies included, so
+//!   it leaves in order) → engine (encrypt) → UDP batch;
 //! - timers: sleep until the engine's next deadline (handshake retries, keepalives, rekeys).
 //!
 //! The engine sits behind one mutex taken once per batch, never across an await; the
@@ -84,7 +83,7 @@ impl Tunnel {
                     tokio::spawn(stack_loop(shared.clone(), stack.clone(), mtu))
                 }
             },
-            tokio::spawn(timer_loop(shared.clone(), backend, mtu)),
+            tokio::spawn(timer_loop(shared.clone(), backend)),
         ];
         Ok(Tunnel {
             shared,
@@ -293,7 +292,6 @@ async fn receive_loop(shared: Arc<Shared>, backend: Backend) {
         .map(|_| vec![0u8; udp::MAX_DATAGRAM])
         .collect();
     let mut plain_lens: Vec<(usize, usize)> = Vec::with_capacity(udp::BATCH);
-    let mut wire = WireBatch::new(udp::BATCH, udp::MAX_DATAGRAM);
     let mut out = Output::default();
     loop {
         if let Err(err) = shared.udp.recv_batch(&mut batch).await {
@@ -318,53 +316,30 @@ async fn receive_loop(shared: Arc<Shared>, backend: Backend) {
             shared.drain(&mut engine, &mut out);
         }
         let packets = plain_lens.iter().map(|(slot, len)| &plain[*slot][..*len]);
-        to_backend(&shared, &backend, packets, &mut wire, &mut out).await;
-        deliver(&shared, &backend, &mut wire, &mut out).await;
+        to_backend(&backend, packets).await;
+        deliver(&shared, &backend, &mut out).await;
     }
 }
 
-/// Hands decrypted packets to the backend; the userspace stack's replies (ACKs, window
-/// updates) are encrypted and sent at once.
-async fn to_backend<'p>(
-    shared: &Shared,
-    backend: &Backend,
-    packets: impl Iterator<Item = &'p [u8]>,
-    wire: &mut WireBatch,
-    out: &mut Output,
-) {
+/// Hands decrypted packets to the backend.
+async fn to_backend<'p>(backend: &Backend, packets: impl Iterator<Item = &'p [u8]>) {
     match backend {
         Backend::Kernel(tun) => {
             if let Err(err) = tun.write_all(packets).await {
                 tracing::warn!(interface = tun.name(), error = %err, "writing to TUN failed");
             }
         }
-        Backend::Userspace(stack) => {
-            let mut replies = Vec::new();
-            stack.receive(packets, &mut replies);
-            if replies.is_empty() {
-                return;
-            }
-            shared.encrypt(replies.iter().map(Vec::as_slice), wire, out);
-            shared.send(&wire.datagrams()).await;
-        }
+        // Its replies go out through the stack loop, in order.
+        Backend::Userspace(stack) => stack.receive(packets),
     }
 }
 
-/// Sends what the engine queued and hands queued packets to the backend, until nothing is left.
-async fn deliver(shared: &Shared, backend: &Backend, wire: &mut WireBatch, out: &mut Output) {
-    while !out.datagrams.is_empty() || !out.packets.is_empty() {
-        let datagrams = std::mem::take(&mut out.datagrams);
-        shared.send(&datagrams).await;
-        let packets = std::mem::take(&mut out.packets);
-        to_backend(
-            shared,
-            backend,
-            packets.iter().map(Vec::as_slice),
-            wire,
-            out,
-        )
-        .await;
-    }
+/// Sends the datagrams the engine queued and hands the packets it queued to the backend.
+async fn deliver(shared: &Shared, backend: &Backend, out: &mut Output) {
+    shared.send(&out.datagrams).await;
+    out.datagrams.clear();
+    to_backend(backend, out.packets.iter().map(Vec::as_slice)).await;
+    out.packets.clear();
 }
 
 /// TUN → engine (encrypt) → UDP (kernel mode).
@@ -384,7 +359,7 @@ async fn tun_loop(shared: Arc<Shared>, tun: Arc<TunDevice>, mtu: usize) {
         let packets = bufs.iter().zip(&lens).map(|(buf, len)| &buf[..*len]);
         shared.encrypt(packets, &mut wire, &mut out);
         shared.send(&wire.datagrams()).await;
-        deliver(&shared, &backend, &mut wire, &mut out).await;
+        deliver(&shared, &backend, &mut out).await;
     }
 }
 
@@ -401,7 +376,7 @@ async fn stack_loop(shared: Arc<Shared>, stack: Stack, mtu: usize) {
             shared.encrypt(packets.iter().map(Vec::as_slice), &mut wire, &mut out);
             packets.clear();
             shared.send(&wire.datagrams()).await;
-            deliver(&shared, &backend, &mut wire, &mut out).await;
+            deliver(&shared, &backend, &mut out).await;
             // More may be queued behind a full pass; look again before sleeping.
             continue;
         }
@@ -419,8 +394,7 @@ async fn stack_loop(shared: Arc<Shared>, stack: Stack, mtu: usize) {
 }
 
 /// Handshake retries, keepalives, rekeys and session expiry, at the engine's deadlines.
-async fn timer_loop(shared: Arc<Shared>, backend: Backend, mtu: usize) {
-    let mut wire = WireBatch::new(0, mtu);
+async fn timer_loop(shared: Arc<Shared>, backend: Backend) {
     let mut out = Output::default();
     loop {
         let now = Instant::now();
@@ -442,6 +416,6 @@ async fn timer_loop(shared: Arc<Shared>, backend: Backend, mtu: usize) {
             engine.handle_timeout(Instant::now());
             shared.drain(&mut engine, &mut out);
         }
-        deliver(&shared, &backend, &mut wire, &mut out).await;
+        deliver(&shared, &backend, &mut out).await;
     }
 }

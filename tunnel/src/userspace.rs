@@ -28,7 +28,8 @@ use tokio::sync::Notify;
 /// scale from it); 1 MiB keeps a gigabit path full at several ms RTT.
 const RX_BUFFER_BYTES: usize = 1024 * 1024;
 /// Send buffer per connection, which bounds the bytes in flight. smoltcp has neither pacing
-/// nor SACK, and its congestion control reacts late: with a large send buffer it fires bursts
+/// nor SACK, and its congestion controllers (0.12) react late or stall on small windows, so
+/// none is enabled: the buffer is the limit. With a large send buffer it fires bursts
 /// that overflow a peer's default-sized UDP receive buffer (wireguard-go's, ~200 KiB), then
 /// recovers go-back-N under exponential backoff and stalls for seconds. 64 KiB in flight stays
 /// below that buffer and still fills a gigabit at sub-millisecond RTT, at the price of about
@@ -36,6 +37,13 @@ const RX_BUFFER_BYTES: usize = 1024 * 1024;
 const TX_BUFFER_BYTES: usize = 64 * 1024;
 /// Listening sockets kept per listener: connections that can be in their handshake at once.
 const BACKLOG: usize = 4;
+/// Connections not accepted yet, per listener; beyond this new ones are refused (RST).
+const ACCEPT_QUEUE: usize = 128;
+/// A closed connection whose peer never finishes the close handshake is aborted after this
+/// long (Linux's default `tcp_fin_timeout`).
+const CLOSE_LINGER: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(60);
+/// Data or keepalives unacknowledged this long abort the connection: the peer is gone.
+const ACK_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(120);
 /// A connection attempt that gets no answer fails after this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upper bound of packets taken out of smoltcp per pass, so encryption starts early.
@@ -60,8 +68,9 @@ struct State {
     sockets: SocketSet<'static>,
     device: PacketQueues,
     listeners: HashMap<u16, ListenerState>,
-    /// Sockets whose owner is gone; removed once their close handshake ends.
-    closing: Vec<SocketHandle>,
+    /// Sockets whose owner is gone, and since when; removed once their close handshake
+    /// ends, or aborted after [`CLOSE_LINGER`].
+    closing: Vec<(SocketHandle, SmolInstant)>,
     next_port: u16,
     started: std::time::Instant,
 }
@@ -115,21 +124,23 @@ impl Stack {
         }
     }
 
-    /// Feeds decrypted packets to the stack and returns the packets it answers with.
-    pub(crate) fn receive<'p>(
-        &self,
-        packets: impl Iterator<Item = &'p [u8]>,
-        out: &mut Vec<Vec<u8>>,
-    ) {
+    /// Feeds decrypted packets to the stack. What it answers with (ACKs, data the ACKs let
+    /// go) stays queued for [`Stack::poll`]: one task takes every outgoing packet, so they
+    /// reach the wire in the order smoltcp produced them. smoltcp takes the window of every
+    /// segment it receives as current, so a reordered stale ACK could close the window for good.
+    pub(crate) fn receive<'p>(&self, packets: impl Iterator<Item = &'p [u8]>) {
         let mut state = self.lock();
         state.device.rx.extend(packets.map(<[u8]>::to_vec));
-        state.run(out);
+        state.run();
+        drop(state);
+        self.shared.wake.notify_one();
     }
 
     /// Takes what the sockets have to send and says when to call again at the latest.
     pub(crate) fn poll(&self, out: &mut Vec<Vec<u8>>) -> Option<Duration> {
         let mut state = self.lock();
-        state.run(out);
+        state.run();
+        out.append(&mut state.device.tx);
         let now = state.now();
         let State { iface, sockets, .. } = &mut *state;
         iface.poll_delay(now, sockets).map(Duration::from)
@@ -240,9 +251,9 @@ impl State {
         SmolInstant::from_micros(self.started.elapsed().as_micros() as i64)
     }
 
-    /// Runs smoltcp until it has nothing more to send (or a pass is full), then settles
-    /// listeners and closed sockets.
-    fn run(&mut self, out: &mut Vec<Vec<u8>>) {
+    /// Runs smoltcp until it has nothing more to send (or a pass is full), leaving the
+    /// packets in the device queue, then settles listeners and closed sockets.
+    fn run(&mut self) {
         let now = self.now();
         let State {
             iface,
@@ -257,7 +268,6 @@ impl State {
                 break;
             }
         }
-        out.append(&mut device.tx);
         self.settle_listeners();
         self.reap_closed();
     }
@@ -298,11 +308,10 @@ impl State {
                 }
             }
             for _ in 0..BACKLOG {
-                let count = self
-                    .listeners
-                    .get(&port)
-                    .map_or(BACKLOG, |l| l.listening.len());
-                if count >= BACKLOG {
+                let full = self.listeners.get(&port).is_none_or(|l| {
+                    l.listening.len() >= BACKLOG || l.accepted.len() >= ACCEPT_QUEUE
+                });
+                if full {
                     break;
                 }
                 let Ok(handle) = self.add_listening(endpoint) else {
@@ -320,9 +329,15 @@ impl State {
 
     fn reap_closed(&mut self) {
         let sockets = &mut self.sockets;
-        self.closing.retain(|handle| {
-            let state = sockets.get::<tcp::Socket>(*handle).state();
-            if matches!(state, tcp::State::Closed | tcp::State::TimeWait) {
+        let now = self.started.elapsed();
+        let now = SmolInstant::from_micros(now.as_micros() as i64);
+        self.closing.retain(|(handle, since)| {
+            let socket = sockets.get_mut::<tcp::Socket>(*handle);
+            let lingered = now - *since > CLOSE_LINGER;
+            if lingered {
+                socket.abort();
+            }
+            if lingered || matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait) {
                 sockets.remove(*handle);
                 false
             } else {
@@ -380,8 +395,7 @@ fn new_socket() -> tcp::Socket<'static> {
     // Request/response traffic (HTTP/2 frames) must not wait for a full segment.
     socket.set_nagle_enabled(false);
     socket.set_keep_alive(Some(smoltcp::time::Duration::from_secs(25)));
-    // Without congestion control smoltcp would send a whole window again after every loss.
-    socket.set_congestion_control(tcp::CongestionControl::Reno);
+    socket.set_timeout(Some(ACK_TIMEOUT));
     socket
 }
 
@@ -436,7 +450,6 @@ impl AsyncRead for Conn {
         let this = self.get_mut();
         let mut state = this.stack.lock();
         let socket = state.sockets.get_mut::<tcp::Socket>(this.handle);
-        let window_was_small = socket.recv_queue() * 2 > socket.recv_capacity();
         match socket.recv_slice(buf.initialize_unfilled()) {
             Ok(0) => {
                 if !socket.may_recv()
@@ -453,10 +466,9 @@ impl AsyncRead for Conn {
             Ok(n) => {
                 buf.advance(n);
                 drop(state);
-                // Reading frees window; tell the peer soon when the window had shrunk.
-                if window_was_small {
-                    this.stack.shared.wake.notify_one();
-                }
+                // Reading frees window. smoltcp announces it only when polled, and a sender
+                // that sees a closed window has no probe timer, so always let the stack look.
+                this.stack.shared.wake.notify_one();
                 Poll::Ready(Ok(()))
             }
             Err(tcp::RecvError::Finished) => Poll::Ready(Ok(())),
@@ -527,7 +539,8 @@ impl Drop for Conn {
         } else {
             socket.close();
         }
-        state.closing.push(self.handle);
+        let since = state.now();
+        state.closing.push((self.handle, since));
         drop(state);
         self.stack.shared.wake.notify_one();
     }
@@ -582,7 +595,8 @@ impl Drop for Listener {
         }
         for handle in listener.accepted {
             state.sockets.get_mut::<tcp::Socket>(handle).abort();
-            state.closing.push(handle);
+            let since = state.now();
+            state.closing.push((handle, since));
         }
         drop(state);
         self.stack.shared.wake.notify_one();
