@@ -161,7 +161,7 @@ fn validate(config: &TunnelConfig) -> Result<(), Error> {
 fn peer_spec(peer: &crate::PeerConfig) -> PeerSpec {
     PeerSpec {
         name: peer.name.clone(),
-        public_key: peer.public_key.clone(),
+        public_key: peer.public_key,
         endpoint: peer.endpoint,
         allowed_ips: peer.allowed_ips.clone(),
         persistent_keepalive: peer.persistent_keepalive,

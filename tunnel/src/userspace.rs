@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::iface::{
+    Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet,
+};
 use smoltcp::phy::{Checksum, ChecksumCapabilities, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SmolInstant;
@@ -35,7 +37,7 @@ const RX_BUFFER_BYTES: usize = 1024 * 1024;
 /// below that buffer and still fills a gigabit at sub-millisecond RTT, at the price of about
 /// 64 KiB per RTT on long paths (kernel mode has no such limit).
 const TX_BUFFER_BYTES: usize = 64 * 1024;
-/// Listening sockets kept per listener: connections that can be in their handshake at once.
+/// Sockets in Listen state per listener, replenished after every SYN.
 const BACKLOG: usize = 4;
 /// Connections not accepted yet, per listener; beyond this new ones are refused (RST).
 const ACCEPT_QUEUE: usize = 128;
@@ -77,7 +79,10 @@ struct State {
 
 struct ListenerState {
     endpoint: SocketAddr,
+    /// Sockets in Listen state, waiting for a SYN.
     listening: Vec<SocketHandle>,
+    /// Sockets that got a SYN and have not completed the handshake.
+    handshaking: Vec<SocketHandle>,
     accepted: VecDeque<SocketHandle>,
     waker: Option<Waker>,
 }
@@ -222,11 +227,14 @@ impl Stack {
         let mut listener = ListenerState {
             endpoint,
             listening: Vec::new(),
+            handshaking: Vec::new(),
             accepted: VecDeque::new(),
             waker: None,
         };
         for _ in 0..BACKLOG {
-            listener.listening.push(state.add_listening(endpoint)?);
+            listener
+                .listening
+                .push(add_listening(&mut state.sockets, endpoint)?);
         }
         state.listeners.insert(port, listener);
         Ok(Listener {
@@ -255,13 +263,27 @@ impl State {
     /// packets in the device queue, then settles listeners and closed sockets.
     fn run(&mut self) {
         let now = self.now();
+        // One packet at a time, so a listener gets a fresh listening socket after each SYN:
+        // a burst of connection attempts must not find the backlog used up and get RSTs.
+        loop {
+            let State {
+                iface,
+                sockets,
+                device,
+                ..
+            } = &mut *self;
+            match iface.poll_ingress_single(now, device, sockets) {
+                PollIngressSingleResult::None => break,
+                PollIngressSingleResult::PacketProcessed => {}
+                PollIngressSingleResult::SocketStateChanged => self.settle_listeners(),
+            }
+        }
         let State {
             iface,
             sockets,
             device,
             ..
         } = self;
-        iface.poll(now, device, sockets);
         // smoltcp emits at most one segment per socket per egress pass.
         while device.tx.len() < MAX_PACKETS_PER_PASS {
             if iface.poll_egress(now, device, sockets) == PollResult::None {
@@ -274,55 +296,45 @@ impl State {
 
     /// Moves listening sockets that got a connection into the accept queue and replaces them.
     fn settle_listeners(&mut self) {
-        let ports: Vec<u16> = self.listeners.keys().copied().collect();
-        for port in ports {
-            let Some(listener) = self.listeners.get_mut(&port) else {
-                continue;
-            };
-            let endpoint = listener.endpoint;
-            let mut taken = Vec::new();
-            listener.listening.retain(|handle| {
-                let socket = self.sockets.get::<tcp::Socket>(*handle);
-                match socket.state() {
-                    tcp::State::Listen | tcp::State::SynReceived => true,
+        let State {
+            listeners, sockets, ..
+        } = self;
+        for listener in listeners.values_mut() {
+            let mut changed = false;
+            for index in (0..listener.listening.len()).rev() {
+                let handle = listener.listening[index];
+                if sockets.get::<tcp::Socket>(handle).state() != tcp::State::Listen {
+                    listener.listening.swap_remove(index);
+                    listener.handshaking.push(handle);
+                    changed = true;
+                }
+            }
+            for index in (0..listener.handshaking.len()).rev() {
+                let handle = listener.handshaking[index];
+                match sockets.get::<tcp::Socket>(handle).state() {
+                    tcp::State::SynReceived => {}
+                    tcp::State::Established | tcp::State::CloseWait => {
+                        listener.handshaking.swap_remove(index);
+                        listener.accepted.push_back(handle);
+                        changed = true;
+                    }
+                    // Reset or timed out during the handshake.
                     _ => {
-                        taken.push(*handle);
-                        false
+                        listener.handshaking.swap_remove(index);
+                        sockets.remove(handle);
                     }
                 }
-            });
-            if taken.is_empty() {
-                continue;
             }
-            for handle in taken {
-                let state = self.sockets.get::<tcp::Socket>(handle).state();
-                let usable = matches!(state, tcp::State::Established | tcp::State::CloseWait);
-                let listener = self
-                    .listeners
-                    .get_mut(&port)
-                    .expect("port taken from the map above");
-                if usable {
-                    listener.accepted.push_back(handle);
-                } else {
-                    self.sockets.remove(handle);
-                }
-            }
-            for _ in 0..BACKLOG {
-                let full = self.listeners.get(&port).is_none_or(|l| {
-                    l.listening.len() >= BACKLOG || l.accepted.len() >= ACCEPT_QUEUE
-                });
-                if full {
-                    break;
-                }
-                let Ok(handle) = self.add_listening(endpoint) else {
-                    break;
-                };
-                if let Some(listener) = self.listeners.get_mut(&port) {
+            let pending = listener.handshaking.len() + listener.accepted.len();
+            if listener.listening.len() < BACKLOG && pending < ACCEPT_QUEUE {
+                if let Ok(handle) = add_listening(sockets, listener.endpoint) {
                     listener.listening.push(handle);
                 }
             }
-            if let Some(waker) = self.listeners.get_mut(&port).and_then(|l| l.waker.take()) {
-                waker.wake();
+            if changed {
+                if let Some(waker) = listener.waker.take() {
+                    waker.wake();
+                }
             }
         }
     }
@@ -344,19 +356,6 @@ impl State {
                 true
             }
         });
-    }
-
-    fn add_listening(&mut self, endpoint: SocketAddr) -> io::Result<SocketHandle> {
-        let mut socket = new_socket();
-        socket
-            .listen(IpListenEndpoint::from(endpoint))
-            .map_err(|err| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("listen {endpoint}: {err}"),
-                )
-            })?;
-        Ok(self.sockets.add(socket))
     }
 
     fn free_port(&mut self) -> io::Result<u16> {
@@ -385,6 +384,22 @@ impl State {
             "no free tunnel port",
         ))
     }
+}
+
+fn add_listening(
+    sockets: &mut SocketSet<'static>,
+    endpoint: SocketAddr,
+) -> io::Result<SocketHandle> {
+    let mut socket = new_socket();
+    socket
+        .listen(IpListenEndpoint::from(endpoint))
+        .map_err(|err| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("listen {endpoint}: {err}"),
+            )
+        })?;
+    Ok(sockets.add(socket))
 }
 
 fn new_socket() -> tcp::Socket<'static> {
@@ -590,7 +605,7 @@ impl Drop for Listener {
         let Some(listener) = state.listeners.remove(&self.port) else {
             return;
         };
-        for handle in listener.listening {
+        for handle in listener.listening.into_iter().chain(listener.handshaking) {
             state.sockets.remove(handle);
         }
         for handle in listener.accepted {

@@ -116,6 +116,45 @@ async fn tcp_crosses_the_tunnel_both_ways_and_counts_bytes() {
     b.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_listener_accepts_more_connections_than_its_backlog_at_once() {
+    let (a, b) = tunnel_pair().await;
+    let listener = a
+        .network()
+        .listen("100.64.0.1:7000".parse().unwrap())
+        .await
+        .unwrap();
+    let server = tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4];
+                conn.read_exact(&mut buf).await.unwrap();
+                conn.write_all(&buf).await.unwrap();
+            });
+        }
+    });
+    let clients: Vec<_> = (0..20u32)
+        .map(|i| {
+            let network = b.network();
+            tokio::spawn(async move {
+                let mut conn = network
+                    .connect("100.64.0.1:7000".parse().unwrap())
+                    .await
+                    .unwrap();
+                conn.write_all(&i.to_be_bytes()).await.unwrap();
+                let mut buf = [0u8; 4];
+                conn.read_exact(&mut buf).await.unwrap();
+                u32::from_be_bytes(buf)
+            })
+        })
+        .collect();
+    for (i, client) in clients.into_iter().enumerate() {
+        assert_eq!(within(client).await.unwrap(), i as u32);
+    }
+    server.abort();
+}
+
 #[tokio::test]
 async fn connecting_to_a_closed_port_is_refused_promptly() {
     let (a, b) = tunnel_pair().await;
