@@ -6,10 +6,12 @@
 //! when their relay is declared dead so they end at once rather than hang.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use http::{Request, Response, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
@@ -56,10 +58,26 @@ pub struct Relays {
 
 struct Link {
     target: RelayTarget,
-    sender: tokio::sync::Mutex<Option<http2::SendRequest<ForwardBody>>>,
+    /// Never held across an await.
+    slot: Mutex<Slot>,
+    /// Numbers the connect attempts, so a finished one updates only its own slot.
+    attempts: AtomicU64,
     /// Bumped every time the relay is declared dead; requests in flight watch it.
     deaths: watch::Sender<u64>,
 }
+
+/// The connection to one relay.
+enum Slot {
+    Idle,
+    /// An attempt every request needing a connection waits on together.
+    Connecting {
+        id: u64,
+        pending: PendingConnect,
+    },
+    Ready(http2::SendRequest<ForwardBody>),
+}
+
+type PendingConnect = Shared<BoxFuture<'static, Result<http2::SendRequest<ForwardBody>, String>>>;
 
 impl Relays {
     pub fn new(
@@ -73,7 +91,8 @@ impl Relays {
             .into_iter()
             .map(|target| Link {
                 target,
-                sender: tokio::sync::Mutex::new(None),
+                slot: Mutex::new(Slot::Idle),
+                attempts: AtomicU64::new(0),
                 deaths: watch::channel(0).0,
             })
             .collect();
@@ -89,6 +108,12 @@ impl Relays {
     /// The relay for the next request, if any is healthy.
     pub fn pick(&self) -> Option<usize> {
         self.health().pick()
+    }
+
+    /// The first healthy relay by priority that is not in `tried`.
+    pub fn pick_excluding(&self, tried: &[usize]) -> Option<usize> {
+        let health = self.health();
+        (0..self.links.len()).find(|r| !tried.contains(r) && health.is_healthy(*r))
     }
 
     pub fn any_healthy(&self) -> bool {
@@ -124,25 +149,39 @@ impl Relays {
     }
 
     /// An open, ready connection to `relay`; nothing has been sent when this fails.
+    ///
+    /// Waits at most about `connect_timeout`: every caller needing a new connection joins
+    /// the one attempt in progress (which is itself bounded by `connect_timeout`) rather than
+    /// queueing for attempts of its own, and all of them give up together as soon as the
+    /// health monitor declares the relay dead.
     pub async fn ready_sender(
         &self,
         relay: usize,
     ) -> Result<http2::SendRequest<ForwardBody>, ForwardError> {
         let link = &self.links[relay];
-        let mut slot = link.sender.lock().await;
-        if let Some(sender) = slot.as_mut() {
-            if !sender.is_closed() && sender.ready().await.is_ok() {
-                return Ok(sender.clone());
+        // Subscribed before looking at the connection, so a death declared in between counts.
+        let death = self.death_of(relay);
+        let (attempt, pending) = match self.join_or_start_attempt(link) {
+            Ok(sender) => return Ok(sender),
+            Err(joined) => joined,
+        };
+        let outcome = tokio::select! {
+            outcome = pending => outcome,
+            () = death => {
+                return Err(unreachable(
+                    &link.target,
+                    "declared dead while waiting for a connection".to_owned(),
+                ))
             }
+        };
+        let mut slot = link.lock_slot();
+        if matches!(&*slot, Slot::Connecting { id, .. } if *id == attempt) {
+            *slot = match &outcome {
+                Ok(sender) => Slot::Ready(sender.clone()),
+                Err(_) => Slot::Idle,
+            };
         }
-        *slot = None;
-        let mut sender = self.connect(&link.target).await?;
-        sender
-            .ready()
-            .await
-            .map_err(|e| unreachable(&link.target, e.to_string()))?;
-        *slot = Some(sender.clone());
-        Ok(sender)
+        outcome.map_err(|reason| unreachable(&link.target, reason))
     }
 
     /// Sends `request` to `relay` over a connection from [`Relays::ready_sender`], ending
@@ -167,9 +206,13 @@ impl Relays {
 
     /// Drops the cached connection to `relay`, so the next use connects afresh (a connection
     /// through a tunnel whose peer vanished can stay open but silent).
-    pub async fn forget_connection(&self, relay: usize) {
+    /// An attempt in progress is kept: it is fresh, and bounded by `connect_timeout`.
+    pub fn forget_connection(&self, relay: usize) {
         if let Some(link) = self.links.get(relay) {
-            *link.sender.lock().await = None;
+            let mut slot = link.lock_slot();
+            if matches!(&*slot, Slot::Ready(_)) {
+                *slot = Slot::Idle;
+            }
         }
     }
 
@@ -200,9 +243,7 @@ impl Relays {
                     );
                     if let Some(link) = self.links.get(*relay) {
                         link.deaths.send_modify(|n| *n += 1);
-                        if let Ok(mut slot) = link.sender.try_lock() {
-                            *slot = None;
-                        }
+                        *link.lock_slot() = Slot::Idle;
                     }
                 }
                 HealthEvent::Up { relay } => {
@@ -228,40 +269,85 @@ impl Relays {
         self.links.len()
     }
 
-    async fn connect(
+    /// A live cached connection, or the (possibly new) shared attempt to open one with its id.
+    fn join_or_start_attempt(
         &self,
-        target: &RelayTarget,
-    ) -> Result<http2::SendRequest<ForwardBody>, ForwardError> {
-        let conn = tokio::time::timeout(
+        link: &Link,
+    ) -> Result<http2::SendRequest<ForwardBody>, (u64, PendingConnect)> {
+        let mut slot = link.lock_slot();
+        match &*slot {
+            Slot::Ready(sender) if !sender.is_closed() => return Ok(sender.clone()),
+            Slot::Connecting { id, pending } => return Err((*id, pending.clone())),
+            Slot::Ready(_) | Slot::Idle => {}
+        }
+        let id = link.attempts.fetch_add(1, Ordering::Relaxed);
+        // Spawned so the attempt runs to its end even if every waiter goes away, and so that
+        // no waiter's lock is held while it runs.
+        let task = tokio::spawn(connect(
+            self.network.clone(),
+            link.target.clone(),
             self.connect_timeout,
-            self.network.connect(target.service_addr),
-        )
-        .await
-        .map_err(|_| {
-            unreachable(
-                target,
-                format!("connect timed out after {:?}", self.connect_timeout),
-            )
-        })?
-        .map_err(|e| unreachable(target, e.to_string()))?;
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(1 << 20)
-            .initial_connection_window_size(4 << 20)
-            .keep_alive_interval(Some(Duration::from_secs(5)))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(conn))
-            .await
-            .map_err(|e| unreachable(target, format!("HTTP/2 handshake: {e}")))?;
-        let name = target.name.clone();
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(relay = %name, %error, "relay connection ended");
-            }
-        });
-        Ok(sender)
+        ));
+        let pending = async move {
+            task.await
+                .unwrap_or_else(|e| Err(format!("connect task failed: {e}")))
+        }
+        .boxed()
+        .shared();
+        *slot = Slot::Connecting {
+            id,
+            pending: pending.clone(),
+        };
+        Err((id, pending))
     }
+}
+
+impl Link {
+    fn lock_slot(&self) -> std::sync::MutexGuard<'_, Slot> {
+        // Every write replaces the whole slot, so a poisoned one is still consistent.
+        self.slot
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Opens a connection to `target` and completes the HTTP/2 handshake, all within `timeout`.
+async fn connect(
+    network: Network,
+    target: RelayTarget,
+    timeout: Duration,
+) -> Result<http2::SendRequest<ForwardBody>, String> {
+    tokio::time::timeout(timeout, open_http2(&network, &target))
+        .await
+        .unwrap_or_else(|_| Err(format!("connect timed out after {timeout:?}")))
+}
+
+async fn open_http2(
+    network: &Network,
+    target: &RelayTarget,
+) -> Result<http2::SendRequest<ForwardBody>, String> {
+    let conn = network
+        .connect(target.service_addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, connection) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(conn))
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    let name = target.name.clone();
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(relay = %name, %error, "relay connection ended");
+        }
+    });
+    sender.ready().await.map_err(|e| e.to_string())?;
+    Ok(sender)
 }
 
 fn unreachable(target: &RelayTarget, reason: String) -> ForwardError {

@@ -56,7 +56,7 @@ pub async fn run(
                 let failed = !matches!(outcome, ProbeOutcome::Ready { .. });
                 relays.health().on_probe(relay, outcome, Instant::now());
                 if failed {
-                    relays.forget_connection(relay).await;
+                    relays.forget_connection(relay);
                 }
             }
             () = tokio::time::sleep_until(wake.into()) => {}

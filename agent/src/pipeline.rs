@@ -303,16 +303,16 @@ async fn prefetch(
 /// How much of a non-streaming answer is read before its headers go to the caller.
 const PREFETCH_LIMIT: usize = 1 << 20;
 
-/// Tries relays in priority order until one accepts a connection; a relay that refuses is
-/// reported to the health core, so the next pick skips it.
+/// Tries each healthy relay once, in priority order, until one gives a connection; a relay
+/// that fails is reported to the health core, so later picks skip it. Waiting is bounded by
+/// the relays' `connect_timeout` for each relay tried (see [`Relays::ready_sender`]).
 async fn connect_to_healthy_relay(
     relays: &Relays,
 ) -> Result<(usize, hyper::client::conn::http2::SendRequest<ForwardBody>), Error> {
+    let mut tried = Vec::new();
     let mut last_error = None;
-    for _ in 0..relays.len() {
-        let Some(relay) = relays.pick() else {
-            break;
-        };
+    while let Some(relay) = relays.pick_excluding(&tried) {
+        tried.push(relay);
         match relays.ready_sender(relay).await {
             Ok(sender) => return Ok((relay, sender)),
             Err(error) => {

@@ -192,3 +192,96 @@ async fn no_healthy_relay_is_a_prompt_503() {
     assert!(a.seen().is_empty());
     agent.shutdown().await;
 }
+
+/// Takes over `port` on loopback with a listener that never accepts and whose accept queue
+/// is full, so further connection attempts get no answer at all (their SYNs are dropped),
+/// like a relay whose tunnel went quiet. Returns what must stay alive for that to last.
+async fn blackhole(port: u16) -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>) {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let listener = loop {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_reuseaddr(true).expect("reuseaddr");
+        match socket.bind(addr).and_then(|()| socket.listen(0)) {
+            Ok(listener) => break listener,
+            // The killed relay's listener may not be closed yet.
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(error) => panic!("cannot take over {addr}: {error}"),
+        }
+    };
+    let mut filler = Vec::new();
+    loop {
+        match tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => filler.push(stream),
+            Ok(Err(error)) => panic!("filling {addr}: {error}"),
+            Err(_) => break,
+        }
+        assert!(filler.len() < 64, "the accept queue of {addr} never filled");
+    }
+    (listener, filler)
+}
+
+/// The relay's process dies and its address then swallows connection attempts: many
+/// requests arriving together share one connect attempt and end together, with a 503 within
+/// the connect timeout or an answer from the next relay, rather than queueing for a connect
+/// attempt each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_to_an_unreachable_relay_do_not_queue_for_connects() {
+    let scratch = Scratch::new("failover-blackhole");
+    let a = FakeRelay::start("relay-a").await;
+    let b = FakeRelay::start("relay-b").await;
+    let agent = start_agent(
+        &scratch,
+        &agent_toml(&scratch, &[&a, &b], &token_principal("")),
+    )
+    .await;
+    wait_ready(&agent).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut first = Caller::connect(&scratch, agent.front_addr(), false).await;
+    assert_eq!(
+        relay_of(&first.post(CONVERSE, Some(TOKEN), b"{}").await),
+        "relay-a"
+    );
+
+    a.kill();
+    let _hole = blackhole(a.addr.port()).await;
+    let front = agent.front_addr();
+    let scratch = Arc::new(scratch);
+    let start = Instant::now();
+    let mut requests = Vec::new();
+    for _ in 0..24 {
+        let scratch = scratch.clone();
+        requests.push(tokio::spawn(async move {
+            let mut caller = Caller::connect(&scratch, front, false).await;
+            let answer = caller.post(CONVERSE, Some(TOKEN), b"{}").await;
+            (start.elapsed(), answer)
+        }));
+    }
+    let mut moved = 0;
+    for request in requests {
+        let (took, answer) = request.await.expect("request task");
+        // Default connect timeout 2 s, plus the time to reach the next relay.
+        assert!(took < Duration::from_secs(4), "answered after {took:?}");
+        match answer.status {
+            200 => {
+                assert_eq!(relay_of(&answer), "relay-b");
+                moved += 1;
+            }
+            503 => assert_eq!(answer.error_type(), "ServiceUnavailableException"),
+            other => panic!("unexpected status {other}: {:?}", answer.body),
+        }
+    }
+    assert!(moved > 0, "no request moved to relay-b");
+    // Later requests go straight to relay-b.
+    let next = first.post(CONVERSE, Some(TOKEN), b"{}").await;
+    assert_eq!(next.status, 200);
+    assert_eq!(relay_of(&next), "relay-b");
+    agent.shutdown().await;
+}
