@@ -392,7 +392,7 @@ impl AgentConfig {
             check.problem(
                 "[[principal]]",
                 "no principal configured, so every request would be refused",
-                "add a [[principal]] with a token_sha256 from `xpart token create`, source_cidrs, or both",
+                "add a [[principal]] with a token_sha256 from `xpart token new --principal NAME`, source_cidrs, or both",
             );
         }
         let mut names = HashSet::new();
@@ -410,7 +410,7 @@ impl AgentConfig {
                 Some(hex) if decode_sha256(hex).is_none() => check.problem(
                     field("token_sha256"),
                     "is not 64 hexadecimal characters (a SHA-256)",
-                    "store the hash `xpart token create` prints, never the token itself",
+                    "store the hash `xpart token new --principal NAME` prints, never the token itself",
                 ),
                 Some(hex) if !hashes.insert(hex.to_ascii_lowercase()) => check.problem(
                     field("token_sha256"),

@@ -100,7 +100,7 @@ pub enum Error {
 
 /// How a caller sets itself up, quoted in authentication errors.
 const CALLER_SETUP: &str = "Configure the caller with AWS_ENDPOINT_URL_BEDROCK_RUNTIME=https://<this agent's Bedrock name>, \
-     AWS_CA_BUNDLE=<the xpart CA certificate file> and AWS_BEARER_TOKEN_BEDROCK=<the token issued for it by `xpart token create`>";
+     AWS_CA_BUNDLE=<the xpart CA certificate file> and AWS_BEARER_TOKEN_BEDROCK=<the token issued for it by `xpart token new --principal NAME`>";
 
 impl Error {
     /// The Bedrock error a caller receives: status and `x-amzn-ErrorType` for every case.
