@@ -69,7 +69,6 @@ pub fn run(args: DemoArgs, json: bool) -> Result<ExitCode, Error> {
     let material = material::generate(&dir, &ports)?;
     let guide = Guide::new(&material, &ports);
     files::write_secret(&material.caller_env, &guide.env_file(), false)?;
-    use_placeholder_relay_credentials();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -80,20 +79,6 @@ pub fn run(args: DemoArgs, json: bool) -> Result<ExitCode, Error> {
             source: err,
         })?;
     runtime.block_on(serve(args.once, json, &material, &ports, &guide))
-}
-
-/// The relay's credential refresher would otherwise walk the whole AWS chain (instance
-/// metadata included) every few seconds and warn each time it finds nothing. The demo's policy
-/// admits only the echo model, which the relay answers itself, so these are never used to sign.
-/// Called before the runtime starts any thread, so changing the environment is safe.
-fn use_placeholder_relay_credentials() {
-    if std::env::var_os("AWS_EC2_METADATA_DISABLED").is_none() {
-        std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
-    }
-    if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
-        std::env::set_var("AWS_ACCESS_KEY_ID", "XPARTDEMONOTAREALKEY");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "xpart-demo-placeholder-never-used");
-    }
 }
 
 async fn serve(

@@ -69,7 +69,7 @@ impl Guide {
             agent_admin,
             relay_admin,
             run_relay: format!(
-                "AWS_EC2_METADATA_DISABLED=true {} --config {}",
+                "{} --config {}",
                 daemon_command("xpart-relay"),
                 shell_quote(&material.relay_config.display().to_string())
             ),

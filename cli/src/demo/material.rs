@@ -261,6 +261,11 @@ listen = "{RELAY_TUNNEL_IP}:{RELAY_SERVICE_PORT}"
 region = "{REGION}"
 endpoint = "https://bedrock-runtime.{REGION}.amazonaws.com"
 
+[credentials]
+# No AWS credentials and no lookups for them (instance metadata included): the echo model
+# needs none.
+source = "none"
+
 [policy]
 operations = ["InvokeModel", "InvokeModelWithResponseStream", "Converse", "ConverseStream", "CountTokens"]
 models = ["{ECHO_MODEL}"]
