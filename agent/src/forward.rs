@@ -242,8 +242,9 @@ impl Relays {
                         "relay not answering; ending its requests in flight"
                     );
                     if let Some(link) = self.links.get(*relay) {
-                        link.deaths.send_modify(|n| *n += 1);
+                        // Emptied first, so a request that misses the death joins no stale attempt.
                         *link.lock_slot() = Slot::Idle;
+                        link.deaths.send_modify(|n| *n += 1);
                     }
                 }
                 HealthEvent::Up { relay } => {
@@ -383,5 +384,70 @@ mod tests {
             uri.to_string(),
             "http://100.64.0.2:8080/model/us.anthropic.claude-3-5-haiku-20241022-v1%3A0/converse?x=1"
         );
+    }
+
+    /// A loopback address whose accept queue is full, so connection attempts get no answer.
+    async fn blackhole() -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>) {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind");
+        let listener = socket.listen(0).expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let mut filler = Vec::new();
+        while let Ok(stream) = tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            filler.push(stream.expect("fill accept queue"));
+            assert!(filler.len() < 64, "accept queue never filled");
+        }
+        (listener, filler)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiters_for_a_connection_all_give_up_when_the_relay_is_declared_dead() {
+        let (hole, _filler) = blackhole().await;
+        let relays = std::sync::Arc::new(Relays::new(
+            vec![RelayTarget {
+                name: "relay-a".into(),
+                service_addr: hole.local_addr().expect("addr"),
+            }],
+            HealthSettings::default(),
+            Network::host(),
+            // Far longer than the test may take: only the death can end the waits.
+            Duration::from_secs(30),
+        ));
+        relays.health().on_probe(
+            0,
+            crate::health::ProbeOutcome::Ready {
+                handshake_age: None,
+            },
+            Instant::now(),
+        );
+        relays.apply_events();
+        let waiters: Vec<_> = (0..32)
+            .map(|_| {
+                let relays = relays.clone();
+                tokio::spawn(async move { relays.ready_sender(0).await.map(|_| ()) })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let declared = Instant::now();
+        relays.report_failure(0, "probe timed out".into());
+        relays.report_failure(0, "probe timed out".into());
+        for waiter in waiters {
+            let outcome = tokio::time::timeout(Duration::from_secs(2), waiter)
+                .await
+                .expect("a waiter outlived the relay's death")
+                .expect("waiter task");
+            assert!(
+                matches!(&outcome, Err(ForwardError::Unreachable { reason, .. }) if reason.contains("declared dead")),
+                "{outcome:?}"
+            );
+        }
+        assert!(declared.elapsed() < Duration::from_millis(500));
     }
 }
