@@ -232,7 +232,8 @@ impl From<Output> for Run {
 }
 
 /// The caller's own credentials and region must not leak into the demo from the test's
-/// environment, and the daemons' logs stay on stderr.
+/// environment, and the daemons' logs stay on stderr. Instance metadata is left as the host
+/// has it: the demo's relay has `[credentials] source = "none"` and must never look.
 fn demo(dir: &Path, extra: &[&str]) -> Run {
     let output = Command::new(env!("CARGO_BIN_EXE_xpart"))
         .arg("demo")
@@ -242,7 +243,7 @@ fn demo(dir: &Path, extra: &[&str]) -> Run {
         .args(extra)
         .env_remove("AWS_CA_BUNDLE")
         .env_remove("AWS_BEARER_TOKEN_BEDROCK")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_EC2_METADATA_DISABLED")
         .output()
         .expect("run xpart demo");
     Run::from(output)

@@ -135,7 +135,6 @@ def demo_env(tmp_path):
     """The demo's own environment: no caller settings inherited from whoever runs the tests."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env["HOME"] = str(tmp_path)
-    env["AWS_EC2_METADATA_DISABLED"] = "true"
     return env
 
 

@@ -59,6 +59,8 @@ pub struct Material {
     pub ca_bundle: PathBuf,
     pub caller_env: PathBuf,
     pub token: String,
+    agent_public_key: String,
+    relay_public_key: String,
 }
 
 /// A port given as 0 becomes a free one the system picks. A fixed port that is taken is
@@ -180,8 +182,9 @@ fn remove_previous_run(dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Writes keys, CA, certificate and configs into `dir` (prepared by [`prepare_dir`]).
-pub fn generate(dir: &Path, ports: &Ports) -> Result<Material, Error> {
+/// Writes keys, CA and certificate into `dir` (prepared by [`prepare_dir`]); the configs
+/// follow from [`write_configs`] once the ports are known.
+pub fn generate(dir: &Path) -> Result<Material, Error> {
     let agent_key = write_key(&dir.join("agent.key"))?;
     let relay_key = write_key(&dir.join("relay.key"))?;
 
@@ -199,31 +202,35 @@ pub fn generate(dir: &Path, ports: &Ports) -> Result<Material, Error> {
         false,
     )?;
 
-    let token = token::generate_token();
-    let relay_config = dir.join("relay.toml");
-    files::write_public(
-        &relay_config,
-        &relay_toml(&agent_key.public_key().to_base64(), ports),
-        false,
-    )?;
-    let agent_config = dir.join("agent.toml");
-    files::write_public(
-        &agent_config,
-        &agent_toml(
-            &relay_key.public_key().to_base64(),
-            &token::sha256_hex(&token),
-            ports,
-        ),
-        false,
-    )?;
     Ok(Material {
         dir: dir.to_path_buf(),
-        agent_config,
-        relay_config,
+        agent_config: dir.join("agent.toml"),
+        relay_config: dir.join("relay.toml"),
         ca_bundle: ca_dir.join("ca.pem"),
         caller_env: dir.join("caller.env"),
-        token,
+        token: token::generate_token(),
+        agent_public_key: agent_key.public_key().to_base64(),
+        relay_public_key: relay_key.public_key().to_base64(),
     })
+}
+
+/// Writes (or, when the demo retries with other ports, rewrites) `agent.toml` and
+/// `relay.toml` for `ports`.
+pub fn write_configs(material: &Material, ports: &Ports) -> Result<(), Error> {
+    files::write_public(
+        &material.relay_config,
+        &relay_toml(&material.agent_public_key, ports),
+        true,
+    )?;
+    files::write_public(
+        &material.agent_config,
+        &agent_toml(
+            &material.relay_public_key,
+            &token::sha256_hex(&material.token),
+            ports,
+        ),
+        true,
+    )
 }
 
 fn write_key(path: &Path) -> Result<PrivateKey, Error> {
