@@ -1,7 +1,9 @@
 //! The relay's own AWS credentials, from the standard chain (`aws-config`: environment,
 //! profile, web identity, ECS/container endpoint, EC2 instance role through IMDSv2), cached and
 //! refreshed a configured margin before they expire. The relay runs without them (the echo
-//! model needs none) and reports that state to `/readyz` and `/metrics`.
+//! model needs none) and reports that state to `/readyz` and `/metrics`. With
+//! `[credentials] source = "none"` nothing is ever looked up: signing is off by configuration.
+//! Logs follow changes of state (credentials lost, found, refresh failing), not each retry.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -16,6 +18,8 @@ use crate::error::Error;
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
 /// The background refresher looks at least this often, so status and metrics stay current.
 const MAX_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+/// Why requests cannot be signed when the configuration turns signing off.
+const SOURCE_NONE: &str = "[credentials] source = \"none\"";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Status {
@@ -52,19 +56,28 @@ impl CredentialSource {
         margin: Duration,
         fetch_timeout: Duration,
     ) -> Self {
+        let reason = match provider {
+            Some(_) => "not fetched yet",
+            None => SOURCE_NONE,
+        };
         CredentialSource {
             provider,
             margin,
             fetch_timeout,
             cache: Mutex::new(Cache::default()),
             status: RwLock::new(Status::Missing {
-                reason: "not fetched yet".into(),
+                reason: reason.into(),
             }),
         }
     }
 
     /// Credentials valid for at least the refresh margin, fetching new ones when needed.
     pub async fn current(&self) -> Result<Credentials, Error> {
+        let Some(provider) = &self.provider else {
+            return Err(Error::NoCredentials {
+                reason: SOURCE_NONE.into(),
+            });
+        };
         let mut cache = self.cache.lock().await;
         let now = SystemTime::now();
         if let Some(creds) = &cache.credentials {
@@ -73,13 +86,19 @@ impl CredentialSource {
             }
         }
         if let Some((at, reason)) = &cache.failed_at {
-            if at.elapsed() < RETRY_AFTER_FAILURE && cache.credentials.is_none() {
+            if at.elapsed() < RETRY_AFTER_FAILURE {
+                // Between retries, credentials inside the margin but not yet expired still serve.
+                if let Some(creds) = &cache.credentials {
+                    if !needs_refresh(creds.expiry(), now, Duration::ZERO) {
+                        return Ok(creds.clone());
+                    }
+                }
                 return Err(Error::NoCredentials {
                     reason: reason.clone(),
                 });
             }
         }
-        match self.fetch().await {
+        match self.fetch(provider).await {
             Ok(creds) => {
                 tracing::info!(
                     access_key_id = creds.access_key_id(),
@@ -94,11 +113,14 @@ impl CredentialSource {
                 Ok(creds)
             }
             Err(reason) => {
+                let first_failure = cache.failed_at.is_none();
                 cache.failed_at = Some((Instant::now(), reason.clone()));
                 // Credentials that are still valid (only inside the margin) beat none at all.
                 if let Some(creds) = &cache.credentials {
                     if !needs_refresh(creds.expiry(), now, Duration::ZERO) {
-                        tracing::warn!(%reason, "credential refresh failed; using the current ones until they expire");
+                        if first_failure {
+                            tracing::warn!(%reason, "credential refresh failed; using the current ones until they expire");
+                        }
                         return Ok(creds.clone());
                     }
                 }
@@ -119,25 +141,52 @@ impl CredentialSource {
     }
 
     /// Fetch once now (logging whether the relay starts with credentials), then keep them fresh
-    /// ahead of requests.
+    /// ahead of requests. With `source = "none"` it only says so, once.
     pub fn spawn_refresher(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            if let Err(err) = self.current().await {
-                tracing::warn!(
-                    "starting without AWS credentials: {err}. Requests to Bedrock get \
-                     ServiceUnavailableException until credentials appear; /readyz reports this"
+            if self.provider.is_none() {
+                tracing::info!(
+                    "AWS request signing is off by configuration ({SOURCE_NONE}): no credentials \
+                     are looked up and only the echo model is served"
                 );
+                return;
             }
-            loop {
-                tokio::time::sleep(self.next_check()).await;
-                if let Err(err) = self.current().await {
-                    tracing::warn!("{err}");
+            let mut had_credentials = match self.current().await {
+                Ok(_) => true,
+                Err(err) => {
+                    tracing::warn!(
+                        "starting without AWS credentials: {err}. Requests to Bedrock get \
+                         ServiceUnavailableException until credentials appear; /readyz reports this"
+                    );
+                    false
                 }
+            };
+            loop {
+                tokio::time::sleep(self.next_check().await).await;
+                let has_credentials = match self.current().await {
+                    Ok(_) => true,
+                    Err(err) => {
+                        if had_credentials {
+                            tracing::warn!(
+                                "lost AWS credentials: {err}. Requests to Bedrock get \
+                                 ServiceUnavailableException until credentials appear"
+                            );
+                        }
+                        false
+                    }
+                };
+                had_credentials = has_credentials;
             }
         })
     }
 
-    fn next_check(&self) -> Duration {
+    /// While fetches fail, the chain is asked again every few seconds, not every second
+    /// (credentials inside the margin would otherwise ask for a refresh at once).
+    async fn next_check(&self) -> Duration {
+        let failing = self.cache.lock().await.failed_at.is_some();
+        if failing {
+            return MAX_REFRESH_INTERVAL.min(RETRY_AFTER_FAILURE * 2);
+        }
         let Status::Available {
             expiry: Some(expiry),
         } = self.status()
@@ -151,10 +200,7 @@ impl CredentialSource {
         wait.clamp(Duration::from_secs(1), MAX_REFRESH_INTERVAL)
     }
 
-    async fn fetch(&self) -> Result<Credentials, String> {
-        let Some(provider) = &self.provider else {
-            return Err("[credentials] source = \"none\"".into());
-        };
+    async fn fetch(&self, provider: &SharedCredentialsProvider) -> Result<Credentials, String> {
         match tokio::time::timeout(self.fetch_timeout, provider.provide_credentials()).await {
             Ok(Ok(creds)) => Ok(creds),
             Ok(Err(err)) => Err(describe(&err)),
@@ -289,9 +335,70 @@ mod tests {
     #[tokio::test]
     async fn without_a_provider_reports_missing() {
         let none = CredentialSource::new(None, Duration::from_secs(60), Duration::from_secs(1));
+        assert_eq!(
+            none.status(),
+            Status::Missing {
+                reason: SOURCE_NONE.into()
+            },
+            "/readyz says why before anything asks"
+        );
         let err = none.current().await.unwrap_err();
         assert!(matches!(err, Error::NoCredentials { .. }));
         assert_eq!(err.to_bedrock().kind.status().as_u16(), 503);
         assert!(matches!(none.status(), Status::Missing { .. }));
+    }
+
+    /// Hands out credentials inside the refresh margin once, then fails.
+    #[derive(Debug)]
+    struct OnceThenFailing {
+        calls: Arc<AtomicUsize>,
+    }
+
+    impl ProvideCredentials for OnceThenFailing {
+        fn provide_credentials<'a>(
+            &'a self,
+        ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+        where
+            Self: 'a,
+        {
+            let result = match self.calls.fetch_add(1, Ordering::SeqCst) {
+                0 => Ok(Credentials::new(
+                    "AKID0",
+                    "secret",
+                    None,
+                    Some(SystemTime::now() + Duration::from_secs(30)),
+                    "test",
+                )),
+                _ => {
+                    Err(aws_credential_types::provider::error::CredentialsError::not_loaded("gone"))
+                }
+            };
+            aws_credential_types::provider::future::ProvideCredentials::ready(result)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_refresh_keeps_valid_credentials_and_is_not_retried_per_request() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let provider = SharedCredentialsProvider::new(OnceThenFailing {
+            calls: calls.clone(),
+        });
+        let source = CredentialSource::new(
+            Some(provider),
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+        );
+
+        for _ in 0..5 {
+            assert_eq!(source.current().await.unwrap().access_key_id(), "AKID0");
+        }
+
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "one fetch, one failed refresh"
+        );
+        assert!(matches!(source.status(), Status::Available { .. }));
+        assert_eq!(source.next_check().await, RETRY_AFTER_FAILURE * 2);
     }
 }

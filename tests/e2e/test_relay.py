@@ -490,7 +490,11 @@ def test_starts_without_credentials_echo_works_and_readyz_says_why(start_relay):
     status, _, body = h.get(stack.relay.admin, "/readyz")
     assert status == 503
     assert "no AWS credentials" in body.decode()
-    assert "starting without AWS credentials" in stack.relay.logs()
+    # The chain is asked again every 10 s; the warning is for the state, not for each retry.
+    time.sleep(11)
+    logs = stack.relay.logs()
+    assert logs.count("starting without AWS credentials") == 1, logs
+    assert logs.count("ServiceUnavailableException until credentials appear") == 1, logs
 
 
 def test_credentials_source_none_asks_nothing_and_serves_echo(start_relay, credential_store):
@@ -506,6 +510,10 @@ def test_credentials_source_none_asks_nothing_and_serves_echo(start_relay, crede
         assert status == 503 and "no AWS credentials" in body.decode()
         assert creds.issued == []
         assert stack.standin.requests() == []
+        logs = stack.relay.logs()
+        assert logs.count("signing is off by configuration") == 1, logs
+        assert "INFO" in logs.split("signing is off by configuration")[0].splitlines()[-1], logs
+        assert "WARN" not in logs, logs
     finally:
         creds.stop()
 
