@@ -2,9 +2,10 @@
 //! engine, and moves packets between them.
 //!
 //! Three loops run as tasks, each a straight line from an input to the outputs it causes:
-//! - receive: UDP batch → engine (decrypt) → backend (TUN write, or smoltcp ingress);
-//! - send: backend (TUN read batch, or everything smoltcp has queued, replies included, so
-//!   it leaves in order) → engine (encrypt) → UDP batch;
+//! - receive: UDP batch → engine (decrypt) → backend (TUN write, a flow's packets coalesced
+//!   into one super-packet; or smoltcp ingress);
+//! - send: backend (TUN read batch, super-packets split to the MTU; or everything smoltcp has
+//!   queued, replies included, so it leaves in order) → engine (encrypt) → UDP batch;
 //! - timers: sleep until the engine's next deadline (handshake retries, keepalives, rekeys).
 //!
 //! The engine sits behind one mutex taken once per batch, never across an await; the
@@ -19,7 +20,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::core::{self, Engine, PeerSpec};
-use crate::kernel::{TunDevice, READ_BATCH};
+use crate::kernel::{GroTable, TunDevice, TunReads, COALESCE_CAPACITY, HEADROOM};
 use crate::udp::{self, RecvBatch, UdpSocket};
 use crate::userspace::Stack;
 use crate::{Error, Mode, Network, PeerStats, TunnelConfig};
@@ -66,7 +67,7 @@ impl Tunnel {
         });
         let network = match &backend {
             Backend::Kernel(tun) => {
-                tracing::info!(interface = tun.name(), udp = %local_udp, "tunnel up (kernel mode)");
+                tracing::info!(interface = tun.name(), udp = %local_udp, offloads = tun.offloads(), "tunnel up (kernel mode)");
                 Network::host()
             }
             Backend::Userspace(stack) => {
@@ -175,6 +176,41 @@ enum Backend {
     Userspace(Stack),
 }
 
+/// Where one task hands decrypted packets: the TUN device with the task's own coalescing
+/// state, or the embedded stack.
+enum Sink {
+    Kernel {
+        tun: Arc<TunDevice>,
+        gro: Box<GroTable>,
+    },
+    Userspace(Stack),
+}
+
+impl Sink {
+    fn new(backend: &Backend) -> Sink {
+        match backend {
+            Backend::Kernel(tun) => Sink::Kernel {
+                tun: tun.clone(),
+                gro: Box::new(GroTable::new()),
+            },
+            Backend::Userspace(stack) => Sink::Userspace(stack.clone()),
+        }
+    }
+
+    /// Each buffer holds [`HEADROOM`] spare bytes, then exactly one IP packet.
+    async fn write(&mut self, packets: &mut [&mut Vec<u8>]) {
+        match self {
+            Sink::Kernel { tun, gro } => {
+                if let Err(err) = tun.write_batch(gro, packets).await {
+                    tracing::warn!(interface = tun.name(), error = %err, "writing to TUN failed");
+                }
+            }
+            // Its replies go out through the stack loop, in order.
+            Sink::Userspace(stack) => stack.receive(packets.iter().map(|p| &p[HEADROOM..])),
+        }
+    }
+}
+
 struct Shared {
     engine: Mutex<Engine>,
     udp: UdpSocket,
@@ -186,7 +222,8 @@ struct Shared {
 }
 
 /// What the engine queued (handshakes, keepalives, packets released by a new session),
-/// taken out while the lock is held and acted on after.
+/// taken out while the lock is held and acted on after. Each packet has [`HEADROOM`] spare
+/// bytes in front, as [`Sink::write`] takes them.
 #[derive(Default)]
 struct Output {
     datagrams: Vec<(SocketAddr, Vec<u8>)>,
@@ -258,7 +295,10 @@ impl Shared {
             out.datagrams.push((transmit.dst, transmit.payload));
         }
         while let Some(packet) = engine.poll_inbound() {
-            out.packets.push(packet);
+            let mut buf = Vec::with_capacity(HEADROOM + packet.len());
+            buf.resize(HEADROOM, 0);
+            buf.extend_from_slice(&packet);
+            out.packets.push(buf);
         }
         while let Some(event) = engine.poll_event() {
             tracing::info!(?event, "tunnel event");
@@ -288,85 +328,86 @@ impl Shared {
 /// UDP → engine (decrypt) → backend, and the backend's immediate replies back out.
 async fn receive_loop(shared: Arc<Shared>, backend: Backend) {
     let mut batch = RecvBatch::new();
+    // One buffer per datagram: HEADROOM spare bytes, then the decrypted packet, trimmed to
+    // its length (empty when the datagram held none), as the TUN write takes them. In kernel
+    // mode each has room for the packets after it to be coalesced into it; pages are touched
+    // only as coalescing uses them.
+    let capacity = match backend {
+        Backend::Kernel(_) => COALESCE_CAPACITY,
+        Backend::Userspace(_) => HEADROOM + udp::MAX_DATAGRAM,
+    };
     let mut plain: Vec<Vec<u8>> = (0..udp::BATCH)
-        .map(|_| vec![0u8; udp::MAX_DATAGRAM])
+        .map(|_| Vec::with_capacity(capacity))
         .collect();
-    let mut plain_lens: Vec<(usize, usize)> = Vec::with_capacity(udp::BATCH);
+    let mut sink = Sink::new(&backend);
     let mut out = Output::default();
     loop {
         if let Err(err) = shared.udp.recv_batch(&mut batch).await {
             tracing::error!(error = %err, "WireGuard UDP socket failed; tunnel stopped receiving");
             return;
         }
-        plain_lens.clear();
-        {
-            let mut engine = shared.lock();
-            let now = Instant::now();
-            for (slot, (from, datagram)) in batch.iter().enumerate() {
-                // A GRO batch can hold hundreds of datagrams; grow to the largest seen.
-                if slot == plain.len() {
-                    plain.push(vec![0u8; udp::MAX_DATAGRAM]);
+        // A GRO batch can hold hundreds of datagrams: they are decrypted and written in
+        // chunks of `plain.len()`, which bounds the coalescing buffers' memory.
+        let mut datagrams = batch.iter().peekable();
+        while datagrams.peek().is_some() {
+            let mut filled = 0;
+            {
+                let mut engine = shared.lock();
+                let now = Instant::now();
+                // `plain` first: a zip asks its first iterator first, and a datagram taken
+                // when no buffer is left would be lost.
+                for (buf, (from, datagram)) in plain.iter_mut().zip(datagrams.by_ref()) {
+                    filled += 1;
+                    // Zeroes only the bytes past the last packet's end (a coalesced write
+                    // leaves a longer buffer behind, which this shortens).
+                    buf.resize(HEADROOM + core::inbound_buffer_len(datagram.len()), 0);
+                    match engine.handle_datagram_into(from, datagram, now, &mut buf[HEADROOM..]) {
+                        Some(len) if len > 0 => buf.truncate(HEADROOM + len),
+                        _ => buf.clear(),
+                    }
                 }
-                if let Some(len) =
-                    engine.handle_datagram_into(from, datagram, now, &mut plain[slot])
-                {
-                    plain_lens.push((slot, len));
-                }
+                shared.drain(&mut engine, &mut out);
             }
-            shared.drain(&mut engine, &mut out);
+            let mut packets: Vec<&mut Vec<u8>> = plain[..filled]
+                .iter_mut()
+                .filter(|buf| !buf.is_empty())
+                .collect();
+            sink.write(&mut packets).await;
+            deliver(&shared, &mut sink, &mut out).await;
         }
-        let packets = plain_lens.iter().map(|(slot, len)| &plain[*slot][..*len]);
-        to_backend(&backend, packets).await;
-        deliver(&shared, &backend, &mut out).await;
-    }
-}
-
-/// Hands decrypted packets to the backend.
-async fn to_backend<'p>(backend: &Backend, packets: impl Iterator<Item = &'p [u8]>) {
-    match backend {
-        Backend::Kernel(tun) => {
-            if let Err(err) = tun.write_all(packets).await {
-                tracing::warn!(interface = tun.name(), error = %err, "writing to TUN failed");
-            }
-        }
-        // Its replies go out through the stack loop, in order.
-        Backend::Userspace(stack) => stack.receive(packets),
     }
 }
 
 /// Sends the datagrams the engine queued and hands the packets it queued to the backend.
-async fn deliver(shared: &Shared, backend: &Backend, out: &mut Output) {
+async fn deliver(shared: &Shared, sink: &mut Sink, out: &mut Output) {
     shared.send(&out.datagrams).await;
     out.datagrams.clear();
-    to_backend(backend, out.packets.iter().map(Vec::as_slice)).await;
+    let mut packets: Vec<&mut Vec<u8>> = out.packets.iter_mut().collect();
+    sink.write(&mut packets).await;
     out.packets.clear();
 }
 
 /// TUN → engine (encrypt) → UDP (kernel mode).
 async fn tun_loop(shared: Arc<Shared>, tun: Arc<TunDevice>, mtu: usize) {
-    // Room for a packet a little over the MTU, so an oversized one is seen, not truncated.
-    let packet_len = mtu + 64;
-    let mut bufs: Vec<Vec<u8>> = (0..READ_BATCH).map(|_| vec![0u8; packet_len]).collect();
-    let mut lens = Vec::with_capacity(READ_BATCH);
-    let mut wire = WireBatch::new(READ_BATCH, packet_len);
-    let backend = Backend::Kernel(tun.clone());
+    let mut reads = TunReads::new(mtu);
+    let mut wire = WireBatch::new(udp::BATCH, mtu + 64);
+    let mut sink = Sink::new(&Backend::Kernel(tun.clone()));
     let mut out = Output::default();
     loop {
-        if let Err(err) = tun.read_batch(&mut bufs, &mut lens).await {
+        if let Err(err) = tun.read_batch(&mut reads).await {
             tracing::error!(interface = tun.name(), error = %err, "reading from TUN failed; tunnel stopped sending");
             return;
         }
-        let packets = bufs.iter().zip(&lens).map(|(buf, len)| &buf[..*len]);
-        shared.encrypt(packets, &mut wire, &mut out);
+        shared.encrypt(reads.packets(), &mut wire, &mut out);
         shared.send(&wire.datagrams()).await;
-        deliver(&shared, &backend, &mut out).await;
+        deliver(&shared, &mut sink, &mut out).await;
     }
 }
 
 /// smoltcp → engine (encrypt) → UDP (userspace mode). Runs when an application wrote, read
 /// or closed, and at smoltcp's own deadline (retransmits, delayed ACKs); never on a fixed tick.
 async fn stack_loop(shared: Arc<Shared>, stack: Stack, mtu: usize) {
-    let backend = Backend::Userspace(stack.clone());
+    let mut sink = Sink::Userspace(stack.clone());
     let mut packets = Vec::new();
     let mut wire = WireBatch::new(64, mtu);
     let mut out = Output::default();
@@ -376,7 +417,7 @@ async fn stack_loop(shared: Arc<Shared>, stack: Stack, mtu: usize) {
             shared.encrypt(packets.iter().map(Vec::as_slice), &mut wire, &mut out);
             packets.clear();
             shared.send(&wire.datagrams()).await;
-            deliver(&shared, &backend, &mut out).await;
+            deliver(&shared, &mut sink, &mut out).await;
             // More may be queued behind a full pass; look again before sleeping.
             continue;
         }
@@ -395,6 +436,7 @@ async fn stack_loop(shared: Arc<Shared>, stack: Stack, mtu: usize) {
 
 /// Handshake retries, keepalives, rekeys and session expiry, at the engine's deadlines.
 async fn timer_loop(shared: Arc<Shared>, backend: Backend) {
+    let mut sink = Sink::new(&backend);
     let mut out = Output::default();
     loop {
         let now = Instant::now();
@@ -416,6 +458,6 @@ async fn timer_loop(shared: Arc<Shared>, backend: Backend) {
             engine.handle_timeout(Instant::now());
             shared.drain(&mut engine, &mut out);
         }
-        deliver(&shared, &backend, &mut out).await;
+        deliver(&shared, &mut sink, &mut out).await;
     }
 }
