@@ -13,7 +13,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 use xpart_daemon::config::Diagnostics;
-use xpart_tunnel::{Mode, PrivateKey, PublicKey};
+use xpart_daemon::tunnel_config::TunnelMode;
+use xpart_tunnel::{PrivateKey, PublicKey};
 
 use crate::auth::Principal;
 use crate::dns::DnsSettings;
@@ -52,22 +53,9 @@ pub struct TunnelSection {
     #[serde(default = "default_mode")]
     pub mode: TunnelMode,
     pub listen: Option<SocketAddr>,
-    #[serde(default = "default_mtu")]
+    #[serde(default = "xpart_daemon::tunnel_config::default_mtu")]
     pub mtu: u16,
     pub interface_name: Option<String>,
-}
-
-/// How the agent reaches its relays.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TunnelMode {
-    /// WireGuard through a Linux TUN interface (needs CAP_NET_ADMIN).
-    Kernel,
-    /// WireGuard with an embedded TCP/IP stack (no privileges).
-    Userspace,
-    /// No WireGuard of the agent's own: relays' tunnel addresses are reached through the host's
-    /// network (WireGuard managed outside xpart, or a relay in host mode on the same machine).
-    Host,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -199,15 +187,6 @@ impl AgentConfig {
         };
         let path = self.resolve(path);
         xpart_tunnel::keys::read_private_key_file(&path).map_err(|e| e.to_string())
-    }
-
-    /// The WireGuard mode, or `None` in host mode.
-    pub fn wireguard_mode(&self) -> Option<Mode> {
-        match self.tunnel.mode {
-            TunnelMode::Kernel => Some(Mode::Kernel),
-            TunnelMode::Userspace => Some(Mode::Userspace),
-            TunnelMode::Host => None,
-        }
     }
 
     pub fn principals(&self) -> Vec<Principal> {
@@ -532,9 +511,6 @@ fn default_burst(rate: Option<f64>) -> u32 {
 
 fn default_mode() -> TunnelMode {
     TunnelMode::Kernel
-}
-fn default_mtu() -> u16 {
-    xpart_tunnel::DEFAULT_MTU
 }
 fn default_service_port() -> u16 {
     8080

@@ -37,13 +37,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ipnet::IpNet;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use xpart_daemon::admin::AdminServer;
 use xpart_daemon::audit::AuditLog;
 use xpart_daemon::bedrock::{BedrockError, ErrorType};
-use xpart_tunnel::{Network, PeerConfig, Tunnel, TunnelConfig};
+use xpart_daemon::tunnel_config::{LocalSide, PeerTable};
+use xpart_tunnel::{Network, Tunnel, TunnelConfig};
 
 use crate::auth::{Denial, Principals};
 use crate::config::AgentConfig;
@@ -243,7 +243,7 @@ impl AgentHandle {
 /// Brings up the tunnel to the relays, then the agent on it (in `mode = "host"`, the agent
 /// alone, on the host network).
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, Error> {
-    let mode = match config.wireguard_mode() {
+    let mode = match config.tunnel.mode.wireguard() {
         Some(xpart_tunnel::Mode::Kernel) => "kernel",
         Some(xpart_tunnel::Mode::Userspace) => "userspace",
         None => return start_with_network(config, Network::host()).await,
@@ -377,42 +377,40 @@ async fn start_inner(
 
 /// The WireGuard side of the config: one peer per relay, routing its tunnel address.
 pub fn tunnel_config(config: &AgentConfig) -> Result<TunnelConfig, Error> {
-    let private_key = config.private_key().map_err(Error::Config)?;
-    let mut peers = Vec::new();
+    let mode = config.tunnel.mode.wireguard().ok_or_else(|| {
+        Error::Config("[tunnel].mode = \"host\" has no WireGuard tunnel".to_owned())
+    })?;
+    let mut relays = Vec::new();
     for relay in &config.relays {
-        let key = relay.public_key.as_deref().unwrap_or_default();
-        let public_key = xpart_tunnel::PublicKey::from_base64(key)
-            .map_err(|e| Error::Config(format!("[[relay]] {}: public_key: {e}", relay.name)))?;
         let preshared_key = match &relay.preshared_key_file {
             Some(path) => {
                 Some(config::read_preshared_key(&config.resolve(path)).map_err(Error::Config)?)
             }
             None => None,
         };
-        peers.push(PeerConfig {
-            name: relay.name.clone(),
-            public_key,
+        relays.push(PeerTable {
+            name: &relay.name,
+            public_key: relay.public_key.as_deref(),
             endpoint: relay.endpoint,
-            allowed_ips: vec![IpNet::from(relay.tunnel_address)],
+            tunnel_address: relay.tunnel_address,
             persistent_keepalive: (relay.persistent_keepalive > 0)
                 .then_some(relay.persistent_keepalive),
             preshared_key,
         });
     }
-    let address = config
-        .tunnel
-        .address
-        .ok_or_else(|| Error::Config("[tunnel].address is missing".to_owned()))?;
-    let mode = config.wireguard_mode().ok_or_else(|| {
-        Error::Config("[tunnel].mode = \"host\" has no WireGuard tunnel".to_owned())
-    })?;
-    Ok(TunnelConfig {
-        private_key,
-        address,
+    let local = LocalSide {
         mode,
+        private_key_file: config
+            .tunnel
+            .private_key_file
+            .as_deref()
+            .map(|path| config.resolve(path)),
+        address: config.tunnel.address,
         listen: config.tunnel.listen,
         mtu: config.tunnel.mtu,
         interface_name: config.tunnel.interface_name.clone(),
-        peers,
-    })
+    };
+    let tunnel = xpart_daemon::tunnel_config::tunnel_config(local, relays)
+        .map_err(|error| Error::Config(error.to_string()))?;
+    Ok(tunnel)
 }

@@ -3,11 +3,13 @@
 //! SIGINT/SIGTERM. SIGHUP reloads the TLS certificate and reopens the
 //! audit log, without dropping connections.
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use xpart_agent::config::AgentConfig;
+use xpart_daemon::startup::load_config;
 
 #[derive(Parser)]
 #[command(
@@ -27,18 +29,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match AgentConfig::load(&args.config) {
-        Ok(config) => config,
-        Err(diagnostics) => {
-            eprintln!("{diagnostics}");
-            return ExitCode::from(2);
-        }
+    let config = match load_config("agent", &args.config, args.check, AgentConfig::load) {
+        ControlFlow::Continue(config) => config,
+        ControlFlow::Break(exit) => return exit,
     };
-    if args.check {
-        println!("{}: ok", args.config.display());
-        return ExitCode::SUCCESS;
-    }
-    xpart_daemon::logging::init("agent");
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -13,7 +13,10 @@
 //! background task. Around the request path: [`config`] reads TOML into the daemon's typed
 //! config and collects every problem into [`config::Diagnostics`]; [`admin::serve`] runs
 //! `/metrics`, `/healthz`, `/readyz`, `/status` and daemon-specific routes; [`logging::init`]
-//! sets up tracing; [`shutdown`] turns SIGINT/SIGTERM and SIGHUP into futures.
+//! sets up tracing; [`shutdown`] turns SIGINT/SIGTERM and SIGHUP into futures. At startup,
+//! [`startup::load_config`] loads the file named by `--config` and answers `--check`, and
+//! [`tunnel_config::tunnel_config`] turns the `[tunnel]` section and the peer tables into
+//! the WireGuard configuration.
 //!
 //! Beyond CONTRACTS.md §2:
 //! - [`bedrock::ErrorType::UnknownOperation`] (404 `UnknownOperationException`, what AWS
@@ -33,8 +36,8 @@
 //!
 //! `admin::serve` and `AuditLog::open` are synchronous but must be called inside a Tokio
 //! runtime. Errors are per audience rather than one enum: [`bedrock::BedrockError`] for
-//! Bedrock clients, [`config::Diagnostics`] for operators editing a file, `io::Error` for
-//! the daemon's startup.
+//! Bedrock clients, [`config::Diagnostics`] for operators editing a file, `io::Error` and
+//! [`tunnel_config::TunnelConfigError`] for the daemon's startup.
 
 pub mod admin;
 pub mod audit;
@@ -43,3 +46,5 @@ pub mod config;
 pub mod logging;
 pub mod protocol;
 pub mod shutdown;
+pub mod startup;
+pub mod tunnel_config;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use xpart_daemon::bedrock::Operation;
 use xpart_daemon::config::Diagnostics;
+use xpart_daemon::tunnel_config::TunnelMode;
 
 /// The relay's whole configuration, validated.
 #[derive(Debug, Clone, Deserialize)]
@@ -33,19 +34,6 @@ pub struct RelayConfig {
     pub source: PathBuf,
 }
 
-/// How the relay reaches its agents.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TunnelMode {
-    /// WireGuard through a Linux TUN interface (needs CAP_NET_ADMIN).
-    Kernel,
-    /// WireGuard with an embedded TCP/IP stack (no privileges).
-    Userspace,
-    /// No WireGuard: the service listens on the host network. Accepted only with a loopback
-    /// `[service] listen`, for tests on one machine.
-    Host,
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TunnelSection {
@@ -56,7 +44,7 @@ pub struct TunnelSection {
     pub listen_port: u16,
     #[serde(default = "default_bind_address")]
     pub bind_address: IpAddr,
-    #[serde(default = "default_mtu")]
+    #[serde(default = "xpart_daemon::tunnel_config::default_mtu")]
     pub mtu: u16,
     pub interface_name: Option<String>,
 }
@@ -482,9 +470,6 @@ fn default_listen_port() -> u16 {
 }
 fn default_bind_address() -> IpAddr {
     IpAddr::from([0, 0, 0, 0])
-}
-fn default_mtu() -> u16 {
-    1420
 }
 fn default_shutdown_grace() -> u64 {
     30

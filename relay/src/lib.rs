@@ -36,12 +36,13 @@ use std::time::Duration;
 
 use xpart_daemon::audit::AuditLog;
 use xpart_daemon::bedrock::ModelId;
-use xpart_tunnel::{Network, PeerConfig, PeerStats, Tunnel, TunnelConfig};
+use xpart_daemon::tunnel_config::{LocalSide, PeerTable};
+use xpart_tunnel::{Network, PeerStats, Tunnel};
 
 pub use crate::config::RelayConfig;
 pub use crate::error::Error;
 
-use crate::config::{CredentialsFrom, TunnelMode};
+use crate::config::CredentialsFrom;
 use crate::credentials::CredentialSource;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -230,52 +231,36 @@ impl Relay {
 
 /// Bring up WireGuard with one peer per configured agent; `None` in host mode.
 async fn start_tunnel(config: &RelayConfig) -> Result<Option<Tunnel>, Error> {
-    let mode = match config.tunnel.mode {
-        TunnelMode::Host => return Ok(None),
-        TunnelMode::Kernel => xpart_tunnel::Mode::Kernel,
-        TunnelMode::Userspace => xpart_tunnel::Mode::Userspace,
+    let Some(mode) = config.tunnel.mode.wireguard() else {
+        return Ok(None);
     };
-    let (Some(key_file), Some(address)) = (&config.tunnel.private_key_file, config.tunnel.address)
-    else {
-        return Err(Error::Tunnel(
-            "[tunnel] private_key_file and address are required outside host mode".into(),
-        ));
-    };
-    let key_file = config.resolve_path(key_file);
-    let private_key = xpart_tunnel::keys::read_private_key_file(&key_file)
-        .map_err(|e| Error::Tunnel(e.to_string()))?;
-    let mut peers = Vec::new();
-    for agent in &config.agents {
-        let Some(key) = &agent.public_key else {
-            return Err(Error::Tunnel(format!(
-                "agent {} has no public_key",
-                agent.name
-            )));
-        };
-        let public_key = xpart_tunnel::PublicKey::from_base64(key)
-            .map_err(|e| Error::Tunnel(format!("agent {} public_key: {e}", agent.name)))?;
-        peers.push(PeerConfig {
-            name: agent.name.clone(),
-            public_key,
-            endpoint: agent.endpoint,
-            allowed_ips: vec![ipnet::IpNet::from(agent.tunnel_address)],
-            persistent_keepalive: agent.persistent_keepalive,
-            preshared_key: None,
-        });
-    }
-    let tunnel = Tunnel::start(TunnelConfig {
-        private_key,
-        address,
+    let agents = config.agents.iter().map(|agent| PeerTable {
+        name: &agent.name,
+        public_key: agent.public_key.as_deref(),
+        endpoint: agent.endpoint,
+        tunnel_address: agent.tunnel_address,
+        persistent_keepalive: agent.persistent_keepalive,
+        preshared_key: None,
+    });
+    let local = LocalSide {
         mode,
+        private_key_file: config
+            .tunnel
+            .private_key_file
+            .as_deref()
+            .map(|path| config.resolve_path(path)),
+        address: config.tunnel.address,
         listen: Some(SocketAddr::new(
             config.tunnel.bind_address,
             config.tunnel.listen_port,
         )),
         mtu: config.tunnel.mtu,
         interface_name: config.tunnel.interface_name.clone(),
-        peers,
-    })
-    .await
-    .map_err(|e| Error::Tunnel(e.to_string()))?;
+    };
+    let tunnel_config = xpart_daemon::tunnel_config::tunnel_config(local, agents)
+        .map_err(|e| Error::Tunnel(e.to_string()))?;
+    let tunnel = Tunnel::start(tunnel_config)
+        .await
+        .map_err(|e| Error::Tunnel(e.to_string()))?;
     Ok(Some(tunnel))
 }

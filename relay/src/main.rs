@@ -2,10 +2,12 @@
 //! `--check`), start the relay, print one JSON line with the bound addresses on stdout, and run
 //! until SIGINT/SIGTERM.
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use xpart_daemon::startup::load_config;
 use xpart_relay::config::RelayConfig;
 
 #[derive(Parser)]
@@ -25,18 +27,10 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match RelayConfig::load(&args.config) {
-        Ok(config) => config,
-        Err(diagnostics) => {
-            eprintln!("{diagnostics}");
-            return ExitCode::from(2);
-        }
+    let config = match load_config("relay", &args.config, args.check, RelayConfig::load) {
+        ControlFlow::Continue(config) => config,
+        ControlFlow::Break(exit) => return exit,
     };
-    if args.check {
-        println!("{}: ok", args.config.display());
-        return ExitCode::SUCCESS;
-    }
-    xpart_daemon::logging::init("relay");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
