@@ -43,6 +43,7 @@ def main():
     parser.add_argument("--write", action="store_true", help="update docs/BENCHMARKS.md")
     parser.add_argument("--skip-userspace", action="store_true")
     args = parser.parse_args()
+    args.load_at_start = os.getloadavg()[0]
 
     problem = tn.missing_prerequisite()
     if problem is None and shutil.which("iperf3") is None:
@@ -170,7 +171,8 @@ def render(cases, results, args, onetun_note):
             break
     lines = [
         f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on "
-        f"`nproc` = {os.cpu_count()}, {cpu}; wireguard-go {wg_go_version()}.",
+        f"`nproc` = {os.cpu_count()}, {cpu}; wireguard-go {wg_go_version()}; "
+        f"1-minute load average {args.load_at_start:.2f} at the start.",
         "",
         f"Command: `cargo build --release -p xpart-tunnel --examples && "
         f"XPART_BIN_DIR=target/release python3 tests/bench/tunnel.py --rounds {args.rounds} "
@@ -201,7 +203,37 @@ def render(cases, results, args, onetun_note):
                                  f"({theirs if not base else ours} did not finish)")
     if onetun_note:
         lines.append(f"- onetun: {onetun_note}")
+    lines += ["", "Against issue 2's targets, by the medians above:"]
+    lines += [target_line(check, median) for check in TARGETS]
     return "\n".join(lines)
+
+
+# (what, case, streams, compared with: a case name for a ratio, or a figure in Gbit/s)
+TARGETS = [
+    ("kernel mode at least 2x wireguard-go", "xpart kernel <-> xpart kernel", 1, "wireguard-go <-> wireguard-go"),
+    ("kernel mode at least 2x wireguard-go", "xpart kernel <-> xpart kernel", 4, "wireguard-go <-> wireguard-go"),
+    ("kernel mode above 1.25 Gbit/s", "xpart kernel <-> xpart kernel", 1, 1.25),
+    ("kernel mode above 1.25 Gbit/s", "xpart kernel <-> xpart kernel", 4, 1.25),
+    ("userspace mode at least 0.35 Gbit/s", "xpart userspace -> wireguard-go", 1, 0.35),
+    ("userspace mode at least 0.35 Gbit/s", "xpart userspace -> wireguard-go", 4, 0.35),
+]
+
+
+def target_line(check, median):
+    what, case, streams, against = check
+    try:
+        value = median(case, streams)
+        base = median(against, streams) if isinstance(against, str) else against
+    except KeyError:
+        return f"- {what}, {streams} stream(s): not measured in this run"
+    if value is None or base is None:
+        return f"- {what}, {streams} stream(s): no figure (a run did not finish)"
+    if isinstance(against, str):
+        ratio = value / base
+        verdict = "met" if ratio >= 2 else "missed"
+        return f"- {what}, {streams} stream(s): {verdict} ({ratio:.2f}x)"
+    verdict = "met" if value >= base else "missed"
+    return f"- {what}, {streams} stream(s): {verdict} ({value:.3f} Gbit/s)"
 
 
 def wg_go_version():

@@ -5,8 +5,8 @@ The host hands the tunnel TCP super-packets (TSO) that xpart splits before encry
 xpart hands the host coalesced super-packets (GRO) after decrypting. A bulk transfer must
 arrive byte for byte, and the interface counters must show that both offloads carried it.
 
-    left  namespace: xpart kernel mode   tunnel 100.64.0.1, underlay 192.0.2.1
-    right namespace: xpart kernel mode   tunnel 100.64.0.2, underlay 192.0.2.2
+    left  namespace: xpart kernel mode   tunnel 100.64.0.1 or fd00:7870::1, underlay 192.0.2.1
+    right namespace: xpart kernel mode   tunnel 100.64.0.2 or fd00:7870::2, underlay 192.0.2.2
 """
 
 import json
@@ -22,6 +22,8 @@ pytestmark = pytest.mark.skipif(tn.missing_prerequisite() is not None,
 
 BULK_BYTES = 8 * 1024 * 1024
 MTU = 1420
+# A unique-local prefix, used only inside the test's namespaces.
+LEFT_TUNNEL6, RIGHT_TUNNEL6 = "fd00:7870::1", "fd00:7870::2"
 
 
 @pytest.fixture
@@ -30,15 +32,18 @@ def topo():
         yield topology
 
 
-def start_kernel_pair(topo):
+def start_kernel_pair(topo, left_tunnel, right_tunnel, prefix):
     left_private, left_public = tn.genkey()
     right_private, right_public = tn.genkey()
+    host_prefix = 128 if ":" in left_tunnel else 32
     tag = topo.left.split("-l")[-1]
     interfaces = {topo.left: f"xpol{tag}", topo.right: f"xpor{tag}"}
-    topo.start_xpart(topo.right, "kernel", right_private, left_public, f"{RIGHT_TUNNEL}/30",
-                     f"{LEFT_UNDERLAY}:{WG_PORT}", f"{LEFT_TUNNEL}/32", interface=interfaces[topo.right])
-    topo.start_xpart(topo.left, "kernel", left_private, right_public, f"{LEFT_TUNNEL}/30",
-                     f"{RIGHT_UNDERLAY}:{WG_PORT}", f"{RIGHT_TUNNEL}/32", interface=interfaces[topo.left])
+    topo.start_xpart(topo.right, "kernel", right_private, left_public, f"{right_tunnel}/{prefix}",
+                     f"{LEFT_UNDERLAY}:{WG_PORT}", f"{left_tunnel}/{host_prefix}",
+                     interface=interfaces[topo.right])
+    topo.start_xpart(topo.left, "kernel", left_private, right_public, f"{left_tunnel}/{prefix}",
+                     f"{RIGHT_UNDERLAY}:{WG_PORT}", f"{right_tunnel}/{host_prefix}",
+                     interface=interfaces[topo.left])
     return interfaces
 
 
@@ -49,17 +54,21 @@ def counters(topo, ns, interface):
     return link["stats64"]
 
 
-def test_bulk_tcp_crosses_as_super_packets_and_arrives_intact(topo):
-    interfaces = start_kernel_pair(topo)
+@pytest.mark.parametrize("left_tunnel,right_tunnel,prefix", [
+    (LEFT_TUNNEL, RIGHT_TUNNEL, 30),
+    (LEFT_TUNNEL6, RIGHT_TUNNEL6, 126),
+], ids=["ipv4", "ipv6"])
+def test_bulk_tcp_crosses_as_super_packets_and_arrives_intact(topo, left_tunnel, right_tunnel, prefix):
+    interfaces = start_kernel_pair(topo, left_tunnel, right_tunnel, prefix)
     for ns, interface in interfaces.items():
         details = topo.exec(ns, "ip", "-d", "link", "show", "dev", interface).stdout
         assert "vnet_hdr on" in details, details
 
-    ping(topo, topo.left, RIGHT_TUNNEL)
-    echo_server(topo, topo.right, RIGHT_TUNNEL, 5000)
-    tcp_check(topo, topo.left, RIGHT_TUNNEL, 5000, nbytes=BULK_BYTES)
-    echo_server(topo, topo.left, LEFT_TUNNEL, 5001)
-    tcp_check(topo, topo.right, LEFT_TUNNEL, 5001, nbytes=BULK_BYTES)
+    ping(topo, topo.left, right_tunnel)
+    echo_server(topo, topo.right, right_tunnel, 5000)
+    tcp_check(topo, topo.left, right_tunnel, 5000, nbytes=BULK_BYTES)
+    echo_server(topo, topo.left, left_tunnel, 5001)
+    tcp_check(topo, topo.right, left_tunnel, 5001, nbytes=BULK_BYTES)
 
     for ns, interface in interfaces.items():
         stats = counters(topo, ns, interface)

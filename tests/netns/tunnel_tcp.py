@@ -14,7 +14,8 @@ def pattern(n):
 
 
 def echo(host, port):
-    server = socket.create_server((host, port), reuse_port=False)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server = socket.create_server((host, port), family=family, reuse_port=False)
     print("listening", flush=True)
     while True:
         conn, _ = server.accept()
