@@ -2,13 +2,14 @@
 //! values are all reported at once, each with its field and a fix.
 
 use xpart_agent::config::AgentConfig;
+use xpart_daemon::config::Diagnostics;
 
 fn example() -> String {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/agent.example.toml");
     std::fs::read_to_string(path).expect("config/agent.example.toml")
 }
 
-fn fields(diagnostics: &xpart_daemon::config::Diagnostics) -> Vec<String> {
+fn fields(diagnostics: &Diagnostics) -> Vec<String> {
     diagnostics
         .problems()
         .iter()
@@ -73,25 +74,22 @@ name = "nobody"
 models = ["*"]
 "#;
     let error = AgentConfig::from_toml_str(text, "agent.toml").expect_err("invalid");
-    let fields = fields(&error);
-    for expected in [
-        "[[relay]] #2 (a).name",
-        "[[relay]] #2 (a).public_key",
-        "[dns].names",
-        "[dns].answer",
-        "[front].cert_file",
-        "[[principal]] #1 (p).token_sha256",
-        "[[principal]] #1 (p).models",
-        "[[principal]] #1 (p).requests_per_second",
-        "[[principal]] #1 (p).max_concurrent",
-        "[[principal]] #1 (p).max_body_bytes",
-        "[[principal]] #2 (nobody).token_sha256",
-    ] {
-        assert!(
-            fields.iter().any(|f| f == expected),
-            "missing {expected} in {error}"
-        );
-    }
+    assert_reported(
+        &error,
+        &[
+            "[[relay]] #2 (a).name",
+            "[[relay]] #2 (a).public_key",
+            "[dns].names",
+            "[dns].answer",
+            "[front].cert_file",
+            "[[principal]] #1 (p).token_sha256",
+            "[[principal]] #1 (p).models",
+            "[[principal]] #1 (p).requests_per_second",
+            "[[principal]] #1 (p).max_concurrent",
+            "[[principal]] #1 (p).max_body_bytes",
+            "[[principal]] #2 (nobody).token_sha256",
+        ],
+    );
     assert!(error.to_string().contains("never the token itself"));
 }
 
@@ -130,16 +128,24 @@ source_cidrs = ["10.0.0.0/8"]
 models = ["*"]
 "#;
     let error = AgentConfig::from_toml_str(text, "agent.toml").expect_err("invalid");
-    let fields = fields(&error);
-    for expected in [
-        "[tunnel].private_key_file",
-        "[tunnel].address",
-        "[[relay]] #1 (a).public_key",
-        "[[relay]] #1 (a).endpoint",
-    ] {
+    assert_reported(
+        &error,
+        &[
+            "[tunnel].private_key_file",
+            "[tunnel].address",
+            "[[relay]] #1 (a).public_key",
+            "[[relay]] #1 (a).endpoint",
+        ],
+    );
+}
+
+/// Each of `expected` is among the fields `error` reports, whatever else it reports.
+fn assert_reported(error: &Diagnostics, expected: &[&str]) {
+    let fields = fields(error);
+    for field in expected {
         assert!(
-            fields.iter().any(|f| f == expected),
-            "missing {expected} in {error}"
+            fields.contains(&field.to_string()),
+            "missing {field} in {error}"
         );
     }
 }

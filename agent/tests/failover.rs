@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fixture::*;
+use xpart_agent::AgentHandle;
 
 const CONVERSE: &str = "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse";
 
@@ -17,17 +18,7 @@ fn relay_of(answer: &Answer) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_primary_under_load_moves_traffic_within_three_seconds() {
-    let scratch = Scratch::new("failover-kill");
-    let a = FakeRelay::start("relay-a").await;
-    let b = FakeRelay::start("relay-b").await;
-    let agent = start_agent(
-        &scratch,
-        &agent_toml(&scratch, &[&a, &b], &token_principal("")),
-    )
-    .await;
-    wait_ready(&agent).await;
-    // Both relays healthy: priority order sends traffic to relay-a.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (scratch, a, _b, agent) = agent_with_two_healthy_relays("failover-kill").await;
     let mut probe = Caller::connect(&scratch, agent.front_addr(), false).await;
     assert_eq!(
         relay_of(&probe.post(CONVERSE, Some(TOKEN), b"{}").await),
@@ -96,16 +87,7 @@ async fn killed_primary_under_load_moves_traffic_within_three_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_in_flight_on_a_silent_relay_ends_with_503_promptly() {
-    let scratch = Scratch::new("failover-silent");
-    let a = FakeRelay::start("relay-a").await;
-    let b = FakeRelay::start("relay-b").await;
-    let agent = start_agent(
-        &scratch,
-        &agent_toml(&scratch, &[&a, &b], &token_principal("")),
-    )
-    .await;
-    wait_ready(&agent).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (scratch, a, _b, agent) = agent_with_two_healthy_relays("failover-silent").await;
 
     // relay-a keeps its connections open but answers nothing: a tunnel gone quiet.
     a.set(Behaviour::Silent);
@@ -146,16 +128,7 @@ async fn request_in_flight_on_a_silent_relay_ends_with_503_promptly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_lost_in_the_middle_of_an_answer_is_a_503_not_a_truncated_200() {
-    let scratch = Scratch::new("failover-partial");
-    let a = FakeRelay::start("relay-a").await;
-    let b = FakeRelay::start("relay-b").await;
-    let agent = start_agent(
-        &scratch,
-        &agent_toml(&scratch, &[&a, &b], &token_principal("")),
-    )
-    .await;
-    wait_ready(&agent).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (scratch, a, _b, agent) = agent_with_two_healthy_relays("failover-partial").await;
 
     let mut caller = Caller::connect(&scratch, agent.front_addr(), false).await;
     let request = caller.post(
@@ -234,16 +207,7 @@ async fn blackhole(port: u16) -> (tokio::net::TcpListener, Vec<tokio::net::TcpSt
 /// attempt each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_to_an_unreachable_relay_do_not_queue_for_connects() {
-    let scratch = Scratch::new("failover-blackhole");
-    let a = FakeRelay::start("relay-a").await;
-    let b = FakeRelay::start("relay-b").await;
-    let agent = start_agent(
-        &scratch,
-        &agent_toml(&scratch, &[&a, &b], &token_principal("")),
-    )
-    .await;
-    wait_ready(&agent).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (scratch, a, _b, agent) = agent_with_two_healthy_relays("failover-blackhole").await;
     let mut first = Caller::connect(&scratch, agent.front_addr(), false).await;
     assert_eq!(
         relay_of(&first.post(CONVERSE, Some(TOKEN), b"{}").await),
@@ -284,4 +248,21 @@ async fn concurrent_requests_to_an_unreachable_relay_do_not_queue_for_connects()
     assert_eq!(next.status, 200);
     assert_eq!(relay_of(&next), "relay-b");
     agent.shutdown().await;
+}
+
+/// An agent in front of two fake relays, `relay-a` first in priority order, once both are
+/// healthy, so that traffic goes to `relay-a`.
+async fn agent_with_two_healthy_relays(test: &str) -> (Scratch, FakeRelay, FakeRelay, AgentHandle) {
+    let scratch = Scratch::new(test);
+    let a = FakeRelay::start("relay-a").await;
+    let b = FakeRelay::start("relay-b").await;
+    let agent = start_agent(
+        &scratch,
+        &agent_toml(&scratch, &[&a, &b], &token_principal("")),
+    )
+    .await;
+    wait_ready(&agent).await;
+    // Ready means one relay is healthy; give the other its first probe too.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    (scratch, a, b, agent)
 }

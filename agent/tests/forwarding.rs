@@ -7,19 +7,13 @@ use std::time::{Duration, Instant};
 
 use fixture::*;
 use http_body_util::BodyExt;
+use xpart_agent::AgentHandle;
 
 const CONVERSE: &str = "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse";
 
 #[tokio::test]
 async fn converse_is_forwarded_without_caller_credentials() {
-    let scratch = Scratch::new("forward");
-    let relay = FakeRelay::start("relay-a").await;
-    let agent = start_agent(
-        &scratch,
-        &agent_toml(&scratch, &[&relay], &token_principal("")),
-    )
-    .await;
-    wait_ready(&agent).await;
+    let (scratch, relay, agent) = ready_agent_with_one_relay("forward").await;
 
     let mut caller = Caller::connect(&scratch, agent.front_addr(), false).await;
     let answer = caller
@@ -66,14 +60,7 @@ async fn converse_is_forwarded_without_caller_credentials() {
 
 #[tokio::test]
 async fn caller_spoofed_xpart_headers_are_replaced() {
-    let scratch = Scratch::new("spoof");
-    let relay = FakeRelay::start("relay-a").await;
-    let agent = start_agent(
-        &scratch,
-        &agent_toml(&scratch, &[&relay], &token_principal("")),
-    )
-    .await;
-    wait_ready(&agent).await;
+    let (scratch, relay, agent) = ready_agent_with_one_relay("spoof").await;
 
     let mut caller = Caller::connect(&scratch, agent.front_addr(), true).await;
     let spoofed = [
@@ -94,14 +81,7 @@ async fn caller_spoofed_xpart_headers_are_replaced() {
 
 #[tokio::test]
 async fn http2_callers_are_served_and_multiplexed() {
-    let scratch = Scratch::new("h2");
-    let relay = FakeRelay::start("relay-a").await;
-    let agent = start_agent(
-        &scratch,
-        &agent_toml(&scratch, &[&relay], &token_principal("")),
-    )
-    .await;
-    wait_ready(&agent).await;
+    let (scratch, relay, agent) = ready_agent_with_one_relay("h2").await;
 
     let caller = Caller::connect(&scratch, agent.front_addr(), true).await;
     let caller = std::sync::Arc::new(tokio::sync::Mutex::new(caller));
@@ -126,14 +106,7 @@ async fn http2_callers_are_served_and_multiplexed() {
 
 #[tokio::test]
 async fn streams_arrive_frame_by_frame() {
-    let scratch = Scratch::new("stream");
-    let relay = FakeRelay::start("relay-a").await;
-    let agent = start_agent(
-        &scratch,
-        &agent_toml(&scratch, &[&relay], &token_principal("")),
-    )
-    .await;
-    wait_ready(&agent).await;
+    let (scratch, _relay, agent) = ready_agent_with_one_relay("stream").await;
 
     let mut caller = Caller::connect(&scratch, agent.front_addr(), false).await;
     let path = "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse-stream";
@@ -165,14 +138,7 @@ async fn streams_arrive_frame_by_frame() {
 
 #[tokio::test]
 async fn upstream_errors_reach_the_caller_unchanged() {
-    let scratch = Scratch::new("upstream-error");
-    let relay = FakeRelay::start("relay-a").await;
-    let agent = start_agent(
-        &scratch,
-        &agent_toml(&scratch, &[&relay], &token_principal("")),
-    )
-    .await;
-    wait_ready(&agent).await;
+    let (scratch, _relay, agent) = ready_agent_with_one_relay("upstream-error").await;
 
     let mut caller = Caller::connect(&scratch, agent.front_addr(), false).await;
     let answer = caller
@@ -241,14 +207,7 @@ async fn admin_reports_status_metrics_and_readiness() {
 
 #[tokio::test]
 async fn certificate_reload_keeps_open_connections() {
-    let scratch = Scratch::new("reload");
-    let relay = FakeRelay::start("relay-a").await;
-    let agent = start_agent(
-        &scratch,
-        &agent_toml(&scratch, &[&relay], &token_principal("")),
-    )
-    .await;
-    wait_ready(&agent).await;
+    let (scratch, _relay, agent) = ready_agent_with_one_relay("reload").await;
 
     let mut before = Caller::connect(&scratch, agent.front_addr(), false).await;
     assert_eq!(before.post(CONVERSE, Some(TOKEN), b"{}").await.status, 200);
@@ -277,4 +236,18 @@ async fn certificate_reload_keeps_open_connections() {
         "a failed reload keeps the last good certificate"
     );
     agent.shutdown().await;
+}
+
+/// An agent in front of one fake relay, `relay-a`, that knows the `lambda` principal by
+/// [`TOKEN`], once the relay is healthy.
+async fn ready_agent_with_one_relay(test: &str) -> (Scratch, FakeRelay, AgentHandle) {
+    let scratch = Scratch::new(test);
+    let relay = FakeRelay::start("relay-a").await;
+    let agent = start_agent(
+        &scratch,
+        &agent_toml(&scratch, &[&relay], &token_principal("")),
+    )
+    .await;
+    wait_ready(&agent).await;
+    (scratch, relay, agent)
 }

@@ -69,6 +69,10 @@ async fn records_become_json_lines_with_the_schema_fields() {
     assert_eq!(first["operation"], "Converse");
     assert_eq!(first["model"], "anthropic.claude-3-haiku-20240307-v1:0");
     assert_eq!(first["error_type"], serde_json::Value::Null);
+    let third: serde_json::Value = serde_json::from_str(&lines[2]).unwrap();
+    assert_eq!(third["service"], "relay");
+    assert_eq!(third["principal"], serde_json::Value::Null);
+    assert_eq!(third["operation"], serde_json::Value::Null);
     assert_eq!(log.written(), 3);
     assert_eq!(log.dropped(), 0);
     std::fs::remove_dir_all(dir).unwrap();
