@@ -175,10 +175,7 @@ impl AgentConfig {
 
     /// A path from the file, relative to the file's directory.
     pub fn resolve(&self, path: &Path) -> PathBuf {
-        match self.file.parent() {
-            Some(dir) if path.is_relative() => dir.join(path),
-            _ => path.to_owned(),
-        }
+        xpart_daemon::config::resolve_path(&self.file, path)
     }
 
     pub fn private_key(&self) -> Result<PrivateKey, String> {

@@ -4,14 +4,15 @@
 //!
 //! A daemon's config loader calls [`read_toml`] (or [`parse_toml`]) for the typed structs,
 //! then validates the values, pushing every problem it finds onto one [`Diagnostics`], and
-//! returns them together, so an operator fixes a file in one pass.
+//! returns them together, so an operator fixes a file in one pass. Paths the file names are
+//! taken relative to the file with [`resolve_path`].
 //!
 //! Custom `Deserialize` impls can carry a fix in their error message by separating it with
 //! [`FIX_SEPARATOR`] (`" — fix: "`); [`read_toml`] splits it into the problem's `fix`.
 
 use std::fmt;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use toml_edit::{ImDocument, Item, TableLike, Value};
@@ -212,6 +213,15 @@ pub fn parse_toml<T: DeserializeOwned>(text: &str, file: &str) -> Result<T, Diag
             diagnostics.push_problem(serde_problem(text, file, document.as_ref(), &err));
             Err(diagnostics)
         }
+    }
+}
+
+/// `path` as written in `config_file`. A relative path is taken relative to the file's
+/// directory, so that a config and the keys and certificates it names can move together.
+pub fn resolve_path(config_file: &Path, path: &Path) -> PathBuf {
+    match config_file.parent() {
+        Some(dir) if path.is_relative() => dir.join(path),
+        _ => path.to_owned(),
     }
 }
 
@@ -538,6 +548,23 @@ fn location(text: &str, offset: usize) -> Option<Location> {
 mod tests {
     use super::*;
     use serde::Deserialize;
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_files_directory() {
+        let file = Path::new("/etc/xpart/agent.toml");
+        assert_eq!(
+            resolve_path(file, Path::new("keys/agent.key")),
+            Path::new("/etc/xpart/keys/agent.key")
+        );
+        assert_eq!(
+            resolve_path(file, Path::new("/var/lib/xpart/agent.key")),
+            Path::new("/var/lib/xpart/agent.key")
+        );
+        assert_eq!(
+            resolve_path(Path::new("agent.toml"), Path::new("agent.key")),
+            Path::new("agent.key")
+        );
+    }
 
     #[derive(Debug, Deserialize)]
     #[allow(dead_code)]

@@ -248,13 +248,7 @@ impl RelayConfig {
 
     /// Resolve a configured path against the config file's directory.
     pub fn resolve_path(&self, path: &Path) -> PathBuf {
-        if path.is_absolute() {
-            return path.to_path_buf();
-        }
-        match self.source.parent() {
-            Some(dir) => dir.join(path),
-            None => path.to_path_buf(),
-        }
+        xpart_daemon::config::resolve_path(&self.source, path)
     }
 
     fn validate(&self) -> Vec<Problem> {
