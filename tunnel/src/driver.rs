@@ -198,7 +198,7 @@ impl Sink {
     }
 
     /// Each buffer holds [`HEADROOM`] spare bytes, then exactly one IP packet.
-    async fn write(&mut self, packets: &mut [&mut Vec<u8>]) {
+    async fn write(&mut self, packets: &mut [Vec<u8>]) {
         match self {
             Sink::Kernel { tun, gro } => {
                 if let Err(err) = tun.write_batch(gro, packets).await {
@@ -328,8 +328,9 @@ impl Shared {
 /// UDP → engine (decrypt) → backend, and the backend's immediate replies back out.
 async fn receive_loop(shared: Arc<Shared>, backend: Backend) {
     let mut batch = RecvBatch::new();
-    // One buffer per datagram: HEADROOM spare bytes, then the decrypted packet, trimmed to
-    // its length (empty when the datagram held none), as the TUN write takes them. In kernel
+    // One buffer per decrypted packet: HEADROOM spare bytes, then the packet, trimmed to its
+    // length, as the TUN write takes them; a datagram without a packet (a handshake, a
+    // keepalive, a drop) leaves its buffer to the next one. In kernel
     // mode each has room for the packets after it to be coalesced into it; pages are touched
     // only as coalescing uses them.
     let capacity = match backend {
@@ -354,25 +355,24 @@ async fn receive_loop(shared: Arc<Shared>, backend: Backend) {
             {
                 let mut engine = shared.lock();
                 let now = Instant::now();
-                // `plain` first: a zip asks its first iterator first, and a datagram taken
-                // when no buffer is left would be lost.
-                for (buf, (from, datagram)) in plain.iter_mut().zip(datagrams.by_ref()) {
-                    filled += 1;
+                while filled < plain.len() {
+                    let Some((from, datagram)) = datagrams.next() else {
+                        break;
+                    };
+                    let buf = &mut plain[filled];
                     // Zeroes only the bytes past the last packet's end (a coalesced write
                     // leaves a longer buffer behind, which this shortens).
                     buf.resize(HEADROOM + core::inbound_buffer_len(datagram.len()), 0);
-                    match engine.handle_datagram_into(from, datagram, now, &mut buf[HEADROOM..]) {
-                        Some(len) if len > 0 => buf.truncate(HEADROOM + len),
-                        _ => buf.clear(),
+                    if let Some(len @ 1..) =
+                        engine.handle_datagram_into(from, datagram, now, &mut buf[HEADROOM..])
+                    {
+                        buf.truncate(HEADROOM + len);
+                        filled += 1;
                     }
                 }
                 shared.drain(&mut engine, &mut out);
             }
-            let mut packets: Vec<&mut Vec<u8>> = plain[..filled]
-                .iter_mut()
-                .filter(|buf| !buf.is_empty())
-                .collect();
-            sink.write(&mut packets).await;
+            sink.write(&mut plain[..filled]).await;
             deliver(&shared, &mut sink, &mut out).await;
         }
     }
@@ -382,8 +382,7 @@ async fn receive_loop(shared: Arc<Shared>, backend: Backend) {
 async fn deliver(shared: &Shared, sink: &mut Sink, out: &mut Output) {
     shared.send(&out.datagrams).await;
     out.datagrams.clear();
-    let mut packets: Vec<&mut Vec<u8>> = out.packets.iter_mut().collect();
-    sink.write(&mut packets).await;
+    sink.write(&mut out.packets).await;
     out.packets.clear();
 }
 

@@ -287,7 +287,7 @@ impl TunDevice {
     pub(crate) async fn write_batch(
         &self,
         gro: &mut GroTable,
-        packets: &mut [&mut Vec<u8>],
+        packets: &mut [Vec<u8>],
     ) -> io::Result<()> {
         if packets.is_empty() {
             return Ok(());
@@ -338,7 +338,7 @@ impl TunDevice {
     pub(crate) async fn write_batch(
         &self,
         _gro: &mut GroTable,
-        _packets: &mut [&mut Vec<u8>],
+        _packets: &mut [Vec<u8>],
     ) -> io::Result<()> {
         Err(io::Error::new(
             io::ErrorKind::Unsupported,
