@@ -108,6 +108,12 @@ impl Tunnel {
         self.shared.lock().stats()
     }
 
+    /// Every datagram and packet the tunnel dropped, by [`core::DropReason`] name, whether or
+    /// not a peer could be named (see [`Engine::dropped`]); zeros included.
+    pub fn dropped(&self) -> std::collections::BTreeMap<String, u64> {
+        self.shared.lock().dropped()
+    }
+
     /// Stops the tasks; in kernel mode the TUN interface and its routes go away with them.
     pub async fn shutdown(mut self) {
         for task in &self.tasks {

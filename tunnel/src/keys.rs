@@ -113,13 +113,7 @@ pub fn read_private_key_file(path: impl AsRef<Path>) -> Result<PrivateKey, KeyEr
             fix: "point private_key_file at the file `xpart keygen` wrote",
         });
     }
-    let mode = metadata.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(KeyError::Permissions {
-            path: path.to_path_buf(),
-            mode,
-        });
-    }
+    check_owner_only(path, &metadata)?;
     let text = fs::read_to_string(path).map_err(|source| read_error(path, source))?;
     let key = PrivateKey::from_base64(&text).map_err(|err| KeyError::File {
         path: path.to_path_buf(),
@@ -127,6 +121,34 @@ pub fn read_private_key_file(path: impl AsRef<Path>) -> Result<PrivateKey, KeyEr
         fix: "write a key with `xpart keygen` or `wg genkey`",
     })?;
     Ok(key)
+}
+
+/// Refuses a secret file (a WireGuard or TLS private key, a preshared key) that group or
+/// others can access, with the message `wg` users know. `metadata` is the file's, as
+/// `fs::metadata` returned it.
+pub fn check_owner_only(path: &Path, metadata: &fs::Metadata) -> Result<(), KeyError> {
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyError::Permissions {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// Reads a secret file whole after [`check_owner_only`] accepted it.
+pub fn read_owner_only_file(path: &Path) -> Result<Vec<u8>, KeyError> {
+    use std::io::Read as _;
+    // Checking the open file's own metadata leaves no window for a swap between the check
+    // and the read.
+    let mut file = fs::File::open(path).map_err(|source| read_error(path, source))?;
+    let metadata = file.metadata().map_err(|source| read_error(path, source))?;
+    check_owner_only(path, &metadata)?;
+    let mut contents = Vec::new();
+    file.read_to_end(&mut contents)
+        .map_err(|source| read_error(path, source))?;
+    Ok(contents)
 }
 
 /// Writes `key` as one base64 line to a new file created with mode 0600. An existing file is
@@ -337,6 +359,33 @@ mod tests {
         assert!(
             message.starts_with(&path.display().to_string()),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn any_secret_file_open_to_group_or_others_is_refused_like_a_private_key() {
+        let dir = TempDir::new();
+        let path = dir.path().join("front.key");
+        fs::write(&path, "-----BEGIN PRIVATE KEY-----\n").unwrap();
+        for mode in [0o604, 0o640, 0o644, 0o660] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            let err = read_owner_only_file(&path).unwrap_err();
+            assert!(
+                matches!(err, KeyError::Permissions { mode: m, .. } if m == mode),
+                "{err:?}"
+            );
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "{p}: private key file is accessible by group or others (mode {mode:04o}) — fix: chmod 600 {p}",
+                    p = path.display()
+                )
+            );
+        }
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+        assert_eq!(
+            read_owner_only_file(&path).unwrap(),
+            b"-----BEGIN PRIVATE KEY-----\n"
         );
     }
 

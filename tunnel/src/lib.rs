@@ -6,7 +6,7 @@
 //! on the UDP socket go the other way: engine (decrypt, check the source against the peer's
 //! allowed IPs) → backend. Callers never see packets: they open and accept TCP connections on
 //! tunnel addresses through a [`Network`], and read per-peer counters with
-//! [`Tunnel::peer_stats`].
+//! [`Tunnel::peer_stats`] and drops by reason, with or without a peer, with [`Tunnel::dropped`].
 
 pub mod core;
 pub mod keys;
@@ -19,7 +19,7 @@ mod userspace;
 
 use std::net::SocketAddr;
 
-pub use core::PeerStats;
+pub use core::{DropReason, PeerStats};
 pub use driver::Tunnel;
 pub use keys::{PrivateKey, PublicKey};
 pub use net::{Network, TcpConn, TcpListener};

@@ -12,7 +12,9 @@ use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use xpart_tunnel::core::{Engine, Event, PeerId, PeerSpec, Transmit, HANDSHAKE_CHECKS_PER_SECOND};
+use xpart_tunnel::core::{
+    DropReason, Engine, Event, PeerId, PeerSpec, Transmit, HANDSHAKE_CHECKS_PER_SECOND,
+};
 use xpart_tunnel::keys::PrivateKey;
 
 const A_TUN: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
@@ -185,7 +187,7 @@ fn preshared_keys_must_match() {
     assert!(sim.nodes[1].received.is_empty());
     assert_eq!(sim.handshakes(0), 0);
     // Every response B sent failed A's check, so A kept retrying.
-    assert!(sim.nodes[0].engine.stats()[0].drops["garbage"] >= 2);
+    assert!(sim.nodes[0].engine.stats()[0].drops["decrypt_failed"] >= 2);
 }
 
 #[test]
@@ -421,7 +423,7 @@ fn garbage_truncated_and_replayed_datagrams_are_dropped_and_counted() {
     }
     assert_eq!(sim.nodes[b].engine.unattributed_drops()["garbage"], 4 + 32);
     assert_eq!(
-        sim.nodes[b].engine.stats()[0].drops["garbage"],
+        sim.nodes[b].engine.stats()[0].drops["decrypt_failed"],
         data.len() as u64 - 32
     );
     assert_eq!(seqs(&sim.nodes[b].received), vec![0]);
@@ -461,6 +463,93 @@ fn garbage_truncated_and_replayed_datagrams_are_dropped_and_counted() {
     sim.send(a, ipv4(A_TUN, B_TUN, 2, 200));
     sim.run_for(Duration::from_secs(1));
     assert_eq!(seqs(&sim.nodes[b].received[delivered_before..]), vec![2]);
+}
+
+#[test]
+fn drops_no_peer_can_be_blamed_for_are_counted_by_reason_and_summed_with_the_peers() {
+    let mut sim = Sim::pair(16, Wire::perfect(), PairOptions::default());
+    let (a, b) = (0, 1);
+    sim.send(a, ipv4(A_TUN, B_TUN, 0, 100));
+    sim.run_for(Duration::from_secs(1));
+    assert_eq!(seqs(&sim.nodes[b].received), vec![0]);
+    sim.partitioned = true;
+    sim.send(a, ipv4(A_TUN, B_TUN, 1, 100));
+    sim.partitioned = false;
+    let data = sim.last_datagram(a, b).expect("a data datagram");
+    let b_public = *sim.nodes[b].engine.public_key().as_x25519();
+    let attacker = addr(66, 1);
+
+    // Not WireGuard at all.
+    for junk in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &[0u8; 7][..],
+        &[2u8; 91][..],
+    ] {
+        sim.inject(attacker, b, junk);
+    }
+    // A data message naming a receiver index that is not B's.
+    let mut foreign_index = data.clone();
+    let index = u32::from_le_bytes(foreign_index[4..8].try_into().unwrap());
+    foreign_index[4..8].copy_from_slice(&index.wrapping_add(1 << 8).to_le_bytes());
+    sim.inject(attacker, b, &foreign_index);
+    // Initiations whose mac1 is wrong: altered, and addressed to another key.
+    let mut altered = Attacker::new(b_public, 16).initiation();
+    let mac1_at = altered.len() - 32;
+    altered[mac1_at] ^= 1;
+    sim.inject(attacker, b, &altered);
+    let other_key = *key(&mut StdRng::seed_from_u64(99)).public_key().as_x25519();
+    sim.inject(attacker, b, &Attacker::new(other_key, 17).initiation());
+    // B's own session named, but the tag is wrong: that one is the peer's.
+    let mut tampered = data.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    sim.inject(attacker, b, &tampered);
+
+    let engine = &sim.nodes[b].engine;
+    let unattributed = engine.unattributed_drops();
+    assert_eq!(unattributed["garbage"], 3);
+    assert_eq!(unattributed["unknown_index"], 1);
+    assert_eq!(unattributed["bad_mac"], 2);
+    assert_eq!(unattributed["decrypt_failed"], 0);
+    assert_eq!(engine.stats()[0].drops["decrypt_failed"], 1);
+
+    // A flood of 3,000 valid-mac1 initiations from unknown keys within one instant: the
+    // limiter lets its budget through to be identified, and answers the rest with cookies.
+    sim.run_for(Duration::from_secs(2));
+    let cookies_before = sim.stray_cookie_replies();
+    let mut flood = Attacker::new(b_public, 18);
+    let flood_len = 3000u64;
+    for n in 0..flood_len {
+        let from = addr(67, 1000 + n as u16);
+        sim.inject(from, b, &flood.initiation());
+    }
+    let engine = &sim.nodes[b].engine;
+    let unattributed = engine.unattributed_drops();
+    assert_eq!(unattributed["unknown_peer"], HANDSHAKE_CHECKS_PER_SECOND);
+    assert_eq!(
+        unattributed["under_load"],
+        flood_len - HANDSHAKE_CHECKS_PER_SECOND
+    );
+    assert_eq!(
+        sim.stray_cookie_replies() - cookies_before,
+        flood_len - HANDSHAKE_CHECKS_PER_SECOND
+    );
+
+    // The total the daemons export: every reason, each the engine's count plus the peers'.
+    let engine = &sim.nodes[b].engine;
+    let dropped = engine.dropped();
+    assert_eq!(dropped.len(), DropReason::ALL.len());
+    for reason in DropReason::ALL {
+        let name = reason.as_str();
+        let peers: u64 = engine.stats().iter().map(|p| p.drops[name]).sum();
+        assert_eq!(dropped[name], unattributed[name] + peers, "{name}");
+    }
+    assert_eq!(dropped["decrypt_failed"], 1);
+    assert_eq!(
+        dropped["under_load"],
+        flood_len - HANDSHAKE_CHECKS_PER_SECOND
+    );
+    assert_eq!(dropped.values().sum::<u64>(), total_drops(engine));
 }
 
 #[test]

@@ -36,7 +36,9 @@
 //! - boringtun's queue of packets waiting for a session is released once a session is
 //!   usable: after the keepalive that completes our own handshake, and after data from the
 //!   peer, never right after answering an initiation (see `flush_queued`);
-//! - per-peer counters and drops by reason ([`DropReason`]).
+//! - per-peer counters and drops by reason ([`DropReason`]); drops no peer can be blamed for
+//!   (garbage, unknown indices and keys, bad mac1, cookie replies under load) are counted by
+//!   the engine itself, and [`Engine::dropped`] sums both for the daemons' metrics.
 //!
 //! Time: every entry point takes `now`, and the engine never reads a clock. boringtun reads its
 //! own clock internally; with the crate feature `sim-clock` (on for this crate's tests) that
@@ -361,6 +363,18 @@ impl Engine {
         self.drops.to_map()
     }
 
+    /// Every drop by reason, attributed to a peer or not: each datagram or packet the engine
+    /// refused is counted once, in [`Engine::unattributed_drops`] or in one peer's
+    /// [`PeerStats::drops`], and this is their sum. Every [`DropReason`] is present, zeros
+    /// included.
+    pub fn dropped(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut total = self.drops.clone();
+        for peer in &self.peers {
+            total.merge(&peer.drops);
+        }
+        total.to_map()
+    }
+
     pub fn peer_name(&self, peer: PeerId) -> Option<&str> {
         self.peers.get(peer.0).map(|p| p.name.as_str())
     }
@@ -496,13 +510,17 @@ impl Engine {
                 self.outbox.send(from, reply);
                 return None;
             }
+            Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
+                self.drops.add(DropReason::BadMac);
+                return None;
+            }
             Err(_) => {
                 self.drops.add(DropReason::Garbage);
                 return None;
             }
         }
         let Ok(half) = parse_handshake_anon(&self.static_private, &self.static_public, init) else {
-            self.drops.add(DropReason::Garbage);
+            self.drops.add(DropReason::DecryptFailed);
             return None;
         };
         let Some(peer) = self.peers_by_key.get(&half.peer_static_public) else {
@@ -516,7 +534,7 @@ impl Engine {
         let slot = (receiver_index >> 8).wrapping_sub(self.index_base) & PEER_INDEX_MASK;
         let slot = slot as usize;
         if slot >= self.peers.len() {
-            self.drops.add(DropReason::UnknownPeer);
+            self.drops.add(DropReason::UnknownIndex);
             return None;
         }
         Some(PeerId(slot))

@@ -28,14 +28,22 @@ pub struct PeerStats {
 pub enum DropReason {
     /// Decrypted, but the inner source address is outside the peer's allowed IPs.
     NotAllowedSource,
-    /// Not a WireGuard message, truncated, or failed authentication.
+    /// Not a WireGuard message: an unknown type or the wrong length for its type.
     Garbage,
+    /// A handshake message whose mac1 is wrong: not addressed to this key, or altered.
+    BadMac,
+    /// A message that failed to decrypt or authenticate with the keys it names (a data
+    /// message with a wrong tag, a handshake that does not decrypt).
+    DecryptFailed,
     /// A data counter already seen or behind the replay window, or a handshake initiation not
     /// newer than the last one.
     Replay,
     /// Data for a session that no longer exists.
     NoSession,
-    /// A receiver index or static key that belongs to no configured peer.
+    /// A handshake response, cookie reply or data message whose receiver index belongs to no
+    /// configured peer.
+    UnknownIndex,
+    /// A handshake initiation from a static key that belongs to no configured peer.
     UnknownPeer,
     /// A handshake response or cookie reply with no matching initiation in flight (duplicate
     /// or late).
@@ -53,11 +61,14 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::NotAllowedSource,
         DropReason::Garbage,
+        DropReason::BadMac,
+        DropReason::DecryptFailed,
         DropReason::Replay,
         DropReason::NoSession,
+        DropReason::UnknownIndex,
         DropReason::UnknownPeer,
         DropReason::UnexpectedHandshake,
         DropReason::UnderLoad,
@@ -71,8 +82,11 @@ impl DropReason {
         match self {
             DropReason::NotAllowedSource => "not_allowed_source",
             DropReason::Garbage => "garbage",
+            DropReason::BadMac => "bad_mac",
+            DropReason::DecryptFailed => "decrypt_failed",
             DropReason::Replay => "replay",
             DropReason::NoSession => "no_session",
+            DropReason::UnknownIndex => "unknown_index",
             DropReason::UnknownPeer => "unknown_peer",
             DropReason::UnexpectedHandshake => "unexpected_handshake",
             DropReason::UnderLoad => "under_load",
@@ -95,6 +109,13 @@ pub(super) struct DropCounts([u64; DropReason::ALL.len()]);
 impl DropCounts {
     pub(super) fn add(&mut self, reason: DropReason) {
         self.0[reason.slot()] += 1;
+    }
+
+    /// Adds `other`'s counts to these.
+    pub(super) fn merge(&mut self, other: &DropCounts) {
+        for (mine, theirs) in self.0.iter_mut().zip(other.0) {
+            *mine += theirs;
+        }
     }
 
     pub(super) fn to_map(&self) -> BTreeMap<String, u64> {
