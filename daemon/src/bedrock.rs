@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE};
 use http::{HeaderMap, Method, Response, StatusCode};
 use http_body_util::Full;
-use percent_encoding::percent_decode_str;
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::REQUEST_ID_HEADER;
@@ -93,6 +93,49 @@ impl Operation {
         }
     }
 
+    /// The last path segment of a `/model/{modelId}/…` operation; `None` for the others.
+    pub fn model_action(self) -> Option<&'static str> {
+        match self {
+            Operation::InvokeModel => Some("invoke"),
+            Operation::InvokeModelWithResponseStream => Some("invoke-with-response-stream"),
+            Operation::Converse => Some("converse"),
+            Operation::ConverseStream => Some("converse-stream"),
+            Operation::CountTokens => Some("count-tokens"),
+            Operation::InvokeModelWithBidirectionalStream => {
+                Some("invoke-with-bidirectional-stream")
+            }
+            Operation::ApplyGuardrail => None,
+            Operation::StartAsyncInvoke => None,
+            Operation::ListAsyncInvokes => None,
+            Operation::GetAsyncInvoke => None,
+        }
+    }
+
+    /// The query parameters the operation defines (botocore `location: querystring`); a
+    /// proxy passes on these and no others.
+    pub fn query_parameters(self) -> &'static [&'static str] {
+        match self {
+            Operation::ListAsyncInvokes => &[
+                "submitTimeAfter",
+                "submitTimeBefore",
+                "statusEquals",
+                "maxResults",
+                "nextToken",
+                "sortBy",
+                "sortOrder",
+            ],
+            Operation::InvokeModel => &[],
+            Operation::InvokeModelWithResponseStream => &[],
+            Operation::Converse => &[],
+            Operation::ConverseStream => &[],
+            Operation::CountTokens => &[],
+            Operation::InvokeModelWithBidirectionalStream => &[],
+            Operation::ApplyGuardrail => &[],
+            Operation::StartAsyncInvoke => &[],
+            Operation::GetAsyncInvoke => &[],
+        }
+    }
+
     /// The comma-separated list of every name, for "use one of …" fixes.
     pub fn all_names() -> String {
         Operation::ALL
@@ -138,15 +181,58 @@ impl<'de> Deserialize<'de> for Operation {
     }
 }
 
-/// A model identifier as the caller meant it: percent-decoded (`us.anthropic.claude-…:0`,
-/// or an ARN such as `arn:aws:bedrock:us-east-1:…:inference-profile/…`).
+/// A model identifier that satisfies Bedrock's grammar (see [`ModelId::parse`]): a plain
+/// model or inference-profile id (`us.anthropic.claude-…:0`), or a Bedrock ARN such as
+/// `arn:aws:bedrock:us-east-1:…:inference-profile/…`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct ModelId(String);
 
+/// ARN resource types Bedrock Runtime accepts in place of a model id (botocore
+/// `InvokeModelIdentifier` and `ConversationalModelId`).
+pub const MODEL_ARN_RESOURCE_TYPES: [&str; 10] = [
+    "foundation-model",
+    "inference-profile",
+    "application-inference-profile",
+    "provisioned-model",
+    "custom-model",
+    "custom-model-deployment",
+    "imported-model",
+    "prompt",
+    "prompt-router",
+    "default-prompt-router",
+];
+
 impl ModelId {
+    /// An id the caller did not supply (configuration, tests); ids from a request or built
+    /// from one go through [`ModelId::parse`].
     pub fn new(id: impl Into<String>) -> ModelId {
         ModelId(id.into())
+    }
+
+    /// Accept `id` (already percent-decoded, exactly once) only when it is in Bedrock's
+    /// model-id grammar: at most [`MAX_MODEL_ID_LEN`] bytes, and either a plain id of ASCII
+    /// letters, digits, `.`, `_`, `:` and `-`, or `arn:<partition>:bedrock:<region>:<account>:
+    /// <type>/<id>` for a type in [`MODEL_ARN_RESOURCE_TYPES`]. No `..` anywhere. The only
+    /// `/` is the one after the type (and, in a `custom-model` ARN, the one before its
+    /// 12-character suffix, as Bedrock names them).
+    pub fn parse(id: &str) -> Result<ModelId, BedrockError> {
+        if id.is_empty() {
+            return Err(model_id_error(
+                id,
+                "Member must have length greater than or equal to 1",
+            ));
+        }
+        if id.len() > MAX_MODEL_ID_LEN {
+            return Err(BedrockError::validation(format!(
+                "1 validation error detected: Value at 'modelId' failed to satisfy constraint: \
+                 Member must have length less than or equal to {MAX_MODEL_ID_LEN}"
+            )));
+        }
+        if let Some(reason) = model_id_violation(id) {
+            return Err(model_id_error(id, reason));
+        }
+        Ok(ModelId(id.to_string()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -169,12 +255,116 @@ impl ModelId {
         let rest = self.0.strip_prefix("arn:")?;
         rest.split(':').next()
     }
+
+    /// The id as one percent-encoded path segment.
+    pub fn path_segment(&self) -> String {
+        encode_label(&self.0)
+    }
 }
 
 impl fmt::Display for ModelId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// Whether `c` may appear in a plain model id (or an ARN's resource id).
+pub fn is_model_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
+}
+
+const PLAIN_ID_RULE: &str =
+    "Member must contain only letters, digits, '.', '_', ':' and '-', and no '..'";
+
+fn model_id_violation(id: &str) -> Option<&'static str> {
+    match id.strip_prefix("arn:") {
+        Some(arn) => arn_violation(arn),
+        None => plain_id_violation(id).then_some(PLAIN_ID_RULE),
+    }
+}
+
+fn plain_id_violation(id: &str) -> bool {
+    id.is_empty() || !id.chars().all(is_model_id_char) || id.contains("..")
+}
+
+fn arn_violation(arn: &str) -> Option<&'static str> {
+    const SHAPE: &str =
+        "Member must be a Bedrock ARN arn:<partition>:bedrock:<region>:<account>:<type>/<id>";
+    let mut fields = arn.splitn(5, ':');
+    let (Some(partition), Some(service), Some(region), Some(account), Some(resource)) = (
+        fields.next(),
+        fields.next(),
+        fields.next(),
+        fields.next(),
+        fields.next(),
+    ) else {
+        return Some(SHAPE);
+    };
+    let partition_ok = partition == "aws"
+        || partition.strip_prefix("aws-").is_some_and(|rest| {
+            !rest.is_empty()
+                && rest.len() <= 12
+                && rest
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        });
+    let region_ok = region.len() <= 20
+        && region
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    let account_ok = account.len() <= 12 && account.chars().all(|c| c.is_ascii_digit());
+    if !(partition_ok && service == "bedrock" && region_ok && account_ok) {
+        return Some(SHAPE);
+    }
+    let Some((kind, id)) = resource.split_once('/') else {
+        return Some(SHAPE);
+    };
+    if !MODEL_ARN_RESOURCE_TYPES.contains(&kind) {
+        return Some(
+            "Member must name a resource type Bedrock invokes (foundation-model, \
+             inference-profile, application-inference-profile, provisioned-model, custom-model, \
+             custom-model-deployment, imported-model, prompt, prompt-router, default-prompt-router)",
+        );
+    }
+    // A custom model is named by its base model and a 12-character suffix:
+    // custom-model/<base-model-id>/<suffix> (botocore InvokeModelIdentifier).
+    let id = match (kind, id.split_once('/')) {
+        ("custom-model", Some((base, suffix)))
+            if suffix.len() == 12 && suffix.chars().all(|c| c.is_ascii_alphanumeric()) =>
+        {
+            base
+        }
+        _ => id,
+    };
+    plain_id_violation(id).then_some(PLAIN_ID_RULE)
+}
+
+fn model_id_error(id: &str, rule: &str) -> BedrockError {
+    BedrockError::validation(format!(
+        "1 validation error detected: Value '{}' at 'modelId' failed to satisfy constraint: {rule}",
+        shown(id)
+    ))
+}
+
+/// The caller's text, escaped and cut short, for an error message.
+fn shown(text: &str) -> String {
+    let escaped: String = text.escape_debug().collect();
+    match escaped.char_indices().nth(MAX_ECHOED_PATH_CHARS) {
+        Some((cut, _)) => format!("{}…", &escaped[..cut]),
+        None => escaped,
+    }
+}
+
+/// RFC 3986 unreserved characters stay; everything else (`:` and `/` in ARNs) is
+/// percent-encoded, as the AWS SDKs encode a path label.
+const PATH_LABEL: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+fn encode_label(value: &str) -> String {
+    utf8_percent_encode(value, PATH_LABEL).to_string()
 }
 
 /// Whole-string, case-sensitive match where each `*` stands for any run of characters
@@ -203,24 +393,96 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     rest.ends_with(last)
 }
 
-/// A guardrail named by ApplyGuardrail's path.
+/// A guardrail named by ApplyGuardrail's path (or by the `X-Amzn-Bedrock-Guardrail*`
+/// headers), validated with [`Guardrail::parse`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Guardrail {
-    /// Percent-decoded guardrail id or ARN.
+    /// Guardrail id (`gr-abc123`) or ARN (`arn:aws:bedrock:…:guardrail/abc123`).
     pub identifier: String,
-    /// Percent-decoded version (`DRAFT` or a number).
+    /// `DRAFT` or a version number.
     pub version: String,
 }
 
-/// What a request is, parsed from its method and path.
+impl Guardrail {
+    /// Accept an identifier and version (already percent-decoded) only in Bedrock's grammar
+    /// (botocore `GuardrailIdentifier`, `GuardrailVersion`): an id of ASCII letters, digits,
+    /// `_` and `-`, or `arn:<partition>:bedrock:<region>:<account>:guardrail/<id>`; a version
+    /// `DRAFT` or 1 to 8 digits without a leading zero.
+    pub fn parse(identifier: &str, version: &str) -> Result<Guardrail, BedrockError> {
+        if !is_guardrail_identifier(identifier) {
+            return Err(BedrockError::validation(format!(
+                "1 validation error detected: Value '{}' at 'guardrailIdentifier' failed to \
+                 satisfy constraint: Member must be a guardrail id (letters, digits, '_', '-') \
+                 or a guardrail ARN",
+                shown(identifier)
+            )));
+        }
+        if !is_guardrail_version(version) {
+            return Err(BedrockError::validation(format!(
+                "1 validation error detected: Value '{}' at 'guardrailVersion' failed to \
+                 satisfy constraint: Member must be DRAFT or a version number",
+                shown(version)
+            )));
+        }
+        Ok(Guardrail {
+            identifier: identifier.to_string(),
+            version: version.to_string(),
+        })
+    }
+
+    /// `identifier:version`, the form guardrail allowlists are written in.
+    pub fn qualified(&self) -> String {
+        format!("{}:{}", self.identifier, self.version)
+    }
+}
+
+fn is_guardrail_identifier(identifier: &str) -> bool {
+    let plain = |id: &str| {
+        !id.is_empty()
+            && id.len() <= MAX_MODEL_ID_LEN
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    };
+    let Some(arn) = identifier.strip_prefix("arn:") else {
+        return plain(identifier);
+    };
+    let fields: Vec<&str> = arn.splitn(5, ':').collect();
+    let [partition, "bedrock", region, account, resource] = fields.as_slice() else {
+        return false;
+    };
+    let Some(id) = resource.strip_prefix("guardrail/") else {
+        return false;
+    };
+    let lower_digits_dash = |s: &str| {
+        s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    };
+    partition.starts_with("aws")
+        && partition.len() <= 16
+        && lower_digits_dash(partition)
+        && region.len() <= 20
+        && lower_digits_dash(region)
+        && account.len() <= 12
+        && account.chars().all(|c| c.is_ascii_digit())
+        && plain(id)
+}
+
+fn is_guardrail_version(version: &str) -> bool {
+    version == "DRAFT"
+        || (!version.is_empty()
+            && version.len() <= 8
+            && !version.starts_with('0')
+            && version.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// What a request is, parsed from its method and path, every path parameter decoded once
+/// and validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub operation: Operation,
-    /// The model, percent-decoded, for the `/model/{modelId}/…` operations.
+    /// The model, for the `/model/{modelId}/…` operations.
     pub model: Option<ModelId>,
-    /// The model path segment exactly as the caller sent it (still percent-encoded), so a
-    /// proxy can forward and sign the path byte for byte.
-    pub raw_model: Option<String>,
     /// ApplyGuardrail's guardrail id and version.
     pub guardrail: Option<Guardrail>,
     /// GetAsyncInvoke's invocation ARN, percent-decoded.
@@ -232,8 +494,8 @@ impl Route {
     ///
     /// A path no operation uses, or a known path with the wrong method, is refused as
     /// 404 `UnknownOperationException`, which is what AWS rest-json front ends answer for
-    /// requests that map to no operation. A recognised path with an unusable model id is a
-    /// 400 `ValidationException`, as Bedrock answers.
+    /// requests that map to no operation. A recognised path with a model id or guardrail
+    /// outside Bedrock's grammar is a 400 `ValidationException`, as Bedrock answers.
     pub fn parse(method: &Method, path: &str) -> Result<Route, BedrockError> {
         let path = path.split_once('?').map_or(path, |(path, _query)| path);
         let Some(rest) = path.strip_prefix('/') else {
@@ -260,20 +522,18 @@ impl Route {
         let mut route = Route {
             operation,
             model: None,
-            raw_model: None,
             guardrail: None,
             invocation_arn: None,
         };
         match segments.as_slice() {
             ["model", raw, _] => {
-                route.model = Some(decode_model_id(raw)?);
-                route.raw_model = Some(raw.to_string());
+                route.model = Some(ModelId::parse(&decode_param(raw, "modelId")?)?);
             }
             ["guardrail", identifier, "version", version, "apply"] => {
-                route.guardrail = Some(Guardrail {
-                    identifier: decode_param(identifier, "guardrailIdentifier")?,
-                    version: decode_param(version, "guardrailVersion")?,
-                });
+                route.guardrail = Some(Guardrail::parse(
+                    &decode_param(identifier, "guardrailIdentifier")?,
+                    &decode_param(version, "guardrailVersion")?,
+                )?);
             }
             ["async-invoke", arn] => {
                 route.invocation_arn = Some(decode_param(arn, "invocationArn")?);
@@ -281,6 +541,49 @@ impl Route {
             _ => {}
         }
         Ok(route)
+    }
+
+    /// The path of this request rebuilt from its validated parameters, each percent-encoded
+    /// as the AWS SDKs encode a path label; `None` when a parameter the operation needs is
+    /// missing.
+    pub fn path(&self) -> Option<String> {
+        match self.operation.model_action() {
+            Some(_) => self.path_with_model(self.model.as_ref()?),
+            None => self.path_without_model(),
+        }
+    }
+
+    /// [`Route::path`] with `model` in the `/model/{modelId}/…` label (a rewritten id, or the
+    /// inference profile used instead of the requested model). `None` for an operation that
+    /// names no model.
+    pub fn path_with_model(&self, model: &ModelId) -> Option<String> {
+        let action = self.operation.model_action()?;
+        Some(format!("/model/{}/{action}", model.path_segment()))
+    }
+
+    fn path_without_model(&self) -> Option<String> {
+        match self.operation {
+            Operation::ApplyGuardrail => {
+                let guardrail = self.guardrail.as_ref()?;
+                Some(format!(
+                    "/guardrail/{}/version/{}/apply",
+                    encode_label(&guardrail.identifier),
+                    encode_label(&guardrail.version)
+                ))
+            }
+            Operation::StartAsyncInvoke => Some("/async-invoke".to_string()),
+            Operation::ListAsyncInvokes => Some("/async-invoke".to_string()),
+            Operation::GetAsyncInvoke => Some(format!(
+                "/async-invoke/{}",
+                encode_label(self.invocation_arn.as_deref()?)
+            )),
+            Operation::InvokeModel => None,
+            Operation::InvokeModelWithResponseStream => None,
+            Operation::Converse => None,
+            Operation::ConverseStream => None,
+            Operation::CountTokens => None,
+            Operation::InvokeModelWithBidirectionalStream => None,
+        }
     }
 }
 
@@ -298,18 +601,7 @@ fn unknown_operation(method: &Method, path: &str) -> BedrockError {
 
 const MAX_ECHOED_PATH_CHARS: usize = 200;
 
-fn decode_model_id(raw: &str) -> Result<ModelId, BedrockError> {
-    let id = decode_param(raw, "modelId")?;
-    if id.len() > MAX_MODEL_ID_LEN {
-        return Err(BedrockError::validation(format!(
-            "1 validation error detected: Value at 'modelId' failed to satisfy constraint: \
-             Member must have length less than or equal to {MAX_MODEL_ID_LEN}"
-        )));
-    }
-    Ok(ModelId(id))
-}
-
-/// Percent-decode one path parameter; it must be non-empty UTF-8 without whitespace or
+/// Percent-decode one path parameter, once; it must be non-empty UTF-8 without whitespace or
 /// control characters, which no Bedrock identifier contains.
 fn decode_param(raw: &str, name: &str) -> Result<String, BedrockError> {
     let Ok(decoded) = percent_decode_str(raw).decode_utf8() else {
@@ -328,7 +620,7 @@ fn decode_param(raw: &str, name: &str) -> Result<String, BedrockError> {
         return Err(BedrockError::validation(format!(
             "1 validation error detected: Value '{}' at '{name}' failed to satisfy constraint: \
              Member must not contain whitespace or control characters",
-            decoded.escape_debug()
+            shown(&decoded)
         )));
     }
     Ok(decoded.into_owned())
@@ -558,7 +850,7 @@ mod tests {
     }
 
     #[test]
-    fn model_operations_parse_with_decoded_and_raw_model() {
+    fn model_operations_parse_with_decoded_model_and_rebuilt_path() {
         let cases = [
             ("invoke", Operation::InvokeModel),
             (
@@ -581,10 +873,7 @@ mod tests {
                 route.model.as_ref().map(ModelId::as_str),
                 Some("anthropic.claude-3-haiku-20240307-v1:0")
             );
-            assert_eq!(
-                route.raw_model.as_deref(),
-                Some("anthropic.claude-3-haiku-20240307-v1%3A0")
-            );
+            assert_eq!(route.path().as_deref(), Some(path.as_str()));
             assert_eq!(route.guardrail, None);
         }
     }
@@ -593,14 +882,14 @@ mod tests {
     fn arns_stand_in_for_model_ids_in_any_partition() {
         let raw = "arn%3Aaws-us-gov%3Abedrock%3Aus-gov-west-1%3A123456789012%3Ainference-profile%2Fus-gov.anthropic.claude-3-5-sonnet-20240620-v1%3A0";
         let route = post(&format!("/model/{raw}/converse")).unwrap();
-        let model = route.model.unwrap();
+        let model = route.model.clone().unwrap();
         assert_eq!(
             model.as_str(),
             "arn:aws-us-gov:bedrock:us-gov-west-1:123456789012:inference-profile/us-gov.anthropic.claude-3-5-sonnet-20240620-v1:0"
         );
         assert!(model.is_arn());
         assert_eq!(model.arn_partition(), Some("aws-us-gov"));
-        assert_eq!(route.raw_model.as_deref(), Some(raw));
+        assert_eq!(route.path(), Some(format!("/model/{raw}/converse")));
 
         let commercial = post("/model/arn:aws:bedrock:us-east-1::foundation-model%2Fx.y/invoke")
             .unwrap()
@@ -650,7 +939,7 @@ mod tests {
     fn query_string_is_ignored() {
         let route = post("/model/m/converse?x=1").unwrap();
         assert_eq!(route.operation, Operation::Converse);
-        assert_eq!(route.raw_model.as_deref(), Some("m"));
+        assert_eq!(route.path().as_deref(), Some("/model/m/converse"));
     }
 
     #[test]
@@ -701,6 +990,131 @@ mod tests {
         }
         let longest = format!("/model/{}/invoke", "a".repeat(MAX_MODEL_ID_LEN));
         assert!(post(&longest).is_ok());
+    }
+
+    #[test]
+    fn model_ids_outside_bedrocks_grammar_are_refused_after_one_decode() {
+        let refused = [
+            // Path traversal hidden in an encoded segment.
+            "anthropic.claude-x%2F..%2F..%2Fmodel%2Fmeta.llama3-70b",
+            "anthropic.claude-x%2Fmeta.llama3",
+            "anthropic.claude-x;meta.llama3",
+            "anthropic.claude-x%3Bmeta.llama3",
+            // Double encoding: `%` survives the one decode.
+            "anthropic.claude-x%252F..",
+            "anthropic.claude-x%25",
+            "anthropic..claude",
+            "..",
+            "a%09b",
+            "a%00b",
+            "a%7Fb",
+            "anthropic.claude%C3%A9",
+            "anthropic.claude-*",
+            "a%2Cb",
+            "a%40b",
+            "a~b",
+            // ARNs: wrong service, unknown type, missing or extra `/`, bad fields.
+            "arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Fx",
+            "arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Aguardrail%2Fabc",
+            "arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile",
+            "arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2Fus.x%2Fy",
+            "arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2F..%2Fx",
+            "arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2F",
+            "arn%3Aaws%3Abedrock%3Aus-east-1%3A12345678901x%3Afoundation-model%2Fa.b",
+            "arn%3Aaws%3Abedrock%3AUS-EAST-1%3A%3Afoundation-model%2Fa.b",
+            "arn%3Aazure%3Abedrock%3Aus-east-1%3A%3Afoundation-model%2Fa.b",
+            "arn%3Aaws%3Abedrock%3Aus-east-1",
+            "arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Acustom-model%2Fa.b%2Fshort",
+        ];
+        for raw in refused {
+            let path = format!("/model/{raw}/converse");
+            let err = post(&path).unwrap_err();
+            assert_eq!(err.kind, ErrorType::Validation, "{path}");
+            assert!(err.message.contains("modelId"), "{}", err.message);
+        }
+        let long_arn = format!(
+            "arn:aws:bedrock:us-east-1:123456789012:inference-profile/{}",
+            "a".repeat(MAX_MODEL_ID_LEN)
+        );
+        assert_eq!(
+            ModelId::parse(&long_arn).unwrap_err().kind,
+            ErrorType::Validation
+        );
+    }
+
+    #[test]
+    fn model_ids_in_bedrocks_grammar_are_accepted_and_reencoded() {
+        let accepted = [
+            "anthropic.claude-3-haiku-20240307-v1:0",
+            "us.anthropic.claude-3-5-sonnet-20240620-v1:0",
+            "Meta_Llama-3",
+            "arn:aws:bedrock:us-east-1::foundation-model/anthropic.claude-v2:1",
+            "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-3-haiku",
+            "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/abc123def456",
+            "arn:aws:bedrock:us-east-1:123456789012:provisioned-model/abc123def456",
+            "arn:aws:bedrock:us-east-1:123456789012:custom-model/amazon.titan-text-express-v1:0:8k/abcdefghijkl",
+            "arn:aws:bedrock:us-east-1:123456789012:custom-model-deployment/abc123def456",
+            "arn:aws:bedrock:us-east-1:123456789012:imported-model/abc123def456",
+            "arn:aws:bedrock:us-east-1:123456789012:prompt/PROMPT12345:1",
+            "arn:aws:bedrock:us-east-1:123456789012:prompt-router/router-1",
+            "arn:aws:bedrock:us-east-1:123456789012:default-prompt-router/anthropic.claude:1",
+            "arn:aws-us-gov:bedrock:us-gov-west-1:123456789012:inference-profile/us-gov.x:0",
+        ];
+        for id in accepted {
+            let model = ModelId::parse(id).unwrap_or_else(|e| panic!("{id}: {e}"));
+            let route = post(&format!("/model/{}/invoke", model.path_segment())).unwrap();
+            assert_eq!(route.model.as_ref(), Some(&model), "{id}");
+            let path = route.path().unwrap();
+            assert!(!path["/model/".len()..path.len() - "/invoke".len()].contains('/'));
+        }
+        // Whatever encoding the caller chose, the rebuilt path is the canonical one.
+        let route = post("/model/%61nthropic.claude-v2%3a1/converse").unwrap();
+        assert_eq!(
+            route.path().as_deref(),
+            Some("/model/anthropic.claude-v2%3A1/converse")
+        );
+        let profile = ModelId::parse("us.anthropic.claude-v2:1").unwrap();
+        assert_eq!(
+            route.path_with_model(&profile).as_deref(),
+            Some("/model/us.anthropic.claude-v2%3A1/converse")
+        );
+    }
+
+    #[test]
+    fn guardrails_outside_bedrocks_grammar_are_refused() {
+        let refused = [
+            "/guardrail/gr%2F..%2Fx/version/1/apply",
+            "/guardrail/gr;x/version/1/apply",
+            "/guardrail/gr.x/version/1/apply",
+            "/guardrail/gr/version/01/apply",
+            "/guardrail/gr/version/123456789/apply",
+            "/guardrail/gr/version/draft/apply",
+            "/guardrail/gr/version/1%3B2/apply",
+            "/guardrail/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Aguardrail%2Fa%2Fb/version/1/apply",
+            "/guardrail/arn%3Aaws%3Aiam%3Aus-east-1%3A123456789012%3Aguardrail%2Fa/version/1/apply",
+        ];
+        for path in refused {
+            assert_eq!(
+                post(path).unwrap_err().kind,
+                ErrorType::Validation,
+                "{path}"
+            );
+        }
+        let arn = "/guardrail/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Aguardrail%2Fabc123/version/12/apply";
+        let route = post(arn).unwrap();
+        assert_eq!(route.path().as_deref(), Some(arn));
+        assert_eq!(
+            route.guardrail.unwrap().qualified(),
+            "arn:aws:bedrock:us-east-1:123456789012:guardrail/abc123:12"
+        );
+    }
+
+    #[test]
+    fn only_list_async_invokes_defines_query_parameters() {
+        for op in Operation::ALL {
+            let expected = op == Operation::ListAsyncInvokes;
+            assert_eq!(!op.query_parameters().is_empty(), expected, "{op}");
+        }
     }
 
     #[test]

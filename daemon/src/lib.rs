@@ -3,7 +3,7 @@
 //! same way.
 //!
 //! A request arriving at either daemon is first recognised with [`bedrock::Route::parse`]
-//! (operation, percent-decoded [`bedrock::ModelId`], raw path segment for forwarding);
+//! (operation, [`bedrock::ModelId`] decoded once and held to Bedrock's grammar, path rebuilt from it);
 //! allowlists match model ids with [`bedrock::glob_match`]; headers are cleaned with
 //! [`bedrock::strip_hop_by_hop`], [`bedrock::strip_caller_credentials`] and
 //! [`protocol::strip_xpart_headers`] before forwarding; every refusal is a
@@ -13,7 +13,9 @@
 //! background task. Around the request path: [`config`] reads TOML into the daemon's typed
 //! config and collects every problem into [`config::Diagnostics`]; [`admin::serve`] runs
 //! `/metrics`, `/healthz`, `/readyz`, `/status` and daemon-specific routes; [`logging::init`]
-//! sets up tracing; [`shutdown`] turns SIGINT/SIGTERM and SIGHUP into futures. At startup,
+//! sets up tracing; [`shutdown`] turns SIGINT/SIGTERM and SIGHUP into futures, and
+//! [`reload::run`] is both daemons' signal loop (SIGHUP reopens the audit log and applies
+//! the parts of a new configuration that change live, held in [`reload::Live`]). At startup,
 //! [`startup::load_config`] loads the file named by `--config` and answers `--check`, and
 //! [`tunnel_config::tunnel_config`] turns the `[tunnel]` section and the peer tables into
 //! the WireGuard configuration.
@@ -21,7 +23,7 @@
 //! Beyond CONTRACTS.md §2:
 //! - [`bedrock::ErrorType::UnknownOperation`] (404 `UnknownOperationException`, what AWS
 //!   rest-json front ends answer for a path no operation uses);
-//! - [`bedrock::Route`] carries `raw_model` (the segment as sent), `guardrail` and
+//! - [`bedrock::Route`] carries `guardrail` and
 //!   `invocation_arn` as its path parameters; `into_response` also sets
 //!   `x-xpart-request-id`;
 //! - [`protocol`] holds the tunnel header names and [`protocol::strip_xpart_headers`];
@@ -45,6 +47,7 @@ pub mod bedrock;
 pub mod config;
 pub mod logging;
 pub mod protocol;
+pub mod reload;
 pub mod shutdown;
 pub mod startup;
 pub mod tunnel_config;
