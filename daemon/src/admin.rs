@@ -4,8 +4,11 @@
 //! [`AdminHandler::extra`] (the relay's `POST /drain`, for instance).
 //!
 //! The daemon supplies the content through an [`AdminHandler`]; this module owns the
-//! listener, HTTP/1.1, routing and the response shapes.
+//! listener, HTTP/1.1, routing and the response shapes. Both daemons export the tunnel's
+//! drops the same way: [`register_tunnel_drops`] for `/metrics`, [`tunnel_dropped_json`]
+//! for `/status`.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
@@ -21,7 +24,9 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use prometheus::{Encoder, Registry, TextEncoder};
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -31,6 +36,15 @@ pub const MAX_ADMIN_BODY_BYTES: usize = 64 * 1024;
 
 /// How long a client may take to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Every datagram or packet the tunnel dropped, by reason (`xpart_tunnel::DropReason` names,
+/// a fixed set), whether or not a peer could be named; the per-peer share is also in each
+/// daemon's per-peer drop gauges.
+pub const TUNNEL_DROPPED_METRIC: &str = "xpart_tunnel_dropped_total";
+
+/// Reads the tunnel's drop counts by reason (`xpart_tunnel::Tunnel::dropped`); `None` while
+/// the daemon has no tunnel of its own.
+pub type DropSource = Arc<dyn Fn() -> Option<BTreeMap<String, u64>> + Send + Sync>;
 
 /// A daemon's answers to the admin routes.
 #[async_trait]
@@ -81,6 +95,65 @@ impl AdminServer {
 impl Drop for AdminServer {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
+    }
+}
+
+/// Adds [`TUNNEL_DROPPED_METRIC`] to `registry`, read from `source` at every scrape, so the
+/// counts are as fresh as the scrape and the tunnel's core stays the only place that counts.
+pub fn register_tunnel_drops(registry: &Registry, source: DropSource) -> prometheus::Result<()> {
+    let counters = IntCounterVec::new(
+        Opts::new(
+            TUNNEL_DROPPED_METRIC,
+            "Tunnel datagrams and packets dropped, by reason, with or without a known peer",
+        ),
+        &["reason"],
+    )?;
+    registry.register(Box::new(TunnelDrops {
+        counters,
+        source,
+        updating: std::sync::Mutex::new(()),
+    }))
+}
+
+/// The `tunnel.dropped` object of `/status`: drop counts by reason, `null` without a tunnel.
+pub fn tunnel_dropped_json(source: &DropSource) -> serde_json::Value {
+    match source() {
+        Some(dropped) => serde_json::json!(dropped),
+        None => serde_json::Value::Null,
+    }
+}
+
+/// The tunnel's own counters copied into a Prometheus counter family at scrape time.
+struct TunnelDrops {
+    counters: IntCounterVec,
+    source: DropSource,
+    /// Two scrapes at once must not both add the same difference.
+    updating: std::sync::Mutex<()>,
+}
+
+impl Collector for TunnelDrops {
+    fn desc(&self) -> Vec<&Desc> {
+        self.counters.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Some(dropped) = (self.source)() else {
+            return Vec::new();
+        };
+        let _updating = self
+            .updating
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (reason, count) in dropped {
+            let counter = self.counters.with_label_values(&[reason.as_str()]);
+            let seen = counter.get();
+            // A tunnel started again counts from zero; Prometheus reads the drop as a reset.
+            if count < seen {
+                counter.reset();
+            }
+            counter.inc_by(count - counter.get());
+        }
+        self.counters.collect()
     }
 }
 
@@ -259,4 +332,67 @@ pub fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
 
 fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
     json(status, &serde_json::json!({ "message": message }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    #[test]
+    fn tunnel_drops_are_counters_read_from_the_source_at_each_scrape() {
+        let counts = Arc::new(Mutex::new(None::<BTreeMap<String, u64>>));
+        let reading = counts.clone();
+        let source: DropSource = Arc::new(move || reading.lock().unwrap().clone());
+        let registry = Registry::new();
+        register_tunnel_drops(&registry, source.clone()).unwrap();
+
+        // Without a tunnel there is nothing to report.
+        assert!(scrape(&registry).is_empty());
+        assert_eq!(tunnel_dropped_json(&source), serde_json::Value::Null);
+
+        let set = |garbage: u64, under_load: u64| {
+            *counts.lock().unwrap() = Some(BTreeMap::from([
+                ("garbage".to_string(), garbage),
+                ("under_load".to_string(), under_load),
+            ]));
+        };
+        set(3, 0);
+        let text = scrape(&registry);
+        assert!(
+            text.contains("# TYPE xpart_tunnel_dropped_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("xpart_tunnel_dropped_total{reason=\"garbage\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("xpart_tunnel_dropped_total{reason=\"under_load\"} 0"),
+            "{text}"
+        );
+
+        set(5, 2900);
+        let text = scrape(&registry);
+        assert!(text.contains("{reason=\"garbage\"} 5"), "{text}");
+        assert!(text.contains("{reason=\"under_load\"} 2900"), "{text}");
+        assert_eq!(
+            tunnel_dropped_json(&source),
+            serde_json::json!({"garbage": 5, "under_load": 2900})
+        );
+
+        // A tunnel started again counts from zero: the counter follows it down.
+        set(1, 0);
+        let text = scrape(&registry);
+        assert!(text.contains("{reason=\"garbage\"} 1"), "{text}");
+    }
+
+    fn scrape(registry: &Registry) -> String {
+        let mut body = Vec::new();
+        TextEncoder::new()
+            .encode(&registry.gather(), &mut body)
+            .unwrap();
+        String::from_utf8(body).unwrap()
+    }
 }
