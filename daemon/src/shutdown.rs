@@ -72,3 +72,36 @@ impl Reload {
         self.hangup.recv().await
     }
 }
+
+/// Every signal a daemon answers: SIGINT/SIGTERM (stop) and SIGHUP (reload), listened for
+/// from the moment this is created, so a signal that arrives during startup is not lost and
+/// does not kill the process.
+pub struct Signals {
+    stop: StopSignals,
+    reload: Reload,
+}
+
+/// Install the stop and reload handlers at once. Must be called inside a Tokio runtime.
+pub fn signals() -> io::Result<Signals> {
+    Ok(Signals {
+        stop: stop_signals()?,
+        reload: reload()?,
+    })
+}
+
+/// What a daemon was asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asked {
+    Stop(Stop),
+    Reload,
+}
+
+impl Signals {
+    /// Wait for the next stop or reload signal.
+    pub async fn next(&mut self) -> Asked {
+        tokio::select! {
+            stop = self.stop.recv() => Asked::Stop(stop),
+            Some(()) = self.reload.recv() => Asked::Reload,
+        }
+    }
+}
