@@ -5,7 +5,13 @@
 //! depending on how its `[[principal]]` is configured. Tokens are never stored: the config
 //! holds their SHA-256, and the presented token's hash is compared against every principal's
 //! in constant time.
+//!
+//! A principal may then call the operations on its `operations` list (by default the invoke,
+//! converse and token-counting operations, see [`DEFAULT_OPERATIONS`]) with the models on its
+//! `models` list. Operations without a model in the path (ApplyGuardrail, the async-invoke
+//! family) are refused at the agent unless the principal lists them.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -13,7 +19,7 @@ use http::HeaderMap;
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use xpart_daemon::bedrock::glob_match;
+use xpart_daemon::bedrock::{glob_match, Operation};
 
 use crate::limits::LimitSettings;
 
@@ -27,6 +33,8 @@ pub struct Principal {
     pub source_cidrs: Vec<IpNet>,
     /// Model-id globs (`anthropic.claude-*`, `*`).
     pub models: Vec<String>,
+    /// Operations the caller may call.
+    pub operations: BTreeSet<Operation>,
     pub limits: LimitSettings,
     pub max_body_bytes: u64,
 }
@@ -46,7 +54,22 @@ pub enum Denial {
         principal: String,
         model: String,
     },
+    OperationNotAllowed {
+        principal: String,
+        operation: Operation,
+    },
 }
+
+/// What a principal may call when its `operations` is not set: generating text and counting
+/// tokens, each with a model the `models` list allows. Counting tokens costs nothing at
+/// Bedrock and names its model like the others, so the model allowlist governs it too.
+pub const DEFAULT_OPERATIONS: [Operation; 5] = [
+    Operation::InvokeModel,
+    Operation::InvokeModelWithResponseStream,
+    Operation::Converse,
+    Operation::ConverseStream,
+    Operation::CountTokens,
+];
 
 /// Every configured principal, searched on each request.
 #[derive(Debug, Default)]
@@ -79,7 +102,7 @@ impl Principals {
     ) -> Result<Arc<Principal>, Denial> {
         if let Some(token) = bearer_token(headers) {
             let principal = self.by_token(token).ok_or(Denial::UnknownToken)?;
-            if !principal.source_cidrs.is_empty() && !contains(&principal.source_cidrs, source) {
+            if !principal.source_cidrs.is_empty() && !source_in(&principal.source_cidrs, source) {
                 return Err(Denial::SourceNotAllowed {
                     principal: principal.name.clone(),
                     source,
@@ -117,21 +140,57 @@ impl Principals {
             .find(|p| {
                 p.token_sha256.is_none()
                     && !p.source_cidrs.is_empty()
-                    && contains(&p.source_cidrs, source)
+                    && source_in(&p.source_cidrs, source)
             })
             .cloned()
     }
 }
 
+/// Whether `operation`'s path names a model (`/model/{modelId}/…`), which `models` then
+/// governs.
+pub fn names_model(operation: Operation) -> bool {
+    match operation {
+        Operation::InvokeModel => true,
+        Operation::InvokeModelWithResponseStream => true,
+        Operation::Converse => true,
+        Operation::ConverseStream => true,
+        Operation::CountTokens => true,
+        Operation::InvokeModelWithBidirectionalStream => true,
+        Operation::ApplyGuardrail => false,
+        Operation::StartAsyncInvoke => false,
+        Operation::ListAsyncInvokes => false,
+        Operation::GetAsyncInvoke => false,
+    }
+}
+
+/// What an authorized request was allowed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant<'a> {
+    /// The first entry of the principal's `models` that matched the request's model.
+    Model(&'a str),
+    /// The operation names no model.
+    NoModel,
+}
+
 impl Principal {
-    /// Whether this principal may call `model`. Operations without a model (guardrails,
-    /// async-invoke listings) are left to the relay's operation policy.
-    pub fn authorize(&self, model: Option<&str>) -> Result<(), Denial> {
+    /// Whether this principal may call `operation` on `model` (`None` for operations whose
+    /// path names no model). On success, says which allowlist entry let the model through.
+    pub fn authorize(
+        &self,
+        operation: Operation,
+        model: Option<&str>,
+    ) -> Result<Grant<'_>, Denial> {
+        if !self.operations.contains(&operation) {
+            return Err(Denial::OperationNotAllowed {
+                principal: self.name.clone(),
+                operation,
+            });
+        }
         let Some(model) = model else {
-            return Ok(());
+            return Ok(Grant::NoModel);
         };
-        if self.models.iter().any(|glob| glob_match(glob, model)) {
-            return Ok(());
+        if let Some(glob) = self.models.iter().find(|glob| glob_match(glob, model)) {
+            return Ok(Grant::Model(glob));
         }
         Err(Denial::ModelNotAllowed {
             principal: self.name.clone(),
@@ -171,7 +230,8 @@ fn is_sigv4_signed(headers: &HeaderMap, query: Option<&str>) -> bool {
     header_signed || query_signed
 }
 
-fn contains(cidrs: &[IpNet], source: IpAddr) -> bool {
+/// Whether `source` is inside one of `cidrs`.
+pub(crate) fn source_in(cidrs: &[IpNet], source: IpAddr) -> bool {
     // A v4 caller reaching a dual-stack socket shows up as ::ffff:a.b.c.d.
     let source = match source {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(source, IpAddr::V4),
@@ -194,6 +254,7 @@ mod tests {
                 .map(|c| c.parse().expect("test cidr"))
                 .collect(),
             models: models.iter().map(|m| m.to_string()).collect(),
+            operations: DEFAULT_OPERATIONS.into_iter().collect(),
             limits: LimitSettings {
                 requests_per_second: None,
                 burst: 1,
@@ -332,28 +393,69 @@ mod tests {
     }
 
     #[test]
-    fn model_allowlist_globs() {
+    fn model_allowlist_globs_and_names_the_entry_that_matched() {
         let p = principal(
             "p",
             Some("t"),
             &[],
             &["anthropic.claude-*", "us.*-v1:0", "exact"],
         );
-        assert!(p
-            .authorize(Some("anthropic.claude-3-haiku-20240307-v1:0"))
-            .is_ok());
-        assert!(p.authorize(Some("us.meta.llama3-v1:0")).is_ok());
-        assert!(p.authorize(Some("exact")).is_ok());
-        assert!(p.authorize(None).is_ok());
+        let converse = |model| p.authorize(Operation::Converse, Some(model));
         assert_eq!(
-            p.authorize(Some("amazon.nova-pro-v1:0")),
+            converse("anthropic.claude-3-haiku-20240307-v1:0"),
+            Ok(Grant::Model("anthropic.claude-*"))
+        );
+        assert_eq!(
+            converse("us.meta.llama3-v1:0"),
+            Ok(Grant::Model("us.*-v1:0"))
+        );
+        assert_eq!(converse("exact"), Ok(Grant::Model("exact")));
+        assert_eq!(
+            converse("amazon.nova-pro-v1:0"),
             Err(Denial::ModelNotAllowed {
                 principal: "p".into(),
                 model: "amazon.nova-pro-v1:0".into()
             })
         );
-        assert!(p.authorize(Some("exactly")).is_err());
-        assert!(p.authorize(Some("us.x-v1:0.extra")).is_err());
+        assert!(converse("exactly").is_err());
+        assert!(converse("us.x-v1:0.extra").is_err());
+    }
+
+    #[test]
+    fn operations_outside_the_default_list_are_refused_even_without_a_model() {
+        let p = principal("echo-only", Some("t"), &[], &["xpart.echo"]);
+        for operation in DEFAULT_OPERATIONS {
+            assert!(
+                p.authorize(operation, Some("xpart.echo")).is_ok(),
+                "{operation}"
+            );
+        }
+        for operation in [
+            Operation::ApplyGuardrail,
+            Operation::ListAsyncInvokes,
+            Operation::GetAsyncInvoke,
+            Operation::StartAsyncInvoke,
+            Operation::InvokeModelWithBidirectionalStream,
+        ] {
+            assert_eq!(
+                p.authorize(operation, None),
+                Err(Denial::OperationNotAllowed {
+                    principal: "echo-only".into(),
+                    operation
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn a_listed_operation_without_a_model_is_granted_as_such() {
+        let mut p = principal("guard", Some("t"), &[], &[]);
+        p.operations = [Operation::ApplyGuardrail].into_iter().collect();
+        assert_eq!(
+            p.authorize(Operation::ApplyGuardrail, None),
+            Ok(Grant::NoModel)
+        );
+        assert!(p.authorize(Operation::Converse, Some("x")).is_err());
     }
 
     #[test]

@@ -5,18 +5,19 @@
 //! Relative paths in the file are taken relative to the file's directory, so a config and
 //! its keys and certificates can move together.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
+use xpart_daemon::bedrock::Operation;
 use xpart_daemon::config::Diagnostics;
 use xpart_daemon::tunnel_config::TunnelMode;
 use xpart_tunnel::{PrivateKey, PublicKey};
 
-use crate::auth::Principal;
+use crate::auth::{Principal, DEFAULT_OPERATIONS};
 use crate::dns::DnsSettings;
 use crate::health::HealthSettings;
 use crate::limits::LimitSettings;
@@ -86,6 +87,8 @@ pub struct DnsSection {
     #[serde(default = "default_ttl")]
     pub ttl: u32,
 }
+    /// Clients whose other names are forwarded; absent: see [`AgentConfig::dns_allow_cidrs`].
+    pub allow_cidrs: Option<Vec<IpNet>>,
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -115,6 +118,8 @@ pub struct PrincipalSection {
 pub struct AdminSection {
     #[serde(default = "default_admin_listen")]
     pub listen: SocketAddr,
+    /// Operation names; absent means [`crate::auth::DEFAULT_OPERATIONS`].
+    pub operations: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -205,6 +210,7 @@ impl AgentConfig {
             })
             .collect()
     }
+                operations: p.operations(),
 
     pub fn dns_settings(&self) -> Option<DnsSettings> {
         let dns = self.dns.as_ref()?;
@@ -226,7 +232,30 @@ impl AgentConfig {
             fail_after: h.fail_after,
             rise_after: h.rise_after,
             handshake_max_age: Duration::from_secs(h.handshake_max_age_s),
+            allow_cidrs: self.dns_allow_cidrs(),
         }
+    }
+
+    /// Who may have names other than the Bedrock names forwarded: `[dns] allow_cidrs` when
+    /// set, else every principal's `source_cidrs`, else (no principal names a network) the
+    /// loopback addresses only.
+    pub fn dns_allow_cidrs(&self) -> Vec<IpNet> {
+        if let Some(explicit) = self.dns.as_ref().and_then(|d| d.allow_cidrs.as_ref()) {
+            return explicit.clone();
+        }
+        let mut union: Vec<IpNet> = Vec::new();
+        for cidr in self.principals.iter().flat_map(|p| &p.source_cidrs) {
+            if !union.contains(cidr) {
+                union.push(*cidr);
+            }
+        }
+        if union.is_empty() {
+            union = LOOPBACK_CIDRS
+                .iter()
+                .map(|c| c.parse().expect("constant CIDR"))
+                .collect();
+        }
+        union
     }
 
     pub fn connect_timeout(&self) -> Duration {
@@ -401,7 +430,9 @@ impl AgentConfig {
                 ),
                 None => {}
             }
-            if p.models.is_empty() {
+            check_operations(p, &field, check);
+            let names_models = p.operations().into_iter().any(crate::auth::names_model);
+            if p.models.is_empty() && names_models {
                 check.problem(
                     field("models"),
                     "no models allowed",
@@ -541,6 +572,42 @@ fn default_connect_timeout_ms() -> u64 {
 }
 
 /// Collects problems against one file.
+/// Who gets forwarded DNS answers when no principal names a network.
+const LOOPBACK_CIDRS: [&str; 2] = ["127.0.0.0/8", "::1/128"];
+
+impl PrincipalSection {
+    /// The operations this principal may call; names that are not operations are left out
+    /// here and reported by validation.
+    pub fn operations(&self) -> BTreeSet<Operation> {
+        match &self.operations {
+            None => DEFAULT_OPERATIONS.into_iter().collect(),
+            Some(names) => names.iter().filter_map(|n| n.parse().ok()).collect(),
+        }
+    }
+}
+
+fn check_operations(p: &PrincipalSection, field: &dyn Fn(&str) -> String, check: &mut Checker) {
+    let Some(names) = &p.operations else {
+        return;
+    };
+    if names.is_empty() {
+        check.problem(
+            field("operations"),
+            "empty, so every request would be refused",
+            "leave it out for the invoke, converse and CountTokens operations, or list the operations this caller may call",
+        );
+    }
+    for (j, name) in names.iter().enumerate() {
+        if name.parse::<Operation>().is_err() {
+            check.problem(
+                field(&format!("operations[{j}]")),
+                format!("{name:?} is not a Bedrock Runtime operation"),
+                format!("use one of {}", Operation::all_names()),
+            );
+        }
+    }
+}
+
 struct Checker {
     diagnostics: Diagnostics,
 }

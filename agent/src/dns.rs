@@ -1,5 +1,16 @@
-//! Private DNS: the configured Bedrock names resolve to the agent; everything else goes to
-//! the upstream resolvers (or is refused when there are none).
+//! Private DNS: the configured Bedrock names resolve to the agent; names under them do not
+//! exist; everything else goes to the upstream resolvers, for allowed clients only (others,
+//! and everyone when there are no upstreams, are refused).
+//!
+//! Names under a configured name are answered here because the upstream is normally the VPC
+//! resolver, whose forwarding rule for the Bedrock name covers its subdomains too and would
+//! send the query straight back: a loop. Forwarding is limited to `allow_cidrs` so the agent
+//! is no open resolver; its own names are answered for everyone, since they are what the
+//! Route 53 Resolver forwards and they reveal only the agent's address.
+//!
+//! UDP answers fit what the client can take: 512 bytes without EDNS (RFC 1035 §4.2.1),
+//! the advertised size with it (RFC 6891 §6.2.5). A larger answer goes out without records
+//! and with TC set, so the client asks again over TCP.
 //!
 //! hickory-server parses the wire format and answers malformed messages it can still read a
 //! header from with FORMERR; [`Answerer`] decides each well-formed query.
@@ -8,7 +19,7 @@ use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use hickory_proto::op::{Header, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 use hickory_proto::xfer::Protocol;
@@ -19,6 +30,7 @@ use hickory_server::authority::MessageResponseBuilder;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::ServerFuture;
 use tokio::net::{TcpListener, UdpSocket};
+use ipnet::IpNet;
 
 use crate::metrics::Metrics;
 use crate::Error;
@@ -37,6 +49,8 @@ pub struct DnsSettings {
 }
 
 /// A running DNS server (UDP and TCP on the same address).
+    /// Clients whose queries for other names are forwarded; others get REFUSED.
+    pub allow_cidrs: Vec<IpNet>,
 pub struct DnsServer {
     local_addr: SocketAddr,
     server: ServerFuture<Answerer>,
@@ -103,6 +117,7 @@ enum Outcome {
     Forwarded,
     NxDomain,
     NoData,
+    allow_cidrs: Vec<IpNet>,
     Refused,
     ServFail,
     FormErr,
@@ -154,6 +169,7 @@ impl Answerer {
         mut response: R,
     ) -> (Outcome, std::io::Result<ResponseInfo>) {
         let builder = MessageResponseBuilder::from_message_request(request);
+            allow_cidrs: settings.allow_cidrs.clone(),
         let mut header = Header::response_from_request(request.header());
         header.set_recursion_available(self.upstream.is_some());
 
@@ -180,28 +196,39 @@ impl Answerer {
                 true => Outcome::NoData,
                 false => Outcome::Answered,
             };
-            let reply = builder.build(header, records.iter(), &[], &[], &[]);
-            return (outcome, response.send_response(reply).await);
+            let sent = send_records(request, builder, header, &records, &size, &mut response);
+            return (outcome, sent.await);
+        }
+        if self.is_under_own_name(query.name()) {
+            header.set_authoritative(true);
+            header.set_response_code(ResponseCode::NXDomain);
+            let sent = send_records(request, builder, header, &[], &size, &mut response);
+            return (Outcome::NxDomain, sent.await);
+        }
+        if !crate::auth::source_in(&self.allow_cidrs, request.src().ip()) {
+            let reply = builder.error_msg(request.header(), ResponseCode::Refused);
+            return (Outcome::Refused, response.send_response(reply).await);
         }
 
         let Some(resolver) = &self.upstream else {
             let reply = builder.error_msg(request.header(), ResponseCode::Refused);
+        let size = ReplySize::of(request);
             return (Outcome::Refused, response.send_response(reply).await);
         };
         match resolver.lookup(name, query.query_type()).await {
             Ok(lookup) => {
                 let records: Vec<Record> = lookup.records().to_vec();
-                let reply = builder.build(header, records.iter(), &[], &[], &[]);
-                (Outcome::Forwarded, response.send_response(reply).await)
+                let sent = send_records(request, builder, header, &records, &size, &mut response);
+                (Outcome::Forwarded, sent.await)
             }
             Err(error) if error.is_nx_domain() => {
                 header.set_response_code(ResponseCode::NXDomain);
-                let reply = builder.build_no_records(header);
-                (Outcome::NxDomain, response.send_response(reply).await)
+                let sent = send_records(request, builder, header, &[], &size, &mut response);
+                (Outcome::NxDomain, sent.await)
             }
             Err(error) if error.is_no_records_found() => {
-                let reply = builder.build_no_records(header);
-                (Outcome::NoData, response.send_response(reply).await)
+                let sent = send_records(request, builder, header, &[], &size, &mut response);
+                (Outcome::NoData, sent.await)
             }
             Err(error) => {
                 tracing::debug!(%error, "upstream resolver failed");
@@ -210,7 +237,6 @@ impl Answerer {
             }
         }
     }
-
     fn own_records(&self, name: &Name, query_type: RecordType) -> Vec<Record> {
         let v4 = || Record::from_rdata(name.clone(), self.ttl, RData::A(A(self.answer_v4)));
         let v6 = |ip| Record::from_rdata(name.clone(), self.ttl, RData::AAAA(AAAA(ip)));
@@ -225,6 +251,13 @@ impl Answerer {
             _ => Vec::new(),
         }
     }
+    /// Whether `name` is strictly below one of the configured names.
+    fn is_under_own_name(&self, name: &LowerName) -> bool {
+        self.names
+            .iter()
+            .any(|own| own != name && own.zone_of(name))
+    }
+
 }
 
 #[async_trait::async_trait]
@@ -271,3 +304,90 @@ fn upstream_resolver(upstream: &[SocketAddr]) -> TokioResolver {
 pub fn is_usable_answer(ip: IpAddr) -> bool {
     !ip.is_unspecified() && !ip.is_multicast()
 }
+/// How large a reply may be, from the request's transport and EDNS.
+#[derive(Debug, Clone)]
+struct ReplySize {
+    /// `None` over TCP: a DNS message there may use the full 16-bit length.
+    limit: Option<u16>,
+    /// The OPT record to answer with, when the query had one.
+    edns: Option<Edns>,
+}
+
+impl ReplySize {
+    fn of(request: &Request) -> ReplySize {
+        let edns = request.edns().map(|_| {
+            let mut ours = Edns::new();
+            ours.set_max_payload(MAX_UDP_PAYLOAD);
+            ours
+        });
+        let limit = match request.protocol() {
+            Protocol::Udp => Some(udp_limit(request.edns())),
+            _ => None,
+        };
+        ReplySize { limit, edns }
+    }
+}
+
+/// The UDP payload a client can take: its EDNS size (at least 512, at most what we ever
+/// send), or 512 without EDNS.
+fn udp_limit(edns: Option<&Edns>) -> u16 {
+    match edns {
+        Some(edns) => edns
+            .max_payload()
+            .clamp(CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD),
+        None => CLASSIC_UDP_PAYLOAD,
+    }
+}
+
+/// The DNS UDP message limit without EDNS (RFC 1035 §4.2.1).
+const CLASSIC_UDP_PAYLOAD: u16 = 512;
+/// The largest UDP answer the agent sends, whatever a client advertises; hickory-server's
+/// own ceiling for UDP.
+const MAX_UDP_PAYLOAD: u16 = 4096;
+
+/// Sends `records` as the answer, or, when they would not fit the client's UDP limit, an
+/// empty answer with TC set (RFC 2181 §9: a partial RRset is worse than none; the client
+/// retries over TCP).
+async fn send_records<R: ResponseHandler>(
+    request: &Request,
+    mut builder: MessageResponseBuilder<'_>,
+    mut header: Header,
+    records: &[Record],
+    size: &ReplySize,
+    response: &mut R,
+) -> std::io::Result<ResponseInfo> {
+    if let Some(edns) = &size.edns {
+        builder.edns(edns.clone());
+    }
+    let fits = match size.limit {
+        None => true,
+        Some(limit) => encoded_len(request, header, records, size.edns.as_ref())
+            .is_some_and(|len| len <= usize::from(limit)),
+    };
+    if fits {
+        let reply = builder.build(header, records.iter(), &[], &[], &[]);
+        return response.send_response(reply).await;
+    }
+    header.set_truncated(true);
+    let reply = builder.build_no_records(header);
+    response.send_response(reply).await
+}
+
+/// The wire length of a reply with `records`, encoded as hickory-server will (same
+/// compression); `None` if it cannot be encoded at all.
+fn encoded_len(
+    request: &Request,
+    header: Header,
+    records: &[Record],
+    edns: Option<&Edns>,
+) -> Option<usize> {
+    let mut message = Message::new();
+    message.set_header(header);
+    message.add_queries(request.queries().iter().map(|q| q.original().clone()));
+    message.add_answers(records.iter().cloned());
+    if let Some(edns) = edns {
+        message.set_edns(edns.clone());
+    }
+    message.to_vec().ok().map(|bytes| bytes.len())
+}
+

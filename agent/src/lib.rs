@@ -126,6 +126,9 @@ impl Error {
             )),
             Error::Route(error) => error.clone(),
             Error::Throttled { principal, refusal: Refusal::Rate { limit, retry_after } } => BedrockError::throttling(format!(
+            Error::Denied(Denial::OperationNotAllowed { principal, operation }) => BedrockError::access_denied(format!(
+                "Principal {principal} is not allowed to call {operation}; its operations list does not include it."
+            )),
                 "Too many requests: principal {principal} is limited to {limit} requests per second; retry after {} ms.",
                 retry_after.as_millis().max(1)
             )),
@@ -170,6 +173,7 @@ impl Error {
             Error::Denied(Denial::ModelNotAllowed { .. }) => "model not allowed".into(),
             Error::Route(error) => error.kind.code().into(),
             Error::Throttled {
+            Error::Denied(Denial::OperationNotAllowed { .. }) => "operation not allowed".into(),
                 refusal: Refusal::Rate { .. },
                 ..
             } => "over rate limit".into(),

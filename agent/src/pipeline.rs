@@ -21,7 +21,7 @@ use xpart_daemon::protocol::{
     strip_xpart_headers, PRINCIPAL_HEADER, REQUEST_ID_HEADER, SOURCE_HEADER,
 };
 
-use crate::auth::{Denial, Principal, Principals};
+use crate::auth::{Denial, Grant, Principal, Principals};
 use crate::forward::{ForwardBody, ForwardError, Relays};
 use crate::limits::{SharedLimits, Slot};
 use crate::metrics::Metrics;
@@ -75,8 +75,8 @@ struct Exchange {
     request_id: String,
     started: Instant,
     record: AuditRecord,
-    /// Model label for metrics: set only once the principal may use the model, so refused
-    /// callers cannot grow the label set with made-up model ids.
+    /// Model label for metrics: never the caller's model id, so no caller can grow the label
+    /// set (see [`model_label`]).
     model_label: String,
 }
 
@@ -89,7 +89,7 @@ impl Exchange {
             request_id,
             started: Instant::now(),
             record,
-            model_label: "-".to_owned(),
+            model_label: MODEL_LABEL_DENIED.to_owned(),
         }
     }
 }
@@ -122,18 +122,30 @@ fn route(request: &Request<Incoming>, exchange: &mut Exchange) -> Result<Route, 
 }
 
 fn authorize(principal: &Principal, route: &Route, exchange: &mut Exchange) -> Result<(), Error> {
-    principal
-        .authorize(route.model.as_ref().map(|m| m.as_str()))
+    let grant = principal
+        .authorize(route.operation, route.model.as_ref().map(|m| m.as_str()))
         .map_err(Error::Denied)?;
-    if let Some(model) = &route.model {
-        exchange.model_label = model.as_str().to_owned();
-    }
+    exchange.model_label = model_label(grant).to_owned();
     Ok(())
 }
 
 /// Refuses at once a body whose declared length is over the limit; bodies without a length
 /// are cut off while streaming (see [`RequestBody`]).
 fn check_declared_length(principal: &Principal, request: &Request<Incoming>) -> Result<(), Error> {
+/// The `model` metric label of an authorized request: the operator's allowlist entry that
+/// matched, so the label set is bounded by the config whatever ids callers send.
+fn model_label(grant: Grant<'_>) -> &str {
+    match grant {
+        Grant::Model(pattern) => pattern,
+        Grant::NoModel => MODEL_LABEL_OTHER,
+    }
+}
+
+/// The `model` label of requests refused before or at authorization.
+const MODEL_LABEL_DENIED: &str = "denied";
+/// The `model` label of authorized operations that name no model (ApplyGuardrail, …).
+const MODEL_LABEL_OTHER: &str = "other";
+
     let declared = request
         .headers()
         .get(CONTENT_LENGTH)

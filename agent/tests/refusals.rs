@@ -273,3 +273,150 @@ async fn oversized_body_is_refused_before_forwarding() {
     assert_eq!(seen[0].body.len(), 1000);
     assert_eq!(audit[0]["message"], "body too large");
 }
+
+const APPLY_GUARDRAIL: &str = "/guardrail/gr-1234/version/1/apply";
+
+#[tokio::test]
+async fn operation_outside_the_principals_list_is_refused() {
+    // The default operations: invoke, converse and CountTokens, never ApplyGuardrail.
+    let principals = format!(
+        r#"
+[[principal]]
+name = "echo-only"
+token_sha256 = "{}"
+models = ["xpart.echo"]
+"#,
+        xpart_agent::auth::token_sha256_hex(TOKEN)
+    );
+    let s = setup("operation", &principals).await;
+    let mut caller = s.caller().await;
+    let answer = caller.post(APPLY_GUARDRAIL, Some(TOKEN), b"{}").await;
+    assert_refused(
+        &answer,
+        403,
+        "AccessDeniedException",
+        "Principal echo-only is not allowed to call ApplyGuardrail",
+    );
+    let start_async = caller.post("/async-invoke", Some(TOKEN), b"{}").await;
+    assert_refused(
+        &start_async,
+        403,
+        "AccessDeniedException",
+        "not allowed to call StartAsyncInvoke",
+    );
+    let count = caller
+        .post("/model/xpart.echo/count-tokens", Some(TOKEN), b"{}")
+        .await;
+    assert_eq!(count.status, 200, "CountTokens is a default operation");
+    let (seen, audit) = s.finish().await;
+    assert_eq!(seen.len(), 1, "only CountTokens was forwarded: {seen:?}");
+    assert_eq!(seen[0].path, "/model/xpart.echo/count-tokens");
+    assert_eq!(audit[0]["operation"], "ApplyGuardrail");
+    assert_eq!(audit[0]["principal"], "echo-only");
+    assert_eq!(audit[0]["message"], "operation not allowed");
+    assert_eq!(audit[1]["operation"], "StartAsyncInvoke");
+    assert_eq!(audit[1]["message"], "operation not allowed");
+}
+
+#[tokio::test]
+async fn a_listed_operation_without_a_model_is_forwarded() {
+    let s = setup(
+        "operation-listed",
+        &token_principal(r#"operations = ["Converse", "ApplyGuardrail"]"#),
+    )
+    .await;
+    let mut caller = s.caller().await;
+    assert_eq!(
+        caller
+            .post(APPLY_GUARDRAIL, Some(TOKEN), b"{}")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(caller.post(CONVERSE, Some(TOKEN), b"{}").await.status, 200);
+    let stream = caller
+        .post(
+            "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse-stream",
+            Some(TOKEN),
+            b"{}",
+        )
+        .await;
+    assert_refused(
+        &stream,
+        403,
+        "AccessDeniedException",
+        "not allowed to call ConverseStream",
+    );
+    let (seen, _) = s.finish().await;
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].path, APPLY_GUARDRAIL);
+}
+
+#[tokio::test]
+async fn random_model_ids_add_no_metric_series() {
+    let principals = format!(
+        r#"
+[[principal]]
+name = "any-model"
+token_sha256 = "{}"
+models = ["*"]
+
+[[principal]]
+name = "claude-only"
+token_sha256 = "{}"
+models = ["anthropic.claude-*"]
+"#,
+        xpart_agent::auth::token_sha256_hex(TOKEN),
+        xpart_agent::auth::token_sha256_hex("claude-token"),
+    );
+    let s = setup("metric-labels", &principals).await;
+    let mut caller = s.caller().await;
+    for i in 0..60u32 {
+        let model = format!("made-up.model-{i}-{:08x}", rand_bits());
+        let path = format!("/model/{model}/converse");
+        assert_eq!(caller.post(&path, Some(TOKEN), b"{}").await.status, 200);
+        let refused = caller.post(&path, Some("claude-token"), b"{}").await;
+        assert_eq!(refused.status, 403);
+        let unknown = caller.post(&path, Some("no-such-token"), b"{}").await;
+        assert_eq!(unknown.status, 403);
+    }
+    let (status, metrics) = admin_get(s.agent.admin_addr(), "/metrics").await;
+    assert_eq!(status, 200);
+    let series: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("xpart_agent_requests_total{"))
+        .collect();
+    assert_eq!(series.len(), 3, "{series:#?}");
+    assert!(!metrics.contains("made-up.model"), "no caller-chosen label");
+    let value = |principal: &str, operation: &str, model: &str, status: u16| {
+        let labels = format!(
+            r#"model="{model}",operation="{operation}",principal="{principal}",status="{status}""#
+        );
+        series
+            .iter()
+            .find(|l| l.contains(&labels))
+            .unwrap_or_else(|| panic!("no series with {labels}: {series:#?}"))
+            .rsplit(' ')
+            .next()
+            .map(str::to_owned)
+    };
+    let converse = "Converse";
+    assert_eq!(
+        value("any-model", converse, "*", 200).as_deref(),
+        Some("60")
+    );
+    assert_eq!(
+        value("claude-only", converse, "denied", 403).as_deref(),
+        Some("60")
+    );
+    // Unauthenticated requests are not routed, so their operation is unknown too.
+    assert_eq!(value("-", "-", "denied", 403).as_deref(), Some("60"));
+    s.finish().await;
+}
+
+fn rand_bits() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(0);
+    hasher.finish() as u32
+}
