@@ -10,7 +10,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use prometheus::Registry;
 use serde_json::{json, Value};
-use xpart_daemon::admin::AdminHandler;
+use xpart_daemon::admin::{tunnel_dropped_json, AdminHandler, DropSource};
 
 use crate::monitor::PeerSource;
 use crate::pipeline::Agent;
@@ -19,6 +19,8 @@ use crate::pipeline::Agent;
 pub struct AdminView {
     pub agent: Arc<Agent>,
     pub peers: Option<PeerSource>,
+    /// The tunnel's drops by reason; absent without a tunnel of the agent's own.
+    pub dropped: Option<DropSource>,
     pub started: Instant,
     pub front_addr: SocketAddr,
     pub dns_addr: Option<SocketAddr>,
@@ -91,6 +93,7 @@ impl AdminHandler for AdminView {
                 "mode": self.tunnel_mode,
                 "address": self.tunnel_address,
                 "peers": peers,
+                "dropped": self.dropped.as_ref().map_or(Value::Null, tunnel_dropped_json),
             },
             "principals": principals,
             "audit": {

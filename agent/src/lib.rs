@@ -303,6 +303,20 @@ async fn start_inner(
     if let Err(error) = audit.register(&metrics.registry) {
         tracing::warn!(%error, "audit metrics not registered");
     }
+    let dropped = tunnel.as_ref().map(|(tunnel, _, _)| {
+        // Weak: shutdown takes the tunnel back out of its Arc.
+        let tunnel = Arc::downgrade(tunnel);
+        let source: xpart_daemon::admin::DropSource =
+            Arc::new(move || tunnel.upgrade().map(|t| t.dropped()));
+        source
+    });
+    if let Some(source) = &dropped {
+        if let Err(error) =
+            xpart_daemon::admin::register_tunnel_drops(&metrics.registry, source.clone())
+        {
+            tracing::warn!(%error, "tunnel drop metrics not registered");
+        }
+    }
     let dns = match config.dns_settings() {
         Some(settings) => Some(DnsServer::start(settings, metrics.clone()).await?),
         None => None,
@@ -351,6 +365,7 @@ async fn start_inner(
     let view = admin::AdminView {
         agent,
         peers,
+        dropped,
         started: Instant::now(),
         front_addr,
         dns_addr,

@@ -35,18 +35,32 @@ impl AdminHandler for AdminApi {
         let draining = self.relay.draining.load(Ordering::Relaxed);
         let credentials = credentials_json(&self.relay.credentials.status());
         let has_credentials = credentials["available"] == json!(true);
-        let reason = match (draining, has_credentials) {
-            (true, _) => Some("draining (POST /undrain to resume)".to_string()),
-            (false, false) => Some(format!(
+        // With signing off by configuration, answering the echo model is all this relay is
+        // for (the demo, drills): that is ready, not waiting for credentials.
+        let echo_only = match (&self.relay.echo_model, self.relay.credentials.is_off()) {
+            (Some(echo), true) => Some(echo.as_str()),
+            _ => None,
+        };
+        let reason = match (draining, has_credentials, echo_only) {
+            (true, _, _) => Some("draining (POST /undrain to resume)".to_string()),
+            (false, false, None) => Some(format!(
                 "no AWS credentials: {}; only the echo model {} can be answered",
                 credentials["reason"].as_str().unwrap_or("unknown"),
                 self.relay.echo_model.as_deref().unwrap_or("(disabled)")
             )),
-            (false, true) => None,
+            (false, false, Some(_)) => None,
+            (false, true, _) => None,
         };
+        let note = echo_only.map(|echo| {
+            format!(
+                "echo only: [credentials] source = \"none\" signs nothing, so the echo model \
+                 {echo} is answered and every other model gets 503"
+            )
+        });
         let detail = json!({
             "ready": reason.is_none(),
             "reason": reason,
+            "note": note,
             "draining": draining,
             "credentials": credentials,
         });
@@ -66,6 +80,7 @@ impl AdminHandler for AdminApi {
             "echo_model": relay.echo_model,
             "credentials": credentials_json(&relay.credentials.status()),
             "peers": relay.peer_stats(),
+            "tunnel": { "dropped": relay.tunnel_dropped() },
         })
     }
 

@@ -133,6 +133,11 @@ impl CredentialSource {
         }
     }
 
+    /// `[credentials] source = "none"`: signing is off by configuration, not missing.
+    pub fn is_off(&self) -> bool {
+        self.provider.is_none()
+    }
+
     pub fn status(&self) -> Status {
         match self.status.read() {
             Ok(status) => status.clone(),

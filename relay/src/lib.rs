@@ -105,6 +105,14 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, Error> {
         tunnel: Mutex::new(tunnel),
     });
 
+    // Weak: the registry lives inside the relay it reads.
+    let dropped_of = Arc::downgrade(&relay);
+    xpart_daemon::admin::register_tunnel_drops(
+        &relay.metrics.registry,
+        Arc::new(move || dropped_of.upgrade().and_then(|r| r.tunnel_dropped())),
+    )
+    .map_err(|e| Error::Metrics(e.to_string()))?;
+
     let admin = match &config.admin {
         Some(section) => {
             let api = Arc::new(admin::AdminApi {
@@ -215,6 +223,12 @@ pub(crate) struct Relay {
 impl Relay {
     fn is_echo(&self, model: &ModelId) -> bool {
         self.echo_model.as_deref() == Some(model.as_str())
+    }
+
+    /// The tunnel's drops by reason; `None` in host mode.
+    fn tunnel_dropped(&self) -> Option<std::collections::BTreeMap<String, u64>> {
+        let slot = self.tunnel.lock().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref().map(Tunnel::dropped)
     }
 
     fn peer_stats(&self) -> Vec<PeerStats> {

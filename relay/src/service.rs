@@ -68,16 +68,30 @@ pub async fn serve(
         }
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "requests still running {} s after shutdown began; stopping them",
-            grace.as_secs()
-        );
+    tokio::select! {
+        finished = tokio::time::timeout(grace, graceful.shutdown()) => {
+            if finished.is_err() {
+                tracing::warn!(
+                    "requests still running {} s after shutdown began; stopping them",
+                    grace.as_secs()
+                );
+            }
+        }
+        _ = nothing_in_flight(&relay) => {}
     }
     connections.abort_all();
+}
+
+/// Resolves once no request is in flight. The connections left are then idle, and closing
+/// one gracefully can take the whole grace period: HTTP/2 waits for the agent to answer the
+/// ping sent with GOAWAY, which an agent that already stopped never does.
+async fn nothing_in_flight(relay: &Relay) {
+    // Lets the GOAWAY frames just queued reach the agents that are still there, and requests
+    // already received start.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    while relay.metrics.in_flight() > 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// One request, start to finish.
