@@ -41,7 +41,8 @@ Examples:
         #[arg(long)]
         force: bool,
     },
-    /// Issue the agent's TLS certificate: the Bedrock runtime names and the agent's IPs as SANs.
+    /// Issue the agent's TLS certificate: every Bedrock name an SDK may dial in the given regions
+    /// and the agent's IPs as SANs.
     #[command(after_help = "\
 Examples:
   xpart ca issue --ca-dir ca --region us-east-1 --ip 10.0.1.10 --out front
@@ -51,8 +52,8 @@ Examples:
         /// Directory holding ca.pem and ca.key from `xpart ca init`.
         #[arg(long, default_value = ".")]
         ca_dir: PathBuf,
-        /// Bedrock region the agent answers for; adds bedrock-runtime.REGION.amazonaws.com
-        /// (repeatable).
+        /// Bedrock region the agent answers for; adds bedrock-runtime, bedrock,
+        /// bedrock-runtime-fips and bedrock-fips .REGION.amazonaws.com (repeatable).
         #[arg(long = "region", value_name = "REGION")]
         regions: Vec<String>,
         /// Extra DNS name (repeatable).
@@ -149,6 +150,22 @@ pub(crate) fn init(dir: &Path, name: &str, days: i64, force: bool) -> Result<Ini
     })
 }
 
+/// The Bedrock endpoint prefixes an AWS SDK dials: the runtime and the control plane, each in
+/// its FIPS form too (`AWS_USE_FIPS_ENDPOINT=true`), per the SDKs' endpoint rulesets.
+pub const BEDROCK_ENDPOINT_PREFIXES: [&str; 4] = [
+    "bedrock-runtime",
+    "bedrock",
+    "bedrock-runtime-fips",
+    "bedrock-fips",
+];
+
+/// Every name a caller's SDK may dial for Bedrock in `region`.
+pub fn bedrock_names(region: &str) -> impl Iterator<Item = String> + '_ {
+    BEDROCK_ENDPOINT_PREFIXES
+        .iter()
+        .map(move |prefix| format!("{prefix}.{region}.amazonaws.com"))
+}
+
 fn leaf_dns_names(regions: &[String], names: &[String]) -> Result<Vec<String>, Error> {
     let mut dns_names = Vec::new();
     for region in regions {
@@ -161,12 +178,12 @@ fn leaf_dns_names(regions: &[String], names: &[String]) -> Result<Vec<String>, E
                 "--region {region:?} is not a region name like us-east-1 or us-gov-west-1"
             )));
         }
-        dns_names.push(format!("bedrock-runtime.{region}.amazonaws.com"));
+        dns_names.extend(bedrock_names(region));
     }
     dns_names.extend(names.iter().cloned());
     if dns_names.is_empty() {
         return Err(Error::Usage(
-            "name the certificate: give --region REGION (for bedrock-runtime.REGION.amazonaws.com) or --name DNS_NAME".into(),
+            "name the certificate: give --region REGION (for the Bedrock names of REGION) or --name DNS_NAME".into(),
         ));
     }
     let mut seen = std::collections::HashSet::new();
@@ -337,4 +354,46 @@ fn print_bundle_instructions(ca_cert: &Path) {
         "  cat /etc/pki/tls/certs/ca-bundle.crt {} > xpart-bundle.pem",
         ca_cert.display()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_region_names_both_services_and_their_fips_forms() {
+        let names = leaf_dns_names(&["us-east-1".into(), "us-west-2".into()], &[]).unwrap();
+        assert_eq!(
+            names,
+            [
+                "bedrock-runtime.us-east-1.amazonaws.com",
+                "bedrock.us-east-1.amazonaws.com",
+                "bedrock-runtime-fips.us-east-1.amazonaws.com",
+                "bedrock-fips.us-east-1.amazonaws.com",
+                "bedrock-runtime.us-west-2.amazonaws.com",
+                "bedrock.us-west-2.amazonaws.com",
+                "bedrock-runtime-fips.us-west-2.amazonaws.com",
+                "bedrock-fips.us-west-2.amazonaws.com",
+            ]
+        );
+    }
+
+    #[test]
+    fn extra_names_follow_the_region_names_once_each() {
+        let names = leaf_dns_names(
+            &["us-east-1".into()],
+            &["localhost".into(), "bedrock.us-east-1.amazonaws.com".into()],
+        )
+        .unwrap();
+        assert_eq!(names.len(), 5);
+        assert_eq!(names[4], "localhost");
+    }
+
+    #[test]
+    fn a_region_that_is_not_a_name_is_refused() {
+        let err = leaf_dns_names(&["us-east-1.amazonaws.com".into()], &[]).unwrap_err();
+        assert!(err.to_string().contains("is not a region name"), "{err}");
+        let err = leaf_dns_names(&[], &[]).unwrap_err();
+        assert!(err.to_string().contains("--region REGION"), "{err}");
+    }
 }

@@ -8,7 +8,7 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_ec2::types::{AttributeBooleanValue, Filter};
+use aws_sdk_ec2::types::{AttributeBooleanValue, Filter, Tag};
 use aws_sdk_ec2::Client;
 
 use super::plan::{
@@ -130,7 +130,16 @@ impl Ec2 {
         else {
             return Err(not_found("instance", instance_id));
         };
-        // The primary interface (device index 0) carries the instance's routes and IPs.
+        // A member interface (tagged with the pair, attached at boot by xpart-boot) carries the
+        // member's fixed address and the floating one; without one, the primary interface
+        // (device index 0) carries the instance's routes and IPs.
+        if let Some(member) = self.member_interface(instance_id).await? {
+            return Ok(Standby {
+                instance_id: Some(instance_id.to_string()),
+                network_interface_id: member,
+                vpc_id: instance.vpc_id().map(str::to_string),
+            });
+        }
         let primary = instance
             .network_interfaces()
             .iter()
@@ -152,6 +161,145 @@ impl Ec2 {
             network_interface_id: eni.to_string(),
             vpc_id: instance.vpc_id().map(str::to_string),
         })
+    }
+
+    async fn member_interface(&self, instance_id: &str) -> Result<Option<String>, Error> {
+        let output = self
+            .client
+            .describe_network_interfaces()
+            .filters(filter("attachment.instance-id", instance_id))
+            .filters(filter("tag-key", PAIR_TAG))
+            .send()
+            .await
+            .map_err(|err| aws_error("DescribeNetworkInterfaces", err))?;
+        let mut members: Vec<&str> = output
+            .network_interfaces()
+            .iter()
+            .filter(|interface| {
+                interface
+                    .attachment()
+                    .and_then(|attachment| attachment.instance_id())
+                    == Some(instance_id)
+            })
+            .filter_map(|interface| interface.network_interface_id())
+            .collect();
+        members.sort_unstable();
+        Ok(members.first().map(|eni| eni.to_string()))
+    }
+
+    /// The `xpart:role` tag of one instance, `None` when it carries none.
+    pub async fn instance_role(&self, instance_id: &str) -> Result<Option<String>, Error> {
+        let output = self
+            .client
+            .describe_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+            .map_err(|err| aws_error("DescribeInstances", err))?;
+        let Some(instance) = output
+            .reservations()
+            .iter()
+            .flat_map(|reservation| reservation.instances())
+            .next()
+        else {
+            return Err(not_found("instance", instance_id));
+        };
+        Ok(instance
+            .tags()
+            .iter()
+            .find(|tag| tag.key() == Some(ROLE_TAG))
+            .and_then(|tag| tag.value())
+            .map(str::to_string))
+    }
+
+    /// After traffic moved to `active_instance`: tags it and its member interface
+    /// `xpart:role=active`, and every other member of the pair (instances, and interfaces that
+    /// carry a role tag) `standby`, so the watch and the next first boot of each member know
+    /// which part it plays. Returns the tag changes made.
+    pub async fn set_roles(&self, pair: &str, active_instance: &str) -> Result<Vec<String>, Error> {
+        let mut wanted: Vec<(String, Option<String>, &'static str)> = Vec::new();
+        let instances = self
+            .client
+            .describe_instances()
+            .filters(filter(&format!("tag:{PAIR_TAG}"), pair))
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .values("pending")
+                    .values("running")
+                    .values("stopping")
+                    .values("stopped")
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|err| aws_error("DescribeInstances", err))?;
+        for instance in instances
+            .reservations()
+            .iter()
+            .flat_map(|reservation| reservation.instances())
+        {
+            let Some(id) = instance.instance_id() else {
+                continue;
+            };
+            let current = instance
+                .tags()
+                .iter()
+                .find(|tag| tag.key() == Some(ROLE_TAG))
+                .and_then(|tag| tag.value())
+                .map(str::to_string);
+            let role = if id == active_instance {
+                "active"
+            } else {
+                "standby"
+            };
+            wanted.push((id.to_string(), current, role));
+        }
+        let interfaces = self
+            .client
+            .describe_network_interfaces()
+            .filters(filter(&format!("tag:{PAIR_TAG}"), pair))
+            .filters(filter("tag-key", ROLE_TAG))
+            .send()
+            .await
+            .map_err(|err| aws_error("DescribeNetworkInterfaces", err))?;
+        for interface in interfaces.network_interfaces() {
+            let Some(id) = interface.network_interface_id() else {
+                continue;
+            };
+            let current = interface
+                .tag_set()
+                .iter()
+                .find(|tag| tag.key() == Some(ROLE_TAG))
+                .and_then(|tag| tag.value())
+                .map(str::to_string);
+            let attached_to = interface
+                .attachment()
+                .and_then(|attachment| attachment.instance_id());
+            let role = if attached_to == Some(active_instance) {
+                "active"
+            } else {
+                "standby"
+            };
+            wanted.push((id.to_string(), current, role));
+        }
+        let mut changes = Vec::new();
+        for (resource, current, role) in wanted {
+            if current.as_deref() == Some(role) {
+                continue;
+            }
+            self.client
+                .create_tags()
+                .resources(&resource)
+                .tags(Tag::builder().key(ROLE_TAG).value(role).build())
+                .send()
+                .await
+                .map_err(|err| aws_error("CreateTags", err))?;
+            changes.push(format!(
+                "aws ec2 create-tags --resources {resource} --tags Key={ROLE_TAG},Value={role}"
+            ));
+        }
+        Ok(changes)
     }
 
     /// Exactly one instance may carry a pair's role tag: two would make the target ambiguous.

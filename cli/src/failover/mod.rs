@@ -75,7 +75,8 @@ pub struct AwsArgs {
 #[derive(Debug, Clone, Args)]
 pub struct StandbyArgs {
     /// The standby's network interface.
-    #[arg(long, value_name = "ENI", conflicts_with_all = ["to_instance", "pair"])]
+    /// With --pair, the pair's tags still name the route tables and the role tags to update.
+    #[arg(long, value_name = "ENI", conflicts_with = "to_instance")]
     pub to_eni: Option<String>,
     /// The standby instance (its primary network interface is used).
     #[arg(long, value_name = "INSTANCE_ID", conflicts_with = "pair")]
@@ -86,6 +87,10 @@ pub struct StandbyArgs {
     /// The role tag value of the instance to move to.
     #[arg(long, default_value = "standby")]
     pub role: String,
+    /// After the move, tag the target instance and its interface xpart:role=active and the
+    /// pair's other members standby (needs --pair; `watch --pair` always does this).
+    #[arg(long, requires = "pair")]
+    pub set_roles: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -223,9 +228,24 @@ async fn move_to_standby(
     moves.validate()?;
     let ec2 = Ec2::connect(aws).await?;
     let pair = standby.pair.as_deref();
+    let set_roles = standby.set_roles;
     let standby = ec2.resolve_standby(standby).await?;
     let plan = plan_moves(&ec2, moves, &standby, pair).await?;
-    execute(&ec2, Some(&standby), &plan, aws.dry_run, json).await
+    let code = execute(&ec2, Some(&standby), &plan, aws.dry_run, json).await?;
+    if let (true, false, Some(pair)) = (set_roles, aws.dry_run, pair) {
+        let Some(instance) = standby.instance_id.as_deref() else {
+            return Err(Error::Usage(format!(
+                "--set-roles: {} is not attached to an instance, so no instance can be tagged active",
+                standby.network_interface_id
+            )));
+        };
+        for change in ec2.set_roles(pair, instance).await? {
+            if !json {
+                println!("done: {change}");
+            }
+        }
+    }
+    Ok(code)
 }
 
 /// Plans and applies a move without printing, returning the actions taken; drills report

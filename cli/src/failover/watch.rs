@@ -1,10 +1,13 @@
-//! `xpart failover watch`: run on the standby agent. Every interval it checks the active
-//! agent (`/readyz` on its admin port, and optionally a probe request through its front);
-//! after N consecutive failures it moves traffic here, then holds down: no further move for
-//! the hold-down period, and never a move back (failing back is an operator's decision).
+//! `xpart failover watch`: run on each agent of a pair. While this agent is the standby, every
+//! interval it checks the active agent (`/readyz` on its admin port, and optionally a probe
+//! request through its front); after N consecutive failures it moves traffic here, tags this
+//! agent `xpart:role=active` and the other `standby`, and idles until it is tagged standby again.
+//! Failures count only once the active agent has been seen healthy, or once a start-up grace
+//! period has passed without that: at first boot the active agent is not ready yet, which is
+//! no reason to move anything. It never moves traffic back on its own.
 //!
-//! The decision logic is [`Watchdog`], a plain state machine fed check results and the
-//! current `Instant`; the loop below only performs checks, EC2 calls and logging.
+//! The decision logic is [`Watchdog`], a plain state machine fed check results, this agent's
+//! role and the current `Instant`; the loop below only performs checks, EC2 calls and logging.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -13,19 +16,26 @@ use clap::Args;
 use serde::Serialize;
 
 use super::ec2::Ec2;
-use super::{plan_moves, AwsArgs, EipSpec, Moves, RouteSpec, StandbyArgs, VipSpec};
+use super::{plan_moves, AwsArgs, EipSpec, Moves, RouteSpec, StandbyArgs, VipSpec, ROLE_TAG};
 use crate::admin::AdminUrl;
 use crate::probe::{Prober, TargetArgs};
 use crate::{duration, Error};
 
 /// A failing active agent during hold-down is logged this often, not on every check.
 const HELD_DOWN_LOG_EVERY: Duration = Duration::from_secs(30);
+/// So is an active agent that has not been healthy yet.
+const WAITING_LOG_EVERY: Duration = Duration::from_secs(30);
 
 /// What the loop should do after one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Healthy {
         recovered: bool,
+    },
+    /// The active agent has never answered healthy and the start-up grace has not run out:
+    /// failures are not counted yet.
+    WaitingForHealth {
+        grace_left: Duration,
     },
     Failing {
         consecutive: u32,
@@ -35,6 +45,8 @@ pub enum Verdict {
     HeldDown {
         remaining: Duration,
     },
+    /// This agent is not the standby: nothing to watch.
+    Idle,
 }
 
 /// Counts consecutive failed checks and decides when to fail over.
@@ -43,26 +55,66 @@ pub struct Watchdog {
     threshold: u32,
     hold_down: Duration,
     retry_after_error: Duration,
+    startup_grace: Duration,
+    standby: bool,
+    seen_healthy: bool,
+    /// Without a healthy sighting, failures count from this moment on.
+    counting_from: Instant,
     consecutive: u32,
     quiet_until: Option<Instant>,
 }
 
 impl Watchdog {
-    pub fn new(threshold: u32, hold_down: Duration, retry_after_error: Duration) -> Watchdog {
+    /// A watchdog for a standby that starts watching at `now`.
+    pub fn new(
+        threshold: u32,
+        hold_down: Duration,
+        retry_after_error: Duration,
+        startup_grace: Duration,
+        now: Instant,
+    ) -> Watchdog {
         Watchdog {
             threshold: threshold.max(1),
             hold_down,
             retry_after_error,
+            startup_grace,
+            standby: true,
+            seen_healthy: false,
+            counting_from: now + startup_grace,
             consecutive: 0,
             quiet_until: None,
         }
     }
 
+    /// This agent's role as its tags say. Becoming the standby starts afresh: the (new) active
+    /// agent must be seen healthy, or the grace must pass, before a failure counts.
+    pub fn set_standby(&mut self, standby: bool, now: Instant) {
+        if standby && !self.standby {
+            self.seen_healthy = false;
+            self.counting_from = now + self.startup_grace;
+            self.consecutive = 0;
+        }
+        self.standby = standby;
+    }
+
+    pub fn is_standby(&self) -> bool {
+        self.standby
+    }
+
     pub fn observe(&mut self, healthy: bool, now: Instant) -> Verdict {
+        if !self.standby {
+            return Verdict::Idle;
+        }
         if healthy {
             let recovered = self.consecutive > 0;
             self.consecutive = 0;
+            self.seen_healthy = true;
             return Verdict::Healthy { recovered };
+        }
+        if !self.seen_healthy && now < self.counting_from {
+            return Verdict::WaitingForHealth {
+                grace_left: self.counting_from - now,
+            };
         }
         self.consecutive = self.consecutive.saturating_add(1);
         if let Some(until) = self.quiet_until {
@@ -99,8 +151,13 @@ Examples (on the standby agent):
   xpart failover watch --readyz 10.0.1.10:9100 --probe --connect 10.0.1.10:443 --ca-bundle ca.pem \\
       --to-instance i-0standby --cidr 100.64.0.0/30 --once --json
 
+With --pair the watch follows its own instance's xpart:role tag: it watches only while tagged
+standby, and after a failover tags itself active and the other member standby (on the agents
+both members run it; the one tagged standby watches). Failures count only after the active
+agent answered healthy once, or after --startup-grace without that.
+
 It never moves traffic back: after a failover the operator decides when the old active
-returns (restore its role tags, then run `xpart failover route` towards it).")]
+returns (`xpart failover vip --to-eni ENI --pair NAME --set-roles` towards it).")]
 pub struct WatchArgs {
     /// The active agent's admin address or readiness URL (a bare HOST:PORT gets /readyz).
     #[arg(long, value_name = "URL")]
@@ -119,6 +176,14 @@ pub struct WatchArgs {
     /// After a move, make no other move for this long.
     #[arg(long, default_value = "5m", value_parser = duration::parse, value_name = "DURATION")]
     pub hold_down: Duration,
+    /// Until the active agent has answered healthy once, count no failure for this long after
+    /// the watch starts (or after this agent becomes the standby): at first boot the active
+    /// agent is not ready yet.
+    #[arg(long, default_value = "10m", value_parser = duration::parse, value_name = "DURATION")]
+    pub startup_grace: Duration,
+    /// With --pair: how often to re-read this instance's xpart:role tag.
+    #[arg(long, default_value = "30s", value_parser = duration::parse, value_name = "DURATION")]
+    pub role_every: Duration,
     /// After a failed move, wait this long before trying again.
     #[arg(long, default_value = "10s", value_parser = duration::parse, value_name = "DURATION")]
     pub retry_after: Duration,
@@ -185,8 +250,28 @@ pub async fn run(args: WatchArgs, json: bool) -> Result<ExitCode, Error> {
         Vec::new(),
     );
 
-    let mut watchdog = Watchdog::new(args.failures, args.hold_down, args.retry_after);
+    // With --pair the member follows its role tag; that needs the instance behind the ENI.
+    let own_instance = match (pair, standby.instance_id.as_deref()) {
+        (Some(_), Some(instance)) => Some(instance.to_string()),
+        (Some(_), None) => {
+            return Err(Error::Usage(format!(
+                "--pair: the watch follows its instance's {ROLE_TAG} tag, but {} is attached to no instance",
+                standby.network_interface_id
+            )))
+        }
+        (None, _) => None,
+    };
+    let mut watchdog = Watchdog::new(
+        args.failures,
+        args.hold_down,
+        args.retry_after,
+        args.startup_grace,
+        Instant::now(),
+    );
+    let mut role_seen: Option<String> = None;
+    let mut next_role_read = Instant::now();
     let mut last_held_down_log: Option<Instant> = None;
+    let mut last_waiting_log: Option<Instant> = None;
     let mut next_tick = Instant::now();
     loop {
         if let Some(limit) = args.max_runtime {
@@ -195,54 +280,95 @@ pub async fn run(args: WatchArgs, json: bool) -> Result<ExitCode, Error> {
                 return Ok(ExitCode::SUCCESS);
             }
         }
-        let result = checks.run().await;
-        let now = Instant::now();
-        match (watchdog.observe(result.is_ok(), now), result) {
-            (Verdict::Healthy { recovered: true }, _) => {
-                log.event("recovered", "active agent answers again".into(), Vec::new());
+        if let Some(instance) = own_instance.as_deref() {
+            if Instant::now() >= next_role_read {
+                next_role_read = Instant::now() + args.role_every;
+                read_role(
+                    &ec2,
+                    instance,
+                    &args.standby.role,
+                    &mut role_seen,
+                    &mut watchdog,
+                    &log,
+                )
+                .await;
             }
-            (Verdict::Healthy { recovered: false }, _) => {}
-            (Verdict::Failing { consecutive }, Err(reason)) => {
-                log.event(
-                    "check_failed",
-                    format!("{consecutive}/{}: {reason}", args.failures),
-                    Vec::new(),
-                );
-            }
-            (Verdict::HeldDown { remaining }, Err(reason)) => {
-                let due = last_held_down_log.is_none_or(|at| now - at >= HELD_DOWN_LOG_EVERY);
-                if due {
-                    last_held_down_log = Some(now);
+        }
+        if watchdog.is_standby() {
+            let result = checks.run().await;
+            let now = Instant::now();
+            match (watchdog.observe(result.is_ok(), now), result) {
+                (Verdict::Healthy { recovered: true }, _) => {
+                    log.event("recovered", "active agent answers again".into(), Vec::new());
+                }
+                (Verdict::Healthy { recovered: false }, _) => {}
+                (Verdict::WaitingForHealth { grace_left }, Err(reason)) => {
+                    let due = last_waiting_log.is_none_or(|at| now - at >= WAITING_LOG_EVERY);
+                    if due {
+                        last_waiting_log = Some(now);
+                        log.event(
+                            "waiting",
+                            format!(
+                                "{reason}; the active agent has not been healthy yet, failures count in {:.0}s",
+                                grace_left.as_secs_f64()
+                            ),
+                            Vec::new(),
+                        );
+                    }
+                }
+                (Verdict::Failing { consecutive }, Err(reason)) => {
                     log.event(
-                        "held_down",
-                        format!(
-                            "{reason}; holding down for {:.0}s more",
-                            remaining.as_secs_f64()
-                        ),
+                        "check_failed",
+                        format!("{consecutive}/{}: {reason}", args.failures),
                         Vec::new(),
                     );
                 }
-            }
-            (Verdict::FailOver, Err(reason)) => {
-                log.event("failing_over", reason, Vec::new());
-                let moved = fail_over(&ec2, &moves, &standby, pair, args.aws.dry_run, &log).await;
-                match moved {
-                    Ok(()) => {
-                        watchdog.moved(Instant::now());
-                        if args.once {
-                            return Ok(ExitCode::SUCCESS);
-                        }
+                (Verdict::HeldDown { remaining }, Err(reason)) => {
+                    let due = last_held_down_log.is_none_or(|at| now - at >= HELD_DOWN_LOG_EVERY);
+                    if due {
+                        last_held_down_log = Some(now);
+                        log.event(
+                            "held_down",
+                            format!(
+                                "{reason}; holding down for {:.0}s more",
+                                remaining.as_secs_f64()
+                            ),
+                            Vec::new(),
+                        );
                     }
-                    Err(err) => {
-                        log.event("failover_error", err.to_string(), Vec::new());
-                        watchdog.move_failed(Instant::now());
-                        if args.once {
-                            return Err(err);
+                }
+                (Verdict::FailOver, Err(reason)) => {
+                    log.event("failing_over", reason, Vec::new());
+                    let moved =
+                        fail_over(&ec2, &moves, &standby, pair, args.aws.dry_run, &log).await;
+                    match moved {
+                        Ok(()) => {
+                            watchdog.moved(Instant::now());
+                            if let (Some(pair), Some(instance), false) =
+                                (pair, own_instance.as_deref(), args.aws.dry_run)
+                            {
+                                take_the_active_role(&ec2, pair, instance, &mut watchdog, &log)
+                                    .await;
+                                role_seen = Some("active".into());
+                                next_role_read = Instant::now() + args.role_every;
+                            }
+                            if args.once {
+                                return Ok(ExitCode::SUCCESS);
+                            }
+                        }
+                        Err(err) => {
+                            log.event("failover_error", err.to_string(), Vec::new());
+                            watchdog.move_failed(Instant::now());
+                            if args.once {
+                                return Err(err);
+                            }
                         }
                     }
                 }
+                // Checked only while the standby, so idle cannot come back from a check.
+                (Verdict::Idle, _) => {}
+                (_, Ok(())) => {}
             }
-            (_, Ok(())) => {}
         }
         next_tick += args.interval;
         let now = Instant::now();
@@ -250,6 +376,76 @@ pub async fn run(args: WatchArgs, json: bool) -> Result<ExitCode, Error> {
             next_tick = now;
         }
         tokio::time::sleep_until(next_tick.into()).await;
+    }
+}
+
+/// Reads this instance's role tag; only the standby role watches. A tag that cannot be read
+/// keeps the last known role; a missing one means "not the standby", never a reason to act.
+async fn read_role(
+    ec2: &Ec2,
+    instance: &str,
+    standby_role: &str,
+    role_seen: &mut Option<String>,
+    watchdog: &mut Watchdog,
+    log: &Log,
+) {
+    let role = match ec2.instance_role(instance).await {
+        Ok(role) => role.unwrap_or_default(),
+        Err(err) => {
+            log.event(
+                "role_error",
+                format!("cannot read {instance}'s {ROLE_TAG} tag: {err}"),
+                Vec::new(),
+            );
+            return;
+        }
+    };
+    if role_seen.as_deref() == Some(role.as_str()) {
+        return;
+    }
+    let standby = role == standby_role;
+    watchdog.set_standby(standby, Instant::now());
+    let message = match (standby, role.is_empty()) {
+        (true, _) => format!("{instance} is tagged {ROLE_TAG}={role}: watching the active agent"),
+        (false, true) => format!(
+            "{instance} has no {ROLE_TAG} tag: not watching until it is tagged {standby_role}"
+        ),
+        (false, false) => format!(
+            "{instance} is tagged {ROLE_TAG}={role}: idle until it is tagged {standby_role}"
+        ),
+    };
+    log.event("role", message, Vec::new());
+    *role_seen = Some(role);
+}
+
+/// Traffic is here now: the tags say so, and this member stops watching (the other member's
+/// watch takes over once it reads its new standby tag).
+async fn take_the_active_role(
+    ec2: &Ec2,
+    pair: &str,
+    instance: &str,
+    watchdog: &mut Watchdog,
+    log: &Log,
+) {
+    match ec2.set_roles(pair, instance).await {
+        Ok(changes) => {
+            watchdog.set_standby(false, Instant::now());
+            log.event(
+                "role",
+                format!(
+                    "{instance} is the active agent of {pair} now; idle until it is tagged standby"
+                ),
+                changes,
+            );
+        }
+        Err(err) => {
+            // The move stands; the hold-down keeps this member from moving it again.
+            log.event(
+                "role_error",
+                format!("traffic moved but the {ROLE_TAG} tags were not updated: {err}"),
+                Vec::new(),
+            );
+        }
     }
 }
 
@@ -392,11 +588,22 @@ mod tests {
 
     const HOLD: Duration = Duration::from_secs(300);
     const RETRY: Duration = Duration::from_secs(10);
+    const GRACE: Duration = Duration::from_secs(600);
+
+    /// A watchdog whose active agent has been seen healthy once at `start`.
+    fn armed(threshold: u32, start: Instant) -> Watchdog {
+        let mut dog = Watchdog::new(threshold, HOLD, RETRY, GRACE, start);
+        assert_eq!(
+            dog.observe(true, start),
+            Verdict::Healthy { recovered: false }
+        );
+        dog
+    }
 
     #[test]
     fn fails_over_after_n_consecutive_failures_only() {
         let start = Instant::now();
-        let mut dog = Watchdog::new(3, HOLD, RETRY);
+        let mut dog = armed(3, start);
         assert_eq!(
             dog.observe(false, start),
             Verdict::Failing { consecutive: 1 }
@@ -421,9 +628,80 @@ mod tests {
     }
 
     #[test]
+    fn an_active_agent_that_was_never_healthy_is_given_the_grace_period() {
+        let start = Instant::now();
+        let mut dog = Watchdog::new(1, HOLD, RETRY, GRACE, start);
+        for second in [0, 2, 60, 599] {
+            assert_eq!(
+                dog.observe(false, start + Duration::from_secs(second)),
+                Verdict::WaitingForHealth {
+                    grace_left: GRACE - Duration::from_secs(second)
+                },
+                "second {second}"
+            );
+        }
+        assert_eq!(dog.observe(false, start + GRACE), Verdict::FailOver);
+    }
+
+    #[test]
+    fn failures_count_from_the_first_healthy_check_however_early() {
+        let start = Instant::now();
+        let mut dog = Watchdog::new(2, HOLD, RETRY, GRACE, start);
+        assert!(matches!(
+            dog.observe(false, start),
+            Verdict::WaitingForHealth { .. }
+        ));
+        let up = start + Duration::from_secs(40);
+        assert_eq!(dog.observe(true, up), Verdict::Healthy { recovered: false });
+        assert_eq!(
+            dog.observe(false, up + Duration::from_secs(1)),
+            Verdict::Failing { consecutive: 1 }
+        );
+        assert_eq!(
+            dog.observe(false, up + Duration::from_secs(2)),
+            Verdict::FailOver
+        );
+    }
+
+    #[test]
+    fn the_active_member_idles_and_a_new_standby_waits_for_health_again() {
+        let start = Instant::now();
+        let mut dog = armed(1, start);
+        dog.set_standby(false, start);
+        assert_eq!(dog.observe(false, start), Verdict::Idle);
+        assert_eq!(dog.observe(true, start), Verdict::Idle);
+
+        // Tagged standby again (the operator failed back): the other member must be seen
+        // healthy before its failures count, even though this one saw it healthy long ago.
+        let later = start + Duration::from_secs(3600);
+        dog.set_standby(true, later);
+        assert!(matches!(
+            dog.observe(false, later),
+            Verdict::WaitingForHealth { .. }
+        ));
+        assert_eq!(
+            dog.observe(true, later),
+            Verdict::Healthy { recovered: false }
+        );
+        assert_eq!(dog.observe(false, later), Verdict::FailOver);
+    }
+
+    #[test]
+    fn staying_the_standby_keeps_the_count() {
+        let start = Instant::now();
+        let mut dog = armed(2, start);
+        assert_eq!(
+            dog.observe(false, start),
+            Verdict::Failing { consecutive: 1 }
+        );
+        dog.set_standby(true, start);
+        assert_eq!(dog.observe(false, start), Verdict::FailOver);
+    }
+
+    #[test]
     fn holds_down_after_a_move_then_may_move_again() {
         let start = Instant::now();
-        let mut dog = Watchdog::new(2, HOLD, RETRY);
+        let mut dog = armed(2, start);
         dog.observe(false, start);
         assert_eq!(dog.observe(false, start), Verdict::FailOver);
         dog.moved(start);
@@ -440,7 +718,7 @@ mod tests {
     #[test]
     fn a_failed_move_is_retried_after_the_short_pause() {
         let start = Instant::now();
-        let mut dog = Watchdog::new(1, HOLD, RETRY);
+        let mut dog = armed(1, start);
         assert_eq!(dog.observe(false, start), Verdict::FailOver);
         dog.move_failed(start);
         assert!(matches!(
@@ -453,7 +731,7 @@ mod tests {
     #[test]
     fn healthy_checks_never_trigger_a_move() {
         let start = Instant::now();
-        let mut dog = Watchdog::new(1, HOLD, RETRY);
+        let mut dog = armed(1, start);
         for second in 0..100 {
             assert_eq!(
                 dog.observe(true, start + Duration::from_secs(second)),
