@@ -1,6 +1,8 @@
 //! Load generator for `tests/bench/agent.py`: many concurrent HTTP/2 requests over TLS to one
 //! URL for a fixed time, printing one JSON line with the count, errors, requests/s and
 //! latency percentiles. A Python client cannot drive the agent hard enough on two cores.
+//! With `--first-byte` the latency is the time to the first body bytes (an event stream's
+//! first frame); with `--interval` a JSON line for each window comes first (`tests/bench/soak.py`).
 //!
 //! loadgen --url https://127.0.0.1:8443/model/xpart.echo/converse --server-name localhost \
 //!     --ca ca.pem --header "authorization: Bearer T" --body '{"messages":[]}' \
@@ -38,6 +40,12 @@ struct Args {
     streams: usize,
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
+    /// Time each request to its first body bytes instead of to its end.
+    #[arg(long)]
+    first_byte: bool,
+    /// Also print a JSON line with the figures of every window of this many seconds.
+    #[arg(long)]
+    interval: Option<f64>,
 }
 
 #[tokio::main]
@@ -67,6 +75,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ok = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(Vec::<u32>::new()));
+    let window = Arc::new(Mutex::new(Window::default()));
     let mut tasks = Vec::new();
     for _ in 0..args.connections {
         let tcp = tokio::net::TcpStream::connect(authority.as_str()).await?;
@@ -79,8 +88,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         for _ in 0..args.streams {
             let mut sender = sender.clone();
             let (uri, headers, body) = (uri.clone(), headers.clone(), body.clone());
-            let (stop, ok, errors, latencies) =
-                (stop.clone(), ok.clone(), errors.clone(), latencies.clone());
+            let (stop, ok, errors, latencies, window) = (
+                stop.clone(),
+                ok.clone(),
+                errors.clone(),
+                latencies.clone(),
+                window.clone(),
+            );
+            let first_byte = args.first_byte;
             tasks.push(tokio::spawn(async move {
                 let mut mine = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
@@ -96,18 +111,35 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     let answered = match sender.send_request(request).await {
                         Ok(response) => {
                             let good = response.status() == 200;
-                            let read = response.into_body().collect().await.is_ok();
-                            good && read
+                            let mut body = response.into_body();
+                            let mut first = None;
+                            if first_byte {
+                                while let Some(Ok(frame)) = body.frame().await {
+                                    if frame.is_data() {
+                                        first = Some(started.elapsed());
+                                        break;
+                                    }
+                                }
+                            }
+                            let read = body.collect().await.is_ok();
+                            match (good && read, first_byte) {
+                                (true, false) => Some(started.elapsed()),
+                                (true, true) => first,
+                                (false, _) => None,
+                            }
                         }
-                        Err(_) => false,
+                        Err(_) => None,
                     };
                     match answered {
-                        true => {
+                        Some(elapsed) => {
                             ok.fetch_add(1, Ordering::Relaxed);
-                            mine.push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                            let micros = elapsed.as_micros().min(u32::MAX as u128) as u32;
+                            mine.push(micros);
+                            window.lock().expect("window").record(Some(micros));
                         }
-                        false => {
+                        None => {
                             errors.fetch_add(1, Ordering::Relaxed);
+                            window.lock().expect("window").record(None);
                         }
                     }
                 }
@@ -116,7 +148,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs_f64(args.seconds)).await;
+    let deadline = started + Duration::from_secs_f64(args.seconds);
+    if let Some(interval) = args.interval.filter(|i| *i > 0.0) {
+        let mut next = started;
+        loop {
+            next += Duration::from_secs_f64(interval);
+            if next > deadline {
+                break;
+            }
+            tokio::time::sleep_until(next.into()).await;
+            let done = std::mem::take(&mut *window.lock().expect("window"));
+            println!("{}", done.report(started.elapsed().as_secs_f64(), interval));
+        }
+    }
+    tokio::time::sleep_until(deadline.into()).await;
     stop.store(true, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
     for task in tasks {
@@ -124,13 +169,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut all = latencies.lock().expect("latencies").clone();
     all.sort_unstable();
-    let percentile = |p: f64| -> f64 {
-        if all.is_empty() {
-            return 0.0;
-        }
-        let index = ((all.len() as f64 - 1.0) * p).round() as usize;
-        f64::from(all[index]) / 1000.0
-    };
+    let percentile = |p: f64| percentile_ms(&all, p);
     let count = ok.load(Ordering::Relaxed);
     println!(
         "{}",
@@ -144,4 +183,41 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
     );
     Ok(())
+}
+
+/// Requests finished in one `--interval` window.
+#[derive(Default)]
+struct Window {
+    micros: Vec<u32>,
+    errors: u64,
+}
+
+impl Window {
+    fn record(&mut self, micros: Option<u32>) {
+        match micros {
+            Some(micros) => self.micros.push(micros),
+            None => self.errors += 1,
+        }
+    }
+
+    fn report(mut self, at: f64, seconds: f64) -> serde_json::Value {
+        self.micros.sort_unstable();
+        serde_json::json!({
+            "window_end": at,
+            "requests": self.micros.len(),
+            "errors": self.errors,
+            "rps": self.micros.len() as f64 / seconds,
+            "p50_ms": percentile_ms(&self.micros, 0.50),
+            "p99_ms": percentile_ms(&self.micros, 0.99),
+        })
+    }
+}
+
+/// The `p` percentile of sorted microseconds, in milliseconds (0 when there are none).
+fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(sorted[index]) / 1000.0
 }
