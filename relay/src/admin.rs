@@ -28,6 +28,9 @@ impl AdminHandler for AdminApi {
         self.relay
             .metrics
             .observe(&self.relay.credentials.status(), &self.relay.peer_stats());
+        self.relay
+            .metrics
+            .buffered_body_bytes(self.relay.body_budget.in_use());
         &self.relay.metrics.registry
     }
 

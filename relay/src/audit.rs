@@ -18,7 +18,8 @@ pub const CLIENT_CLOSED: u16 = 499;
 pub struct Exchange {
     record: Option<AuditRecord>,
     started: Instant,
-    model_allowed: bool,
+    /// The metric label for the model: configuration text, never the caller's.
+    model_label: Option<String>,
     log: AuditLog,
     metrics: Arc<Metrics>,
 }
@@ -31,7 +32,7 @@ impl Exchange {
         Exchange {
             record: Some(record),
             started: Instant::now(),
-            model_allowed: false,
+            model_label: None,
             log,
             metrics,
         }
@@ -56,9 +57,10 @@ impl Exchange {
         }
     }
 
-    /// The model passed the policy, so it may label metrics.
-    pub fn model_allowed(&mut self) {
-        self.model_allowed = true;
+    /// The model passed the policy: label metrics with the `[policy] models` pattern that
+    /// matched (or the echo model's configured name), never with the id the caller sent.
+    pub fn label_model(&mut self, label: &str) {
+        self.model_label = Some(label.to_string());
     }
 
     pub fn set_bytes_in(&mut self, bytes: u64) {
@@ -106,9 +108,10 @@ impl Exchange {
         record.bytes_out = bytes_out;
         record.latency_ms = latency.as_secs_f64() * 1000.0;
         let operation = record.operation.map(Operation::name).unwrap_or("-");
-        let model = match (&record.model, self.model_allowed) {
-            (Some(model), true) => model.as_str(),
-            _ => "-",
+        let model = match (&self.model_label, &record.model) {
+            (Some(label), _) => label.as_str(),
+            (None, Some(_)) => "denied",
+            (None, None) => "other",
         };
         self.metrics.finished(operation, model, status, latency);
         self.log.record(record);

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use xpart_daemon::bedrock::Operation;
+use xpart_daemon::bedrock::{is_model_id_char, Operation, MAX_BODY_BYTES};
 use xpart_daemon::config::Diagnostics;
 use xpart_daemon::tunnel_config::TunnelMode;
 
@@ -27,6 +27,8 @@ pub struct RelayConfig {
     pub echo: EchoSection,
     #[serde(default)]
     pub credentials: CredentialsSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
     pub admin: Option<AdminSection>,
     pub audit: Option<AuditSection>,
     /// Where the file was read from; error messages name it and relative paths resolve against it.
@@ -97,7 +99,48 @@ pub struct UpstreamSection {
 pub struct PolicySection {
     pub operations: Vec<String>,
     pub models: Vec<String>,
+    /// `id:version` patterns of the guardrails the relay signs for, in ApplyGuardrail's path
+    /// and in the `X-Amzn-Bedrock-Guardrail*` headers. Default: none.
+    #[serde(default)]
+    pub guardrails: Vec<String>,
+    /// Values of `X-Amzn-Bedrock-Service-Tier` passed on. Default: `default`.
+    #[serde(default = "default_service_tiers")]
+    pub service_tiers: Vec<String>,
+    /// Values of `X-Amzn-Bedrock-PerformanceConfig-Latency` passed on. Default: `standard`.
+    #[serde(default = "default_performance_latency")]
+    pub performance_latency: Vec<String>,
+    /// Values of `X-Amzn-Bedrock-Trace` passed on. Default: all three.
+    #[serde(default = "default_trace")]
+    pub trace: Vec<String>,
 }
+
+/// Values Bedrock defines for the policy-gated headers (botocore `ServiceTierType`,
+/// `PerformanceConfigLatency`, `Trace`).
+pub const SERVICE_TIERS: [&str; 4] = ["priority", "default", "flex", "reserved"];
+pub const PERFORMANCE_LATENCIES: [&str; 2] = ["standard", "optimized"];
+pub const TRACE_VALUES: [&str; 3] = ["ENABLED", "DISABLED", "ENABLED_FULL"];
+
+/// Bounds on what the relay holds in memory across all requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Request-body bytes buffered at once across every request in flight (bodies are held
+    /// whole: SigV4 hashes them and the inference-profile retry resends them). Over it: 503.
+    #[serde(default = "default_max_buffered_body_bytes")]
+    pub max_buffered_body_bytes: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_buffered_body_bytes: default_max_buffered_body_bytes(),
+        }
+    }
+}
+
+/// The largest budget accepted: far above any real machine's memory, and small enough to
+/// count in a semaphore.
+pub const MAX_BUFFERED_BODY_BYTES_LIMIT: u64 = 1 << 40;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -258,6 +301,7 @@ impl RelayConfig {
         self.validate_upstream(&mut found);
         self.validate_policy(&mut found);
         self.validate_rewrite(&mut found);
+        self.validate_limits(&mut found);
         found
     }
 
@@ -372,7 +416,11 @@ impl RelayConfig {
             }
         }
         if let Some(prefix) = &up.inference_profile_prefix {
-            if !prefix.ends_with('.') || prefix.len() < 2 {
+            if !prefix.ends_with('.')
+                || prefix.len() < 2
+                || !prefix.chars().all(is_model_id_char)
+                || prefix.contains("..")
+            {
                 found.push(Problem::new(
                     "[upstream].inference_profile_prefix",
                     format!("{prefix:?} is not an inference-profile prefix"),
@@ -419,6 +467,57 @@ impl RelayConfig {
                 "list model ID patterns, e.g. [\"anthropic.claude-*\", \"us.anthropic.*\"]",
             ));
         }
+        for (i, pattern) in self.policy.models.iter().enumerate() {
+            let usable = !pattern.is_empty()
+                && pattern
+                    .chars()
+                    .all(|c| is_model_id_char(c) || c == '*' || c == '/');
+            if !usable {
+                found.push(Problem::new(
+                    &format!("[policy].models[{i}]"),
+                    format!("{pattern:?} can never match a Bedrock model id"),
+                    "use letters, digits, '.', '_', ':', '-', '/' (in ARNs) and '*'",
+                ));
+            }
+        }
+        for (i, pattern) in self.policy.guardrails.iter().enumerate() {
+            let usable = pattern
+                .rsplit_once(':')
+                .is_some_and(|(id, version)| !id.is_empty() && !version.is_empty())
+                && pattern
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.:/*".contains(c));
+            if !usable {
+                found.push(Problem::new(
+                    &format!("[policy].guardrails[{i}]"),
+                    format!("{pattern:?} is not an id:version guardrail pattern"),
+                    "write the guardrail id (or ARN) and version, e.g. \"gr-abc123:1\" or \"gr-abc123:*\"",
+                ));
+            }
+        }
+        for (field, values, known) in [
+            (
+                "service_tiers",
+                &self.policy.service_tiers,
+                &SERVICE_TIERS[..],
+            ),
+            (
+                "performance_latency",
+                &self.policy.performance_latency,
+                &PERFORMANCE_LATENCIES[..],
+            ),
+            ("trace", &self.policy.trace, &TRACE_VALUES[..]),
+        ] {
+            for (i, value) in values.iter().enumerate() {
+                if !known.contains(&value.as_str()) {
+                    found.push(Problem::new(
+                        &format!("[policy].{field}[{i}]"),
+                        format!("{value:?} is not a value Bedrock defines"),
+                        &format!("use some of {}", known.join(", ")),
+                    ));
+                }
+            }
+        }
     }
 
     fn validate_rewrite(&self, found: &mut Vec<Problem>) {
@@ -430,6 +529,24 @@ impl RelayConfig {
                     "give the GovCloud prefix to replace, e.g. \"us-gov.\"",
                 ));
             }
+            if !rule.to.chars().all(|c| is_model_id_char(c) || c == '/') {
+                found.push(Problem::new(
+                    &format!("[[rewrite.rule]][{i}].to"),
+                    format!("{:?} would make ids Bedrock refuses", rule.to),
+                    "use letters, digits, '.', '_', ':', '-' and '/' (in ARNs)",
+                ));
+            }
+        }
+    }
+
+    fn validate_limits(&self, found: &mut Vec<Problem>) {
+        let budget = self.limits.max_buffered_body_bytes;
+        if budget < MAX_BODY_BYTES as u64 || budget > MAX_BUFFERED_BODY_BYTES_LIMIT {
+            found.push(Problem::new(
+                "[limits].max_buffered_body_bytes",
+                format!("{budget} is outside {MAX_BODY_BYTES}..={MAX_BUFFERED_BODY_BYTES_LIMIT}; below Bedrock's body limit a single legal request could never be served"),
+                "use a byte count of at least 25000000, e.g. 268435456 (256 MiB)",
+            ));
         }
     }
 }
@@ -490,6 +607,18 @@ fn default_echo_enabled() -> bool {
 }
 fn default_echo_model() -> String {
     "xpart.echo".to_string()
+}
+fn default_service_tiers() -> Vec<String> {
+    vec!["default".to_string()]
+}
+fn default_performance_latency() -> Vec<String> {
+    vec!["standard".to_string()]
+}
+fn default_trace() -> Vec<String> {
+    TRACE_VALUES.iter().map(|v| v.to_string()).collect()
+}
+fn default_max_buffered_body_bytes() -> u64 {
+    256 * 1024 * 1024
 }
 fn default_refresh_margin() -> u64 {
     300
@@ -571,6 +700,40 @@ models = ["anthropic.*"]
         ] {
             assert!(out.contains(fragment), "{fragment} missing from:\n{out}");
         }
+    }
+
+    #[test]
+    fn policy_header_gates_and_body_budget_have_safe_defaults() {
+        let config = RelayConfig::from_toml_str(&minimal(), "relay.toml").unwrap();
+        assert!(config.policy.guardrails.is_empty());
+        assert_eq!(config.policy.service_tiers, ["default"]);
+        assert_eq!(config.policy.performance_latency, ["standard"]);
+        assert_eq!(config.policy.trace, TRACE_VALUES);
+        assert_eq!(config.limits.max_buffered_body_bytes, 256 * 1024 * 1024);
+    }
+
+    #[test]
+    fn policy_values_outside_bedrocks_vocabulary_are_refused() {
+        let text = minimal().replace(
+            "models = [\"anthropic.*\"]",
+            "models = [\"anthropic.*\", \"a;b*\", \"\"]\nguardrails = [\"gr-1:1\", \"nover\", \"g r:1\"]\n\
+             service_tiers = [\"premium\"]\nperformance_latency = [\"fast\"]\ntrace = [\"on\"]",
+        ) + "[limits]\nmax_buffered_body_bytes = 1000\n";
+        let out = problems_of(&text);
+        for fragment in [
+            "[policy].models[1]",
+            "[policy].models[2]",
+            "[policy].guardrails[1]",
+            "[policy].guardrails[2]",
+            "[policy].service_tiers[0]",
+            "[policy].performance_latency[0]",
+            "[policy].trace[0]",
+            "[limits].max_buffered_body_bytes",
+        ] {
+            assert!(out.contains(fragment), "{fragment} missing from:\n{out}");
+        }
+        assert!(!out.contains("[policy].guardrails[0]"), "{out}");
+        assert!(!out.contains("[policy].models[0]"), "{out}");
     }
 
     #[test]

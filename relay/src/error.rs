@@ -48,6 +48,32 @@ pub enum Error {
     #[error("model {model} is not allowed by this relay's [policy] models")]
     ModelNotAllowed { model: String },
 
+    #[error("model {model} needs the inference profile {profile}, which this relay's [policy] models does not allow")]
+    ProfileNotAllowed { model: String, profile: String },
+
+    #[error(
+        "guardrail {guardrail} (id:version) is not allowed by this relay's [policy] guardrails"
+    )]
+    GuardrailNotAllowed { guardrail: String },
+
+    #[error("header {header}: {value} is not allowed by this relay's [policy] {field}")]
+    HeaderNotAllowed {
+        header: &'static str,
+        value: String,
+        field: &'static str,
+    },
+
+    #[error("header {header}: {reason}")]
+    InvalidHeader { header: String, reason: String },
+
+    #[error(
+        "model {model} is rewritten by [rewrite] to {rewritten}, which is not a Bedrock model id"
+    )]
+    BadRewrite { model: String, rewritten: String },
+
+    #[error("the relay is already buffering its limit of {budget} request-body bytes ([limits] max_buffered_body_bytes); retry shortly")]
+    BodyBudgetExhausted { budget: u64 },
+
     #[error("model {model} is a GovCloud identifier and no [rewrite] rule maps it to the Commercial partition")]
     NoRewriteRule { model: String },
 
@@ -91,6 +117,12 @@ impl Error {
             Error::Route(route) => return route.clone(),
             Error::OperationNotAllowed { .. } => ErrorType::AccessDenied,
             Error::ModelNotAllowed { .. } => ErrorType::AccessDenied,
+            Error::ProfileNotAllowed { .. } => ErrorType::AccessDenied,
+            Error::GuardrailNotAllowed { .. } => ErrorType::AccessDenied,
+            Error::HeaderNotAllowed { .. } => ErrorType::AccessDenied,
+            Error::InvalidHeader { .. } => ErrorType::Validation,
+            Error::BadRewrite { .. } => ErrorType::Validation,
+            Error::BodyBudgetExhausted { .. } => ErrorType::ServiceUnavailable,
             Error::NoRewriteRule { .. } => ErrorType::Validation,
             Error::BodyTooLarge { .. } => ErrorType::Validation,
             Error::BodyRead(_) => ErrorType::Validation,

@@ -15,6 +15,7 @@
 //! [`config`] (`relay.toml`), [`metrics`] and the admin routes ([`admin`]).
 
 mod admin;
+pub mod admission;
 mod audit;
 pub mod config;
 mod credentials;
@@ -35,7 +36,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use xpart_daemon::audit::AuditLog;
-use xpart_daemon::bedrock::ModelId;
 use xpart_daemon::tunnel_config::{LocalSide, PeerTable};
 use xpart_tunnel::{Network, PeerStats, Tunnel};
 
@@ -103,6 +103,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, Error> {
         idle_timeout: config.idle_timeout(),
         service_addr,
         tunnel: Mutex::new(tunnel),
+        body_budget: service::BodyBudget::new(config.limits.max_buffered_body_bytes),
     });
 
     // Weak: the registry lives inside the relay it reads.
@@ -218,13 +219,10 @@ pub(crate) struct Relay {
     idle_timeout: Duration,
     service_addr: SocketAddr,
     tunnel: Mutex<Option<Tunnel>>,
+    body_budget: service::BodyBudget,
 }
 
 impl Relay {
-    fn is_echo(&self, model: &ModelId) -> bool {
-        self.echo_model.as_deref() == Some(model.as_str())
-    }
-
     /// The tunnel's drops by reason; `None` in host mode.
     fn tunnel_dropped(&self) -> Option<std::collections::BTreeMap<String, u64>> {
         let slot = self.tunnel.lock().unwrap_or_else(|p| p.into_inner());

@@ -1,11 +1,12 @@
-//! The relay's Prometheus metrics. Model labels carry only models that passed the policy,
-//! so callers cannot grow the label set with made-up IDs.
+//! The relay's Prometheus metrics. No label carries a caller-chosen string: the model label
+//! is the `[policy] models` pattern that matched (or the echo model's configured name),
+//! `denied` or `other`, so made-up IDs cannot grow the label set.
 
 use std::time::{Duration, SystemTime};
 
 use prometheus::{
-    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 use xpart_tunnel::PeerStats;
 
@@ -23,6 +24,8 @@ pub struct Metrics {
     upstream_latency: HistogramVec,
     upstream_errors: IntCounterVec,
     in_flight: IntGauge,
+    body_budget_refused: IntCounter,
+    buffered_body_bytes: IntGauge,
     credentials_available: IntGauge,
     credentials_expiry: Gauge,
     peer_bytes: IntGaugeVec,
@@ -65,6 +68,14 @@ impl Metrics {
             &["kind"],
         )?;
         let in_flight = IntGauge::new("xpart_relay_in_flight", "Requests being handled")?;
+        let body_budget_refused = IntCounter::new(
+            "xpart_relay_body_budget_refused_total",
+            "Requests refused (503) because [limits] max_buffered_body_bytes was in use",
+        )?;
+        let buffered_body_bytes = IntGauge::new(
+            "xpart_relay_buffered_body_bytes",
+            "Request-body bytes reserved or buffered right now",
+        )?;
         let credentials_available = IntGauge::new(
             "xpart_relay_credentials_available",
             "1 when the relay holds AWS credentials",
@@ -106,6 +117,8 @@ impl Metrics {
         registry.register(Box::new(upstream_latency.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(body_budget_refused.clone()))?;
+        registry.register(Box::new(buffered_body_bytes.clone()))?;
         registry.register(Box::new(credentials_available.clone()))?;
         registry.register(Box::new(credentials_expiry.clone()))?;
         registry.register(Box::new(peer_bytes.clone()))?;
@@ -119,6 +132,8 @@ impl Metrics {
             upstream_latency,
             upstream_errors,
             in_flight,
+            body_budget_refused,
+            buffered_body_bytes,
             credentials_available,
             credentials_expiry,
             peer_bytes,
@@ -151,6 +166,15 @@ impl Metrics {
         self.upstream_latency
             .with_label_values(&[operation])
             .observe(latency.as_secs_f64());
+    }
+
+    pub fn body_budget_refused(&self) {
+        self.body_budget_refused.inc();
+    }
+
+    pub fn buffered_body_bytes(&self, bytes: u64) {
+        self.buffered_body_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     pub fn upstream_error(&self, kind: &str) {

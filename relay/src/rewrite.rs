@@ -1,33 +1,23 @@
-//! Turn the agent's request into the one sent upstream: GovCloud model IDs mapped to the
-//! Commercial partition by configured rules, the remembered inference profile for models that
-//! refuse on-demand throughput, and only the headers Bedrock needs.
+//! GovCloud model IDs mapped to the Commercial partition by configured rules, and the
+//! remembered inference profile for models that refuse on-demand throughput. Every id this
+//! module produces is held to Bedrock's model-id grammar again.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use http::{HeaderMap, HeaderName, StatusCode};
-use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use xpart_daemon::bedrock::ModelId;
 
-use crate::config::RewriteRule;
+use crate::config::{RelayConfig, RewriteRule};
 use crate::error::Error;
 
-/// RFC 3986 unreserved characters stay; everything else in a model ID (`:` and `/` in ARNs)
-/// is percent-encoded, as the AWS SDKs encode a path label.
-const PATH_LABEL: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
-
-/// Request headers passed upstream. Everything else, including the caller's `Authorization`,
-/// every `X-Amz-*`, cookies, hop-by-hop headers and the agent's `x-xpart-*`, stays behind.
-const FORWARDED_HEADERS: [&str; 4] = ["content-type", "accept", "content-encoding", "user-agent"];
-const BEDROCK_HEADER_PREFIX: &str = "x-amzn-bedrock-";
-
-/// Inference-profile prefixes AWS uses (shared/notes/bedrock-wire.md); a model that already
-/// carries one is a profile and gets no second prefix.
+/// Inference-profile prefixes AWS uses; a model that already carries one is a profile and gets
+/// no second prefix.
 const PROFILE_PREFIXES: [&str; 7] = ["us.", "eu.", "apac.", "global.", "us-gov.", "jp.", "au."];
+
+/// Models remembered as needing a profile, at most. Only ids that passed the policy and that
+/// Bedrock then served through a profile get here, so real deployments stay far below it.
+const MAX_REMEMBERED: usize = 4096;
 
 pub struct Rewriter {
     rules: Vec<RewriteRule>,
@@ -36,6 +26,13 @@ pub struct Rewriter {
 }
 
 impl Rewriter {
+    pub fn from_config(config: &RelayConfig) -> Rewriter {
+        Rewriter::new(
+            config.rewrite.rules.clone(),
+            config.upstream.inference_profile_prefix.clone(),
+        )
+    }
+
     pub fn new(rules: Vec<RewriteRule>, inference_profile_prefix: Option<String>) -> Rewriter {
         Rewriter {
             rules,
@@ -53,7 +50,10 @@ impl Rewriter {
                 model: id.to_string(),
             });
         }
-        Ok(ModelId::new(rewritten))
+        ModelId::parse(&rewritten).map_err(|_| Error::BadRewrite {
+            model: id.to_string(),
+            rewritten,
+        })
     }
 
     /// The model actually invoked: the inference profile remembered for `model`, or `model`.
@@ -73,12 +73,15 @@ impl Rewriter {
         if id.starts_with("arn:") || PROFILE_PREFIXES.iter().any(|p| id.starts_with(p)) {
             return None;
         }
-        Some(ModelId::new(format!("{prefix}{id}")))
+        ModelId::parse(&format!("{prefix}{id}")).ok()
     }
 
     /// After a retry with `profile` succeeds, later requests for `model` go to it directly.
     pub fn remember(&self, model: &ModelId, profile: &ModelId) {
         if let Ok(mut map) = self.remembered.lock() {
+            if map.len() >= MAX_REMEMBERED && !map.contains_key(model.as_str()) {
+                return;
+            }
             map.insert(model.as_str().to_string(), profile.clone());
         }
     }
@@ -110,35 +113,6 @@ fn looks_govcloud(id: &str) -> bool {
     id.starts_with("us-gov.")
         || id.starts_with("arn:aws-us-gov:")
         || resource.starts_with("us-gov.")
-}
-
-/// The path sent upstream. Unchanged models keep the path exactly as the caller's SDK encoded
-/// it; a rewritten model replaces the `/model/{modelId}/` label.
-pub fn upstream_path(original_path: &str, original: &ModelId, model: &ModelId) -> String {
-    if original.as_str() == model.as_str() {
-        return original_path.to_string();
-    }
-    let Some(rest) = original_path.strip_prefix("/model/") else {
-        return original_path.to_string();
-    };
-    let suffix = rest.split_once('/').map(|(_, s)| s).unwrap_or("");
-    format!(
-        "/model/{}/{suffix}",
-        utf8_percent_encode(model.as_str(), PATH_LABEL)
-    )
-}
-
-/// Headers from the agent's request that go upstream (before signing adds its own).
-pub fn forwarded_headers(incoming: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::new();
-    for (name, value) in incoming {
-        let keep = FORWARDED_HEADERS.contains(&name.as_str())
-            || name.as_str().starts_with(BEDROCK_HEADER_PREFIX);
-        if keep {
-            out.append(name.clone(), value.clone());
-        }
-    }
-    out
 }
 
 /// Bedrock's answer for a model that must be invoked through an inference profile:
@@ -180,7 +154,7 @@ mod tests {
     }
 
     fn id(s: &str) -> ModelId {
-        ModelId::new(s.to_string())
+        ModelId::parse(s).unwrap()
     }
 
     #[test]
@@ -259,44 +233,27 @@ mod tests {
     }
 
     #[test]
-    fn path_keeps_caller_encoding_unless_rewritten() {
-        let original = id("anthropic.claude-v2:1");
-        let path = "/model/anthropic.claude-v2%3A1/converse";
-        assert_eq!(upstream_path(path, &original, &original), path);
-        let path2 = upstream_path(path, &original, &id("us.anthropic.claude-v2:1"));
-        assert_eq!(path2, "/model/us.anthropic.claude-v2%3A1/converse");
-        let arn = id("arn:aws:bedrock:us-east-1:1:inference-profile/us.x");
-        assert_eq!(
-            upstream_path(path, &original, &arn),
-            "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A1%3Ainference-profile%2Fus.x/converse"
+    fn rewrites_that_leave_bedrocks_grammar_are_refused() {
+        let r = Rewriter::new(
+            vec![RewriteRule {
+                from: "gov.".into(),
+                to: "x/../".into(),
+            }],
+            None,
         );
+        let err = r.model(&id("gov.anthropic.x")).unwrap_err();
+        assert!(matches!(err, Error::BadRewrite { .. }));
+        assert_eq!(err.to_bedrock().kind.code(), "ValidationException");
     }
 
     #[test]
-    fn only_bedrock_headers_are_forwarded() {
-        let mut h = HeaderMap::new();
-        for (k, v) in [
-            ("authorization", "Bearer secret"),
-            ("x-amz-security-token", "tok"),
-            ("x-amz-date", "20240101T000000Z"),
-            ("x-amz-content-sha256", "abc"),
-            ("cookie", "a=b"),
-            ("connection", "keep-alive"),
-            ("x-xpart-principal", "p"),
-            ("content-type", "application/json"),
-            ("accept", "application/json"),
-            ("x-amzn-bedrock-trace", "ENABLED"),
-            ("x-amzn-bedrock-guardrailidentifier", "g"),
-        ] {
-            h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+    fn remembered_profiles_are_bounded() {
+        let r = rewriter();
+        for i in 0..MAX_REMEMBERED + 10 {
+            let model = id(&format!("anthropic.m{i}"));
+            r.remember(&model, &id(&format!("us.anthropic.m{i}")));
         }
-        let out = forwarded_headers(&h);
-        let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
-        assert_eq!(out.len(), 4, "{names:?}");
-        assert!(out.contains_key("content-type"));
-        assert!(out.contains_key("x-amzn-bedrock-trace"));
-        assert!(out.contains_key("x-amzn-bedrock-guardrailidentifier"));
-        assert!(!out.contains_key("authorization"));
+        assert_eq!(r.remembered.lock().unwrap().len(), MAX_REMEMBERED);
     }
 
     #[test]

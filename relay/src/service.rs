@@ -1,5 +1,6 @@
 //! The service listener inside the tunnel (HTTP/2 and HTTP/1.1) and the request pipeline:
-//! check → rewrite → sign → send → stream → audit.
+//! admit (source, route, policy, rewrite: [`admission`]) → read the body within the relay-wide
+//! budget → sign → send (retrying once through an allowed inference profile) → stream → audit.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -7,21 +8,23 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, HOST};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use xpart_daemon::bedrock::AMZN_REQUEST_ID_HEADER;
 use xpart_daemon::bedrock::{strip_hop_by_hop, ModelId, Route, MAX_BODY_BYTES};
 use xpart_daemon::protocol::{HEALTH_PATH, REQUEST_ID_HEADER};
 use xpart_tunnel::TcpListener;
 
+use crate::admission::{self, Admitted, Policy, Rewriter, Rules, Target};
 use crate::audit::{upstream_error_type, Exchange, CLIENT_CLOSED};
 use crate::credentials::Status;
 use crate::error::Error;
@@ -123,80 +126,161 @@ enum Answer {
     Local(Response<Full<Bytes>>),
 }
 
-/// check → rewrite → sign → send, with one retry through an inference profile.
+/// admit → read the body → sign → send, with one retry through an inference profile.
 async fn forward(
     relay: &Relay,
     peer: SocketAddr,
     request: Request<Incoming>,
     exchange: &mut Exchange,
 ) -> Result<Answer, Error> {
-    let route = check(relay, peer, &request, exchange)?;
-    if route.model.as_ref().is_some_and(|m| relay.is_echo(m)) {
-        return answer_echo(&route, request, exchange).await;
-    }
-    let target = rewrite_model(relay, &route, exchange)?;
-
-    let (parts, body) = request.into_parts();
-    let body = read_body(&parts.headers, body).await?;
-    exchange.set_bytes_in(body.len() as u64);
-    let credentials = relay.credentials.current().await?;
-
-    let models = target.as_ref().map(|t| (&t.requested, &t.invoked));
-    let response = send_signed(relay, &parts, models, &body, &credentials, exchange).await?;
-    let Some(target) = target else {
-        return Ok(Answer::Upstream(response));
+    // One snapshot of the live rules for the whole request, so a reload in the middle
+    // cannot mix two policies.
+    let policy = relay.policy.load();
+    let rewriter = relay.rewriter.load();
+    policy.admit_source(peer)?;
+    let rules = Rules {
+        policy: &policy,
+        rewriter: &rewriter,
+        echo_model: relay.echo_model.as_deref(),
     };
-    retry_through_profile(
-        relay,
-        &parts,
-        &target,
-        &body,
-        &credentials,
-        response,
-        exchange,
-    )
-    .await
-}
-
-/// The model a `/model/{id}/…` request names, as requested, after [`Rewriter::model`]
-/// (what the policy checks), and as invoked (the remembered inference profile, if any).
-///
-/// [`Rewriter::model`]: crate::rewrite::Rewriter::model
-struct Target {
-    requested: ModelId,
-    commercial: ModelId,
-    invoked: ModelId,
-}
-
-/// The source is a configured agent, the path is a Bedrock operation with the right method,
-/// and the operation is allowed.
-fn check(
-    relay: &Relay,
-    peer: SocketAddr,
-    request: &Request<Incoming>,
-    exchange: &mut Exchange,
-) -> Result<Route, Error> {
-    relay.policy.admit_source(peer)?;
-    let route = Route::parse(request.method(), request.uri().path()).map_err(Error::Route)?;
-    exchange.set_operation(route.operation);
-    if let Some(model) = &route.model {
-        exchange.set_model(model);
-    }
-    relay.policy.check_operation(route.operation)?;
-    Ok(route)
-}
-
-async fn answer_echo(
-    route: &Route,
-    request: Request<Incoming>,
-    exchange: &mut Exchange,
-) -> Result<Answer, Error> {
-    exchange.model_allowed();
+    let admitted = admit(&request, &rules, exchange)?;
     let (parts, body) = request.into_parts();
-    let body = read_body(&parts.headers, body).await?;
-    exchange.set_bytes_in(body.len() as u64);
-    let model = route.model.as_ref().map(ModelId::as_str).unwrap_or("");
-    match echo::answer(route.operation, model, &body)? {
+    let body = read_body(relay, &parts.headers, body).await?;
+    exchange.set_bytes_in(body.bytes.len() as u64);
+    let (requested, commercial) = match &admitted.target {
+        Target::Echo => return answer_echo(relay, &admitted.route, &body.bytes),
+        Target::NoModel => {
+            let credentials = relay.credentials.current().await?;
+            let upstream = Upstream {
+                method: &parts.method,
+                path_and_query: &admitted.path_and_query,
+                headers: &admitted.headers,
+                body: &body.bytes,
+                credentials: &credentials,
+            };
+            let response = send_signed(relay, &upstream, exchange).await?;
+            return Ok(Answer::Upstream(response));
+        }
+        Target::Model {
+            requested,
+            commercial,
+            ..
+        } => (requested, commercial),
+    };
+    let invoked = remembered_profile(&policy, &rewriter, commercial, exchange)?;
+    let credentials = relay.credentials.current().await?;
+    let path = model_path(&admitted, &invoked)?;
+    let upstream = Upstream {
+        method: &parts.method,
+        path_and_query: &path,
+        headers: &admitted.headers,
+        body: &body.bytes,
+        credentials: &credentials,
+    };
+    let response = send_signed(relay, &upstream, exchange).await?;
+    let retry = Retry {
+        policy: &policy,
+        rewriter: &rewriter,
+        admitted: &admitted,
+        requested,
+        commercial,
+        invoked: &invoked,
+    };
+    retry_through_profile(relay, &retry, upstream, response, exchange).await
+}
+
+/// [`admission::admit`] on the request, noting in the audit line what it learnt either way.
+fn admit(
+    request: &Request<Incoming>,
+    rules: &Rules<'_>,
+    exchange: &mut Exchange,
+) -> Result<Admitted, Error> {
+    let path_and_query = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or_else(|| request.uri().path());
+    match admission::admit(request.method(), path_and_query, request.headers(), rules) {
+        Ok(admitted) => {
+            exchange.set_operation(admitted.route.operation);
+            match (&admitted.target, &admitted.route.model, rules.echo_model) {
+                (Target::Echo, Some(model), Some(echo)) => {
+                    exchange.set_model(model);
+                    exchange.label_model(echo);
+                }
+                (Target::Echo, _, _) => {}
+                (
+                    Target::Model {
+                        commercial,
+                        pattern,
+                        ..
+                    },
+                    _,
+                    _,
+                ) => {
+                    exchange.set_model(commercial);
+                    exchange.label_model(pattern);
+                }
+                (Target::NoModel, _, _) => {}
+            }
+            Ok(admitted)
+        }
+        Err(rejected) => {
+            if let Some(operation) = rejected.operation {
+                exchange.set_operation(operation);
+            }
+            if let Some(model) = &rejected.model {
+                exchange.set_model(model);
+            }
+            Err(rejected.error)
+        }
+    }
+}
+
+/// The model actually invoked: the inference profile remembered for `commercial`, which must
+/// pass the policy now (the policy may have changed since it was remembered), or `commercial`.
+fn remembered_profile(
+    policy: &Policy,
+    rewriter: &Rewriter,
+    commercial: &ModelId,
+    exchange: &mut Exchange,
+) -> Result<ModelId, Error> {
+    let invoked = rewriter.invoked(commercial);
+    if invoked == *commercial {
+        return Ok(invoked);
+    }
+    exchange.set_model(&invoked);
+    let pattern = profile_allowed(policy, commercial, &invoked)?;
+    exchange.label_model(pattern);
+    Ok(invoked)
+}
+
+/// A profile the relay chose is held to the same allowlist as a model the caller named.
+fn profile_allowed<'p>(
+    policy: &'p Policy,
+    model: &ModelId,
+    profile: &ModelId,
+) -> Result<&'p str, Error> {
+    policy
+        .check_model(profile)
+        .map_err(|_| Error::ProfileNotAllowed {
+            model: model.as_str().to_string(),
+            profile: profile.as_str().to_string(),
+        })
+}
+
+fn model_path(admitted: &Admitted, model: &ModelId) -> Result<String, Error> {
+    admitted
+        .route
+        .path_with_model(model)
+        .ok_or_else(|| Error::OperationNotAllowed {
+            operation: admitted.route.operation.name().to_string(),
+        })
+}
+
+fn answer_echo(relay: &Relay, route: &Route, body: &Bytes) -> Result<Answer, Error> {
+    let model = relay.echo_model.as_deref().unwrap_or("");
+    match echo::answer(route.operation, model, body)? {
         Some(response) => Ok(Answer::Local(response)),
         None => Err(Error::OperationNotAllowed {
             operation: format!("{} on the echo model", route.operation.name()),
@@ -204,39 +288,27 @@ async fn answer_echo(
     }
 }
 
-/// GovCloud IDs rewritten by the configured rules, then the model allowlist.
-fn rewrite_model(
-    relay: &Relay,
-    route: &Route,
-    exchange: &mut Exchange,
-) -> Result<Option<Target>, Error> {
-    let Some(requested) = &route.model else {
-        return Ok(None);
-    };
-    let commercial = relay.rewriter.model(requested)?;
-    relay.policy.check_model(&commercial)?;
-    let invoked = relay.rewriter.invoked(&commercial);
-    exchange.set_model(&invoked);
-    exchange.model_allowed();
-    Ok(Some(Target {
-        requested: requested.clone(),
-        commercial,
-        invoked,
-    }))
+/// What the inference-profile retry needs to know about the first attempt.
+struct Retry<'a> {
+    policy: &'a Policy,
+    rewriter: &'a Rewriter,
+    admitted: &'a Admitted,
+    requested: &'a ModelId,
+    commercial: &'a ModelId,
+    invoked: &'a ModelId,
 }
 
 /// Bedrock refuses on-demand throughput for some models and names inference profiles as the
-/// way in: retry once with the configured prefix, and remember the profile when it works.
+/// way in: retry once with the configured prefix, when the policy allows that profile, and
+/// remember the profile when it works.
 async fn retry_through_profile(
     relay: &Relay,
-    parts: &http::request::Parts,
-    target: &Target,
-    body: &Bytes,
-    credentials: &aws_credential_types::Credentials,
+    retry: &Retry<'_>,
+    first: Upstream<'_>,
     response: Response<Incoming>,
     exchange: &mut Exchange,
 ) -> Result<Answer, Error> {
-    let Some(profile) = relay.rewriter.profile_for(&target.invoked) else {
+    let Some(profile) = retry.rewriter.profile_for(retry.invoked) else {
         return Ok(Answer::Upstream(response));
     };
     if response.status() != StatusCode::BAD_REQUEST {
@@ -247,19 +319,37 @@ async fn retry_through_profile(
         let unchanged = Response::from_parts(head, Full::new(error_body));
         return Ok(Answer::Local(unchanged));
     }
-    tracing::info!(model = %target.commercial, profile = %profile, "model needs an inference profile; retrying once");
-    let models = Some((&target.requested, &profile));
-    let retried = send_signed(relay, parts, models, body, credentials, exchange).await?;
+    let pattern = profile_allowed(retry.policy, retry.commercial, &profile)?;
+    tracing::info!(model = %retry.commercial, requested = %retry.requested, profile = %profile, "model needs an inference profile; retrying once");
+    let path = model_path(retry.admitted, &profile)?;
+    let upstream = Upstream {
+        path_and_query: &path,
+        ..first
+    };
+    let retried = send_signed(relay, &upstream, exchange).await?;
     if retried.status().is_success() {
-        relay.rewriter.remember(&target.commercial, &profile);
+        retry.rewriter.remember(retry.commercial, &profile);
         exchange.set_model(&profile);
+        exchange.label_model(pattern);
     }
     Ok(Answer::Upstream(retried))
 }
 
+/// A request body held in memory, with its share of `[limits] max_buffered_body_bytes`.
+struct Buffered {
+    bytes: Bytes,
+    _reserved: OwnedSemaphorePermit,
+}
+
 /// Read the whole request body, refusing one over Bedrock's limit before reading it: at once
-/// when `Content-Length` says so, else as soon as the count passes the limit.
-async fn read_body(headers: &HeaderMap, body: Incoming) -> Result<Bytes, Error> {
+/// when `Content-Length` says so, else as soon as the count passes the limit. The body's
+/// bytes are reserved from the relay-wide budget before they are held: the declared length
+/// up front, a body without one as it arrives.
+async fn read_body(
+    relay: &Relay,
+    headers: &HeaderMap,
+    mut body: Incoming,
+) -> Result<Buffered, Error> {
     let limit = MAX_BODY_BYTES as u64;
     let declared = headers
         .get(CONTENT_LENGTH)
@@ -268,47 +358,102 @@ async fn read_body(headers: &HeaderMap, body: Incoming) -> Result<Bytes, Error> 
     if declared.is_some_and(|len| len > limit) {
         return Err(Error::BodyTooLarge { limit });
     }
-    match Limited::new(body, MAX_BODY_BYTES).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.is::<LengthLimitError>() => Err(Error::BodyTooLarge { limit }),
-        Err(err) => Err(Error::BodyRead(err.to_string())),
+    let mut reserved_bytes = declared.unwrap_or(0);
+    let mut reserved = relay.body_budget.reserve(reserved_bytes)?;
+    let mut buffer = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|err| Error::BodyRead(err.to_string()))?;
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
+        let total = (buffer.len() + chunk.len()) as u64;
+        if total > limit {
+            return Err(Error::BodyTooLarge { limit });
+        }
+        if total > reserved_bytes {
+            reserved.merge(relay.body_budget.reserve(total - reserved_bytes)?);
+            reserved_bytes = total;
+        }
+        buffer.extend_from_slice(&chunk);
+    }
+    Ok(Buffered {
+        bytes: buffer.freeze(),
+        _reserved: reserved,
+    })
+}
+
+/// The relay-wide budget of request-body bytes held at once (`[limits]
+/// max_buffered_body_bytes`): one semaphore permit per byte.
+pub(crate) struct BodyBudget {
+    permits: Arc<Semaphore>,
+    total: usize,
+}
+
+impl BodyBudget {
+    pub(crate) fn new(bytes: u64) -> BodyBudget {
+        let total = usize::try_from(bytes)
+            .unwrap_or(Semaphore::MAX_PERMITS)
+            .min(Semaphore::MAX_PERMITS);
+        BodyBudget {
+            permits: Arc::new(Semaphore::new(total)),
+            total,
+        }
+    }
+
+    /// Bytes reserved by requests in flight.
+    pub(crate) fn in_use(&self) -> u64 {
+        self.total.saturating_sub(self.permits.available_permits()) as u64
+    }
+
+    fn reserve(&self, bytes: u64) -> Result<OwnedSemaphorePermit, Error> {
+        let exhausted = || Error::BodyBudgetExhausted {
+            budget: self.total as u64,
+        };
+        let count = u32::try_from(bytes).map_err(|_| exhausted())?;
+        self.permits
+            .clone()
+            .try_acquire_many_owned(count)
+            .map_err(|_| exhausted())
     }
 }
 
-/// Build the upstream request (fixed endpoint, rewritten path, forwarded headers), sign it
-/// and send it. `models` is (requested, invoked) for the `/model/{id}/…` operations.
+/// A signed request about to be sent: method, path and headers as admitted, the body.
+#[derive(Clone, Copy)]
+struct Upstream<'a> {
+    method: &'a Method,
+    path_and_query: &'a str,
+    headers: &'a HeaderMap,
+    body: &'a Bytes,
+    credentials: &'a aws_credential_types::Credentials,
+}
+
+/// Build the upstream request (fixed endpoint, admitted path and headers), sign it and send it.
 async fn send_signed(
     relay: &Relay,
-    parts: &http::request::Parts,
-    models: Option<(&ModelId, &ModelId)>,
-    body: &Bytes,
-    credentials: &aws_credential_types::Credentials,
+    upstream: &Upstream<'_>,
     exchange: &mut Exchange,
 ) -> Result<Response<Incoming>, Error> {
-    let path = match models {
-        Some((requested, invoked)) => rewrite::upstream_path(parts.uri.path(), requested, invoked),
-        None => parts.uri.path().to_string(),
-    };
-    let path_and_query = match parts.uri.query() {
-        Some(query) => format!("{path}?{query}"),
-        None => path,
-    };
-    let mut request = Request::new(body.clone());
-    *request.method_mut() = parts.method.clone();
+    let mut request = Request::new(upstream.body.clone());
+    *request.method_mut() = upstream.method.clone();
     *request.uri_mut() = relay
         .upstream
-        .url_for(&path_and_query)
+        .url_for(upstream.path_and_query)
         .parse()
         .map_err(|e: http::uri::InvalidUri| Error::Signing(e.to_string()))?;
-    *request.headers_mut() = rewrite::forwarded_headers(&parts.headers);
+    *request.headers_mut() = upstream.headers.clone();
     let host = HeaderValue::from_str(relay.upstream.host_header())
         .map_err(|e| Error::Signing(e.to_string()))?;
     request.headers_mut().insert(HOST, host);
     request
         .headers_mut()
-        .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        .insert(CONTENT_LENGTH, HeaderValue::from(upstream.body.len()));
 
-    signer::sign_request(&mut request, credentials, &relay.region, SystemTime::now())?;
+    signer::sign_request(
+        &mut request,
+        upstream.credentials,
+        &relay.region,
+        SystemTime::now(),
+    )?;
 
     let sent = Instant::now();
     let response = relay.upstream.send(request).await?;
@@ -386,6 +531,7 @@ fn answer_locally(response: Response<Full<Bytes>>, exchange: Exchange) -> Respon
 /// The one place a relay [`Error`] becomes the caller's Bedrock error response.
 fn refuse(relay: &Relay, err: Error, exchange: Exchange) -> Response<ResponseBody> {
     match &err {
+        Error::BodyBudgetExhausted { .. } => relay.metrics.body_budget_refused(),
         Error::UpstreamUnavailable { .. } => relay.metrics.upstream_error("unavailable"),
         Error::UpstreamTimeout { .. } => relay.metrics.upstream_error("timeout"),
         _ => {}
@@ -407,11 +553,23 @@ fn with_request_id(
     mut response: Response<ResponseBody>,
     request_id: &str,
 ) -> Response<ResponseBody> {
+    let headers = response.headers_mut();
+    // Callers see one id, the one in both daemons' audit lines; Bedrock's own id, what AWS
+    // support asks for, stays available beside it.
+    if let Some(upstream) = headers.remove(AMZN_REQUEST_ID_HEADER) {
+        if upstream.as_bytes() != request_id.as_bytes() {
+            headers.insert(UPSTREAM_REQUEST_ID_HEADER, upstream);
+        }
+    }
     if let Ok(value) = HeaderValue::from_str(request_id) {
-        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+        headers.insert(AMZN_REQUEST_ID_HEADER, value.clone());
+        headers.insert(REQUEST_ID_HEADER, value);
     }
     response
 }
+
+/// Bedrock's `x-amzn-RequestId` for a forwarded request, returned beside the xpart id.
+const UPSTREAM_REQUEST_ID_HEADER: &str = "x-xpart-upstream-request-id";
 
 /// `GET /_xpart/health` for the agent's relay health checks; not audited (it runs every few
 /// seconds). Draining answers 503 so agents move traffic away while requests still in flight,
@@ -422,7 +580,7 @@ fn health(relay: &Relay, peer: SocketAddr, headers: &HeaderMap) -> Response<Resp
         .and_then(|v| v.to_str().ok())
         .unwrap_or("health")
         .to_string();
-    if let Err(err) = relay.policy.admit_source(peer) {
+    if let Err(err) = relay.policy.load().admit_source(peer) {
         let response = err.to_bedrock().into_response(&request_id);
         return response.map(|body| body.map_err(|never| match never {}).boxed_unsync());
     }

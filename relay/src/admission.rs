@@ -1,0 +1,531 @@
+//! Admission: everything the relay decides about a request before it reads the body, as one
+//! pure function ([`admit`]) of the method, the path and query, the headers and the rules in
+//! force. It recognises the operation, holds the model id (or guardrail) to Bedrock's grammar,
+//! applies the `[policy]` allowlists and the GovCloud `[rewrite]` rules, and builds the path,
+//! query and headers that may be signed: the path from the validated ids (never the caller's
+//! bytes), no query parameter the operation does not define, and only the headers listed in
+//! [`FORWARDED_HEADERS`] plus the policy-gated Bedrock headers at allowed values.
+//!
+//! The service pipeline calls [`admit`] for every request (after checking the source address),
+//! and the fuzz targets call it directly.
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use xpart_daemon::bedrock::{Guardrail, ModelId, Operation, Route};
+
+pub use crate::error::Error;
+pub use crate::policy::{GatedHeader, Policy};
+pub use crate::rewrite::Rewriter;
+
+/// Request headers passed upstream at any value: what the Bedrock Runtime operations define
+/// that does not change cost or policy (`Content-Type`, `Accept`, `X-Amzn-Bedrock-Accept`),
+/// and `User-Agent`, which SigV4 leaves unsigned. The cost- and policy-changing Bedrock
+/// headers ([`GatedHeader`], and the guardrail pair) pass only at values `[policy]` allows;
+/// every other header, `x-amzn-bedrock-*` included, stays behind.
+pub const FORWARDED_HEADERS: [&str; 4] = [
+    "content-type",
+    "accept",
+    "x-amzn-bedrock-accept",
+    "user-agent",
+];
+
+pub const GUARDRAIL_ID_HEADER: &str = "x-amzn-bedrock-guardrailidentifier";
+pub const GUARDRAIL_VERSION_HEADER: &str = "x-amzn-bedrock-guardrailversion";
+
+/// The rules a request is admitted by; the relay's live configuration, borrowed.
+pub struct Rules<'a> {
+    pub policy: &'a Policy,
+    pub rewriter: &'a Rewriter,
+    /// The synthetic model the relay answers itself (`[echo] model`), when enabled.
+    pub echo_model: Option<&'a str>,
+}
+
+/// A request the relay may sign, and what to sign.
+#[derive(Debug)]
+pub struct Admitted {
+    pub route: Route,
+    pub target: Target,
+    /// The path and query to send, built from validated values.
+    pub path_and_query: String,
+    /// The headers to send (before signing adds its own).
+    pub headers: HeaderMap,
+}
+
+/// What the request invokes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The echo model: answered by the relay, nothing signed.
+    Echo,
+    /// A model, as requested and as rewritten for the Commercial partition (what the policy
+    /// allowed); `pattern` is the `[policy] models` entry that matched.
+    Model {
+        requested: ModelId,
+        commercial: ModelId,
+        pattern: String,
+    },
+    /// An operation that names no model (ApplyGuardrail).
+    NoModel,
+}
+
+/// A refused request, with as much as was learnt about it for the audit line.
+#[derive(Debug)]
+pub struct Rejected {
+    pub error: Error,
+    pub operation: Option<Operation>,
+    pub model: Option<ModelId>,
+}
+
+/// Decide whether the relay signs this request, and what exactly it signs.
+pub fn admit(
+    method: &Method,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    rules: &Rules<'_>,
+) -> Result<Admitted, Rejected> {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path_and_query, None),
+    };
+    let route = Route::parse(method, path).map_err(|err| Rejected {
+        error: Error::Route(err),
+        operation: None,
+        model: None,
+    })?;
+    let reject = |error: Error| Rejected {
+        error,
+        operation: Some(route.operation),
+        model: route.model.clone(),
+    };
+    rules
+        .policy
+        .check_operation(route.operation)
+        .map_err(reject)?;
+    let target = target(&route, rules).map_err(reject)?;
+    if target == Target::Echo {
+        return Ok(Admitted {
+            route,
+            target,
+            path_and_query: String::new(),
+            headers: HeaderMap::new(),
+        });
+    }
+    if let Some(guardrail) = &route.guardrail {
+        rules.policy.check_guardrail(guardrail).map_err(reject)?;
+    }
+    let forwarded = forwarded_headers(headers, rules.policy).map_err(reject)?;
+    let path = match &target {
+        Target::Model { commercial, .. } => route.path_with_model(commercial),
+        Target::Echo => route.path(),
+        Target::NoModel => route.path(),
+    };
+    let Some(path) = path else {
+        return Err(reject(Error::OperationNotAllowed {
+            operation: route.operation.name().to_string(),
+        }));
+    };
+    let query = defined_query(route.operation, query);
+    let path_and_query = if query.is_empty() {
+        path
+    } else {
+        format!("{path}?{query}")
+    };
+    Ok(Admitted {
+        route,
+        target,
+        path_and_query,
+        headers: forwarded,
+    })
+}
+
+/// The echo model, or the requested model rewritten and checked against `[policy] models`.
+fn target(route: &Route, rules: &Rules<'_>) -> Result<Target, Error> {
+    let Some(requested) = &route.model else {
+        return Ok(Target::NoModel);
+    };
+    if rules.echo_model == Some(requested.as_str()) {
+        return Ok(Target::Echo);
+    }
+    let commercial = rules.rewriter.model(requested)?;
+    let pattern = rules.policy.check_model(&commercial)?.to_string();
+    Ok(Target::Model {
+        requested: requested.clone(),
+        commercial,
+        pattern,
+    })
+}
+
+/// The headers that go upstream: [`FORWARDED_HEADERS`] as sent, each [`GatedHeader`] when
+/// its value is allowed, the guardrail pair when `id:version` is allowed. A gated header at
+/// a value `[policy]` does not list refuses the request (403) rather than being dropped: the
+/// caller asked for a tier, latency or guardrail and would otherwise silently not get it.
+fn forwarded_headers(incoming: &HeaderMap, policy: &Policy) -> Result<HeaderMap, Error> {
+    let mut out = HeaderMap::new();
+    for name in FORWARDED_HEADERS {
+        for value in incoming.get_all(name) {
+            out.append(HeaderName::from_static(name), value.clone());
+        }
+    }
+    for gated in GatedHeader::ALL {
+        let Some(value) = single_value(incoming, gated.header())? else {
+            continue;
+        };
+        policy.check_header(gated, value)?;
+        out.insert(HeaderName::from_static(gated.header()), header_value(value));
+    }
+    let identifier = single_value(incoming, GUARDRAIL_ID_HEADER)?;
+    let version = single_value(incoming, GUARDRAIL_VERSION_HEADER)?;
+    match (identifier, version) {
+        (None, None) => {}
+        (Some(identifier), Some(version)) => {
+            let guardrail = Guardrail::parse(identifier, version).map_err(Error::Route)?;
+            policy.check_guardrail(&guardrail)?;
+            out.insert(
+                HeaderName::from_static(GUARDRAIL_ID_HEADER),
+                header_value(identifier),
+            );
+            out.insert(
+                HeaderName::from_static(GUARDRAIL_VERSION_HEADER),
+                header_value(version),
+            );
+        }
+        (Some(_), None) => {
+            return Err(Error::InvalidHeader {
+                header: GUARDRAIL_ID_HEADER.to_string(),
+                reason: format!("needs {GUARDRAIL_VERSION_HEADER} as well"),
+            })
+        }
+        (None, Some(_)) => {
+            return Err(Error::InvalidHeader {
+                header: GUARDRAIL_VERSION_HEADER.to_string(),
+                reason: format!("needs {GUARDRAIL_ID_HEADER} as well"),
+            })
+        }
+    }
+    Ok(out)
+}
+
+/// The one value of a header that must not repeat, as text.
+fn single_value<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, Error> {
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(Error::InvalidHeader {
+            header: name.to_string(),
+            reason: "sent more than once".to_string(),
+        });
+    }
+    match value.to_str() {
+        Ok(text) => Ok(Some(text)),
+        Err(_) => Err(Error::InvalidHeader {
+            header: name.to_string(),
+            reason: "not visible ASCII text".to_string(),
+        }),
+    }
+}
+
+fn header_value(checked: &str) -> HeaderValue {
+    // `checked` came from a HeaderValue's to_str(), so it is a valid header value; the
+    // fallback is never taken.
+    HeaderValue::from_str(checked).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// Characters kept as they are in a re-encoded query name or value (RFC 3986 unreserved).
+const QUERY_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// The query parameters `operation` defines, each decoded once and re-encoded; the rest are
+/// dropped. The operations the relay signs define none, so their query is always empty.
+fn defined_query(operation: Operation, query: Option<&str>) -> String {
+    let defined = operation.query_parameters();
+    let Some(query) = query else {
+        return String::new();
+    };
+    if defined.is_empty() {
+        return String::new();
+    }
+    let mut kept = Vec::new();
+    for pair in query.split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let (Ok(name), Ok(value)) = (
+            percent_decode_str(name).decode_utf8(),
+            percent_decode_str(value).decode_utf8(),
+        ) else {
+            continue;
+        };
+        if defined.contains(&name.as_ref()) {
+            kept.push(format!(
+                "{}={}",
+                utf8_percent_encode(&name, QUERY_COMPONENT),
+                utf8_percent_encode(&value, QUERY_COMPONENT)
+            ));
+        }
+    }
+    kept.join("&")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{PolicySection, RewriteRule};
+
+    fn policy(models: &[&str]) -> Policy {
+        Policy::new(
+            [],
+            &PolicySection {
+                operations: vec![
+                    "Converse".into(),
+                    "InvokeModel".into(),
+                    "ApplyGuardrail".into(),
+                ],
+                models: models.iter().map(|m| m.to_string()).collect(),
+                guardrails: vec!["gr-abc123:1".into()],
+                service_tiers: vec!["default".into()],
+                performance_latency: vec!["standard".into()],
+                trace: vec!["DISABLED".into(), "ENABLED".into()],
+            },
+        )
+    }
+
+    fn rewriter() -> Rewriter {
+        Rewriter::new(
+            vec![RewriteRule {
+                from: "us-gov.".into(),
+                to: "us.".into(),
+            }],
+            Some("us.".into()),
+        )
+    }
+
+    fn admit_with(
+        models: &[&str],
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Admitted, Rejected> {
+        let policy = policy(models);
+        let rewriter = rewriter();
+        let rules = Rules {
+            policy: &policy,
+            rewriter: &rewriter,
+            echo_model: Some("xpart.echo"),
+        };
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        admit(&Method::POST, path, &map, &rules)
+    }
+
+    fn code(result: Result<Admitted, Rejected>) -> (&'static str, String) {
+        let bedrock = result.unwrap_err().error.to_bedrock();
+        (bedrock.kind.code(), bedrock.message)
+    }
+
+    #[test]
+    fn encoded_traversal_and_separators_never_pass_a_glob() {
+        for path in [
+            "/model/anthropic.claude-x%2F..%2F..%2Fmodel%2Fmeta.llama3-70b/converse",
+            "/model/anthropic.claude-x;meta.llama3/converse",
+            "/model/anthropic.claude-x%3Bmeta.llama3/converse",
+            "/model/anthropic.claude-x%252F..%252Fmeta/converse",
+        ] {
+            for models in [&["anthropic.claude-*"][..], &["*"][..]] {
+                let (kind, message) = code(admit_with(models, path, &[]));
+                assert_eq!(kind, "ValidationException", "{path}: {message}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_upstream_path_is_built_from_the_validated_id() {
+        let admitted = admit_with(
+            &["anthropic.claude-*"],
+            "/model/%61nthropic.claude-v2%3a1/converse",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            admitted.path_and_query,
+            "/model/anthropic.claude-v2%3A1/converse"
+        );
+        let rewritten = admit_with(
+            &["us.anthropic.*"],
+            "/model/us-gov.anthropic.x/converse",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(rewritten.path_and_query, "/model/us.anthropic.x/converse");
+        assert_eq!(
+            rewritten.target,
+            Target::Model {
+                requested: ModelId::parse("us-gov.anthropic.x").unwrap(),
+                commercial: ModelId::parse("us.anthropic.x").unwrap(),
+                pattern: "us.anthropic.*".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn query_parameters_are_never_passed_on_for_runtime_operations() {
+        let admitted = admit_with(
+            &["anthropic.*"],
+            "/model/anthropic.x/converse?X%2DAmz%2DSecurity%2DToken=abc&X-Amz-Signature=1&x=1",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(admitted.path_and_query, "/model/anthropic.x/converse");
+    }
+
+    #[test]
+    fn list_async_invokes_keeps_only_its_own_parameters_reencoded() {
+        let query = "maxResults=5&X-Amz-Security-Token=t&status%45quals=Completed&sortBy=a%20b";
+        assert_eq!(
+            defined_query(Operation::ListAsyncInvokes, Some(query)),
+            "maxResults=5&statusEquals=Completed&sortBy=a%20b"
+        );
+        assert_eq!(defined_query(Operation::Converse, Some(query)), "");
+    }
+
+    #[test]
+    fn only_listed_headers_and_allowed_bedrock_headers_are_forwarded() {
+        let admitted = admit_with(
+            &["anthropic.*"],
+            "/model/anthropic.x/invoke",
+            &[
+                ("content-type", "application/json"),
+                ("accept", "application/json"),
+                ("x-amzn-bedrock-accept", "*/*"),
+                ("user-agent", "boto3"),
+                ("authorization", "Bearer secret"),
+                ("x-amz-security-token", "tok"),
+                ("x-amz-date", "20240101T000000Z"),
+                ("cookie", "a=b"),
+                ("content-encoding", "gzip"),
+                ("x-xpart-principal", "p"),
+                ("x-amzn-bedrock-trace", "ENABLED"),
+                ("x-amzn-bedrock-service-tier", "default"),
+                ("x-amzn-bedrock-performanceconfig-latency", "standard"),
+                ("x-amzn-bedrock-guardrailidentifier", "gr-abc123"),
+                ("x-amzn-bedrock-guardrailversion", "1"),
+                ("x-amzn-bedrock-something-new", "1"),
+                ("x-amzn-bedrock-customer-request-id", "1"),
+            ],
+        )
+        .unwrap();
+        let mut names: Vec<&str> = admitted.headers.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "accept",
+                "content-type",
+                "user-agent",
+                "x-amzn-bedrock-accept",
+                "x-amzn-bedrock-guardrailidentifier",
+                "x-amzn-bedrock-guardrailversion",
+                "x-amzn-bedrock-performanceconfig-latency",
+                "x-amzn-bedrock-service-tier",
+                "x-amzn-bedrock-trace",
+            ]
+        );
+    }
+
+    #[test]
+    fn gated_headers_at_values_policy_does_not_list_are_refused() {
+        let cases = [
+            ("x-amzn-bedrock-service-tier", "priority", "service_tiers"),
+            (
+                "x-amzn-bedrock-performanceconfig-latency",
+                "optimized",
+                "performance_latency",
+            ),
+            ("x-amzn-bedrock-trace", "ENABLED_FULL", "trace"),
+        ];
+        for (header, value, field) in cases {
+            let (kind, message) = code(admit_with(
+                &["anthropic.*"],
+                "/model/anthropic.x/invoke",
+                &[(header, value)],
+            ));
+            assert_eq!(kind, "AccessDeniedException", "{message}");
+            assert!(
+                message.contains(header) && message.contains(field),
+                "{message}"
+            );
+        }
+        let (kind, message) = code(admit_with(
+            &["anthropic.*"],
+            "/model/anthropic.x/invoke",
+            &[
+                ("x-amzn-bedrock-guardrailidentifier", "gr-other"),
+                ("x-amzn-bedrock-guardrailversion", "1"),
+            ],
+        ));
+        assert_eq!(kind, "AccessDeniedException");
+        assert!(message.contains("gr-other:1"), "{message}");
+        for headers in [
+            &[("x-amzn-bedrock-guardrailidentifier", "gr-abc123")][..],
+            &[
+                ("x-amzn-bedrock-guardrailidentifier", "gr-abc123"),
+                ("x-amzn-bedrock-guardrailversion", "1;2"),
+            ][..],
+            &[
+                ("x-amzn-bedrock-service-tier", "default"),
+                ("x-amzn-bedrock-service-tier", "default"),
+            ][..],
+        ] {
+            let (kind, message) = code(admit_with(
+                &["anthropic.*"],
+                "/model/anthropic.x/invoke",
+                headers,
+            ));
+            assert_eq!(kind, "ValidationException", "{message}");
+        }
+    }
+
+    #[test]
+    fn apply_guardrail_needs_the_guardrail_allowlisted() {
+        let admitted = admit_with(&["*"], "/guardrail/gr-abc123/version/1/apply", &[]).unwrap();
+        assert_eq!(admitted.target, Target::NoModel);
+        assert_eq!(
+            admitted.path_and_query,
+            "/guardrail/gr-abc123/version/1/apply"
+        );
+        let rejected =
+            admit_with(&["*"], "/guardrail/gr-abc123/version/DRAFT/apply", &[]).unwrap_err();
+        assert_eq!(rejected.operation, Some(Operation::ApplyGuardrail));
+        let bedrock = rejected.error.to_bedrock();
+        assert_eq!(bedrock.kind.code(), "AccessDeniedException");
+        assert!(bedrock.message.contains("gr-abc123:DRAFT"));
+    }
+
+    #[test]
+    fn echo_model_is_admitted_without_the_model_allowlist() {
+        let admitted = admit_with(&["anthropic.*"], "/model/xpart.echo/converse", &[]).unwrap();
+        assert_eq!(admitted.target, Target::Echo);
+    }
+
+    #[test]
+    fn refusals_carry_what_the_audit_line_needs() {
+        let rejected =
+            admit_with(&["anthropic.*"], "/model/meta.llama3/converse", &[]).unwrap_err();
+        assert_eq!(rejected.operation, Some(Operation::Converse));
+        assert_eq!(
+            rejected.model.as_ref().map(ModelId::as_str),
+            Some("meta.llama3")
+        );
+        assert!(matches!(rejected.error, Error::ModelNotAllowed { .. }));
+        let rejected =
+            admit_with(&["anthropic.*"], "/model/anthropic.x/converse-stream", &[]).unwrap_err();
+        assert!(matches!(rejected.error, Error::OperationNotAllowed { .. }));
+        let rejected = admit_with(&["*"], "/model/a;b/converse", &[]).unwrap_err();
+        assert_eq!((rejected.operation, rejected.model), (None, None));
+    }
+}
