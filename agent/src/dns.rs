@@ -293,6 +293,8 @@ fn upstream_resolver(upstream: &[SocketAddr]) -> TokioResolver {
     let mut opts = ResolverOpts::default();
     // Callers do their own search-list expansion; forward names exactly as asked.
     opts.ndots = 0;
+    // Ask with EDNS so answers over 512 bytes come back over UDP, as callers asked for them.
+    opts.edns0 = true;
     opts.timeout = Duration::from_secs(2);
     opts.attempts = 2;
     TokioResolver::builder_with_config(config, TokioConnectionProvider::default())

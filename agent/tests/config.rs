@@ -149,3 +149,185 @@ fn assert_reported(error: &Diagnostics, expected: &[&str]) {
         );
     }
 }
+
+const FRONT_AND_RELAY: &str = r#"
+[tunnel]
+mode = "host"
+
+[[relay]]
+name = "a"
+tunnel_address = "127.0.0.1"
+
+[front]
+listen = "127.0.0.1:0"
+cert_file = "/nonexistent/cert.pem"
+key_file = "/nonexistent/key.pem"
+"#;
+
+#[test]
+fn operations_are_names_of_bedrock_operations() {
+    let text = format!(
+        r#"{FRONT_AND_RELAY}
+[[principal]]
+name = "typo"
+source_cidrs = ["10.0.0.0/8"]
+models = ["*"]
+operations = ["Converse", "converse-stream", "DeleteModel"]
+
+[[principal]]
+name = "none"
+source_cidrs = ["10.1.0.0/16"]
+models = ["*"]
+operations = []
+
+[[principal]]
+name = "guardrails-only"
+source_cidrs = ["10.2.0.0/16"]
+operations = ["ApplyGuardrail"]
+
+[[principal]]
+name = "converse-without-models"
+source_cidrs = ["10.3.0.0/16"]
+operations = ["ApplyGuardrail", "Converse"]
+"#
+    );
+    let error = AgentConfig::from_toml_str(&text, "agent.toml").expect_err("invalid");
+    assert_reported(
+        &error,
+        &[
+            "[[principal]] #1 (typo).operations[1]",
+            "[[principal]] #1 (typo).operations[2]",
+            "[[principal]] #2 (none).operations",
+            "[[principal]] #4 (converse-without-models).models",
+        ],
+    );
+    let fields = fields(&error);
+    assert!(
+        !fields.iter().any(|f| f.contains("typo).operations[0]")),
+        "{error}"
+    );
+    assert!(
+        !fields.iter().any(|f| f.contains("guardrails-only")),
+        "an operation without a model needs no models: {error}"
+    );
+    let text = error.to_string();
+    assert!(text.contains("\"DeleteModel\" is not a Bedrock Runtime operation"));
+    assert!(text.contains("ApplyGuardrail"), "the fix lists the names: {text}");
+}
+
+#[test]
+fn principals_default_to_the_invoke_converse_and_count_operations() {
+    use xpart_daemon::bedrock::Operation;
+    let config = parse(&format!(
+        r#"{FRONT_AND_RELAY}
+[[principal]]
+name = "default"
+source_cidrs = ["10.0.0.0/8"]
+models = ["*"]
+
+[[principal]]
+name = "listed"
+source_cidrs = ["10.1.0.0/16"]
+models = ["*"]
+operations = ["ConverseStream", "ApplyGuardrail"]
+"#
+    ));
+    let principals = config.principals();
+    assert_eq!(
+        principals[0].operations.iter().copied().collect::<Vec<_>>(),
+        [
+            Operation::InvokeModel,
+            Operation::InvokeModelWithResponseStream,
+            Operation::Converse,
+            Operation::ConverseStream,
+            Operation::CountTokens,
+        ]
+    );
+    assert_eq!(
+        principals[1].operations.iter().copied().collect::<Vec<_>>(),
+        [Operation::ConverseStream, Operation::ApplyGuardrail]
+    );
+}
+
+#[test]
+fn dns_forwards_for_the_principals_networks_unless_told_otherwise() {
+    let dns = |extra: &str| {
+        format!(
+            r#"
+[dns]
+listen = "127.0.0.1:0"
+answer = "127.0.0.1"
+names = ["bedrock-runtime.us-east-1.amazonaws.com"]
+{extra}
+"#
+        )
+    };
+    let principals = r#"
+[[principal]]
+name = "lambdas"
+source_cidrs = ["10.0.16.0/20", "10.0.32.0/24"]
+models = ["*"]
+
+[[principal]]
+name = "token-anywhere"
+token_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+models = ["*"]
+
+[[principal]]
+name = "batch"
+source_cidrs = ["10.0.32.0/24", "fd00:ec2::/64"]
+models = ["*"]
+"#;
+    let cidrs = |config: &AgentConfig| {
+        let settings = config.dns_settings().expect("a [dns] section");
+        settings
+            .allow_cidrs
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+    };
+    let union = parse(&format!("{FRONT_AND_RELAY}{}{principals}", dns("")));
+    assert_eq!(
+        cidrs(&union),
+        ["10.0.16.0/20", "10.0.32.0/24", "fd00:ec2::/64"]
+    );
+
+    let token_only = r#"
+[[principal]]
+name = "token-anywhere"
+token_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+models = ["*"]
+"#;
+    let loopback = parse(&format!("{FRONT_AND_RELAY}{}{token_only}", dns("")));
+    assert_eq!(cidrs(&loopback), ["127.0.0.0/8", "::1/128"]);
+
+    let explicit = parse(&format!(
+        "{FRONT_AND_RELAY}{}{principals}",
+        dns(r#"allow_cidrs = ["10.9.0.0/16"]"#)
+    ));
+    assert_eq!(cidrs(&explicit), ["10.9.0.0/16"]);
+
+    let nobody = parse(&format!(
+        "{FRONT_AND_RELAY}{}{principals}",
+        dns("allow_cidrs = []")
+    ));
+    assert!(cidrs(&nobody).is_empty());
+}
+
+#[test]
+fn the_example_names_every_bedrock_endpoint_of_its_region() {
+    let example = example();
+    for name in [
+        "bedrock-runtime.us-east-1.amazonaws.com",
+        "bedrock-runtime-fips.us-east-1.amazonaws.com",
+        "bedrock.us-east-1.amazonaws.com",
+        "bedrock-fips.us-east-1.amazonaws.com",
+    ] {
+        assert!(example.contains(&format!("\"{name}\"")), "{name}");
+    }
+}
+
+/// Parses without the checks that need files (the certificate here does not exist).
+fn parse(text: &str) -> AgentConfig {
+    xpart_daemon::config::parse_toml(text, "agent.toml").unwrap_or_else(|d| panic!("{d}"))
+}
