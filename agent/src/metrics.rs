@@ -13,7 +13,10 @@ const LATENCY_BUCKETS: &[f64] = &[
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
-    /// Requests by principal, operation, model and HTTP status (refusals included).
+    /// Requests by principal, operation, model and HTTP status (refusals included). Every
+    /// label comes from the config or the code, never from the caller: `model` is the
+    /// principal's allowlist entry that matched, `denied` for requests refused before or at
+    /// authorization, `other` for operations that name no model.
     pub requests: IntCounterVec,
     /// Whole-request latency at the agent, until the response body ended.
     pub request_seconds: HistogramVec,
