@@ -437,7 +437,13 @@ def events(stdout):
     return [json.loads(line) for line in stdout.splitlines() if line.strip()]
 
 
-def test_watch_fails_over_after_n_failures_then_holds_down(ec2, world, fake_agent):
+def instance_role(ec2, instance):
+    reservation = ec2.describe_instances(InstanceIds=[instance])["Reservations"][0]
+    tags = {t["Key"]: t["Value"] for t in reservation["Instances"][0].get("Tags", [])}
+    return tags.get("xpart:role")
+
+
+def test_watch_fails_over_after_n_failures_then_hands_the_watch_over(ec2, world, fake_agent):
     watch = start_watch(world, fake_agent, "--hold-down", "60s", "--max-runtime", "7s")
     try:
         # Healthy for a while: nothing moves.
@@ -456,9 +462,14 @@ def test_watch_fails_over_after_n_failures_then_holds_down(ec2, world, fake_agen
             )
 
         assert wait_until(moved, 10), "watch did not move the routes and the VIP"
+        # The tags say who is active now: the next first boot of either member, the other
+        # member's watch and `xpart failover --pair` all read them.
+        assert wait_until(lambda: instance_role(ec2, world["standby"]) == "active", 5)
+        assert instance_role(ec2, world["active"]) == "standby"
 
-        # Someone moves the route back while the active is still failing: the watch is in
-        # hold-down and must not move it again (no flapping).
+        # Someone moves the route back while the old active is still failing: this member is
+        # the active one now and watches nothing, so it does not move it again.
+        checks_after_move = fake_agent.checks
         ec2.replace_route(
             RouteTableId=world["with_route"],
             DestinationCidrBlock=TUNNEL_CIDR,
@@ -471,28 +482,183 @@ def test_watch_fails_over_after_n_failures_then_holds_down(ec2, world, fake_agen
             watch.communicate()
     assert watch.returncode == 0, stderr
     assert route_target(ec2, world["with_route"]) == world["active_eni"]
+    assert fake_agent.checks <= checks_after_move + 1, "the active member checks nobody"
 
     log = events(stdout)
     kinds = [event["event"] for event in log]
-    assert kinds[0] == "start"
+    assert kinds[:2] == ["start", "role"], kinds
     assert kinds.count("failover") == 1, kinds
     first_failure = kinds.index("check_failed")
     failing_over = kinds.index("failing_over")
     assert kinds[first_failure:failing_over] == ["check_failed", "check_failed"]
-    assert "held_down" in kinds[failing_over:]
-    assert kinds[-1] == "stop"
+    assert kinds[failing_over:] == ["failing_over", "failover", "role", "stop"], kinds
     moved = next(event for event in log if event["event"] == "failover")
     assert any("replace-route" in action for action in moved["actions"])
     assert any("assign-private-ip-addresses" in action for action in moved["actions"])
+    handed = log[kinds.index("role", failing_over)]
+    assert f"--resources {world['standby']} --tags Key=xpart:role,Value=active" in " ".join(handed["actions"])
+    assert f"--resources {world['active']} --tags Key=xpart:role,Value=standby" in " ".join(handed["actions"])
+
+
+def test_watch_without_a_pair_holds_down_after_a_move(ec2, world, fake_agent):
+    watch = subprocess.Popen(
+        [
+            str(XPART), "--json", "failover", "watch",
+            "--readyz", f"http://127.0.0.1:{fake_agent.port}/readyz",
+            "--interval", "200ms", "--failures", "2", "--timeout", "1s",
+            "--to-instance", world["standby"], "--route-table", world["with_route"],
+            "--cidr", TUNNEL_CIDR, "--endpoint-url", world["endpoint"],
+            "--hold-down", "60s", "--max-runtime", "5s",
+        ],
+        env=aws_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        time.sleep(1)
+        fake_agent.fail()
+        assert wait_until(lambda: route_target(ec2, world["with_route"]) == world["standby_eni"], 10)
+        ec2.replace_route(
+            RouteTableId=world["with_route"],
+            DestinationCidrBlock=TUNNEL_CIDR,
+            NetworkInterfaceId=world["active_eni"],
+        )
+        stdout, stderr = watch.communicate(timeout=30)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.communicate()
+    assert watch.returncode == 0, stderr
+    # In hold-down: no flapping, and no tag was touched without --pair.
+    assert route_target(ec2, world["with_route"]) == world["active_eni"]
+    kinds = [event["event"] for event in events(stdout)]
+    assert kinds.count("failover") == 1 and "held_down" in kinds, kinds
+    assert "role" not in kinds
+    assert instance_role(ec2, world["standby"]) == "standby"
+
+
+def test_watch_waits_until_the_active_agent_has_been_healthy_once(ec2, world, fake_agent):
+    """At first boot the active agent is not ready yet: that is no failure."""
+    fake_agent.fail()
+    watch = start_watch(world, fake_agent, "--startup-grace", "10m", "--max-runtime", "12s")
+    try:
+        time.sleep(2.5)
+        assert fake_agent.checks >= 8
+        assert route_target(ec2, world["with_route"]) == world["active_eni"], "moved during start-up"
+        assert VIP in secondary_ips(ec2, world["active_eni"])
+
+        fake_agent.healthy = True
+        time.sleep(1)
+        fake_agent.fail()
+        assert wait_until(lambda: route_target(ec2, world["with_route"]) == world["standby_eni"], 8)
+        assert wait_until(lambda: instance_role(ec2, world["standby"]) == "active", 5)
+        time.sleep(0.3)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+        stdout, _ = watch.communicate()
+    kinds = [event["event"] for event in events(stdout)]
+    assert "waiting" in kinds
+    assert kinds.index("waiting") < kinds.index("check_failed") < kinds.index("failover")
+
+
+def test_watch_fails_over_an_agent_never_seen_healthy_after_the_grace(ec2, world, fake_agent):
+    fake_agent.fail()
+    started = time.monotonic()
+    watch = start_watch(world, fake_agent, "--startup-grace", "2s", "--once", "--max-runtime", "20s")
+    stdout, stderr = watch.communicate(timeout=30)
+    assert watch.returncode == 0, stderr
+    assert time.monotonic() - started >= 2
+    kinds = [event["event"] for event in events(stdout)]
+    assert kinds[-2:] == ["failover", "role"], kinds
+    assert kinds.index("waiting") < kinds.index("check_failed")
+    assert route_target(ec2, world["with_route"]) == world["standby_eni"]
+
+
+def test_the_watch_on_the_active_member_idles_until_it_is_tagged_standby(ec2, world, fake_agent):
+    """Both agents run the watch; only the one tagged standby acts."""
+    fake_agent.fail()
+    watch = subprocess.Popen(
+        [
+            str(XPART), "--json", "failover", "watch",
+            "--readyz", f"http://127.0.0.1:{fake_agent.port}/readyz",
+            "--interval", "200ms", "--failures", "2", "--timeout", "1s", "--startup-grace", "10m",
+            "--role-every", "200ms", "--pair", PAIR, "--to-eni", world["active_eni"],
+            "--ip", VIP, "--endpoint-url", world["endpoint"], "--max-runtime", "10s",
+        ],
+        env=aws_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        time.sleep(1.5)
+        assert fake_agent.checks == 0, "the active member checks nobody"
+
+        # The operator failed over to the other member by hand and swapped the tags.
+        ec2.create_tags(Resources=[world["active"]], Tags=[{"Key": "xpart:role", "Value": "standby"}])
+        ec2.create_tags(Resources=[world["standby"]], Tags=[{"Key": "xpart:role", "Value": "active"}])
+        ec2.assign_private_ip_addresses(
+            NetworkInterfaceId=world["standby_eni"], PrivateIpAddresses=[VIP], AllowReassignment=True
+        )
+        ec2.unassign_private_ip_addresses(NetworkInterfaceId=world["active_eni"], PrivateIpAddresses=[VIP])
+        assert wait_until(lambda: fake_agent.checks >= 3, 5), "the new standby does not watch"
+        time.sleep(0.5)
+        assert VIP not in secondary_ips(ec2, world["active_eni"]), "failing checks before any healthy one"
+
+        fake_agent.healthy = True
+        time.sleep(0.6)
+        fake_agent.fail()
+        assert wait_until(lambda: VIP in secondary_ips(ec2, world["active_eni"]), 8)
+        assert wait_until(lambda: instance_role(ec2, world["active"]) == "active", 5)
+        assert instance_role(ec2, world["standby"]) == "standby"
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+        stdout, _ = watch.communicate()
+    roles = [e["message"] for e in events(stdout) if e["event"] == "role"]
+    assert "idle until it is tagged standby" in roles[0], roles
+    assert "watching the active agent" in roles[1], roles
+
+
+def test_manual_moves_rewrite_the_role_tags_only_when_asked(ec2, world):
+    plain = failover(world, "vip", "--ip", VIP, "--pair", PAIR)
+    assert plain.returncode == 0, plain.stderr
+    assert instance_role(ec2, world["standby"]) == "standby"
+
+    back = failover(world, "vip", "--ip", VIP, "--to-eni", world["active_eni"], "--pair", PAIR, "--set-roles")
+    assert back.returncode == 0, back.stderr
+    assert VIP in secondary_ips(ec2, world["active_eni"])
+    assert instance_role(ec2, world["active"]) == "active"
+    assert instance_role(ec2, world["standby"]) == "standby"
+
+    over = failover(world, "vip", "--ip", VIP, "--pair", PAIR, "--set-roles")
+    assert over.returncode == 0, over.stderr
+    assert instance_role(ec2, world["standby"]) == "active"
+    assert instance_role(ec2, world["active"]) == "standby"
+    assert f"create-tags --resources {world['standby']}" in over.stdout
+
+
+def test_a_member_interface_tagged_with_the_pair_receives_the_floating_address(ec2, world):
+    """In the stacks each member's service interface is attached at boot as device 1."""
+    subnet = ec2.describe_network_interfaces(NetworkInterfaceIds=[world["standby_eni"]])[
+        "NetworkInterfaces"][0]["SubnetId"]
+    member = ec2.create_network_interface(
+        SubnetId=subnet,
+        TagSpecifications=[{"ResourceType": "network-interface", "Tags": [
+            {"Key": "xpart:pair", "Value": PAIR}, {"Key": "xpart:role", "Value": "standby"}]}],
+    )["NetworkInterface"]["NetworkInterfaceId"]
+    ec2.attach_network_interface(NetworkInterfaceId=member, InstanceId=world["standby"], DeviceIndex=1)
+    result = failover(world, "vip", "--ip", VIP, "--pair", PAIR, "--set-roles")
+    assert result.returncode == 0, result.stderr
+    assert VIP in secondary_ips(ec2, member)
+    assert VIP not in secondary_ips(ec2, world["standby_eni"])
+    tags = ec2.describe_network_interfaces(NetworkInterfaceIds=[member])["NetworkInterfaces"][0]["TagSet"]
+    assert {"Key": "xpart:role", "Value": "active"} in tags
 
 
 def test_watch_once_exits_after_the_failover(ec2, world, fake_agent):
     fake_agent.fail()
-    watch = start_watch(world, fake_agent, "--once", "--max-runtime", "20s")
+    watch = start_watch(world, fake_agent, "--once", "--startup-grace", "0s", "--max-runtime", "20s")
     stdout, stderr = watch.communicate(timeout=30)
     assert watch.returncode == 0, stderr
     kinds = [event["event"] for event in events(stdout)]
-    assert kinds[-1] == "failover", kinds
+    assert kinds[-2:] == ["failover", "role"], kinds
     assert route_target(ec2, world["with_route"]) == world["standby_eni"]
 
 
@@ -501,14 +667,14 @@ def test_watch_that_stays_healthy_changes_nothing(ec2, world, fake_agent):
     stdout, stderr = watch.communicate(timeout=30)
     assert watch.returncode == 0, stderr
     kinds = [event["event"] for event in events(stdout)]
-    assert kinds == ["start", "stop"]
+    assert kinds == ["start", "role", "stop"]
     assert route_target(ec2, world["with_route"]) == world["active_eni"]
     assert fake_agent.checks >= 5
 
 
 def test_watch_dry_run_logs_the_plan_without_moving(ec2, world, fake_agent):
     fake_agent.fail()
-    watch = start_watch(world, fake_agent, "--once", "--dry-run", "--max-runtime", "20s")
+    watch = start_watch(world, fake_agent, "--once", "--dry-run", "--startup-grace", "0s", "--max-runtime", "20s")
     stdout, stderr = watch.communicate(timeout=30)
     assert watch.returncode == 0, stderr
     last = events(stdout)[-1]
