@@ -32,7 +32,7 @@ install -d -m 0750 -o xpart -g xpart /var/log/xpart
 install -D -m 0644 "$staging/config/$role.example.toml" "/usr/local/share/doc/xpart/$role.example.toml"
 install -D -m 0644 "$images/README.md" /usr/local/share/doc/xpart/README.md
 
-units="xpart-$role.service"
+units="xpart-boot.service xpart-signal.service xpart-$role.service"
 if [ "$role" = agent ]; then
     units="$units xpart-floating-address.service xpart-failover-watch.service"
 fi

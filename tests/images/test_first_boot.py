@@ -1,9 +1,11 @@
 """First boot of an appliance, end to end without AWS: the user data from the CloudFormation
 stack, rendered with a deployment's values, feeds images/cloud-init/xpart-boot, which reads the
-instance's tag from an IMDSv2 stand-in on 127.0.0.1, fetches secrets through a stand-in `aws`
-command, writes the keys and the daemon's configuration, and starts the units (a stand-in
-`systemctl` records what it was asked). When the daemons are built, their own `--check`
-accepts the configuration the script wrote.
+instance's tag from an IMDSv2 stand-in on 127.0.0.1, fetches secrets and takes the member's
+network interface or Elastic IP through a stand-in `aws` command (which answers `--query` with
+the real JMESPath, as the AWS CLI does), has a stand-in daemon `--check` the staged
+configuration, installs it and starts the units (a stand-in `systemctl` records what it was
+asked). When the daemons are built, their own `--check` accepts the configuration the script
+wrote.
 """
 
 import base64
@@ -89,15 +91,22 @@ STACK_VALUES = {
     "FloatingAddress": "10.0.1.10",
     "AgentAPrivateAddress": "10.0.1.11",
     "AgentBPrivateAddress": "10.0.1.12",
+    "AWS::StackName": "xpart-stack",
+    "AgentANetworkInterface": "eni-0aaaaaaaaaaaaaaa1",
+    "AgentBNetworkInterface": "eni-0bbbbbbbbbbbbbbb2",
+    "RelayAEipAllocationId": "eipalloc-0aaaaaaaaaaaaaaa1",
+    "RelayBEipAllocationId": "eipalloc-0bbbbbbbbbbbbbbb2",
 }
+INSTANCE_ID = "i-0123456789abcdef0"
 
 
 def render_user_data(stack_file, region, overrides=()):
     """The launch template's user data with Fn::Sub applied as CloudFormation would."""
     template, problems = decode(str(stack_file))
     assert not problems
-    (lt,) = [r for r in template["Resources"].values() if r["Type"] == "AWS::EC2::LaunchTemplate"]
-    text = lt["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Sub"]
+    texts = {r["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Sub"]
+             for r in template["Resources"].values() if r["Type"] == "AWS::EC2::LaunchTemplate"}
+    (text,) = texts
     values = {name: str(p["Default"]) for name, p in template["Parameters"].items() if "Default" in p}
     values.update({k: v for k, v in STACK_VALUES.items() if v is not None})
     values["AWS::Region"] = region
@@ -116,7 +125,7 @@ def deployment_env(user_data):
     document = yaml.safe_load(user_data)
     (entry,) = document["write_files"]
     assert entry["path"] == "/etc/xpart/deployment.env"
-    assert document["runcmd"] == [["/usr/local/libexec/xpart/xpart-boot"]]
+    assert document["runcmd"] == [["systemctl", "start", "--no-block", "xpart-boot.service", "xpart-signal.service"]]
     return entry["content"]
 
 
@@ -127,6 +136,7 @@ class FakeImds:
     def __init__(self, tags, local_ipv4="10.0.1.21"):
         self.metadata = {f"tags/instance/{k}": v for k, v in tags.items()}
         self.metadata["local-ipv4"] = local_ipv4
+        self.metadata["instance-id"] = INSTANCE_ID
         self.token = "test-token-0123456789"
         self.unauthenticated_gets = 0
         outer = self
@@ -177,28 +187,77 @@ class FakeImds:
 
 
 class Appliance:
-    """A scratch /etc/xpart plus stand-ins for `aws` and `systemctl` on PATH."""
+    """A scratch /etc/xpart plus stand-ins for `aws`, `systemctl` and the daemons on PATH.
 
-    def __init__(self, root, secrets):
+    `interfaces` is the EC2 state of the agents' member interfaces: {eni: {"status",
+    "attached_to", "role"}} (role None: no tag). `check_fails` makes the stand-in daemon's
+    `--check` refuse the configuration."""
+
+    def __init__(self, root, secrets, interfaces=None, check_fails=False):
         self.conf = root / "etc-xpart"
         self.conf.mkdir()
         self.bin = root / "bin"
         self.bin.mkdir()
+        self.daemons = root / "daemons"
+        self.daemons.mkdir()
         self.calls = root / "calls.jsonl"
+        self.state = root / "ec2.json"
         (root / "secrets.json").write_text(json.dumps(secrets))
+        if interfaces is None:
+            interfaces = {
+                STACK_VALUES["AgentANetworkInterface"]: {"status": "available", "attached_to": None, "role": "active"},
+                STACK_VALUES["AgentBNetworkInterface"]: {"status": "available", "attached_to": None, "role": "standby"},
+            }
+        self.state.write_text(json.dumps(interfaces))
         aws = self.bin / "aws"
         aws.write_text(
             f"""#!/usr/bin/env python3
 import json, sys
+import jmespath
 args = sys.argv[1:]
 with open({str(self.calls)!r}, "a") as log:
     log.write(json.dumps(["aws"] + args) + "\\n")
-secrets = json.load(open({str(root / "secrets.json")!r}))
-name = args[args.index("--name") + 1] if "--name" in args else args[args.index("--secret-id") + 1]
-if name not in secrets:
-    print(f"An error occurred (ParameterNotFound): {{name}}", file=sys.stderr)
-    sys.exit(254)
-print(secrets[name])
+def opt(name):
+    return args[args.index(name) + 1] if name in args else None
+def text(value):
+    if isinstance(value, list):
+        return "\\t".join("None" if v is None else str(v) for v in value)
+    return "None" if value is None else str(value)
+service, operation = args[0], args[1]
+if service in ("ssm", "secretsmanager"):
+    secrets = json.load(open({str(root / "secrets.json")!r}))
+    name = opt("--name") or opt("--secret-id")
+    if name not in secrets:
+        print(f"An error occurred (ParameterNotFound): {{name}}", file=sys.stderr)
+        sys.exit(254)
+    print(secrets[name])
+    sys.exit(0)
+state = json.load(open({str(self.state)!r}))
+if operation == "describe-network-interfaces":
+    eni = opt("--network-interface-ids")
+    if eni not in state:
+        print(f"An error occurred (InvalidNetworkInterfaceID.NotFound): {{eni}}", file=sys.stderr)
+        sys.exit(254)
+    s = state[eni]
+    interface = {{"NetworkInterfaceId": eni, "Status": s["status"], "TagSet": []}}
+    if s["role"] is not None:
+        interface["TagSet"].append({{"Key": "xpart:role", "Value": s["role"]}})
+    if s["attached_to"]:
+        interface["Attachment"] = {{"InstanceId": s["attached_to"], "Status": "attached"}}
+    print(text(jmespath.search(opt("--query"), {{"NetworkInterfaces": [interface]}})))
+elif operation == "attach-network-interface":
+    eni = opt("--network-interface-id")
+    if state[eni]["status"] != "available":
+        print("An error occurred (InvalidParameterValue): in use", file=sys.stderr)
+        sys.exit(254)
+    state[eni].update(status="in-use", attached_to=opt("--instance-id"))
+    json.dump(state, open({str(self.state)!r}, "w"))
+    print("eni-attach-0123")
+elif operation in ("create-tags", "associate-address", "signal-resource"):
+    pass
+else:
+    print(f"stand-in aws: unexpected {{args}}", file=sys.stderr)
+    sys.exit(2)
 """
         )
         systemctl = self.bin / "systemctl"
@@ -211,8 +270,23 @@ with open({str(self.calls)!r}, "a") as log:
         )
         for tool in (aws, systemctl):
             tool.chmod(0o755)
+        for role in ("agent", "relay"):
+            daemon = self.daemons / f"xpart-{role}"
+            daemon.write_text(
+                f"""#!/usr/bin/env python3
+import json, sys, tomllib
+with open({str(self.calls)!r}, "a") as log:
+    log.write(json.dumps(["xpart-{role}"] + sys.argv[1:]) + "\\n")
+config = tomllib.load(open(sys.argv[sys.argv.index("--config") + 1], "rb"))
+open(config["tunnel"]["private_key_file"]).read()
+if {check_fails!r}:
+    print("error: {role}.toml: [tunnel].address: not valid (stand-in refusal)", file=sys.stderr)
+    sys.exit(1)
+"""
+            )
+            daemon.chmod(0o755)
 
-    def boot(self, user_data, imds, extra_env=()):
+    def boot(self, user_data, imds, extra_env=(), args=(), cwd=None):
         (self.conf / "deployment.env").write_text(deployment_env(user_data))
         env = dict(
             os.environ,
@@ -220,18 +294,28 @@ with open({str(self.calls)!r}, "a") as log:
             XPART_CONF_DIR=str(self.conf),
             XPART_IMDS_ENDPOINT=imds.endpoint,
             XPART_USER=subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip(),
+            XPART_BIN_DIR=str(self.daemons),
             XPART_RETRY_SECONDS="0",
         )
         env.update(dict(extra_env))
-        return subprocess.run([str(BOOT)], capture_output=True, text=True, timeout=60, env=env)
+        return subprocess.run([str(BOOT), *args], capture_output=True, text=True, timeout=60, env=env, cwd=cwd)
 
     def recorded(self, tool):
         if not self.calls.exists():
             return []
         return [c[1:] for c in map(json.loads, self.calls.read_text().splitlines()) if c[0] == tool]
 
+    def aws_operations(self):
+        return [c[1] for c in self.recorded("aws")]
+
+    def interface(self, eni):
+        return json.loads(self.state.read_text())[eni]
+
     def mode(self, name):
         return (self.conf / name).stat().st_mode & 0o777
+
+    def installed(self):
+        return sorted(p.name for p in self.conf.iterdir() if p.name != "deployment.env")
 
 
 def ssm(name):
@@ -259,9 +343,19 @@ def relay_user_data(**overrides):
     return render_user_data(IMAGES / "cloudformation" / "commercial.yaml", "us-east-1", overrides.items())
 
 
+AGENT_A_ENI = STACK_VALUES["AgentANetworkInterface"]
+AGENT_B_ENI = STACK_VALUES["AgentBNetworkInterface"]
+DNS_NAMES = [
+    "bedrock-runtime.us-east-1.amazonaws.com",
+    "bedrock.us-east-1.amazonaws.com",
+    "bedrock-runtime-fips.us-east-1.amazonaws.com",
+    "bedrock-fips.us-east-1.amazonaws.com",
+]
+
+
 def test_agent_first_boot_writes_keys_and_config_and_starts_the_agent(tmp_path):
     appliance = Appliance(tmp_path, AGENT_SECRETS)
-    with FakeImds({"xpart:name": "agent-b", "xpart:role": "standby"}, local_ipv4="10.0.1.12") as imds:
+    with FakeImds({"xpart:name": "agent-b"}, local_ipv4="10.0.1.99") as imds:
         result = appliance.boot(agent_user_data(), imds)
     assert result.returncode == 0, result.stderr
     assert imds.unauthenticated_gets == 0, "every metadata read carries the IMDSv2 token"
@@ -277,6 +371,8 @@ def test_agent_first_boot_writes_keys_and_config_and_starts_the_agent(tmp_path):
     assert config["tunnel"] == {
         "private_key_file": str(appliance.conf / "agent.key"),
         "address": "100.64.0.2/24",
+        # From the member interface, whose Elastic IP the relays admit.
+        "listen": "10.0.1.12:51820",
         "mode": "kernel",
     }
     assert config["relay"] == [
@@ -288,44 +384,192 @@ def test_agent_first_boot_writes_keys_and_config_and_starts_the_agent(tmp_path):
     assert config["dns"] == {
         "listen": "10.0.1.10:53",
         "answer": "10.0.1.10",
-        "names": ["bedrock-runtime.us-east-1.amazonaws.com"],
+        "names": DNS_NAMES,
         "upstream": ["169.254.169.253:53"],
     }
     assert config["front"]["listen"] == "10.0.1.10:443"
-    assert config["admin"]["listen"] == "10.0.1.12:9100", "reachable by the other agent's watch"
+    assert config["front"]["cert_file"] == str(appliance.conf / "front.crt")
+    assert config["admin"]["listen"] == "10.0.1.12:9100", "the member's fixed address, for the other agent's watch"
     assert config["principal"][0]["name"] == "summarizer-lambda"
     assert config["audit"]["path"] == "/var/log/xpart/audit.jsonl"
 
-    fetched = appliance.recorded("aws")
+    fetched = [c for c in appliance.recorded("aws") if c[0] == "ssm"]
     assert all(c[:2] == ["ssm", "get-parameter"] and "--with-decryption" in c for c in fetched)
     names = sorted(c[c.index("--name") + 1] for c in fetched)
     assert names == sorted(k for k in AGENT_SECRETS if "agent-a" not in k), "agent-b reads its own key only"
+    # The member interface is attached here as the second device; the role on it is copied to
+    # the instance, where `xpart failover --pair` and the watch read it.
+    assert ["ec2", "attach-network-interface", "--network-interface-id", AGENT_B_ENI,
+            "--instance-id", INSTANCE_ID, "--device-index", "1"] in appliance.recorded("aws")
+    assert appliance.interface(AGENT_B_ENI)["attached_to"] == INSTANCE_ID
+    assert ["ec2", "create-tags", "--resources", INSTANCE_ID, "--tags", "Key=xpart:role,Value=standby"] in appliance.recorded("aws")
     started = [c[1] for c in appliance.recorded("systemctl") if c[0] == "restart"]
     assert started == ["xpart-floating-address.service", "xpart-agent.service", "xpart-failover-watch.service"]
 
-    # agent-b is the standby: it watches agent-a and would move the floating address here.
+    # The watch runs on both members and reads the role tag itself; it watches agent-a.
     assert (appliance.conf / "failover-watch.env").read_text().splitlines() == [
         "AWS_REGION=us-gov-west-1",
-        "XPART_ACTIVE_READYZ=http://10.0.1.11:9100/readyz",
+        "XPART_PEER_READYZ=http://10.0.1.11:9100/readyz",
         "XPART_PAIR=xpart",
+        f"XPART_MEMBER_ENI={AGENT_B_ENI}",
         "XPART_FLOATING_ADDRESS=10.0.1.10",
     ]
+    checked = appliance.recorded("xpart-agent")
+    assert len(checked) == 1 and checked[0][-1] == "--check"
+    assert ".staging." in checked[0][1], "the daemon checks the staged file before it is installed"
+    assert [p.name for p in appliance.conf.iterdir() if p.name.startswith(".")] == [], "staging removed"
 
     for secret in (KEYS["agent-b"][0], CERT_KEY_PEM.splitlines()[1]):
-        assert secret not in result.stdout + result.stderr, "secrets must not reach the cloud-init log"
+        assert secret not in result.stdout + result.stderr, "secrets must not reach the log"
 
 
-def test_the_active_agent_runs_no_failover_watch(tmp_path):
+def test_the_active_agent_watches_the_standby_only_once_tagged_standby(tmp_path):
     appliance = Appliance(tmp_path, AGENT_SECRETS)
-    (appliance.conf / "failover-watch.env").write_text("left over from when it was the standby\n")
-    with FakeImds({"xpart:name": "agent-a", "xpart:role": "active"}, local_ipv4="10.0.1.11") as imds:
+    with FakeImds({"xpart:name": "agent-a"}) as imds:
         result = appliance.boot(agent_user_data(), imds)
     assert result.returncode == 0, result.stderr
     assert tomllib.loads((appliance.conf / "agent.toml").read_text())["tunnel"]["address"] == "100.64.0.1/24"
-    assert not (appliance.conf / "failover-watch.env").exists()
-    calls = appliance.recorded("systemctl")
-    assert ["stop", "xpart-failover-watch.service"] in calls
-    assert ["restart", "xpart-failover-watch.service"] not in calls
+    assert "XPART_PEER_READYZ=http://10.0.1.12:9100/readyz" in (appliance.conf / "failover-watch.env").read_text()
+    assert ["ec2", "create-tags", "--resources", INSTANCE_ID, "--tags", "Key=xpart:role,Value=active"] in appliance.recorded("aws")
+    assert ["restart", "xpart-failover-watch.service"] in appliance.recorded("systemctl")
+
+
+def test_a_member_interface_without_a_role_tag_is_an_error_never_active(tmp_path):
+    interfaces = {AGENT_A_ENI: {"status": "available", "attached_to": None, "role": None}}
+    appliance = Appliance(tmp_path, AGENT_SECRETS, interfaces=interfaces)
+    with FakeImds({"xpart:name": "agent-a"}) as imds:
+        result = appliance.boot(agent_user_data(), imds)
+    assert result.returncode != 0
+    assert f"{AGENT_A_ENI} has no xpart:role tag" in result.stderr
+    assert appliance.installed() == [], "nothing written"
+    assert appliance.recorded("systemctl") == []
+    assert "attach-network-interface" not in appliance.aws_operations()
+    assert "create-tags" not in appliance.aws_operations()
+
+
+@pytest.mark.parametrize("role", ["primary", "Active", ""])
+def test_a_role_tag_that_is_not_active_or_standby_is_refused(tmp_path, role):
+    interfaces = {AGENT_A_ENI: {"status": "available", "attached_to": None, "role": role}}
+    appliance = Appliance(tmp_path, AGENT_SECRETS, interfaces=interfaces)
+    with FakeImds({"xpart:name": "agent-a"}) as imds:
+        result = appliance.boot(agent_user_data(), imds)
+    assert result.returncode != 0
+    assert AGENT_A_ENI in result.stderr and "xpart:role" in result.stderr
+    assert appliance.installed() == []
+
+
+def test_an_unreadable_member_interface_is_an_error(tmp_path):
+    appliance = Appliance(tmp_path, AGENT_SECRETS, interfaces={})
+    with FakeImds({"xpart:name": "agent-a"}) as imds:
+        result = appliance.boot(agent_user_data(), imds)
+    assert result.returncode != 0
+    assert f"cannot describe {AGENT_A_ENI}" in result.stderr
+    assert appliance.aws_operations().count("describe-network-interfaces") == 4, "retried with back-off"
+    assert appliance.installed() == [] and appliance.recorded("systemctl") == []
+
+
+def test_an_interface_still_held_by_the_old_instance_fails_the_boot_for_a_retry(tmp_path):
+    interfaces = {AGENT_A_ENI: {"status": "in-use", "attached_to": "i-0ffffffffffffffff", "role": "active"}}
+    appliance = Appliance(tmp_path, AGENT_SECRETS, interfaces=interfaces)
+    with FakeImds({"xpart:name": "agent-a"}) as imds:
+        result = appliance.boot(agent_user_data(), imds)
+    assert result.returncode != 0
+    assert "attached to i-0ffffffffffffffff" in result.stderr and "retried" in result.stderr
+    assert appliance.installed() == []
+
+
+def test_an_interface_already_attached_here_is_kept(tmp_path):
+    interfaces = {AGENT_A_ENI: {"status": "in-use", "attached_to": INSTANCE_ID, "role": "active"}}
+    appliance = Appliance(tmp_path, AGENT_SECRETS, interfaces=interfaces)
+    with FakeImds({"xpart:name": "agent-a"}) as imds:
+        result = appliance.boot(agent_user_data(), imds)
+    assert result.returncode == 0, result.stderr
+    assert "attach-network-interface" not in appliance.aws_operations()
+
+
+def test_a_configuration_the_daemon_refuses_is_never_installed_or_restarted_onto(tmp_path):
+    appliance = Appliance(tmp_path, RELAY_SECRETS, check_fails=True)
+    (appliance.conf / "relay.toml").write_text("# the configuration the relay runs on\n")
+    (appliance.conf / "relay.key").write_text("old key\n")
+    with FakeImds({"xpart:name": "relay-a"}) as imds:
+        result = appliance.boot(relay_user_data(), imds)
+    assert result.returncode != 0
+    assert "--check refused the new configuration" in result.stderr
+    assert "stand-in refusal" in result.stderr, "the daemon's own words reach the log"
+    assert "nothing installed" in result.stderr
+    assert (appliance.conf / "relay.toml").read_text() == "# the configuration the relay runs on\n"
+    assert (appliance.conf / "relay.key").read_text() == "old key\n"
+    assert appliance.recorded("systemctl") == []
+    assert [p.name for p in appliance.conf.iterdir() if p.name.startswith(".")] == [], "staging removed"
+    assert "done" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "models, message",
+    [
+        ("anthropic.claude-* evil]", 'XPART_MODELS: "evil]" has characters a model pattern cannot have'),
+        ('anthropic.claude-* evil"]', "XPART_MODELS has quotes"),
+        ("anthropic.claude-* $(touch /tmp/xpart-owned)", "XPART_MODELS has quotes, backquotes, $"),
+    ],
+)
+def test_a_value_that_fails_validation_stops_boot_before_anything_is_fetched(tmp_path, models, message):
+    """A check inside a command substitution does not stop a `set -e` script, and a sourced
+    file runs what it holds: deployment.env is read as data and every value is validated in
+    the main shell before anything is fetched or rendered."""
+    appliance = Appliance(tmp_path, RELAY_SECRETS)
+    with FakeImds({"xpart:name": "relay-a"}) as imds:
+        result = appliance.boot(relay_user_data(RelayModels=models), imds)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert appliance.installed() == []
+    assert appliance.recorded("aws") == [] and appliance.recorded("systemctl") == []
+    assert not Path("/tmp/xpart-owned").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"FloatingAddress": "10.0.1.300"}, "XPART_FLOATING_ADDRESS"),
+        ({"RelayAPublicKey": "not-a-key"}, "XPART_RELAY_1"),
+        ({"RelayAPublicIp": "198.51.100.10:1"}, "XPART_RELAY_1"),
+        ({"AgentBPrivateAddress": "10.0.1"}, "XPART_PAIR_2"),
+        ({"BedrockRegion": "us-east-1 evil_name"}, "XPART_DNS_NAMES"),
+        ({"TunnelPrefixLength": "64"}, "XPART_TUNNEL_PREFIX_LENGTH"),
+        ({"ParameterPrefix": "xpart/$(reboot)"}, "XPART_PARAMETER_PREFIX has quotes"),
+        ({"ParameterPrefix": "xpart//prod"}, "XPART_PARAMETER_PREFIX \"/xpart//prod\" must be a path"),
+    ],
+)
+def test_every_agent_value_is_validated_before_rendering(tmp_path, overrides, message):
+    appliance = Appliance(tmp_path, AGENT_SECRETS)
+    with FakeImds({"xpart:name": "agent-a"}) as imds:
+        result = appliance.boot(agent_user_data(**overrides), imds)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert appliance.installed() == [] and appliance.recorded("aws") == []
+
+
+def test_model_patterns_are_never_expanded_against_files(tmp_path):
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    for name in ("anthropic.claude-3-haiku", "anthropic.claude-x", "README"):
+        (workdir / name).write_text("")
+    appliance = Appliance(tmp_path, RELAY_SECRETS)
+    with FakeImds({"xpart:name": "relay-a"}) as imds:
+        result = appliance.boot(relay_user_data(RelayModels="* anthropic.claude-*"), imds, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    config = tomllib.loads((appliance.conf / "relay.toml").read_text())
+    assert config["policy"]["models"] == ["*", "anthropic.claude-*"]
+
+
+def test_at_boot_the_script_installs_and_leaves_starting_to_systemd(tmp_path):
+    appliance = Appliance(tmp_path, AGENT_SECRETS)
+    with FakeImds({"xpart:name": "agent-a"}) as imds:
+        result = appliance.boot(agent_user_data(), imds, args=["--at-boot"])
+    assert result.returncode == 0, result.stderr
+    assert (appliance.conf / "agent.toml").exists()
+    # The daemon's unit requires xpart-boot.service and is ordered after it: a restart from
+    # inside the boot unit would wait on itself.
+    assert appliance.recorded("systemctl") == []
 
 
 def test_relay_first_boot_writes_policy_rewrites_and_agents(tmp_path):
@@ -339,6 +583,7 @@ def test_relay_first_boot_writes_policy_rewrites_and_agents(tmp_path):
     config = tomllib.loads((appliance.conf / "relay.toml").read_text())
     assert config["tunnel"]["address"] == "100.64.0.11/24"
     assert config["tunnel"]["listen_port"] == 51820
+    assert config["tunnel"]["private_key_file"] == str(appliance.conf / "relay.key")
     assert config["service"] == {"listen": "100.64.0.11:8080"}
     assert [(a["name"], a["tunnel_address"], a["public_key"]) for a in config["agent"]] == [
         ("agent-a", "100.64.0.1", KEYS["agent-a"][1]),
@@ -349,6 +594,9 @@ def test_relay_first_boot_writes_policy_rewrites_and_agents(tmp_path):
     assert config["policy"]["operations"] == ["InvokeModel", "InvokeModelWithResponseStream", "Converse", "ConverseStream"]
     assert config["policy"]["models"] == ["xpart.echo", "anthropic.claude-*", "us.anthropic.claude-*"]
     assert config["rewrite"]["rule"] == [{"from": "us-gov.", "to": "us."}]
+    # The relay takes its Elastic IP once it is up; the other relay serves meanwhile.
+    assert ["ec2", "associate-address", "--allocation-id", STACK_VALUES["RelayAEipAllocationId"],
+            "--instance-id", INSTANCE_ID, "--allow-reassociation"] in appliance.recorded("aws")
     assert appliance.recorded("systemctl")[-1] == ["restart", "xpart-relay.service"]
     assert KEYS["relay-a"][0] not in result.stdout + result.stderr
 
@@ -359,7 +607,7 @@ def test_secrets_manager_store_reads_secret_ids_without_the_leading_slash(tmp_pa
     with FakeImds({"xpart:name": "relay-b"}) as imds:
         result = appliance.boot(relay_user_data(SecretStore="secretsmanager"), imds)
     assert result.returncode == 0, result.stderr
-    assert appliance.recorded("aws") == [
+    assert [c for c in appliance.recorded("aws") if c[0] == "secretsmanager"] == [
         ["secretsmanager", "get-secret-value", "--secret-id", "xpart/prod/relay-b/wireguard-private-key",
          "--query", "SecretString", "--output", "text"]
     ]
@@ -377,18 +625,21 @@ def test_a_parameter_that_is_not_a_wireguard_key_stops_boot_before_anything_star
     assert not (appliance.conf / "relay.key").exists()
     assert not (appliance.conf / "relay.toml").exists()
     assert appliance.recorded("systemctl") == []
+    assert "associate-address" not in appliance.aws_operations()
 
 
-def test_a_missing_parameter_is_named_and_nothing_is_half_written(tmp_path):
+def test_a_missing_parameter_is_named_and_nothing_is_written_or_taken(tmp_path):
     secrets = {k: v for k, v in AGENT_SECRETS.items() if not k.endswith("principals")}
     appliance = Appliance(tmp_path, secrets)
     with FakeImds({"xpart:name": "agent-a"}) as imds:
         result = appliance.boot(agent_user_data(), imds)
     assert result.returncode != 0
     assert "cannot read SSM parameter /xpart/prod/agent/principals" in result.stderr
-    assert not (appliance.conf / "agent.toml").exists()
+    assert appliance.installed() == []
     assert [p.name for p in appliance.conf.iterdir() if p.name.startswith(".")] == [], "no temporary file left"
     assert appliance.recorded("systemctl") == []
+    # Fetched everything before taking anything: the interface stays where it was.
+    assert "attach-network-interface" not in appliance.aws_operations()
 
 
 def test_an_instance_without_its_name_tag_says_how_to_fix_it(tmp_path):
@@ -408,6 +659,48 @@ def test_a_name_tag_outside_the_pair_is_refused(tmp_path):
     assert 'no XPART_PAIR_n entry in deployment.env is named "agent-c"' in result.stderr
 
 
+class Readyz:
+    def __init__(self, status):
+        self.status = status
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(inner):
+                inner.send_response(status)
+                inner.send_header("Content-Length", "0")
+                inner.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/readyz"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("status, outcome", [(200, "SUCCESS"), (503, "FAILURE")])
+def test_the_member_signals_the_stack_once_ready_and_fails_the_update_otherwise(tmp_path, status, outcome):
+    readyz = Readyz(status)
+    appliance = Appliance(tmp_path, RELAY_SECRETS)
+    try:
+        with FakeImds({"xpart:name": "relay-b"}) as imds:
+            result = appliance.boot(
+                relay_user_data(), imds, args=["--signal-when-ready"],
+                extra_env={"XPART_READYZ_URL": readyz.url, "XPART_READY_TIMEOUT_SECONDS": "0" if status != 200 else "30"},
+            )
+    finally:
+        readyz.close()
+    assert (result.returncode == 0) == (outcome == "SUCCESS"), result.stderr
+    assert appliance.recorded("aws") == [[
+        "cloudformation", "signal-resource", "--stack-name", "xpart-stack", "--logical-resource-id",
+        "RelayBGroup", "--unique-id", INSTANCE_ID, "--status", outcome,
+    ]]
+    assert appliance.installed() == [], "signalling writes nothing"
+
+
 @pytest.mark.parametrize(
     "role, name, user_data, secrets",
     [
@@ -422,7 +715,8 @@ def test_the_daemon_accepts_the_configuration_first_boot_writes(tmp_path, role, 
         pytest.skip(f"{daemon} not built (cargo build --bins; XPART_BIN_DIR points elsewhere)")
     appliance = Appliance(tmp_path, secrets)
     with FakeImds({"xpart:name": name}) as imds:
-        result = appliance.boot(user_data(), imds)
+        # The script runs the real daemon's --check on the staged file before installing it.
+        result = appliance.boot(user_data(), imds, extra_env={"XPART_BIN_DIR": str(BIN_DIR)})
     assert result.returncode == 0, result.stderr
     check = subprocess.run(
         [str(daemon), "--config", str(appliance.conf / f"{role}.toml"), "--check"],
