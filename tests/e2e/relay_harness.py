@@ -54,9 +54,15 @@ def relay_config(
     agent_address="127.0.0.1",
     upstream_host=UPSTREAM_NAME,
     credentials_source="chain",
+    guardrails=(),
+    service_tiers=("default",),
+    performance_latency=("standard",),
+    trace=("ENABLED", "DISABLED", "ENABLED_FULL"),
+    max_buffered_body_bytes=None,
 ):
     """Write relay.toml for a loopback test (tunnel mode "host") and return its path."""
     audit = os.path.join(directory, "audit.jsonl")
+    limits = "" if max_buffered_body_bytes is None else f"[limits]\nmax_buffered_body_bytes = {max_buffered_body_bytes}\n\n"
     text = f"""
 [tunnel]
 mode = "host"
@@ -81,6 +87,10 @@ idle_timeout_secs = {idle_timeout}
 [policy]
 operations = {json.dumps(list(operations))}
 models = {json.dumps(list(models))}
+guardrails = {json.dumps(list(guardrails))}
+service_tiers = {json.dumps(list(service_tiers))}
+performance_latency = {json.dumps(list(performance_latency))}
+trace = {json.dumps(list(trace))}
 
 [[rewrite.rule]]
 from = "arn:aws-us-gov:bedrock:us-gov-west-1:111122223333:"
@@ -98,7 +108,7 @@ source = "{credentials_source}"
 refresh_before_expiry_secs = {refresh_before_expiry}
 fetch_timeout_secs = 5
 
-[admin]
+{limits}[admin]
 listen = "127.0.0.1:0"
 
 [audit]

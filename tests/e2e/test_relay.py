@@ -102,7 +102,7 @@ def test_count_tokens(relay):
 
 
 def test_apply_guardrail_when_allowed(start_relay):
-    stack = start_relay(operations=("Converse", "ApplyGuardrail"))
+    stack = start_relay(operations=("Converse", "ApplyGuardrail"), guardrails=("gr-abc123:DRAFT",))
     out = stack.client().apply_guardrail(
         guardrailIdentifier="gr-abc123", guardrailVersion="DRAFT", source="INPUT",
         content=[{"text": {"text": "check me"}}],
@@ -113,7 +113,8 @@ def test_apply_guardrail_when_allowed(start_relay):
     assert record["path"] == "/guardrail/gr-abc123/version/DRAFT/apply"
 
 
-def test_bedrock_headers_pass_and_upstream_errors_come_back_unchanged(relay):
+def test_bedrock_headers_pass_and_upstream_errors_come_back_unchanged(start_relay):
+    relay = start_relay(guardrails=("gr-1:1",))
     status, headers, body = h.post(
         relay.relay.service,
         "/model/standin.error.throttling/converse",
@@ -123,8 +124,8 @@ def test_bedrock_headers_pass_and_upstream_errors_come_back_unchanged(relay):
     )
     assert status == 429
     assert h.error_type(headers) == "ThrottlingException"
-    assert headers["x-amzn-requestid"] == "standin-error", "upstream's request id passes through"
-    assert "x-xpart-request-id" in headers
+    assert headers["x-amzn-requestid"] == headers["x-xpart-request-id"], "one id, the audited one"
+    assert headers["x-xpart-upstream-request-id"] == "standin-error", "upstream's request id passes through beside it"
     [record] = relay.standin.requests()
     for name in ("x-amzn-bedrock-trace", "x-amzn-bedrock-guardrailidentifier", "x-amzn-bedrock-guardrailversion"):
         assert name in record["headers"]
@@ -364,6 +365,128 @@ def test_caller_credentials_and_cookies_never_reach_upstream(relay):
     assert record["headers"]["x-amz-date"] != "20200101T000000Z"
 
 
+# --- the relay signs only what its policy allows (issue 10) ------------------------------------
+
+def test_inference_profile_the_policy_does_not_allow_is_never_signed(start_relay):
+    stack = start_relay(models=("anthropic.*",))
+    stack.standin.on_demand_refused.add("anthropic.needs-profile")
+    status, headers, body = h.post(stack.relay.service, "/model/anthropic.needs-profile/converse", h.converse_body())
+    assert status == 403 and h.error_type(headers) == "AccessDeniedException"
+    assert "us.anthropic.needs-profile" in json.loads(body)["message"]
+    assert [r["path"] for r in stack.standin.requests()] == ["/model/anthropic.needs-profile/converse"]
+    # Nothing was remembered: the next call asks for the model itself again, and is refused again.
+    stack.standin.clear()
+    status, _, _ = h.post(stack.relay.service, "/model/anthropic.needs-profile/converse", h.converse_body())
+    assert status == 403
+    assert [r["path"] for r in stack.standin.requests()] == ["/model/anthropic.needs-profile/converse"]
+    lines = stack.audit(2)
+    assert [(l["status"], l["error_type"]) for l in lines] == [(403, "AccessDeniedException")] * 2
+
+
+@pytest.mark.parametrize("models", [("anthropic.claude-*",), ("*",)])
+def test_model_ids_outside_bedrocks_grammar_are_refused_before_signing(start_relay, models):
+    stack = start_relay(models=models)
+    for raw in ("anthropic.claude-x%2F..%2F..%2Fmodel%2Fmeta.llama3-70b", "anthropic.claude-x;meta.llama3",
+                "anthropic.claude-x%252F..%252Fmeta.llama3", "anthropic.claude-x%20y"):
+        refused(stack, 400, "ValidationException", "modelId",
+                h.post(stack.relay.service, f"/model/{raw}/converse", h.converse_body()))
+
+
+def test_the_upstream_path_is_rebuilt_from_the_validated_id(relay):
+    status, _, _ = h.post(relay.relay.service, "/model/%61nthropic.claude-v2%3a1/converse", h.converse_body())
+    assert status == 200
+    [record] = relay.standin.requests()
+    assert record["path"] == "/model/anthropic.claude-v2%3A1/converse" and record["verified"]
+
+
+def test_query_parameters_and_unknown_bedrock_headers_are_not_signed(relay):
+    status, _, _ = h.post(
+        relay.relay.service,
+        "/model/anthropic.claude-v2/converse?X%2DAmz%2DSecurity%2DToken=CALLERSECRET&X-Amz-Credential=x",
+        h.converse_body(),
+        {"content-type": "application/json", "x-amzn-bedrock-something-new": "1",
+         "x-amzn-bedrock-service-tier": "default", "content-encoding": "identity", "x-forwarded-for": "10.0.0.1"},
+    )
+    assert status == 200
+    [record] = relay.standin.requests()
+    assert record["path"] == "/model/anthropic.claude-v2/converse"
+    assert "x-amzn-bedrock-something-new" not in record["headers"]
+    assert "content-encoding" not in record["headers"] and "x-forwarded-for" not in record["headers"]
+    assert record["headers"]["x-amzn-bedrock-service-tier"] == "default"
+    assert "x-amzn-bedrock-service-tier" in record["headers"]["authorization"]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ({"x-amzn-bedrock-service-tier": "priority"}, "service_tiers"),
+    ({"x-amzn-bedrock-performanceconfig-latency": "optimized"}, "performance_latency"),
+    ({"x-amzn-bedrock-guardrailidentifier": "gr-other", "x-amzn-bedrock-guardrailversion": "1"}, "gr-other:1"),
+])
+def test_cost_and_policy_headers_pass_only_at_allowed_values(relay, extra, fragment):
+    refused(relay, 403, "AccessDeniedException", fragment,
+            h.post(relay.relay.service, "/model/anthropic.claude-v2/invoke", h.converse_body(),
+                   {"content-type": "application/json", **extra}))
+
+
+def test_apply_guardrail_needs_the_guardrail_on_the_relays_list(start_relay):
+    stack = start_relay(operations=("Converse", "ApplyGuardrail"), guardrails=("gr-abc123:1",))
+    refused(stack, 403, "AccessDeniedException", "gr-abc123:DRAFT",
+            h.post(stack.relay.service, "/guardrail/gr-abc123/version/DRAFT/apply", b'{"source":"INPUT","content":[]}'))
+    refused(stack, 403, "AccessDeniedException", "gr-other:1",
+            h.post(stack.relay.service, "/guardrail/gr-other/version/1/apply", b'{"source":"INPUT","content":[]}'))
+
+
+def test_metric_labels_never_carry_caller_chosen_ids(start_relay):
+    import secrets
+
+    stack = start_relay(models=("*",))
+    for _ in range(10):
+        h.post(stack.relay.service, f"/model/rand-{secrets.token_hex(6)}/converse", h.converse_body())
+        h.post(stack.relay.service, f"/model/rand;{secrets.token_hex(6)}/converse", h.converse_body())
+    stack.audit(20)
+    _, _, metrics = h.get(stack.relay.admin, "/metrics")
+    series = [line for line in metrics.decode().splitlines() if line.startswith("xpart_relay_requests_total")]
+    assert not any("rand" in line for line in series), series
+    assert 'xpart_relay_requests_total{model="*",operation="Converse",status="200"} 10' in series
+    assert 'xpart_relay_requests_total{model="other",operation="-",status="400"} 10' in series
+
+
+def test_buffered_body_budget_refuses_with_503_and_counts(start_relay):
+    import socket
+
+    stack = start_relay(max_buffered_body_bytes=25_000_000)
+    holder = socket.create_connection(stack.relay.service, timeout=10)
+    holder.sendall(b"POST /model/anthropic.claude-v2/converse HTTP/1.1\r\nhost: relay\r\n"
+                   b"content-type: application/json\r\ncontent-length: 20000000\r\n\r\n{")
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            _, _, metrics = h.get(stack.relay.admin, "/metrics")
+            if "xpart_relay_buffered_body_bytes 20000000" in metrics.decode():
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the first body was never reserved")
+        second = socket.create_connection(stack.relay.service, timeout=10)
+        second.sendall(b"POST /model/anthropic.claude-v2/converse HTTP/1.1\r\nhost: relay\r\n"
+                       b"content-type: application/json\r\ncontent-length: 6000000\r\n\r\n{")
+        reply = second.recv(65536).decode(errors="replace")
+        second.close()
+        assert reply.startswith("HTTP/1.1 503"), reply[:300]
+        assert "ServiceUnavailableException" in reply and "max_buffered_body_bytes" in reply
+        _, _, metrics = h.get(stack.relay.admin, "/metrics")
+        assert "xpart_relay_body_budget_refused_total 1" in metrics.decode()
+    finally:
+        holder.close()
+    # The reservation goes with the request: the budget is whole again.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        status, _, _ = h.post(stack.relay.service, "/model/anthropic.claude-v2/converse", h.converse_body())
+        if status != 503:
+            break
+        time.sleep(0.1)
+    assert status == 200
+
+
 # --- body limit --------------------------------------------------------------------------------
 
 def test_oversized_body_refused_from_content_length_before_reading(relay):
@@ -547,7 +670,7 @@ def test_admin_metrics_health_drain(relay):
     relay.audit(1)
     _, _, metrics = h.get(relay.relay.admin, "/metrics")
     text = metrics.decode()
-    assert 'xpart_relay_requests_total{model="anthropic.claude-v2",operation="Converse",status="200"} 1' in text
+    assert 'xpart_relay_requests_total{model="anthropic.*",operation="Converse",status="200"} 1' in text
     assert "xpart_relay_request_duration_seconds_bucket" in text
     assert "xpart_relay_in_flight 0" in text
     assert "xpart_relay_credentials_available 1" in text
