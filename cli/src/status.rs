@@ -1,7 +1,8 @@
 //! `xpart status`: reads the agent's and relay's admin ports (`/status`, `/readyz`,
-//! `/metrics`) and shows tunnel peers with handshake ages, relay health, and request rates
-//! and errors (from two `/metrics` scrapes a window apart).
+//! `/metrics`) and shows tunnel peers with handshake ages, the tunnel's drops by reason, relay
+//! health, and request rates and errors (from two `/metrics` scrapes a window apart).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -49,7 +50,11 @@ struct DaemonReport {
     ready: bool,
     error: Option<String>,
     readiness: Option<Value>,
+    /// What a ready daemon wants known about its readiness (the relay's "echo only").
+    note: Option<String>,
     peers: Vec<PeerReport>,
+    /// Drops by reason, non-zero ones only; `None` when the daemon has no tunnel.
+    tunnel_dropped: Option<BTreeMap<String, u64>>,
     relays: Vec<Value>,
     requests: Option<RequestReport>,
     status: Option<Value>,
@@ -156,7 +161,9 @@ async fn daemon_report(
                 ready: false,
                 error: Some(error),
                 readiness: None,
+                note: None,
                 peers: Vec::new(),
+                tunnel_dropped: None,
                 relays: Vec::new(),
                 requests: None,
                 status: None,
@@ -182,7 +189,13 @@ async fn daemon_report(
         .get("service")
         .and_then(Value::as_str)
         .map(str::to_string);
+    let note = readiness
+        .as_ref()
+        .and_then(|readiness| readiness.get("note"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
     let peers = peer_reports(&status);
+    let tunnel_dropped = tunnel_dropped(&status);
     let relays = status
         .get("relays")
         .and_then(Value::as_array)
@@ -195,7 +208,9 @@ async fn daemon_report(
         ready,
         error: None,
         readiness,
+        note,
         peers,
+        tunnel_dropped,
         relays,
         requests,
         status: Some(status),
@@ -235,6 +250,18 @@ fn peer_reports(status: &Value) -> Vec<PeerReport> {
             tx_bytes: peer.get("tx_bytes").and_then(Value::as_u64),
         })
         .collect()
+}
+
+/// `/tunnel/dropped` in either daemon's `/status`: the reasons with drops, by name.
+fn tunnel_dropped(status: &Value) -> Option<BTreeMap<String, u64>> {
+    let dropped = status.pointer("/tunnel/dropped")?.as_object()?;
+    Some(
+        dropped
+            .iter()
+            .filter_map(|(reason, count)| Some((reason.clone(), count.as_u64()?)))
+            .filter(|(_, count)| *count > 0)
+            .collect(),
+    )
 }
 
 /// serde writes a `SystemTime` as `{secs_since_epoch, nanos_since_epoch}`; plain numbers
@@ -328,6 +355,9 @@ fn print_report(report: &DaemonReport) {
             println!("  reason: {reason}");
         }
     }
+    if let Some(note) = &report.note {
+        println!("  note: {note}");
+    }
     if let Some(status) = &report.status {
         if let Some(draining) = status.get("draining").and_then(Value::as_bool) {
             println!("  draining: {}", if draining { "yes" } else { "no" });
@@ -388,6 +418,9 @@ fn print_report(report: &DaemonReport) {
             );
         }
     }
+    if let Some(dropped) = &report.tunnel_dropped {
+        println!("  tunnel drops: {}", drops_line(dropped));
+    }
     if let Some(requests) = report.requests {
         print!(
             "  requests: {} total, {} errors",
@@ -399,6 +432,20 @@ fn print_report(report: &DaemonReport) {
         println!();
     }
     println!();
+}
+
+/// `2900 under_load, 3 garbage`, largest first; `none` when nothing was dropped.
+fn drops_line(dropped: &BTreeMap<String, u64>) -> String {
+    if dropped.is_empty() {
+        return "none".to_string();
+    }
+    let mut counts: Vec<(&String, &u64)> = dropped.iter().collect();
+    counts.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    counts
+        .iter()
+        .map(|(reason, count)| format!("{count} {reason}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -437,6 +484,23 @@ xpart_tunnel_rx_bytes{peer=\"relay-a\"} 1234
         let report = with_rates(first, second, Duration::from_secs(2));
         assert_eq!(report.per_second, Some(10.0));
         assert_eq!(report.errors_per_second, Some(0.5));
+    }
+
+    #[test]
+    fn tunnel_drops_are_read_from_either_daemon_and_shown_largest_first() {
+        let agent = serde_json::json!({
+            "tunnel": { "peers": [], "dropped": { "garbage": 3, "under_load": 2900, "replay": 0 } }
+        });
+        let dropped = tunnel_dropped(&agent).unwrap();
+        assert_eq!(
+            dropped,
+            BTreeMap::from([("garbage".to_string(), 3), ("under_load".to_string(), 2900)])
+        );
+        assert_eq!(drops_line(&dropped), "2900 under_load, 3 garbage");
+        let quiet = serde_json::json!({ "peers": [], "tunnel": { "dropped": { "garbage": 0 } } });
+        assert_eq!(drops_line(&tunnel_dropped(&quiet).unwrap()), "none");
+        let host_mode = serde_json::json!({ "tunnel": { "dropped": null } });
+        assert_eq!(tunnel_dropped(&host_mode), None);
     }
 
     #[test]

@@ -1,10 +1,16 @@
 """`xpart probe` and `xpart status` against a real agent with two relays on loopback, plus
 fake servers for the failure modes (wrong CA, silent TLS, closed port, unreachable admin)."""
 
+import base64
+import hashlib
 import json
+import os
+import re
 import socket
+import struct
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -274,3 +280,108 @@ def test_status_over_wireguard_shows_peers_with_recent_handshakes(tmp_path):
     assert relay_peer["name"] == "agent-test"
     assert relay_peer["handshake_age_s"] is not None
     assert "HANDSHAKE AGO" in text.stdout and "relay-b" in text.stdout
+
+
+# --- tunnel drops ----------------------------------------------------------------------------
+
+def test_tunnel_junk_and_a_handshake_flood_are_counted_on_both_daemons(tmp_path):
+    """Datagrams no peer can be blamed for (not WireGuard, an unknown receiver index, a bad
+    mac1, a flood of 3,000 initiations with a valid mac1 answered with cookie replies) show in
+    both daemons' `xpart_tunnel_dropped_total{reason}`, `/status` and `xpart status`."""
+    stack = daemons.Stack(tmp_path, wireguard=True)
+    try:
+        relay = stack.relays["relay-a"]
+        _, agent_status = daemons.http_json(stack.agent.admin_url() + "/status")
+        relay_public = next(
+            p["public_key"] for p in agent_status["tunnel"]["peers"] if p["name"] == "relay-a"
+        )
+        _, relay_status = daemons.http_json(relay.admin_url() + "/status")
+        agent_host, agent_port = relay_status["peers"][0]["endpoint"].rsplit(":", 1)
+        targets = {"relay": relay.addr("udp"), "agent": (agent_host, int(agent_port))}
+
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+            attacker.bind(("127.0.0.1", 0))
+            for target in targets.values():
+                for junk in JUNK:
+                    attacker.sendto(junk, target)
+                attacker.sendto(wireguard_data(receiver_index=0x5EED0001), target)
+                attacker.sendto(b"\x01\x00\x00\x00" + os.urandom(144), target)
+            flood = [initiation(relay_public) for _ in range(3000)]
+            for datagram in flood:
+                attacker.sendto(datagram, targets["relay"])
+            cookies = cookie_replies(attacker)
+
+            relay_drops = wait_for_drops(relay.admin_url(), lambda d: d.get("under_load", 0) >= 1000)
+            agent_drops = wait_for_drops(stack.agent.admin_url(), lambda d: d.get("bad_mac", 0) >= 1)
+        _, relay_status = daemons.http_json(relay.admin_url() + "/status")
+        _, agent_status = daemons.http_json(stack.agent.admin_url() + "/status")
+        result, report = run_json("status", *status_args(stack), "--window", "0")
+        text = run_xpart("status", *status_args(stack), "--window", "0")
+    finally:
+        stack.stop()
+
+    for drops in (relay_drops, agent_drops):
+        assert drops["garbage"] >= len(JUNK), drops
+        assert drops["unknown_index"] >= 1, drops
+        assert drops["bad_mac"] >= 1, drops
+    # The limiter lets its budget through (each fails to decrypt: no real key behind it) and
+    # answers the rest with cookie replies.
+    assert relay_drops["decrypt_failed"] >= 1, relay_drops
+    assert relay_drops["under_load"] >= 1000, relay_drops
+    assert cookies >= 100, cookies
+    # /status carries the same counts, and every reason is listed, zeros included.
+    assert relay_status["tunnel"]["dropped"]["under_load"] >= relay_drops["under_load"]
+    assert agent_status["tunnel"]["dropped"]["bad_mac"] >= 1
+    assert set(relay_drops) == set(relay_status["tunnel"]["dropped"])
+    assert result.returncode == 0, result.stderr
+    agent, relay_a, _ = report["daemons"]
+    assert relay_a["tunnel_dropped"]["under_load"] >= 1000
+    assert agent["tunnel_dropped"]["garbage"] >= len(JUNK)
+    assert "tunnel drops:" in text.stdout and "under_load" in text.stdout, text.stdout
+
+
+# Not WireGuard: empty, too short for any type, an unknown type, a data header cut short.
+JUNK = [b"", b"\x01", b"GET / HTTP/1.1\r\n\r\n", b"\x04\x00\x00\x00\x01\x02"]
+
+
+def wireguard_data(receiver_index):
+    """A data message (type 4) naming `receiver_index`, with a counter and a tag of junk."""
+    return struct.pack("<II", 4, receiver_index) + os.urandom(8 + 16 + 16)
+
+
+def initiation(responder_public_b64):
+    """A handshake initiation with a valid mac1 for the responder and random contents, as a
+    flood built from the public key alone looks: it passes the mac1 check, never decrypts."""
+    responder = base64.b64decode(responder_public_b64)
+    body = struct.pack("<II", 1, int.from_bytes(os.urandom(4), "little")) + os.urandom(32 + 48 + 28)
+    mac1_key = hashlib.blake2s(b"mac1----" + responder).digest()
+    mac1 = hashlib.blake2s(body, key=mac1_key, digest_size=16).digest()
+    return body + mac1 + bytes(16)
+
+
+def cookie_replies(sock):
+    """Cookie replies (type 3) that reach `sock` within a second of the last one."""
+    sock.settimeout(1.0)
+    count = 0
+    try:
+        while True:
+            datagram = sock.recv(2048)
+            count += datagram[:1] == b"\x03"
+    except socket.timeout:
+        return count
+
+
+def wait_for_drops(admin_url, done, timeout=10.0):
+    """`xpart_tunnel_dropped_total` by reason from `/metrics`, once `done(drops)` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(admin_url + "/metrics", timeout=5) as response:
+            text = response.read().decode()
+        drops = {
+            match.group(1): int(float(match.group(2)))
+            for match in re.finditer(r'^xpart_tunnel_dropped_total\{reason="([a-z_]+)"\} (\S+)$', text, re.M)
+        }
+        if done(drops) or time.monotonic() > deadline:
+            assert "# TYPE xpart_tunnel_dropped_total counter" in text, text
+            return drops
+        time.sleep(0.1)

@@ -57,9 +57,14 @@ impl RecvBatch {
     /// The datagrams of the last receive: source and payload.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> {
         self.meta.iter().flat_map(move |received| {
-            self.bufs[received.slot][..received.len]
+            let payload = &self.bufs[received.slot][..received.len];
+            // `chunks` yields nothing for an empty datagram, which the engine must still see
+            // (and count as garbage).
+            let empty = payload.is_empty().then_some((received.from, payload));
+            payload
                 .chunks(received.segment)
                 .map(move |datagram| (received.from, datagram))
+                .chain(empty)
         })
     }
 }
@@ -461,6 +466,21 @@ mod tests {
             .collect();
         assert_eq!(receive(&first, expect_a.len()).await, expect_a);
         assert_eq!(receive(&second, expect_b.len()).await, expect_b);
+    }
+
+    /// An empty datagram carries nothing, but the engine must still see it to count it.
+    #[tokio::test]
+    async fn an_empty_datagram_arrives_as_one() {
+        let receiver = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = receiver.local_addr().unwrap();
+        sender.send_to(&[], to).unwrap();
+        sender.send_to(b"after", to).unwrap();
+
+        assert_eq!(
+            receive(&receiver, 2).await,
+            vec![Vec::new(), b"after".to_vec()]
+        );
     }
 
     fn payload(seq: u32, len: usize) -> Vec<u8> {

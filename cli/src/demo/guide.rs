@@ -38,6 +38,12 @@ impl Guide {
         let env = vec![
             ("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", endpoint(ports)),
             ("AWS_CA_BUNDLE", material.ca_bundle.display().to_string()),
+            // The JavaScript SDK ignores AWS_CA_BUNDLE; Node.js adds this file to its own
+            // roots when the process starts.
+            (
+                "NODE_EXTRA_CA_CERTS",
+                material.ca_bundle.display().to_string(),
+            ),
             ("AWS_BEARER_TOKEN_BEDROCK", material.token.clone()),
             ("AWS_REGION", REGION.to_string()),
             // boto3 and the AWS CLI read only this one; the other SDKs read AWS_REGION.
@@ -103,7 +109,7 @@ impl Guide {
         println!("Files in {dir}:");
         println!("  agent.toml, relay.toml     the configurations running now");
         println!("  agent.key, relay.key       WireGuard private keys (mode 600)");
-        println!("  ca/ca.pem, ca/ca.key       the private CA callers trust through AWS_CA_BUNDLE");
+        println!("  ca/ca.pem, ca/ca.key       the private CA callers trust through AWS_CA_BUNDLE (NODE_EXTRA_CA_CERTS for Node.js)");
         println!("  front.pem, front.key       the agent's certificate: localhost, 127.0.0.1, bedrock-runtime.{REGION}.amazonaws.com");
         println!("  caller.env                 the environment below (mode 600: it holds the token of principal {PRINCIPAL})");
         println!("  agent-audit.jsonl, relay-audit.jsonl   one line per request");
