@@ -109,27 +109,92 @@ def test_every_arn_in_the_stacks_takes_the_partition_from_the_stack(stack):
         assert arn.startswith("arn:${AWS::Partition}:"), arn
 
 
-@pytest.mark.parametrize("stack", [GOVCLOUD, COMMERCIAL], ids=["govcloud", "commercial"])
-def test_instances_launch_with_imdsv2_only_and_encrypted_volumes(stack):
-    template = load_stack(stack)
-    templates = resources(template, "AWS::EC2::LaunchTemplate")
-    assert len(templates) == 1
-    (lt_name, lt), = templates.items()
-    data = lt["LaunchTemplateData"]
-    assert data["MetadataOptions"]["HttpTokens"] == "required"
-    assert data["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
-    assert data["MetadataOptions"]["InstanceMetadataTags"] == "enabled"
-    mappings = data["BlockDeviceMappings"]
-    assert mappings and all(m["Ebs"]["Encrypted"] is True for m in mappings)
+MEMBERS = {GOVCLOUD: ("Agent", "agent"), COMMERCIAL: ("Relay", "relay")}
 
-    instances = resources(template, "AWS::EC2::Instance")
-    assert len(instances) == 2, "a pair of appliances"
-    for name, props in instances.items():
-        assert props["LaunchTemplate"]["LaunchTemplateId"] == {"Ref": lt_name}, name
-        for overriding in ("BlockDeviceMappings", "MetadataOptions", "UserData", "ImageId"):
-            assert overriding not in props, f"{name} overrides the launch template's {overriding}"
+
+@pytest.mark.parametrize("stack", [GOVCLOUD, COMMERCIAL], ids=["govcloud", "commercial"])
+def test_each_member_launches_from_its_own_template_with_imdsv2_only_and_encrypted_volumes(stack):
+    template = load_stack(stack)
+    prefix, kind = MEMBERS[stack]
+    templates = resources(template, "AWS::EC2::LaunchTemplate")
+    assert sorted(templates) == [f"{prefix}ALaunchTemplate", f"{prefix}BLaunchTemplate"]
+    for member in "AB":
+        data = templates[f"{prefix}{member}LaunchTemplate"]["LaunchTemplateData"]
+        assert data["MetadataOptions"]["HttpTokens"] == "required"
+        assert data["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
+        assert data["MetadataOptions"]["InstanceMetadataTags"] == "enabled"
+        mappings = data["BlockDeviceMappings"]
+        assert mappings and all(m["Ebs"]["Encrypted"] is True for m in mappings)
+        # One role per member: the instance profile is what differs between the templates.
+        assert data["IamInstanceProfile"] == {"Arn": {"Fn::GetAtt": [f"{prefix}{member}InstanceProfile", "Arn"]}}
+        profile = template["Resources"][f"{prefix}{member}InstanceProfile"]["Properties"]
+        assert profile["Roles"] == [{"Ref": f"{prefix}{member}Role"}]
+    assert not resources(template, "AWS::EC2::Instance"), "members are Auto Scaling groups, not fixed instances"
+
+
+@pytest.mark.parametrize("stack", [GOVCLOUD, COMMERCIAL], ids=["govcloud", "commercial"])
+def test_an_update_replaces_one_member_at_a_time_and_waits_until_it_serves(stack):
+    """The order of operations of a rolling upgrade, as CloudFormation derives it from the
+    template: member a's group first (terminate, launch, boot takes the member's interface or
+    Elastic IP, signal when /readyz answers), member b's only after a's signal (DependsOn)."""
+    template = load_stack(stack)
+    prefix, kind = MEMBERS[stack]
+    groups = {name: res for name, res in template["Resources"].items()
+              if res["Type"] == "AWS::AutoScaling::AutoScalingGroup"}
+    assert sorted(groups) == [f"{prefix}AGroup", f"{prefix}BGroup"]
+    for member in "AB":
+        group = groups[f"{prefix}{member}Group"]
+        props = group["Properties"]
+        assert (props["MinSize"], props["MaxSize"], props["DesiredCapacity"]) == ("1", "1", "1")
+        assert props["LaunchTemplate"] == {
+            "LaunchTemplateId": {"Ref": f"{prefix}{member}LaunchTemplate"},
+            # A new template version (AMI, user data, instance type) is what triggers the update.
+            "Version": {"Fn::GetAtt": [f"{prefix}{member}LaunchTemplate", "LatestVersionNumber"]},
+        }
+        rolling = group["UpdatePolicy"]["AutoScalingRollingUpdate"]
+        # The old instance goes first: the member's interface attaches to one instance only.
+        assert rolling["MinInstancesInService"] == 0
+        assert rolling["MaxBatchSize"] == 1
+        assert rolling["WaitOnResourceSignals"] is True
+        assert "ReplaceUnhealthy" in rolling["SuspendProcesses"]
+        assert group["CreationPolicy"]["ResourceSignal"]["Count"] == 1
+        tags = {t["Key"]: (t["Value"], t["PropagateAtLaunch"]) for t in props["Tags"]}
+        assert tags["xpart:name"] == (f"{kind}-{member.lower()}", True)
+        assert tags["xpart:pair"] == ({"Ref": "DeploymentName"}, True)
+        assert "xpart:role" not in tags, "the role lives on the member interface, not in the group"
+    b_depends = groups[f"{prefix}BGroup"]["DependsOn"]
+    assert f"{prefix}AGroup" in ([b_depends] if isinstance(b_depends, str) else b_depends)
+    assert f"{prefix}BGroup" not in groups[f"{prefix}AGroup"].get("DependsOn", [])
+
+    # The member signals the logical ID the user data names for it.
+    user_data = (IMAGES / "cloud-init" / f"{kind}-user-data.yaml").read_text()
+    for member in "ab":
+        assert re.search(rf"XPART_PAIR_\d={kind}-{member},.*,{prefix}{member.upper()}Group\n", user_data)
+    signal = (UNITS / "xpart-signal.service").read_text()
+    assert "ExecStart=/usr/local/libexec/xpart/xpart-boot --signal-when-ready" in signal
+    for member in "AB":
+        role = template["Resources"][f"{prefix}{member}Role"]["Properties"]
+        signals = [s for s in _statements(role) if "cloudformation:SignalResource" in _actions(s)]
+        assert [s["Resource"] for s in signals] == [{"Ref": "AWS::StackId"}]
+
+
+def test_the_agents_member_interfaces_carry_the_role_and_the_floating_address():
+    template = load_stack(GOVCLOUD)
+    roles = {}
+    for name in ("AgentANetworkInterface", "AgentBNetworkInterface"):
+        props = template["Resources"][name]["Properties"]
         tags = {t["Key"]: t["Value"] for t in props["Tags"]}
-        assert tags["xpart:name"] in ("agent-a", "agent-b", "relay-a", "relay-b")
+        assert tags["xpart:pair"] == {"Ref": "DeploymentName"}
+        roles[tags["xpart:name"]] = tags["xpart:role"]
+    assert roles == {"agent-a": "active", "agent-b": "standby"}
+    eni = template["Resources"]["AgentANetworkInterface"]["Properties"]
+    assert {"PrivateIpAddress": {"Ref": "FloatingAddress"}, "Primary": False} in eni["PrivateIpAddresses"]
+    for member in "AB":
+        association = template["Resources"][f"Agent{member}ElasticIp"]["Properties"]
+        assert association["NetworkInterfaceId"] == {"Ref": f"Agent{member}NetworkInterface"}
+    user_data = (IMAGES / "cloud-init" / "agent-user-data.yaml").read_text()
+    assert "${AgentANetworkInterface},AgentAGroup" in user_data
+    assert "${AgentBNetworkInterface},AgentBGroup" in user_data
 
 
 @pytest.mark.parametrize(
@@ -142,12 +207,15 @@ def test_instances_launch_with_imdsv2_only_and_encrypted_volumes(stack):
 )
 def test_stack_user_data_is_the_cloud_init_file_verbatim(stack, user_data):
     template = load_stack(stack)
-    (lt,) = resources(template, "AWS::EC2::LaunchTemplate").values()
-    embedded = lt["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Sub"]
-    assert embedded == user_data.read_text(), (
-        f"{stack.name} and {user_data.name} drifted apart; copy the file into the launch template"
-    )
-    known = set(template["Parameters"]) | {"AWS::Region", "AWS::Partition", "AWS::AccountId"}
+    launch_templates = resources(template, "AWS::EC2::LaunchTemplate").values()
+    assert len(launch_templates) == 2
+    for lt in launch_templates:
+        embedded = lt["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Sub"]
+        assert embedded == user_data.read_text(), (
+            f"{stack.name} and {user_data.name} drifted apart; copy the file into both launch templates"
+        )
+    known = (set(template["Parameters"]) | set(template["Resources"])
+             | {"AWS::Region", "AWS::Partition", "AWS::AccountId", "AWS::StackName"})
     placeholders = set(re.findall(r"\$\{([^}!]+)\}", embedded))
     assert placeholders <= known, f"unknown placeholders {placeholders - known}"
 
@@ -224,41 +292,150 @@ def _actions(statement):
     return [actions] if isinstance(actions, str) else actions
 
 
-def test_relay_role_may_only_invoke_the_allowed_models():
+def _policy_statements(template, policy):
+    for statement in template["Resources"][policy]["Properties"]["PolicyDocument"]["Statement"]:
+        if "Fn::If" in statement:
+            yield from (s for s in statement["Fn::If"][1:] if "Ref" not in s)
+        else:
+            yield statement
+
+
+def _plain_actions(statement):
+    """Actions, a conditional one (Fn::If) as the action it adds."""
+    return [a["Fn::If"][1] if isinstance(a, dict) else a for a in _actions(statement)]
+
+
+def test_relay_roles_may_only_invoke_the_allowed_models():
     template = load_stack(COMMERCIAL)
-    role = template["Resources"]["RelayRole"]["Properties"]
-    bedrock = [s for s in _statements(role) if any(a.startswith("bedrock:") for a in _actions(s))]
-    assert len(bedrock) == 1
-    (statement,) = bedrock
-    assert statement["Effect"] == "Allow"
-    assert sorted(_actions(statement)) == ["bedrock:InvokeModel", "bedrock:InvokeModelWithResponseStream"]
-    resources_ = [r["Fn::Sub"] for r in statement["Resource"]]
-    assert resources_ == [
+    invoke = template["Resources"]["RelayInvokePolicy"]["Properties"]
+    assert invoke["Roles"] == [{"Ref": "RelayARole"}, {"Ref": "RelayBRole"}]
+    statements = list(_policy_statements(template, "RelayInvokePolicy"))
+    (models,) = [s for s in statements if s["Sid"] == "InvokeAllowedModels"]
+    assert sorted(_plain_actions(models)) == [
+        "bedrock:CountTokens", "bedrock:InvokeModel", "bedrock:InvokeModelWithResponseStream"]
+    assert [r["Fn::Sub"] for r in models["Resource"]] == [
         "arn:${AWS::Partition}:bedrock:*::foundation-model/${AllowedFoundationModels}",
         "arn:${AWS::Partition}:bedrock:${AWS::Region}:${AWS::AccountId}:inference-profile/${AllowedInferenceProfiles}",
     ]
-    for s in _statements(role):
-        assert "*" not in _actions(s) and s["Resource"] != "*", s
+    for member in "AB":
+        role = template["Resources"][f"Relay{member}Role"]["Properties"]
+        assert "ManagedPolicyArns" not in role
+        for s in _statements(role):
+            assert not any(a.startswith("bedrock:") for a in _actions(s)), "Bedrock only through the shared policy"
+            assert "*" not in _actions(s) and s["Resource"] != "*", s
 
 
-def test_bedrock_endpoint_is_private_dns_and_admits_only_the_relay_role():
+def test_the_operations_parameter_drives_the_role_and_the_endpoint_policy_together():
+    template = load_stack(COMMERCIAL)
+    choices = template["Parameters"]["RelayOperations"]["AllowedValues"]
+    conditions = template["Conditions"]
+
+    def holds(name, value):
+        return any(option["Fn::Equals"][1] == value for option in conditions[name]["Fn::Or"])
+
+    assert len(choices) == 4
+    for value in choices:
+        words = value.split()
+        assert holds("SignsCountTokens", value) == ("CountTokens" in words), value
+        assert holds("SignsApplyGuardrail", value) == ("ApplyGuardrail" in words), value
+    assert template["Parameters"]["RelayOperations"]["Default"] == (
+        "InvokeModel InvokeModelWithResponseStream Converse ConverseStream")
+
+    role = template["Resources"]["RelayInvokePolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    endpoint = template["Resources"]["BedrockRuntimeEndpoint"]["Properties"]["PolicyDocument"]["Statement"]
+    for document in (role, endpoint):
+        (models,) = [s for s in document if "Fn::If" not in s]
+        assert {"Fn::If": ["SignsCountTokens", "bedrock:CountTokens", {"Ref": "AWS::NoValue"}]} in models["Action"]
+        (guardrails,) = [s for s in document if "Fn::If" in s]
+        condition, statement, otherwise = guardrails["Fn::If"]
+        assert condition == "SignsApplyGuardrail" and otherwise == {"Ref": "AWS::NoValue"}
+        assert statement["Action"] == ["bedrock:ApplyGuardrail"]
+        assert statement["Resource"] == {
+            "Fn::Sub": "arn:${AWS::Partition}:bedrock:${AWS::Region}:${AWS::AccountId}:guardrail/*"}
+    user_data = (IMAGES / "cloud-init" / "relay-user-data.yaml").read_text()
+    assert 'XPART_OPERATIONS="${RelayOperations}"' in user_data
+
+
+def test_bedrock_endpoint_is_private_dns_and_admits_only_the_relay_roles():
     template = load_stack(COMMERCIAL)
     (endpoint,) = resources(template, "AWS::EC2::VPCEndpoint").values()
     assert endpoint["ServiceName"] == {"Fn::Sub": "com.amazonaws.${AWS::Region}.bedrock-runtime"}
     assert endpoint["VpcEndpointType"] == "Interface"
     assert endpoint["PrivateDnsEnabled"] is True
-    (statement,) = endpoint["PolicyDocument"]["Statement"]
-    assert statement["Condition"]["ArnEquals"]["aws:PrincipalArn"] == {"Fn::GetAtt": ["RelayRole", "Arn"]}
-    assert sorted(statement["Action"]) == ["bedrock:InvokeModel", "bedrock:InvokeModelWithResponseStream"]
+    document = endpoint["PolicyDocument"]["Statement"]
+    statements = [s for s in document if "Fn::If" not in s] + [s["Fn::If"][1] for s in document if "Fn::If" in s]
+    relays = [{"Fn::GetAtt": ["RelayARole", "Arn"]}, {"Fn::GetAtt": ["RelayBRole", "Arn"]}]
+    for statement in statements:
+        assert statement["Condition"]["ArnEquals"]["aws:PrincipalArn"] == relays
+    assert sorted(a for a in statements[0]["Action"] if isinstance(a, str)) == [
+        "bedrock:InvokeModel", "bedrock:InvokeModelWithResponseStream"]
 
 
-def test_agent_role_grants_the_failover_calls_on_the_pairs_resources_only():
+def _all_statements(template, role_name):
+    """A role's own statements and those of every managed policy the stack attaches to it."""
+    role = template["Resources"][role_name]["Properties"]
+    found = list(_statements(role))
+    for name, props in resources(template, "AWS::IAM::ManagedPolicy").items():
+        if {"Ref": role_name} in props["Roles"]:
+            found += list(_policy_statements(template, name))
+    return found
+
+
+@pytest.mark.parametrize("member, other", [("a", "b"), ("b", "a")])
+def test_each_agent_reads_only_its_own_key(member, other):
     template = load_stack(GOVCLOUD)
-    role = template["Resources"]["AgentRole"]["Properties"]
+    reads = [s for s in _all_statements(template, f"Agent{member.upper()}Role")
+             if {"ssm:GetParameter", "secretsmanager:GetSecretValue"} & set(_plain_actions(s))]
+    assert len(reads) == 2, "one for SSM, one for Secrets Manager"
+    for statement in reads:
+        arns = [r["Fn::Sub"] for r in statement["Resource"]]
+        assert any(arn.endswith(f"/agent-{member}/*") for arn in arns)
+        assert any(arn.endswith("/agent/*") for arn in arns), "the shared TLS material and principals"
+        assert not any(f"agent-{other}" in arn or arn.endswith("agent*") for arn in arns), arns
+
+
+@pytest.mark.parametrize("member", ["a", "b"])
+def test_each_relay_reads_only_its_own_key_and_takes_only_its_own_elastic_ip(member):
+    template = load_stack(COMMERCIAL)
+    statements = _all_statements(template, f"Relay{member.upper()}Role")
+    reads = [s for s in statements if {"ssm:GetParameter", "secretsmanager:GetSecretValue"} & set(_plain_actions(s))]
+    assert len(reads) == 2
+    for statement in reads:
+        assert statement["Resource"]["Fn::Sub"].endswith(f"/relay-{member}/*")
+    associate = [s for s in statements if "ec2:AssociateAddress" in _actions(s)]
+    eips = [s["Resource"]["Fn::Sub"] for s in associate if isinstance(s["Resource"], dict)]
+    assert eips == [
+        "arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:elastic-ip/${Relay%sEipAllocationId}" % member.upper()]
+    on_instances = [s for s in associate if isinstance(s["Resource"], list)]
+    assert [s["Condition"] for s in on_instances] == [
+        {"StringEquals": {"aws:ResourceTag/xpart:name": f"relay-{member}"}}]
+
+
+@pytest.mark.parametrize("stack, members", [(GOVCLOUD, "Agent"), (COMMERCIAL, "Relay")], ids=["govcloud", "commercial"])
+def test_session_manager_grants_only_what_the_ssm_agent_needs(stack, members):
+    template = load_stack(stack)
+    policy = template["Resources"]["SessionManagerPolicy"]
+    assert policy["Condition"] == "UseSessionManager"
+    assert policy["Properties"]["Roles"] == [{"Ref": f"{members}ARole"}, {"Ref": f"{members}BRole"}]
+    actions = {a for s in _policy_statements(template, "SessionManagerPolicy") for a in _actions(s)}
+    assert actions == {
+        "ssm:UpdateInstanceInformation",
+        "ssmmessages:CreateControlChannel", "ssmmessages:CreateDataChannel",
+        "ssmmessages:OpenControlChannel", "ssmmessages:OpenDataChannel",
+        "ec2messages:AcknowledgeMessage", "ec2messages:DeleteMessage", "ec2messages:FailMessage",
+        "ec2messages:GetEndpoint", "ec2messages:GetMessages", "ec2messages:SendReply",
+    }
+    for member in "AB":
+        assert "ManagedPolicyArns" not in template["Resources"][f"{members}{member}Role"]["Properties"]
+
+
+@pytest.mark.parametrize("member", ["A", "B"])
+def test_agent_roles_grant_the_failover_calls_on_the_pairs_resources_only(member):
+    template = load_stack(GOVCLOUD)
     granted = {}
-    for s in _statements(role):
+    for s in _all_statements(template, f"Agent{member}Role"):
         for action in _actions(s):
-            granted[action] = s
+            granted.setdefault(action, []).append(s)
     for action in [
         "ec2:ReplaceRoute",
         "ec2:CreateRoute",
@@ -269,39 +446,78 @@ def test_agent_role_grants_the_failover_calls_on_the_pairs_resources_only():
         "ec2:DescribeNetworkInterfaces",
         "ec2:DescribeInstances",
         "ec2:DescribeAddresses",
+        "ec2:CreateTags",
+        "ec2:AttachNetworkInterface",
         "ssm:GetParameter",
     ]:
-        assert action in granted, f"{action} missing from the agent role"
-    for action, statement in granted.items():
-        if action.startswith("ec2:Describe"):
+        assert action in granted, f"{action} missing from agent-{member.lower()}'s role"
+    for action, statements in granted.items():
+        # Describe calls and the SSM agent's messaging take no resource-level permissions.
+        if action.startswith(("ec2:Describe", "ssm:UpdateInstanceInformation", "ssmmessages:", "ec2messages:")):
             continue
-        assert statement["Resource"] != "*", f"{action} must not apply to every resource"
-    routes = granted["ec2:ReplaceRoute"]
+        for statement in statements:
+            assert statement["Resource"] != "*", f"{action} must not apply to every resource"
+    (routes,) = granted["ec2:ReplaceRoute"]
     # `xpart failover --pair NAME` selects route tables and instances by these tags.
     assert routes["Condition"]["StringEquals"]["aws:ResourceTag/xpart:pair"] == {"Ref": "DeploymentName"}
-    roles = {}
-    for props in resources(template, "AWS::EC2::Instance").values():
-        tags = {t["Key"]: t["Value"] for t in props["Tags"]}
-        assert tags["xpart:pair"] == {"Ref": "DeploymentName"}
-        roles[tags["xpart:name"]] = tags["xpart:role"]
-    assert roles == {"agent-a": "active", "agent-b": "standby"}
+    (tags,) = granted["ec2:CreateTags"]
+    assert tags["Condition"]["StringEquals"]["aws:ResourceTag/xpart:pair"] == {"Ref": "DeploymentName"}
+    assert tags["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"] == ["xpart:role"]
+    (attach,) = granted["ec2:AttachNetworkInterface"]
+    assert attach["Resource"][0] == {
+        "Fn::Sub": "arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:network-interface/${Agent%sNetworkInterface}" % member}
+    assert attach["Condition"] == {"StringEquals": {"aws:ResourceTag/xpart:name": f"agent-{member.lower()}"}}
 
 
-def test_resolver_forwards_only_the_bedrock_runtime_name_to_the_floating_address():
+BEDROCK_PREFIXES = ["bedrock-runtime", "bedrock", "bedrock-runtime-fips", "bedrock-fips"]
+
+
+def test_resolver_rules_forward_every_bedrock_name_to_the_floating_address():
     template = load_stack(GOVCLOUD)
     (endpoint,) = resources(template, "AWS::Route53Resolver::ResolverEndpoint").values()
     assert endpoint["Direction"] == "OUTBOUND"
-    rules = resources(template, "AWS::Route53Resolver::ResolverRule")
-    assert len(rules) == 1
-    (rule,) = rules.values()
-    assert rule["RuleType"] == "FORWARD"
-    assert rule["DomainName"] == {"Fn::Sub": "bedrock-runtime.${BedrockRegion}.amazonaws.com"}
-    assert rule["TargetIps"] == [{"Ip": {"Ref": "FloatingAddress"}, "Port": "53"}]
-    (association,) = resources(template, "AWS::Route53Resolver::ResolverRuleAssociation").values()
-    assert association["VPCId"] == {"Ref": "VpcId"}
-    # The floating address starts on agent-a as a secondary private IP.
-    eni = template["Resources"]["AgentANetworkInterface"]["Properties"]
-    assert {"PrivateIpAddress": {"Ref": "FloatingAddress"}, "Primary": False} in eni["PrivateIpAddresses"]
+    rules = {name: res for name, res in template["Resources"].items()
+             if res["Type"] == "AWS::Route53Resolver::ResolverRule"}
+    domains = sorted(r["Properties"]["DomainName"]["Fn::Sub"] for r in rules.values())
+    assert domains == sorted(f"{p}.${{BedrockRegion}}.amazonaws.com" for p in BEDROCK_PREFIXES)
+    for rule in rules.values():
+        assert rule["Condition"] == "UseResolverRule"
+        assert rule["Properties"]["RuleType"] == "FORWARD"
+        assert rule["Properties"]["TargetIps"] == [{"Ip": {"Ref": "FloatingAddress"}, "Port": "53"}]
+    associations = resources(template, "AWS::Route53Resolver::ResolverRuleAssociation").values()
+    assert sorted(a["ResolverRuleId"]["Ref"] for a in associations) == sorted(rules)
+    assert all(a["VPCId"] == {"Ref": "VpcId"} for a in associations)
+
+
+def test_hosted_zone_mode_points_every_bedrock_name_at_the_floating_address_instead():
+    template = load_stack(GOVCLOUD)
+    assert template["Parameters"]["DnsMode"]["AllowedValues"] == ["resolver-rule", "hosted-zone"]
+    zones = {name: res for name, res in template["Resources"].items() if res["Type"] == "AWS::Route53::HostedZone"}
+    records = [res for res in template["Resources"].values() if res["Type"] == "AWS::Route53::RecordSet"]
+    assert sorted(z["Properties"]["Name"]["Fn::Sub"] for z in zones.values()) == sorted(
+        f"{p}.${{BedrockRegion}}.amazonaws.com" for p in BEDROCK_PREFIXES)
+    for zone in zones.values():
+        assert zone["Condition"] == "UseHostedZone"
+        assert zone["Properties"]["VPCs"] == [{"VPCId": {"Ref": "VpcId"}, "VPCRegion": {"Ref": "AWS::Region"}}]
+    assert len(records) == 4
+    for record in records:
+        props = record["Properties"]
+        assert record["Condition"] == "UseHostedZone"
+        assert props["Type"] == "A" and props["ResourceRecords"] == [{"Ref": "FloatingAddress"}]
+        zone = template["Resources"][props["HostedZoneId"]["Ref"]]["Properties"]
+        assert props["Name"] == zone["Name"], "the record is the zone's apex"
+    # The endpoint and its security group exist only in resolver-rule mode.
+    for name in ("ResolverOutboundEndpoint", "ResolverEndpointSecurityGroup", "AgentDnsFromResolverUdp"):
+        assert template["Resources"][name]["Condition"] == "UseResolverRule"
+
+
+def test_the_agents_answer_and_the_certificate_covers_every_name_the_rules_forward():
+    user_data = (IMAGES / "cloud-init" / "agent-user-data.yaml").read_text()
+    (names,) = re.findall(r'XPART_DNS_NAMES="([^"]+)"', user_data)
+    assert names.split() == [f"{p}.${{BedrockRegion}}.amazonaws.com" for p in BEDROCK_PREFIXES]
+    ca = (REPO / "cli" / "src" / "ca.rs").read_text()
+    for prefix in BEDROCK_PREFIXES:
+        assert f'"{prefix}",' in ca, f"xpart ca issue --region does not name {prefix}"
 
 
 def test_both_stacks_agree_on_the_tunnel_plan():
@@ -515,8 +731,12 @@ def _unit_copies(tmp_path):
         stand_in = bin_dir / name
         stand_in.write_text("#!/bin/sh\n")
         stand_in.chmod(0o755)
+    boot = bin_dir / "xpart-boot"
+    boot.write_text("#!/bin/sh\n")
+    boot.chmod(0o755)
     for unit in UNITS.glob("*.service"):
         text = unit.read_text().replace("/usr/local/bin/", f"{bin_dir}/")
+        text = text.replace("/usr/local/libexec/xpart/", f"{bin_dir}/")
         (out / unit.name).write_text(text)
     return out
 
@@ -719,3 +939,103 @@ def test_the_guide_and_the_watch_unit_use_only_flags_the_cli_has():
             text += helps[prefix]
         for flag in flags:
             assert re.search(rf"{re.escape(flag)}\b", text), f"`{command}`: xpart has no {flag}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The guide works as written
+
+
+def _guide_lines():
+    lines = []
+    for block in re.findall(r"```sh\n(.*?)```", GUIDE.read_text(), flags=re.S):
+        lines += [line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return lines
+
+
+def test_every_aws_and_ec2_moving_command_in_the_guide_names_its_profile():
+    aws_commands = []
+    for line in _guide_lines():
+        aws_commands += re.findall(r"(?:^|[;&|(]\s*|\$\(\s*|--\s+)(aws\s[^;|)]*)", line)
+        for command in re.findall(r"(xpart\s[^;|)]*\bfailover\s[^;|)]*)", line):
+            assert "--profile " in command, f"`{command}` names no profile"
+    assert len(aws_commands) > 15
+    for command in aws_commands:
+        assert re.search(r"--profile (govcloud|commercial|\"\$1\")", command), f"`{command}` names no profile"
+
+
+def test_the_guide_exports_no_ca_bundle_and_drills_pass_theirs_as_flags():
+    text = GUIDE.read_text()
+    assert not re.search(r"^\s*export [^\n]*AWS_CA_BUNDLE", text, flags=re.M), (
+        "an exported AWS_CA_BUNDLE replaces the trust store of the guide's own aws commands")
+    drills = [line for line in _guide_lines() if line.startswith("xpart drill")]
+    assert len(drills) == 3
+    assert 'P=(--endpoint "$E" --ca-bundle "$S/ca/ca.pem" --token "$PROBE_TOKEN")' in _guide_lines()
+    assert all(line.startswith('xpart drill "${P[@]}"') for line in drills)
+
+
+def test_the_guide_fails_back_after_each_drill():
+    lines = _guide_lines()
+    drills = [i for i, line in enumerate(lines) if line.startswith("xpart drill")]
+    fail_back = '--to-eni "$AGENT_A_ENI" --pair xpart --set-roles'
+    # After the two agent drills the address goes back to agent-a; after each drill that stops
+    # a daemon the daemon is started again.
+    for index in drills[:2]:
+        following = lines[index + 1: index + 3]
+        assert any(fail_back in line for line in following), lines[index]
+    for index in drills[1:]:
+        stopped = re.search(r"systemctl stop (xpart-\w+)", lines[index]).group(1)
+        assert any(f"systemctl start {stopped}" in line for line in lines[index + 1: index + 3]), lines[index]
+
+
+def test_relative_file_paths_in_the_guide_resolve_from_the_repository_root():
+    paths = re.findall(r"file://([A-Za-z0-9_$/.][^\s\"')`]*)", GUIDE.read_text())
+    assert paths
+    for path in paths:
+        if path.startswith(("$", "/")):
+            continue
+        assert (REPO / path).is_file(), f"file://{path} does not exist relative to the repository root"
+
+
+def test_the_guide_pairs_the_regions_by_metro_and_shows_how_to_measure():
+    text = GUIDE.read_text()
+    assert "us-gov-west-1 and us-west-2 are in the same metro" in text
+    assert "BEDROCK_REGION=us-west-2" in text
+    assert any(line.startswith("xpart --json probe") and "--count" in line for line in _guide_lines())
+    assert "first_byte_ms" in text
+
+
+def test_stop_comments_match_what_the_daemons_do_on_sigterm():
+    agent = parse_unit(UNITS / "xpart-agent.service")
+    agent_text = (UNITS / "xpart-agent.service").read_text().replace("\n# ", " ")
+    front = (REPO / "agent" / "src" / "front.rs").read_text()
+    if "connections.shutdown().await" in front:
+        # JoinSet::shutdown aborts every connection task: nothing in flight gets to finish.
+        assert "streams in flight are cut" in agent_text
+        assert "get time to finish" not in agent_text
+    relay_text = (UNITS / "xpart-relay.service").read_text()
+    (grace,) = re.findall(r"fn default_shutdown_grace\(\) -> u64 \{\s*(\d+)", (REPO / "relay" / "src" / "config.rs").read_text())
+    assert f"shutdown_grace_secs ({grace} s by default)" in relay_text.replace("\n# ", " ")
+    timeout = int(parse_unit(UNITS / "xpart-relay.service")["TimeoutStopSec"][0].rstrip("s"))
+    assert timeout > int(grace), "SIGKILL must come after the relay's own grace"
+    assert agent["TimeoutStopSec"] == ["30s"]
+
+
+def test_first_boot_is_a_retried_oneshot_that_the_daemons_require():
+    boot = parse_unit(UNITS / "xpart-boot.service")
+    assert boot["Type"] == ["oneshot"] and boot["RemainAfterExit"] == ["yes"]
+    assert boot["ExecStart"] == ["/usr/local/libexec/xpart/xpart-boot --at-boot"]
+    assert boot["Restart"] == ["on-failure"] and boot["RestartSec"] == ["15s"]
+    assert boot["StartLimitIntervalSec"] == ["0"], "retried until it succeeds"
+    assert boot["ConditionPathExists"] == ["/etc/xpart/deployment.env"]
+    for unit in DAEMON_UNITS:
+        entries = parse_unit(UNITS / unit)
+        assert entries["Requires"] == ["xpart-boot.service"], unit
+        assert "xpart-boot.service" in entries["After"][0].split(), unit
+    for unit in ("xpart-floating-address.service", "xpart-failover-watch.service"):
+        assert "xpart-boot.service" in parse_unit(UNITS / unit)["After"][0].split(), unit
+    install = (PACKER_DIR / "install.sh").read_text()
+    assert 'units="xpart-boot.service xpart-signal.service xpart-$role.service"' in install
+    for user_data in ("agent-user-data.yaml", "relay-user-data.yaml"):
+        text = (IMAGES / "cloud-init" / user_data).read_text()
+        assert "- [systemctl, start, --no-block, xpart-boot.service, xpart-signal.service]" in text
+    assert "journalctl -u xpart-boot" in GUIDE.read_text()

@@ -258,11 +258,16 @@ pub async fn move_quietly(
     moves.validate()?;
     let ec2 = Ec2::connect(aws).await?;
     let pair = standby.pair.as_deref();
+    let set_roles = standby.set_roles;
     let standby = ec2.resolve_standby(standby).await?;
     let plan = plan_moves(&ec2, moves, &standby, pair).await?;
-    let actions: Vec<String> = plan.actions.iter().map(ToString::to_string).collect();
-    if !aws.dry_run {
-        ec2.apply(&plan).await.map_err(|(_, err)| err)?;
+    let mut actions: Vec<String> = plan.actions.iter().map(ToString::to_string).collect();
+    if aws.dry_run {
+        return Ok(actions);
+    }
+    ec2.apply(&plan).await.map_err(|(_, err)| err)?;
+    if let (true, Some(pair), Some(instance)) = (set_roles, pair, standby.instance_id.as_deref()) {
+        actions.extend(ec2.set_roles(pair, instance).await?);
     }
     Ok(actions)
 }
