@@ -1039,3 +1039,20 @@ def test_first_boot_is_a_retried_oneshot_that_the_daemons_require():
         text = (IMAGES / "cloud-init" / user_data).read_text()
         assert "- [systemctl, start, --no-block, xpart-boot.service, xpart-signal.service]" in text
     assert "journalctl -u xpart-boot" in GUIDE.read_text()
+
+
+def test_cost_sheet_prices_every_mode_with_its_date_and_adds_up():
+    text = (REPO / "docs" / "COST.md").read_text()
+    assert "as published in 2026" in text
+    assert "must\nbe checked" in text or "must be checked" in text
+    for mode in load_stack(GOVCLOUD)["Parameters"]["DnsMode"]["AllowedValues"]:
+        assert f"DnsMode={mode}" in text, mode
+    assert "Site-to-Site VPN connection | $0.05/h" in text
+    assert "$0.125/h per ENI" in text and "$0.005/h" in text and "$0.01/h per AZ" in text
+    rows = re.findall(r"^\| (?:GovCloud|Commercial) \| (.*?) \| \*\*\$([\d.]+)\*\* \|$", text, flags=re.M)
+    assert len(rows) >= 3
+    for items, total in rows:
+        if items == "as in mode 1":
+            continue
+        amounts = [float(a) for a in re.findall(r"\$([\d.]+)", items)]
+        assert abs(sum(amounts) - float(total)) < 0.01, (items, total)
