@@ -77,6 +77,7 @@ impl AdminHandler for AdminView {
         let principals: Vec<Value> = self
             .agent
             .principals
+            .load()
             .iter()
             .map(|p| json!({ "name": p.name, "in_flight": self.agent.limits.in_flight(&p.name) }))
             .collect();

@@ -42,6 +42,8 @@ use tokio::task::JoinHandle;
 use xpart_daemon::admin::AdminServer;
 use xpart_daemon::audit::AuditLog;
 use xpart_daemon::bedrock::{BedrockError, ErrorType};
+use xpart_daemon::config::Diagnostics;
+use xpart_daemon::reload::{Applied, Live, Reloadable};
 use xpart_daemon::tunnel_config::{LocalSide, PeerTable};
 use xpart_tunnel::{Network, Tunnel, TunnelConfig};
 
@@ -124,11 +126,11 @@ impl Error {
             Error::Denied(Denial::ModelNotAllowed { principal, model }) => BedrockError::access_denied(format!(
                 "Principal {principal} is not allowed to use model {model}."
             )),
-            Error::Route(error) => error.clone(),
-            Error::Throttled { principal, refusal: Refusal::Rate { limit, retry_after } } => BedrockError::throttling(format!(
             Error::Denied(Denial::OperationNotAllowed { principal, operation }) => BedrockError::access_denied(format!(
                 "Principal {principal} is not allowed to call {operation}; its operations list does not include it."
             )),
+            Error::Route(error) => error.clone(),
+            Error::Throttled { principal, refusal: Refusal::Rate { limit, retry_after } } => BedrockError::throttling(format!(
                 "Too many requests: principal {principal} is limited to {limit} requests per second; retry after {} ms.",
                 retry_after.as_millis().max(1)
             )),
@@ -171,9 +173,9 @@ impl Error {
             Error::Denied(Denial::UnknownToken) => "unknown bearer token".into(),
             Error::Denied(Denial::SourceNotAllowed { .. }) => "source address not allowed".into(),
             Error::Denied(Denial::ModelNotAllowed { .. }) => "model not allowed".into(),
+            Error::Denied(Denial::OperationNotAllowed { .. }) => "operation not allowed".into(),
             Error::Route(error) => error.kind.code().into(),
             Error::Throttled {
-            Error::Denied(Denial::OperationNotAllowed { .. }) => "operation not allowed".into(),
                 refusal: Refusal::Rate { .. },
                 ..
             } => "over rate limit".into(),
@@ -189,6 +191,10 @@ impl Error {
 
 /// A running agent.
 pub struct AgentHandle {
+    agent: Arc<Agent>,
+    /// The configuration the agent started with: what a reload compares startup-bound
+    /// settings against.
+    running: AgentConfig,
     front_addr: SocketAddr,
     dns: Option<DnsServer>,
     dns_addr: Option<SocketAddr>,
@@ -241,6 +247,99 @@ impl AgentHandle {
                 Err(_) => tracing::warn!("tunnel still in use at shutdown; dropping it"),
             }
         }
+    }
+}
+
+impl Reloadable for AgentHandle {
+    type Config = AgentConfig;
+
+    fn load(&self, file: &std::path::Path) -> Result<AgentConfig, Diagnostics> {
+        AgentConfig::load(file)
+    }
+
+    /// The front certificate, the principals (tokens, source CIDRs, models, operations,
+    /// limits) and what DNS answers. The certificate and the DNS answerer are built first;
+    /// nothing is stored unless both are usable.
+    fn apply(&self, config: AgentConfig) -> Result<Applied, Diagnostics> {
+        let mut problems = Diagnostics::new(config.file.display().to_string());
+        let certs = CertStore::load(
+            &config.resolve(&config.front.cert_file),
+            &config.resolve(&config.front.key_file),
+        );
+        let certs = match certs {
+            Ok(certs) => Some(certs),
+            Err(error) => {
+                problems.push(
+                    "[front].cert_file",
+                    error.to_string(),
+                    "point cert_file and key_file at a readable PEM certificate and its key (mode 0600); the previous certificate is still served",
+                );
+                None
+            }
+        };
+        let answerer = match (&self.dns, config.dns_settings()) {
+            (Some(_), Some(settings)) => {
+                match dns::Answerer::new(&settings, self.agent.metrics.clone()) {
+                    Ok(answerer) => Some(answerer),
+                    Err(error) => {
+                        problems.push(
+                            "[dns].names",
+                            error.to_string(),
+                            "write each name as a DNS name, e.g. bedrock-runtime.us-east-1.amazonaws.com",
+                        );
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let (Some(certs), true) = (certs, problems.is_empty()) else {
+            return Err(problems);
+        };
+
+        self.certs.replace_with(certs);
+        let principals = config.principals();
+        self.agent.limits.reconfigure(
+            principals
+                .iter()
+                .map(|principal| (principal.name.as_str(), principal.limits)),
+        );
+        self.agent.principals.store(Principals::new(principals));
+        let mut applied = Applied {
+            live: vec!["front certificate", "principals"],
+            restart_needed: Vec::new(),
+        };
+        if let (Some(dns), Some(answerer)) = (&self.dns, answerer) {
+            dns.replace_answerer(answerer);
+            applied.live.push("dns");
+        }
+        let running = &self.running;
+        let debug = |value: &dyn std::fmt::Debug| format!("{value:?}");
+        applied.compare("[tunnel]", &debug(&running.tunnel), &debug(&config.tunnel));
+        applied.compare("[[relay]]", &debug(&running.relays), &debug(&config.relays));
+        applied.compare(
+            "[front].listen",
+            &running.front.listen,
+            &config.front.listen,
+        );
+        applied.compare(
+            "[front] timeouts and connection caps",
+            &running.front_settings(),
+            &config.front_settings(),
+        );
+        applied.compare(
+            "[dns] (added, removed or its listen address)",
+            &running.dns.as_ref().map(|dns| dns.listen),
+            &config.dns.as_ref().map(|dns| dns.listen),
+        );
+        applied.compare("[admin]", &debug(&running.admin), &debug(&config.admin));
+        applied.compare("[audit]", &debug(&running.audit), &debug(&config.audit));
+        applied.compare("[health]", &debug(&running.health), &debug(&config.health));
+        Ok(applied)
+    }
+
+    fn audit(&self) -> &AuditLog {
+        &self.audit
     }
 }
 
@@ -344,13 +443,14 @@ async fn start_inner(
         config.connect_timeout(),
     ));
     let agent = Arc::new(Agent {
-        principals: Principals::new(principals),
+        principals: Live::new(Principals::new(principals)),
         limits: SharedLimits::new(limits),
         relays: relays.clone(),
         audit: audit.clone(),
         metrics: metrics.clone(),
     });
 
+    let agent_for_reload = agent.clone();
     let (stop, stopped) = watch::channel(false);
     let peers = tunnel.as_ref().map(|(_, peers, _)| peers.clone());
     let tasks = vec![
@@ -360,10 +460,16 @@ async fn start_inner(
             metrics,
             stopped.clone(),
         )),
-        tokio::spawn(front::serve(listener, acceptor, agent.clone(), stopped)),
+        tokio::spawn(front::serve(
+            listener,
+            acceptor,
+            agent.clone(),
+            config.front_settings(),
+            stopped,
+        )),
     ];
     let view = admin::AdminView {
-        agent,
+        agent: agent.clone(),
         peers,
         dropped,
         started: Instant::now(),
@@ -382,6 +488,8 @@ async fn start_inner(
         })?;
     tracing::info!(front = %front_addr, dns = ?dns_addr, admin = %admin.local_addr(), "agent started");
     Ok(AgentHandle {
+        agent: agent_for_reload,
+        running: config,
         front_addr,
         dns,
         dns_addr,

@@ -1,10 +1,11 @@
 //! `xpart-agent --config agent.toml [--check]`: loads and validates the configuration, starts
 //! the agent, prints one JSON line with the bound addresses on stdout, and runs until
-//! SIGINT/SIGTERM. SIGHUP reloads the TLS certificate and reopens the
-//! audit log, without dropping connections.
+//! SIGINT/SIGTERM. SIGHUP reopens the audit log and reloads the front certificate, the
+//! principals and the DNS answers from the same file, without dropping connections
+//! (`xpart_daemon::reload`); a file with problems is refused whole and logged.
 
 use std::ops::ControlFlow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -33,7 +34,7 @@ async fn main() -> ExitCode {
         ControlFlow::Continue(config) => config,
         ControlFlow::Break(exit) => return exit,
     };
-    match run(config).await {
+    match run(config, &args.config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "agent stopped");
@@ -43,10 +44,9 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(config: AgentConfig) -> Result<(), Box<dyn std::error::Error>> {
-    let stop = xpart_daemon::shutdown::signal();
-    tokio::pin!(stop);
-    let mut reload = xpart_daemon::shutdown::reload()?;
+async fn run(config: AgentConfig, config_file: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    // Installed before anything else, so a SIGHUP during startup (logrotate) cannot kill us.
+    let mut signals = xpart_daemon::shutdown::signals()?;
     let agent = xpart_agent::start(config).await?;
     // One line for whoever started the process (tests, the demo) to learn the bound ports.
     let listening = serde_json::json!({
@@ -56,23 +56,8 @@ async fn run(config: AgentConfig) -> Result<(), Box<dyn std::error::Error>> {
         "admin": agent.admin_addr().to_string(),
     });
     println!("{listening}");
-    loop {
-        tokio::select! {
-            signal = &mut stop => {
-                tracing::info!(signal = %signal?, "stopping");
-                break;
-            }
-            Some(()) = reload.recv() => {
-                match agent.reload_certificate() {
-                    Ok(()) => tracing::info!("TLS certificate reloaded"),
-                    Err(error) => tracing::error!(%error, "TLS certificate reload failed; keeping the previous one"),
-                }
-                if let Err(error) = agent.reopen_audit().await {
-                    tracing::error!(%error, "reopening the audit log failed");
-                }
-            }
-        }
-    }
+    let stop = xpart_daemon::reload::run(&mut signals, &agent, config_file).await;
+    tracing::info!(signal = %stop, "stopping");
     agent.shutdown().await;
     Ok(())
 }

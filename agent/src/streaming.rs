@@ -5,6 +5,10 @@
 //! back, counting bytes, ending with an error if the relay is declared dead mid-stream, and
 //! calling its `on_end` hook exactly once when the body finishes, fails or is dropped (the
 //! caller went away): that is where the audit line is written and the concurrency slot freed.
+//! A body is complete when its last byte has been handed to the server: hyper stops polling a
+//! body once it has written `Content-Length` bytes or seen the end-of-stream flag, and drops it
+//! without asking for the `None` that would otherwise mark the end, so both are checked after
+//! every frame and again on drop.
 //! For event streams it tracks frame boundaries, so that a relay lost between frames ends the
 //! stream with a `serviceUnavailableException` event the SDK raises as such, rather than with a
 //! bare transport error.
@@ -113,6 +117,11 @@ type AbortSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
 pub struct ResponseBody<B> {
     inner: B,
     bytes: u64,
+    /// The response's `Content-Length`, when it has one.
+    length: Option<u64>,
+    /// The relay's stream has said it has ended (noted by `is_end_stream`, which the server
+    /// asks before deciding not to poll again).
+    ended: AtomicBool,
     abort: Option<AbortSignal>,
     on_end: Option<EndHook>,
     frames: Option<FrameBoundary>,
@@ -132,6 +141,8 @@ impl<B> ResponseBody<B> {
         ResponseBody {
             inner,
             bytes: 0,
+            length: None,
+            ended: AtomicBool::new(false),
             abort: Some(Box::pin(abort)),
             on_end: Some(Box::new(on_end)),
             frames: None,
@@ -141,6 +152,13 @@ impl<B> ResponseBody<B> {
     /// Marks the body as an `application/vnd.amazon.eventstream`.
     pub fn with_event_stream(mut self) -> ResponseBody<B> {
         self.frames = Some(FrameBoundary::default());
+        self
+    }
+
+    /// The `Content-Length` the response declares: the body is complete once that many bytes
+    /// have gone out.
+    pub fn with_length(mut self, length: Option<u64>) -> ResponseBody<B> {
+        self.length = length;
         self
     }
 
@@ -175,6 +193,9 @@ where
                         frames.feed(data);
                     }
                 }
+                if self.all_sent() {
+                    self.finish(StreamEnd::Complete);
+                }
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(Some(Err(error))) => {
@@ -207,7 +228,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.on_end.is_none() || self.inner.is_end_stream()
+        self.on_end.is_none() || self.all_sent()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -279,9 +300,29 @@ fn relay_lost_event() -> Option<Bytes> {
     Some(Bytes::from(buffer))
 }
 
+impl<B: Body> ResponseBody<B> {
+    /// Everything the relay sent has been handed on: its stream says it has ended, or the
+    /// declared length has gone out.
+    fn all_sent(&self) -> bool {
+        if self.inner.is_end_stream() {
+            self.ended.store(true, Ordering::Relaxed);
+        }
+        self.sent_to_the_end()
+    }
+}
+
+impl<B> ResponseBody<B> {
+    fn sent_to_the_end(&self) -> bool {
+        self.ended.load(Ordering::Relaxed) || self.length.is_some_and(|length| self.bytes >= length)
+    }
+}
+
 impl<B> Drop for ResponseBody<B> {
     fn drop(&mut self) {
-        self.finish(StreamEnd::CallerGone);
+        match self.sent_to_the_end() {
+            true => self.finish(StreamEnd::Complete),
+            false => self.finish(StreamEnd::CallerGone),
+        }
     }
 }
 
@@ -354,6 +395,59 @@ mod tests {
         assert_eq!(
             *ends.lock().expect("test lock"),
             vec![(0, StreamEnd::CallerGone)]
+        );
+    }
+
+    /// hyper writes the frame that fills `Content-Length` (or ends the stream) and drops the
+    /// body without polling it again: that is a complete response.
+    #[tokio::test]
+    async fn response_body_dropped_after_its_last_frame_is_complete() {
+        let (ends, hook) = recorder();
+        let chunks = futures_util::stream::iter(vec![
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"abc"))),
+            Ok(Frame::data(Bytes::from_static(b"def"))),
+        ]);
+        let mut body = ResponseBody::new(StreamBody::new(chunks), std::future::pending(), hook)
+            .with_length(Some(6));
+        body.frame().await.expect("first").expect("ok");
+        assert!(!body.is_end_stream());
+        body.frame().await.expect("second").expect("ok");
+        assert!(body.is_end_stream());
+        drop(body);
+        assert_eq!(
+            *ends.lock().expect("test lock"),
+            vec![(6, StreamEnd::Complete)]
+        );
+
+        let (ends, hook) = recorder();
+        let mut body = ResponseBody::new(
+            Full::new(Bytes::from_static(b"abc")),
+            std::future::pending(),
+            hook,
+        );
+        body.frame().await.expect("the only frame").expect("ok");
+        assert!(body.is_end_stream(), "the inner stream has ended");
+        drop(body);
+        assert_eq!(
+            *ends.lock().expect("test lock"),
+            vec![(3, StreamEnd::Complete)]
+        );
+    }
+
+    #[tokio::test]
+    async fn response_body_dropped_before_its_length_is_caller_gone() {
+        let (ends, hook) = recorder();
+        let chunks = futures_util::stream::iter(vec![
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"abc"))),
+            Ok(Frame::data(Bytes::from_static(b"def"))),
+        ]);
+        let mut body = ResponseBody::new(StreamBody::new(chunks), std::future::pending(), hook)
+            .with_length(Some(6));
+        body.frame().await.expect("first").expect("ok");
+        drop(body);
+        assert_eq!(
+            *ends.lock().expect("test lock"),
+            vec![(3, StreamEnd::CallerGone)]
         );
     }
 

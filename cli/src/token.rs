@@ -16,6 +16,11 @@ use crate::Error;
 const TOKEN_BYTES: usize = 32;
 /// Marks the string as an xpart token in logs and secret scanners.
 const TOKEN_PREFIX: &str = "xpt_";
+/// `max_concurrent` written for a new principal: one caller cannot hold every connection the
+/// agent and the relay have, and a Lambda fleet rarely needs more at once.
+pub const DEFAULT_MAX_CONCURRENT: u32 = 64;
+/// Where the AMIs keep the agent's configuration.
+const DEFAULT_AGENT_CONFIG: &str = "/etc/xpart/agent.toml";
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
@@ -43,9 +48,34 @@ send it as `Authorization: Bearer`); agent.toml gets only its SHA-256."
         /// Request rate limit for the snippet.
         #[arg(long)]
         rps: Option<f64>,
-        /// Concurrent request limit for the snippet.
-        #[arg(long)]
-        max_concurrent: Option<u32>,
+        /// Requests this principal may have in flight at once (the agent refuses more with
+        /// ThrottlingException).
+        #[arg(long, default_value_t = DEFAULT_MAX_CONCURRENT)]
+        max_concurrent: u32,
+    },
+    /// Remove a principal, found by name or by its token's SHA-256, from agent.toml; the token
+    /// stops working when the agent reloads (SIGHUP; `systemctl reload xpart-agent`).
+    #[command(after_help = "\
+Examples:
+  xpart token revoke --principal summarizer-lambda --config /etc/xpart/agent.toml
+  printf %s \"$OLD_TOKEN\" | xpart token hash | xargs xpart token revoke --token-sha256
+
+The whole [[principal]] table goes: without its token_sha256, a principal that also lists
+source_cidrs would admit every caller from those ranges without a token.")]
+    Revoke {
+        /// The principal's name.
+        #[arg(
+            long,
+            required_unless_present = "token_sha256",
+            conflicts_with = "token_sha256"
+        )]
+        principal: Option<String>,
+        /// The SHA-256 (hex) of the token to revoke, as `xpart token hash` prints it.
+        #[arg(long, value_name = "HEX")]
+        token_sha256: Option<String>,
+        /// The agent configuration to edit.
+        #[arg(long, value_name = "FILE", default_value = DEFAULT_AGENT_CONFIG)]
+        config: std::path::PathBuf,
     },
     /// Print the SHA-256 (hex) of a token, read from the argument or stdin.
     #[command(after_help = "\
@@ -71,8 +101,7 @@ struct PrincipalEntry {
     source_cidrs: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     requests_per_second: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_concurrent: Option<u32>,
+    max_concurrent: u32,
 }
 
 pub fn run(command: TokenCommand, json: bool) -> Result<ExitCode, Error> {
@@ -85,6 +114,11 @@ pub fn run(command: TokenCommand, json: bool) -> Result<ExitCode, Error> {
             max_concurrent,
         } => new_token(principal, models, source_cidrs, rps, max_concurrent, json),
         TokenCommand::Hash { token } => hash_token(token, json),
+        TokenCommand::Revoke {
+            principal,
+            token_sha256,
+            config,
+        } => revoke(principal, token_sha256, &config, json),
     }
 }
 
@@ -93,7 +127,7 @@ fn new_token(
     models: Vec<String>,
     source_cidrs: Vec<ipnet::IpNet>,
     rps: Option<f64>,
-    max_concurrent: Option<u32>,
+    max_concurrent: u32,
     json: bool,
 ) -> Result<ExitCode, Error> {
     validate_principal_name(&principal)?;
@@ -163,6 +197,117 @@ fn hash_token(token: Option<String>, json: bool) -> Result<ExitCode, Error> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Which principal `xpart token revoke` removes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Revoked {
+    Named(String),
+    Token(String),
+}
+
+fn revoke(
+    principal: Option<String>,
+    token_sha256: Option<String>,
+    config: &std::path::Path,
+    json: bool,
+) -> Result<ExitCode, Error> {
+    let which = match (principal, token_sha256) {
+        (Some(name), None) => Revoked::Named(name),
+        (None, Some(hash)) => Revoked::Token(hash.trim().to_ascii_lowercase()),
+        _ => {
+            return Err(Error::Usage(
+                "name the principal with --principal NAME or its token with --token-sha256 HEX"
+                    .into(),
+            ))
+        }
+    };
+    let io_error = |context: String| {
+        move |source| Error::Io {
+            context: context.clone(),
+            source,
+        }
+    };
+    let text = std::fs::read_to_string(config)
+        .map_err(io_error(format!("reading {}", config.display())))?;
+    let (edited, removed) = remove_principal(&text, &which)
+        .map_err(|reason| Error::Usage(format!("{}: {reason}", config.display())))?;
+    write_in_place(config, &edited).map_err(io_error(format!("writing {}", config.display())))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "config": config.display().to_string(), "removed": removed })
+        );
+    } else {
+        println!(
+            "Removed principal {} from {}. Reload the agent for it to take effect: systemctl reload xpart-agent (or kill -HUP the agent's pid).",
+            removed.join(", "),
+            config.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `text` without the `[[principal]]` tables `which` names, keeping everything else as written
+/// (comments, order, formatting); also the names removed.
+fn remove_principal(text: &str, which: &Revoked) -> Result<(String, Vec<String>), String> {
+    let mut document: toml_edit::DocumentMut = text
+        .parse()
+        .map_err(|err| format!("not valid TOML ({err}); fix it before revoking"))?;
+    let Some(tables) = document
+        .get_mut("principal")
+        .and_then(|item| item.as_array_of_tables_mut())
+    else {
+        return Err("has no [[principal]] tables".into());
+    };
+    let field = |table: &toml_edit::Table, key: &str| {
+        table.get(key).and_then(|v| v.as_str()).map(str::to_owned)
+    };
+    let mut removed = Vec::new();
+    let mut index = 0;
+    while index < tables.len() {
+        let Some(table) = tables.get(index) else {
+            break;
+        };
+        let matches = match which {
+            Revoked::Named(name) => field(table, "name").as_deref() == Some(name.as_str()),
+            Revoked::Token(hash) => {
+                field(table, "token_sha256").is_some_and(|have| have.eq_ignore_ascii_case(hash))
+            }
+        };
+        if matches {
+            removed.push(field(table, "name").unwrap_or_default());
+            tables.remove(index);
+        } else {
+            index += 1;
+        }
+    }
+    if removed.is_empty() {
+        return Err(match which {
+            Revoked::Named(name) => {
+                format!("no [[principal]] is named {name:?}; `xpart config check` lists them")
+            }
+            Revoked::Token(_) => {
+                "no [[principal]] has that token_sha256; check it with `xpart token hash`".into()
+            }
+        });
+    }
+    if tables.is_empty() {
+        document.remove("principal");
+    }
+    Ok((document.to_string(), removed))
+}
+
+/// Replace `path`'s contents through a file beside it and a rename, keeping its permissions,
+/// so the agent never reads half a file.
+fn write_in_place(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let permissions = std::fs::metadata(path)?.permissions();
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(".xpart-new");
+    let staging = std::path::PathBuf::from(staging);
+    std::fs::write(&staging, text)?;
+    std::fs::set_permissions(&staging, permissions)?;
+    std::fs::rename(&staging, path)
+}
+
 /// Names end up in audit lines and metrics labels, so keep them to a plain identifier alphabet.
 fn validate_principal_name(name: &str) -> Result<(), Error> {
     let valid = !name.is_empty()
@@ -216,6 +361,49 @@ mod tests {
         assert!(first[TOKEN_PREFIX.len()..]
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+    }
+
+    const AGENT_TOML: &str = r#"# the agent
+[front]
+listen = "0.0.0.0:443"
+
+# the summarizer, owned by team A
+[[principal]]
+name = "summarizer"
+token_sha256 = "AA11"
+source_cidrs = ["10.0.0.0/8"]
+models = ["*"]
+
+[[principal]]
+name = "batch"   # nightly jobs
+token_sha256 = "bb22"
+models = ["anthropic.*"]
+"#;
+
+    #[test]
+    fn revoking_by_name_removes_that_principal_and_keeps_the_rest_as_written() {
+        let (edited, removed) =
+            remove_principal(AGENT_TOML, &Revoked::Named("summarizer".into())).expect("found");
+        assert_eq!(removed, ["summarizer"]);
+        assert!(!edited.contains("summarizer"));
+        assert!(
+            !edited.contains("10.0.0.0/8"),
+            "no token-less CIDR principal is left"
+        );
+        assert!(edited.starts_with("# the agent\n[front]\nlisten = \"0.0.0.0:443\"\n"));
+        assert!(edited.contains("name = \"batch\"   # nightly jobs"));
+    }
+
+    #[test]
+    fn revoking_by_token_hash_ignores_case_and_unknown_ones_are_refused() {
+        let (edited, removed) =
+            remove_principal(AGENT_TOML, &Revoked::Token("aa11".into())).expect("found");
+        assert_eq!(removed, ["summarizer"]);
+        assert!(edited.contains("bb22"));
+        let (edited, _) = remove_principal(&edited, &Revoked::Token("bb22".into())).expect("found");
+        assert!(!edited.contains("[[principal]]"));
+        assert!(remove_principal(AGENT_TOML, &Revoked::Named("nobody".into())).is_err());
+        assert!(remove_principal(AGENT_TOML, &Revoked::Token("ffff".into())).is_err());
     }
 
     #[test]

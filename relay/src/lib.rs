@@ -12,7 +12,9 @@
 //! profile when Bedrock refuses on-demand throughput; **stream** the response back frame by
 //! frame as it arrives ([`stream`]); and **audit** one JSON line per request ([`audit`]).
 //! The relay answers the synthetic echo model itself ([`echo`]). Around the pipeline:
-//! [`config`] (`relay.toml`), [`metrics`] and the admin routes ([`admin`]).
+//! [`config`] (`relay.toml`), [`metrics`] and the admin routes ([`admin`]). On SIGHUP
+//! ([`RelayHandle`] is `xpart_daemon::reload::Reloadable`) the policy, the rewrite rules and
+//! the allowed agents are swapped for the file's new ones without closing a connection.
 
 mod admin;
 pub mod admission;
@@ -36,6 +38,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use xpart_daemon::audit::AuditLog;
+use xpart_daemon::config::Diagnostics;
+use xpart_daemon::reload::{Applied, Live, Reloadable};
 use xpart_daemon::tunnel_config::{LocalSide, PeerTable};
 use xpart_tunnel::{Network, PeerStats, Tunnel};
 
@@ -88,11 +92,8 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, Error> {
     let service_addr = listener.local_addr();
 
     let relay = Arc::new(Relay {
-        policy: Policy::from_config(&config),
-        rewriter: Rewriter::new(
-            config.rewrite.rules.clone(),
-            config.upstream.inference_profile_prefix.clone(),
-        ),
+        policy: Live::new(Policy::from_config(&config)),
+        rewriter: Live::new(rewriter(&config)),
         credentials,
         upstream: Upstream::from_config(&config)?,
         echo_model: config.echo.enabled.then(|| config.echo.model.clone()),
@@ -149,6 +150,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, Error> {
     );
     Ok(RelayHandle {
         relay,
+        running: config,
         service_addr,
         udp_addr,
         admin,
@@ -162,6 +164,9 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, Error> {
 /// A running relay.
 pub struct RelayHandle {
     relay: Arc<Relay>,
+    /// The configuration the relay started with: what a reload compares startup-bound
+    /// settings against.
+    running: RelayConfig,
     service_addr: SocketAddr,
     udp_addr: Option<SocketAddr>,
     admin: Option<xpart_daemon::admin::AdminServer>,
@@ -205,10 +210,92 @@ impl RelayHandle {
     }
 }
 
-/// What every request handler shares.
+impl Reloadable for RelayHandle {
+    type Config = RelayConfig;
+
+    fn load(&self, file: &std::path::Path) -> Result<RelayConfig, Diagnostics> {
+        RelayConfig::load(file)
+    }
+
+    /// The policy (operations, models), the rewrite rules with the inference-profile prefix,
+    /// and which tunnel addresses are agents. Both are built before either is stored, and
+    /// neither can fail once the file has validated.
+    fn apply(&self, config: RelayConfig) -> Result<Applied, Diagnostics> {
+        let policy = Policy::from_config(&config);
+        let rewriter = rewriter(&config);
+        self.relay.policy.store(policy);
+        self.relay.rewriter.store(rewriter);
+        let mut applied = Applied {
+            live: vec!["policy", "rewrite rules", "allowed agents"],
+            restart_needed: Vec::new(),
+        };
+        let running = &self.running;
+        let debug = |value: &dyn std::fmt::Debug| format!("{value:?}");
+        applied.compare("[tunnel]", &debug(&running.tunnel), &debug(&config.tunnel));
+        applied.compare(
+            "[[agent]] tunnel peers (public_key, endpoint, tunnel_address, persistent_keepalive)",
+            &tunnel_peers(running),
+            &tunnel_peers(&config),
+        );
+        applied.compare(
+            "[service]",
+            &debug(&running.service),
+            &debug(&config.service),
+        );
+        applied.compare(
+            "[upstream] (other than inference_profile_prefix)",
+            &upstream_bound_at_start(running),
+            &upstream_bound_at_start(&config),
+        );
+        applied.compare("[echo]", &debug(&running.echo), &debug(&config.echo));
+        applied.compare(
+            "[credentials]",
+            &debug(&running.credentials),
+            &debug(&config.credentials),
+        );
+        applied.compare("[admin]", &debug(&running.admin), &debug(&config.admin));
+        applied.compare("[audit]", &debug(&running.audit), &debug(&config.audit));
+        Ok(applied)
+    }
+
+    fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+}
+
+fn rewriter(config: &RelayConfig) -> Rewriter {
+    Rewriter::new(
+        config.rewrite.rules.clone(),
+        config.upstream.inference_profile_prefix.clone(),
+    )
+}
+
+/// What WireGuard was started with for each agent; the policy's view of agents (address and
+/// name) changes live, the peers do not.
+fn tunnel_peers(config: &RelayConfig) -> Vec<String> {
+    config
+        .agents
+        .iter()
+        .map(|a| {
+            format!(
+                "{:?} {:?} {} {:?}",
+                a.public_key, a.endpoint, a.tunnel_address, a.persistent_keepalive
+            )
+        })
+        .collect()
+}
+
+fn upstream_bound_at_start(config: &RelayConfig) -> String {
+    let mut upstream = config.upstream.clone();
+    upstream.inference_profile_prefix = None;
+    format!("{upstream:?}")
+}
+
+/// What every request handler shares. `policy` and `rewriter` change on reload: a request
+/// loads each once where it uses it.
 pub(crate) struct Relay {
-    policy: Policy,
-    rewriter: Rewriter,
+    policy: Live<Policy>,
+    rewriter: Live<Rewriter>,
     credentials: Arc<CredentialSource>,
     upstream: Upstream,
     echo_model: Option<String>,

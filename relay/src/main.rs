@@ -1,9 +1,10 @@
 //! `xpart-relay --config relay.toml [--check]`: validate the configuration (and stop there with
 //! `--check`), start the relay, print one JSON line with the bound addresses on stdout, and run
-//! until SIGINT/SIGTERM.
+//! until SIGINT/SIGTERM. SIGHUP reopens the audit log and reloads the policy, rewrite rules and
+//! allowed agents from the same file, without dropping connections (`xpart_daemon::reload`).
 
 use std::ops::ControlFlow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -41,10 +42,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(config))
+    runtime.block_on(run(config, &args.config))
 }
 
-async fn run(config: RelayConfig) -> ExitCode {
+async fn run(config: RelayConfig, config_file: &Path) -> ExitCode {
+    // Installed before anything else, so a SIGHUP during startup (logrotate) cannot kill us.
+    let mut signals = match xpart_daemon::shutdown::signals() {
+        Ok(signals) => signals,
+        Err(err) => {
+            eprintln!("xpart-relay: cannot install signal handlers: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     let handle = match xpart_relay::start(config).await {
         Ok(handle) => handle,
         Err(err) => {
@@ -60,10 +69,8 @@ async fn run(config: RelayConfig) -> ExitCode {
         "udp": handle.udp_addr().map(|a| a.to_string()),
     });
     println!("{listening}");
-    match xpart_daemon::shutdown::signal().await {
-        Ok(stop) => tracing::info!("stopping on {stop:?}"),
-        Err(err) => tracing::error!("cannot wait for signals ({err}); stopping"),
-    }
+    let stop = xpart_daemon::reload::run(&mut signals, &handle, config_file).await;
+    tracing::info!(signal = %stop, "stopping");
     handle.shutdown().await;
     ExitCode::SUCCESS
 }

@@ -1,6 +1,11 @@
 //! Pass an upstream response body to the agent frame by frame as it arrives (event-stream
 //! responses included: nothing is gathered first), count its bytes, stop it when upstream goes
 //! quiet for longer than the idle timeout, and report how it ended exactly once.
+//!
+//! The body is complete once its last frame is handed to the server. hyper does not poll a
+//! body again after its frame that ends the stream (or fills the `Content-Length`): it drops
+//! it. So the end is recorded as soon as the upstream stream says it has ended, after a frame
+//! or on drop; a drop before that is an abandoned body.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -72,6 +77,9 @@ impl Body for Relayed {
                 }
                 let deadline = Instant::now() + this.idle;
                 this.timer.as_mut().reset(deadline);
+                if this.inner.is_end_stream() {
+                    this.end(Ending::Complete);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(err))) => {
@@ -94,7 +102,7 @@ impl Body for Relayed {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.on_end.is_none() || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
