@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use http::{HeaderName, HeaderValue, Request, Response, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, BodyStream, StreamBody};
@@ -50,9 +50,22 @@ pub async fn handle(
     source: IpAddr,
 ) -> Response<CallerBody> {
     let mut exchange = Exchange::new(source);
+    let http1 = request.version() < http::Version::HTTP_2;
     match steps(&agent, request, &mut exchange).await {
         Ok(response) => response,
-        Err(error) => refuse(&agent, exchange, error),
+        Err(error) => {
+            let close = http1 && refused_before_reading_body(&error);
+            let mut response = refuse(&agent, exchange, error);
+            if close {
+                // hyper closes an HTTP/1.1 connection whose request body was left unread
+                // (unless the body happened to be buffered already). Saying so up front keeps
+                // the caller from sending its next request into that close.
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
+        }
     }
 }
 
@@ -431,6 +444,25 @@ fn audit_on_end(
         }
         count(&agent.metrics, &record, &model_label, started);
         agent.audit.record(record);
+    }
+}
+
+/// Whether the request was turned away at the door, its body never read.
+fn refused_before_reading_body(error: &Error) -> bool {
+    match error {
+        Error::Denied(_) => true,
+        Error::Route(_) => true,
+        Error::Throttled { .. } => true,
+        Error::BodyTooLarge { length, .. } => length.is_some(),
+        Error::NoHealthyRelay => false,
+        Error::Forward(_) => false,
+        Error::Config(_)
+        | Error::Bind { .. }
+        | Error::Certificate { .. }
+        | Error::Tls(_)
+        | Error::DnsName { .. }
+        | Error::Tunnel(_)
+        | Error::Audit { .. } => false,
     }
 }
 

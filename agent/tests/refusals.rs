@@ -289,22 +289,32 @@ models = ["xpart.echo"]
         xpart_agent::auth::token_sha256_hex(TOKEN)
     );
     let s = setup("operation", &principals).await;
-    let mut caller = s.caller().await;
-    let answer = caller.post(APPLY_GUARDRAIL, Some(TOKEN), b"{}").await;
+    // A refusal over HTTP/1.1 closes the connection: one caller per request.
+    let answer = s
+        .caller()
+        .await
+        .post(APPLY_GUARDRAIL, Some(TOKEN), b"{}")
+        .await;
     assert_refused(
         &answer,
         403,
         "AccessDeniedException",
         "Principal echo-only is not allowed to call ApplyGuardrail",
     );
-    let start_async = caller.post("/async-invoke", Some(TOKEN), b"{}").await;
+    let start_async = s
+        .caller()
+        .await
+        .post("/async-invoke", Some(TOKEN), b"{}")
+        .await;
     assert_refused(
         &start_async,
         403,
         "AccessDeniedException",
         "not allowed to call StartAsyncInvoke",
     );
-    let count = caller
+    let count = s
+        .caller()
+        .await
         .post("/model/xpart.echo/count-tokens", Some(TOKEN), b"{}")
         .await;
     assert_eq!(count.status, 200, "CountTokens is a default operation");
@@ -370,13 +380,15 @@ models = ["anthropic.claude-*"]
         xpart_agent::auth::token_sha256_hex("claude-token"),
     );
     let s = setup("metric-labels", &principals).await;
-    let mut caller = s.caller().await;
+    let mut allowed = s.caller().await;
     for i in 0..60u32 {
         let model = format!("made-up.model-{i}-{:08x}", rand_bits());
         let path = format!("/model/{model}/converse");
-        assert_eq!(caller.post(&path, Some(TOKEN), b"{}").await.status, 200);
+        assert_eq!(allowed.post(&path, Some(TOKEN), b"{}").await.status, 200);
+        let mut caller = s.caller().await;
         let refused = caller.post(&path, Some("claude-token"), b"{}").await;
         assert_eq!(refused.status, 403);
+        let mut caller = s.caller().await;
         let unknown = caller.post(&path, Some("no-such-token"), b"{}").await;
         assert_eq!(unknown.status, 403);
     }
@@ -419,4 +431,22 @@ fn rand_bits() -> u32 {
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u32(0);
     hasher.finish() as u32
+}
+
+#[tokio::test]
+async fn refusals_over_http1_announce_that_the_connection_closes() {
+    // The body is left unread; without the header a client would reuse a connection the
+    // agent is closing, and its next request would fail.
+    let s = setup("close", &token_principal("")).await;
+    let answer = s
+        .caller()
+        .await
+        .post(CONVERSE, Some("not-the-token"), &[b'x'; 64 * 1024])
+        .await;
+    assert_eq!(answer.status, 403);
+    assert_eq!(answer.headers["connection"], "close");
+    let ok = s.caller().await.post(CONVERSE, Some(TOKEN), b"{}").await;
+    assert_eq!(ok.status, 200);
+    assert!(!ok.headers.contains_key("connection"), "{:?}", ok.headers);
+    s.finish().await;
 }

@@ -1,7 +1,9 @@
 """The agent's private DNS, over UDP and TCP on 127.0.0.1: the Bedrock names resolve to the
-agent, other names are forwarded to the configured resolver (a tiny test server on 127.0.0.1)
-or refused, and malformed queries get FORMERR or nothing, never a crash."""
+agent, names under them get NXDOMAIN from the agent itself, other names are forwarded to the
+configured resolver (a tiny test server on 127.0.0.1) for allowed clients only, UDP answers
+fit 512 bytes without EDNS, and malformed queries get FORMERR or nothing, never a crash."""
 
+import json
 import os
 import socket
 import struct
@@ -25,11 +27,20 @@ def start_agent(tmp_path, test_pki):
         pytest.skip(f"xpart-agent is not built at {a.agent_binary()}")
     started = []
 
-    def start(upstream=()):
+    def start(upstream=(), dns_extra="", principal_cidrs=None):
+        """`dns_extra` is appended to [dns]; `principal_cidrs` gives the principal networks."""
         upstream_list = "[" + ", ".join(f'"{host}:{port}"' for host, port in upstream) + "]"
         directory = tmp_path / f"agent{len(started)}"
         directory.mkdir()
-        agent = a.AgentProcess(a.host_mode_config(str(directory), test_pki, upstream_list), str(directory / "agent.log"))
+        path = a.host_mode_config(str(directory), test_pki, upstream_list)
+        with open(path) as f:
+            text = f.read()
+        text = text.replace("ttl = 30\n", f"ttl = 30\n{dns_extra}\n", 1)
+        if principal_cidrs is not None:
+            text = text.replace('name = "lambda"\n', f'name = "lambda"\nsource_cidrs = {json.dumps(principal_cidrs)}\n', 1)
+        with open(path, "w") as f:
+            f.write(text)
+        agent = a.AgentProcess(path, str(directory / "agent.log"))
         started.append(agent)
         return agent
 
@@ -144,3 +155,73 @@ def test_garbage_gets_formerr_or_silence_and_the_server_survives(start_agent):
     assert ask(agent, h.UPSTREAM_NAME, "A").answer[0][0].address == "127.0.0.1"
     assert agent.proc.poll() is None
     assert 'xpart_agent_dns_answers_total{outcome="formerr"}' in agent.metrics()
+
+
+def test_names_under_the_bedrock_names_never_go_upstream(start_agent):
+    """The Resolver rule that sends the Bedrock name here covers its subdomains too; forwarding
+    one to the VPC resolver would send it straight back (a loop)."""
+    upstream = h.dns_server.TestDnsServer({f"x.{h.UPSTREAM_NAME}": "127.0.0.9"}).start()
+    try:
+        agent = start_agent(upstream=[upstream.address])
+        for name in (f"x.{h.UPSTREAM_NAME}", f"a.b.{h.UPSTREAM_NAME}", "vpce.bedrock-runtime-fips.us-east-1.amazonaws.com"):
+            for tcp in (False, True):
+                reply = ask(agent, name, "A", tcp=tcp)
+                assert reply.rcode() == dns.rcode.NXDOMAIN, name
+                assert reply.flags & dns.flags.AA
+                assert reply.answer == []
+        assert upstream.queries == {}, "nothing was forwarded"
+    finally:
+        upstream.stop()
+
+
+def test_forwarding_is_only_for_allowed_clients(start_agent):
+    upstream = h.dns_server.TestDnsServer({FORWARDED: "127.0.0.7"}).start()
+    try:
+        outsider = start_agent(upstream=[upstream.address], dns_extra='allow_cidrs = ["10.0.0.0/8"]')
+        for tcp in (False, True):
+            reply = ask(outsider, FORWARDED, "A", tcp=tcp)
+            assert reply.rcode() == dns.rcode.REFUSED
+            assert reply.answer == []
+            # The Bedrock names are answered for everyone.
+            assert ask(outsider, h.UPSTREAM_NAME, "A", tcp=tcp).answer[0][0].address == "127.0.0.1"
+        assert upstream.queries == {}
+        assert 'xpart_agent_dns_answers_total{outcome="refused"} 2' in outsider.metrics()
+
+        # Without allow_cidrs, the principals' networks are the allowed clients: 127.0.0.1 is
+        # not among them here.
+        by_default = start_agent(upstream=[upstream.address], principal_cidrs=["10.0.16.0/20"])
+        assert ask(by_default, FORWARDED, "A").rcode() == dns.rcode.REFUSED
+        assert upstream.queries == {}
+
+        allowed = start_agent(upstream=[upstream.address], principal_cidrs=["127.0.0.0/8"])
+        assert ask(allowed, FORWARDED, "A").answer[0][0].address == "127.0.0.7"
+        assert upstream.queries[FORWARDED] == 1
+    finally:
+        upstream.stop()
+
+
+def test_udp_answers_without_edns_are_truncated_at_512_bytes(start_agent):
+    many = [f"127.0.1.{i}" for i in range(1, 41)]
+    upstream = h.dns_server.TestDnsServer({"many.example.internal": many}).start()
+    try:
+        agent = start_agent(upstream=[upstream.address])
+        query = dns.message.make_query("many.example.internal", "A", use_edns=False)
+        wire = raw_udp(agent, query.to_wire(), timeout=10)
+        assert wire is not None and len(wire) <= 512
+        reply = dns.message.from_wire(wire)
+        assert reply.flags & dns.flags.TC
+        assert reply.answer == []
+        # dnspython's resolver-style fallback: the same query over TCP gets everything.
+        full, used_tcp = dns.query.udp_with_fallback(query, agent.dns[0], port=agent.dns[1], timeout=10)
+        assert used_tcp
+        assert sorted(r.address for r in full.answer[0]) == sorted(many)
+        # With EDNS the advertised size is honoured.
+        edns = dns.message.make_query("many.example.internal", "A", use_edns=0, payload=1232)
+        wire = raw_udp(agent, edns.to_wire(), timeout=10)
+        assert 512 < len(wire) <= 1232
+        reply = dns.message.from_wire(wire)
+        assert not reply.flags & dns.flags.TC
+        assert len(reply.answer[0]) == 40
+        assert reply.edns == 0
+    finally:
+        upstream.stop()

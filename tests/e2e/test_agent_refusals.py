@@ -180,3 +180,57 @@ def test_oversized_body_is_refused(start_stack, env_client):  # noqa: F811
     [line] = stack.audit(1)
     assert line["message"] == "body too large"
     assert stack.standin.requests() == []
+
+
+GUARDRAIL_CALL = dict(guardrailIdentifier="gr-1234", guardrailVersion="1", source="INPUT",
+                      content=[{"text": {"text": "hi"}}])
+
+
+def test_apply_guardrail_is_refused_for_a_principal_without_the_operation(start_stack, env_client):  # noqa: F811
+    """The default operations are the invoke, converse and CountTokens ones: a principal allowed
+    only the echo model cannot spend on guardrails, even though ApplyGuardrail names no model."""
+    token = a.new_token()
+    relay_options = {"operations": ("Converse", "ApplyGuardrail"), "guardrails": ("gr-1234:1",)}
+    stack = start_stack(tokens={"lambda": token}, relay_options=relay_options,
+                        principals=a.principal("lambda", token=token, models=["xpart.echo"]))
+    client = env_client(stack.env())
+    status, code, message = client_error(lambda: client.apply_guardrail(**GUARDRAIL_CALL))
+    assert (status, code) == (403, "AccessDeniedException")
+    assert "Principal lambda is not allowed to call ApplyGuardrail" in message
+    [line] = stack.audit(1)
+    assert (line["principal"], line["operation"], line["message"]) == ("lambda", "ApplyGuardrail", "operation not allowed")
+    assert stack.standin.requests() == []
+
+
+def test_apply_guardrail_listed_in_operations_reaches_bedrock(start_stack, env_client):  # noqa: F811
+    token = a.new_token()
+    relay_options = {"operations": ("Converse", "ApplyGuardrail"), "guardrails": ("gr-1234:1",)}
+    stack = start_stack(tokens={"lambda": token}, relay_options=relay_options, principals=a.principal(
+        "lambda", token=token, models=["anthropic.*"], operations='["Converse", "ApplyGuardrail"]'))
+    client = env_client(stack.env())
+    out = client.apply_guardrail(**GUARDRAIL_CALL)
+    assert out["action"] == "NONE"
+    [record] = stack.standin.requests()
+    assert record["path"] == "/guardrail/gr-1234/version/1/apply"
+    # ConverseStream is not in this principal's list.
+    status, code, _ = client_error(lambda: client.converse_stream(modelId=a.CLAUDE, messages=MESSAGES))
+    assert (status, code) == (403, "AccessDeniedException")
+    assert len(stack.standin.requests()) == 1
+
+
+def test_random_model_ids_add_no_metric_series(start_stack, env_client):  # noqa: F811
+    """Metric labels come from the config: the matched `models` entry, or denied/other."""
+    token = a.new_token()
+    stack = start_stack(tokens={"lambda": token}, principals=a.principal("lambda", token=token, models=["anthropic.*"]))
+    client = env_client(stack.env())
+    for i in range(100):
+        model = f"made-up-{i}-{os.urandom(4).hex()}"
+        status, code, _ = client_error(lambda: client.converse(modelId=model, messages=MESSAGES))
+        assert (status, code) == (403, "AccessDeniedException")
+    client.converse(modelId=a.CLAUDE, messages=MESSAGES)
+    metrics = stack.agent.metrics()
+    series = [line for line in metrics.splitlines() if line.startswith("xpart_agent_requests_total{")]
+    assert "made-up" not in metrics
+    assert len(series) == 2, series
+    assert any('model="denied"' in s and s.endswith(" 100") for s in series), series
+    assert any('model="anthropic.*"' in s and s.endswith(" 1") for s in series), series
