@@ -229,5 +229,6 @@ def test_watch_probes_a_real_agent_and_fails_over_when_it_dies(stack, moto_endpo
     events = [json.loads(line) for line in stdout.splitlines()]
     kinds = [event["event"] for event in events]
     assert kinds[0] == "start", kinds
-    assert kinds[-4:] == ["check_failed", "check_failed", "failing_over", "failover"], kinds
+    # With --pair the watch then tags its instance active and the old one standby.
+    assert kinds[-5:] == ["check_failed", "check_failed", "failing_over", "failover", "role"], kinds
     assert route_target(ec2, table) == enis["standby"]
