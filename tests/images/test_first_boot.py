@@ -193,7 +193,7 @@ class Appliance:
     "attached_to", "role"}} (role None: no tag). `check_fails` makes the stand-in daemon's
     `--check` refuse the configuration."""
 
-    def __init__(self, root, secrets, interfaces=None, check_fails=False):
+    def __init__(self, root, secrets, interfaces=None, check_fails=False, refused=()):
         self.conf = root / "etc-xpart"
         self.conf.mkdir()
         self.bin = root / "bin"
@@ -224,6 +224,9 @@ def text(value):
         return "\\t".join("None" if v is None else str(v) for v in value)
     return "None" if value is None else str(value)
 service, operation = args[0], args[1]
+if operation in {sorted(refused)!r}:
+    print(f"An error occurred (ValidationError) when calling {{operation}}: refused", file=sys.stderr)
+    sys.exit(254)
 if service in ("ssm", "secretsmanager"):
     secrets = json.load(open({str(root / "secrets.json")!r}))
     name = opt("--name") or opt("--secret-id")
@@ -699,6 +702,20 @@ def test_the_member_signals_the_stack_once_ready_and_fails_the_update_otherwise(
         "RelayBGroup", "--unique-id", INSTANCE_ID, "--status", outcome,
     ]]
     assert appliance.installed() == [], "signalling writes nothing"
+
+
+def test_a_signal_the_stack_does_not_wait_for_is_no_failure(tmp_path):
+    """After a reboot no create or update waits for the member: the stack refuses the signal."""
+    readyz = Readyz(200)
+    appliance = Appliance(tmp_path, RELAY_SECRETS, refused={"signal-resource"})
+    try:
+        with FakeImds({"xpart:name": "relay-a"}) as imds:
+            result = appliance.boot(relay_user_data(), imds, args=["--signal-when-ready"],
+                                    extra_env={"XPART_READYZ_URL": readyz.url})
+    finally:
+        readyz.close()
+    assert result.returncode == 0, result.stderr
+    assert "the stack took no signal for RelayAGroup" in result.stderr
 
 
 @pytest.mark.parametrize(
