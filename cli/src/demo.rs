@@ -181,12 +181,16 @@ async fn serve(
         return Ok(ExitCode::SUCCESS);
     }
 
-    if !json {
-        println!("Running; press Ctrl-C to stop.");
-    }
-    let signal = xpart_daemon::shutdown::signal().await;
-    if let Err(err) = signal {
-        tracing::error!("cannot wait for signals ({err}); stopping");
+    // Listening before saying so: a Ctrl-C right after the line must stop the demo cleanly,
+    // not end the process with the signal's default action.
+    match xpart_daemon::shutdown::stop_signals() {
+        Ok(mut signals) => {
+            if !json {
+                println!("Running; press Ctrl-C to stop.");
+            }
+            signals.recv().await;
+        }
+        Err(err) => tracing::error!("cannot wait for signals ({err}); stopping"),
     }
     daemons.stop().await;
     if !json {

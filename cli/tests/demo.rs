@@ -1,12 +1,16 @@
 //! `xpart demo --once` as a user runs it: the self-probe crosses the agent, the userspace
 //! WireGuard tunnel and the relay on loopback, and the files it leaves behind are the ones that
-//! ran (keys 0600, the token's hash in agent.toml, the peers' keys crossed over). Every run
-//! uses free ports (`0`) so parallel test runs cannot collide.
+//! ran (keys 0600, the token's hash in agent.toml, the peers' keys crossed over); and a demo
+//! left running, checked with `xpart status` and stopped with Ctrl-C. Every run uses free
+//! ports (`0`) so parallel test runs cannot collide.
 
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -60,6 +64,8 @@ fn the_printed_environment_is_the_one_written_to_caller_env_and_agent_toml() {
     let env = exports(&caller_env);
     let ca_bundle = dir.canonicalize().unwrap().join("ca/ca.pem");
     assert_eq!(env["AWS_CA_BUNDLE"], ca_bundle.display().to_string());
+    // The JavaScript SDK reads no AWS_CA_BUNDLE; Node.js takes extra roots from this one.
+    assert_eq!(env["NODE_EXTRA_CA_CERTS"], ca_bundle.display().to_string());
     assert_eq!(env["AWS_REGION"], "us-east-1");
     assert_eq!(env["AWS_DEFAULT_REGION"], "us-east-1");
     let agent: toml::Value = read_toml(&dir.join("agent.toml"));
@@ -214,6 +220,117 @@ fn a_taken_port_is_refused_naming_the_flag_before_anything_is_written() {
     assert!(!dir.exists());
 }
 
+/// A running demo, as the README leaves it for a user: `xpart status` on its relay (echo only,
+/// by design) says ready with a note and exits 0, and Ctrl-C stops it at once when nothing is
+/// in flight. Several rounds, because the wait this guards against did not happen every time.
+#[test]
+fn a_running_demo_is_ready_and_ctrl_c_stops_it_within_two_seconds() {
+    for round in 0..4 {
+        let scratch = Scratch::new();
+        let mut running = RunningDemo::start(&scratch.path().join("demo"));
+
+        if round == 0 {
+            let relay_admin = running.admin("relay");
+            let status = Command::new(env!("CARGO_BIN_EXE_xpart"))
+                .args(["status", "--window", "0", "--relay", &relay_admin])
+                .output()
+                .expect("run xpart status");
+            let status = Run::from(status);
+            assert_eq!(status.code, 0, "{status:?}");
+            assert!(status.stdout.contains(": ready"), "{status:?}");
+            assert!(status.stdout.contains("note: echo only"), "{status:?}");
+            assert!(status.stdout.contains("tunnel drops:"), "{status:?}");
+        }
+
+        let stopped_in = running.interrupt();
+        assert!(
+            stopped_in < Duration::from_secs(2),
+            "round {round}: the demo took {stopped_in:?} to stop after SIGINT"
+        );
+    }
+}
+
+/// `xpart demo` left running, its stdout read on a thread.
+struct RunningDemo {
+    child: Child,
+    printed: Vec<String>,
+}
+
+impl RunningDemo {
+    fn start(dir: &Path) -> RunningDemo {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_xpart"))
+            .arg("demo")
+            .arg("--dir")
+            .arg(dir)
+            .args(FREE_PORTS)
+            .env_remove("AWS_CA_BUNDLE")
+            .env_remove("AWS_BEARER_TOKEN_BEDROCK")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start xpart demo");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (lines, printed) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if lines.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut demo = RunningDemo {
+            child,
+            printed: Vec::new(),
+        };
+        loop {
+            match printed.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) if line == "Running; press Ctrl-C to stop." => return demo,
+                Ok(line) => demo.printed.push(line),
+                Err(err) => panic!("the demo never said it runs ({err}): {:?}", demo.printed),
+            }
+        }
+    }
+
+    /// `http://127.0.0.1:PORT` from the printed `  relay  http://…/metrics …` line.
+    fn admin(&self, daemon: &str) -> String {
+        let prefix = format!("  {daemon}  ");
+        let line = self
+            .printed
+            .iter()
+            .find(|line| line.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no admin line for {daemon}: {:?}", self.printed));
+        line[prefix.len()..]
+            .split("/metrics")
+            .next()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Sends SIGINT and returns how long the demo took to exit (status 0 required).
+    fn interrupt(&mut self) -> Duration {
+        let pid = i32::try_from(self.child.id()).expect("pid fits in pid_t");
+        let sent = Instant::now();
+        // SAFETY: kill(2) with a live child's pid and a valid signal number.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+        let deadline = sent + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the demo") {
+                assert_eq!(status.code(), Some(0), "{status:?}");
+                return sent.elapsed();
+            }
+            assert!(Instant::now() < deadline, "the demo ignored SIGINT");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for RunningDemo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[derive(Debug)]
 struct Run {
     code: i32,
@@ -242,6 +359,7 @@ fn demo(dir: &Path, extra: &[&str]) -> Run {
         .args(FREE_PORTS)
         .args(extra)
         .env_remove("AWS_CA_BUNDLE")
+        .env_remove("NODE_EXTRA_CA_CERTS")
         .env_remove("AWS_BEARER_TOKEN_BEDROCK")
         .env_remove("AWS_EC2_METADATA_DISABLED")
         .output()

@@ -9,6 +9,7 @@ import os
 import queue
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import threading
@@ -20,6 +21,15 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 FREE_PORTS = ["--front-port", "0", "--wg-port", "0", "--admin-port", "0"]
 EXPORT = re.compile(r"^export ([A-Z_]+)=(.*)$")
 START_TIMEOUT_S = 60
+# A TLS request to the front from Node.js with only the environment's trust settings (the
+# front listens on 127.0.0.1, so the name `localhost` is given as SNI and checked against the
+# certificate). Any HTTP answer means the certificate chain was trusted.
+NODE_TLS_CHECK = """
+const url = new URL(process.env.AWS_ENDPOINT_URL_BEDROCK_RUNTIME);
+require("https").get({host: "127.0.0.1", servername: url.hostname, port: url.port, path: "/"}, (r) => {
+  console.log("trusted"); process.exit(0);
+}).on("error", (e) => { console.error(e.message); process.exit(1); });
+"""
 COMMAND_TIMEOUT_S = 60
 
 
@@ -67,9 +77,15 @@ def test_printed_lines_work_with_exactly_the_printed_environment(xpart_bin, tmp_
         assert set(caller_env) >= {
             "AWS_ENDPOINT_URL_BEDROCK_RUNTIME",
             "AWS_CA_BUNDLE",
+            "NODE_EXTRA_CA_CERTS",
             "AWS_BEARER_TOKEN_BEDROCK",
             "AWS_REGION",
         }, caller_env
+        # The JavaScript SDK ignores AWS_CA_BUNDLE; Node.js reads the same CA from here.
+        assert caller_env["NODE_EXTRA_CA_CERTS"] == caller_env["AWS_CA_BUNDLE"], caller_env
+        if shutil.which("node"):
+            done = run_in_shell(f"node -e {shlex.quote(NODE_TLS_CHECK)}", caller_env, tmp_path)
+            assert done.returncode == 0 and done.stdout.strip() == "trusted", done
         commands = {
             "aws converse": one_line(printed, "aws bedrock-runtime converse "),
             "boto3 converse": one_line(printed, "python3 -c", ".converse("),
