@@ -212,7 +212,10 @@ operations = ["ApplyGuardrail", "Converse"]
     );
     let text = error.to_string();
     assert!(text.contains("\"DeleteModel\" is not a Bedrock Runtime operation"));
-    assert!(text.contains("ApplyGuardrail"), "the fix lists the names: {text}");
+    assert!(
+        text.contains("ApplyGuardrail"),
+        "the fix lists the names: {text}"
+    );
 }
 
 #[test]
