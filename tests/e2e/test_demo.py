@@ -83,7 +83,8 @@ def test_printed_lines_work_with_exactly_the_printed_environment(xpart_bin, tmp_
         }, caller_env
         # The JavaScript SDK ignores AWS_CA_BUNDLE; Node.js reads the same CA from here.
         assert caller_env["NODE_EXTRA_CA_CERTS"] == caller_env["AWS_CA_BUNDLE"], caller_env
-        if shutil.which("node"):
+        node_checked = shutil.which("node") is not None
+        if node_checked:
             done = run_in_shell(f"node -e {shlex.quote(NODE_TLS_CHECK)}", caller_env, tmp_path)
             assert done.returncode == 0 and done.stdout.strip() == "trusted", done
         commands = {
@@ -111,8 +112,13 @@ def test_printed_lines_work_with_exactly_the_printed_environment(xpart_bin, tmp_
             demo.wait()
     assert code == 0, (code, stderr_path.read_text())
     assert any(l.startswith("Stopped.") for l in tail), tail
-    # One line per request, the self-probe's first, all as the demo's principal.
+    # One line per request, the self-probe's first, all as the demo's principal but Node.js's
+    # bare GET, which has no token.
     audit = [json.loads(line) for line in (demo_dir / "agent-audit.jsonl").read_text().splitlines()]
+    tokenless = [a for a in audit if a["principal"] is None]
+    assert len(tokenless) == (1 if node_checked else 0), audit
+    assert all(a["status"] in (401, 403) for a in tokenless), audit
+    audit = [a for a in audit if a["principal"] is not None]
     assert [(a["principal"], a["operation"], a["status"]) for a in audit] == [
         ("demo-caller", "Converse", 200),
         ("demo-caller", "Converse", 200),
