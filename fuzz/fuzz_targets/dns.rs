@@ -60,7 +60,11 @@ fuzz_target!(|data: &[u8]| {
     let decoded = Message::from_bytes(&reply).expect("the reply decodes");
     assert_eq!(decoded.message_type(), MessageType::Response);
     if let Some(query) = &query {
-        assert_eq!(decoded.id(), query.id(), "reply id differs from the query's");
+        assert_eq!(
+            decoded.id(),
+            query.id(),
+            "reply id differs from the query's"
+        );
         if protocol == Protocol::Udp {
             let limit = query
                 .extensions()

@@ -98,31 +98,50 @@ fuzz_target!(|data: &[u8]| {
             pattern,
         } => {
             assert_eq!(admitted.route.model.as_ref(), Some(requested));
-            assert_eq!(fixed.rewriter.model(requested).ok().as_ref(), Some(commercial));
+            assert_eq!(
+                fixed.rewriter.model(requested).ok().as_ref(),
+                Some(commercial)
+            );
             assert!(
                 fixed.config.model_patterns().contains(pattern),
                 "{pattern:?} is no [policy] models entry"
             );
-            assert!(commercial.matches(pattern), "{commercial} does not match {pattern:?}");
+            assert!(
+                commercial.matches(pattern),
+                "{commercial} does not match {pattern:?}"
+            );
         }
         Target::NoModel => assert!(admitted.route.model.is_none()),
     }
-    assert!(fixed.config.allowed_operations().contains(&admitted.route.operation));
+    assert!(fixed
+        .config
+        .allowed_operations()
+        .contains(&admitted.route.operation));
 
     let signed = &admitted.path_and_query;
     let (path, query) = signed.split_once('?').unwrap_or((signed, ""));
     for forbidden in ["..", ";", "#", " ", "\\"] {
-        assert!(!signed.contains(forbidden), "{forbidden:?} in the signed path {signed:?}");
+        assert!(
+            !signed.contains(forbidden),
+            "{forbidden:?} in the signed path {signed:?}"
+        );
     }
     let reparsed = Route::parse(&method, path).expect("the signed path parses");
     assert_eq!(reparsed.operation, admitted.route.operation);
     if let Target::Model { commercial, .. } = &admitted.target {
-        assert_eq!(reparsed.model.as_ref(), Some(commercial), "signed path names another model");
+        assert_eq!(
+            reparsed.model.as_ref(),
+            Some(commercial),
+            "signed path names another model"
+        );
     }
     let defined = admitted.route.operation.query_parameters();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let name = pair.split_once('=').map_or(pair, |(name, _)| name);
-        assert!(defined.contains(&name), "undefined query parameter {name:?} signed");
+        assert!(
+            defined.contains(&name),
+            "undefined query parameter {name:?} signed"
+        );
     }
 
     for name in admitted.headers.keys() {

@@ -9,6 +9,7 @@
 #![no_main]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
@@ -37,7 +38,11 @@ enum Op<'a> {
     /// `index: u8, at: u16, xor: u8, stranger: u8`: re-deliver a datagram B sent earlier
     /// with one byte changed (xor 0: unchanged), from a stranger's address when `stranger` is
     /// odd.
-    Replay { index: u8, flip: (u16, u8), from_stranger: bool },
+    Replay {
+        index: u8,
+        flip: (u16, u8),
+        from_stranger: bool,
+    },
     /// `millis: u16`: let `millis` × 16 ms pass and run both engines' timers.
     Advance { millis: u16 },
 }
@@ -89,7 +94,8 @@ impl<'a> Reader<'a> {
 
 struct Pair {
     a: Engine,
-    b: Engine,
+    /// Made when first needed: an engine costs a Diffie-Hellman, which dominates short inputs.
+    b: Option<Engine>,
     now: Instant,
     /// Every datagram B sent towards A, in order.
     sent_by_b: Vec<Vec<u8>>,
@@ -109,11 +115,13 @@ fuzz_target!(|data: &[u8]| {
             }
             Op::BSends { len } => {
                 let packet = ipv4(B_TUN, A_TUN, usize::from(len));
-                pair.b.handle_outbound(&packet, pair.now);
+                let now = pair.now;
+                pair.b().handle_outbound(&packet, now);
                 pair.flush_b();
             }
             Op::BSendsRaw { bytes } => {
-                pair.b.handle_outbound(bytes, pair.now);
+                let now = pair.now;
+                pair.b().handle_outbound(bytes, now);
                 pair.flush_b();
             }
             Op::ASends { len } => {
@@ -121,11 +129,16 @@ fuzz_target!(|data: &[u8]| {
                 pair.a.handle_outbound(&packet, pair.now);
                 pair.flush_a();
             }
-            Op::Replay { index, flip, from_stranger } => {
+            Op::Replay {
+                index,
+                flip,
+                from_stranger,
+            } => {
                 if pair.sent_by_b.is_empty() {
                     continue;
                 }
-                let mut datagram = pair.sent_by_b[usize::from(index) % pair.sent_by_b.len()].clone();
+                let mut datagram =
+                    pair.sent_by_b[usize::from(index) % pair.sent_by_b.len()].clone();
                 let (at, xor) = flip;
                 let at = usize::from(at) % datagram.len().max(1);
                 if let Some(byte) = datagram.get_mut(at) {
@@ -137,7 +150,9 @@ fuzz_target!(|data: &[u8]| {
             Op::Advance { millis } => {
                 pair.now += Duration::from_millis(u64::from(millis) * 16);
                 pair.a.handle_timeout(pair.now);
-                pair.b.handle_timeout(pair.now);
+                if let Some(b) = pair.b.as_mut() {
+                    b.handle_timeout(pair.now);
+                }
                 pair.flush_a();
                 pair.flush_b();
             }
@@ -150,24 +165,22 @@ fuzz_target!(|data: &[u8]| {
 impl Pair {
     fn new() -> Pair {
         let now = Instant::now();
-        let a_key = PrivateKey::from_bytes([1; 32]);
-        let b_key = PrivateKey::from_bytes([2; 32]);
-        let a = Engine::new(
-            &a_key,
-            vec![peer("b", &b_key, B_ADDR, B_TUN)],
-            now,
-        );
-        let b = Engine::new(
-            &b_key,
-            vec![peer("a", &a_key, A_ADDR, A_TUN)],
-            now,
-        );
+        let keys = keys();
+        let a = Engine::new(&keys.a, vec![keys.a_peer.clone()], now);
         Pair {
             a,
-            b,
+            b: None,
             now,
             sent_by_b: Vec::new(),
         }
+    }
+
+    fn b(&mut self) -> &mut Engine {
+        let now = self.now;
+        self.b.get_or_insert_with(|| {
+            let keys = keys();
+            Engine::new(&keys.b, vec![keys.b_peer.clone()], now)
+        })
     }
 
     /// One datagram into A; what A decrypts is checked, what A answers goes to B (when it is
@@ -181,7 +194,10 @@ impl Pair {
 
     fn check_a_inbound(&mut self, from_stranger: bool) {
         while let Some(packet) = self.a.poll_inbound() {
-            assert!(!from_stranger, "a replayed datagram from a stranger delivered a packet");
+            assert!(
+                !from_stranger,
+                "a replayed datagram from a stranger delivered a packet"
+            );
             if let Some(source) = source_address(&packet) {
                 assert_eq!(
                     source,
@@ -200,13 +216,14 @@ impl Pair {
             while let Some(transmit) = self.a.poll_transmit() {
                 moved = true;
                 if transmit.dst == SocketAddr::from(B_ADDR) {
-                    self.b
-                        .handle_datagram(SocketAddr::from(A_ADDR), &transmit.payload, self.now);
+                    let now = self.now;
+                    let b = self.b();
+                    b.handle_datagram(SocketAddr::from(A_ADDR), &transmit.payload, now);
+                    while let Some(packet) = b.poll_inbound() {
+                        b.recycle(packet);
+                    }
                 }
                 self.a.recycle(transmit.payload);
-            }
-            while let Some(packet) = self.b.poll_inbound() {
-                self.b.recycle(packet);
             }
             moved |= self.flush_b_once();
             if !moved {
@@ -223,7 +240,14 @@ impl Pair {
 
     fn flush_b_once(&mut self) -> bool {
         let mut moved = false;
-        while let Some(transmit) = self.b.poll_transmit() {
+        let Some(b) = self.b.as_mut() else {
+            return false;
+        };
+        let mut sent = Vec::new();
+        while let Some(transmit) = b.poll_transmit() {
+            sent.push(transmit);
+        }
+        for transmit in sent {
             moved = true;
             if transmit.dst == SocketAddr::from(A_ADDR) {
                 if self.sent_by_b.len() < 256 {
@@ -233,10 +257,34 @@ impl Pair {
                     .handle_datagram(SocketAddr::from(B_ADDR), &transmit.payload, self.now);
                 self.check_a_inbound(false);
             }
-            self.b.recycle(transmit.payload);
         }
         moved
     }
+}
+
+/// Both engines' keys and peer entries, derived once: deriving a public key is a scalar
+/// multiplication per execution otherwise.
+struct Keys {
+    a: PrivateKey,
+    b: PrivateKey,
+    a_peer: PeerSpec,
+    b_peer: PeerSpec,
+}
+
+fn keys() -> &'static Keys {
+    static KEYS: OnceLock<Keys> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        let a = PrivateKey::from_bytes([1; 32]);
+        let b = PrivateKey::from_bytes([2; 32]);
+        let a_peer = peer("b", &b, B_ADDR, B_TUN);
+        let b_peer = peer("a", &a, A_ADDR, A_TUN);
+        Keys {
+            a,
+            b,
+            a_peer,
+            b_peer,
+        }
+    })
 }
 
 fn peer(name: &str, key: &PrivateKey, addr: ([u8; 4], u16), tunnel: Ipv4Addr) -> PeerSpec {

@@ -23,7 +23,10 @@ pub fn fixture_dir() -> &'static Path {
                 .expect("write a fixture key");
         }
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-        for (from, to) in [("agent.pem", "tls/agent.pem"), ("agent-key.pem", "tls/agent.key")] {
+        for (from, to) in [
+            ("agent.pem", "tls/agent.pem"),
+            ("agent-key.pem", "tls/agent.key"),
+        ] {
             fs::copy(fixtures.join(from), dir.join(to)).expect("copy a fixture certificate");
             fs::set_permissions(dir.join(to), fs::Permissions::from_mode(0o600))
                 .expect("restrict a fixture file");
