@@ -779,3 +779,24 @@ def test_endless_throttling_gives_up_with_an_explanation(ec2, world):
     assert proxy.forwarded == 0
     assert time.monotonic() - started < 40
     assert route_target(ec2, world["with_route"]) == world["active_eni"]
+
+
+def test_a_member_without_a_role_tag_never_acts(ec2, world, fake_agent):
+    ec2.delete_tags(Resources=[world["standby"]], Tags=[{"Key": "xpart:role"}])
+    fake_agent.fail()
+    watch = subprocess.Popen(
+        [
+            str(XPART), "--json", "failover", "watch",
+            "--readyz", f"http://127.0.0.1:{fake_agent.port}/readyz",
+            "--interval", "200ms", "--failures", "1", "--startup-grace", "0s",
+            "--pair", PAIR, "--to-eni", world["standby_eni"], "--ip", VIP,
+            "--endpoint-url", world["endpoint"], "--max-runtime", "2s",
+        ],
+        env=aws_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    stdout, stderr = watch.communicate(timeout=30)
+    assert watch.returncode == 0, stderr
+    assert fake_agent.checks == 0
+    assert VIP in secondary_ips(ec2, world["active_eni"])
+    roles = [e["message"] for e in events(stdout) if e["event"] == "role"]
+    assert len(roles) == 1 and "has no xpart:role tag" in roles[0], roles

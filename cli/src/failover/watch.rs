@@ -268,6 +268,10 @@ pub async fn run(args: WatchArgs, json: bool) -> Result<ExitCode, Error> {
         args.startup_grace,
         Instant::now(),
     );
+    // Until the role tag has been read, a member that follows it does not act.
+    if own_instance.is_some() {
+        watchdog.set_standby(false, Instant::now());
+    }
     let mut role_seen: Option<String> = None;
     let mut next_role_read = Instant::now();
     let mut last_held_down_log: Option<Instant> = None;
