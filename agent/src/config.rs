@@ -19,6 +19,7 @@ use xpart_tunnel::{PrivateKey, PublicKey};
 
 use crate::auth::{Principal, DEFAULT_OPERATIONS};
 use crate::dns::DnsSettings;
+use crate::front::FrontSettings;
 use crate::health::HealthSettings;
 use crate::limits::LimitSettings;
 
@@ -86,9 +87,9 @@ pub struct DnsSection {
     pub upstream: Vec<SocketAddr>,
     #[serde(default = "default_ttl")]
     pub ttl: u32,
-}
     /// Clients whose other names are forwarded; absent: see [`AgentConfig::dns_allow_cidrs`].
     pub allow_cidrs: Option<Vec<IpNet>>,
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -96,6 +97,16 @@ pub struct FrontSection {
     pub listen: SocketAddr,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    #[serde(default = "default_handshake_timeout_secs")]
+    pub handshake_timeout_secs: u64,
+    #[serde(default = "default_first_request_timeout_secs")]
+    pub first_request_timeout_secs: u64,
+    #[serde(default = "default_front_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_max_connections_per_source")]
+    pub max_connections_per_source: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -107,6 +118,8 @@ pub struct PrincipalSection {
     pub source_cidrs: Vec<IpNet>,
     #[serde(default)]
     pub models: Vec<String>,
+    /// Operation names; absent means [`crate::auth::DEFAULT_OPERATIONS`].
+    pub operations: Option<Vec<String>>,
     pub requests_per_second: Option<f64>,
     pub burst: Option<u32>,
     pub max_concurrent: Option<u32>,
@@ -118,8 +131,6 @@ pub struct PrincipalSection {
 pub struct AdminSection {
     #[serde(default = "default_admin_listen")]
     pub listen: SocketAddr,
-    /// Operation names; absent means [`crate::auth::DEFAULT_OPERATIONS`].
-    pub operations: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -199,6 +210,7 @@ impl AgentConfig {
                 token_sha256: p.token_sha256.as_deref().and_then(decode_sha256),
                 source_cidrs: p.source_cidrs.clone(),
                 models: p.models.clone(),
+                operations: p.operations(),
                 limits: LimitSettings {
                     requests_per_second: p.requests_per_second,
                     burst: p
@@ -210,7 +222,6 @@ impl AgentConfig {
             })
             .collect()
     }
-                operations: p.operations(),
 
     pub fn dns_settings(&self) -> Option<DnsSettings> {
         let dns = self.dns.as_ref()?;
@@ -221,19 +232,8 @@ impl AgentConfig {
             answer_v6: dns.answer_v6,
             ttl: dns.ttl,
             upstream: dns.upstream.clone(),
-        })
-    }
-
-    pub fn health_settings(&self) -> HealthSettings {
-        let h = &self.health;
-        HealthSettings {
-            interval: Duration::from_millis(h.interval_ms),
-            probe_timeout: Duration::from_millis(h.probe_timeout_ms),
-            fail_after: h.fail_after,
-            rise_after: h.rise_after,
-            handshake_max_age: Duration::from_secs(h.handshake_max_age_s),
             allow_cidrs: self.dns_allow_cidrs(),
-        }
+        })
     }
 
     /// Who may have names other than the Bedrock names forwarded: `[dns] allow_cidrs` when
@@ -256,6 +256,28 @@ impl AgentConfig {
                 .collect();
         }
         union
+    }
+
+    pub fn health_settings(&self) -> HealthSettings {
+        let h = &self.health;
+        HealthSettings {
+            interval: Duration::from_millis(h.interval_ms),
+            probe_timeout: Duration::from_millis(h.probe_timeout_ms),
+            fail_after: h.fail_after,
+            rise_after: h.rise_after,
+            handshake_max_age: Duration::from_secs(h.handshake_max_age_s),
+        }
+    }
+
+    pub fn front_settings(&self) -> FrontSettings {
+        let f = &self.front;
+        FrontSettings {
+            handshake_timeout: Duration::from_secs(f.handshake_timeout_secs),
+            first_request_timeout: Duration::from_secs(f.first_request_timeout_secs),
+            idle_timeout: Duration::from_secs(f.idle_timeout_secs),
+            max_connections: f.max_connections,
+            max_connections_per_source: f.max_connections_per_source,
+        }
     }
 
     pub fn connect_timeout(&self) -> Duration {
@@ -340,7 +362,7 @@ impl AgentConfig {
                     check.problem(
                         field("preshared_key_file"),
                         message,
-                        "write 32 random bytes as base64 (`wg genpsk`)",
+                        "write 32 random bytes as base64 with `wg genpsk` (the file must be mode 0600)",
                     );
                 }
             }
@@ -387,7 +409,53 @@ impl AgentConfig {
             check.problem(
                 field,
                 error.to_string(),
-                "issue a certificate for the Bedrock names with `xpart ca issue`",
+                "issue a certificate for the Bedrock names with `xpart ca issue` (the key file must be mode 0600)",
+            );
+        }
+        let f = &self.front;
+        for (name, value, max, fix) in [
+            (
+                "handshake_timeout_secs",
+                f.handshake_timeout_secs,
+                MAX_HANDSHAKE_TIMEOUT_SECS,
+                "leave it out to use 10",
+            ),
+            (
+                "first_request_timeout_secs",
+                f.first_request_timeout_secs,
+                MAX_FIRST_REQUEST_TIMEOUT_SECS,
+                "leave it out to use 30",
+            ),
+            (
+                "idle_timeout_secs",
+                f.idle_timeout_secs,
+                MAX_FRONT_IDLE_TIMEOUT_SECS,
+                "leave it out to use 120",
+            ),
+        ] {
+            if !(1..=max).contains(&value) {
+                check.problem(
+                    format!("[front].{name}"),
+                    format!("{value} is outside 1..={max} seconds"),
+                    fix,
+                );
+            }
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&f.max_connections) {
+            check.problem(
+                "[front].max_connections",
+                format!("{} is outside 1..={MAX_CONNECTIONS}", f.max_connections),
+                "leave it out to use 10000 (and keep it below the process's open-file limit)",
+            );
+        }
+        if f.max_connections_per_source == 0 || f.max_connections_per_source > f.max_connections {
+            check.problem(
+                "[front].max_connections_per_source",
+                format!(
+                    "{} is outside 1..={} ([front].max_connections)",
+                    f.max_connections_per_source, f.max_connections
+                ),
+                "leave it out to use 1000, or set at most max_connections",
             );
         }
     }
@@ -440,11 +508,11 @@ impl AgentConfig {
                 );
             }
             if let Some(rate) = p.requests_per_second {
-                if !(rate.is_finite() && rate > 0.0) {
+                if !(MIN_REQUESTS_PER_SECOND..=MAX_REQUESTS_PER_SECOND).contains(&rate) {
                     check.problem(
                         field("requests_per_second"),
-                        format!("{rate} is not a positive number"),
-                        "leave it out for no rate limit",
+                        format!("{rate} is outside {MIN_REQUESTS_PER_SECOND}..={MAX_REQUESTS_PER_SECOND}"),
+                        "use a number of requests per second in that range (0.001 is one request every 1000 s), or leave it out for no rate limit",
                     );
                 }
             }
@@ -476,6 +544,24 @@ impl AgentConfig {
                 "leave the section out to use the defaults",
             );
         }
+        for (name, value, max) in [
+            ("interval_ms", h.interval_ms, MAX_HEALTH_MS),
+            ("probe_timeout_ms", h.probe_timeout_ms, MAX_HEALTH_MS),
+            ("connect_timeout_ms", h.connect_timeout_ms, MAX_HEALTH_MS),
+            (
+                "handshake_max_age_s",
+                h.handshake_max_age_s,
+                MAX_HANDSHAKE_AGE_S,
+            ),
+        ] {
+            if value > max {
+                check.problem(
+                    format!("[health].{name}"),
+                    format!("{value} is above {max}"),
+                    "leave it out to use the default",
+                );
+            }
+        }
         if h.fail_after == 0 || h.rise_after == 0 {
             check.problem(
                 "[health]",
@@ -486,92 +572,6 @@ impl AgentConfig {
     }
 }
 
-impl Default for AdminSection {
-    fn default() -> AdminSection {
-        AdminSection {
-            listen: default_admin_listen(),
-        }
-    }
-}
-
-impl Default for HealthSection {
-    fn default() -> HealthSection {
-        HealthSection {
-            interval_ms: default_interval_ms(),
-            probe_timeout_ms: default_probe_timeout_ms(),
-            fail_after: default_fail_after(),
-            rise_after: default_rise_after(),
-            handshake_max_age_s: default_handshake_max_age_s(),
-            connect_timeout_ms: default_connect_timeout_ms(),
-        }
-    }
-}
-
-/// Bedrock's own request body limit.
-const MAX_BODY_BYTES: u64 = xpart_daemon::bedrock::MAX_BODY_BYTES as u64;
-
-/// Reads a WireGuard preshared key file (base64 of 32 bytes).
-pub fn read_preshared_key(path: &Path) -> Result<[u8; 32], String> {
-    use base64::Engine as _;
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(text.trim())
-        .map_err(|e| format!("{}: not base64: {e}", path.display()))?;
-    <[u8; 32]>::try_from(bytes.as_slice())
-        .map_err(|_| format!("{}: a preshared key is 32 bytes", path.display()))
-}
-
-fn decode_sha256(hex: &str) -> Option<[u8; 32]> {
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
-/// A bucket of one second's worth of requests (at least one) when no burst is given.
-fn default_burst(rate: Option<f64>) -> u32 {
-    rate.map_or(1, |r| r.ceil().clamp(1.0, f64::from(u32::MAX)) as u32)
-}
-
-fn default_mode() -> TunnelMode {
-    TunnelMode::Kernel
-}
-fn default_service_port() -> u16 {
-    8080
-}
-fn default_keepalive() -> u16 {
-    25
-}
-fn default_ttl() -> u32 {
-    60
-}
-fn default_admin_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 9100))
-}
-fn default_interval_ms() -> u64 {
-    1000
-}
-fn default_probe_timeout_ms() -> u64 {
-    800
-}
-fn default_fail_after() -> u32 {
-    2
-}
-fn default_rise_after() -> u32 {
-    2
-}
-fn default_handshake_max_age_s() -> u64 {
-    180
-}
-fn default_connect_timeout_ms() -> u64 {
-    2000
-}
-
-/// Collects problems against one file.
 /// Who gets forwarded DNS answers when no principal names a network.
 const LOOPBACK_CIDRS: [&str; 2] = ["127.0.0.0/8", "::1/128"];
 
@@ -608,6 +608,117 @@ fn check_operations(p: &PrincipalSection, field: &dyn Fn(&str) -> String, check:
     }
 }
 
+impl Default for AdminSection {
+    fn default() -> AdminSection {
+        AdminSection {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+impl Default for HealthSection {
+    fn default() -> HealthSection {
+        HealthSection {
+            interval_ms: default_interval_ms(),
+            probe_timeout_ms: default_probe_timeout_ms(),
+            fail_after: default_fail_after(),
+            rise_after: default_rise_after(),
+            handshake_max_age_s: default_handshake_max_age_s(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+        }
+    }
+}
+
+/// `requests_per_second` bounds: below one request in 1000 s a limit is a typo for a
+/// refusal (use `models` for that); above a million it never applies.
+const MIN_REQUESTS_PER_SECOND: f64 = 0.001;
+const MAX_REQUESTS_PER_SECOND: f64 = 1_000_000.0;
+
+/// `[health]` bounds: a relay probed less than hourly, or a tunnel handshake a day old, is
+/// no health check at all.
+const MAX_HEALTH_MS: u64 = 3_600_000;
+const MAX_HANDSHAKE_AGE_S: u64 = 86_400;
+
+/// Upper bounds of the `[front]` knobs: beyond them a value is a typo, not a choice.
+const MAX_HANDSHAKE_TIMEOUT_SECS: u64 = 300;
+const MAX_FIRST_REQUEST_TIMEOUT_SECS: u64 = 3_600;
+const MAX_FRONT_IDLE_TIMEOUT_SECS: u64 = 86_400;
+const MAX_CONNECTIONS: usize = 1_000_000;
+
+/// Bedrock's own request body limit.
+const MAX_BODY_BYTES: u64 = xpart_daemon::bedrock::MAX_BODY_BYTES as u64;
+
+/// Reads a WireGuard preshared key file (base64 of 32 bytes, mode 0600).
+pub fn read_preshared_key(path: &Path) -> Result<[u8; 32], String> {
+    xpart_daemon::tunnel_config::read_preshared_key_file(path).map_err(|e| e.to_string())
+}
+
+fn decode_sha256(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// A bucket of one second's worth of requests (at least one) when no burst is given.
+fn default_burst(rate: Option<f64>) -> u32 {
+    rate.map_or(1, |r| r.ceil().clamp(1.0, f64::from(u32::MAX)) as u32)
+}
+
+fn default_handshake_timeout_secs() -> u64 {
+    FrontSettings::default().handshake_timeout.as_secs()
+}
+fn default_first_request_timeout_secs() -> u64 {
+    FrontSettings::default().first_request_timeout.as_secs()
+}
+fn default_front_idle_timeout_secs() -> u64 {
+    FrontSettings::default().idle_timeout.as_secs()
+}
+fn default_max_connections() -> usize {
+    FrontSettings::default().max_connections
+}
+fn default_max_connections_per_source() -> usize {
+    FrontSettings::default().max_connections_per_source
+}
+fn default_mode() -> TunnelMode {
+    TunnelMode::Kernel
+}
+fn default_service_port() -> u16 {
+    8080
+}
+fn default_keepalive() -> u16 {
+    25
+}
+fn default_ttl() -> u32 {
+    60
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9100))
+}
+fn default_interval_ms() -> u64 {
+    1000
+}
+fn default_probe_timeout_ms() -> u64 {
+    800
+}
+fn default_fail_after() -> u32 {
+    2
+}
+fn default_rise_after() -> u32 {
+    2
+}
+fn default_handshake_max_age_s() -> u64 {
+    180
+}
+fn default_connect_timeout_ms() -> u64 {
+    2000
+}
+
+/// Collects problems against one file.
 struct Checker {
     diagnostics: Diagnostics,
 }

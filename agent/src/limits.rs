@@ -76,16 +76,44 @@ impl Limits {
         if let Some(rate) = state.settings.requests_per_second {
             state.refill(rate, now);
             if state.tokens < 1.0 {
-                let missing = 1.0 - state.tokens;
                 return Err(Refusal::Rate {
                     limit: rate,
-                    retry_after: Duration::from_secs_f64(missing / rate),
+                    retry_after: state.time_to_next_token(rate),
                 });
             }
             state.tokens -= 1.0;
         }
         state.in_flight += 1;
         Ok(())
+    }
+
+    /// Takes a reloaded principal list: principals that stay keep their requests in flight
+    /// and their bucket (trimmed to a smaller burst) under their new settings, new ones start
+    /// with a full bucket, and those no longer listed are forgotten (their requests still in
+    /// flight release nothing).
+    pub fn reconfigure<'a>(
+        &mut self,
+        principals: impl IntoIterator<Item = (&'a str, LimitSettings)>,
+        now: Instant,
+    ) {
+        let mut kept = HashMap::new();
+        for (name, settings) in principals {
+            let state = match self.principals.remove(name) {
+                Some(mut state) => {
+                    state.tokens = state.tokens.min(f64::from(settings.burst.max(1)));
+                    state.settings = settings;
+                    state
+                }
+                None => PrincipalState {
+                    settings,
+                    tokens: f64::from(settings.burst.max(1)),
+                    refilled_at: now,
+                    in_flight: 0,
+                },
+            };
+            kept.insert(name.to_owned(), state);
+        }
+        self.principals = kept;
     }
 
     /// Gives back the concurrency slot of a request admitted earlier.
@@ -102,6 +130,13 @@ impl Limits {
 }
 
 impl PrincipalState {
+    /// When the bucket holds a whole token again. Any `rate` gives an answer: one too slow
+    /// (or not a number) for a `Duration` waits the longest a `Duration` can say.
+    fn time_to_next_token(&self, rate: f64) -> Duration {
+        let missing = 1.0 - self.tokens;
+        Duration::try_from_secs_f64(missing / rate).unwrap_or(Duration::MAX)
+    }
+
     fn refill(&mut self, rate: f64, now: Instant) {
         let elapsed = now
             .saturating_duration_since(self.refilled_at)
@@ -141,6 +176,11 @@ impl SharedLimits {
 
     pub fn in_flight(&self, principal: &str) -> u32 {
         self.lock().in_flight(principal)
+    }
+
+    /// See [`Limits::reconfigure`].
+    pub fn reconfigure<'a>(&self, principals: impl IntoIterator<Item = (&'a str, LimitSettings)>) {
+        self.lock().reconfigure(principals, Instant::now());
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Limits> {
@@ -250,6 +290,40 @@ mod tests {
             assert_eq!(limits.admit("lambda", now), Ok(()));
         }
         assert_eq!(limits.in_flight("lambda"), 10_000);
+    }
+
+    #[test]
+    fn any_rate_refuses_without_panicking() {
+        let start = Instant::now();
+        for rate in [
+            1e-25,
+            f64::MIN_POSITIVE,
+            0.0,
+            -1.0,
+            f64::NAN,
+            f64::INFINITY,
+            1e300,
+        ] {
+            let mut limits = limits(Some(rate), 1, None, start);
+            let _ = limits.admit("lambda", start);
+            limits.release("lambda");
+            for later in [start, start + Duration::from_secs(1)] {
+                // Admitted or refused, whatever the rate: only a panic fails this test.
+                let _ = limits.admit("lambda", later);
+                limits.release("lambda");
+            }
+        }
+    }
+
+    #[test]
+    fn a_very_slow_rate_says_to_wait_as_long_as_a_duration_can() {
+        let start = Instant::now();
+        let mut limits = limits(Some(1e-25), 1, None, start);
+        assert_eq!(limits.admit("lambda", start), Ok(()));
+        let Err(Refusal::Rate { retry_after, .. }) = limits.admit("lambda", start) else {
+            panic!("the second request must be rate-limited");
+        };
+        assert_eq!(retry_after, Duration::MAX);
     }
 
     #[test]

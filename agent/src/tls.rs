@@ -2,7 +2,8 @@
 //!
 //! Connections already established keep the session they negotiated; only handshakes after
 //! a reload see the new certificate, so a reload never drops a connection. A reload that
-//! fails (missing file, key that does not match) keeps serving the previous certificate.
+//! fails (missing file, key that does not match, key file open to group or others) keeps
+//! serving the previous certificate.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -45,6 +46,17 @@ impl CertStore {
         Ok(())
     }
 
+    /// Serves `other`'s certificate to new handshakes: a reload reads and checks the files
+    /// named by the new configuration first, and swaps only when they are usable.
+    pub fn replace_with(&self, other: CertStore) {
+        let key = other.current();
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *current = key;
+    }
+
     fn current(&self) -> Arc<CertifiedKey> {
         self.current
             .read()
@@ -83,10 +95,18 @@ fn read_certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey,
     if certs.is_empty() {
         return Err(cert_error("no PEM certificate in the file".into()));
     }
-    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| Error::Certificate {
+    let key_error = |reason: String| Error::Certificate {
         file: key_file.to_owned(),
-        reason: e.to_string(),
+        reason,
+    };
+    let key_pem = xpart_tunnel::keys::read_owner_only_file(key_file).map_err(|e| {
+        // The key error names the file itself; `Error::Certificate` adds it back, so the
+        // message reads exactly as it does for a WireGuard key.
+        let message = e.to_string();
+        let prefix = format!("{}: ", key_file.display());
+        key_error(message.strip_prefix(&prefix).unwrap_or(&message).to_owned())
     })?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| key_error(e.to_string()))?;
     let provider: CryptoProvider = rustls::crypto::ring::default_provider();
     CertifiedKey::from_der(certs, key, &provider).map_err(|e| Error::Certificate {
         file: key_file.to_owned(),

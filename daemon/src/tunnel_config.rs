@@ -6,10 +6,11 @@
 //! `listen`, the relay's `listen_port` and `bind_address`), and its own validation messages.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 use serde::Deserialize;
+use xpart_tunnel::keys::KeyError;
 use xpart_tunnel::{Mode, PeerConfig, PublicKey, TunnelConfig};
 
 /// `[tunnel] mode`: how a daemon reaches its peers.
@@ -103,6 +104,26 @@ pub fn tunnel_config<'a>(
         interface_name: local.interface_name,
         peers,
     })
+}
+
+/// Reads a WireGuard preshared key file (`wg genpsk`: base64 of 32 bytes), refusing one that
+/// group or others can access with the same message as a private key: anyone who reads it
+/// removes the post-quantum layer it adds to the handshake.
+pub fn read_preshared_key_file(path: &Path) -> Result<[u8; 32], KeyError> {
+    use base64::Engine as _;
+    let file_error = |reason: &str| KeyError::File {
+        path: path.to_path_buf(),
+        reason: reason.to_owned(),
+        fix: "write 32 random bytes as base64 with `wg genpsk > FILE` and chmod 600 it",
+    };
+    let contents = xpart_tunnel::keys::read_owner_only_file(path)?;
+    let text = std::str::from_utf8(&contents).map_err(|_| file_error("is not text"))?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|_| file_error("is not base64"))?;
+    let key = <[u8; 32]>::try_from(bytes.as_slice())
+        .map_err(|_| file_error("does not hold 32 bytes (a preshared key is 32 bytes)"))?;
+    Ok(key)
 }
 
 /// `[tunnel] mtu` when the file leaves it out.

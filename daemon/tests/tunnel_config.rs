@@ -5,7 +5,11 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use xpart_daemon::tunnel_config::{tunnel_config, LocalSide, PeerTable, TunnelMode};
+use std::os::unix::fs::PermissionsExt;
+
+use xpart_daemon::tunnel_config::{
+    read_preshared_key_file, tunnel_config, LocalSide, PeerTable, TunnelMode,
+};
 use xpart_tunnel::{keys, Mode, PrivateKey};
 
 #[test]
@@ -80,6 +84,52 @@ fn missing_key_file_and_bad_peer_keys_name_the_field() {
         error.to_string().starts_with("peer agent-b: public_key: "),
         "{error}"
     );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn preshared_key_open_to_group_or_others_is_refused_like_a_private_key() {
+    let dir = scratch_dir("psk-mode");
+    let psk = dir.join("relay-a.psk");
+    std::fs::write(&psk, "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\n").unwrap();
+    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let key = dir.join("self.key");
+    std::fs::write(&key, format!("{}\n", PrivateKey::generate().to_base64())).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let psk_error = read_preshared_key_file(&psk).unwrap_err().to_string();
+    let key_error = keys::read_private_key_file(&key).unwrap_err().to_string();
+    assert_eq!(
+        psk_error,
+        format!(
+            "{}: private key file is accessible by group or others (mode 0644) — fix: chmod 600 {}",
+            psk.display(),
+            psk.display()
+        )
+    );
+    assert_eq!(
+        psk_error.replace(&psk.display().to_string(), "FILE"),
+        key_error.replace(&key.display().to_string(), "FILE"),
+        "the same message as a WireGuard private key"
+    );
+
+    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(read_preshared_key_file(&psk).unwrap(), [7; 32]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn malformed_preshared_key_names_the_file_and_the_fix() {
+    let dir = scratch_dir("psk-bad");
+    let psk = dir.join("short.psk");
+    for (contents, reason) in [("AAAA\n", "32 bytes"), ("not base64!\n", "not base64")] {
+        std::fs::write(&psk, contents).unwrap();
+        std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let error = read_preshared_key_file(&psk).unwrap_err().to_string();
+        assert!(error.starts_with(&psk.display().to_string()), "{error}");
+        assert!(error.contains(reason), "{error}");
+        assert!(error.contains("wg genpsk"), "{error}");
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 
