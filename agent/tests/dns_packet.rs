@@ -1,0 +1,103 @@
+//! `Answerer::answer_packet`, the socket-free entry the DNS fuzz target drives: one query
+//! packet in, the encoded reply the server would send out.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{Name, RData, RecordType};
+use hickory_proto::xfer::Protocol;
+use xpart_agent::dns::{Answerer, DnsSettings};
+use xpart_agent::metrics::Metrics;
+
+const NAME: &str = "bedrock-runtime.us-east-1.amazonaws.com.";
+const ANSWER: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 10);
+
+#[tokio::test]
+async fn own_name_is_answered_with_the_agent_address_and_the_query_id() {
+    let query = query(0x1234, &[NAME], RecordType::A);
+
+    let reply = answerer()
+        .answer_packet(&query, caller(), Protocol::Udp)
+        .await
+        .expect("a reply");
+
+    let reply = Message::from_vec(&reply).expect("the reply decodes");
+    assert_eq!(reply.id(), 0x1234);
+    assert_eq!(reply.message_type(), MessageType::Response);
+    assert_eq!(reply.response_code(), ResponseCode::NoError);
+    let answers: Vec<&RData> = reply.answers().iter().map(|r| r.data()).collect();
+    assert_eq!(answers, vec![&RData::A(A(ANSWER))]);
+}
+
+#[tokio::test]
+async fn undecodable_packets_and_responses_get_no_reply() {
+    let answerer = answerer();
+    assert_eq!(
+        answerer
+            .answer_packet(b"\x12\x34garbage", caller(), Protocol::Udp)
+            .await,
+        None
+    );
+    let mut response = Message::new();
+    response
+        .set_id(7)
+        .set_message_type(MessageType::Response)
+        .add_query(Query::query(Name::from_ascii(NAME).unwrap(), RecordType::A));
+    let response = response.to_vec().unwrap();
+    assert_eq!(
+        answerer
+            .answer_packet(&response, caller(), Protocol::Udp)
+            .await,
+        None
+    );
+}
+
+#[tokio::test]
+async fn tcp_reply_to_several_questions_is_a_whole_formerr() {
+    let names: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|label| format!("{}.", [label.repeat(60).as_str(); 4].join(".")))
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let query = query(0x4322, &names, RecordType::A);
+
+    let reply = answerer()
+        .answer_packet(&query, caller(), Protocol::Tcp)
+        .await
+        .expect("a reply");
+
+    let reply = Message::from_vec(&reply).expect("the reply decodes");
+    assert_eq!(reply.id(), 0x4322);
+    assert_eq!(reply.response_code(), ResponseCode::FormErr);
+}
+
+fn answerer() -> Answerer {
+    let settings = DnsSettings {
+        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        names: vec![NAME.trim_end_matches('.').to_string()],
+        answer_v4: ANSWER,
+        answer_v6: None,
+        ttl: 60,
+        upstream: Vec::new(),
+        allow_cidrs: Vec::new(),
+    };
+    Answerer::new(&settings, Metrics::new()).expect("settings load")
+}
+
+fn caller() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::new(10, 0, 16, 5), 40000))
+}
+
+fn query(id: u16, names: &[&str], record_type: RecordType) -> Vec<u8> {
+    let mut message = Message::new();
+    message
+        .set_id(id)
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(true);
+    for name in names {
+        message.add_query(Query::query(Name::from_ascii(name).unwrap(), record_type));
+    }
+    message.to_vec().unwrap()
+}
