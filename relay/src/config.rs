@@ -302,6 +302,7 @@ impl RelayConfig {
         self.validate_policy(&mut found);
         self.validate_rewrite(&mut found);
         self.validate_limits(&mut found);
+        self.validate_durations(&mut found);
         found
     }
 
@@ -440,6 +441,61 @@ impl RelayConfig {
                     "use a number of seconds above zero",
                 ));
             }
+        }
+    }
+
+    /// Durations past these bounds are typos, and some overflow the clock arithmetic they
+    /// feed (`Instant + Duration` panics), so they are refused here rather than found live.
+    fn validate_durations(&self, found: &mut Vec<Problem>) {
+        let up = &self.upstream;
+        let credentials = &self.credentials;
+        for (field, value, max) in [
+            (
+                "[upstream].connect_timeout_secs",
+                up.connect_timeout_secs,
+                300,
+            ),
+            (
+                "[upstream].first_byte_timeout_secs",
+                up.first_byte_timeout_secs,
+                86_400,
+            ),
+            ("[upstream].idle_timeout_secs", up.idle_timeout_secs, 86_400),
+            (
+                "[upstream].pool_idle_timeout_secs",
+                up.pool_idle_timeout_secs,
+                86_400,
+            ),
+            (
+                "[credentials].fetch_timeout_secs",
+                credentials.fetch_timeout_secs,
+                300,
+            ),
+            (
+                "[credentials].refresh_before_expiry_secs",
+                credentials.refresh_before_expiry_secs,
+                43_200,
+            ),
+            (
+                "[service].shutdown_grace_secs",
+                self.service.shutdown_grace_secs,
+                3_600,
+            ),
+        ] {
+            if value > max {
+                found.push(Problem::new(
+                    field,
+                    format!("{value} is above {max} seconds"),
+                    "use a number of seconds in range, or leave it out for the default",
+                ));
+            }
+        }
+        if credentials.fetch_timeout_secs == 0 {
+            found.push(Problem::new(
+                "[credentials].fetch_timeout_secs",
+                "0 would time every credential fetch out".into(),
+                "use a number of seconds above zero, or leave it out for 10",
+            ));
         }
     }
 
@@ -676,6 +732,28 @@ models = ["anthropic.*"]
                 .into_iter()
                 .collect()
         );
+    }
+
+    #[test]
+    fn durations_that_overflow_the_clock_are_refused() {
+        let text = minimal()
+            .replace(
+                "region = \"us-east-1\"",
+                "region = \"us-east-1\"\nidle_timeout_secs = 9223372036854775807\nconnect_timeout_secs = 301",
+            )
+            .replace(
+                "[policy]",
+                "[credentials]\nrefresh_before_expiry_secs = 9223372036854775807\nfetch_timeout_secs = 0\n[policy]",
+            );
+        let out = problems_of(&text);
+        for fragment in [
+            "[upstream].idle_timeout_secs: 9223372036854775807 is above 86400 seconds",
+            "[upstream].connect_timeout_secs: 301 is above 300 seconds",
+            "[credentials].refresh_before_expiry_secs",
+            "[credentials].fetch_timeout_secs: 0 would time every credential fetch out",
+        ] {
+            assert!(out.contains(fragment), "{fragment} missing from:\n{out}");
+        }
     }
 
     #[test]

@@ -228,7 +228,8 @@ impl CredentialSource {
 pub fn needs_refresh(expiry: Option<SystemTime>, now: SystemTime, margin: Duration) -> bool {
     match expiry {
         None => false,
-        Some(expiry) => now + margin >= expiry,
+        // A margin past the end of time means: always refresh.
+        Some(expiry) => now.checked_add(margin).is_none_or(|t| t >= expiry),
     }
 }
 
@@ -318,6 +319,14 @@ mod tests {
             ),
             calls,
         )
+    }
+
+    #[test]
+    fn a_margin_past_the_end_of_time_always_refreshes() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let expiry = Some(now + Duration::from_secs(3600));
+        assert!(needs_refresh(expiry, now, Duration::MAX));
+        assert!(needs_refresh(expiry, now, Duration::from_secs(u64::MAX)));
     }
 
     #[tokio::test]

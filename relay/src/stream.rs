@@ -75,7 +75,11 @@ impl Body for Relayed {
                 if let Some(data) = frame.data_ref() {
                     this.bytes += data.len() as u64;
                 }
-                let deadline = Instant::now() + this.idle;
+                // An idle limit past the clock's range never fires.
+                let now = Instant::now();
+                let deadline = now
+                    .checked_add(this.idle)
+                    .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30));
                 this.timer.as_mut().reset(deadline);
                 if this.inner.is_end_stream() {
                     this.end(Ending::Complete);
