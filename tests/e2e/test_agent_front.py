@@ -85,7 +85,7 @@ def test_sighup_reloads_the_certificate_without_dropping_connections(agent_with_
     time.sleep(0.5)
     again = connect(agent.front[1], fresh["ca"])
     assert fingerprint_of(again) == fingerprint_of(after)
-    assert "TLS certificate reload failed" in agent.logs()
+    assert "configuration not reloaded" in agent.logs()
 
 
 def test_http1_and_http2_by_alpn(agent_with_own_cert):
@@ -118,3 +118,75 @@ key_file = "missing.key"
     for expected in ("[tunnel].private_key_file", "[front].cert_file", "[[relay]]", "[[principal]]", "fix:"):
         assert expected in proc.stderr, proc.stderr
     assert str(path) in proc.stderr
+
+
+def _closed_within(sock, seconds):
+    """Seconds until the peer closes `sock` (EOF or reset); fails after `seconds`."""
+    sock.settimeout(seconds)
+    started = time.monotonic()
+    try:
+        while sock.recv(4096):
+            pass
+    except (ConnectionResetError, ssl.SSLError):
+        pass
+    except socket.timeout:
+        pytest.fail(f"the agent kept a silent connection open for {seconds} s")
+    return time.monotonic() - started
+
+
+@pytest.fixture
+def agent_with_short_deadlines(tmp_path, test_pki):
+    if not os.access(a.agent_binary(), os.X_OK):
+        pytest.skip(f"xpart-agent is not built at {a.agent_binary()}")
+    path = a.host_mode_config(str(tmp_path), test_pki, "[]")
+    with open(path) as f:
+        text = f.read()
+    knobs = "handshake_timeout_secs = 1\nfirst_request_timeout_secs = 2\nidle_timeout_secs = 1\nmax_connections_per_source = 2\n"
+    with open(path, "w") as f:
+        f.write(text.replace("[front]\n", "[front]\n" + knobs, 1))
+    agent = a.AgentProcess(path, str(tmp_path / "agent.log"))
+    yield agent, test_pki
+    agent.stop()
+
+
+def test_connections_that_send_nothing_are_closed_and_caps_refuse_at_accept(agent_with_short_deadlines):
+    agent, pki = agent_with_short_deadlines
+    context = ssl.create_default_context(cafile=pki["ca"])
+
+    # No TLS at all: closed after the handshake timeout.
+    with socket.create_connection(agent.front, timeout=5) as raw:
+        assert 0.8 <= _closed_within(raw, 5) < 3
+
+    # Two TLS connections from 127.0.0.1 fill its per-source cap: a third is closed at accept.
+    held = [context.wrap_socket(socket.create_connection(agent.front, timeout=5), server_hostname="localhost") for _ in range(2)]
+    with pytest.raises((ssl.SSLError, ConnectionResetError, OSError)):
+        with socket.create_connection(agent.front, timeout=5) as raw:
+            context.wrap_socket(raw, server_hostname="localhost").close()
+    # Then each is closed for sending no request.
+    for tls in held:
+        assert _closed_within(tls, 5) < 3
+        tls.close()
+
+    # (Idle keep-alive after a request, and streams outliving idle_timeout_secs, need a relay:
+    # agent/tests/front_limits.rs covers them.)
+    metrics = agent.metrics()
+    for series in (
+        'xpart_agent_front_connections_closed_total{reason="handshake_timeout"} 1',
+        'xpart_agent_front_connections_closed_total{reason="first_request_timeout"} 2',
+        'xpart_agent_front_connections_refused_total{reason="max_connections_per_source"} 1',
+        "xpart_agent_front_connections_open 0",
+    ):
+        assert series in metrics, metrics
+
+
+def test_check_refuses_a_front_key_that_group_or_others_can_read(tmp_path, test_pki):
+    if not os.access(a.agent_binary(), os.X_OK):
+        pytest.skip(f"xpart-agent is not built at {a.agent_binary()}")
+    key = tmp_path / "front.key"
+    shutil.copy(test_pki["key"], key)
+    os.chmod(key, 0o644)
+    path = a.host_mode_config(str(tmp_path), dict(test_pki, key=str(key)), "[]")
+    proc = subprocess.run([a.agent_binary(), "--config", path, "--check"], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "[front].key_file" in proc.stderr, proc.stderr
+    assert f"{key}: private key file is accessible by group or others (mode 0644) — fix: chmod 600 {key}" in proc.stderr
