@@ -17,6 +17,7 @@
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, ResponseCode};
@@ -29,8 +30,10 @@ use hickory_resolver::TokioResolver;
 use hickory_server::authority::MessageResponseBuilder;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::ServerFuture;
-use tokio::net::{TcpListener, UdpSocket};
 use ipnet::IpNet;
+use tokio::net::{TcpListener, UdpSocket};
+
+use xpart_daemon::reload::Live;
 
 use crate::metrics::Metrics;
 use crate::Error;
@@ -46,24 +49,35 @@ pub struct DnsSettings {
     pub ttl: u32,
     /// Resolvers for every other name; empty refuses them.
     pub upstream: Vec<SocketAddr>,
+    /// Clients whose queries for other names are forwarded; others get REFUSED.
+    pub allow_cidrs: Vec<IpNet>,
 }
 
 /// A running DNS server (UDP and TCP on the same address).
-    /// Clients whose queries for other names are forwarded; others get REFUSED.
-    pub allow_cidrs: Vec<IpNet>,
 pub struct DnsServer {
     local_addr: SocketAddr,
-    server: ServerFuture<Answerer>,
+    answerer: Arc<Live<Answerer>>,
+    server: ServerFuture<LiveAnswerer>,
 }
 
 impl DnsServer {
     pub async fn start(settings: DnsSettings, metrics: Metrics) -> Result<DnsServer, Error> {
         let (udp, tcp, local_addr) = bind_pair(settings.listen).await?;
-        let answerer = Answerer::new(&settings, metrics)?;
-        let mut server = ServerFuture::new(answerer);
+        let answerer = Arc::new(Live::new(Answerer::new(&settings, metrics)?));
+        let mut server = ServerFuture::new(LiveAnswerer(answerer.clone()));
         server.register_socket(udp);
         server.register_listener(tcp, Duration::from_secs(5));
-        Ok(DnsServer { local_addr, server })
+        Ok(DnsServer {
+            local_addr,
+            answerer,
+            server,
+        })
+    }
+
+    /// Answers every query from now on with `answerer` (reload: names, addresses, TTL,
+    /// upstream resolvers, allowed clients); the sockets stay.
+    pub fn replace_answerer(&self, answerer: Answerer) {
+        self.answerer.store(answerer);
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -103,6 +117,7 @@ async fn bind_pair(listen: SocketAddr) -> Result<(UdpSocket, TcpListener, Socket
 /// Decides the answer to each query.
 pub struct Answerer {
     names: HashSet<LowerName>,
+    allow_cidrs: Vec<IpNet>,
     answer_v4: Ipv4Addr,
     answer_v6: Option<Ipv6Addr>,
     ttl: u32,
@@ -117,7 +132,6 @@ enum Outcome {
     Forwarded,
     NxDomain,
     NoData,
-    allow_cidrs: Vec<IpNet>,
     Refused,
     ServFail,
     FormErr,
@@ -155,6 +169,7 @@ impl Answerer {
             (!settings.upstream.is_empty()).then(|| upstream_resolver(&settings.upstream));
         Ok(Answerer {
             names,
+            allow_cidrs: settings.allow_cidrs.clone(),
             answer_v4: settings.answer_v4,
             answer_v6: settings.answer_v6,
             ttl: settings.ttl,
@@ -169,7 +184,6 @@ impl Answerer {
         mut response: R,
     ) -> (Outcome, std::io::Result<ResponseInfo>) {
         let builder = MessageResponseBuilder::from_message_request(request);
-            allow_cidrs: settings.allow_cidrs.clone(),
         let mut header = Header::response_from_request(request.header());
         header.set_recursion_available(self.upstream.is_some());
 
@@ -188,6 +202,7 @@ impl Answerer {
         };
         let query = info.query;
         let name: Name = query.name().into();
+        let size = ReplySize::of(request);
 
         if self.names.contains(query.name()) {
             header.set_authoritative(true);
@@ -209,10 +224,8 @@ impl Answerer {
             let reply = builder.error_msg(request.header(), ResponseCode::Refused);
             return (Outcome::Refused, response.send_response(reply).await);
         }
-
         let Some(resolver) = &self.upstream else {
             let reply = builder.error_msg(request.header(), ResponseCode::Refused);
-        let size = ReplySize::of(request);
             return (Outcome::Refused, response.send_response(reply).await);
         };
         match resolver.lookup(name, query.query_type()).await {
@@ -237,6 +250,14 @@ impl Answerer {
             }
         }
     }
+
+    /// Whether `name` is strictly below one of the configured names.
+    fn is_under_own_name(&self, name: &LowerName) -> bool {
+        self.names
+            .iter()
+            .any(|own| own != name && own.zone_of(name))
+    }
+
     fn own_records(&self, name: &Name, query_type: RecordType) -> Vec<Record> {
         let v4 = || Record::from_rdata(name.clone(), self.ttl, RData::A(A(self.answer_v4)));
         let v6 = |ip| Record::from_rdata(name.clone(), self.ttl, RData::AAAA(AAAA(ip)));
@@ -251,13 +272,21 @@ impl Answerer {
             _ => Vec::new(),
         }
     }
-    /// Whether `name` is strictly below one of the configured names.
-    fn is_under_own_name(&self, name: &LowerName) -> bool {
-        self.names
-            .iter()
-            .any(|own| own != name && own.zone_of(name))
-    }
+}
 
+/// The server's handler: whichever [`Answerer`] the last reload stored.
+struct LiveAnswerer(Arc<Live<Answerer>>);
+
+#[async_trait::async_trait]
+impl RequestHandler for LiveAnswerer {
+    async fn handle_request<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        response: R,
+    ) -> ResponseInfo {
+        let answerer = self.0.load();
+        answerer.handle_request(request, response).await
+    }
 }
 
 #[async_trait::async_trait]
@@ -284,28 +313,6 @@ impl RequestHandler for Answerer {
     }
 }
 
-fn upstream_resolver(upstream: &[SocketAddr]) -> TokioResolver {
-    let mut config = ResolverConfig::new();
-    for addr in upstream {
-        config.add_name_server(NameServerConfig::new(*addr, Protocol::Udp));
-        config.add_name_server(NameServerConfig::new(*addr, Protocol::Tcp));
-    }
-    let mut opts = ResolverOpts::default();
-    // Callers do their own search-list expansion; forward names exactly as asked.
-    opts.ndots = 0;
-    // Ask with EDNS so answers over 512 bytes come back over UDP, as callers asked for them.
-    opts.edns0 = true;
-    opts.timeout = Duration::from_secs(2);
-    opts.attempts = 2;
-    TokioResolver::builder_with_config(config, TokioConnectionProvider::default())
-        .with_options(opts)
-        .build()
-}
-
-/// Addresses the answer may use, for validation messages.
-pub fn is_usable_answer(ip: IpAddr) -> bool {
-    !ip.is_unspecified() && !ip.is_multicast()
-}
 /// How large a reply may be, from the request's transport and EDNS.
 #[derive(Debug, Clone)]
 struct ReplySize {
@@ -393,3 +400,105 @@ fn encoded_len(
     message.to_vec().ok().map(|bytes| bytes.len())
 }
 
+fn upstream_resolver(upstream: &[SocketAddr]) -> TokioResolver {
+    let mut config = ResolverConfig::new();
+    for addr in upstream {
+        config.add_name_server(NameServerConfig::new(*addr, Protocol::Udp));
+        config.add_name_server(NameServerConfig::new(*addr, Protocol::Tcp));
+    }
+    let mut opts = ResolverOpts::default();
+    // Callers do their own search-list expansion; forward names exactly as asked.
+    opts.ndots = 0;
+    // Ask with EDNS so answers over 512 bytes come back over UDP, as callers asked for them.
+    opts.edns0 = true;
+    opts.timeout = Duration::from_secs(2);
+    opts.attempts = 2;
+    TokioResolver::builder_with_config(config, TokioConnectionProvider::default())
+        .with_options(opts)
+        .build()
+}
+
+/// Addresses the answer may use, for validation messages.
+pub fn is_usable_answer(ip: IpAddr) -> bool {
+    !ip.is_unspecified() && !ip.is_multicast()
+}
+
+impl Answerer {
+    /// One query packet in, the encoded reply out, through the decoding, the decision and the
+    /// encoding (size limit included) the server applies, without sockets: the entry point for
+    /// fuzzing and packet-level tests. `None` when the server would send nothing from this
+    /// handler: a packet that does not decode as a message, or a response.
+    pub async fn answer_packet(
+        &self,
+        packet: &[u8],
+        src: SocketAddr,
+        protocol: Protocol,
+    ) -> Option<Vec<u8>> {
+        use hickory_proto::serialize::binary::BinDecodable;
+        let message = hickory_server::authority::MessageRequest::from_bytes(packet).ok()?;
+        if message.message_type() == MessageType::Response {
+            return None;
+        }
+        let request = Request::new(message, src, protocol);
+        let reply = CapturedReply {
+            protocol,
+            bytes: Default::default(),
+        };
+        self.handle_request(&request, reply.clone()).await;
+        let mut bytes = reply.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        bytes.take()
+    }
+}
+
+/// Keeps the reply instead of sending it, encoded as hickory-server's socket handle encodes
+/// it: UDP replies fit the requester's EDNS payload size (4096 bytes without EDNS), TCP ones
+/// 65535 bytes; a reply that cannot be encoded becomes a bare SERVFAIL.
+#[derive(Clone)]
+struct CapturedReply {
+    protocol: Protocol,
+    bytes: std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for CapturedReply {
+    async fn send_response<'a>(
+        &mut self,
+        response: hickory_server::authority::MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> std::io::Result<ResponseInfo> {
+        use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
+        let id = response.header().id();
+        let max_size = match self.protocol {
+            Protocol::Udp => response
+                .get_edns()
+                .as_ref()
+                .map_or(hickory_proto::udp::MAX_RECEIVE_BUFFER_SIZE as u16, |edns| {
+                    edns.max_payload()
+                }),
+            _ => u16::MAX,
+        };
+        let mut buffer = Vec::with_capacity(512);
+        let mut encoder = BinEncoder::new(&mut buffer);
+        encoder.set_max_size(max_size);
+        let info = match response.destructive_emit(&mut encoder) {
+            Ok(info) => info,
+            Err(_) => {
+                buffer.clear();
+                let mut encoder = BinEncoder::new(&mut buffer);
+                let mut header = Header::new();
+                header.set_id(id);
+                header.set_response_code(ResponseCode::ServFail);
+                header.emit(&mut encoder).map_err(std::io::Error::other)?;
+                ResponseInfo::from(header)
+            }
+        };
+        *self.bytes.lock().unwrap_or_else(|e| e.into_inner()) = Some(buffer);
+        Ok(info)
+    }
+}

@@ -16,10 +16,11 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, BodyStream, StreamBody};
 use hyper::body::Incoming;
 use xpart_daemon::audit::{AuditLog, AuditRecord, Service};
-use xpart_daemon::bedrock::{self, Route, ERROR_TYPE_HEADER};
+use xpart_daemon::bedrock::{self, Route, AMZN_REQUEST_ID_HEADER, ERROR_TYPE_HEADER};
 use xpart_daemon::protocol::{
     strip_xpart_headers, PRINCIPAL_HEADER, REQUEST_ID_HEADER, SOURCE_HEADER,
 };
+use xpart_daemon::reload::Live;
 
 use crate::auth::{Denial, Grant, Principal, Principals};
 use crate::forward::{ForwardBody, ForwardError, Relays};
@@ -36,7 +37,8 @@ pub type CallerBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Everything a request needs, shared by all connections.
 pub struct Agent {
-    pub principals: Principals,
+    /// Swapped whole on reload (SIGHUP); a request authenticates against one snapshot.
+    pub principals: Live<Principals>,
     pub limits: SharedLimits,
     pub relays: Arc<Relays>,
     pub audit: AuditLog,
@@ -115,6 +117,7 @@ fn authenticate(
     let source = exchange.record.source.unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let principal = agent
         .principals
+        .load()
         .authenticate(request.headers(), request.uri().query(), source)
         .map_err(|denial| {
             // The token was good; the audit line names whose token came from the wrong place.
@@ -142,9 +145,6 @@ fn authorize(principal: &Principal, route: &Route, exchange: &mut Exchange) -> R
     Ok(())
 }
 
-/// Refuses at once a body whose declared length is over the limit; bodies without a length
-/// are cut off while streaming (see [`RequestBody`]).
-fn check_declared_length(principal: &Principal, request: &Request<Incoming>) -> Result<(), Error> {
 /// The `model` metric label of an authorized request: the operator's allowlist entry that
 /// matched, so the label set is bounded by the config whatever ids callers send.
 fn model_label(grant: Grant<'_>) -> &str {
@@ -159,6 +159,9 @@ const MODEL_LABEL_DENIED: &str = "denied";
 /// The `model` label of authorized operations that name no model (ApplyGuardrail, …).
 const MODEL_LABEL_OTHER: &str = "other";
 
+/// Refuses at once a body whose declared length is over the limit; bodies without a length
+/// are cut off while streaming (see [`RequestBody`]).
+fn check_declared_length(principal: &Principal, request: &Request<Incoming>) -> Result<(), Error> {
     let declared = request
         .headers()
         .get(CONTENT_LENGTH)
@@ -265,7 +268,10 @@ async fn answer(
         false => prefetch(relays, relay, body).await?,
     };
     bedrock::strip_hop_by_hop(&mut parts.headers);
+    // The caller's SDK reports x-amzn-RequestId (boto3's ResponseMetadata.RequestId); it is
+    // the id both daemons' audit lines carry, whatever the relay or Bedrock sent.
     if let Ok(id) = HeaderValue::from_str(&exchange.request_id) {
+        parts.headers.insert(AMZN_REQUEST_ID_HEADER, id.clone());
         parts.headers.insert(REQUEST_ID_HEADER, id);
     }
     let is_event_stream = parts
@@ -273,7 +279,12 @@ async fn answer(
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(EVENT_STREAM.as_bytes()));
     let audit = audit_on_end(agent, exchange, &parts, meter, slot);
-    let mut body = ResponseBody::new(body, relays.death_of(relay), audit);
+    let length = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut body = ResponseBody::new(body, relays.death_of(relay), audit).with_length(length);
     if is_event_stream {
         body = body.with_event_stream();
     }
