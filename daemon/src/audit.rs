@@ -8,8 +8,9 @@
 //! new file at the same path (for logrotate; the daemon calls it on SIGHUP), and
 //! [`AuditLog::close`] flushes everything queued before shutdown.
 //!
-//! The schema has no place for request or response bodies, headers or tokens: they cannot
-//! end up in the log by accident.
+//! The schema has no place for request or response bodies, headers or bearer tokens: they
+//! cannot end up in the log by accident. Token *counts* (model usage) are numbers, written
+//! only when the answer reported them.
 
 use std::fs::OpenOptions;
 use std::io;
@@ -66,6 +67,16 @@ pub struct AuditRecord {
     pub upstream_latency_ms: Option<f64>,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Model usage as the answer reported it (agent only); absent when it reported none, so
+    /// readers can tell "no usage known" from zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_read_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_tokens: Option<u64>,
 }
 
 impl AuditRecord {
@@ -87,6 +98,10 @@ impl AuditRecord {
             upstream_latency_ms: None,
             bytes_in: 0,
             bytes_out: 0,
+            input_tokens: None,
+            output_tokens: None,
+            cache_read_tokens: None,
+            cache_write_tokens: None,
         }
     }
 }

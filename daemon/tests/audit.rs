@@ -79,6 +79,48 @@ async fn records_become_json_lines_with_the_schema_fields() {
 }
 
 #[tokio::test]
+async fn token_counts_are_written_only_when_the_answer_reported_them() {
+    let dir = scratch_dir("tokens");
+    let path = dir.join("audit.jsonl");
+    let log = AuditLog::open(&path).unwrap();
+    let mut counted = agent_record("req-tokens", 200, None);
+    counted.input_tokens = Some(1200);
+    counted.output_tokens = Some(345);
+    counted.cache_read_tokens = Some(1000);
+    counted.cache_write_tokens = Some(0);
+    log.record(counted.clone());
+    log.record(agent_record("req-none", 200, None));
+    log.close().await;
+
+    let lines = read_lines(&path);
+    let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(first["input_tokens"], 1200);
+    assert_eq!(first["output_tokens"], 345);
+    assert_eq!(first["cache_read_tokens"], 1000);
+    assert_eq!(first["cache_write_tokens"], 0);
+    assert_eq!(
+        serde_json::from_str::<AuditRecord>(&lines[0]).unwrap(),
+        counted
+    );
+    let second: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+    for field in [
+        "input_tokens",
+        "output_tokens",
+        "cache_read_tokens",
+        "cache_write_tokens",
+    ] {
+        assert!(second.get(field).is_none(), "{field} in {}", lines[1]);
+    }
+    assert_eq!(
+        serde_json::from_str::<AuditRecord>(&lines[1])
+            .unwrap()
+            .input_tokens,
+        None
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
 async fn long_messages_are_truncated() {
     let dir = scratch_dir("truncate");
     let path = dir.join("audit.jsonl");
