@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use xpart_tunnel::core::{Engine, PeerSpec};
+use xpart_tunnel::core::{Engine, PeerConfig};
 use xpart_tunnel::PrivateKey;
 
 const A_TUN: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
@@ -267,8 +267,8 @@ impl Pair {
 struct Keys {
     a: PrivateKey,
     b: PrivateKey,
-    a_peer: PeerSpec,
-    b_peer: PeerSpec,
+    a_peer: PeerConfig,
+    b_peer: PeerConfig,
 }
 
 fn keys() -> &'static Keys {
@@ -287,8 +287,8 @@ fn keys() -> &'static Keys {
     })
 }
 
-fn peer(name: &str, key: &PrivateKey, addr: ([u8; 4], u16), tunnel: Ipv4Addr) -> PeerSpec {
-    PeerSpec {
+fn peer(name: &str, key: &PrivateKey, addr: ([u8; 4], u16), tunnel: Ipv4Addr) -> PeerConfig {
+    PeerConfig {
         name: name.to_string(),
         public_key: key.public_key(),
         endpoint: Some(SocketAddr::from(addr)),

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::core::{self, Engine, PeerSpec};
+use crate::core::{self, Engine};
 use crate::kernel::{GroTable, TunDevice, TunReads, COALESCE_CAPACITY, HEADROOM};
 use crate::udp::{self, RecvBatch, UdpSocket};
 use crate::userspace::Stack;
@@ -56,8 +56,7 @@ impl Tunnel {
             Mode::Kernel => Backend::Kernel(Arc::new(TunDevice::create(&config)?)),
             Mode::Userspace => Backend::Userspace(Stack::new(config.address, config.mtu)),
         };
-        let peers = config.peers.iter().map(peer_spec).collect();
-        let engine = Engine::new(&config.private_key, peers, Instant::now());
+        let engine = Engine::new(&config.private_key, config.peers.clone(), Instant::now());
         let shared = Arc::new(Shared {
             engine: Mutex::new(engine),
             udp,
@@ -163,17 +162,6 @@ fn validate(config: &TunnelConfig) -> Result<(), Error> {
         }
     }
     Ok(())
-}
-
-fn peer_spec(peer: &crate::PeerConfig) -> PeerSpec {
-    PeerSpec {
-        name: peer.name.clone(),
-        public_key: peer.public_key,
-        endpoint: peer.endpoint,
-        allowed_ips: peer.allowed_ips.clone(),
-        persistent_keepalive: peer.persistent_keepalive,
-        preshared_key: peer.preshared_key,
-    }
 }
 
 #[derive(Clone)]

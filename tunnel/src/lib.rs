@@ -19,7 +19,7 @@ mod userspace;
 
 use std::net::SocketAddr;
 
-pub use core::{DropReason, PeerStats};
+pub use core::{DropReason, PeerConfig, PeerStats};
 pub use driver::Tunnel;
 pub use keys::{PrivateKey, PublicKey};
 pub use net::{Network, TcpConn, TcpListener};
@@ -54,20 +54,6 @@ pub struct TunnelConfig {
     /// Kernel mode only; `None` means [`DEFAULT_INTERFACE_NAME`].
     pub interface_name: Option<String>,
     pub peers: Vec<PeerConfig>,
-}
-
-/// One WireGuard peer.
-#[derive(Debug, Clone)]
-pub struct PeerConfig {
-    /// Label used in logs and statistics.
-    pub name: String,
-    pub public_key: PublicKey,
-    /// `None`: learn the endpoint from the peer's first authenticated datagram.
-    pub endpoint: Option<SocketAddr>,
-    /// Inner source addresses accepted from this peer, and destinations routed to it.
-    pub allowed_ips: Vec<ipnet::IpNet>,
-    pub persistent_keepalive: Option<u16>,
-    pub preshared_key: Option<[u8; 32]>,
 }
 
 /// Why a tunnel could not start.

@@ -13,7 +13,7 @@ use boringtun::x25519;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use xpart_tunnel::core::{
-    DropReason, Engine, Event, PeerId, PeerSpec, Transmit, HANDSHAKE_CHECKS_PER_SECOND,
+    DropReason, Engine, Event, PeerConfig, PeerId, Transmit, HANDSHAKE_CHECKS_PER_SECOND,
 };
 use xpart_tunnel::keys::PrivateKey;
 
@@ -882,7 +882,7 @@ impl Sim {
         sim
     }
 
-    fn add_node(&mut self, addr: SocketAddr, key: &PrivateKey, peers: Vec<PeerSpec>) -> usize {
+    fn add_node(&mut self, addr: SocketAddr, key: &PrivateKey, peers: Vec<PeerConfig>) -> usize {
         let engine = Engine::new(key, peers, self.now);
         let fast_path = self.nodes.len() & 1 == 0;
         self.nodes.push(Node {
@@ -1210,8 +1210,8 @@ fn spec(
     endpoint: Option<SocketAddr>,
     allowed: &[&str],
     keepalive: Option<u16>,
-) -> PeerSpec {
-    PeerSpec {
+) -> PeerConfig {
+    PeerConfig {
         name: name.to_string(),
         public_key: key.public_key(),
         endpoint,

@@ -114,10 +114,11 @@ pub fn inbound_buffer_len(datagram_len: usize) -> usize {
     datagram_len.max(MIN_WIRE_BUFFER)
 }
 
-/// One WireGuard peer as the engine needs it.
+/// One WireGuard peer: what the daemons' `[[tunnel.peers]]` tables parse into, and what the
+/// engine builds each peer from.
 #[derive(Debug, Clone)]
-pub struct PeerSpec {
-    /// Label for logs and statistics.
+pub struct PeerConfig {
+    /// Label for logs and statistics; unique within a tunnel.
     pub name: String,
     pub public_key: PublicKey,
     /// `None`: learned from the peer's first authenticated datagram.
@@ -127,6 +128,7 @@ pub struct PeerSpec {
     /// Seconds between keepalives when idle; also makes the engine initiate at start and keep
     /// re-initiating after `ConnectionExpired`.
     pub persistent_keepalive: Option<u16>,
+    /// Mixed into every handshake; both sides must configure the same key.
     pub preshared_key: Option<[u8; 32]>,
 }
 
@@ -182,7 +184,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(private_key: &PrivateKey, peers: Vec<PeerSpec>, now: Instant) -> Engine {
+    pub fn new(private_key: &PrivateKey, peers: Vec<PeerConfig>, now: Instant) -> Engine {
         let clock = Clock::new(now);
         let static_private = private_key.as_static_secret().clone();
         let static_public = private_key.public_key();

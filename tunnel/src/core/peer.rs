@@ -9,7 +9,7 @@ use ipnet::IpNet;
 
 use super::clock::Clock;
 use super::stats::{DropCounts, DropReason, PeerStats};
-use super::{Event, PeerId, PeerSpec};
+use super::{Event, PeerConfig, PeerId};
 use crate::keys::PublicKey;
 
 pub(super) struct Peer {
@@ -35,7 +35,7 @@ pub(super) struct Peer {
 }
 
 impl Peer {
-    pub(super) fn new(spec: PeerSpec, tunn: Tunn) -> Peer {
+    pub(super) fn new(spec: PeerConfig, tunn: Tunn) -> Peer {
         Peer {
             name: spec.name,
             public_key: spec.public_key,
