@@ -97,7 +97,10 @@ fn query(id: u16, names: &[&str], record_type: RecordType) -> Vec<u8> {
         .set_op_code(OpCode::Query)
         .set_recursion_desired(true);
     for name in names {
-        message.add_query(Query::query(Name::from_ascii(name).unwrap(), record_type));
+        message.add_query(Query::query(
+            Name::from_ascii(name).expect("test names are ASCII"),
+            record_type,
+        ));
     }
-    message.to_vec().unwrap()
+    message.to_vec().expect("encode the query")
 }

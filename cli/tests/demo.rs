@@ -302,7 +302,7 @@ impl RunningDemo {
         line[prefix.len()..]
             .split("/metrics")
             .next()
-            .unwrap()
+            .expect("split yields at least one piece")
             .to_string()
     }
 
@@ -376,7 +376,8 @@ fn exports(text: &str) -> std::collections::BTreeMap<String, String> {
 }
 
 fn read_toml(path: &Path) -> toml::Value {
-    let text = std::fs::read_to_string(path).unwrap();
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
     toml::from_str(&text).unwrap_or_else(|err| panic!("{}: {err}", path.display()))
 }
 
@@ -398,7 +399,7 @@ impl Scratch {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).expect("create the scratch directory");
         Scratch(dir)
     }
 

@@ -21,8 +21,11 @@ struct Daemon {
 impl Daemon {
     fn new() -> Arc<Daemon> {
         let registry = Registry::new();
-        let requests = IntCounter::new("xpart_test_requests_total", "Requests seen").unwrap();
-        registry.register(Box::new(requests.clone())).unwrap();
+        let requests = IntCounter::new("xpart_test_requests_total", "Requests seen")
+            .expect("a valid metric name");
+        registry
+            .register(Box::new(requests.clone()))
+            .expect("register the counter once");
         requests.inc_by(7);
         Arc::new(Daemon {
             registry,
@@ -77,26 +80,34 @@ async fn call(
     path: &str,
     body: &'static str,
 ) -> (StatusCode, http::HeaderMap, String) {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the admin server");
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .unwrap();
+        .expect("HTTP/1.1 handshake with the admin server");
     tokio::spawn(connection);
     let request = Request::builder()
         .method(method)
         .uri(path)
         .header("host", "localhost")
         .body(Full::new(Bytes::from_static(body.as_bytes())))
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
+        .expect("admin request");
+    let response = sender.send_request(request).await.expect("admin response");
     let status = response.status();
     let headers = response.headers().clone();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, headers, String::from_utf8(body.to_vec()).unwrap())
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("admin response body")
+        .to_bytes();
+    let body = String::from_utf8(body.to_vec()).expect("admin answers in UTF-8");
+    (status, headers, body)
 }
 
 fn loopback() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
 #[tokio::test]

@@ -137,7 +137,7 @@ fn local_side(private_key_file: Option<PathBuf>) -> LocalSide {
     LocalSide {
         mode: Mode::Userspace,
         private_key_file,
-        address: Some("100.64.0.1/30".parse().unwrap()),
+        address: Some("100.64.0.1/30".parse().expect("a CIDR")),
         listen: None,
         mtu: xpart_daemon::tunnel_config::default_mtu(),
         interface_name: None,
@@ -161,6 +161,6 @@ fn scratch_dir(name: &str) -> PathBuf {
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).expect("create the scratch directory");
     dir
 }

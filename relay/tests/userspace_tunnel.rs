@@ -169,18 +169,27 @@ fn keep_credentials_lookups_on_loopback() {
 }
 
 async fn admin_get(addr: SocketAddr, path: &str) -> String {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the admin server");
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .unwrap();
+        .expect("HTTP/1.1 handshake with the admin server");
     tokio::spawn(connection);
     let request = http::Request::get(path)
         .header("host", addr.to_string())
         .body(Full::new(Bytes::new()))
-        .unwrap();
-    let response = within(sender.send_request(request)).await.unwrap();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    String::from_utf8(body.to_vec()).unwrap()
+        .expect("admin request");
+    let response = within(sender.send_request(request))
+        .await
+        .expect("admin response");
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("admin response body")
+        .to_bytes();
+    String::from_utf8(body.to_vec()).expect("admin answers in UTF-8")
 }
 
 async fn within<T>(future: impl std::future::Future<Output = T>) -> T {

@@ -6,9 +6,9 @@ use x509_parser::pem::Pem;
 use crate::support::{chmod, mode, xpart, Scratch};
 
 fn certificates(path: &std::path::Path) -> Vec<Pem> {
-    let bytes = std::fs::read(path).unwrap();
+    let bytes = std::fs::read(path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
     Pem::iter_from_buffer(&bytes)
-        .map(|pem| pem.unwrap())
+        .map(|pem| pem.unwrap_or_else(|err| panic!("{}: {err}", path.display())))
         .collect()
 }
 

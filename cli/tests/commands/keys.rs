@@ -11,7 +11,7 @@ const RFC7748_PUBLIC: &str = "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eb
 fn hex_to_base64(hex: &str) -> String {
     let bytes: Vec<u8> = (0..hex.len())
         .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex digits"))
         .collect();
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
@@ -125,10 +125,10 @@ fn wg(args: &[&str], stdin: &str) -> String {
     child
         .stdin
         .take()
-        .unwrap()
+        .expect("stdin is piped")
         .write_all(stdin.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
+        .expect("write to wg");
+    let output = child.wait_with_output().expect("wait for wg");
     assert!(output.status.success());
-    String::from_utf8(output.stdout).unwrap()
+    String::from_utf8(output.stdout).expect("wg prints UTF-8")
 }
