@@ -20,7 +20,7 @@
 //! [`tunnel_config::tunnel_config`] turns the `[tunnel]` section and the peer tables into
 //! the WireGuard configuration.
 //!
-//! Beyond CONTRACTS.md §2:
+//! Beyond the wire contracts in docs/CONTRACTS.md:
 //! - [`bedrock::ErrorType::UnknownOperation`] (404 `UnknownOperationException`, what AWS
 //!   rest-json front ends answer for a path no operation uses);
 //! - [`bedrock::Route`] carries `guardrail` and

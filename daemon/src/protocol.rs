@@ -1,4 +1,4 @@
-//! The few names the agent and the relay agree on inside the tunnel (CONTRACTS §3): the
+//! The few names the agent and the relay agree on inside the tunnel (docs/CONTRACTS.md §3): the
 //! headers the agent adds to a forwarded request and the relay's health path.
 
 use http::HeaderMap;
