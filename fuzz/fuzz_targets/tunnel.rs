@@ -205,7 +205,6 @@ impl Pair {
                     "A delivered a packet whose source is outside B's allowed IPs"
                 );
             }
-            self.a.recycle(packet);
         }
     }
 
@@ -219,11 +218,8 @@ impl Pair {
                     let now = self.now;
                     let b = self.b();
                     b.handle_datagram(SocketAddr::from(A_ADDR), &transmit.payload, now);
-                    while let Some(packet) = b.poll_inbound() {
-                        b.recycle(packet);
-                    }
+                    while b.poll_inbound().is_some() {}
                 }
-                self.a.recycle(transmit.payload);
             }
             moved |= self.flush_b_once();
             if !moved {

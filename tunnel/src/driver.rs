@@ -215,37 +215,69 @@ struct Shared {
     epoch: Instant,
 }
 
-/// What the engine queued (handshakes, keepalives, packets released by a new session),
-/// taken out while the lock is held and acted on after. Each packet has [`HEADROOM`] spare
-/// bytes in front, as [`Sink::write`] takes them.
-#[derive(Default)]
-struct Output {
-    datagrams: Vec<(SocketAddr, Vec<u8>)>,
+/// What one pass of a loop sends on, gathered while the engine's lock is held and acted on
+/// after: datagrams for the UDP socket, then packets for the backend. The datagram buffers
+/// are kept from pass to pass; the engine encrypts straight into them.
+struct Outgoing {
+    buffers: Vec<Vec<u8>>,
+    /// Destination and length of the datagram in each of the first `datagrams.len()` buffers.
+    datagrams: Vec<(SocketAddr, usize)>,
+    /// Decrypted packets from the engine's queue, each with [`HEADROOM`] spare bytes in front,
+    /// as [`Sink::write`] takes them.
     packets: Vec<Vec<u8>>,
 }
 
-/// Reusable buffers for encrypted datagrams: the engine writes each into its own slot, and
-/// one `sendmmsg` sends the batch.
-struct WireBatch {
-    bufs: Vec<Vec<u8>>,
-    sends: Vec<(usize, SocketAddr, usize)>,
-}
-
-impl WireBatch {
-    fn new(slots: usize, packet_len: usize) -> WireBatch {
-        WireBatch {
-            bufs: (0..slots)
-                .map(|_| vec![0u8; packet_len + core::DATA_OVERHEAD])
-                .collect(),
-            sends: Vec::with_capacity(slots),
+impl Outgoing {
+    /// Starts with `buffers` datagram buffers of `len` bytes; more are added as a pass needs.
+    fn new(buffers: usize, len: usize) -> Outgoing {
+        Outgoing {
+            buffers: (0..buffers).map(|_| vec![0u8; len]).collect(),
+            datagrams: Vec::with_capacity(buffers),
+            packets: Vec::new(),
         }
     }
 
+    /// The next free datagram buffer, at least `len` bytes long.
+    fn next_buffer(&mut self, len: usize) -> &mut [u8] {
+        let next = self.datagrams.len();
+        if next == self.buffers.len() {
+            self.buffers.push(Vec::new());
+        }
+        let buffer = &mut self.buffers[next];
+        if buffer.len() < len {
+            buffer.resize(len, 0);
+        }
+        buffer
+    }
+
+    /// Keeps the `len` bytes just written into [`Outgoing::next_buffer`] as a datagram.
+    fn push_written(&mut self, dst: SocketAddr, len: usize) {
+        self.datagrams.push((dst, len));
+    }
+
+    fn push_datagram(&mut self, dst: SocketAddr, datagram: &[u8]) {
+        self.next_buffer(datagram.len())[..datagram.len()].copy_from_slice(datagram);
+        self.push_written(dst, datagram.len());
+    }
+
+    fn push_packet(&mut self, packet: &[u8]) {
+        let mut buffer = Vec::with_capacity(HEADROOM + packet.len());
+        buffer.resize(HEADROOM, 0);
+        buffer.extend_from_slice(packet);
+        self.packets.push(buffer);
+    }
+
     fn datagrams(&self) -> Vec<(SocketAddr, &[u8])> {
-        self.sends
+        self.datagrams
             .iter()
-            .map(|(slot, dst, len)| (*dst, &self.bufs[*slot][..*len]))
+            .zip(&self.buffers)
+            .map(|((dst, len), buffer)| (*dst, &buffer[..*len]))
             .collect()
+    }
+
+    fn clear(&mut self) {
+        self.datagrams.clear();
+        self.packets.clear();
     }
 }
 
@@ -258,41 +290,28 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Encrypts IP packets from the backend into `wire` (one slot per packet, in order).
-    fn encrypt<'p>(
-        &self,
-        packets: impl Iterator<Item = &'p [u8]>,
-        wire: &mut WireBatch,
-        out: &mut Output,
-    ) {
-        wire.sends.clear();
+    /// Encrypts IP packets from the backend into `out`, in order, followed by whatever the
+    /// engine queued meanwhile (a handshake initiation while packets wait for a session).
+    fn encrypt<'p>(&self, packets: impl Iterator<Item = &'p [u8]>, out: &mut Outgoing) {
         let mut engine = self.lock();
         let now = Instant::now();
-        for (slot, packet) in packets.enumerate() {
-            if slot == wire.bufs.len() {
-                wire.bufs.push(Vec::new());
-            }
-            let buf = &mut wire.bufs[slot];
-            let needed = packet.len() + core::DATA_OVERHEAD;
-            if buf.len() < needed {
-                buf.resize(needed, 0);
-            }
-            if let Some((dst, len)) = engine.handle_outbound_into(packet, now, buf) {
-                wire.sends.push((slot, dst, len));
+        for packet in packets {
+            let buffer = out.next_buffer(core::outbound_buffer_len(packet.len()));
+            if let Some((dst, len)) = engine.handle_outbound_into(packet, now, buffer) {
+                out.push_written(dst, len);
             }
         }
         self.drain(&mut engine, out);
     }
 
-    fn drain(&self, engine: &mut Engine, out: &mut Output) {
+    /// Moves what the engine queued into `out`, logs its events and wakes the timer loop
+    /// if the engine's next deadline moved earlier.
+    fn drain(&self, engine: &mut Engine, out: &mut Outgoing) {
         while let Some(transmit) = engine.poll_transmit() {
-            out.datagrams.push((transmit.dst, transmit.payload));
+            out.push_datagram(transmit.dst, &transmit.payload);
         }
         while let Some(packet) = engine.poll_inbound() {
-            let mut buf = Vec::with_capacity(HEADROOM + packet.len());
-            buf.resize(HEADROOM, 0);
-            buf.extend_from_slice(&packet);
-            out.packets.push(buf);
+            out.push_packet(&packet);
         }
         while let Some(event) = engine.poll_event() {
             tracing::info!(?event, "tunnel event");
@@ -309,7 +328,7 @@ impl Shared {
         at.saturating_duration_since(self.epoch).as_nanos() as u64
     }
 
-    async fn send(&self, datagrams: &[(SocketAddr, impl AsRef<[u8]>)]) {
+    async fn send(&self, datagrams: &[(SocketAddr, &[u8])]) {
         if datagrams.is_empty() {
             return;
         }
@@ -335,7 +354,7 @@ async fn receive_loop(shared: Arc<Shared>, backend: Backend) {
         .map(|_| Vec::with_capacity(capacity))
         .collect();
     let mut sink = Sink::new(&backend);
-    let mut out = Output::default();
+    let mut out = Outgoing::new(0, 0);
     loop {
         if let Err(err) = shared.udp.recv_batch(&mut batch).await {
             tracing::error!(error = %err, "WireGuard UDP socket failed; tunnel stopped receiving");
@@ -372,27 +391,24 @@ async fn receive_loop(shared: Arc<Shared>, backend: Backend) {
     }
 }
 
-/// Sends the datagrams the engine queued and hands the packets it queued to the backend.
-async fn deliver(shared: &Shared, sink: &mut Sink, out: &mut Output) {
-    shared.send(&out.datagrams).await;
-    out.datagrams.clear();
+/// Sends the datagrams and hands the packets to the backend, leaving `out` empty.
+async fn deliver(shared: &Shared, sink: &mut Sink, out: &mut Outgoing) {
+    shared.send(&out.datagrams()).await;
     sink.write(&mut out.packets).await;
-    out.packets.clear();
+    out.clear();
 }
 
 /// TUN → engine (encrypt) → UDP (kernel mode).
 async fn tun_loop(shared: Arc<Shared>, tun: Arc<TunDevice>, mtu: usize) {
     let mut reads = TunReads::new(mtu);
-    let mut wire = WireBatch::new(udp::BATCH, mtu + 64);
+    let mut out = Outgoing::new(udp::BATCH, core::outbound_buffer_len(mtu + 64));
     let mut sink = Sink::new(&Backend::Kernel(tun.clone()));
-    let mut out = Output::default();
     loop {
         if let Err(err) = tun.read_batch(&mut reads).await {
             tracing::error!(interface = tun.name(), error = %err, "reading from TUN failed; tunnel stopped sending");
             return;
         }
-        shared.encrypt(reads.packets(), &mut wire, &mut out);
-        shared.send(&wire.datagrams()).await;
+        shared.encrypt(reads.packets(), &mut out);
         deliver(&shared, &mut sink, &mut out).await;
     }
 }
@@ -402,14 +418,12 @@ async fn tun_loop(shared: Arc<Shared>, tun: Arc<TunDevice>, mtu: usize) {
 async fn stack_loop(shared: Arc<Shared>, stack: Stack, mtu: usize) {
     let mut sink = Sink::Userspace(stack.clone());
     let mut packets = Vec::new();
-    let mut wire = WireBatch::new(64, mtu);
-    let mut out = Output::default();
+    let mut out = Outgoing::new(udp::BATCH, core::outbound_buffer_len(mtu));
     loop {
         let delay = stack.poll(&mut packets);
         if !packets.is_empty() {
-            shared.encrypt(packets.iter().map(Vec::as_slice), &mut wire, &mut out);
+            shared.encrypt(packets.iter().map(Vec::as_slice), &mut out);
             packets.clear();
-            shared.send(&wire.datagrams()).await;
             deliver(&shared, &mut sink, &mut out).await;
             // More may be queued behind a full pass; look again before sleeping.
             continue;
@@ -430,7 +444,7 @@ async fn stack_loop(shared: Arc<Shared>, stack: Stack, mtu: usize) {
 /// Handshake retries, keepalives, rekeys and session expiry, at the engine's deadlines.
 async fn timer_loop(shared: Arc<Shared>, backend: Backend) {
     let mut sink = Sink::new(&backend);
-    let mut out = Output::default();
+    let mut out = Outgoing::new(0, 0);
     loop {
         let now = Instant::now();
         let deadline = shared

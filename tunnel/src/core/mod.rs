@@ -11,16 +11,17 @@
 //!         IP packet from the stack    => engine.handle_outbound(packet, now),
 //!         engine.poll_timeout()       => engine.handle_timeout(now),
 //!     }
-//!     while let Some(t) = engine.poll_transmit() { udp.send_to(&t.payload, t.dst); engine.recycle(t.payload) }
-//!     while let Some(p) = engine.poll_inbound()  { stack.write(&p); engine.recycle(p) }
+//!     while let Some(t) = engine.poll_transmit() { udp.send_to(&t.payload, t.dst) }
+//!     while let Some(p) = engine.poll_inbound()  { stack.write(&p) }
 //!     while let Some(e) = engine.poll_event()    { log / metrics }
 //! }
 //! ```
 //!
 //! On the fast paths, [`Engine::handle_datagram_into`] and [`Engine::handle_outbound_into`]
 //! write the common result (the decrypted packet, the encrypted datagram) straight into the
-//! caller's buffer; everything else still goes through the queues. Queue buffers come from a
-//! pool that [`Engine::recycle`] refills, so a steady flow allocates nothing.
+//! caller's buffer, so a steady flow allocates nothing. The queues carry the rest, each item
+//! in a buffer of its own: handshakes, keepalives, cookie replies, the packets released when
+//! a session starts, and results that did not fit a caller's short buffer.
 //!
 //! What the engine adds to `Tunn`:
 //! - routing: datagrams reach their peer by the receiver index boringtun put in the upper 24
@@ -45,14 +46,13 @@
 //! clock is `mock_instant`'s, and the engine sets it from `now` before every call into
 //! boringtun (see `clock.rs`), so a test that passes simulated instants moves both clocks.
 
-mod buffers;
 mod clock;
 mod peer;
 mod routing;
 mod stats;
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,7 +64,6 @@ use boringtun::x25519;
 use ipnet::IpNet;
 
 use crate::keys::{PrivateKey, PublicKey};
-use buffers::BufferPool;
 use clock::Clock;
 use peer::{error_reason, Peer};
 use routing::RoutingTable;
@@ -142,7 +141,7 @@ impl PeerId {
     }
 }
 
-/// A UDP datagram to send.
+/// A UDP datagram to send: what [`Engine::poll_transmit`] hands out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {
     pub dst: SocketAddr,
@@ -175,7 +174,7 @@ pub struct Engine {
     clock: Clock,
     next_tick: Instant,
     next_rate_limiter_reset: Instant,
-    outbox: Outbox,
+    transmits: VecDeque<Transmit>,
     inbound: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
     /// Drops that no peer can be blamed for (unparseable datagrams, unknown senders, no route).
@@ -231,7 +230,7 @@ impl Engine {
             clock,
             next_tick: now + TIMER_TICK,
             next_rate_limiter_reset: now + RATE_LIMITER_RESET,
-            outbox: Outbox::default(),
+            transmits: VecDeque::new(),
             inbound: VecDeque::new(),
             events: VecDeque::new(),
             drops: DropCounts::default(),
@@ -244,19 +243,17 @@ impl Engine {
     /// Any UDP datagram received on the socket, from `from`.
     pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
         self.clock.advance_to(now);
-        let mut buffer = self.outbox.pool.take(inbound_buffer_len(datagram.len()));
-        match self.receive(from, datagram, &mut buffer) {
-            Some(len) => {
-                buffer.truncate(len);
-                self.inbound.push_back(buffer);
-            }
-            None => self.outbox.pool.put(buffer),
+        let mut buffer = vec![0u8; inbound_buffer_len(datagram.len())];
+        if let Some(len) = self.receive(from, datagram, &mut buffer) {
+            buffer.truncate(len);
+            self.inbound.push_back(buffer);
         }
     }
 
     /// [`Engine::handle_datagram`] that writes a decrypted IP packet into `out` and returns its
     /// length. `out` must hold [`inbound_buffer_len`] bytes; a shorter one sends the packet
     /// through [`Engine::poll_inbound`] instead.
+    #[must_use = "a returned length is a decrypted packet in `out` to deliver"]
     pub fn handle_datagram_into(
         &mut self,
         from: SocketAddr,
@@ -279,16 +276,10 @@ impl Engine {
         let Some(peer) = self.route(ip_packet) else {
             return;
         };
-        let mut buffer = self.outbox.pool.take(outbound_buffer_len(ip_packet.len()));
-        match self.encapsulate(peer, ip_packet, &mut buffer) {
-            Some((dst, len)) => {
-                buffer.truncate(len);
-                self.outbox.transmits.push_back(Transmit {
-                    dst,
-                    payload: buffer,
-                });
-            }
-            None => self.outbox.pool.put(buffer),
+        let mut payload = vec![0u8; outbound_buffer_len(ip_packet.len())];
+        if let Some((dst, len)) = self.encapsulate(peer, ip_packet, &mut payload) {
+            payload.truncate(len);
+            self.transmits.push_back(Transmit { dst, payload });
         }
     }
 
@@ -296,6 +287,7 @@ impl Engine {
     /// destination and length: the encrypted packet, or a handshake initiation while the packet
     /// waits for a session. `out` must hold [`outbound_buffer_len`] bytes; a shorter one sends
     /// the datagram through [`Engine::poll_transmit`] instead.
+    #[must_use = "a returned destination and length is a datagram in `out` to send"]
     pub fn handle_outbound_into(
         &mut self,
         ip_packet: &[u8],
@@ -326,30 +318,29 @@ impl Engine {
     }
 
     /// The next UDP datagram to send.
+    #[must_use = "a polled datagram is gone from the queue; send it"]
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.outbox.transmits.pop_front()
+        self.transmits.pop_front()
     }
 
     /// The next decrypted IP packet for the local stack.
+    #[must_use = "a polled packet is gone from the queue; deliver it"]
     pub fn poll_inbound(&mut self) -> Option<Vec<u8>> {
         self.inbound.pop_front()
     }
 
+    #[must_use = "a polled event is gone from the queue"]
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
 
     /// When [`Engine::handle_timeout`] must next run; `None` when there are no peers.
+    #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.peers.is_empty() {
             return None;
         }
         Some(self.next_tick)
-    }
-
-    /// Returns a buffer from [`Transmit::payload`] or [`Engine::poll_inbound`] for reuse.
-    pub fn recycle(&mut self, buffer: Vec<u8>) {
-        self.outbox.pool.put(buffer);
     }
 
     pub fn stats(&self) -> Vec<PeerStats> {
@@ -398,7 +389,7 @@ impl Engine {
     fn initiate_keepalive_peers(&mut self, now: Instant) {
         let Engine {
             peers,
-            outbox,
+            transmits,
             scratch,
             ..
         } = self;
@@ -409,12 +400,14 @@ impl Engine {
             if let TunnResult::WriteToNetwork(init) =
                 peer.tunn.format_handshake_initiation(scratch, false)
             {
-                outbox.send_to_peer(peer, init);
+                transmits.extend(peer.transmit(init));
             }
             peer.next_recovery = Some(now + peer.keepalive_interval());
         }
     }
 
+    /// Routes a datagram to its peer by kind, lets boringtun open it (decrypting a packet into
+    /// `out`) and acts on what came out. Returns the length of a packet to deliver.
     fn receive(&mut self, from: SocketAddr, datagram: &[u8], out: &mut [u8]) -> Option<usize> {
         let (peer_id, is_data) = match Tunn::parse_incoming_packet(datagram) {
             Ok(Packet::HandshakeInit(init)) => {
@@ -431,64 +424,56 @@ impl Engine {
         let now = self.clock.now();
         let Engine {
             peers,
-            outbox,
+            transmits,
             events,
             scratch,
             ..
         } = self;
         let peer = &mut peers[peer_id.0];
-        match peer.tunn.decapsulate(Some(from.ip()), datagram, out) {
-            TunnResult::Done => {
-                // A keepalive authenticates its sender; a cookie reply only proves that the
-                // sender saw our initiation, which is not enough to move the endpoint.
-                if is_data {
-                    peer.authenticated(peer_id, from, datagram.len(), events);
-                    peer.answered_at = None;
-                    flush_queued(peer, outbox, scratch);
-                }
+        let opened = peer.tunn.decapsulate(Some(from.ip()), datagram, out);
+        match Opened::from_result(opened, is_data) {
+            Opened::Keepalive => {
+                peer.authenticated(peer_id, from, datagram.len(), events);
+                peer.answered_at = None;
+                flush_queued(peer, transmits, scratch);
                 None
             }
-            TunnResult::Err(err) => {
+            // A cookie reply only proves that the sender saw our initiation, which is not
+            // enough to move the endpoint.
+            Opened::Consumed => None,
+            Opened::Refused(err) => {
                 peer.drops.add(error_reason(&err));
                 None
             }
-            TunnResult::WriteToNetwork(reply) if is_cookie_reply(reply) => {
-                // We are under load: the sender must prove its address before we spend a
-                // Diffie-Hellman on it.
+            Opened::UnderLoad(cookie_reply) => {
+                // The sender must prove its address before we spend a Diffie-Hellman on it.
                 peer.drops.add(DropReason::UnderLoad);
-                outbox.send(from, reply);
+                transmits.push_back(Transmit::new(from, cookie_reply));
                 None
             }
-            TunnResult::WriteToNetwork(reply) if is_handshake_response(reply) => {
-                // We answered an initiation. Packets queued here wait for the initiator's
-                // first data message, which confirms the session: flushing now would make
-                // boringtun start an initiation of its own that discards the state of one
-                // already in flight, so crossing handshakes would keep cancelling each other.
+            Opened::Answered(response) => {
+                // Packets queued here wait for the initiator's first data message, which
+                // confirms the session: flushing now would make boringtun start an initiation
+                // of its own that discards the state of one already in flight, so crossing
+                // handshakes would keep cancelling each other.
                 peer.authenticated(peer_id, from, datagram.len(), events);
                 peer.handshake_completed(peer_id, now, events);
                 peer.answered_at = Some(now);
-                outbox.send_to_peer(peer, reply);
+                transmits.extend(peer.transmit(response));
                 None
             }
-            TunnResult::WriteToNetwork(reply) => {
-                // The keepalive that confirms the peer's handshake response.
+            Opened::Confirmed(keepalive) => {
                 peer.authenticated(peer_id, from, datagram.len(), events);
                 peer.handshake_completed(peer_id, now, events);
-                outbox.send_to_peer(peer, reply);
-                flush_queued(peer, outbox, scratch);
+                transmits.extend(peer.transmit(keepalive));
+                flush_queued(peer, transmits, scratch);
                 None
             }
-            TunnResult::WriteToTunnelV4(packet, source) => {
+            Opened::Packet { len, source } => {
                 peer.authenticated(peer_id, from, datagram.len(), events);
                 peer.answered_at = None;
-                flush_queued(peer, outbox, scratch);
-                peer.admit(source.into(), packet.len())
-            }
-            TunnResult::WriteToTunnelV6(packet, source) => {
-                peer.authenticated(peer_id, from, datagram.len(), events);
-                peer.answered_at = None;
-                flush_queued(peer, outbox, scratch);
-                peer.admit(source.into(), packet.len())
+                flush_queued(peer, transmits, scratch);
+                peer.admit(source, len)
             }
         }
     }
@@ -507,9 +492,9 @@ impl Engine {
             .verify_packet(Some(from.ip()), datagram, &mut cookie)
         {
             Ok(_) => {}
-            Err(TunnResult::WriteToNetwork(reply)) => {
+            Err(TunnResult::WriteToNetwork(cookie_reply)) => {
                 self.drops.add(DropReason::UnderLoad);
-                self.outbox.send(from, reply);
+                self.transmits.push_back(Transmit::new(from, cookie_reply));
                 return None;
             }
             Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
@@ -568,11 +553,7 @@ impl Engine {
         let peer = &mut self.peers[peer_id.0];
         match peer.tunn.encapsulate(ip_packet, out) {
             TunnResult::WriteToNetwork(datagram) => {
-                let Some(endpoint) = peer.endpoint else {
-                    peer.drops.add(DropReason::NoEndpoint);
-                    return None;
-                };
-                peer.sent(datagram.len());
+                let endpoint = peer.send_to(datagram.len())?;
                 Some((endpoint, datagram.len()))
             }
             TunnResult::Err(err) => {
@@ -588,7 +569,7 @@ impl Engine {
     fn update_peer_timers(&mut self, peer_id: PeerId, now: Instant) {
         let Engine {
             peers,
-            outbox,
+            transmits,
             events,
             scratch,
             ..
@@ -600,17 +581,17 @@ impl Engine {
             // handshake of our own if need be. Waiting REKEY_TIMEOUT first lets a handshake
             // of ours that crossed theirs finish undisturbed.
             peer.answered_at = None;
-            flush_queued(peer, outbox, scratch);
+            flush_queued(peer, transmits, scratch);
         }
         match peer.tunn.update_timers(scratch) {
-            TunnResult::WriteToNetwork(datagram) => outbox.send_to_peer(peer, datagram),
+            TunnResult::WriteToNetwork(datagram) => transmits.extend(peer.transmit(datagram)),
             TunnResult::Err(WireGuardError::ConnectionExpired) => {
                 peer.connection_expired(peer_id, now, events);
                 if peer.wants_recovery(now) {
                     if let TunnResult::WriteToNetwork(init) =
                         peer.tunn.format_handshake_initiation(scratch, false)
                     {
-                        outbox.send_to_peer(peer, init);
+                        transmits.extend(peer.transmit(init));
                     }
                     peer.next_recovery = Some(now + peer.keepalive_interval().max(REKEY_TIMEOUT));
                 }
@@ -624,26 +605,56 @@ impl Engine {
     }
 }
 
-/// Datagrams waiting to be sent, and the buffers they are built in.
-#[derive(Default)]
-struct Outbox {
-    transmits: VecDeque<Transmit>,
-    pool: BufferPool,
+impl Transmit {
+    fn new(dst: SocketAddr, datagram: &[u8]) -> Transmit {
+        Transmit {
+            dst,
+            payload: datagram.to_vec(),
+        }
+    }
 }
 
-impl Outbox {
-    fn send(&mut self, dst: SocketAddr, datagram: &[u8]) {
-        let payload = self.pool.copy_of(datagram);
-        self.transmits.push_back(Transmit { dst, payload });
-    }
+/// What boringtun made of a received datagram, one case per thing the engine does about it.
+enum Opened<'a> {
+    /// An authenticated data message without a packet.
+    Keepalive,
+    /// Taken in with nothing to pass on or answer: a cookie reply to our initiation, which
+    /// boringtun keeps for its retry.
+    Consumed,
+    Refused(WireGuardError),
+    /// A cookie reply for the sender of a handshake message: we are under load.
+    UnderLoad(&'a [u8]),
+    /// Our response to the sender's initiation.
+    Answered(&'a [u8]),
+    /// The keepalive that confirms the sender's response to our initiation.
+    Confirmed(&'a [u8]),
+    /// A decrypted IP packet of `len` bytes, written into the caller's buffer.
+    Packet {
+        len: usize,
+        source: IpAddr,
+    },
+}
 
-    fn send_to_peer(&mut self, peer: &mut Peer, datagram: &[u8]) {
-        let Some(endpoint) = peer.endpoint else {
-            peer.drops.add(DropReason::NoEndpoint);
-            return;
-        };
-        peer.sent(datagram.len());
-        self.send(endpoint, datagram);
+impl<'a> Opened<'a> {
+    fn from_result(result: TunnResult<'a>, is_data: bool) -> Opened<'a> {
+        match result {
+            TunnResult::Done if is_data => Opened::Keepalive,
+            TunnResult::Done => Opened::Consumed,
+            TunnResult::Err(err) => Opened::Refused(err),
+            TunnResult::WriteToNetwork(reply) if is_cookie_reply(reply) => Opened::UnderLoad(reply),
+            TunnResult::WriteToNetwork(reply) if is_handshake_response(reply) => {
+                Opened::Answered(reply)
+            }
+            TunnResult::WriteToNetwork(reply) => Opened::Confirmed(reply),
+            TunnResult::WriteToTunnelV4(packet, source) => Opened::Packet {
+                len: packet.len(),
+                source: source.into(),
+            },
+            TunnResult::WriteToTunnelV6(packet, source) => Opened::Packet {
+                len: packet.len(),
+                source: source.into(),
+            },
+        }
     }
 }
 
@@ -651,9 +662,9 @@ impl Outbox {
 /// datagram. Called once a session is usable: after the keepalive that completes our own
 /// handshake, and after any data from the peer (which is what confirms a session we
 /// answered). With nothing queued it is a single empty-queue check.
-fn flush_queued(peer: &mut Peer, outbox: &mut Outbox, scratch: &mut [u8]) {
+fn flush_queued(peer: &mut Peer, transmits: &mut VecDeque<Transmit>, scratch: &mut [u8]) {
     while let TunnResult::WriteToNetwork(datagram) = peer.tunn.decapsulate(None, &[], scratch) {
-        outbox.send_to_peer(peer, datagram);
+        transmits.extend(peer.transmit(datagram));
     }
 }
 

@@ -9,7 +9,7 @@ use ipnet::IpNet;
 
 use super::clock::Clock;
 use super::stats::{DropCounts, DropReason, PeerStats};
-use super::{Event, PeerConfig, PeerId};
+use super::{Event, PeerConfig, PeerId, Transmit};
 use crate::keys::PublicKey;
 
 pub(super) struct Peer {
@@ -86,9 +86,22 @@ impl Peer {
         Some(len)
     }
 
-    pub(super) fn sent(&mut self, len: usize) {
+    /// Where a datagram of `len` bytes for this peer goes, counted as sent; `None`, counted as
+    /// a drop, while the endpoint is unknown.
+    pub(super) fn send_to(&mut self, len: usize) -> Option<SocketAddr> {
+        let Some(endpoint) = self.endpoint else {
+            self.drops.add(DropReason::NoEndpoint);
+            return None;
+        };
         self.tx_packets += 1;
         self.tx_bytes += len as u64;
+        Some(endpoint)
+    }
+
+    /// A datagram boringtun wrote into scratch space, copied out for the queue.
+    pub(super) fn transmit(&mut self, datagram: &[u8]) -> Option<Transmit> {
+        let dst = self.send_to(datagram.len())?;
+        Some(Transmit::new(dst, datagram))
     }
 
     pub(super) fn handshake_completed(
