@@ -59,9 +59,18 @@ build {
     inline = ["mkdir -p /tmp/xpart-staging/bin /tmp/xpart-staging/images /tmp/xpart-staging/config"]
   }
 
+  # On the machine running Packer: the binaries without their debug info, which stays in
+  # .debug/ beside them (split-debug.sh; images/README.md, "Debug info").
+  provisioner "shell-local" {
+    inline           = ["sh '${path.root}/split-debug.sh' '${local.stripped_dir}/relay' '${local.binary_dir}/xpart-relay' '${local.binary_dir}/xpart'"]
+    environment_vars = ["OBJCOPY=${var.objcopy}"]
+  }
+
+  # Written by the step above, so Packer checks for them when it uploads, not at validation.
   provisioner "file" {
-    sources     = ["${local.binary_dir}/xpart-relay", "${local.binary_dir}/xpart"]
+    sources     = ["${local.stripped_dir}/relay/xpart-relay", "${local.stripped_dir}/relay/xpart"]
     destination = "/tmp/xpart-staging/bin/"
+    generated   = true
   }
 
   # Units, sysctl, logrotate, sysusers, the boot script and the deployment guide.

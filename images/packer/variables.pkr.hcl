@@ -89,10 +89,19 @@ variable "binary_dir" {
   description = "Directory holding the Linux release binaries for arch (xpart-agent, xpart-relay, xpart); empty means target/release of this repository."
 }
 
+variable "objcopy" {
+  type        = string
+  default     = "objcopy"
+  description = "objcopy that splits the debug info off the binaries before upload; for arm64 binaries built on x86_64, aarch64-linux-gnu-objcopy or llvm-objcopy."
+}
+
 locals {
   repo_root  = "${path.root}/../.."
   images_dir = "${path.root}/.."
   binary_dir = var.binary_dir != "" ? var.binary_dir : "${local.repo_root}/target/release"
+  # What each image ships (stripped binaries), and their debug info in .debug/, per role so
+  # the agent and relay builds can run at once.
+  stripped_dir = "${local.binary_dir}/image"
 
   region        = var.region != "" ? var.region : (var.partition == "aws-us-gov" ? "us-gov-west-1" : "us-east-1")
   instance_type = var.instance_type != "" ? var.instance_type : (var.arch == "arm64" ? "t4g.small" : "t3.small")

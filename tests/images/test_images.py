@@ -1,7 +1,8 @@
 """Checks on images/: the AMI templates, the systemd units and their companions, and the two
 CloudFormation stacks, as CI can run them without an AWS account.
 
-Tools: cfn-lint (PyPI), Debian's packer 1.6.6, systemd-analyze (Debian's systemd), logrotate.
+Tools: cfn-lint (PyPI), Debian's packer 1.6.6, systemd-analyze (Debian's systemd), logrotate,
+binutils and rustc (the debug-info split of the release binaries).
 A test whose tool is missing skips and says which package provides it; CI installs them all.
 """
 
@@ -22,6 +23,7 @@ UNITS = IMAGES / "systemd"
 GOVCLOUD = IMAGES / "cloudformation" / "govcloud.yaml"
 COMMERCIAL = IMAGES / "cloudformation" / "commercial.yaml"
 GUIDE = IMAGES / "README.md"
+SPLIT_DEBUG = PACKER_DIR / "split-debug.sh"
 
 DAEMON_UNITS = ["xpart-agent.service", "xpart-relay.service"]
 ALLOWED_CAPS = {"CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"}
@@ -651,17 +653,15 @@ def test_packer_builds_validate_with_their_files(tmp_path, partition, arch):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_packer_validation_names_a_missing_release_binary(tmp_path):
-    need("packer", "packer")
-    _need_example_configs()
-    mirror = _packer_mirror(tmp_path)
+def test_the_split_step_names_a_missing_release_binary(tmp_path):
+    need("objcopy", "binutils")
     bin_dir = _release_binaries(tmp_path, names=("xpart-relay", "xpart"))
-    result = run(
-        ["packer", "validate", "-var", "partition=aws-us-gov", "-var", f"binary_dir={bin_dir}", str(mirror)],
-        cwd=tmp_path,
-    )
+    result = run(["sh", str(SPLIT_DEBUG), str(tmp_path / "image"), str(bin_dir / "xpart-agent"),
+                  str(bin_dir / "xpart")])
     assert result.returncode != 0
-    assert "xpart-agent" in result.stdout + result.stderr
+    assert f"no release binary {bin_dir / 'xpart-agent'}" in result.stderr
+    assert "cargo build --release --bins" in result.stderr
+    assert not (tmp_path / "image" / "xpart").exists(), "nothing is split before every binary is there"
 
 
 def test_packer_refuses_an_unknown_architecture_or_partition(tmp_path):
@@ -689,11 +689,82 @@ def test_packer_template_requires_imdsv2_encryption_and_clears_keys(role):
         r'owners += \["amazon"\]',
         r"name += local.base_ami_name",
         rf'environment_vars += \["XPART_ROLE={role}"\]',
-        rf'binary_dir\}}/xpart-{role}"',
     ]:
         assert re.search(pattern, text, flags=re.S), f"{role}.pkr.hcl lacks {pattern}"
     variables = (PACKER_DIR / "variables.pkr.hcl").read_text()
     assert 'base_ami_name = "al2023-ami-2023.*-kernel-${var.al2023_kernel}-${var.arch}"' in variables
+
+
+@pytest.mark.parametrize("role", ["agent", "relay"])
+def test_the_image_ships_only_binaries_split_from_their_debug_info(role):
+    text = (PACKER_DIR / f"{role}.pkr.hcl").read_text()
+    split = re.search(r'provisioner "shell-local" \{\n    inline += \["(?P<command>[^"]*)"\]', text)
+    assert split, f"{role}.pkr.hcl has no shell-local step that runs split-debug.sh"
+    assert split["command"] == (
+        f"sh '${{path.root}}/split-debug.sh' '${{local.stripped_dir}}/{role}' "
+        f"'${{local.binary_dir}}/xpart-{role}' '${{local.binary_dir}}/xpart'"
+    )
+    uploads = re.findall(r'provisioner "file" \{\n(.*?)\n  \}', text, flags=re.S)
+    binaries = [u for u in uploads if "/tmp/xpart-staging/bin/" in u]
+    assert len(binaries) == 1, uploads
+    assert f'["${{local.stripped_dir}}/{role}/xpart-{role}", "${{local.stripped_dir}}/{role}/xpart"]' in binaries[0]
+    assert re.search(r"generated += true", binaries[0])
+    assert "binary_dir" not in binaries[0], "the unstripped binaries must not be uploaded"
+    assert text.index('provisioner "shell-local"') < text.index("/tmp/xpart-staging/bin/\"\n"), \
+        "the split runs before the upload"
+    variables = (PACKER_DIR / "variables.pkr.hcl").read_text()
+    assert 'stripped_dir = "${local.binary_dir}/image"' in variables
+    assert 'environment_vars = ["OBJCOPY=${var.objcopy}"]' in text
+
+
+def test_split_binaries_keep_symbols_and_find_their_line_tables_in_debug(tmp_path):
+    """What the image build does to a release binary, on a small Rust program built like one
+    (line tables only): the shipped file has no debug sections but still names functions in a
+    backtrace, and with its .debug file installed beside it the backtrace has file and line."""
+    need("objcopy", "binutils")
+    need("readelf", "binutils")
+    need("rustc", "rustc")
+    source = tmp_path / "panics.rs"
+    source.write_text(
+        "fn main() { deep(std::env::args().count()); }\n"
+        "#[inline(never)]\nfn deep(n: usize) { if n < 100 { panic!(\"deep\"); } }\n"
+    )
+    built = tmp_path / "release" / "xpart-agent"
+    built.parent.mkdir()
+    compiled = run(["rustc", "-C", "debuginfo=line-tables-only", "-C", "opt-level=1", "-C", "strip=none",
+                    str(source), "-o", str(built)])
+    assert compiled.returncode == 0, compiled.stderr
+    image = tmp_path / "image" / "agent"
+
+    split = run(["sh", str(SPLIT_DEBUG), str(image), str(built)])
+
+    assert split.returncode == 0, split.stderr
+    shipped, debug = image / "xpart-agent", image / ".debug" / "xpart-agent.debug"
+    sections = run(["readelf", "-S", "-W", str(shipped)]).stdout
+    assert ".debug_line" not in sections and ".debug_info" not in sections
+    assert ".symtab" in sections and ".gnu_debuglink" in sections
+    assert ".debug_line" in run(["readelf", "-S", "-W", str(debug)]).stdout
+    assert shipped.stat().st_size < built.stat().st_size / 2
+    assert os.access(shipped, os.X_OK)
+
+    def backtrace():
+        result = run([str(shipped)], env={**os.environ, "RUST_BACKTRACE": "1"})
+        assert result.returncode != 0
+        return result.stderr
+
+    frame_with_line = r"panics::deep\n\s+at .*panics\.rs:3:"
+    assert re.search(frame_with_line, backtrace())
+    debug.rename(tmp_path / "elsewhere.debug")
+    without = backtrace()
+    assert re.search(r"\d+: panics::deep\n", without) and not re.search(frame_with_line, without)
+
+
+def test_the_split_step_refuses_an_unknown_objcopy(tmp_path):
+    bin_dir = _release_binaries(tmp_path, names=("xpart",))
+    result = run(["sh", str(SPLIT_DEBUG), str(tmp_path / "image"), str(bin_dir / "xpart")],
+                 env={**os.environ, "OBJCOPY": "no-such-objcopy"})
+    assert result.returncode != 0
+    assert "no-such-objcopy not found" in result.stderr and "-var objcopy=" in result.stderr
 
 
 def test_required_plugins_block_lives_alone_in_versions_file():
