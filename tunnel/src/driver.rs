@@ -10,6 +10,11 @@
 //!
 //! The engine sits behind one mutex taken once per batch, never across an await; the
 //! userspace stack has its own lock, and no code path holds both.
+//!
+//! Each loop owns its buffers and reuses them from batch to batch: the engine decrypts into the
+//! receive loop's packet buffers and encrypts into an [`Outgoing`]'s datagram buffers, with no
+//! allocation per packet. What the engine queues on its own (handshakes, keepalives, packets
+//! released when a session starts) is copied into the same [`Outgoing`].
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

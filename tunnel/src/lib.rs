@@ -1,12 +1,16 @@
-//! `xpart-tunnel` carries the agent–relay traffic over standard WireGuard. Data flows in two
-//! directions through three layers: a network backend produces IP packets (the kernel's TUN
-//! device in [`Mode::Kernel`], an embedded smoltcp TCP/IP stack in [`Mode::Userspace`]); the
-//! tokio driver hands them to the sans-IO [`core`] engine, which encrypts them with boringtun
-//! and returns UDP datagrams that the driver sends to the peers' endpoints. Datagrams received
-//! on the UDP socket go the other way: engine (decrypt, check the source against the peer's
-//! allowed IPs) → backend. Callers never see packets: they open and accept TCP connections on
-//! tunnel addresses through a [`Network`], and read per-peer counters with
-//! [`Tunnel::peer_stats`] and drops by reason, with or without a peer, with [`Tunnel::dropped`].
+//! `xpart-tunnel` has one job: carry the TCP traffic between agents and relays over standard
+//! WireGuard, so either side can also talk to a stock `wg`/wireguard-go peer.
+//!
+//! Data flows through three layers. A network backend produces IP packets: the kernel's TUN
+//! device in [`Mode::Kernel`], an embedded smoltcp TCP/IP stack in [`Mode::Userspace`]. The
+//! tokio driver (`driver`) hands them to the sans-IO [`core`] engine, which routes each to the
+//! peer whose allowed IPs hold its destination, encrypts it with boringtun and returns the UDP
+//! datagram that the driver sends to that peer's endpoint. Datagrams received on the UDP socket
+//! go the other way: engine (find the peer, decrypt, check the inner source against the
+//! peer's allowed IPs) → backend. Callers never see packets: they describe the tunnel with a
+//! [`TunnelConfig`] and its [`PeerConfig`]s, open and accept TCP connections on tunnel
+//! addresses through a [`Network`], and read per-peer counters with [`Tunnel::peer_stats`]
+//! and drops by reason, with or without a peer, with [`Tunnel::dropped`].
 
 pub mod core;
 pub mod keys;

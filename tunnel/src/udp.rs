@@ -212,9 +212,11 @@ impl UdpSocket {
     fn recv_now(&self, batch: &mut RecvBatch) -> io::Result<usize> {
         use std::os::fd::AsRawFd;
         let slots = batch.bufs.len();
-        // SAFETY: all-zero is a valid bit pattern for these plain C structs.
+        // SAFETY: all-zero is a valid bit pattern for this plain C struct.
         let mut storage: [libc::sockaddr_storage; RECV_SLOTS] = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; the null pointers are replaced below before use.
         let mut iovecs: [libc::iovec; RECV_SLOTS] = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
         let mut headers: [libc::mmsghdr; RECV_SLOTS] = unsafe { std::mem::zeroed() };
         let mut control = [[0u64; CONTROL_WORDS]; RECV_SLOTS];
         for i in 0..slots {
@@ -368,13 +370,22 @@ const SEND_MESSAGES: usize = BATCH;
 /// `hdr.msg_control` must point at `msg_controllen` bytes the kernel filled for this message.
 #[cfg(target_os = "linux")]
 unsafe fn gro_segment_size(hdr: &libc::msghdr) -> Option<usize> {
-    let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
+    // SAFETY: the caller guarantees `msg_control`/`msg_controllen` describe a filled control
+    // buffer; CMSG_FIRSTHDR stays within it or returns null.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(hdr) };
     while !cmsg.is_null() {
-        if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == libc::UDP_GRO {
-            let value = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::c_int);
+        // SAFETY: a non-null header from CMSG_FIRSTHDR/CMSG_NXTHDR lies within the buffer.
+        let header = unsafe { &*cmsg };
+        if header.cmsg_level == libc::SOL_UDP && header.cmsg_type == libc::UDP_GRO {
+            // SAFETY: the kernel writes a UDP_GRO message with a c_int of data; the read is
+            // unaligned because CMSG_DATA does not promise c_int alignment.
+            let value =
+                unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::c_int) };
             return usize::try_from(value).ok();
         }
-        cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
+        // SAFETY: `cmsg` is a header within `hdr`'s control buffer; CMSG_NXTHDR checks the
+        // next one against `msg_controllen` and returns null past the end.
+        cmsg = unsafe { libc::CMSG_NXTHDR(hdr, cmsg) };
     }
     None
 }
@@ -387,14 +398,23 @@ unsafe fn set_gso_segment(
     control: &mut [u64; CONTROL_WORDS],
     segment: usize,
 ) {
-    let space = libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) as usize;
+    const DATA_LEN: u32 = std::mem::size_of::<u16>() as u32;
+    // SAFETY: CMSG_SPACE is pure arithmetic on its argument.
+    let space = unsafe { libc::CMSG_SPACE(DATA_LEN) } as usize;
+    debug_assert!(space <= std::mem::size_of_val(control));
     hdr.msg_control = control.as_mut_ptr() as *mut libc::c_void;
     hdr.msg_controllen = space;
-    let cmsg = libc::CMSG_FIRSTHDR(hdr);
-    (*cmsg).cmsg_level = libc::SOL_UDP;
-    (*cmsg).cmsg_type = libc::UDP_SEGMENT;
-    (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
-    std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut u16, segment as u16);
+    // SAFETY: `msg_control` points at `control`, which holds `space` bytes (CONTROL_WORDS is
+    // sized for one u16 cmsg), so the first header is within it and not null.
+    let cmsg = unsafe { libc::CMSG_FIRSTHDR(hdr) };
+    // SAFETY: `cmsg` points at the start of `control`, u64-aligned and large enough for a
+    // header followed by DATA_LEN bytes; the data write is unaligned-safe.
+    unsafe {
+        (*cmsg).cmsg_level = libc::SOL_UDP;
+        (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(DATA_LEN) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut u16, segment as u16);
+    }
 }
 
 #[cfg(not(target_os = "linux"))]

@@ -4,6 +4,9 @@
 //! in milliseconds. Nothing here touches a socket: addresses are loopback labels and the
 //! inner packets only ever exist in memory.
 
+// Helpers outside #[test] functions unwrap too: a panic there is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime};

@@ -1,5 +1,8 @@
 //! `Tunnel::start` refuses bad configuration with errors that say what to fix.
 
+// Helpers outside #[test] functions unwrap too: a panic there is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use xpart_tunnel::{Error, Mode, PeerConfig, PrivateKey, Tunnel, TunnelConfig};
 
 fn config() -> TunnelConfig {

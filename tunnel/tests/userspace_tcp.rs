@@ -1,5 +1,8 @@
 //! Two tunnels in userspace mode on 127.0.0.1 carrying TCP both ways through WireGuard.
 
+// Helpers outside #[test] functions unwrap too: a panic there is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
