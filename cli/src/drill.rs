@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::admin::AdminUrl;
 use crate::failover::{self, AwsArgs, EipArgs, Moves, RouteArgs, StandbyArgs, VipArgs};
-use crate::probe::{ProbeOutcome, Prober, TargetArgs};
+use crate::probe::{describe_failure, ProbeOutcome, Prober, TargetArgs};
 use crate::{duration, Error};
 
 /// Failures listed in the report; the counts cover all of them.
@@ -456,11 +456,11 @@ fn print_report(report: &Report) {
         _ => println!("NOT RECOVERED when the drill ended"),
     }
     for failure in report.failures.iter().take(10) {
-        let what = match (failure.status, &failure.error_type) {
-            (Some(status), Some(kind)) => format!("HTTP {status} {kind}"),
-            (Some(status), None) => format!("HTTP {status}"),
-            (None, _) => format!("{} failed", failure.failed_phase.unwrap_or("request")),
-        };
+        let what = describe_failure(
+            failure.status,
+            failure.error_type.as_deref(),
+            failure.failed_phase,
+        );
         println!(
             "  +{:.3}s {what}: {}",
             failure.sent_s,

@@ -95,6 +95,27 @@ pub struct ProbeOutcome {
     pub timings: Timings,
 }
 
+impl ProbeOutcome {
+    /// What went wrong, in a few words: `HTTP 403 AccessDeniedException`, `tls failed`.
+    pub fn failure(&self) -> String {
+        describe_failure(self.status, self.error_type.as_deref(), self.failed_phase)
+    }
+}
+
+/// A failed probe in a few words: the status and error code when an answer came, else the
+/// phase that failed.
+pub fn describe_failure(
+    status: Option<u16>,
+    error_type: Option<&str>,
+    failed_phase: Option<&str>,
+) -> String {
+    match (status, error_type) {
+        (Some(status), Some(error_type)) => format!("HTTP {status} {error_type}"),
+        (Some(status), None) => format!("HTTP {status}"),
+        (None, _) => format!("{} failed", failed_phase.unwrap_or("request")),
+    }
+}
+
 /// A probe client with its TLS configuration loaded once.
 #[derive(Clone)]
 pub struct Prober {
@@ -441,11 +462,7 @@ fn print_outcome(index: u32, model: &str, outcome: &ProbeOutcome) {
             outcome.reply.as_deref().unwrap_or("")
         );
     } else {
-        let what = match (outcome.status, &outcome.error_type) {
-            (Some(status), Some(error_type)) => format!("HTTP {status} {error_type}"),
-            (Some(status), None) => format!("HTTP {status}"),
-            (None, _) => format!("{} failed", outcome.failed_phase.unwrap_or("request")),
-        };
+        let what = outcome.failure();
         println!(
             "probe {index}: FAILED {what}: {}",
             outcome.message.as_deref().unwrap_or("")

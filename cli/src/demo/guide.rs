@@ -194,11 +194,7 @@ pub fn print_probe(outcome: &ProbeOutcome, echoed: bool) {
             outcome.reply.as_deref().unwrap_or_default()
         );
     } else {
-        let what = match (outcome.status, &outcome.error_type) {
-            (Some(status), Some(error_type)) => format!("HTTP {status} {error_type}"),
-            (Some(status), None) => format!("HTTP {status}"),
-            (None, _) => format!("{} failed", outcome.failed_phase.unwrap_or("request")),
-        };
+        let what = outcome.failure();
         println!(
             "Self-probe: FAILED, {what}: {}",
             outcome.message.as_deref().unwrap_or_default()

@@ -225,14 +225,10 @@ async fn move_to_standby(
     aws: &AwsArgs,
     json: bool,
 ) -> Result<ExitCode, Error> {
-    moves.validate()?;
-    let ec2 = Ec2::connect(aws).await?;
-    let pair = standby.pair.as_deref();
-    let set_roles = standby.set_roles;
-    let standby = ec2.resolve_standby(standby).await?;
-    let plan = plan_moves(&ec2, moves, &standby, pair).await?;
-    let code = execute(&ec2, Some(&standby), &plan, aws.dry_run, json).await?;
-    if let (true, false, Some(pair)) = (set_roles, aws.dry_run, pair) {
+    let planned = plan_for_standby(moves, standby, aws).await?;
+    let (ec2, standby) = (&planned.ec2, &planned.standby);
+    let code = execute(ec2, Some(standby), &planned.plan, aws.dry_run, json).await?;
+    if let (true, false, Some(pair)) = (planned.set_roles, aws.dry_run, planned.pair) {
         let Some(instance) = standby.instance_id.as_deref() else {
             return Err(Error::Usage(format!(
                 "--set-roles: {} is not attached to an instance, so no instance can be tagged active",
@@ -255,21 +251,54 @@ pub async fn move_quietly(
     standby: &StandbyArgs,
     aws: &AwsArgs,
 ) -> Result<Vec<String>, Error> {
-    moves.validate()?;
-    let ec2 = Ec2::connect(aws).await?;
-    let pair = standby.pair.as_deref();
-    let set_roles = standby.set_roles;
-    let standby = ec2.resolve_standby(standby).await?;
-    let plan = plan_moves(&ec2, moves, &standby, pair).await?;
-    let mut actions: Vec<String> = plan.actions.iter().map(ToString::to_string).collect();
+    let planned = plan_for_standby(moves, standby, aws).await?;
+    let mut actions: Vec<String> = planned
+        .plan
+        .actions
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     if aws.dry_run {
         return Ok(actions);
     }
-    ec2.apply(&plan).await.map_err(|(_, err)| err)?;
-    if let (true, Some(pair), Some(instance)) = (set_roles, pair, standby.instance_id.as_deref()) {
-        actions.extend(ec2.set_roles(pair, instance).await?);
+    planned
+        .ec2
+        .apply(&planned.plan)
+        .await
+        .map_err(|(_, err)| err)?;
+    let instance = planned.standby.instance_id.as_deref();
+    if let (true, Some(pair), Some(instance)) = (planned.set_roles, planned.pair, instance) {
+        actions.extend(planned.ec2.set_roles(pair, instance).await?);
     }
     Ok(actions)
+}
+
+/// A move planned against the resolved standby, with what the caller still needs to apply it.
+struct Planned<'a> {
+    ec2: Ec2,
+    standby: Standby,
+    plan: Plan,
+    pair: Option<&'a str>,
+    set_roles: bool,
+}
+
+async fn plan_for_standby<'a>(
+    moves: &Moves,
+    standby: &'a StandbyArgs,
+    aws: &AwsArgs,
+) -> Result<Planned<'a>, Error> {
+    moves.validate()?;
+    let ec2 = Ec2::connect(aws).await?;
+    let pair = standby.pair.as_deref();
+    let resolved = ec2.resolve_standby(standby).await?;
+    let plan = plan_moves(&ec2, moves, &resolved, pair).await?;
+    Ok(Planned {
+        ec2,
+        standby: resolved,
+        plan,
+        pair,
+        set_roles: standby.set_roles,
+    })
 }
 
 impl Moves {

@@ -3,13 +3,28 @@ use std::net::IpAddr;
 use x509_parser::extensions::GeneralName;
 use x509_parser::pem::Pem;
 
-use crate::support::{chmod, mode, xpart, Scratch};
+use crate::support::{chmod, mode, xpart, Run, Scratch};
 
 fn certificates(path: &std::path::Path) -> Vec<Pem> {
     let bytes = std::fs::read(path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
     Pem::iter_from_buffer(&bytes)
         .map(|pem| pem.unwrap_or_else(|err| panic!("{}: {err}", path.display())))
         .collect()
+}
+
+/// `xpart ca issue` with the CA `init_ca` made, writing `front.pem` and `front.key`, plus `more`.
+fn issue(dir: &Scratch, more: &[&str]) -> Run {
+    let (ca, out) = (dir.arg("ca"), dir.arg("front"));
+    let mut args = vec![
+        "ca",
+        "issue",
+        "--ca-dir",
+        ca.as_str(),
+        "--out",
+        out.as_str(),
+    ];
+    args.extend_from_slice(more);
+    xpart(&args)
 }
 
 fn init_ca(dir: &Scratch) {
@@ -42,27 +57,10 @@ fn init_writes_a_ca_certificate_and_a_0600_key() {
 fn issue_names_the_bedrock_endpoints_and_agent_ips_and_chains_to_the_ca() {
     let dir = Scratch::new();
     init_ca(&dir);
-    let run = xpart(&[
-        "ca",
-        "issue",
-        "--ca-dir",
-        &dir.arg("ca"),
-        "--region",
-        "us-east-1",
-        "--region",
-        "us-west-2",
-        "--name",
-        "localhost",
-        "--ip",
-        "10.0.1.10",
-        "--ip",
-        "127.0.0.1",
-        "--ip",
-        "::1",
-        "--out",
-        &dir.arg("front"),
-    ])
-    .ok();
+    let names = "--region us-east-1 --region us-west-2 --name localhost";
+    let ips = "--ip 10.0.1.10 --ip 127.0.0.1 --ip ::1";
+    let more: Vec<&str> = names.split(' ').chain(ips.split(' ')).collect();
+    let run = issue(&dir, &more).ok();
     assert!(run.stdout.contains("AWS_CA_BUNDLE"), "{}", run.stdout);
     assert!(run.stdout.contains("cert_file"), "{}", run.stdout);
     assert_eq!(mode(&dir.path("front.key")), 0o600);
@@ -98,7 +96,13 @@ fn issue_names_the_bedrock_endpoints_and_agent_ips_and_chains_to_the_ca() {
         dns,
         [
             "bedrock-runtime.us-east-1.amazonaws.com",
+            "bedrock.us-east-1.amazonaws.com",
+            "bedrock-runtime-fips.us-east-1.amazonaws.com",
+            "bedrock-fips.us-east-1.amazonaws.com",
             "bedrock-runtime.us-west-2.amazonaws.com",
+            "bedrock.us-west-2.amazonaws.com",
+            "bedrock-runtime-fips.us-west-2.amazonaws.com",
+            "bedrock-fips.us-west-2.amazonaws.com",
             "localhost"
         ]
     );
@@ -135,17 +139,7 @@ fn issue_refuses_a_ca_key_readable_by_others() {
     let dir = Scratch::new();
     init_ca(&dir);
     chmod(&dir.path("ca/ca.key"), 0o644);
-    let run = xpart(&[
-        "ca",
-        "issue",
-        "--ca-dir",
-        &dir.arg("ca"),
-        "--region",
-        "us-east-1",
-        "--out",
-        &dir.arg("front"),
-    ])
-    .fails_with(2);
+    let run = issue(&dir, &["--region", "us-east-1"]).fails_with(2);
     assert!(run.stderr.contains("chmod 600"), "{}", run.stderr);
     assert!(!dir.path("front.pem").exists());
 }
@@ -156,17 +150,7 @@ fn issue_refuses_a_key_from_another_ca() {
     init_ca(&dir);
     xpart(&["ca", "init", "--dir", &dir.arg("other")]).ok();
     std::fs::copy(dir.path("other/ca.key"), dir.path("ca/ca.key")).unwrap();
-    let run = xpart(&[
-        "ca",
-        "issue",
-        "--ca-dir",
-        &dir.arg("ca"),
-        "--region",
-        "us-east-1",
-        "--out",
-        &dir.arg("front"),
-    ])
-    .fails_with(2);
+    let run = issue(&dir, &["--region", "us-east-1"]).fails_with(2);
     assert!(run.stderr.contains("does not belong"), "{}", run.stderr);
     assert!(!dir.path("front.key").exists());
 }
@@ -175,40 +159,11 @@ fn issue_refuses_a_key_from_another_ca() {
 fn issue_needs_a_name_and_valid_inputs() {
     let dir = Scratch::new();
     init_ca(&dir);
-    let ca = dir.arg("ca");
-    let out = dir.arg("front");
-    let none = xpart(&["ca", "issue", "--ca-dir", &ca, "--out", &out]).fails_with(2);
+    let none = issue(&dir, &[]).fails_with(2);
     assert!(none.stderr.contains("--region"), "{}", none.stderr);
-    xpart(&[
-        "ca", "issue", "--ca-dir", &ca, "--region", "US East", "--out", &out,
-    ])
-    .fails_with(2);
-    xpart(&[
-        "ca",
-        "issue",
-        "--ca-dir",
-        &ca,
-        "--region",
-        "us-east-1",
-        "--ip",
-        "10.0.1",
-        "--out",
-        &out,
-    ])
-    .fails_with(2);
-    xpart(&[
-        "ca",
-        "issue",
-        "--ca-dir",
-        &ca,
-        "--region",
-        "us-east-1",
-        "--days",
-        "0",
-        "--out",
-        &out,
-    ])
-    .fails_with(2);
+    issue(&dir, &["--region", "US East"]).fails_with(2);
+    issue(&dir, &["--region", "us-east-1", "--ip", "10.0.1"]).fails_with(2);
+    issue(&dir, &["--region", "us-east-1", "--days", "0"]).fails_with(2);
     assert!(!dir.path("front.pem").exists());
 }
 
@@ -222,41 +177,10 @@ fn ca_files_are_never_overwritten_without_force() {
     assert_eq!(std::fs::read(dir.path("ca/ca.key")).unwrap(), before);
 
     let out = dir.arg("front");
-    xpart(&[
-        "ca",
-        "issue",
-        "--ca-dir",
-        &dir.arg("ca"),
-        "--name",
-        "localhost",
-        "--out",
-        &out,
-    ])
-    .ok();
+    issue(&dir, &["--name", "localhost"]).ok();
     let leaf = std::fs::read(dir.path("front.pem")).unwrap();
-    xpart(&[
-        "ca",
-        "issue",
-        "--ca-dir",
-        &dir.arg("ca"),
-        "--name",
-        "localhost",
-        "--out",
-        &out,
-    ])
-    .fails_with(2);
+    issue(&dir, &["--name", "localhost"]).fails_with(2);
     assert_eq!(std::fs::read(dir.path("front.pem")).unwrap(), leaf);
-    xpart(&[
-        "ca",
-        "issue",
-        "--ca-dir",
-        &dir.arg("ca"),
-        "--name",
-        "localhost",
-        "--out",
-        &out,
-        "--force",
-    ])
-    .ok();
+    issue(&dir, &["--name", "localhost", "--force"]).ok();
     assert_ne!(std::fs::read(dir.path("front.pem")).unwrap(), leaf);
 }

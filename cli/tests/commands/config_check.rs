@@ -1,4 +1,5 @@
-use crate::support::{xpart, Scratch};
+use crate::configs::relay_toml;
+use crate::support::{xpart, Run, Scratch};
 
 /// Keys, certificate and a token hash made with xpart itself, next to the config files.
 fn material(dir: &Scratch) -> (String, String) {
@@ -10,18 +11,15 @@ fn material(dir: &Scratch) -> (String, String) {
         .ok()
         .stdout;
     xpart(&["ca", "init", "--dir", &dir.arg("ca")]).ok();
-    xpart(&[
-        "ca",
-        "issue",
-        "--ca-dir",
-        &dir.arg("ca"),
-        "--region",
-        "us-east-1",
-        "--ip",
-        "127.0.0.1",
-        "--out",
-        &dir.arg("front"),
-    ])
+    let (ca, front) = (dir.arg("ca"), dir.arg("front"));
+    let names = ["--region", "us-east-1", "--ip", "127.0.0.1"];
+    xpart(
+        &[
+            &["ca", "issue", "--ca-dir", &ca, "--out", &front],
+            &names[..],
+        ]
+        .concat(),
+    )
     .ok();
     (
         agent_public.trim().to_string(),
@@ -57,22 +55,8 @@ models = ["*"]
 }
 
 fn valid_relay(agent_public: &str) -> String {
-    format!(
-        r#"
-[tunnel]
-mode = "userspace"
-private_key_file = "relay.key"
-address = "100.64.0.2/30"
-listen_port = 51820
-
-[[agent]]
-name = "agent-a"
-public_key = "{agent_public}"
-tunnel_address = "100.64.0.1"
-
-[service]
-listen = "100.64.0.2:8080"
-
+    relay_toml("userspace", "relay.key", agent_public)
+        + r#"
 [upstream]
 region = "us-east-1"
 endpoint = "https://bedrock-runtime.us-east-1.amazonaws.com"
@@ -81,7 +65,16 @@ endpoint = "https://bedrock-runtime.us-east-1.amazonaws.com"
 operations = ["Converse", "ConverseStream"]
 models = ["*"]
 "#
-    )
+}
+
+/// `xpart config check` with `args`.
+fn check(args: &[&str]) -> Run {
+    xpart(&[&["config", "check"], args].concat())
+}
+
+/// `xpart --json config check` with `args`.
+fn check_json(args: &[&str]) -> Run {
+    xpart(&[&["--json", "config", "check"], args].concat())
 }
 
 #[test]
@@ -90,23 +83,9 @@ fn valid_agent_and_relay_files_pass() {
     let (agent_public, relay_public) = material(&dir);
     dir.write("agent.toml", &valid_agent(&relay_public));
     dir.write("relay.toml", &valid_relay(&agent_public));
-    let run = xpart(&[
-        "config",
-        "check",
-        &dir.arg("agent.toml"),
-        &dir.arg("relay.toml"),
-    ])
-    .ok();
-    assert!(
-        run.stdout.contains("agent.toml: ok (agent configuration)"),
-        "{}",
-        run.stdout
-    );
-    assert!(
-        run.stdout.contains("relay.toml: ok (relay configuration)"),
-        "{}",
-        run.stdout
-    );
+    let run = check(&[&dir.arg("agent.toml"), &dir.arg("relay.toml")]).ok();
+    run.says("agent.toml: ok (agent configuration)");
+    run.says("relay.toml: ok (relay configuration)");
 }
 
 #[test]
@@ -118,7 +97,7 @@ fn every_problem_in_a_broken_agent_file_is_reported_at_once() {
         .replace("cert_file = \"front.pem\"", "cert_file = \"missing.pem\"")
         .replace("mode = \"userspace\"", "mode = \"userspace\"\nmtu = 500");
     dir.write("agent.toml", &broken);
-    let run = xpart(&["config", "check", &dir.arg("agent.toml")]).fails_with(1);
+    let run = check(&[&dir.arg("agent.toml")]).fails_with(1);
     let out = &run.stdout;
     assert!(out.contains("[tunnel].mtu"), "{out}");
     assert!(out.contains("public_key"), "{out}");
@@ -151,14 +130,7 @@ fn json_report_lists_problems_per_file_with_fields_and_fixes() {
             "listen = \"100.64.0.9:8080\"",
         );
     dir.write("relay.toml", &broken_relay);
-    let run = xpart(&[
-        "--json",
-        "config",
-        "check",
-        &dir.arg("agent.toml"),
-        &dir.arg("relay.toml"),
-    ])
-    .fails_with(1);
+    let run = check_json(&[&dir.arg("agent.toml"), &dir.arg("relay.toml")]).fails_with(1);
     let report = run.json();
     let files = report["files"].as_array().unwrap();
     assert_eq!(files[0]["ok"], true);
@@ -189,15 +161,7 @@ fn syntax_errors_point_at_the_line() {
         "agent.toml",
         "[tunnel]\naddress = \"100.64.0.1/30\"\n[front\nlisten = 1\n",
     );
-    let run = xpart(&[
-        "--json",
-        "config",
-        "check",
-        "--kind",
-        "agent",
-        &dir.arg("agent.toml"),
-    ])
-    .fails_with(1);
+    let run = check_json(&["--kind", "agent", &dir.arg("agent.toml")]).fails_with(1);
     let problem = &run.json()["files"][0]["problems"][0];
     assert_eq!(problem["line"], 3, "{problem}");
 }
@@ -206,22 +170,8 @@ fn syntax_errors_point_at_the_line() {
 fn missing_and_unrecognisable_files_are_problems_too() {
     let dir = Scratch::new();
     dir.write("mystery.toml", "[tunnel]\nmode = \"userspace\"\n");
-    let run = xpart(&[
-        "config",
-        "check",
-        &dir.arg("absent.toml"),
-        &dir.arg("mystery.toml"),
-    ])
-    .fails_with(1);
-    assert!(
-        run.stdout.contains("absent.toml: no such file"),
-        "{}",
-        run.stdout
-    );
-    assert!(
-        run.stdout.contains("--kind agent or --kind relay"),
-        "{}",
-        run.stdout
-    );
-    xpart(&["config", "check"]).fails_with(2);
+    let run = check(&[&dir.arg("absent.toml"), &dir.arg("mystery.toml")]).fails_with(1);
+    run.says("absent.toml: no such file");
+    run.says("--kind agent or --kind relay");
+    check(&[]).fails_with(2);
 }

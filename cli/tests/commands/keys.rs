@@ -1,8 +1,7 @@
 use base64::Engine;
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use crate::support::{chmod, mode, tool_available, xpart, xpart_with_stdin, Scratch};
+use crate::support::{chmod, mode, run, tool_available, xpart, xpart_with_stdin, Scratch};
 
 /// RFC 7748 section 6.1: Alice's X25519 private and public keys.
 const RFC7748_PRIVATE: &str = "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a";
@@ -91,11 +90,7 @@ fn pubkey_rejects_missing_files_garbage_and_empty_input() {
     let short = xpart_with_stdin(&["pubkey"], "AAAA\n").fails_with(2);
     assert!(short.stdout.is_empty());
     let empty = xpart_with_stdin(&["pubkey"], "").fails_with(2);
-    assert!(
-        empty.stderr.contains("no private key on stdin"),
-        "{}",
-        empty.stderr
-    );
+    empty.complains("no private key on stdin");
 }
 
 #[test]
@@ -116,19 +111,5 @@ fn keys_interoperate_with_wireguard_tools() {
 }
 
 fn wg(args: &[&str], stdin: &str) -> String {
-    let mut child = Command::new("wg")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn wg");
-    child
-        .stdin
-        .take()
-        .expect("stdin is piped")
-        .write_all(stdin.as_bytes())
-        .expect("write to wg");
-    let output = child.wait_with_output().expect("wait for wg");
-    assert!(output.status.success());
-    String::from_utf8(output.stdout).expect("wg prints UTF-8")
+    run(Command::new("wg"), args, stdin).ok().stdout
 }

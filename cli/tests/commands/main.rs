@@ -4,6 +4,7 @@
 
 mod ca;
 mod config_check;
+mod configs;
 mod keys;
 mod support;
 mod token;

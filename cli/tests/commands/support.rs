@@ -15,15 +15,23 @@ pub fn xpart(args: &[&str]) -> Run {
 }
 
 pub fn xpart_with_stdin(args: &[&str], stdin: &str) -> Run {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xpart"))
-        .args(args)
+    let mut xpart = Command::new(env!("CARGO_BIN_EXE_xpart"));
+    xpart
         .env_remove("AWS_CA_BUNDLE")
-        .env_remove("AWS_BEARER_TOKEN_BEDROCK")
+        .env_remove("AWS_BEARER_TOKEN_BEDROCK");
+    run(xpart, args, stdin)
+}
+
+/// Runs `command` with `args`, `stdin` written to it, and collects what it printed; for
+/// xpart and the tools its output must work with (wg, wg-quick).
+pub fn run(mut command: Command, args: &[&str], stdin: &str) -> Run {
+    let mut child = command
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn xpart");
+        .unwrap_or_else(|err| panic!("spawn {command:?}: {err}"));
     child
         .stdin
         .take()
@@ -34,9 +42,9 @@ pub fn xpart_with_stdin(args: &[&str], stdin: &str) -> Run {
         status,
         stdout,
         stderr,
-    } = child.wait_with_output().expect("wait for xpart");
+    } = child.wait_with_output().expect("wait for the command");
     Run {
-        code: status.code().expect("xpart exited by signal"),
+        code: status.code().expect("the command exited by signal"),
         stdout: String::from_utf8(stdout).expect("utf-8 stdout"),
         stderr: String::from_utf8(stderr).expect("utf-8 stderr"),
     }
@@ -59,6 +67,28 @@ impl Run {
             self.code, code,
             "stdout:\n{}\nstderr:\n{}",
             self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// Asserts that stdout contains `text`.
+    #[track_caller]
+    pub fn says(&self, text: &str) -> &Run {
+        assert!(
+            self.stdout.contains(text),
+            "{text:?} not in stdout:\n{}",
+            self.stdout
+        );
+        self
+    }
+
+    /// Asserts that stderr contains `text`.
+    #[track_caller]
+    pub fn complains(&self, text: &str) -> &Run {
+        assert!(
+            self.stderr.contains(text),
+            "{text:?} not in stderr:\n{}",
+            self.stderr
         );
         self
     }

@@ -1,6 +1,7 @@
 use std::process::Command;
 
-use crate::support::{tool_available, xpart, Scratch};
+use crate::configs::relay_toml;
+use crate::support::{run, tool_available, xpart, Scratch};
 
 fn agent_toml(relay_a: &str, relay_b: &str) -> String {
     format!(
@@ -29,25 +30,6 @@ persistent_keepalive = 10
 listen = "10.0.1.10:443"
 cert_file = "front.pem"
 key_file = "front.key"
-"#
-    )
-}
-
-fn relay_toml(agent: &str) -> String {
-    format!(
-        r#"
-[tunnel]
-mode = "kernel"
-private_key_file = "/etc/xpart/relay.key"
-address = "100.64.0.2/30"
-
-[[agent]]
-name = "agent-a"
-public_key = "{agent}"
-tunnel_address = "100.64.0.1"
-
-[service]
-listen = "100.64.0.2:8080"
 "#
     )
 }
@@ -91,7 +73,7 @@ fn relay_side_with_the_private_key_inlined() {
     let dir = Scratch::new();
     let agent = public_key(&dir, "agent.key");
     public_key(&dir, "relay.key");
-    let toml = relay_toml(&agent).replace("/etc/xpart/relay.key", "relay.key");
+    let toml = relay_toml("kernel", "relay.key", &agent);
     dir.write("relay.toml", &toml);
     let out = xpart(&["wg-config", &dir.arg("relay.toml"), "--include-private-key"])
         .ok()
@@ -128,25 +110,15 @@ fn output_is_accepted_by_wg_quick() {
     let dir = Scratch::new();
     let agent = public_key(&dir, "agent.key");
     public_key(&dir, "relay.key");
-    dir.write(
-        "relay.toml",
-        &relay_toml(&agent).replace("/etc/xpart/relay.key", "relay.key"),
-    );
+    dir.write("relay.toml", &relay_toml("kernel", "relay.key", &agent));
     let out = xpart(&["wg-config", &dir.arg("relay.toml"), "--include-private-key"])
         .ok()
         .stdout;
     let conf = dir.write("xpt0.conf", &out);
-    let strip = Command::new("wg-quick")
-        .arg("strip")
-        .arg(&conf)
-        .output()
-        .unwrap();
-    assert!(
-        strip.status.success(),
-        "{}",
-        String::from_utf8_lossy(&strip.stderr)
-    );
-    let stripped = String::from_utf8(strip.stdout).unwrap();
+    let conf = conf.display().to_string();
+    let stripped = run(Command::new("wg-quick"), &["strip", &conf], "")
+        .ok()
+        .stdout;
     assert!(
         stripped.contains(&format!("PublicKey = {agent}")),
         "{stripped}"
@@ -161,23 +133,18 @@ fn output_is_accepted_by_wg_quick() {
 fn bad_files_are_refused_with_the_reason() {
     let dir = Scratch::new();
     let missing = xpart(&["wg-config", &dir.arg("none.toml")]).fails_with(2);
-    assert!(
-        missing.stderr.contains("no such file"),
-        "{}",
-        missing.stderr
-    );
+    missing.complains("no such file");
 
     dir.write("neither.toml", "[tunnel]\naddress = \"100.64.0.1/30\"\n");
     let neither = xpart(&["wg-config", &dir.arg("neither.toml")]).fails_with(2);
     assert!(neither.stderr.contains("[[relay]]"), "{}", neither.stderr);
 
-    dir.write("badkey.toml", &relay_toml("not-a-key"));
-    let bad_key = xpart(&["wg-config", &dir.arg("badkey.toml")]).fails_with(2);
-    assert!(
-        bad_key.stderr.contains("[[agent]][0].public_key"),
-        "{}",
-        bad_key.stderr
+    dir.write(
+        "badkey.toml",
+        &relay_toml("kernel", "/etc/xpart/relay.key", "not-a-key"),
     );
+    let bad_key = xpart(&["wg-config", &dir.arg("badkey.toml")]).fails_with(2);
+    bad_key.complains("[[agent]][0].public_key");
 
     dir.write(
         "host.toml",
