@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use xpart_daemon::bedrock::{Guardrail, ModelId, Operation, Route};
 
-pub use crate::error::Error;
+pub use crate::error::RequestError;
 pub use crate::policy::{GatedHeader, Policy};
 pub use crate::rewrite::Rewriter;
 
@@ -70,7 +70,7 @@ pub enum Target {
 /// A refused request, with as much as was learnt about it for the audit line.
 #[derive(Debug)]
 pub struct Rejected {
-    pub error: Error,
+    pub error: RequestError,
     pub operation: Option<Operation>,
     pub model: Option<ModelId>,
 }
@@ -87,11 +87,11 @@ pub fn admit(
         None => (path_and_query, None),
     };
     let route = Route::parse(method, path).map_err(|err| Rejected {
-        error: Error::Route(err),
+        error: RequestError::Route(err),
         operation: None,
         model: None,
     })?;
-    let reject = |error: Error| Rejected {
+    let reject = |error: RequestError| Rejected {
         error,
         operation: Some(route.operation),
         model: route.model.clone(),
@@ -119,7 +119,7 @@ pub fn admit(
         Target::NoModel => route.path(),
     };
     let Some(path) = path else {
-        return Err(reject(Error::OperationNotAllowed {
+        return Err(reject(RequestError::OperationNotAllowed {
             operation: route.operation.name().to_string(),
         }));
     };
@@ -138,7 +138,7 @@ pub fn admit(
 }
 
 /// The echo model, or the requested model rewritten and checked against `[policy] models`.
-fn target(route: &Route, rules: &Rules<'_>) -> Result<Target, Error> {
+fn target(route: &Route, rules: &Rules<'_>) -> Result<Target, RequestError> {
     let Some(requested) = &route.model else {
         return Ok(Target::NoModel);
     };
@@ -158,7 +158,7 @@ fn target(route: &Route, rules: &Rules<'_>) -> Result<Target, Error> {
 /// its value is allowed, the guardrail pair when `id:version` is allowed. A gated header at
 /// a value `[policy]` does not list refuses the request (403) rather than being dropped: the
 /// caller asked for a tier, latency or guardrail and would otherwise silently not get it.
-fn forwarded_headers(incoming: &HeaderMap, policy: &Policy) -> Result<HeaderMap, Error> {
+fn forwarded_headers(incoming: &HeaderMap, policy: &Policy) -> Result<HeaderMap, RequestError> {
     let mut out = HeaderMap::new();
     for name in FORWARDED_HEADERS {
         for value in incoming.get_all(name) {
@@ -177,7 +177,7 @@ fn forwarded_headers(incoming: &HeaderMap, policy: &Policy) -> Result<HeaderMap,
     match (identifier, version) {
         (None, None) => {}
         (Some(identifier), Some(version)) => {
-            let guardrail = Guardrail::parse(identifier, version).map_err(Error::Route)?;
+            let guardrail = Guardrail::parse(identifier, version).map_err(RequestError::Route)?;
             policy.check_guardrail(&guardrail)?;
             out.insert(
                 HeaderName::from_static(GUARDRAIL_ID_HEADER),
@@ -189,13 +189,13 @@ fn forwarded_headers(incoming: &HeaderMap, policy: &Policy) -> Result<HeaderMap,
             );
         }
         (Some(_), None) => {
-            return Err(Error::InvalidHeader {
+            return Err(RequestError::InvalidHeader {
                 header: GUARDRAIL_ID_HEADER.to_string(),
                 reason: format!("needs {GUARDRAIL_VERSION_HEADER} as well"),
             })
         }
         (None, Some(_)) => {
-            return Err(Error::InvalidHeader {
+            return Err(RequestError::InvalidHeader {
                 header: GUARDRAIL_VERSION_HEADER.to_string(),
                 reason: format!("needs {GUARDRAIL_ID_HEADER} as well"),
             })
@@ -205,20 +205,20 @@ fn forwarded_headers(incoming: &HeaderMap, policy: &Policy) -> Result<HeaderMap,
 }
 
 /// The one value of a header that must not repeat, as text.
-fn single_value<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, Error> {
+fn single_value<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, RequestError> {
     let mut values = headers.get_all(name).iter();
     let Some(value) = values.next() else {
         return Ok(None);
     };
     if values.next().is_some() {
-        return Err(Error::InvalidHeader {
+        return Err(RequestError::InvalidHeader {
             header: name.to_string(),
             reason: "sent more than once".to_string(),
         });
     }
     match value.to_str() {
         Ok(text) => Ok(Some(text)),
-        Err(_) => Err(Error::InvalidHeader {
+        Err(_) => Err(RequestError::InvalidHeader {
             header: name.to_string(),
             reason: "not visible ASCII text".to_string(),
         }),
@@ -521,10 +521,10 @@ mod tests {
             rejected.model.as_ref().map(ModelId::as_str),
             Some("meta.llama3")
         );
-        assert!(matches!(rejected.error, Error::ModelNotAllowed { .. }));
+        assert!(matches!(rejected.error, RequestError::ModelNotAllowed { .. }));
         let rejected =
             admit_with(&["anthropic.*"], "/model/anthropic.x/converse-stream", &[]).unwrap_err();
-        assert!(matches!(rejected.error, Error::OperationNotAllowed { .. }));
+        assert!(matches!(rejected.error, RequestError::OperationNotAllowed { .. }));
         let rejected = admit_with(&["*"], "/model/a;b/converse", &[]).unwrap_err();
         assert_eq!((rejected.operation, rejected.model), (None, None));
     }

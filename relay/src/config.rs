@@ -2,14 +2,14 @@
 //! at once, each naming the file, the field and the fix.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 use xpart_daemon::bedrock::{is_model_id_char, Operation, MAX_BODY_BYTES};
 use xpart_daemon::config::Diagnostics;
-use xpart_daemon::tunnel_config::TunnelMode;
+use xpart_daemon::tunnel_config::{PeerSection, Side, TunnelMode, TunnelSection};
 
 /// The relay's whole configuration, validated.
 #[derive(Debug, Clone, Deserialize)]
@@ -17,7 +17,7 @@ use xpart_daemon::tunnel_config::TunnelMode;
 pub struct RelayConfig {
     pub tunnel: TunnelSection,
     #[serde(rename = "agent", default)]
-    pub agents: Vec<AgentSection>,
+    pub agents: Vec<PeerSection>,
     pub service: ServiceSection,
     pub upstream: UpstreamSection,
     pub policy: PolicySection,
@@ -34,31 +34,6 @@ pub struct RelayConfig {
     /// Where the file was read from; error messages name it and relative paths resolve against it.
     #[serde(skip)]
     pub source: PathBuf,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TunnelSection {
-    pub mode: TunnelMode,
-    pub private_key_file: Option<PathBuf>,
-    pub address: Option<ipnet::IpNet>,
-    #[serde(default = "default_listen_port")]
-    pub listen_port: u16,
-    #[serde(default = "default_bind_address")]
-    pub bind_address: IpAddr,
-    #[serde(default = "xpart_daemon::tunnel_config::default_mtu")]
-    pub mtu: u16,
-    pub interface_name: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentSection {
-    pub name: String,
-    pub public_key: Option<String>,
-    pub tunnel_address: IpAddr,
-    pub endpoint: Option<SocketAddr>,
-    pub persistent_keepalive: Option<u16>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -257,11 +232,16 @@ impl RelayConfig {
     pub fn from_toml_str(text: &str, file_label: &str) -> Result<RelayConfig, Diagnostics> {
         let mut config: RelayConfig = xpart_daemon::config::parse_toml(text, file_label)?;
         config.source = PathBuf::from(file_label);
-        let found = config.validate();
-        if !found.is_empty() {
-            return Err(problems(file_label, found));
-        }
-        Ok(config)
+        let mut diagnostics = problems(file_label, config.validate());
+        xpart_daemon::tunnel_config::check(
+            Side::Relay,
+            &config.tunnel,
+            &config.agents,
+            |i, _, field| format!("[[agent]][{i}].{field}"),
+            |path| config.resolve_path(path),
+            &mut diagnostics,
+        );
+        diagnostics.into_result(config)
     }
 
     /// The operations named in `[policy] operations` (validated).
@@ -402,9 +382,18 @@ impl RelayConfig {
         if let Err(message) = crate::upstream::Endpoint::parse(&up.endpoint) {
             found.push(Problem::new(
                 "[upstream].endpoint",
-                message,
+                message.to_string(),
                 "use \"https://bedrock-runtime.<region>.amazonaws.com\" or the VPC endpoint's DNS name",
             ));
+        }
+        if let Some(host) = &up.host_header {
+            if crate::upstream::host_header_value(host).is_err() {
+                found.push(Problem::new(
+                    "[upstream].host_header",
+                    format!("{host:?} is not a host name (with an optional port)"),
+                    "give the public name, e.g. \"bedrock-runtime.us-east-1.amazonaws.com\", or remove the field",
+                ));
+            }
         }
         if let Some(file) = &up.extra_ca_file {
             let resolved = self.resolve_path(file);
@@ -632,12 +621,6 @@ fn problems(file: &str, found: Vec<Problem>) -> Diagnostics {
     diagnostics
 }
 
-fn default_listen_port() -> u16 {
-    51820
-}
-fn default_bind_address() -> IpAddr {
-    IpAddr::from([0, 0, 0, 0])
-}
 fn default_shutdown_grace() -> u64 {
     30
 }
@@ -721,7 +704,10 @@ models = ["anthropic.*"]
     #[test]
     fn minimal_config_gets_long_generation_friendly_defaults() {
         let config = RelayConfig::from_toml_str(&minimal(), "relay.toml").unwrap();
-        assert_eq!(config.tunnel.listen_port, 51820);
+        assert_eq!(
+            config.tunnel.udp_listen(Side::Relay),
+            Some(SocketAddr::from(([0, 0, 0, 0], 51820)))
+        );
         assert_eq!(config.first_byte_timeout(), Duration::from_secs(900));
         assert_eq!(config.idle_timeout(), Duration::from_secs(300));
         assert_eq!(config.echo.model, "xpart.echo");

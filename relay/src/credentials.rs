@@ -12,7 +12,7 @@ use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvid
 use aws_credential_types::Credentials;
 use tokio::sync::Mutex;
 
-use crate::error::Error;
+use crate::error::RequestError;
 
 /// After a failed fetch, requests fail fast for this long instead of each waiting on the chain.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
@@ -72,9 +72,9 @@ impl CredentialSource {
     }
 
     /// Credentials valid for at least the refresh margin, fetching new ones when needed.
-    pub async fn current(&self) -> Result<Credentials, Error> {
+    pub async fn current(&self) -> Result<Credentials, RequestError> {
         let Some(provider) = &self.provider else {
-            return Err(Error::NoCredentials {
+            return Err(RequestError::NoCredentials {
                 reason: SOURCE_NONE.into(),
             });
         };
@@ -93,7 +93,7 @@ impl CredentialSource {
                         return Ok(creds.clone());
                     }
                 }
-                return Err(Error::NoCredentials {
+                return Err(RequestError::NoCredentials {
                     reason: reason.clone(),
                 });
             }
@@ -112,7 +112,8 @@ impl CredentialSource {
                 cache.failed_at = None;
                 Ok(creds)
             }
-            Err(reason) => {
+            Err(error) => {
+                let reason = error.to_string();
                 let first_failure = cache.failed_at.is_none();
                 cache.failed_at = Some((Instant::now(), reason.clone()));
                 // Credentials that are still valid (only inside the margin) beat none at all.
@@ -128,7 +129,7 @@ impl CredentialSource {
                 self.set_status(Status::Missing {
                     reason: reason.clone(),
                 });
-                Err(Error::NoCredentials { reason })
+                Err(RequestError::NoCredentials { reason })
             }
         }
     }
@@ -205,14 +206,13 @@ impl CredentialSource {
         wait.clamp(Duration::from_secs(1), MAX_REFRESH_INTERVAL)
     }
 
-    async fn fetch(&self, provider: &SharedCredentialsProvider) -> Result<Credentials, String> {
+    async fn fetch(&self, provider: &SharedCredentialsProvider) -> Result<Credentials, FetchError> {
         match tokio::time::timeout(self.fetch_timeout, provider.provide_credentials()).await {
             Ok(Ok(creds)) => Ok(creds),
-            Ok(Err(err)) => Err(describe(&err)),
-            Err(_) => Err(format!(
-                "the credential chain did not answer within {} s",
-                self.fetch_timeout.as_secs()
-            )),
+            Ok(Err(err)) => Err(FetchError::Chain(err)),
+            Err(_) => Err(FetchError::TimedOut {
+                seconds: self.fetch_timeout.as_secs(),
+            }),
         }
     }
 
@@ -222,6 +222,15 @@ impl CredentialSource {
             Err(poisoned) => *poisoned.into_inner() = status,
         }
     }
+}
+
+/// Why one fetch from the credential chain gave nothing.
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error("{}", describe(.0))]
+    Chain(aws_credential_types::provider::error::CredentialsError),
+    #[error("the credential chain did not answer within {seconds} s")]
+    TimedOut { seconds: u64 },
 }
 
 /// Whether credentials expiring at `expiry` must be replaced at `now`.
@@ -357,7 +366,7 @@ mod tests {
             "/readyz says why before anything asks"
         );
         let err = none.current().await.unwrap_err();
-        assert!(matches!(err, Error::NoCredentials { .. }));
+        assert!(matches!(err, RequestError::NoCredentials { .. }));
         assert_eq!(err.to_bedrock().kind.status().as_u16(), 503);
         assert!(matches!(none.status(), Status::Missing { .. }));
     }

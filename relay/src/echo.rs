@@ -9,7 +9,7 @@ use http_body_util::Full;
 use serde_json::{json, Value};
 use xpart_daemon::bedrock::Operation;
 
-use crate::error::Error;
+use crate::error::RequestError;
 
 const JSON: &str = "application/json";
 const EVENT_STREAM: &str = "application/vnd.amazon.eventstream";
@@ -19,7 +19,7 @@ pub fn answer(
     operation: Operation,
     model: &str,
     body: &[u8],
-) -> Result<Option<http::Response<Full<Bytes>>>, Error> {
+) -> Result<Option<http::Response<Full<Bytes>>>, RequestError> {
     let response = match operation {
         Operation::Converse => json_response(converse(&parse(body)?)),
         Operation::ConverseStream => stream_response(converse_stream(&parse(body)?)?),
@@ -33,8 +33,8 @@ pub fn answer(
     Ok(Some(response))
 }
 
-fn parse(body: &[u8]) -> Result<Value, Error> {
-    serde_json::from_slice(body).map_err(|e| Error::EchoInput(format!("body ({e})")))
+fn parse(body: &[u8]) -> Result<Value, RequestError> {
+    serde_json::from_slice(body).map_err(|e| RequestError::EchoInput(format!("body ({e})")))
 }
 
 fn converse(request: &Value) -> Value {
@@ -48,7 +48,7 @@ fn converse(request: &Value) -> Value {
     })
 }
 
-fn converse_stream(request: &Value) -> Result<Bytes, Error> {
+fn converse_stream(request: &Value) -> Result<Bytes, RequestError> {
     let text = last_user_text(request.get("messages"));
     let usage = usage(request, &text);
     // Bedrock sends contentBlockStart only for tool-use blocks; a text block starts with its
@@ -86,7 +86,7 @@ fn invoke(request: &Value, model: &str) -> Value {
     })
 }
 
-fn invoke_stream(request: &Value, model: &str) -> Result<Bytes, Error> {
+fn invoke_stream(request: &Value, model: &str) -> Result<Bytes, RequestError> {
     let text = invoke_input_text(request);
     let tokens = estimate_tokens(&text);
     let mut chunks = vec![
@@ -203,7 +203,7 @@ fn pieces(text: &str) -> Vec<String> {
     out
 }
 
-fn frames(events: Vec<(&'static str, Value)>) -> Result<Bytes, Error> {
+fn frames(events: Vec<(&'static str, Value)>) -> Result<Bytes, RequestError> {
     let mut buf = BytesMut::new();
     for (event_type, payload) in events {
         let message = Message::new(Bytes::from(payload.to_string()))
@@ -220,7 +220,7 @@ fn frames(events: Vec<(&'static str, Value)>) -> Result<Bytes, Error> {
                 HeaderValue::String("event".into()),
             ));
         aws_smithy_eventstream::frame::write_message_to(&message, &mut buf)
-            .map_err(|e| Error::EchoInput(format!("event frame ({e})")))?;
+            .map_err(|e| RequestError::EchoInput(format!("event frame ({e})")))?;
     }
     Ok(buf.freeze())
 }

@@ -1,39 +1,82 @@
-//! The relay's one error type, and the single place it becomes a Bedrock-shaped error.
+//! The relay's errors, by audience: [`StartError`] tells the operator why the relay did not
+//! start (which setting, what to fix); [`RequestError`] is what went wrong with one request,
+//! and [`RequestError::to_bedrock`] is the single place it becomes a Bedrock-shaped error.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use xpart_daemon::bedrock::{BedrockError, ErrorType};
+use xpart_daemon::tunnel_config::TunnelConfigError;
 
-/// Everything that can go wrong in the relay, in the terms an operator or a caller would use.
+/// Why the relay could not start, for the operator reading its log or `systemctl status`.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("cannot listen on {addr}: {source}")]
+pub enum StartError {
+    #[error("[service].listen {addr}: cannot listen: {source} — fix: free the address or choose another")]
     Listen {
         addr: SocketAddr,
         source: std::io::Error,
     },
 
-    #[error("tunnel: {0}")]
-    Tunnel(String),
+    #[error(transparent)]
+    TunnelConfig(#[from] TunnelConfigError),
 
-    #[error("admin server on {addr}: {source}")]
+    #[error(transparent)]
+    Tunnel(#[from] xpart_tunnel::Error),
+
+    #[error("[admin].listen {addr}: cannot serve the admin routes: {source} — fix: free the address or choose another")]
     Admin {
         addr: SocketAddr,
         source: std::io::Error,
     },
 
-    #[error("audit log {path}: {source}")]
+    #[error("[audit].path {}: cannot open the audit log: {source} — fix: make its directory writable by the relay's user", path.display())]
     Audit {
-        path: std::path::PathBuf,
+        path: PathBuf,
         source: std::io::Error,
     },
 
-    #[error("upstream setup: {0}")]
-    UpstreamSetup(String),
+    #[error("[upstream].endpoint: {0}")]
+    Endpoint(#[from] EndpointError),
+
+    #[error("[upstream].host_header {host:?} is not a valid host name — fix: give a host name such as bedrock-runtime.us-east-1.amazonaws.com, or remove the field")]
+    HostHeader { host: String },
+
+    #[error("[upstream].extra_ca_file {}: cannot read it: {source} — fix: name a PEM file of CA certificates", path.display())]
+    ExtraCaRead {
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+
+    #[error("[upstream].extra_ca_file {}: a certificate in it is not usable as a CA: {source} — fix: keep only CA certificates in the file", path.display())]
+    ExtraCaCertificate {
+        path: PathBuf,
+        source: rustls::Error,
+    },
+
+    #[error("upstream TLS setup: {0}")]
+    Tls(rustls::Error),
+
+    #[error("[upstream].resolver is empty and the system resolver configuration (/etc/resolv.conf) cannot be read: {0} — fix: list the VPC resolver in [upstream].resolver")]
+    SystemResolver(String),
 
     #[error("metrics registry: {0}")]
-    Metrics(String),
+    Metrics(#[from] prometheus::Error),
+}
 
+/// Why `[upstream].endpoint` is not an `https://host[:port]` URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    #[error("{0:?} must start with https://")]
+    NotHttps(String),
+    #[error("{0:?} must be a scheme and host only, without a path or user")]
+    NotHostOnly(String),
+    #[error("{text:?} has an invalid port {port:?}")]
+    Port { text: String, port: String },
+}
+
+/// What went wrong with one request, in the terms a caller or an operator would use.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
     #[error(
         "requests are accepted only from configured agents' tunnel addresses; {peer} is not one"
     )]
@@ -95,6 +138,9 @@ pub enum Error {
     #[error("signing failed: {0}")]
     Signing(String),
 
+    #[error("the request path {path:?} does not form a valid upstream URL: {reason}")]
+    UpstreamUrl { path: String, reason: String },
+
     #[error("upstream {endpoint} is unavailable: {reason}")]
     UpstreamUnavailable { endpoint: String, reason: String },
 
@@ -102,36 +148,31 @@ pub enum Error {
     UpstreamTimeout { endpoint: String, seconds: u64 },
 }
 
-impl Error {
+impl RequestError {
     /// The Bedrock error a caller sees for this failure; status and error type for every variant
     /// are decided here and nowhere else.
     pub fn to_bedrock(&self) -> BedrockError {
         let kind = match self {
-            Error::Listen { .. } => ErrorType::InternalServer,
-            Error::Tunnel(_) => ErrorType::InternalServer,
-            Error::Admin { .. } => ErrorType::InternalServer,
-            Error::Audit { .. } => ErrorType::InternalServer,
-            Error::UpstreamSetup(_) => ErrorType::InternalServer,
-            Error::Metrics(_) => ErrorType::InternalServer,
-            Error::NotAnAgent { .. } => ErrorType::AccessDenied,
-            Error::Route(route) => return route.clone(),
-            Error::OperationNotAllowed { .. } => ErrorType::AccessDenied,
-            Error::ModelNotAllowed { .. } => ErrorType::AccessDenied,
-            Error::ProfileNotAllowed { .. } => ErrorType::AccessDenied,
-            Error::GuardrailNotAllowed { .. } => ErrorType::AccessDenied,
-            Error::HeaderNotAllowed { .. } => ErrorType::AccessDenied,
-            Error::InvalidHeader { .. } => ErrorType::Validation,
-            Error::BadRewrite { .. } => ErrorType::Validation,
-            Error::BodyBudgetExhausted { .. } => ErrorType::ServiceUnavailable,
-            Error::NoRewriteRule { .. } => ErrorType::Validation,
-            Error::BodyTooLarge { .. } => ErrorType::Validation,
-            Error::BodyRead(_) => ErrorType::Validation,
-            Error::UnsignableHeader { .. } => ErrorType::Validation,
-            Error::EchoInput(_) => ErrorType::Validation,
-            Error::NoCredentials { .. } => ErrorType::ServiceUnavailable,
-            Error::Signing(_) => ErrorType::InternalServer,
-            Error::UpstreamUnavailable { .. } => ErrorType::ServiceUnavailable,
-            Error::UpstreamTimeout { .. } => ErrorType::ServiceUnavailable,
+            RequestError::NotAnAgent { .. } => ErrorType::AccessDenied,
+            RequestError::Route(route) => return route.clone(),
+            RequestError::OperationNotAllowed { .. } => ErrorType::AccessDenied,
+            RequestError::ModelNotAllowed { .. } => ErrorType::AccessDenied,
+            RequestError::ProfileNotAllowed { .. } => ErrorType::AccessDenied,
+            RequestError::GuardrailNotAllowed { .. } => ErrorType::AccessDenied,
+            RequestError::HeaderNotAllowed { .. } => ErrorType::AccessDenied,
+            RequestError::InvalidHeader { .. } => ErrorType::Validation,
+            RequestError::BadRewrite { .. } => ErrorType::Validation,
+            RequestError::BodyBudgetExhausted { .. } => ErrorType::ServiceUnavailable,
+            RequestError::NoRewriteRule { .. } => ErrorType::Validation,
+            RequestError::BodyTooLarge { .. } => ErrorType::Validation,
+            RequestError::BodyRead(_) => ErrorType::Validation,
+            RequestError::UnsignableHeader { .. } => ErrorType::Validation,
+            RequestError::EchoInput(_) => ErrorType::Validation,
+            RequestError::NoCredentials { .. } => ErrorType::ServiceUnavailable,
+            RequestError::Signing(_) => ErrorType::InternalServer,
+            RequestError::UpstreamUrl { .. } => ErrorType::Validation,
+            RequestError::UpstreamUnavailable { .. } => ErrorType::ServiceUnavailable,
+            RequestError::UpstreamTimeout { .. } => ErrorType::ServiceUnavailable,
         };
         BedrockError {
             kind,

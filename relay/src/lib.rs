@@ -40,11 +40,11 @@ use std::time::Duration;
 use xpart_daemon::audit::AuditLog;
 use xpart_daemon::config::Diagnostics;
 use xpart_daemon::reload::{Applied, Live, Reloadable};
-use xpart_daemon::tunnel_config::{LocalSide, PeerTable};
+use xpart_daemon::tunnel_config::Side;
 use xpart_tunnel::{Network, PeerStats, Tunnel};
 
 pub use crate::config::RelayConfig;
-pub use crate::error::Error;
+pub use crate::error::{RequestError, StartError};
 
 use crate::config::CredentialsFrom;
 use crate::credentials::CredentialSource;
@@ -54,7 +54,7 @@ use crate::rewrite::Rewriter;
 use crate::upstream::Upstream;
 
 /// Start the relay: tunnel, service listener, admin server, credential refresher.
-pub async fn start(config: RelayConfig) -> Result<RelayHandle, Error> {
+pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
     let tunnel = start_tunnel(&config).await?;
     let network = match &tunnel {
         Some(tunnel) => tunnel.network(),
@@ -65,11 +65,11 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, Error> {
     let audit = match &config.audit {
         Some(section) => {
             let path = config.resolve_path(&section.path);
-            AuditLog::open(&path).map_err(|source| Error::Audit { path, source })?
+            AuditLog::open(&path).map_err(|source| StartError::Audit { path, source })?
         }
         None => AuditLog::disabled(),
     };
-    let metrics = Arc::new(Metrics::new().map_err(|e| Error::Metrics(e.to_string()))?);
+    let metrics = Arc::new(Metrics::new().map_err(StartError::Metrics)?);
     let _ = audit.register(&metrics.registry);
 
     let margin = Duration::from_secs(config.credentials.refresh_before_expiry_secs);
@@ -85,7 +85,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, Error> {
     let listener = network
         .listen(config.service.listen)
         .await
-        .map_err(|source| Error::Listen {
+        .map_err(|source| StartError::Listen {
             addr: config.service.listen,
             source,
         })?;
@@ -113,7 +113,18 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, Error> {
         &relay.metrics.registry,
         Arc::new(move || dropped_of.upgrade().and_then(|r| r.tunnel_dropped())),
     )
-    .map_err(|e| Error::Metrics(e.to_string()))?;
+    .map_err(StartError::Metrics)?;
+    let peers_of = Arc::downgrade(&relay);
+    xpart_daemon::admin::register_tunnel_peers(
+        &relay.metrics.registry,
+        Arc::new(move || {
+            peers_of
+                .upgrade()
+                .map(|relay| relay.peer_stats())
+                .unwrap_or_default()
+        }),
+    )
+    .map_err(StartError::Metrics)?;
 
     let admin = match &config.admin {
         Some(section) => {
@@ -121,7 +132,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, Error> {
                 relay: relay.clone(),
             });
             let server =
-                xpart_daemon::admin::serve(section.listen, api).map_err(|source| Error::Admin {
+                xpart_daemon::admin::serve(section.listen, api).map_err(|source| StartError::Admin {
                     addr: section.listen,
                     source,
                 })?;
@@ -233,7 +244,7 @@ impl Reloadable for RelayHandle {
         let debug = |value: &dyn std::fmt::Debug| format!("{value:?}");
         applied.compare("[tunnel]", &debug(&running.tunnel), &debug(&config.tunnel));
         applied.compare(
-            "[[agent]] tunnel peers (public_key, endpoint, tunnel_address, persistent_keepalive)",
+            "[[agent]] tunnel peers (public_key, endpoint, tunnel_address, persistent_keepalive, preshared_key_file)",
             &tunnel_peers(running),
             &tunnel_peers(&config),
         );
@@ -278,8 +289,12 @@ fn tunnel_peers(config: &RelayConfig) -> Vec<String> {
         .iter()
         .map(|a| {
             format!(
-                "{:?} {:?} {} {:?}",
-                a.public_key, a.endpoint, a.tunnel_address, a.persistent_keepalive
+                "{:?} {:?} {} {:?} {:?}",
+                a.public_key,
+                a.endpoint,
+                a.tunnel_address,
+                a.persistent_keepalive,
+                a.preshared_key_file
             )
         })
         .collect()
@@ -329,37 +344,17 @@ impl Relay {
 }
 
 /// Bring up WireGuard with one peer per configured agent; `None` in host mode.
-async fn start_tunnel(config: &RelayConfig) -> Result<Option<Tunnel>, Error> {
-    let Some(mode) = config.tunnel.mode.wireguard() else {
+async fn start_tunnel(config: &RelayConfig) -> Result<Option<Tunnel>, StartError> {
+    let tunnel_config = xpart_daemon::tunnel_config::tunnel_config(
+        Side::Relay,
+        &config.tunnel,
+        &config.agents,
+        |path| config.resolve_path(path),
+    )?;
+    let Some(tunnel_config) = tunnel_config else {
         return Ok(None);
     };
-    let agents = config.agents.iter().map(|agent| PeerTable {
-        name: &agent.name,
-        public_key: agent.public_key.as_deref(),
-        endpoint: agent.endpoint,
-        tunnel_address: agent.tunnel_address,
-        persistent_keepalive: agent.persistent_keepalive,
-        preshared_key: None,
-    });
-    let local = LocalSide {
-        mode,
-        private_key_file: config
-            .tunnel
-            .private_key_file
-            .as_deref()
-            .map(|path| config.resolve_path(path)),
-        address: config.tunnel.address,
-        listen: Some(SocketAddr::new(
-            config.tunnel.bind_address,
-            config.tunnel.listen_port,
-        )),
-        mtu: config.tunnel.mtu,
-        interface_name: config.tunnel.interface_name.clone(),
-    };
-    let tunnel_config = xpart_daemon::tunnel_config::tunnel_config(local, agents)
-        .map_err(|e| Error::Tunnel(e.to_string()))?;
     let tunnel = Tunnel::start(tunnel_config)
-        .await
-        .map_err(|e| Error::Tunnel(e.to_string()))?;
+        .await?;
     Ok(Some(tunnel))
 }

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use xpart_daemon::bedrock::{glob_match, Guardrail, ModelId, Operation};
 
 use crate::config::{PolicySection, RelayConfig};
-use crate::error::Error;
+use crate::error::RequestError;
 
 pub struct Policy {
     agents: BTreeMap<IpAddr, String>,
@@ -90,16 +90,16 @@ impl Policy {
     }
 
     /// The configured agent the connection comes from.
-    pub fn admit_source(&self, peer: SocketAddr) -> Result<&str, Error> {
+    pub fn admit_source(&self, peer: SocketAddr) -> Result<&str, RequestError> {
         match self.agents.get(&canonical(peer.ip())) {
             Some(name) => Ok(name),
-            None => Err(Error::NotAnAgent { peer }),
+            None => Err(RequestError::NotAnAgent { peer }),
         }
     }
 
-    pub fn check_operation(&self, operation: Operation) -> Result<(), Error> {
+    pub fn check_operation(&self, operation: Operation) -> Result<(), RequestError> {
         if !self.operations.contains(&operation) {
-            return Err(Error::OperationNotAllowed {
+            return Err(RequestError::OperationNotAllowed {
                 operation: operation.name().to_string(),
             });
         }
@@ -108,10 +108,10 @@ impl Policy {
 
     /// Checked after rewriting, so the allowlist speaks of the model actually invoked. The
     /// answer is the pattern that matched: configuration text, fit for a metric label.
-    pub fn check_model(&self, model: &ModelId) -> Result<&str, Error> {
+    pub fn check_model(&self, model: &ModelId) -> Result<&str, RequestError> {
         match self.models.iter().find(|pattern| model.matches(pattern)) {
             Some(pattern) => Ok(pattern),
-            None => Err(Error::ModelNotAllowed {
+            None => Err(RequestError::ModelNotAllowed {
                 model: model.as_str().to_string(),
             }),
         }
@@ -119,28 +119,28 @@ impl Policy {
 
     /// A guardrail, named by ApplyGuardrail's path or by the guardrail headers, must match a
     /// `[policy] guardrails` pattern as `id:version`.
-    pub fn check_guardrail(&self, guardrail: &Guardrail) -> Result<(), Error> {
+    pub fn check_guardrail(&self, guardrail: &Guardrail) -> Result<(), RequestError> {
         let qualified = guardrail.qualified();
         if !self
             .guardrails
             .iter()
             .any(|pattern| glob_match(pattern, &qualified))
         {
-            return Err(Error::GuardrailNotAllowed {
+            return Err(RequestError::GuardrailNotAllowed {
                 guardrail: qualified,
             });
         }
         Ok(())
     }
 
-    pub fn check_header(&self, header: GatedHeader, value: &str) -> Result<(), Error> {
+    pub fn check_header(&self, header: GatedHeader, value: &str) -> Result<(), RequestError> {
         let allowed = match header {
             GatedHeader::ServiceTier => &self.service_tiers,
             GatedHeader::PerformanceLatency => &self.performance_latency,
             GatedHeader::Trace => &self.trace,
         };
         if !allowed.iter().any(|v| v == value) {
-            return Err(Error::HeaderNotAllowed {
+            return Err(RequestError::HeaderNotAllowed {
                 header: header.header(),
                 value: value.to_string(),
                 field: header.field(),
@@ -202,7 +202,7 @@ mod tests {
         let err = policy()
             .admit_source("100.64.0.3:4000".parse().unwrap())
             .unwrap_err();
-        assert!(matches!(err, Error::NotAnAgent { .. }));
+        assert!(matches!(err, RequestError::NotAnAgent { .. }));
         assert_eq!(err.to_bedrock().kind.status().as_u16(), 403);
     }
 

@@ -9,7 +9,7 @@ use http::{HeaderMap, HeaderName, StatusCode};
 use xpart_daemon::bedrock::ModelId;
 
 use crate::config::{RelayConfig, RewriteRule};
-use crate::error::Error;
+use crate::error::RequestError;
 
 /// Inference-profile prefixes AWS uses; a model that already carries one is a profile and gets
 /// no second prefix.
@@ -42,15 +42,15 @@ impl Rewriter {
     }
 
     /// The Commercial model ID for `model`, rewritten by the first matching rule.
-    pub fn model(&self, model: &ModelId) -> Result<ModelId, Error> {
+    pub fn model(&self, model: &ModelId) -> Result<ModelId, RequestError> {
         let id = model.as_str();
         let rewritten = self.apply_rules(id);
         if looks_govcloud(&rewritten) {
-            return Err(Error::NoRewriteRule {
+            return Err(RequestError::NoRewriteRule {
                 model: id.to_string(),
             });
         }
-        ModelId::parse(&rewritten).map_err(|_| Error::BadRewrite {
+        ModelId::parse(&rewritten).map_err(|_| RequestError::BadRewrite {
             model: id.to_string(),
             rewritten,
         })
@@ -191,7 +191,7 @@ mod tests {
     fn govcloud_id_without_rule_is_refused_with_validation_error() {
         let r = Rewriter::new(vec![], None);
         let err = r.model(&id("us-gov.anthropic.claude-3-haiku")).unwrap_err();
-        assert!(matches!(err, Error::NoRewriteRule { .. }));
+        assert!(matches!(err, RequestError::NoRewriteRule { .. }));
         let bedrock = err.to_bedrock();
         assert_eq!(bedrock.kind.code(), "ValidationException");
         assert!(bedrock.message.contains("us-gov.anthropic.claude-3-haiku"));
@@ -200,7 +200,7 @@ mod tests {
                 "arn:aws-us-gov:bedrock:us-gov-west-1:1:inference-profile/x",
             ))
             .unwrap_err();
-        assert!(matches!(err, Error::NoRewriteRule { .. }));
+        assert!(matches!(err, RequestError::NoRewriteRule { .. }));
     }
 
     #[test]
@@ -242,7 +242,7 @@ mod tests {
             None,
         );
         let err = r.model(&id("gov.anthropic.x")).unwrap_err();
-        assert!(matches!(err, Error::BadRewrite { .. }));
+        assert!(matches!(err, RequestError::BadRewrite { .. }));
         assert_eq!(err.to_bedrock().kind.code(), "ValidationException");
     }
 

@@ -27,7 +27,7 @@ use xpart_tunnel::TcpListener;
 use crate::admission::{self, Admitted, Policy, Rewriter, Rules, Target};
 use crate::audit::{upstream_error_type, Exchange, CLIENT_CLOSED};
 use crate::credentials::Status;
-use crate::error::Error;
+use crate::error::RequestError;
 use crate::stream::{BoxError, Ending, Relayed};
 use crate::{echo, rewrite, signer, Relay};
 
@@ -132,7 +132,7 @@ async fn forward(
     peer: SocketAddr,
     request: Request<Incoming>,
     exchange: &mut Exchange,
-) -> Result<Answer, Error> {
+) -> Result<Answer, RequestError> {
     // One snapshot of the live rules for the whole request, so a reload in the middle
     // cannot mix two policies.
     let policy = relay.policy.load();
@@ -194,7 +194,7 @@ fn admit(
     request: &Request<Incoming>,
     rules: &Rules<'_>,
     exchange: &mut Exchange,
-) -> Result<Admitted, Error> {
+) -> Result<Admitted, RequestError> {
     let path_and_query = request
         .uri()
         .path_and_query()
@@ -244,7 +244,7 @@ fn remembered_profile(
     rewriter: &Rewriter,
     commercial: &ModelId,
     exchange: &mut Exchange,
-) -> Result<ModelId, Error> {
+) -> Result<ModelId, RequestError> {
     let invoked = rewriter.invoked(commercial);
     if invoked == *commercial {
         return Ok(invoked);
@@ -260,29 +260,29 @@ fn profile_allowed<'p>(
     policy: &'p Policy,
     model: &ModelId,
     profile: &ModelId,
-) -> Result<&'p str, Error> {
+) -> Result<&'p str, RequestError> {
     policy
         .check_model(profile)
-        .map_err(|_| Error::ProfileNotAllowed {
+        .map_err(|_| RequestError::ProfileNotAllowed {
             model: model.as_str().to_string(),
             profile: profile.as_str().to_string(),
         })
 }
 
-fn model_path(admitted: &Admitted, model: &ModelId) -> Result<String, Error> {
+fn model_path(admitted: &Admitted, model: &ModelId) -> Result<String, RequestError> {
     admitted
         .route
         .path_with_model(model)
-        .ok_or_else(|| Error::OperationNotAllowed {
+        .ok_or_else(|| RequestError::OperationNotAllowed {
             operation: admitted.route.operation.name().to_string(),
         })
 }
 
-fn answer_echo(relay: &Relay, route: &Route, body: &Bytes) -> Result<Answer, Error> {
+fn answer_echo(relay: &Relay, route: &Route, body: &Bytes) -> Result<Answer, RequestError> {
     let model = relay.echo_model.as_deref().unwrap_or("");
     match echo::answer(route.operation, model, body)? {
         Some(response) => Ok(Answer::Local(response)),
-        None => Err(Error::OperationNotAllowed {
+        None => Err(RequestError::OperationNotAllowed {
             operation: format!("{} on the echo model", route.operation.name()),
         }),
     }
@@ -307,7 +307,7 @@ async fn retry_through_profile(
     first: Upstream<'_>,
     response: Response<Incoming>,
     exchange: &mut Exchange,
-) -> Result<Answer, Error> {
+) -> Result<Answer, RequestError> {
     let Some(profile) = retry.rewriter.profile_for(retry.invoked) else {
         return Ok(Answer::Upstream(response));
     };
@@ -349,26 +349,26 @@ async fn read_body(
     relay: &Relay,
     headers: &HeaderMap,
     mut body: Incoming,
-) -> Result<Buffered, Error> {
+) -> Result<Buffered, RequestError> {
     let limit = MAX_BODY_BYTES as u64;
     let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit) {
-        return Err(Error::BodyTooLarge { limit });
+        return Err(RequestError::BodyTooLarge { limit });
     }
     let mut reserved_bytes = declared.unwrap_or(0);
     let mut reserved = relay.body_budget.reserve(reserved_bytes)?;
     let mut buffer = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|err| Error::BodyRead(err.to_string()))?;
+        let frame = frame.map_err(|err| RequestError::BodyRead(err.to_string()))?;
         let Ok(chunk) = frame.into_data() else {
             continue;
         };
         let total = (buffer.len() + chunk.len()) as u64;
         if total > limit {
-            return Err(Error::BodyTooLarge { limit });
+            return Err(RequestError::BodyTooLarge { limit });
         }
         if total > reserved_bytes {
             reserved.merge(relay.body_budget.reserve(total - reserved_bytes)?);
@@ -405,8 +405,8 @@ impl BodyBudget {
         self.total.saturating_sub(self.permits.available_permits()) as u64
     }
 
-    fn reserve(&self, bytes: u64) -> Result<OwnedSemaphorePermit, Error> {
-        let exhausted = || Error::BodyBudgetExhausted {
+    fn reserve(&self, bytes: u64) -> Result<OwnedSemaphorePermit, RequestError> {
+        let exhausted = || RequestError::BodyBudgetExhausted {
             budget: self.total as u64,
         };
         let count = u32::try_from(bytes).map_err(|_| exhausted())?;
@@ -432,18 +432,14 @@ async fn send_signed(
     relay: &Relay,
     upstream: &Upstream<'_>,
     exchange: &mut Exchange,
-) -> Result<Response<Incoming>, Error> {
+) -> Result<Response<Incoming>, RequestError> {
     let mut request = Request::new(upstream.body.clone());
     *request.method_mut() = upstream.method.clone();
-    *request.uri_mut() = relay
-        .upstream
-        .url_for(upstream.path_and_query)
-        .parse()
-        .map_err(|e: http::uri::InvalidUri| Error::Signing(e.to_string()))?;
+    *request.uri_mut() = relay.upstream.url_for(upstream.path_and_query)?;
     *request.headers_mut() = upstream.headers.clone();
-    let host = HeaderValue::from_str(relay.upstream.host_header())
-        .map_err(|e| Error::Signing(e.to_string()))?;
-    request.headers_mut().insert(HOST, host);
+    request
+        .headers_mut()
+        .insert(HOST, relay.upstream.host_header_value().clone());
     request
         .headers_mut()
         .insert(CONTENT_LENGTH, HeaderValue::from(upstream.body.len()));
@@ -464,10 +460,10 @@ async fn send_signed(
 async fn read_error_body(
     relay: &Relay,
     response: Response<Incoming>,
-) -> Result<(http::response::Parts, Bytes), Error> {
+) -> Result<(http::response::Parts, Bytes), RequestError> {
     let (head, body) = response.into_parts();
     let collect = Limited::new(body, MAX_ERROR_BODY_BYTES).collect();
-    let unavailable = |reason: String| Error::UpstreamUnavailable {
+    let unavailable = |reason: String| RequestError::UpstreamUnavailable {
         endpoint: relay.upstream.endpoint_url(),
         reason,
     };
@@ -528,12 +524,12 @@ fn answer_locally(response: Response<Full<Bytes>>, exchange: Exchange) -> Respon
     Response::from_parts(head, body.map_err(|never| match never {}).boxed_unsync())
 }
 
-/// The one place a relay [`Error`] becomes the caller's Bedrock error response.
-fn refuse(relay: &Relay, err: Error, exchange: Exchange) -> Response<ResponseBody> {
+/// The one place a relay [`RequestError`] becomes the caller's Bedrock error response.
+fn refuse(relay: &Relay, err: RequestError, exchange: Exchange) -> Response<ResponseBody> {
     match &err {
-        Error::BodyBudgetExhausted { .. } => relay.metrics.body_budget_refused(),
-        Error::UpstreamUnavailable { .. } => relay.metrics.upstream_error("unavailable"),
-        Error::UpstreamTimeout { .. } => relay.metrics.upstream_error("timeout"),
+        RequestError::BodyBudgetExhausted { .. } => relay.metrics.body_budget_refused(),
+        RequestError::UpstreamUnavailable { .. } => relay.metrics.upstream_error("unavailable"),
+        RequestError::UpstreamTimeout { .. } => relay.metrics.upstream_error("timeout"),
         _ => {}
     }
     let bedrock = err.to_bedrock();
@@ -604,4 +600,73 @@ fn health(relay: &Relay, peer: SocketAddr, headers: &HeaderMap) -> Response<Resp
         HeaderValue::from_static("application/json"),
     );
     response.map(|body| body.map_err(|never| match never {}).boxed_unsync())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PolicySection;
+    use crate::metrics::Metrics;
+    use xpart_daemon::audit::AuditLog;
+
+    fn policy(models: &[&str]) -> Policy {
+        Policy::new(
+            [],
+            &PolicySection {
+                operations: vec!["Converse".into()],
+                models: models.iter().map(|m| m.to_string()).collect(),
+                guardrails: vec![],
+                service_tiers: vec![],
+                performance_latency: vec![],
+                trace: vec![],
+            },
+        )
+    }
+
+    fn exchange() -> Exchange {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        Exchange::begin(&HeaderMap::new(), AuditLog::disabled(), metrics)
+    }
+
+    fn id(s: &str) -> ModelId {
+        ModelId::parse(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_remembered_profile_is_used_only_while_the_policy_allows_it() {
+        let rewriter = Rewriter::new(vec![], Some("us.".into()));
+        let model = id("anthropic.needs-profile");
+        rewriter.remember(&model, &id("us.anthropic.needs-profile"));
+
+        let allowing = policy(&["anthropic.*", "us.anthropic.*"]);
+        let invoked = remembered_profile(&allowing, &rewriter, &model, &mut exchange()).unwrap();
+        assert_eq!(invoked.as_str(), "us.anthropic.needs-profile");
+
+        let narrowed = policy(&["anthropic.*"]);
+        let err = remembered_profile(&narrowed, &rewriter, &model, &mut exchange()).unwrap_err();
+        assert!(matches!(err, RequestError::ProfileNotAllowed { .. }));
+        let bedrock = err.to_bedrock();
+        assert_eq!(bedrock.kind.code(), "AccessDeniedException");
+        assert!(bedrock.message.contains("us.anthropic.needs-profile"));
+
+        let unremembered = id("anthropic.other");
+        let invoked =
+            remembered_profile(&narrowed, &rewriter, &unremembered, &mut exchange()).unwrap();
+        assert_eq!(invoked, unremembered);
+    }
+
+    #[test]
+    fn the_body_budget_is_shared_and_given_back() {
+        let budget = BodyBudget::new(100);
+        let first = budget.reserve(60).unwrap();
+        assert_eq!(budget.in_use(), 60);
+        let err = budget.reserve(41).unwrap_err();
+        assert!(matches!(err, RequestError::BodyBudgetExhausted { budget: 100 }));
+        assert_eq!(err.to_bedrock().kind.code(), "ServiceUnavailableException");
+        let second = budget.reserve(40).unwrap();
+        drop(first);
+        drop(second);
+        assert_eq!(budget.in_use(), 0);
+        assert!(BodyBudget::new(10).reserve(u64::MAX).is_err());
+    }
 }

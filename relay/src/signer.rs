@@ -10,7 +10,7 @@ use aws_sigv4::http_request::{
 use aws_sigv4::sign::v4;
 use bytes::Bytes;
 
-use crate::error::Error;
+use crate::error::RequestError;
 
 /// The SigV4 signing name of Bedrock Runtime (botocore's `signingName`).
 pub const SIGNING_NAME: &str = "bedrock";
@@ -22,11 +22,11 @@ pub fn sign_request(
     credentials: &Credentials,
     region: &str,
     time: SystemTime,
-) -> Result<(), Error> {
+) -> Result<(), RequestError> {
     let mut headers = Vec::with_capacity(request.headers().len());
     for (name, value) in request.headers() {
         let Ok(text) = value.to_str() else {
-            return Err(Error::UnsignableHeader {
+            return Err(RequestError::UnsignableHeader {
                 name: name.as_str().to_string(),
             });
         };
@@ -39,7 +39,7 @@ pub fn sign_request(
         headers.into_iter(),
         SignableBody::Bytes(request.body()),
     )
-    .map_err(|e| Error::Signing(e.to_string()))?;
+    .map_err(|e| RequestError::Signing(e.to_string()))?;
 
     let mut settings = SigningSettings::default();
     // Sends the body hash as x-amz-content-sha256 too, so the upstream can check it directly.
@@ -52,10 +52,10 @@ pub fn sign_request(
         .time(time)
         .settings(settings)
         .build()
-        .map_err(|e| Error::Signing(e.to_string()))?
+        .map_err(|e| RequestError::Signing(e.to_string()))?
         .into();
     let (instructions, _signature) = sign(signable, &params)
-        .map_err(|e| Error::Signing(e.to_string()))?
+        .map_err(|e| RequestError::Signing(e.to_string()))?
         .into_parts();
     instructions.apply_to_request_http1x(request);
     Ok(())
@@ -149,6 +149,6 @@ mod tests {
             http::HeaderValue::from_bytes(&[0xff, 0xfe]).unwrap(),
         );
         let err = sign_request(&mut r, &creds(None), "us-east-1", time()).unwrap_err();
-        assert!(matches!(err, Error::UnsignableHeader { .. }));
+        assert!(matches!(err, RequestError::UnsignableHeader { .. }));
     }
 }

@@ -26,7 +26,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::RelayConfig;
-use crate::error::Error;
+use crate::error::{EndpointError, RequestError, StartError};
 use crate::resolver::UpstreamResolver;
 
 /// `https://host[:port]` from `[upstream] endpoint`.
@@ -37,22 +37,25 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    pub fn parse(text: &str) -> Result<Endpoint, String> {
+    pub fn parse(text: &str) -> Result<Endpoint, EndpointError> {
         let Some(rest) = text.strip_prefix("https://") else {
-            return Err(format!("{text:?} must start with https://"));
+            return Err(EndpointError::NotHttps(text.to_string()));
         };
         let authority = rest.strip_suffix('/').unwrap_or(rest);
         if authority.is_empty() || authority.contains('/') || authority.contains('@') {
-            return Err(format!(
-                "{text:?} must be a scheme and host only, without a path or user"
-            ));
+            return Err(EndpointError::NotHostOnly(text.to_string()));
         }
         let (host, port) = match authority.rsplit_once(':') {
             // A bare IPv6 literal without brackets has colons but no port.
             Some((host, _)) if !host.ends_with(']') && host.contains(':') => (authority, 443),
             Some((host, port)) => match port.parse::<u16>() {
                 Ok(port) => (host, port),
-                Err(_) => return Err(format!("{text:?} has an invalid port {port:?}")),
+                Err(_) => {
+                    return Err(EndpointError::Port {
+                        text: text.to_string(),
+                        port: port.to_string(),
+                    })
+                }
             },
             None => (authority, 443),
         };
@@ -78,14 +81,17 @@ impl Endpoint {
 pub struct Upstream {
     client: Client<Connector, Full<Bytes>>,
     endpoint: Endpoint,
-    host_header: String,
+    /// The validated `[upstream].host_header` (or the endpoint's authority), as text and as
+    /// the header value that is sent.
+    host: String,
+    host_header: http::HeaderValue,
     first_byte_timeout: Duration,
 }
 
 impl Upstream {
-    pub fn from_config(config: &RelayConfig) -> Result<Upstream, Error> {
+    pub fn from_config(config: &RelayConfig) -> Result<Upstream, StartError> {
         let up = &config.upstream;
-        let endpoint = Endpoint::parse(&up.endpoint).map_err(Error::UpstreamSetup)?;
+        let endpoint = Endpoint::parse(&up.endpoint)?;
         let extra_ca = up.extra_ca_file.as_ref().map(|f| config.resolve_path(f));
         let tls = tls_connector(extra_ca.as_deref())?;
         let connector = Connector {
@@ -101,13 +107,15 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(up.pool_idle_timeout_secs))
             .pool_max_idle_per_host(up.pool_max_idle)
             .build(connector);
-        let host_header = match &up.host_header {
+        let host = match &up.host_header {
             Some(host) => host.clone(),
             None => endpoint.authority(),
         };
+        let host_header = host_header_value(&host)?;
         Ok(Upstream {
             client,
             endpoint,
+            host,
             host_header,
             first_byte_timeout: config.first_byte_timeout(),
         })
@@ -115,12 +123,24 @@ impl Upstream {
 
     /// The `Host` the relay sends and signs.
     pub fn host_header(&self) -> &str {
+        &self.host
+    }
+
+    /// [`Upstream::host_header`] as the header value.
+    pub fn host_header_value(&self) -> &http::HeaderValue {
         &self.host_header
     }
 
     /// Absolute URL for `path_and_query` on the configured endpoint (what gets signed).
-    pub fn url_for(&self, path_and_query: &str) -> String {
-        format!("https://{}{path_and_query}", self.host_header)
+    pub fn url_for(&self, path_and_query: &str) -> Result<http::Uri, RequestError> {
+        // The host was checked to be a valid authority at start, so only the path can make
+        // this fail.
+        format!("https://{}{path_and_query}", self.host)
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| RequestError::UpstreamUrl {
+                path: path_and_query.to_string(),
+                reason: e.to_string(),
+            })
     }
 
     pub fn endpoint_url(&self) -> String {
@@ -131,7 +151,7 @@ impl Upstream {
     pub async fn send(
         &self,
         request: http::Request<Bytes>,
-    ) -> Result<http::Response<Incoming>, Error> {
+    ) -> Result<http::Response<Incoming>, RequestError> {
         let (mut parts, body) = request.into_parts();
         // The pool is keyed by the endpoint, and the connector dials only the endpoint.
         let path = parts
@@ -139,16 +159,19 @@ impl Upstream {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
-        parts.uri = format!("{}{path}", self.endpoint.url())
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| Error::UpstreamSetup(e.to_string()))?;
+        parts.uri = format!("{}{path}", self.endpoint.url()).parse().map_err(
+            |e: http::uri::InvalidUri| RequestError::UpstreamUrl {
+                path: path.to_string(),
+                reason: e.to_string(),
+            },
+        )?;
         let request = http::Request::from_parts(parts, Full::new(body));
         match tokio::time::timeout(self.first_byte_timeout, self.client.request(request)).await {
-            Err(_) => Err(Error::UpstreamTimeout {
+            Err(_) => Err(RequestError::UpstreamTimeout {
                 endpoint: self.endpoint.url(),
                 seconds: self.first_byte_timeout.as_secs(),
             }),
-            Ok(Err(err)) => Err(Error::UpstreamUnavailable {
+            Ok(Err(err)) => Err(RequestError::UpstreamUnavailable {
                 endpoint: self.endpoint.url(),
                 reason: describe(&err),
             }),
@@ -157,24 +180,41 @@ impl Upstream {
     }
 }
 
-fn tls_connector(extra_ca: Option<&Path>) -> Result<TlsConnector, Error> {
+/// `Host` must be an authority (a host, optionally with a port) to be sent, signed and put in
+/// the URL that is signed.
+pub(crate) fn host_header_value(host: &str) -> Result<http::HeaderValue, StartError> {
+    let invalid = || StartError::HostHeader {
+        host: host.to_string(),
+    };
+    if host.parse::<http::uri::Authority>().is_err() || host.contains('@') {
+        return Err(invalid());
+    }
+    let value = http::HeaderValue::from_str(host).map_err(|_| invalid())?;
+    Ok(value)
+}
+
+fn tls_connector(extra_ca: Option<&Path>) -> Result<TlsConnector, StartError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(file) = extra_ca {
-        let certs = CertificateDer::pem_file_iter(file)
-            .map_err(|e| Error::UpstreamSetup(format!("{}: {e}", file.display())))?;
-        for cert in certs {
-            let cert =
-                cert.map_err(|e| Error::UpstreamSetup(format!("{}: {e}", file.display())))?;
+        let unreadable = |source| StartError::ExtraCaRead {
+            path: file.to_path_buf(),
+            source,
+        };
+        for cert in CertificateDer::pem_file_iter(file).map_err(unreadable)? {
+            let cert = cert.map_err(unreadable)?;
             roots
                 .add(cert)
-                .map_err(|e| Error::UpstreamSetup(format!("{}: {e}", file.display())))?;
+                .map_err(|source| StartError::ExtraCaCertificate {
+                    path: file.to_path_buf(),
+                    source,
+                })?;
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::UpstreamSetup(e.to_string()))?
+        .map_err(StartError::Tls)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -211,11 +251,7 @@ impl tower_service::Service<http::Uri> for Connector {
 impl ConnectorInner {
     async fn connect(&self) -> io::Result<TlsConn> {
         let host = &self.endpoint.host;
-        let addrs = self
-            .resolver
-            .resolve(host, self.endpoint.port)
-            .await
-            .map_err(io::Error::other)?;
+        let addrs = self.resolver.resolve(host, self.endpoint.port).await?;
         tracing::debug!(host = %host, addresses = ?addrs, "upstream resolved");
         let server_name = ServerName::try_from(
             host.trim_start_matches('[')
@@ -240,19 +276,25 @@ impl ConnectorInner {
         &self,
         addr: SocketAddr,
         server_name: &ServerName<'static>,
-    ) -> Result<TlsConn, String> {
+    ) -> io::Result<TlsConn> {
         let seconds = self.connect_timeout.as_secs();
+        let timed_out = |what: &str| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{what} timed out after {seconds} s"),
+            )
+        };
         let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-            Err(_) => return Err(format!("connect timed out after {seconds} s")),
-            Ok(Err(err)) => return Err(err.to_string()),
+            Err(_) => return Err(timed_out("connect")),
+            Ok(Err(err)) => return Err(err),
             Ok(Ok(tcp)) => tcp,
         };
         // Bedrock requests are small writes followed by waiting; Nagle would only add delay.
         let _ = tcp.set_nodelay(true);
         let handshake = self.tls.connect(server_name.clone(), tcp);
         match tokio::time::timeout(self.connect_timeout, handshake).await {
-            Err(_) => Err(format!("TLS handshake timed out after {seconds} s")),
-            Ok(Err(err)) => Err(format!("TLS: {err}")),
+            Err(_) => Err(timed_out("TLS handshake")),
+            Ok(Err(err)) => Err(io::Error::new(err.kind(), format!("TLS: {err}"))),
             Ok(Ok(tls)) => Ok(TlsConn {
                 io: TokioIo::new(tls),
             }),
@@ -314,6 +356,92 @@ pub fn describe(err: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use xpart_daemon::bedrock::ErrorType;
+
+    fn config(upstream_extra: &str) -> RelayConfig {
+        let text = format!(
+            r#"
+[tunnel]
+mode = "host"
+[[agent]]
+name = "agent-a"
+tunnel_address = "127.0.0.1"
+[service]
+listen = "127.0.0.1:0"
+[upstream]
+region = "us-east-1"
+endpoint = "https://bedrock-runtime.us-east-1.amazonaws.com"
+resolver = ["127.0.0.1:53"]
+{upstream_extra}
+[policy]
+operations = ["Converse"]
+models = ["anthropic.*"]
+"#
+        );
+        RelayConfig::from_toml_str(&text, "relay.toml").unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_path_that_forms_no_url_is_a_validation_error_not_a_signing_failure() {
+        let upstream = Upstream::from_config(&config("")).unwrap();
+
+        let error = upstream.url_for("/model/a b/converse").unwrap_err();
+
+        assert!(
+            matches!(&error, RequestError::UpstreamUrl { path, .. } if path == "/model/a b/converse"),
+            "{error:?}"
+        );
+        let bedrock = error.to_bedrock();
+        assert_eq!(bedrock.kind, ErrorType::Validation);
+        assert!(!bedrock.message.contains("signing"), "{}", bedrock.message);
+    }
+
+    #[tokio::test]
+    async fn the_url_that_is_signed_names_the_host_header() {
+        let upstream = Upstream::from_config(&config(
+            "host_header = \"bedrock-runtime.us-east-1.amazonaws.com\"",
+        ))
+        .unwrap();
+
+        let uri = upstream.url_for("/model/m/converse").unwrap();
+
+        assert_eq!(
+            uri.to_string(),
+            "https://bedrock-runtime.us-east-1.amazonaws.com/model/m/converse"
+        );
+        assert_eq!(
+            upstream.host_header_value(),
+            "bedrock-runtime.us-east-1.amazonaws.com"
+        );
+    }
+
+    #[test]
+    fn a_host_header_that_is_no_host_is_refused_naming_the_field() {
+        for bad in ["bedrock runtime", "user@host", "host/path", ""] {
+            let error = host_header_value(bad).unwrap_err();
+            assert!(
+                error.to_string().contains("[upstream].host_header"),
+                "{error}"
+            );
+        }
+        assert!(
+            host_header_value("vpce-1.bedrock-runtime.us-east-1.vpce.amazonaws.com:8443").is_ok()
+        );
+    }
+
+    #[test]
+    fn config_check_refuses_a_host_header_that_is_no_host() {
+        let text = "[tunnel]\nmode = \"host\"\n[[agent]]\nname = \"a\"\ntunnel_address = \"127.0.0.1\"\n\
+             [service]\nlisten = \"127.0.0.1:0\"\n[upstream]\nregion = \"us-east-1\"\n\
+             endpoint = \"https://bedrock-runtime.us-east-1.amazonaws.com\"\nhost_header = \"a b\"\n\
+             [policy]\noperations = [\"Converse\"]\nmodels = [\"anthropic.*\"]\n";
+
+        let problems = RelayConfig::from_toml_str(text, "relay.toml")
+            .unwrap_err()
+            .to_string();
+
+        assert!(problems.contains("[upstream].host_header"), "{problems}");
+    }
 
     #[test]
     fn endpoint_parsing() {
@@ -329,9 +457,10 @@ mod tests {
             e.authority(),
             "bedrock-runtime.us-east-1.amazonaws.com:8443"
         );
-        assert!(Endpoint::parse("http://x")
-            .unwrap_err()
-            .contains("https://"));
+        assert_eq!(
+            Endpoint::parse("http://x").unwrap_err(),
+            EndpointError::NotHttps("http://x".into())
+        );
         assert!(Endpoint::parse("https://x/model").is_err());
         assert!(Endpoint::parse("https://x:notaport").is_err());
     }
