@@ -23,6 +23,7 @@ mod keys;
 mod probe;
 mod status;
 mod token;
+mod usage;
 mod wg_config;
 
 use std::process::ExitCode;
@@ -99,6 +100,9 @@ enum Command {
     Failover(failover::FailoverCommand),
     /// Probe through the agent while causing a failure; report failed probes and recovery time.
     Drill(drill::DrillArgs),
+    /// Requests, errors, refusals, tokens and estimated cost per principal, model and day, from
+    /// the audit files.
+    Usage(usage::UsageArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
 }
@@ -137,6 +141,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Probe(args) => block_on(probe::run(args, json)),
         Command::Failover(command) => block_on(failover::run(command, json)),
         Command::Drill(args) => block_on(drill::run(args, json)),
+        Command::Usage(args) => usage::run(args, json),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "xpart", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)

@@ -9,4 +9,5 @@ mod keys;
 mod support;
 mod token;
 mod usage;
+mod usage_report;
 mod wg_config;

@@ -16,6 +16,7 @@ fn help_teaches_with_examples_and_documents_exit_codes() {
         "probe",
         "failover",
         "drill",
+        "usage",
         "completions",
     ] {
         assert!(help.contains(command), "{command} missing from --help");
