@@ -10,7 +10,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use prometheus::Registry;
 use serde_json::{json, Value};
-use xpart_daemon::admin::{tunnel_dropped_json, AdminHandler, DropSource};
+use xpart_daemon::admin::{tunnel_dropped_json, tunnel_peers_json, AdminHandler, DropSource};
 
 use crate::monitor::PeerSource;
 use crate::pipeline::Agent;
@@ -74,6 +74,7 @@ impl AdminHandler for AdminView {
             })
             .collect();
         let peers = self.peers.as_ref().map(|peers| peers()).unwrap_or_default();
+        let peers = tunnel_peers_json(&peers, std::time::SystemTime::now());
         let principals: Vec<Value> = self
             .agent
             .principals

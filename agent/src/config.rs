@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use xpart_daemon::bedrock::Operation;
 use xpart_daemon::config::Diagnostics;
-use xpart_daemon::tunnel_config::TunnelMode;
+use xpart_daemon::tunnel_config::{PeerSection, Side, TunnelMode, TunnelSection};
 use xpart_tunnel::{PrivateKey, PublicKey};
 
 use crate::auth::{Principal, DEFAULT_OPERATIONS};
@@ -29,7 +29,7 @@ use crate::limits::LimitSettings;
 pub struct AgentConfig {
     pub tunnel: TunnelSection,
     #[serde(rename = "relay", default)]
-    pub relays: Vec<RelaySection>,
+    pub relays: Vec<PeerSection>,
     pub dns: Option<DnsSection>,
     pub front: FrontSection,
     #[serde(rename = "principal", default)]
@@ -43,37 +43,6 @@ pub struct AgentConfig {
     /// Where the file was read from (for messages and relative paths).
     #[serde(skip)]
     pub file: PathBuf,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TunnelSection {
-    /// Required unless `mode = "host"`.
-    pub private_key_file: Option<PathBuf>,
-    /// Required unless `mode = "host"`.
-    pub address: Option<IpNet>,
-    #[serde(default = "default_mode")]
-    pub mode: TunnelMode,
-    pub listen: Option<SocketAddr>,
-    #[serde(default = "xpart_daemon::tunnel_config::default_mtu")]
-    pub mtu: u16,
-    pub interface_name: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RelaySection {
-    pub name: String,
-    /// Required unless `[tunnel] mode = "host"`.
-    pub public_key: Option<String>,
-    /// Required unless `[tunnel] mode = "host"`.
-    pub endpoint: Option<SocketAddr>,
-    pub tunnel_address: IpAddr,
-    #[serde(default = "default_service_port")]
-    pub service_port: u16,
-    #[serde(default = "default_keepalive")]
-    pub persistent_keepalive: u16,
-    pub preshared_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -302,13 +271,6 @@ impl AgentConfig {
                 "set this side's tunnel address with its prefix, e.g. \"100.64.0.1/30\"",
             );
         }
-        if self.tunnel.mtu < 1280 {
-            check.problem(
-                "[tunnel].mtu",
-                format!("{} is below 1280, the IPv6 minimum", self.tunnel.mtu),
-                "leave it out to use 1420",
-            );
-        }
     }
 
     fn check_relays(&self, check: &mut Checker) {
@@ -357,16 +319,15 @@ impl AgentConfig {
                     "use the relay's address from its [tunnel].address",
                 );
             }
-            if let Some(psk) = &relay.preshared_key_file {
-                if let Err(message) = read_preshared_key(&self.resolve(psk)) {
-                    check.problem(
-                        field("preshared_key_file"),
-                        message,
-                        "write 32 random bytes as base64 with `wg genpsk` (the file must be mode 0600)",
-                    );
-                }
-            }
         }
+        xpart_daemon::tunnel_config::check(
+            Side::Agent,
+            &self.tunnel,
+            &self.relays,
+            |i, relay, f| format!("[[relay]] #{} ({}).{f}", i + 1, relay.name),
+            |path| self.resolve(path),
+            &mut check.diagnostics,
+        );
     }
 
     fn check_dns(&self, check: &mut Checker) {
@@ -403,7 +364,7 @@ impl AgentConfig {
         let key = self.resolve(&self.front.key_file);
         if let Err(error) = crate::tls::CertStore::load(&cert, &key) {
             let field = match &error {
-                crate::Error::Certificate { file, .. } if file == &key => "[front].key_file",
+                crate::error::StartError::Certificate { file, .. } if file == &key => "[front].key_file",
                 _ => "[front].cert_file",
             };
             check.problem(
@@ -648,11 +609,6 @@ const MAX_CONNECTIONS: usize = 1_000_000;
 /// Bedrock's own request body limit.
 const MAX_BODY_BYTES: u64 = xpart_daemon::bedrock::MAX_BODY_BYTES as u64;
 
-/// Reads a WireGuard preshared key file (base64 of 32 bytes, mode 0600).
-pub fn read_preshared_key(path: &Path) -> Result<[u8; 32], String> {
-    xpart_daemon::tunnel_config::read_preshared_key_file(path).map_err(|e| e.to_string())
-}
-
 fn decode_sha256(hex: &str) -> Option<[u8; 32]> {
     if hex.len() != 64 {
         return None;
@@ -683,15 +639,6 @@ fn default_max_connections() -> usize {
 }
 fn default_max_connections_per_source() -> usize {
     FrontSettings::default().max_connections_per_source
-}
-fn default_mode() -> TunnelMode {
-    TunnelMode::Kernel
-}
-fn default_service_port() -> u16 {
-    8080
-}
-fn default_keepalive() -> u16 {
-    25
 }
 fn default_ttl() -> u32 {
     60

@@ -15,22 +15,32 @@
 //! every second. The admin port ([`admin`]) serves `/metrics` ([`metrics`]), `/healthz`,
 //! `/readyz` and `/status`.
 //!
-//! Entry points: [`config::AgentConfig::load`] and [`start`] (which brings up the tunnel),
+//! Entry points: [`AgentConfig::load`] and [`start`] (which brings up the tunnel),
 //! or [`start_with_network`] to use a [`xpart_tunnel::Network`] set up elsewhere.
 
-pub mod admin;
-pub mod auth;
-pub mod config;
-pub mod dns;
-pub mod forward;
-pub mod front;
-pub mod health;
-pub mod limits;
-pub mod metrics;
-pub mod monitor;
-pub mod pipeline;
-pub mod streaming;
-pub mod tls;
+mod admin;
+mod auth;
+mod config;
+mod dns;
+mod error;
+mod forward;
+mod front;
+mod health;
+mod limits;
+mod metrics;
+mod monitor;
+mod pipeline;
+mod streaming;
+mod tls;
+
+pub use crate::auth::token_sha256_hex;
+pub use crate::config::AgentConfig;
+pub use crate::dns::{Answerer, DnsServer, DnsSettings};
+pub use crate::error::{RequestError, StartError};
+pub use crate::front::FrontSettings;
+pub use crate::limits::Limits;
+pub use crate::metrics::Metrics;
+pub use crate::streaming::FrameBoundary;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,153 +51,20 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use xpart_daemon::admin::AdminServer;
 use xpart_daemon::audit::AuditLog;
-use xpart_daemon::bedrock::{BedrockError, ErrorType};
 use xpart_daemon::config::Diagnostics;
 use xpart_daemon::reload::{Applied, Live, Reloadable};
-use xpart_daemon::tunnel_config::{LocalSide, PeerTable};
+use xpart_daemon::tunnel_config::Side;
 use xpart_tunnel::{Network, Tunnel, TunnelConfig};
 
 use crate::auth::{Denial, Principals};
 use crate::config::AgentConfig;
 use crate::dns::DnsServer;
-use crate::forward::{ForwardError, RelayTarget, Relays};
+use crate::forward::{RelayTarget, Relays};
 use crate::limits::{Limits, Refusal, SharedLimits};
 use crate::metrics::Metrics;
 use crate::monitor::PeerSource;
 use crate::pipeline::Agent;
 use crate::tls::CertStore;
-
-/// Everything that can go wrong in the agent, at startup or for one request.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("configuration: {0}")]
-    Config(String),
-    #[error("binding the {what} listener on {addr}: {source}")]
-    Bind {
-        what: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("{}: {reason}", file.display())]
-    Certificate { file: PathBuf, reason: String },
-    #[error("TLS setup: {0}")]
-    Tls(String),
-    #[error("[dns].names: {name:?} is not a DNS name: {reason}")]
-    DnsName { name: String, reason: String },
-    #[error(transparent)]
-    Tunnel(#[from] xpart_tunnel::Error),
-    #[error("opening the audit log {}: {source}", path.display())]
-    Audit {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-
-    #[error("caller refused: {0:?}")]
-    Denied(Denial),
-    #[error("{0}")]
-    Route(BedrockError),
-    #[error("principal {principal} throttled: {refusal:?}")]
-    Throttled { principal: String, refusal: Refusal },
-    #[error("principal {principal}: body over {limit} bytes")]
-    BodyTooLarge {
-        principal: String,
-        limit: u64,
-        length: Option<u64>,
-    },
-    #[error("no relay is healthy")]
-    NoHealthyRelay,
-    #[error(transparent)]
-    Forward(ForwardError),
-}
-
-/// How a caller sets itself up, quoted in authentication errors.
-const CALLER_SETUP: &str = "Configure the caller with AWS_ENDPOINT_URL_BEDROCK_RUNTIME=https://<this agent's Bedrock name>, \
-     AWS_CA_BUNDLE=<the xpart CA certificate file> and AWS_BEARER_TOKEN_BEDROCK=<the token issued for it by `xpart token new --principal NAME`>";
-
-impl Error {
-    /// The Bedrock error a caller receives: status and `x-amzn-ErrorType` for every case.
-    pub fn to_bedrock(&self) -> BedrockError {
-        match self {
-            Error::Denied(Denial::MissingCredentials) => BedrockError::new(
-                ErrorType::UnrecognizedClient,
-                format!("No credentials: this endpoint is an xpart agent in front of Amazon Bedrock and needs a bearer token (or a call from an address a principal allows). {CALLER_SETUP}."),
-            ),
-            Error::Denied(Denial::SigV4NotAccepted) => BedrockError::new(
-                ErrorType::UnrecognizedClient,
-                format!("This endpoint is an xpart agent: AWS SigV4 signatures are not accepted here (the caller's AWS credentials are not valid for the partition Bedrock runs in). {CALLER_SETUP}; with AWS_BEARER_TOKEN_BEDROCK set, the SDK sends the token instead of signing."),
-            ),
-            Error::Denied(Denial::UnknownToken) => BedrockError::new(
-                ErrorType::UnrecognizedClient,
-                format!("The bearer token is not one this xpart agent knows. Check AWS_BEARER_TOKEN_BEDROCK against the token issued for this caller. {CALLER_SETUP}."),
-            ),
-            Error::Denied(Denial::SourceNotAllowed { principal, source }) => BedrockError::access_denied(format!(
-                "Principal {principal} may not call from {source}; its source_cidrs do not include this address."
-            )),
-            Error::Denied(Denial::ModelNotAllowed { principal, model }) => BedrockError::access_denied(format!(
-                "Principal {principal} is not allowed to use model {model}."
-            )),
-            Error::Denied(Denial::OperationNotAllowed { principal, operation }) => BedrockError::access_denied(format!(
-                "Principal {principal} is not allowed to call {operation}; its operations list does not include it."
-            )),
-            Error::Route(error) => error.clone(),
-            Error::Throttled { principal, refusal: Refusal::Rate { limit, retry_after } } => BedrockError::throttling(format!(
-                "Too many requests: principal {principal} is limited to {limit} requests per second; retry after {} ms.",
-                retry_after.as_millis().max(1)
-            )),
-            Error::Throttled { principal, refusal: Refusal::Concurrency { limit } } => BedrockError::throttling(format!(
-                "Too many concurrent requests: principal {principal} may have {limit} in flight."
-            )),
-            Error::BodyTooLarge { principal, limit, length: Some(length) } => BedrockError::validation(format!(
-                "Request body of {length} bytes exceeds the {limit}-byte limit for principal {principal}."
-            )),
-            Error::BodyTooLarge { principal, limit, length: None } => BedrockError::validation(format!(
-                "Request body exceeds the {limit}-byte limit for principal {principal}."
-            )),
-            Error::NoHealthyRelay => BedrockError::unavailable(
-                "No relay is reachable through the tunnel; the request was not sent. Retry shortly.",
-            ),
-            Error::Forward(ForwardError::Unreachable { relay, reason }) => BedrockError::unavailable(format!(
-                "Relay {relay} is unreachable ({reason}); the request was not sent. Retry shortly."
-            )),
-            Error::Forward(ForwardError::Lost { relay }) => BedrockError::unavailable(format!(
-                "Relay {relay} stopped answering while the request was in flight; Bedrock may or may not have processed it."
-            )),
-            Error::Forward(ForwardError::Failed { relay, reason }) => BedrockError::unavailable(format!(
-                "Relay {relay} failed while the request was in flight ({reason}); Bedrock may or may not have processed it."
-            )),
-            Error::Config(_)
-            | Error::Bind { .. }
-            | Error::Certificate { .. }
-            | Error::Tls(_)
-            | Error::DnsName { .. }
-            | Error::Tunnel(_)
-            | Error::Audit { .. } => BedrockError::internal("The xpart agent is misconfigured."),
-        }
-    }
-
-    /// A short reason for the audit line (no secrets, no caller-controlled bulk).
-    pub fn audit_reason(&self) -> String {
-        match self {
-            Error::Denied(Denial::MissingCredentials) => "no credentials".into(),
-            Error::Denied(Denial::SigV4NotAccepted) => "SigV4 signature, no token".into(),
-            Error::Denied(Denial::UnknownToken) => "unknown bearer token".into(),
-            Error::Denied(Denial::SourceNotAllowed { .. }) => "source address not allowed".into(),
-            Error::Denied(Denial::ModelNotAllowed { .. }) => "model not allowed".into(),
-            Error::Denied(Denial::OperationNotAllowed { .. }) => "operation not allowed".into(),
-            Error::Route(error) => error.kind.code().into(),
-            Error::Throttled {
-                refusal: Refusal::Rate { .. },
-                ..
-            } => "over rate limit".into(),
-            Error::Throttled {
-                refusal: Refusal::Concurrency { .. },
-                ..
-            } => "over concurrency limit".into(),
-            Error::BodyTooLarge { .. } => "body too large".into(),
-            other => other.to_string(),
-        }
-    }
-}
 
 /// A running agent.
 pub struct AgentHandle {
@@ -221,7 +98,7 @@ impl AgentHandle {
     }
 
     /// Re-reads the TLS certificate and key (SIGHUP); open connections are unaffected.
-    pub fn reload_certificate(&self) -> Result<(), Error> {
+    pub fn reload_certificate(&self) -> Result<(), StartError> {
         self.certs.reload()
     }
 
@@ -345,7 +222,7 @@ impl Reloadable for AgentHandle {
 
 /// Brings up the tunnel to the relays, then the agent on it (in `mode = "host"`, the agent
 /// alone, on the host network).
-pub async fn start(config: AgentConfig) -> Result<AgentHandle, Error> {
+pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
     let mode = match config.tunnel.mode.wireguard() {
         Some(xpart_tunnel::Mode::Kernel) => "kernel",
         Some(xpart_tunnel::Mode::Userspace) => "userspace",
@@ -353,8 +230,14 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, Error> {
     };
     let tunnel = Arc::new(Tunnel::start(tunnel_config(&config)?).await?);
     let network = tunnel.network();
-    let peers_of = tunnel.clone();
-    let peers: PeerSource = Arc::new(move || peers_of.peer_stats());
+    // Weak: shutdown takes the tunnel back out of its Arc.
+    let peers_of = Arc::downgrade(&tunnel);
+    let peers: PeerSource = Arc::new(move || {
+        peers_of
+            .upgrade()
+            .map(|tunnel| tunnel.peer_stats())
+            .unwrap_or_default()
+    });
     start_inner(config, network, Some((tunnel, peers, mode))).await
 }
 
@@ -364,7 +247,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, Error> {
 pub async fn start_with_network(
     config: AgentConfig,
     network: Network,
-) -> Result<AgentHandle, Error> {
+) -> Result<AgentHandle, StartError> {
     start_inner(config, network, None).await
 }
 
@@ -372,7 +255,7 @@ async fn start_inner(
     config: AgentConfig,
     network: Network,
     tunnel: Option<(Arc<Tunnel>, PeerSource, &'static str)>,
-) -> Result<AgentHandle, Error> {
+) -> Result<AgentHandle, StartError> {
     let certs = Arc::new(CertStore::load(
         &config.resolve(&config.front.cert_file),
         &config.resolve(&config.front.key_file),
@@ -380,13 +263,13 @@ async fn start_inner(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(certs.clone())?);
     let listener = tokio::net::TcpListener::bind(config.front.listen)
         .await
-        .map_err(|source| Error::Bind {
-            what: "TLS front",
+        .map_err(|source| StartError::Bind {
+            field: "[front].listen",
             addr: config.front.listen,
             source,
         })?;
-    let front_addr = listener.local_addr().map_err(|source| Error::Bind {
-        what: "TLS front",
+    let front_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        field: "[front].listen",
         addr: config.front.listen,
         source,
     })?;
@@ -395,7 +278,7 @@ async fn start_inner(
     let audit = match &config.audit.path {
         Some(path) => {
             let path = config.resolve(path);
-            AuditLog::open(&path).map_err(|source| Error::Audit { path, source })?
+            AuditLog::open(&path).map_err(|source| StartError::Audit { path, source })?
         }
         None => AuditLog::disabled(),
     };
@@ -416,6 +299,13 @@ async fn start_inner(
             tracing::warn!(%error, "tunnel drop metrics not registered");
         }
     }
+    if let Some((_, peers, _)) = &tunnel {
+        if let Err(error) =
+            xpart_daemon::admin::register_tunnel_peers(&metrics.registry, peers.clone())
+        {
+            tracing::warn!(%error, "tunnel peer metrics not registered");
+        }
+    }
     let dns = match config.dns_settings() {
         Some(settings) => Some(DnsServer::start(settings, metrics.clone()).await?),
         None => None,
@@ -433,7 +323,7 @@ async fn start_inner(
         .iter()
         .map(|r| RelayTarget {
             name: r.name.clone(),
-            service_addr: SocketAddr::new(r.tunnel_address, r.service_port),
+            service_addr: SocketAddr::new(r.tunnel_address, r.service_port()),
         })
         .collect();
     let relays = Arc::new(Relays::new(
@@ -480,8 +370,8 @@ async fn start_inner(
     };
     let admin =
         xpart_daemon::admin::serve(config.admin.listen, Arc::new(view)).map_err(|source| {
-            Error::Bind {
-                what: "admin",
+            StartError::Bind {
+                field: "[admin].listen",
                 addr: config.admin.listen,
                 source,
             }
@@ -503,41 +393,14 @@ async fn start_inner(
 }
 
 /// The WireGuard side of the config: one peer per relay, routing its tunnel address.
-pub fn tunnel_config(config: &AgentConfig) -> Result<TunnelConfig, Error> {
-    let mode = config.tunnel.mode.wireguard().ok_or_else(|| {
-        Error::Config("[tunnel].mode = \"host\" has no WireGuard tunnel".to_owned())
-    })?;
-    let mut relays = Vec::new();
-    for relay in &config.relays {
-        let preshared_key = match &relay.preshared_key_file {
-            Some(path) => {
-                Some(config::read_preshared_key(&config.resolve(path)).map_err(Error::Config)?)
-            }
-            None => None,
-        };
-        relays.push(PeerTable {
-            name: &relay.name,
-            public_key: relay.public_key.as_deref(),
-            endpoint: relay.endpoint,
-            tunnel_address: relay.tunnel_address,
-            persistent_keepalive: (relay.persistent_keepalive > 0)
-                .then_some(relay.persistent_keepalive),
-            preshared_key,
-        });
-    }
-    let local = LocalSide {
-        mode,
-        private_key_file: config
-            .tunnel
-            .private_key_file
-            .as_deref()
-            .map(|path| config.resolve(path)),
-        address: config.tunnel.address,
-        listen: config.tunnel.listen,
-        mtu: config.tunnel.mtu,
-        interface_name: config.tunnel.interface_name.clone(),
-    };
-    let tunnel = xpart_daemon::tunnel_config::tunnel_config(local, relays)
-        .map_err(|error| Error::Config(error.to_string()))?;
-    Ok(tunnel)
+pub fn tunnel_config(config: &AgentConfig) -> Result<TunnelConfig, StartError> {
+    let tunnel = xpart_daemon::tunnel_config::tunnel_config(
+        Side::Agent,
+        &config.tunnel,
+        &config.relays,
+        |path| config.resolve(path),
+    )
+    ?;
+    tunnel
+        .ok_or(StartError::HostMode)
 }

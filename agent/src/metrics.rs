@@ -1,8 +1,7 @@
-//! The agent's Prometheus metrics, served on the admin port's `/metrics`.
+//! The agent's Prometheus metrics, served on the admin port's `/metrics`. The tunnel's
+//! metrics are the relay's too, registered by `xpart_daemon::admin`.
 
-use prometheus::{
-    GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 /// Latency buckets (seconds) from sub-millisecond proxy overhead to long generations.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -26,13 +25,6 @@ pub struct Metrics {
     pub dns_answers: IntCounterVec,
     /// 1 while a relay takes traffic.
     pub relay_healthy: IntGaugeVec,
-    pub tunnel_rx_bytes: IntGaugeVec,
-    pub tunnel_tx_bytes: IntGaugeVec,
-    pub tunnel_rx_packets: IntGaugeVec,
-    pub tunnel_tx_packets: IntGaugeVec,
-    /// Seconds since the last WireGuard handshake with each peer (-1: none yet).
-    pub tunnel_handshake_age_seconds: GaugeVec,
-    pub tunnel_drops: IntGaugeVec,
 }
 
 impl Metrics {
@@ -74,27 +66,6 @@ impl Metrics {
             &["relay"],
         )
         .expect("static metric definition");
-        let peer_gauge = |name: &str, help: &str| {
-            IntGaugeVec::new(Opts::new(name, help), &["peer"]).expect("static metric definition")
-        };
-        let tunnel_rx_bytes = peer_gauge("xpart_tunnel_rx_bytes", "Bytes received from the peer");
-        let tunnel_tx_bytes = peer_gauge("xpart_tunnel_tx_bytes", "Bytes sent to the peer");
-        let tunnel_rx_packets =
-            peer_gauge("xpart_tunnel_rx_packets", "Packets received from the peer");
-        let tunnel_tx_packets = peer_gauge("xpart_tunnel_tx_packets", "Packets sent to the peer");
-        let tunnel_handshake_age_seconds = GaugeVec::new(
-            Opts::new(
-                "xpart_tunnel_handshake_age_seconds",
-                "Seconds since the last WireGuard handshake (-1: none yet)",
-            ),
-            &["peer"],
-        )
-        .expect("static metric definition");
-        let tunnel_drops = IntGaugeVec::new(
-            Opts::new("xpart_tunnel_drops", "Packets dropped, by reason"),
-            &["peer", "reason"],
-        )
-        .expect("static metric definition");
 
         let metrics = Metrics {
             registry,
@@ -103,12 +74,6 @@ impl Metrics {
             upstream_seconds,
             dns_answers,
             relay_healthy,
-            tunnel_rx_bytes,
-            tunnel_tx_bytes,
-            tunnel_rx_packets,
-            tunnel_tx_packets,
-            tunnel_handshake_age_seconds,
-            tunnel_drops,
         };
         metrics.register_all();
         metrics
@@ -121,12 +86,6 @@ impl Metrics {
             Box::new(self.upstream_seconds.clone()),
             Box::new(self.dns_answers.clone()),
             Box::new(self.relay_healthy.clone()),
-            Box::new(self.tunnel_rx_bytes.clone()),
-            Box::new(self.tunnel_tx_bytes.clone()),
-            Box::new(self.tunnel_rx_packets.clone()),
-            Box::new(self.tunnel_tx_packets.clone()),
-            Box::new(self.tunnel_handshake_age_seconds.clone()),
-            Box::new(self.tunnel_drops.clone()),
         ];
         for collector in collectors {
             // Names are distinct constants above, so registration cannot collide.
@@ -135,45 +94,10 @@ impl Metrics {
                 .expect("distinct metric names");
         }
     }
-
-    /// Copies a tunnel snapshot into the peer gauges.
-    pub fn observe_peers(&self, peers: &[xpart_tunnel::PeerStats], now: std::time::SystemTime) {
-        for peer in peers {
-            let name = peer.name.as_str();
-            self.tunnel_rx_bytes
-                .with_label_values(&[name])
-                .set(clamp(peer.rx_bytes));
-            self.tunnel_tx_bytes
-                .with_label_values(&[name])
-                .set(clamp(peer.tx_bytes));
-            self.tunnel_rx_packets
-                .with_label_values(&[name])
-                .set(clamp(peer.rx_packets));
-            self.tunnel_tx_packets
-                .with_label_values(&[name])
-                .set(clamp(peer.tx_packets));
-            let age = peer
-                .last_handshake
-                .and_then(|t| now.duration_since(t).ok())
-                .map_or(-1.0, |d| d.as_secs_f64());
-            self.tunnel_handshake_age_seconds
-                .with_label_values(&[name])
-                .set(age);
-            for (reason, count) in &peer.drops {
-                self.tunnel_drops
-                    .with_label_values(&[name, reason.as_str()])
-                    .set(clamp(*count));
-            }
-        }
-    }
 }
 
 impl Default for Metrics {
     fn default() -> Metrics {
         Metrics::new()
     }
-}
-
-fn clamp(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
 }

@@ -8,14 +8,13 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use tokio::sync::{mpsc, watch};
-use xpart_tunnel::PeerStats;
 
 use crate::forward::Relays;
 use crate::health::{HealthEvent, ProbeOutcome};
 use crate::metrics::Metrics;
 
 /// Reads the tunnel's per-peer counters; absent when the host network carries the traffic.
-pub type PeerSource = Arc<dyn Fn() -> Vec<PeerStats> + Send + Sync>;
+pub use xpart_daemon::admin::PeerSource;
 
 /// Probes until `shutdown` turns true.
 pub async fn run(
@@ -31,7 +30,6 @@ pub async fn run(
             .with_label_values(&[&target.name])
             .set(0);
     }
-    let mut peer_tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let due: Vec<usize> = {
             let mut health = relays.health();
@@ -61,11 +59,6 @@ pub async fn run(
             }
             () = tokio::time::sleep_until(wake.into()) => {}
             () = relays.probe_requested().notified() => {}
-            _ = peer_tick.tick() => {
-                if let Some(peers) = &peers {
-                    metrics.observe_peers(&peers(), SystemTime::now());
-                }
-            }
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
                     return;

@@ -4,16 +4,17 @@
 //! [`AdminHandler::extra`] (the relay's `POST /drain`, for instance).
 //!
 //! The daemon supplies the content through an [`AdminHandler`]; this module owns the
-//! listener, HTTP/1.1, routing and the response shapes. Both daemons export the tunnel's
-//! drops the same way: [`register_tunnel_drops`] for `/metrics`, [`tunnel_dropped_json`]
-//! for `/status`.
+//! listener, HTTP/1.1, routing and the response shapes. Both daemons export the tunnel the
+//! same way: [`register_tunnel_peers`] and [`register_tunnel_drops`] for `/metrics`, and
+//! [`tunnel_peers_json`] and [`tunnel_dropped_json`] for `/status` (`tunnel.peers`,
+//! `tunnel.dropped`), so dashboards, alerts and `xpart status` read one shape.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -26,10 +27,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use xpart_tunnel::PeerStats;
 
 /// Largest request body an admin route accepts.
 pub const MAX_ADMIN_BODY_BYTES: usize = 64 * 1024;
@@ -45,6 +47,23 @@ pub const TUNNEL_DROPPED_METRIC: &str = "xpart_tunnel_dropped_total";
 /// Reads the tunnel's drop counts by reason (`xpart_tunnel::Tunnel::dropped`); `None` while
 /// the daemon has no tunnel of its own.
 pub type DropSource = Arc<dyn Fn() -> Option<BTreeMap<String, u64>> + Send + Sync>;
+
+/// Per-peer tunnel metrics, labelled by the peer's configured name (`peer`); see
+/// [`register_tunnel_peers`].
+pub const TUNNEL_PEER_BYTES_METRIC: &str = "xpart_tunnel_peer_bytes_total";
+pub const TUNNEL_PEER_PACKETS_METRIC: &str = "xpart_tunnel_peer_packets_total";
+pub const TUNNEL_PEER_DROPPED_METRIC: &str = "xpart_tunnel_peer_dropped_total";
+pub const TUNNEL_PEER_HANDSHAKE_AGE_METRIC: &str = "xpart_tunnel_peer_handshake_age_seconds";
+pub const TUNNEL_PEER_UP_METRIC: &str = "xpart_tunnel_peer_up";
+
+/// How long a WireGuard session lasts without a new handshake (Reject-After-Time, WireGuard
+/// paper §6.1): a peer whose last handshake is older carries no data until it shakes hands
+/// again.
+pub const SESSION_LIFETIME: Duration = Duration::from_secs(180);
+
+/// Reads the tunnel's per-peer counters (`xpart_tunnel::Tunnel::peer_stats`); empty while
+/// the daemon has no tunnel of its own.
+pub type PeerSource = Arc<dyn Fn() -> Vec<PeerStats> + Send + Sync>;
 
 /// A daemon's answers to the admin routes.
 #[async_trait]
@@ -120,6 +139,164 @@ pub fn tunnel_dropped_json(source: &DropSource) -> serde_json::Value {
     match source() {
         Some(dropped) => serde_json::json!(dropped),
         None => serde_json::Value::Null,
+    }
+}
+
+/// Adds the per-peer tunnel metrics to `registry`, read from `source` at every scrape:
+/// - `xpart_tunnel_peer_bytes_total{peer,direction}` and `xpart_tunnel_peer_packets_total{peer,direction}`
+///   (`direction` is `rx` or `tx`): WireGuard datagrams on the wire, as `wg show` counts them;
+/// - `xpart_tunnel_peer_dropped_total{peer,reason}`: the drops that could be put down to the peer
+///   (their sum over peers and the unattributed ones is `xpart_tunnel_dropped_total`);
+/// - `xpart_tunnel_peer_handshake_age_seconds{peer}`: seconds since the last handshake, absent
+///   before the first;
+/// - `xpart_tunnel_peer_up{peer}`: 1 while the last handshake is within [`SESSION_LIFETIME`].
+pub fn register_tunnel_peers(registry: &Registry, source: PeerSource) -> prometheus::Result<()> {
+    registry.register(Box::new(TunnelPeers::new(source)?))
+}
+
+/// The `tunnel.peers` array of `/status`: each peer's counters as the tunnel reports them
+/// (`last_handshake` as serde writes a `SystemTime`), and `handshake_age_seconds` as this
+/// host's clock sees it, `null` before the first handshake.
+pub fn tunnel_peers_json(peers: &[PeerStats], now: SystemTime) -> serde_json::Value {
+    let peers = peers
+        .iter()
+        .map(|peer| {
+            let mut value = serde_json::json!(peer);
+            if let Some(object) = value.as_object_mut() {
+                object.insert(
+                    "handshake_age_seconds".to_owned(),
+                    serde_json::json!(handshake_age(peer, now).map(|age| age.as_secs_f64())),
+                );
+            }
+            value
+        })
+        .collect();
+    serde_json::Value::Array(peers)
+}
+
+fn handshake_age(peer: &PeerStats, now: SystemTime) -> Option<Duration> {
+    let at = peer.last_handshake?;
+    // A handshake stamped after `now` (the wall clock stepped back) is as fresh as can be.
+    Some(now.duration_since(at).unwrap_or_default())
+}
+
+/// The per-peer families, filled afresh from the tunnel at each scrape: the tunnel's core
+/// stays the only place that counts, and a tunnel started again reads as a counter reset.
+struct TunnelPeers {
+    source: PeerSource,
+    bytes: IntCounterVec,
+    packets: IntCounterVec,
+    dropped: IntCounterVec,
+    handshake_age: GaugeVec,
+    up: IntGaugeVec,
+}
+
+impl TunnelPeers {
+    fn new(source: PeerSource) -> prometheus::Result<TunnelPeers> {
+        let peers = TunnelPeers {
+            source,
+            bytes: IntCounterVec::new(
+                Opts::new(
+                    TUNNEL_PEER_BYTES_METRIC,
+                    "WireGuard bytes on the wire, by peer and direction (rx, tx)",
+                ),
+                &["peer", "direction"],
+            )?,
+            packets: IntCounterVec::new(
+                Opts::new(
+                    TUNNEL_PEER_PACKETS_METRIC,
+                    "WireGuard datagrams, by peer and direction (rx, tx)",
+                ),
+                &["peer", "direction"],
+            )?,
+            dropped: IntCounterVec::new(
+                Opts::new(
+                    TUNNEL_PEER_DROPPED_METRIC,
+                    "Tunnel datagrams and packets dropped, by peer and reason",
+                ),
+                &["peer", "reason"],
+            )?,
+            handshake_age: GaugeVec::new(
+                Opts::new(
+                    TUNNEL_PEER_HANDSHAKE_AGE_METRIC,
+                    "Seconds since the last WireGuard handshake with the peer (absent before the first)",
+                ),
+                &["peer"],
+            )?,
+            up: IntGaugeVec::new(
+                Opts::new(
+                    TUNNEL_PEER_UP_METRIC,
+                    "1 while the last WireGuard handshake with the peer is under 180 s old",
+                ),
+                &["peer"],
+            )?,
+        };
+        Ok(peers)
+    }
+
+    /// Empty families with this collector's names, help and labels.
+    fn fresh(&self) -> prometheus::Result<TunnelPeers> {
+        TunnelPeers::new(self.source.clone())
+    }
+}
+
+impl Collector for TunnelPeers {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut descs = self.bytes.desc();
+        descs.extend(self.packets.desc());
+        descs.extend(self.dropped.desc());
+        descs.extend(self.handshake_age.desc());
+        descs.extend(self.up.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let peers = (self.source)();
+        // The definitions were accepted once in `new`, so they are accepted again.
+        let Ok(fresh) = self.fresh() else {
+            return Vec::new();
+        };
+        let now = SystemTime::now();
+        for peer in &peers {
+            let name = peer.name.as_str();
+            fresh
+                .bytes
+                .with_label_values(&[name, "rx"])
+                .inc_by(peer.rx_bytes);
+            fresh
+                .bytes
+                .with_label_values(&[name, "tx"])
+                .inc_by(peer.tx_bytes);
+            fresh
+                .packets
+                .with_label_values(&[name, "rx"])
+                .inc_by(peer.rx_packets);
+            fresh
+                .packets
+                .with_label_values(&[name, "tx"])
+                .inc_by(peer.tx_packets);
+            for (reason, count) in &peer.drops {
+                fresh
+                    .dropped
+                    .with_label_values(&[name, reason.as_str()])
+                    .inc_by(*count);
+            }
+            let age = handshake_age(peer, now);
+            if let Some(age) = age {
+                fresh
+                    .handshake_age
+                    .with_label_values(&[name])
+                    .set(age.as_secs_f64());
+            }
+            let up = age.is_some_and(|age| age < SESSION_LIFETIME);
+            fresh.up.with_label_values(&[name]).set(i64::from(up));
+        }
+        let mut families = fresh.bytes.collect();
+        families.extend(fresh.packets.collect());
+        families.extend(fresh.dropped.collect());
+        families.extend(fresh.handshake_age.collect());
+        families.extend(fresh.up.collect());
+        families
     }
 }
 
@@ -386,6 +563,88 @@ mod tests {
         set(1, 0);
         let text = scrape(&registry);
         assert!(text.contains("{reason=\"garbage\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn peer_metrics_and_status_read_the_tunnel_at_each_scrape() {
+        let stats = Arc::new(Mutex::new(Vec::<PeerStats>::new()));
+        let reading = stats.clone();
+        let source: PeerSource = Arc::new(move || reading.lock().unwrap().clone());
+        let registry = Registry::new();
+        register_tunnel_peers(&registry, source).unwrap();
+        assert!(scrape(&registry).is_empty(), "no tunnel, no series");
+
+        let now = SystemTime::now();
+        *stats.lock().unwrap() = vec![
+            peer("relay-a", Some(now - Duration::from_secs(30)), 1234),
+            peer("relay-b", None, 0),
+            peer("relay-c", Some(now - Duration::from_secs(600)), 7),
+        ];
+        let text = scrape(&registry);
+        for line in [
+            "# TYPE xpart_tunnel_peer_bytes_total counter",
+            "xpart_tunnel_peer_bytes_total{direction=\"rx\",peer=\"relay-a\"} 1234",
+            "xpart_tunnel_peer_bytes_total{direction=\"tx\",peer=\"relay-a\"} 2468",
+            "xpart_tunnel_peer_packets_total{direction=\"rx\",peer=\"relay-a\"} 2",
+            "xpart_tunnel_peer_dropped_total{peer=\"relay-a\",reason=\"replay\"} 4",
+            "xpart_tunnel_peer_up{peer=\"relay-a\"} 1",
+            "xpart_tunnel_peer_up{peer=\"relay-b\"} 0",
+            "xpart_tunnel_peer_up{peer=\"relay-c\"} 0",
+            "# TYPE xpart_tunnel_peer_handshake_age_seconds gauge",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        let age = sample(
+            &text,
+            "xpart_tunnel_peer_handshake_age_seconds{peer=\"relay-a\"}",
+        );
+        assert!((30.0..35.0).contains(&age), "{age}");
+        assert!(
+            !text.contains("xpart_tunnel_peer_handshake_age_seconds{peer=\"relay-b\"}"),
+            "no age before the first handshake: {text}"
+        );
+
+        // A tunnel started again counts from zero: the counter follows it down.
+        *stats.lock().unwrap() = vec![peer("relay-a", None, 5)];
+        let text = scrape(&registry);
+        assert!(
+            text.contains("xpart_tunnel_peer_bytes_total{direction=\"rx\",peer=\"relay-a\"} 5"),
+            "{text}"
+        );
+        assert!(!text.contains("relay-b"), "{text}");
+
+        let json = tunnel_peers_json(
+            &[peer("relay-a", Some(now - Duration::from_secs(30)), 1)],
+            now,
+        );
+        assert_eq!(json[0]["name"], "relay-a");
+        assert_eq!(json[0]["rx_bytes"], 1);
+        assert_eq!(json[0]["handshake_age_seconds"], 30.0);
+        assert!(json[0]["last_handshake"]["secs_since_epoch"].is_u64());
+        let json = tunnel_peers_json(&[peer("relay-b", None, 0)], now);
+        assert_eq!(json[0]["handshake_age_seconds"], serde_json::Value::Null);
+    }
+
+    fn peer(name: &str, last_handshake: Option<SystemTime>, rx_bytes: u64) -> PeerStats {
+        PeerStats {
+            name: name.to_owned(),
+            public_key: "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".to_owned(),
+            endpoint: None,
+            last_handshake,
+            rx_bytes,
+            tx_bytes: rx_bytes * 2,
+            rx_packets: 2,
+            tx_packets: 3,
+            drops: BTreeMap::from([("replay".to_owned(), 4), ("garbage".to_owned(), 0)]),
+        }
+    }
+
+    fn sample(text: &str, series: &str) -> f64 {
+        let line = text
+            .lines()
+            .find(|line| line.starts_with(series))
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
     }
 
     fn scrape(registry: &Registry) -> String {

@@ -1,17 +1,63 @@
-//! The `[tunnel]` section as both daemons read it: its [`TunnelMode`], and [`tunnel_config`],
-//! which turns this side's settings and the peer tables (`[[relay]]` on the agent, `[[agent]]`
-//! on the relay) into the [`TunnelConfig`] that brings WireGuard up.
-//!
-//! Each daemon keeps its own `[tunnel]` table, because their UDP settings differ (the agent's
-//! `listen`, the relay's `listen_port` and `bind_address`), and its own validation messages.
+//! The `[tunnel]` section and the peer tables (`[[relay]]` on the agent, `[[agent]]` on the
+//! relay) as both daemons read them: one [`TunnelSection`] and one [`PeerSection`], whose
+//! fields mean the same on either side. Where the sides differ it is in a default, named by
+//! [`Side`]: the relay listens on UDP 51820 and the agent on an ephemeral port; the agent
+//! keeps its NAT mapping alive every 25 s and the relay waits to be reached. [`check`] adds
+//! the problems the two sides share to a daemon's validation, and [`tunnel_config`] turns the
+//! sections into the [`TunnelConfig`] that brings WireGuard up, preshared keys included.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 use serde::Deserialize;
 use xpart_tunnel::keys::KeyError;
 use xpart_tunnel::{Mode, PeerConfig, PublicKey, TunnelConfig};
+
+use crate::config::Diagnostics;
+
+/// The UDP port the relay listens on when `[tunnel]` names none.
+pub const RELAY_LISTEN_PORT: u16 = 51820;
+
+/// Seconds between the agent's keepalives when its `[[relay]]` names none: under the
+/// shortest common NAT and stateful-firewall UDP timeout (30 s).
+pub const AGENT_KEEPALIVE_SECS: u16 = 25;
+
+/// The relay's `[service]` port when a `[[relay]]` names none.
+pub const DEFAULT_SERVICE_PORT: u16 = 8080;
+
+/// Which daemon reads the sections: it picks the defaults and the peer table's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// `agent.toml`: the peers are `[[relay]]` tables.
+    Agent,
+    /// `relay.toml`: the peers are `[[agent]]` tables.
+    Relay,
+}
+
+impl Side {
+    /// The peer table's name as written in the file.
+    pub fn peer_table(self) -> &'static str {
+        match self {
+            Side::Agent => "[[relay]]",
+            Side::Relay => "[[agent]]",
+        }
+    }
+
+    fn default_listen_port(self) -> Option<u16> {
+        match self {
+            Side::Agent => None,
+            Side::Relay => Some(RELAY_LISTEN_PORT),
+        }
+    }
+
+    fn default_keepalive(self) -> Option<u16> {
+        match self {
+            Side::Agent => Some(AGENT_KEEPALIVE_SECS),
+            Side::Relay => None,
+        }
+    }
+}
 
 /// `[tunnel] mode`: how a daemon reaches its peers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -38,28 +84,124 @@ impl TunnelMode {
     }
 }
 
-/// This side of the tunnel, from `[tunnel]`.
-#[derive(Debug, Clone)]
-pub struct LocalSide {
-    pub mode: Mode,
-    /// Already resolved against the config file's directory.
+/// `[tunnel]`: this side of the tunnel.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelSection {
+    #[serde(default = "default_mode")]
+    pub mode: TunnelMode,
+    /// Required unless `mode = "host"`.
     pub private_key_file: Option<PathBuf>,
+    /// This side's tunnel address with its prefix. Required unless `mode = "host"`.
     pub address: Option<IpNet>,
-    /// UDP bind address; `None` binds an ephemeral port.
+    /// The WireGuard UDP socket's address; or give [`TunnelSection::bind_address`] and
+    /// [`TunnelSection::listen_port`], not both (see [`TunnelSection::udp_listen`]).
     pub listen: Option<SocketAddr>,
+    pub listen_port: Option<u16>,
+    pub bind_address: Option<IpAddr>,
+    #[serde(default = "default_mtu")]
     pub mtu: u16,
+    /// Kernel mode only.
     pub interface_name: Option<String>,
 }
 
+impl TunnelSection {
+    /// Where the WireGuard UDP socket binds: `listen`, else `bind_address` (all IPv4
+    /// addresses by default) on `listen_port` (the side's default port); `None` binds an
+    /// ephemeral port, the agent's default.
+    pub fn udp_listen(&self, side: Side) -> Option<SocketAddr> {
+        if let Some(listen) = self.listen {
+            return Some(listen);
+        }
+        let port = self.listen_port.or(side.default_listen_port());
+        if port.is_none() && self.bind_address.is_none() {
+            return None;
+        }
+        let ip = self
+            .bind_address
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        Some(SocketAddr::new(ip, port.unwrap_or(0)))
+    }
+}
+
 /// One peer table: a `[[relay]]` on the agent, an `[[agent]]` on the relay.
-#[derive(Debug, Clone)]
-pub struct PeerTable<'a> {
-    pub name: &'a str,
-    pub public_key: Option<&'a str>,
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSection {
+    pub name: String,
+    /// Base64, as `xpart pubkey` or `wg pubkey` prints it. Required unless `mode = "host"`.
+    pub public_key: Option<String>,
+    /// The peer's public UDP address; `None` learns it from the peer's first authenticated
+    /// datagram (the relay's way with agents behind NAT).
     pub endpoint: Option<SocketAddr>,
+    /// The peer's tunnel address (without prefix), the one address it is routed.
     pub tunnel_address: IpAddr,
+    /// Seconds between keepalives; 0 turns them off (see [`PeerSection::keepalive`]).
     pub persistent_keepalive: Option<u16>,
-    pub preshared_key: Option<[u8; 32]>,
+    /// A WireGuard preshared key file (`wg genpsk`), the same key on both sides.
+    pub preshared_key_file: Option<PathBuf>,
+    /// Agent side only: the relay's `[service]` port on its tunnel address.
+    pub service_port: Option<u16>,
+}
+
+impl PeerSection {
+    /// Seconds between keepalives to this peer, `None` for none.
+    pub fn keepalive(&self, side: Side) -> Option<u16> {
+        self.persistent_keepalive
+            .or(side.default_keepalive())
+            .filter(|seconds| *seconds > 0)
+    }
+
+    /// The relay's service port (agent side).
+    pub fn service_port(&self) -> u16 {
+        self.service_port.unwrap_or(DEFAULT_SERVICE_PORT)
+    }
+}
+
+/// Adds the problems both sides check the same way to `diagnostics`: the UDP address given
+/// twice, an MTU below IPv6's minimum, a preshared key file that cannot be used, and a
+/// `service_port` in the relay's `[[agent]]` tables. `peer_field` names a field of the `i`th
+/// peer table in the daemon's style; `resolve` takes a path relative to the config file.
+pub fn check(
+    side: Side,
+    tunnel: &TunnelSection,
+    peers: &[PeerSection],
+    peer_field: impl Fn(usize, &PeerSection, &str) -> String,
+    resolve: impl Fn(&Path) -> PathBuf,
+    diagnostics: &mut Diagnostics,
+) {
+    if tunnel.listen.is_some() && (tunnel.listen_port.is_some() || tunnel.bind_address.is_some()) {
+        diagnostics.push(
+            "[tunnel].listen",
+            "is given together with listen_port or bind_address",
+            "give the UDP address once: either listen = \"ADDRESS:PORT\", or bind_address and listen_port",
+        );
+    }
+    if tunnel.mode != TunnelMode::Host && tunnel.mtu < 1280 {
+        diagnostics.push(
+            "[tunnel].mtu",
+            format!("{} is below 1280, the IPv6 minimum", tunnel.mtu),
+            "leave it out to use 1420",
+        );
+    }
+    for (i, peer) in peers.iter().enumerate() {
+        if let Some(psk) = &peer.preshared_key_file {
+            if let Err(error) = read_preshared_key_file(&resolve(psk)) {
+                diagnostics.push(
+                    peer_field(i, peer, "preshared_key_file"),
+                    error.to_string(),
+                    "write 32 random bytes as base64 with `wg genpsk` (the file must be mode 0600), the same key on both sides",
+                );
+            }
+        }
+        if side == Side::Relay && peer.service_port.is_some() {
+            diagnostics.push(
+                peer_field(i, peer, "service_port"),
+                "is the port an agent reaches a relay on, and an [[agent]] serves none",
+                "remove it; the relay's port is its [service].listen",
+            );
+        }
+    }
 }
 
 /// Why a config that passed validation still cannot bring a tunnel up (a key file changed
@@ -69,41 +211,48 @@ pub enum TunnelConfigError {
     #[error("[tunnel].private_key_file is missing")]
     MissingPrivateKeyFile,
     #[error("[tunnel].private_key_file: {0}")]
-    PrivateKey(#[from] xpart_tunnel::keys::KeyError),
+    PrivateKey(#[from] KeyError),
     #[error("[tunnel].address is missing")]
     MissingAddress,
     #[error("peer {peer}: public_key is missing")]
     MissingPublicKey { peer: String },
     #[error("peer {peer}: public_key: {source}")]
-    PublicKey {
-        peer: String,
-        source: xpart_tunnel::keys::KeyError,
-    },
+    PublicKey { peer: String, source: KeyError },
+    #[error("peer {peer}: preshared_key_file: {source}")]
+    PresharedKey { peer: String, source: KeyError },
 }
 
-/// Reads the private key and builds one WireGuard peer per table, routing its tunnel address.
-pub fn tunnel_config<'a>(
-    local: LocalSide,
-    peers: impl IntoIterator<Item = PeerTable<'a>>,
-) -> Result<TunnelConfig, TunnelConfigError> {
-    let key_file = local
+/// Reads the private key and the preshared keys and builds one WireGuard peer per table,
+/// routing its tunnel address; `None` in host mode, which has no WireGuard of its own.
+/// `resolve` takes a path relative to the config file.
+pub fn tunnel_config(
+    side: Side,
+    tunnel: &TunnelSection,
+    peers: &[PeerSection],
+    resolve: impl Fn(&Path) -> PathBuf,
+) -> Result<Option<TunnelConfig>, TunnelConfigError> {
+    let Some(mode) = tunnel.mode.wireguard() else {
+        return Ok(None);
+    };
+    let key_file = tunnel
         .private_key_file
+        .as_deref()
         .ok_or(TunnelConfigError::MissingPrivateKeyFile)?;
-    let private_key = xpart_tunnel::keys::read_private_key_file(&key_file)?;
-    let address = local.address.ok_or(TunnelConfigError::MissingAddress)?;
+    let private_key = xpart_tunnel::keys::read_private_key_file(&resolve(key_file))?;
+    let address = tunnel.address.ok_or(TunnelConfigError::MissingAddress)?;
     let peers = peers
-        .into_iter()
-        .map(peer_config)
+        .iter()
+        .map(|peer| peer_config(side, peer, &resolve))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(TunnelConfig {
+    Ok(Some(TunnelConfig {
         private_key,
         address,
-        mode: local.mode,
-        listen: local.listen,
-        mtu: local.mtu,
-        interface_name: local.interface_name,
+        mode,
+        listen: tunnel.udp_listen(side),
+        mtu: tunnel.mtu,
+        interface_name: tunnel.interface_name.clone(),
         peers,
-    })
+    }))
 }
 
 /// Reads a WireGuard preshared key file (`wg genpsk`: base64 of 32 bytes), refusing one that
@@ -131,23 +280,40 @@ pub fn default_mtu() -> u16 {
     xpart_tunnel::DEFAULT_MTU
 }
 
-fn peer_config(table: PeerTable<'_>) -> Result<PeerConfig, TunnelConfigError> {
-    let Some(key) = table.public_key else {
+fn default_mode() -> TunnelMode {
+    TunnelMode::Kernel
+}
+
+fn peer_config(
+    side: Side,
+    peer: &PeerSection,
+    resolve: &impl Fn(&Path) -> PathBuf,
+) -> Result<PeerConfig, TunnelConfigError> {
+    let Some(key) = &peer.public_key else {
         return Err(TunnelConfigError::MissingPublicKey {
-            peer: table.name.to_owned(),
+            peer: peer.name.clone(),
         });
     };
     let public_key =
         PublicKey::from_base64(key).map_err(|source| TunnelConfigError::PublicKey {
-            peer: table.name.to_owned(),
+            peer: peer.name.clone(),
             source,
         })?;
+    let preshared_key = match &peer.preshared_key_file {
+        Some(path) => Some(read_preshared_key_file(&resolve(path)).map_err(|source| {
+            TunnelConfigError::PresharedKey {
+                peer: peer.name.clone(),
+                source,
+            }
+        })?),
+        None => None,
+    };
     Ok(PeerConfig {
-        name: table.name.to_owned(),
+        name: peer.name.clone(),
         public_key,
-        endpoint: table.endpoint,
-        allowed_ips: vec![IpNet::from(table.tunnel_address)],
-        persistent_keepalive: table.persistent_keepalive,
-        preshared_key: table.preshared_key,
+        endpoint: peer.endpoint,
+        allowed_ips: vec![IpNet::from(peer.tunnel_address)],
+        persistent_keepalive: peer.keepalive(side),
+        preshared_key,
     })
 }

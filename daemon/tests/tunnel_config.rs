@@ -1,14 +1,16 @@
-//! From a daemon's `[tunnel]` settings and peer tables to the WireGuard configuration: the
-//! key is read from its file, each peer routes exactly its tunnel address, and a missing or
-//! malformed key stops startup with a message naming the field.
+//! One schema for both daemons' `[tunnel]` section and peer tables, and from it the WireGuard
+//! configuration: the keys (private and preshared) are read from their files, each peer
+//! routes exactly its tunnel address, the sides differ only in their defaults, and a missing
+//! or malformed key stops startup with a message naming the field.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
-use std::os::unix::fs::PermissionsExt;
-
+use serde::Deserialize;
+use xpart_daemon::config::Diagnostics;
 use xpart_daemon::tunnel_config::{
-    read_preshared_key_file, tunnel_config, LocalSide, PeerTable, TunnelMode,
+    check, read_preshared_key_file, tunnel_config, PeerSection, Side, TunnelMode, TunnelSection,
 };
 use xpart_tunnel::{keys, Mode, PrivateKey};
 
@@ -23,23 +25,31 @@ fn modes_map_onto_wireguard_backends_and_host_has_none() {
 fn builds_one_peer_per_table_routing_its_tunnel_address() {
     let dir = scratch_dir("peers");
     let key = PrivateKey::generate();
-    let key_file = dir.join("self.key");
-    keys::write_private_key_file(&key_file, &key).unwrap();
+    keys::write_private_key_file(dir.join("self.key"), &key).unwrap();
+    let psk = dir.join("relay-a.psk");
+    std::fs::write(&psk, "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\n").unwrap();
+    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600)).unwrap();
     let peer_key = PrivateKey::generate().public_key().to_base64();
-    let endpoint = SocketAddr::from(([127, 0, 0, 1], 51820));
+    let file = parse(&format!(
+        r#"
+[tunnel]
+mode = "userspace"
+private_key_file = "self.key"
+address = "100.64.0.1/30"
 
-    let config = tunnel_config(
-        local_side(Some(key_file)),
-        [PeerTable {
-            name: "relay-a",
-            public_key: Some(&peer_key),
-            endpoint: Some(endpoint),
-            tunnel_address: IpAddr::from([100, 64, 0, 2]),
-            persistent_keepalive: Some(25),
-            preshared_key: Some([7; 32]),
-        }],
-    )
-    .unwrap();
+[[peer]]
+name = "relay-a"
+public_key = "{peer_key}"
+endpoint = "127.0.0.1:51820"
+tunnel_address = "100.64.0.2"
+persistent_keepalive = 10
+preshared_key_file = "relay-a.psk"
+"#
+    ));
+
+    let config = tunnel_config(Side::Agent, &file.tunnel, &file.peer, |p| dir.join(p))
+        .unwrap()
+        .unwrap();
 
     assert_eq!(
         config.private_key.public_key().to_base64(),
@@ -48,41 +58,172 @@ fn builds_one_peer_per_table_routing_its_tunnel_address() {
     assert_eq!(config.address, "100.64.0.1/30".parse().unwrap());
     assert_eq!(config.mode, Mode::Userspace);
     assert_eq!(config.mtu, 1420);
+    assert_eq!(config.listen, None, "the agent binds an ephemeral port");
     assert_eq!(config.peers.len(), 1);
     let peer = &config.peers[0];
     assert_eq!(peer.name, "relay-a");
     assert_eq!(peer.public_key.to_base64(), peer_key);
-    assert_eq!(peer.endpoint, Some(endpoint));
+    assert_eq!(
+        peer.endpoint,
+        Some(SocketAddr::from(([127, 0, 0, 1], 51820)))
+    );
     assert_eq!(peer.allowed_ips, ["100.64.0.2/32".parse().unwrap()]);
-    assert_eq!(peer.persistent_keepalive, Some(25));
+    assert_eq!(peer.persistent_keepalive, Some(10));
     assert_eq!(peer.preshared_key, Some([7; 32]));
+
+    // The relay reads the same tables, preshared key included.
+    let config = tunnel_config(Side::Relay, &file.tunnel, &file.peer, |p| dir.join(p))
+        .unwrap()
+        .unwrap();
+    assert_eq!(config.peers[0].preshared_key, Some([7; 32]));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn each_side_has_its_own_defaults_for_the_udp_port_and_keepalive() {
+    let file = parse(
+        r#"
+[tunnel]
+address = "100.64.0.1/30"
+
+[[peer]]
+name = "a"
+tunnel_address = "100.64.0.2"
+"#,
+    );
+    assert_eq!(file.tunnel.mode, TunnelMode::Kernel);
+    assert_eq!(file.tunnel.udp_listen(Side::Agent), None);
+    assert_eq!(
+        file.tunnel.udp_listen(Side::Relay),
+        Some(SocketAddr::from(([0, 0, 0, 0], 51820)))
+    );
+    assert_eq!(file.peer[0].keepalive(Side::Agent), Some(25));
+    assert_eq!(file.peer[0].keepalive(Side::Relay), None);
+    assert_eq!(file.peer[0].service_port(), 8080);
+
+    let file = parse(
+        r#"
+[tunnel]
+listen_port = 51000
+bind_address = "127.0.0.1"
+
+[[peer]]
+name = "a"
+tunnel_address = "100.64.0.2"
+persistent_keepalive = 0
+"#,
+    );
+    for side in [Side::Agent, Side::Relay] {
+        assert_eq!(
+            file.tunnel.udp_listen(side),
+            Some(SocketAddr::from(([127, 0, 0, 1], 51000)))
+        );
+        assert_eq!(file.peer[0].keepalive(side), None, "0 turns keepalives off");
+    }
+    let file = parse("[tunnel]\nlisten = \"127.0.0.1:7\"\n");
+    assert_eq!(
+        file.tunnel.udp_listen(Side::Relay),
+        Some(SocketAddr::from(([127, 0, 0, 1], 7)))
+    );
+}
+
+#[test]
+fn shared_checks_name_the_field_in_the_daemons_style() {
+    let dir = scratch_dir("checks");
+    let psk = dir.join("open.psk");
+    std::fs::write(&psk, "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\n").unwrap();
+    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let file = parse(
+        r#"
+[tunnel]
+listen = "0.0.0.0:51820"
+listen_port = 51820
+mtu = 1000
+
+[[peer]]
+name = "a"
+tunnel_address = "100.64.0.2"
+preshared_key_file = "open.psk"
+service_port = 8080
+"#,
+    );
+    let problems = |side| {
+        let mut diagnostics = Diagnostics::new("x.toml");
+        check(
+            side,
+            &file.tunnel,
+            &file.peer,
+            |i, peer, field| format!("[[peer]][{i}] ({}).{field}", peer.name),
+            |p| dir.join(p),
+            &mut diagnostics,
+        );
+        diagnostics
+            .problems()
+            .iter()
+            .map(|p| p.field.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        problems(Side::Relay),
+        [
+            "[tunnel].listen",
+            "[tunnel].mtu",
+            "[[peer]][0] (a).preshared_key_file",
+            "[[peer]][0] (a).service_port"
+        ]
+    );
+    assert_eq!(
+        problems(Side::Agent),
+        [
+            "[tunnel].listen",
+            "[tunnel].mtu",
+            "[[peer]][0] (a).preshared_key_file"
+        ],
+        "service_port belongs in the agent's [[relay]]"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
 fn missing_key_file_and_bad_peer_keys_name_the_field() {
     let dir = scratch_dir("errors");
-    let key_file = dir.join("self.key");
-    keys::write_private_key_file(&key_file, &PrivateKey::generate()).unwrap();
+    keys::write_private_key_file(dir.join("self.key"), &PrivateKey::generate()).unwrap();
+    let build = |text: &str| {
+        let file = parse(text);
+        tunnel_config(Side::Relay, &file.tunnel, &file.peer, |p| dir.join(p))
+            .unwrap_err()
+            .to_string()
+    };
+    let tunnel = "[tunnel]\nmode = \"userspace\"\naddress = \"100.64.0.1/30\"\n";
 
-    let error = tunnel_config(local_side(None), []).unwrap_err();
-    assert_eq!(error.to_string(), "[tunnel].private_key_file is missing");
+    assert_eq!(build(tunnel), "[tunnel].private_key_file is missing");
+    let error = build(&format!("{tunnel}private_key_file = \"absent.key\"\n"));
+    assert!(error.starts_with("[tunnel].private_key_file: "), "{error}");
 
-    let error = tunnel_config(local_side(Some(dir.join("absent.key"))), []).unwrap_err();
+    let with_key = format!("{tunnel}private_key_file = \"self.key\"\n");
+    let error = build(&format!(
+        "{with_key}[[peer]]\nname = \"agent-a\"\ntunnel_address = \"100.64.0.2\"\n"
+    ));
+    assert_eq!(error, "peer agent-a: public_key is missing");
+    let error = build(&format!(
+        "{with_key}[[peer]]\nname = \"agent-b\"\npublic_key = \"nope\"\ntunnel_address = \"100.64.0.2\"\n"
+    ));
+    assert!(error.starts_with("peer agent-b: public_key: "), "{error}");
+    let peer_key = PrivateKey::generate().public_key().to_base64();
+    let error = build(&format!(
+        "{with_key}[[peer]]\nname = \"agent-c\"\npublic_key = \"{peer_key}\"\ntunnel_address = \"100.64.0.2\"\npreshared_key_file = \"absent.psk\"\n"
+    ));
     assert!(
-        error.to_string().starts_with("[tunnel].private_key_file: "),
+        error.starts_with("peer agent-c: preshared_key_file: "),
         "{error}"
     );
 
-    let error =
-        tunnel_config(local_side(Some(key_file.clone())), [peer("agent-a", None)]).unwrap_err();
-    assert_eq!(error.to_string(), "peer agent-a: public_key is missing");
-
-    let error =
-        tunnel_config(local_side(Some(key_file)), [peer("agent-b", Some("nope"))]).unwrap_err();
+    let host = parse("[tunnel]\nmode = \"host\"\n");
     assert!(
-        error.to_string().starts_with("peer agent-b: public_key: "),
-        "{error}"
+        tunnel_config(Side::Agent, &host.tunnel, &host.peer, |p| dir.join(p))
+            .unwrap()
+            .is_none(),
+        "host mode has no WireGuard of its own"
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -133,26 +274,16 @@ fn malformed_preshared_key_names_the_file_and_the_fix() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-fn local_side(private_key_file: Option<PathBuf>) -> LocalSide {
-    LocalSide {
-        mode: Mode::Userspace,
-        private_key_file,
-        address: Some("100.64.0.1/30".parse().expect("a CIDR")),
-        listen: None,
-        mtu: xpart_daemon::tunnel_config::default_mtu(),
-        interface_name: None,
-    }
+/// A daemon's tunnel tables; `[[peer]]` stands for `[[relay]]` or `[[agent]]`.
+#[derive(Deserialize)]
+struct File {
+    tunnel: TunnelSection,
+    #[serde(default)]
+    peer: Vec<PeerSection>,
 }
 
-fn peer<'a>(name: &'a str, public_key: Option<&'a str>) -> PeerTable<'a> {
-    PeerTable {
-        name,
-        public_key,
-        endpoint: None,
-        tunnel_address: IpAddr::from([100, 64, 0, 2]),
-        persistent_keepalive: None,
-        preshared_key: None,
-    }
+fn parse(text: &str) -> File {
+    toml::from_str(text).unwrap()
 }
 
 fn scratch_dir(name: &str) -> PathBuf {

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -10,7 +11,7 @@ use http::{Method, Response, StatusCode};
 use http_body_util::Full;
 use prometheus::Registry;
 use serde_json::{json, Value};
-use xpart_daemon::admin::{self, AdminHandler};
+use xpart_daemon::admin::{self, tunnel_peers_json, AdminHandler};
 
 use crate::credentials::Status;
 use crate::metrics::unix_seconds;
@@ -25,9 +26,7 @@ impl AdminHandler for AdminApi {
     fn registry(&self) -> &Registry {
         // The admin server asks for the registry right before each scrape, which is when the
         // gauges copied from credentials and tunnel state must be current.
-        self.relay
-            .metrics
-            .observe(&self.relay.credentials.status(), &self.relay.peer_stats());
+        self.relay.metrics.observe(&self.relay.credentials.status());
         self.relay
             .metrics
             .buffered_body_bytes(self.relay.body_budget.in_use());
@@ -82,8 +81,10 @@ impl AdminHandler for AdminApi {
             "upstream_host": relay.upstream.host_header(),
             "echo_model": relay.echo_model,
             "credentials": credentials_json(&relay.credentials.status()),
-            "peers": relay.peer_stats(),
-            "tunnel": { "dropped": relay.tunnel_dropped() },
+            "tunnel": {
+                "peers": tunnel_peers_json(&relay.peer_stats(), SystemTime::now()),
+                "dropped": relay.tunnel_dropped(),
+            },
         })
     }
 

@@ -1,14 +1,13 @@
 //! The relay's Prometheus metrics. No label carries a caller-chosen string: the model label
 //! is the `[policy] models` pattern that matched (or the echo model's configured name),
-//! `denied` or `other`, so made-up IDs cannot grow the label set.
+//! `denied` or `other`, so made-up IDs cannot grow the label set. The tunnel's metrics are the
+//! agent's too, registered by `xpart_daemon::admin`.
 
 use std::time::{Duration, SystemTime};
 
 use prometheus::{
-    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry,
+    Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
-use xpart_tunnel::PeerStats;
 
 use crate::credentials::Status;
 
@@ -28,10 +27,6 @@ pub struct Metrics {
     buffered_body_bytes: IntGauge,
     credentials_available: IntGauge,
     credentials_expiry: Gauge,
-    peer_bytes: IntGaugeVec,
-    peer_packets: IntGaugeVec,
-    peer_handshake: GaugeVec,
-    peer_drops: IntGaugeVec,
 }
 
 impl Metrics {
@@ -84,34 +79,6 @@ impl Metrics {
             "xpart_relay_credentials_expiry_timestamp_seconds",
             "Unix time the current AWS credentials expire (0: none or no expiry)",
         )?;
-        let peer_bytes = IntGaugeVec::new(
-            Opts::new(
-                "xpart_tunnel_peer_bytes",
-                "Tunnel bytes by peer and direction",
-            ),
-            &["peer", "direction"],
-        )?;
-        let peer_packets = IntGaugeVec::new(
-            Opts::new(
-                "xpart_tunnel_peer_packets",
-                "Tunnel packets by peer and direction",
-            ),
-            &["peer", "direction"],
-        )?;
-        let peer_handshake = GaugeVec::new(
-            Opts::new(
-                "xpart_tunnel_peer_last_handshake_timestamp_seconds",
-                "Unix time of the last WireGuard handshake with the peer",
-            ),
-            &["peer"],
-        )?;
-        let peer_drops = IntGaugeVec::new(
-            Opts::new(
-                "xpart_tunnel_peer_drops",
-                "Tunnel packets dropped by peer and reason",
-            ),
-            &["peer", "reason"],
-        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(upstream_latency.clone()))?;
@@ -121,10 +88,6 @@ impl Metrics {
         registry.register(Box::new(buffered_body_bytes.clone()))?;
         registry.register(Box::new(credentials_available.clone()))?;
         registry.register(Box::new(credentials_expiry.clone()))?;
-        registry.register(Box::new(peer_bytes.clone()))?;
-        registry.register(Box::new(peer_packets.clone()))?;
-        registry.register(Box::new(peer_handshake.clone()))?;
-        registry.register(Box::new(peer_drops.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -136,10 +99,6 @@ impl Metrics {
             buffered_body_bytes,
             credentials_available,
             credentials_expiry,
-            peer_bytes,
-            peer_packets,
-            peer_handshake,
-            peer_drops,
         })
     }
 
@@ -182,7 +141,7 @@ impl Metrics {
     }
 
     /// Refresh the gauges read from elsewhere just before a scrape.
-    pub fn observe(&self, credentials: &Status, peers: &[PeerStats]) {
+    pub fn observe(&self, credentials: &Status) {
         match credentials {
             Status::Available { expiry } => {
                 self.credentials_available.set(1);
@@ -192,29 +151,6 @@ impl Metrics {
             Status::Missing { .. } => {
                 self.credentials_available.set(0);
                 self.credentials_expiry.set(0.0);
-            }
-        }
-        for peer in peers {
-            let name = peer.name.as_str();
-            self.peer_bytes
-                .with_label_values(&[name, "rx"])
-                .set(peer.rx_bytes as i64);
-            self.peer_bytes
-                .with_label_values(&[name, "tx"])
-                .set(peer.tx_bytes as i64);
-            self.peer_packets
-                .with_label_values(&[name, "rx"])
-                .set(peer.rx_packets as i64);
-            self.peer_packets
-                .with_label_values(&[name, "tx"])
-                .set(peer.tx_packets as i64);
-            self.peer_handshake
-                .with_label_values(&[name])
-                .set(peer.last_handshake.map(unix_seconds).unwrap_or(0.0));
-            for (reason, count) in &peer.drops {
-                self.peer_drops
-                    .with_label_values(&[name, reason])
-                    .set(*count as i64);
             }
         }
     }

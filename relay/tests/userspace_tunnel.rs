@@ -128,7 +128,7 @@ listen = "127.0.0.1:0"
     let metrics = admin_get(relay.admin_addr().unwrap(), "/metrics").await;
     let rx_line = metrics
         .lines()
-        .find(|l| l.starts_with("xpart_tunnel_peer_bytes{direction=\"rx\",peer=\"agent-a\"}"))
+        .find(|l| l.starts_with("xpart_tunnel_peer_bytes_total{direction=\"rx\",peer=\"agent-a\"}"))
         .unwrap_or_else(|| panic!("no peer rx bytes in:\n{metrics}"));
     let rx: u64 = rx_line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(rx > 0, "{rx_line}");
