@@ -18,7 +18,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
-use xpart_agent::config::AgentConfig;
+use xpart_agent::AgentConfig;
 
 const CONVERSE: &str = "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse";
 /// A stream whose relay sends its headers and a first chunk, then nothing.
@@ -28,31 +28,12 @@ const STALLED_STREAM: &str = "/model/anthropic.claude-partial/converse-stream";
 const SHORT_DEADLINES: &str =
     "handshake_timeout_secs = 1\nfirst_request_timeout_secs = 1\nidle_timeout_secs = 1\n";
 
-struct Setup {
-    scratch: Scratch,
-    _relay: FakeRelay,
-    agent: xpart_agent::AgentHandle,
-}
-
 /// An agent whose `[front]` section also holds `front` (TOML lines).
-async fn setup(test: &str, front: &str) -> Setup {
-    let scratch = Scratch::new(test);
-    let relay = FakeRelay::start("relay-a").await;
-    let toml = agent_toml(&scratch, &[&relay], &token_principal("")).replacen(
-        "[front]\n",
-        &format!("[front]\n{front}"),
-        1,
-    );
-    let agent = start_agent(&scratch, &toml).await;
-    wait_ready(&agent).await;
-    Setup {
-        scratch,
-        _relay: relay,
-        agent,
-    }
+async fn setup(test: &str, front: &str) -> Stack {
+    Stack::start(test, &token_principal(""), front).await
 }
 
-impl Setup {
+impl Stack {
     async fn metric(&self, series: &str) -> f64 {
         let (_, text) = admin_get(self.agent.admin_addr(), "/metrics").await;
         metric_value(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
@@ -413,7 +394,7 @@ impl RawSender {
 }
 
 async fn raw_caller(
-    s: &Setup,
+    s: &Stack,
     h2: bool,
 ) -> (
     RawSender,

@@ -7,38 +7,25 @@ use fixture::*;
 
 const CONVERSE: &str = "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse";
 
-struct Setup {
-    scratch: Scratch,
-    relay: FakeRelay,
-    agent: xpart_agent::AgentHandle,
+async fn setup(test: &str, principals: &str) -> Stack {
+    Stack::start(test, principals, "").await
 }
 
-async fn setup(test: &str, principals: &str) -> Setup {
-    let scratch = Scratch::new(test);
-    let relay = FakeRelay::start("relay-a").await;
-    let agent = start_agent(&scratch, &agent_toml(&scratch, &[&relay], principals)).await;
-    wait_ready(&agent).await;
-    Setup {
-        scratch,
-        relay,
-        agent,
+impl Stack {
+    /// Shuts down, checks that the relay saw nothing, and returns the audit lines.
+    async fn finish_unforwarded(self) -> Vec<serde_json::Value> {
+        let (seen, audit) = self.finish().await;
+        assert!(seen.is_empty(), "forwarded: {seen:?}");
+        audit
     }
 }
 
-impl Setup {
-    async fn caller(&self) -> Caller {
-        Caller::connect(&self.scratch, self.agent.front_addr(), false).await
-    }
+const UNRECOGNIZED: (u16, &str) = (403, "UnrecognizedClientException");
+const DENIED: (u16, &str) = (403, "AccessDeniedException");
+const THROTTLED: (u16, &str) = (429, "ThrottlingException");
+const INVALID: (u16, &str) = (400, "ValidationException");
 
-    /// Shuts down and returns the audit lines.
-    async fn finish(self) -> (Vec<Seen>, Vec<serde_json::Value>) {
-        let seen = self.relay.seen();
-        self.agent.shutdown().await;
-        (seen, audit_lines(&self.scratch))
-    }
-}
-
-fn assert_refused(answer: &Answer, status: u16, error_type: &str, message_part: &str) {
+fn assert_refused(answer: &Answer, (status, error_type): (u16, &str), message_part: &str) {
     assert_eq!(answer.status, status, "body: {:?}", answer.body);
     assert_eq!(answer.error_type(), error_type);
     assert!(
@@ -57,15 +44,9 @@ fn assert_refused(answer: &Answer, status: u16, error_type: &str, message_part: 
 async fn missing_token_is_refused_with_setup_instructions() {
     let s = setup("no-token", &token_principal("")).await;
     let answer = s.caller().await.post(CONVERSE, None, b"{}").await;
-    assert_refused(
-        &answer,
-        403,
-        "UnrecognizedClientException",
-        "AWS_BEARER_TOKEN_BEDROCK",
-    );
+    assert_refused(&answer, UNRECOGNIZED, "AWS_BEARER_TOKEN_BEDROCK");
     assert!(answer.message().contains("AWS_CA_BUNDLE"));
-    let (seen, audit) = s.finish().await;
-    assert!(seen.is_empty());
+    let audit = s.finish_unforwarded().await;
     assert_eq!(audit[0]["status"], 403);
     assert_eq!(audit[0]["error_type"], "UnrecognizedClientException");
     assert!(audit[0]["principal"].is_null());
@@ -81,14 +62,8 @@ async fn wrong_token_is_refused() {
         .await
         .post(CONVERSE, Some("not-the-token"), b"{}")
         .await;
-    assert_refused(
-        &answer,
-        403,
-        "UnrecognizedClientException",
-        "not one this xpart agent knows",
-    );
-    let (seen, audit) = s.finish().await;
-    assert!(seen.is_empty());
+    assert_refused(&answer, UNRECOGNIZED, "not one this xpart agent knows");
+    let audit = s.finish_unforwarded().await;
     assert_eq!(audit[0]["message"], "unknown bearer token");
     let line = serde_json::to_string(&audit[0]).expect("json");
     assert!(!line.contains("not-the-token"), "tokens are never logged");
@@ -103,14 +78,8 @@ async fn sigv4_signed_request_is_told_to_use_a_token() {
         .await
         .post_with(CONVERSE, None, &[("authorization", signature)], b"{}")
         .await;
-    assert_refused(
-        &answer,
-        403,
-        "UnrecognizedClientException",
-        "SigV4 signatures are not accepted",
-    );
-    let (seen, _) = s.finish().await;
-    assert!(seen.is_empty());
+    assert_refused(&answer, UNRECOGNIZED, "SigV4 signatures are not accepted");
+    s.finish_unforwarded().await;
 }
 
 #[tokio::test]
@@ -121,14 +90,8 @@ async fn token_from_an_address_outside_the_cidrs_is_refused() {
     )
     .await;
     let answer = s.caller().await.post(CONVERSE, Some(TOKEN), b"{}").await;
-    assert_refused(
-        &answer,
-        403,
-        "AccessDeniedException",
-        "may not call from 127.0.0.1",
-    );
-    let (seen, audit) = s.finish().await;
-    assert!(seen.is_empty());
+    assert_refused(&answer, DENIED, "may not call from 127.0.0.1");
+    let audit = s.finish_unforwarded().await;
     assert_eq!(audit[0]["principal"], "lambda");
     assert_eq!(audit[0]["message"], "source address not allowed");
 }
@@ -158,12 +121,10 @@ async fn model_outside_the_allowlist_is_refused() {
         .await;
     assert_refused(
         &answer,
-        403,
-        "AccessDeniedException",
+        DENIED,
         "not allowed to use model amazon.nova-pro-v1:0",
     );
-    let (seen, audit) = s.finish().await;
-    assert!(seen.is_empty());
+    let audit = s.finish_unforwarded().await;
     assert_eq!(audit[0]["model"], "amazon.nova-pro-v1:0");
     assert_eq!(audit[0]["operation"], "Converse");
 }
@@ -178,8 +139,7 @@ async fn unknown_operation_is_refused_as_bedrock_would() {
         .await;
     assert_eq!(answer.status, 404);
     assert_eq!(answer.error_type(), "UnknownOperationException");
-    let (seen, _) = s.finish().await;
-    assert!(seen.is_empty());
+    s.finish_unforwarded().await;
 }
 
 #[tokio::test]
@@ -193,12 +153,7 @@ async fn over_the_rate_is_throttled() {
     assert_eq!(caller.post(CONVERSE, Some(TOKEN), b"{}").await.status, 200);
     assert_eq!(caller.post(CONVERSE, Some(TOKEN), b"{}").await.status, 200);
     let answer = caller.post(CONVERSE, Some(TOKEN), b"{}").await;
-    assert_refused(
-        &answer,
-        429,
-        "ThrottlingException",
-        "limited to 1 requests per second",
-    );
+    assert_refused(&answer, THROTTLED, "limited to 1 requests per second");
     let (seen, audit) = s.finish().await;
     assert_eq!(seen.len(), 2, "the throttled request was not forwarded");
     assert_eq!(audit[2]["message"], "over rate limit");
@@ -218,7 +173,7 @@ async fn over_concurrency_is_throttled_and_the_slot_returns() {
         .await;
     assert_eq!(stream.status(), 200);
     let answer = s.caller().await.post(CONVERSE, Some(TOKEN), b"{}").await;
-    assert_refused(&answer, 429, "ThrottlingException", "may have 1 in flight");
+    assert_refused(&answer, THROTTLED, "may have 1 in flight");
 
     use http_body_util::BodyExt;
     let streamed = stream
@@ -256,12 +211,7 @@ async fn oversized_body_is_refused_before_forwarding() {
         .await
         .post(CONVERSE, Some(TOKEN), &[b'x'; 1001])
         .await;
-    assert_refused(
-        &answer,
-        400,
-        "ValidationException",
-        "exceeds the 1000-byte limit",
-    );
+    assert_refused(&answer, INVALID, "exceeds the 1000-byte limit");
     let ok = s
         .caller()
         .await
@@ -286,7 +236,7 @@ name = "echo-only"
 token_sha256 = "{}"
 models = ["xpart.echo"]
 "#,
-        xpart_agent::auth::token_sha256_hex(TOKEN)
+        xpart_agent::token_sha256_hex(TOKEN)
     );
     let s = setup("operation", &principals).await;
     // A refusal over HTTP/1.1 closes the connection: one caller per request.
@@ -297,8 +247,7 @@ models = ["xpart.echo"]
         .await;
     assert_refused(
         &answer,
-        403,
-        "AccessDeniedException",
+        DENIED,
         "Principal echo-only is not allowed to call ApplyGuardrail",
     );
     let start_async = s
@@ -306,12 +255,7 @@ models = ["xpart.echo"]
         .await
         .post("/async-invoke", Some(TOKEN), b"{}")
         .await;
-    assert_refused(
-        &start_async,
-        403,
-        "AccessDeniedException",
-        "not allowed to call StartAsyncInvoke",
-    );
+    assert_refused(&start_async, DENIED, "not allowed to call StartAsyncInvoke");
     let count = s
         .caller()
         .await
@@ -351,12 +295,7 @@ async fn a_listed_operation_without_a_model_is_forwarded() {
             b"{}",
         )
         .await;
-    assert_refused(
-        &stream,
-        403,
-        "AccessDeniedException",
-        "not allowed to call ConverseStream",
-    );
+    assert_refused(&stream, DENIED, "not allowed to call ConverseStream");
     let (seen, _) = s.finish().await;
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[0].path, APPLY_GUARDRAIL);
@@ -376,8 +315,8 @@ name = "claude-only"
 token_sha256 = "{}"
 models = ["anthropic.claude-*"]
 "#,
-        xpart_agent::auth::token_sha256_hex(TOKEN),
-        xpart_agent::auth::token_sha256_hex("claude-token"),
+        xpart_agent::token_sha256_hex(TOKEN),
+        xpart_agent::token_sha256_hex("claude-token"),
     );
     let s = setup("metric-labels", &principals).await;
     let mut allowed = s.caller().await;
