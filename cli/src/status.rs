@@ -1,11 +1,11 @@
 //! `xpart status`: reads the agent's and relay's admin ports (`/status`, `/readyz`,
-//! `/metrics`) and shows tunnel peers with handshake ages, the tunnel's drops by reason, relay
+//! `/metrics`) and shows tunnel peers with handshake ages (both daemons' `tunnel.peers`), the tunnel's drops by reason, relay
 //! health, and request rates and errors (from two `/metrics` scrapes a window apart).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use clap::Args;
 use serde::Serialize;
@@ -217,19 +217,12 @@ async fn daemon_report(
     }
 }
 
-/// Peers appear at `/tunnel/peers` (agent) or `/peers` (relay), as the tunnel's PeerStats.
+/// `/tunnel/peers` in either daemon's `/status`; the handshake age is the daemon's own
+/// (`handshake_age_seconds`), so this host's clock does not enter into it.
 fn peer_reports(status: &Value) -> Vec<PeerReport> {
-    let peers = status
-        .pointer("/tunnel/peers")
-        .or_else(|| status.get("peers"))
-        .and_then(Value::as_array);
-    let Some(peers) = peers else {
+    let Some(peers) = status.pointer("/tunnel/peers").and_then(Value::as_array) else {
         return Vec::new();
     };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_secs_f64())
-        .unwrap_or(0.0);
     peers
         .iter()
         .map(|peer| PeerReport {
@@ -243,9 +236,9 @@ fn peer_reports(status: &Value) -> Vec<PeerReport> {
                 .and_then(Value::as_str)
                 .map(str::to_string),
             handshake_age_s: peer
-                .get("last_handshake")
-                .and_then(unix_seconds)
-                .map(|at| ((now - at).max(0.0) * 10.0).round() / 10.0),
+                .get("handshake_age_seconds")
+                .and_then(Value::as_f64)
+                .map(|age| (age.max(0.0) * 10.0).round() / 10.0),
             rx_bytes: peer.get("rx_bytes").and_then(Value::as_u64),
             tx_bytes: peer.get("tx_bytes").and_then(Value::as_u64),
         })
@@ -262,20 +255,6 @@ fn tunnel_dropped(status: &Value) -> Option<BTreeMap<String, u64>> {
             .filter(|(_, count)| *count > 0)
             .collect(),
     )
-}
-
-/// serde writes a `SystemTime` as `{secs_since_epoch, nanos_since_epoch}`; plain numbers
-/// are accepted too.
-fn unix_seconds(value: &Value) -> Option<f64> {
-    if let Some(seconds) = value.as_f64() {
-        return Some(seconds);
-    }
-    let seconds = value.get("secs_since_epoch")?.as_f64()?;
-    let nanos = value
-        .get("nanos_since_epoch")
-        .and_then(Value::as_f64)
-        .unwrap_or(0.0);
-    Some(seconds + nanos / 1e9)
 }
 
 async fn scrape_requests(target: &AdminUrl, timeout: Duration) -> Result<RequestReport, String> {
@@ -459,7 +438,7 @@ xpart_agent_requests_total{model=\"xpart.echo\",operation=\"Converse\",principal
 xpart_agent_requests_total{model=\"xpart.echo\",operation=\"Converse\",principal=\"p\",status=\"403\"} 2
 xpart_agent_requests_total{model=\"m\",operation=\"Converse\",principal=\"p\",status=\"503\"} 1
 xpart_agent_request_duration_seconds_count 10
-xpart_tunnel_rx_bytes{peer=\"relay-a\"} 1234
+xpart_tunnel_peer_bytes_total{direction=\"rx\",peer=\"relay-a\"} 1234
 ";
 
     #[test]
@@ -504,21 +483,19 @@ xpart_tunnel_rx_bytes{peer=\"relay-a\"} 1234
     }
 
     #[test]
-    fn handshake_ages_read_serde_system_times() {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
+    fn peers_and_their_handshake_ages_are_read_from_either_daemons_tunnel_object() {
         let status = serde_json::json!({
-            "peers": [
-                { "name": "agent-a", "endpoint": "127.0.0.1:5", "last_handshake": { "secs_since_epoch": now - 30, "nanos_since_epoch": 0 }, "rx_bytes": 1, "tx_bytes": 2 },
-                { "name": "agent-b", "endpoint": null, "last_handshake": null }
-            ]
+            "tunnel": { "peers": [
+                { "name": "agent-a", "endpoint": "127.0.0.1:5", "handshake_age_seconds": 30.04, "rx_bytes": 1, "tx_bytes": 2 },
+                { "name": "agent-b", "endpoint": null, "last_handshake": null, "handshake_age_seconds": null }
+            ] }
         });
         let peers = peer_reports(&status);
-        let age = peers[0].handshake_age_s.unwrap();
-        assert!((29.0..=32.0).contains(&age), "{age}");
+        assert_eq!(peers[0].handshake_age_s, Some(30.0));
+        assert_eq!(peers[0].rx_bytes, Some(1));
+        assert_eq!(peers[0].endpoint.as_deref(), Some("127.0.0.1:5"));
         assert_eq!(peers[1].handshake_age_s, None);
         assert_eq!(peers[1].name, "agent-b");
+        assert!(peer_reports(&serde_json::json!({ "tunnel": { "dropped": null } })).is_empty());
     }
 }

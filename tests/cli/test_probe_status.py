@@ -210,7 +210,8 @@ class FakeRelayAdmin:
     """A relay admin port reporting WireGuard peers, as a userspace/kernel relay does."""
 
     def __init__(self, peers):
-        body = json.dumps({"service": "relay", "draining": False, "peers": peers}).encode()
+        body = json.dumps({"service": "relay", "draining": False,
+                           "tunnel": {"peers": peers, "dropped": {}}}).encode()
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
@@ -241,9 +242,9 @@ def test_status_shows_tunnel_peers_with_handshake_ages():
     admin = FakeRelayAdmin([
         {"name": "agent-a", "public_key": "k", "endpoint": "127.0.0.1:40000",
          "last_handshake": {"secs_since_epoch": now - 42, "nanos_since_epoch": 0},
-         "rx_bytes": 1000, "tx_bytes": 2000, "rx_packets": 1, "tx_packets": 2, "drops": {}},
+         "handshake_age_seconds": 42.0, "rx_bytes": 1000, "tx_bytes": 2000, "rx_packets": 1, "tx_packets": 2, "drops": {}},
         {"name": "agent-b", "public_key": "k2", "endpoint": None, "last_handshake": None,
-         "rx_bytes": 0, "tx_bytes": 0, "rx_packets": 0, "tx_packets": 0, "drops": {}},
+         "handshake_age_seconds": None, "rx_bytes": 0, "tx_bytes": 0, "rx_packets": 0, "tx_packets": 0, "drops": {}},
     ])
     try:
         result, report = run_json("status", "--relay", admin.url, "--window", "0")
@@ -296,7 +297,7 @@ def test_tunnel_junk_and_a_handshake_flood_are_counted_on_both_daemons(tmp_path)
             p["public_key"] for p in agent_status["tunnel"]["peers"] if p["name"] == "relay-a"
         )
         _, relay_status = daemons.http_json(relay.admin_url() + "/status")
-        agent_host, agent_port = relay_status["peers"][0]["endpoint"].rsplit(":", 1)
+        agent_host, agent_port = relay_status["tunnel"]["peers"][0]["endpoint"].rsplit(":", 1)
         targets = {"relay": relay.addr("udp"), "agent": (agent_host, int(agent_port))}
 
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:

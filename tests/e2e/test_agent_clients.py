@@ -203,4 +203,5 @@ def test_status_and_metrics_show_the_tunnel(stack):
     metrics = stack.agent.metrics()
     assert 'xpart_agent_relay_healthy{relay="relay-a"} 1' in metrics
     assert 'operation="Converse",principal="lambda",status="200"} 1' in metrics
-    assert 'xpart_tunnel_rx_bytes{peer="relay-a"}' in metrics
+    assert 'xpart_tunnel_peer_bytes_total{direction="rx",peer="relay-a"}' in metrics
+    assert 'xpart_tunnel_peer_up{peer="relay-a"} 1' in metrics
