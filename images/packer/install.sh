@@ -23,6 +23,11 @@ systemd-sysusers /usr/lib/sysusers.d/xpart.conf
 install -D -m 0644 "$images/sysctl.d/60-xpart.conf" /usr/lib/sysctl.d/60-xpart.conf
 install -D -m 0644 "$images/modules-load.d/xpart.conf" /usr/lib/modules-load.d/xpart.conf
 install -D -m 0644 "$images/logrotate.d/xpart" /etc/logrotate.d/xpart
+# CloudWatch for teams without Prometheus: the audit file to CloudWatch Logs, key metrics
+# scraped from the admin port to CloudWatch (images/cloudwatch; the stacks' alarms use them).
+dnf install -y --setopt=install_weak_deps=False amazon-cloudwatch-agent
+install -D -m 0644 "$images/cloudwatch/amazon-cloudwatch-agent.json" /opt/aws/amazon-cloudwatch-agent/etc/amazon-cloudwatch-agent.json
+install -D -m 0644 "$images/cloudwatch/prometheus.yaml" /opt/aws/amazon-cloudwatch-agent/etc/xpart-prometheus.yaml
 
 # /etc/xpart: configuration readable by the service group, written by root (xpart-boot);
 # the key files inside are 0600 and owned by xpart.
@@ -42,7 +47,7 @@ done
 systemctl daemon-reload
 # Enabled, not started: each unit waits for the configuration cloud-init writes at first boot.
 # shellcheck disable=SC2086
-systemctl enable $units logrotate.timer
+systemctl enable $units logrotate.timer amazon-cloudwatch-agent.service
 
 rm -rf "$staging"
 # The next boot is a new instance: let cloud-init run the user data again and drop build logs.
