@@ -148,6 +148,15 @@ pub struct Transmit {
     pub payload: Vec<u8>,
 }
 
+impl Transmit {
+    fn new(dst: SocketAddr, datagram: &[u8]) -> Transmit {
+        Transmit {
+            dst,
+            payload: datagram.to_vec(),
+        }
+    }
+}
+
 /// Something the driver may want to log or count.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -601,15 +610,6 @@ impl Engine {
             }
             TunnResult::Done => {}
             TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
-        }
-    }
-}
-
-impl Transmit {
-    fn new(dst: SocketAddr, datagram: &[u8]) -> Transmit {
-        Transmit {
-            dst,
-            payload: datagram.to_vec(),
         }
     }
 }
