@@ -454,8 +454,12 @@ def test_agent_roles_grant_the_failover_calls_on_the_pairs_resources_only(member
     ]:
         assert action in granted, f"{action} missing from agent-{member.lower()}'s role"
     for action, statements in granted.items():
-        # Describe calls and the SSM agent's messaging take no resource-level permissions.
+        # Describe calls, the SSM agent's messaging and PutMetricData (limited by its
+        # cloudwatch:namespace condition instead) take no resource-level permissions.
         if action.startswith(("ec2:Describe", "ssm:UpdateInstanceInformation", "ssmmessages:", "ec2messages:")):
+            continue
+        if action == "cloudwatch:PutMetricData":
+            assert all(s["Condition"]["StringEquals"]["cloudwatch:namespace"] == "xpart" for s in statements)
             continue
         for statement in statements:
             assert statement["Resource"] != "*", f"{action} must not apply to every resource"

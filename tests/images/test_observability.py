@@ -136,6 +136,23 @@ def test_the_dashboard_is_grafana_json_on_a_chosen_prometheus():
             assert target["datasource"]["uid"] == "${datasource}", panel["title"]
 
 
+@pytest.mark.parametrize("stack", ["govcloud", "commercial"])
+def test_stack_alarms_read_metrics_the_cloudwatch_agent_sends(stack):
+    decode = pytest.importorskip("cfnlint.decode", reason="cfn-lint not installed").decode
+    template, problems = decode(str(REPO / "images" / "cloudformation" / f"{stack}.yaml"))
+    assert not problems, problems
+    declared = cloudwatch_metric_names()
+    alarms = {n: r["Properties"] for n, r in template["Resources"].items() if r["Type"] == "AWS::CloudWatch::Alarm"}
+    assert alarms, f"{stack}.yaml has no alarm"
+    job = "xpart-agent" if stack == "govcloud" else "xpart-relay"
+    for name, alarm in alarms.items():
+        stats = [alarm] if "MetricName" in alarm else [m["MetricStat"]["Metric"] for m in alarm["Metrics"] if "MetricStat" in m]
+        for stat in stats:
+            assert stat["Namespace"] == "xpart", name
+            assert stat["MetricName"] in declared, f"{name}: {stat['MetricName']} is not sent by {CLOUDWATCH.name}"
+            assert {"Name": "job", "Value": job} in stat["Dimensions"], name
+
+
 def exported_names(text):
     """Sample names (histogram series included) and the families named by # TYPE."""
     names = set()
