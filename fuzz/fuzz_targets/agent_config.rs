@@ -9,10 +9,10 @@
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use xpart_agent::config::AgentConfig;
-use xpart_agent::dns::Answerer;
-use xpart_agent::limits::Limits;
-use xpart_agent::metrics::Metrics;
+use xpart_agent::AgentConfig;
+use xpart_agent::Answerer;
+use xpart_agent::Limits;
+use xpart_agent::Metrics;
 
 fuzz_target!(|text: &str| {
     let label = xpart_fuzz::config_label("agent.toml");

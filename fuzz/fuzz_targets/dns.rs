@@ -13,8 +13,8 @@ use hickory_proto::op::{Message, MessageType};
 use hickory_proto::serialize::binary::BinDecodable;
 use hickory_proto::xfer::Protocol;
 use libfuzzer_sys::fuzz_target;
-use xpart_agent::dns::{Answerer, DnsSettings};
-use xpart_agent::metrics::Metrics;
+use xpart_agent::{Answerer, DnsSettings};
+use xpart_agent::Metrics;
 
 fn answerer() -> &'static Answerer {
     static ANSWERER: OnceLock<Answerer> = OnceLock::new();

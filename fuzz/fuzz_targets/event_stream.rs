@@ -10,7 +10,7 @@
 use aws_smithy_eventstream::frame::{DecodedFrame, MessageFrameDecoder};
 use bytes::{Buf, Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
-use xpart_agent::streaming::FrameBoundary;
+use xpart_agent::FrameBoundary;
 
 /// Input: the number of chunk lengths N, N chunk lengths (cycled; 0 is read as 1), then the
 /// stream's bytes.

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use libfuzzer_sys::fuzz_target;
-use xpart_daemon::bedrock::Route;
+use xpart_bedrock::Route;
 use xpart_relay::admission::{
     admit, GatedHeader, Policy, Rewriter, Rules, Target, FORWARDED_HEADERS, GUARDRAIL_ID_HEADER,
     GUARDRAIL_VERSION_HEADER,

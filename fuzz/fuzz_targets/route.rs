@@ -1,4 +1,4 @@
-//! Route and model-id parsing (`xpart_daemon::bedrock`): the first thing both daemons do with
+//! Route and model-id parsing (`xpart_bedrock`): the first thing both daemons do with
 //! a caller's method and path.
 //!
 //! Beyond "no panic": an accepted model id is in Bedrock's grammar (no `/` outside an ARN's
@@ -9,7 +9,7 @@
 
 use http::Method;
 use libfuzzer_sys::fuzz_target;
-use xpart_daemon::bedrock::{glob_match, ModelId, Route, MAX_MODEL_ID_LEN};
+use xpart_bedrock::{glob_match, ModelId, Route, MAX_MODEL_ID_LEN};
 
 /// Input: one byte choosing the method, then the path, a newline, and an allowlist pattern.
 struct Input<'a> {
