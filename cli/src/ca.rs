@@ -287,10 +287,13 @@ fn certificate_error(err: rcgen::Error) -> Error {
     Error::Usage(format!("cannot build the certificate: {err}"))
 }
 
+fn print_json(report: &impl Serialize) {
+    println!("{}", serde_json::to_string(report).unwrap_or_default());
+}
+
 fn print_init(report: &InitReport, json: bool) {
     if json {
-        println!("{}", serde_json::to_string(report).unwrap_or_default());
-        return;
+        return print_json(report);
     }
     println!("CA certificate: {}", report.ca_cert.display());
     println!("CA private key: {} (mode 600; anyone holding it can impersonate the agent to your callers: keep it off the appliances)", report.ca_key.display());
@@ -311,8 +314,7 @@ fn print_init(report: &InitReport, json: bool) {
 
 fn print_issue(report: &IssueReport, json: bool) {
     if json {
-        println!("{}", serde_json::to_string(report).unwrap_or_default());
-        return;
+        return print_json(report);
     }
     println!("Certificate: {} (with the CA chain)", report.cert.display());
     println!("Private key: {} (mode 600)", report.key.display());

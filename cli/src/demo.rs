@@ -11,12 +11,12 @@ mod guide;
 mod material;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use xpart_agent::config::AgentConfig;
+use xpart_agent::AgentConfig;
 use xpart_relay::config::RelayConfig;
 
 use crate::admin::AdminUrl;
@@ -205,30 +205,31 @@ async fn serve(
 /// Loads the file it wrote with the daemon's own loader, so the demo runs exactly what
 /// `xpart-relay --config` would.
 async fn start_relay(material: &Material) -> Result<xpart_relay::RelayHandle, StartFailure> {
-    let config = RelayConfig::load(&material.relay_config).map_err(|diagnostics| {
-        StartFailure::other(Error::file(
-            &material.relay_config,
-            format!("the generated relay config does not validate: {diagnostics}"),
-        ))
-    })?;
-    xpart_relay::start(config)
-        .await
-        .map_err(|err| StartFailure::daemon("relay", &err))
+    let path = &material.relay_config;
+    let config =
+        RelayConfig::load(path).map_err(|problems| StartFailure::invalid(path, problems))?;
+    let started = xpart_relay::start(config).await;
+    started.map_err(|err| StartFailure::daemon("relay", &err))
 }
 
 async fn start_agent(material: &Material) -> Result<xpart_agent::AgentHandle, StartFailure> {
-    let config = AgentConfig::load(&material.agent_config).map_err(|diagnostics| {
-        StartFailure::other(Error::file(
-            &material.agent_config,
-            format!("the generated agent config does not validate: {diagnostics}"),
-        ))
-    })?;
+    let path = &material.agent_config;
+    let config =
+        AgentConfig::load(path).map_err(|problems| StartFailure::invalid(path, problems))?;
     xpart_agent::start(config)
         .await
         .map_err(|err| StartFailure::daemon("agent", &err))
 }
 
 impl StartFailure {
+    /// A file the demo generated that its daemon's loader refuses: a bug in the demo.
+    fn invalid(path: &Path, problems: impl std::fmt::Display) -> StartFailure {
+        StartFailure::other(Error::file(
+            path,
+            format!("the generated config does not validate: {problems}"),
+        ))
+    }
+
     fn other(error: Error) -> StartFailure {
         StartFailure {
             error,

@@ -2,7 +2,7 @@
 //! replaced only with `--force`, and secrets are created 0600 from the first byte.
 
 use std::fs::OpenOptions;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
@@ -34,6 +34,18 @@ pub fn refuse_existing(paths: &[&Path], force: bool) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// All of stdin, without surrounding whitespace; `what` names it in the error.
+pub fn read_stdin(what: &str) -> Result<String, Error> {
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .map_err(|err| Error::Io {
+            context: format!("reading {what} from stdin"),
+            source: err,
+        })?;
+    Ok(text.trim().to_string())
 }
 
 pub fn read_text(path: &Path, what: &str) -> Result<String, Error> {

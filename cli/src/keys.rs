@@ -1,7 +1,7 @@
 //! `xpart keygen` and `xpart pubkey`: WireGuard keys in the `wg genkey`/`wg pubkey` format
 //! (base64 of 32 bytes, one line), so either tool's output works with the other.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -62,20 +62,13 @@ pub fn pubkey(args: PubkeyArgs) -> Result<ExitCode, Error> {
 }
 
 fn read_private_key_from_stdin() -> Result<PrivateKey, Error> {
-    let mut text = String::new();
-    std::io::stdin()
-        .read_to_string(&mut text)
-        .map_err(|err| Error::Io {
-            context: "reading the private key from stdin".into(),
-            source: err,
-        })?;
-    let text = text.trim();
+    let text = files::read_stdin("the private key")?;
     if text.is_empty() {
         return Err(Error::Usage(
             "no private key on stdin; pipe one in (`xpart keygen | xpart pubkey`) or pass --key-file".into(),
         ));
     }
-    PrivateKey::from_base64(text).map_err(|err| {
+    PrivateKey::from_base64(&text).map_err(|err| {
         Error::Usage(format!(
             "stdin does not hold a WireGuard private key (base64 of 32 bytes): {err}"
         ))

@@ -1,7 +1,6 @@
 //! `xpart token`: bearer tokens for callers. The agent stores only the SHA-256 of each token,
 //! so the token itself is shown once, here, and never written anywhere by xpart.
 
-use std::io::Read;
 use std::process::ExitCode;
 
 use base64::Engine;
@@ -10,7 +9,7 @@ use rand::RngCore;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::Error;
+use crate::{files, Error};
 
 /// Random bytes per token: 256 bits, beyond guessing at any request rate.
 const TOKEN_BYTES: usize = 32;
@@ -172,16 +171,7 @@ fn new_token(
 fn hash_token(token: Option<String>, json: bool) -> Result<ExitCode, Error> {
     let token = match token {
         Some(token) => token,
-        None => {
-            let mut text = String::new();
-            std::io::stdin()
-                .read_to_string(&mut text)
-                .map_err(|err| Error::Io {
-                    context: "reading the token from stdin".into(),
-                    source: err,
-                })?;
-            text.trim().to_string()
-        }
+        None => files::read_stdin("the token")?,
     };
     if token.is_empty() {
         return Err(Error::Usage(

@@ -7,23 +7,22 @@
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+#[path = "commands/support.rs"]
+mod support;
+
+use support::{run, xpart, Run, Scratch};
+
 const FREE_PORTS: [&str; 6] = ["--front-port", "0", "--wg-port", "0", "--admin-port", "0"];
 
 #[test]
 fn once_gets_the_echo_back_through_agent_tunnel_and_relay() {
-    let scratch = Scratch::new();
-    let dir = scratch.path().join("demo");
-
-    let run = demo(&dir, &["--once"]);
-
-    assert_eq!(run.code, 0, "{run:?}");
+    let (_scratch, dir, run) = demo_once(&[]);
     assert!(
         run.stdout.contains(
             "Self-probe: ok, xpart.echo replied \"hello from xpart demo\" through agent, tunnel and relay"
@@ -44,12 +43,7 @@ fn once_gets_the_echo_back_through_agent_tunnel_and_relay() {
 
 #[test]
 fn the_printed_environment_is_the_one_written_to_caller_env_and_agent_toml() {
-    let scratch = Scratch::new();
-    let dir = scratch.path().join("demo");
-
-    let run = demo(&dir, &["--once"]);
-
-    assert_eq!(run.code, 0, "{run:?}");
+    let (_scratch, dir, run) = demo_once(&[]);
     let caller_env = std::fs::read_to_string(dir.join("caller.env")).expect("caller.env");
     let written: Vec<&str> = caller_env
         .lines()
@@ -96,12 +90,7 @@ fn the_printed_environment_is_the_one_written_to_caller_env_and_agent_toml() {
 
 #[test]
 fn keys_are_private_and_each_side_names_the_others_public_key() {
-    let scratch = Scratch::new();
-    let dir = scratch.path().join("demo");
-
-    let run = demo(&dir, &["--once"]);
-
-    assert_eq!(run.code, 0, "{run:?}");
+    let (_scratch, dir, _) = demo_once(&[]);
     for secret in [
         "agent.key",
         "relay.key",
@@ -133,12 +122,7 @@ fn keys_are_private_and_each_side_names_the_others_public_key() {
 
 #[test]
 fn json_reports_the_environment_commands_and_probe() {
-    let scratch = Scratch::new();
-    let dir = scratch.path().join("demo");
-
-    let run = demo(&dir, &["--once", "--json"]);
-
-    assert_eq!(run.code, 0, "{run:?}");
+    let (_scratch, _dir, run) = demo_once(&["--json"]);
     let report: serde_json::Value = serde_json::from_str(run.stdout.trim()).expect("one JSON");
     assert_eq!(report["self_probe"]["echoed"], true);
     assert_eq!(
@@ -158,7 +142,7 @@ fn json_reports_the_environment_commands_and_probe() {
 #[test]
 fn a_rerun_in_the_same_directory_replaces_the_earlier_demo() {
     let scratch = Scratch::new();
-    let dir = scratch.path().join("demo");
+    let dir = scratch.path("demo");
     let first = demo(&dir, &["--once"]);
     assert_eq!(first.code, 0, "{first:?}");
     let first_env = std::fs::read_to_string(dir.join("caller.env")).unwrap();
@@ -178,7 +162,7 @@ fn a_rerun_in_the_same_directory_replaces_the_earlier_demo() {
 #[test]
 fn a_directory_with_other_files_is_refused_and_left_alone() {
     let scratch = Scratch::new();
-    let dir = scratch.path().join("precious");
+    let dir = scratch.path("precious");
     std::fs::create_dir(&dir).unwrap();
     std::fs::write(dir.join("agent.key"), "someone's real key\n").unwrap();
 
@@ -200,17 +184,14 @@ fn a_directory_with_other_files_is_refused_and_left_alone() {
 #[test]
 fn a_taken_port_is_refused_naming_the_flag_before_anything_is_written() {
     let scratch = Scratch::new();
-    let dir = scratch.path().join("demo");
+    let dir = scratch.path("demo");
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();
 
-    let output = Command::new(env!("CARGO_BIN_EXE_xpart"))
-        .args(["demo", "--once", "--dir"])
-        .arg(&dir)
-        .args(["--front-port", &port, "--wg-port", "0", "--admin-port", "0"])
-        .output()
-        .expect("run xpart demo");
-    let run = Run::from(output);
+    let dir_arg = dir.display().to_string();
+    let ports = ["--front-port", &port, "--wg-port", "0", "--admin-port", "0"];
+    let args = [&["demo", "--once", "--dir", &dir_arg], &ports[..]].concat();
+    let run = run(Command::new(env!("CARGO_BIN_EXE_xpart")), &args, "");
 
     assert_eq!(run.code, 2, "{run:?}");
     assert!(
@@ -227,15 +208,11 @@ fn a_taken_port_is_refused_naming_the_flag_before_anything_is_written() {
 fn a_running_demo_is_ready_and_ctrl_c_stops_it_within_two_seconds() {
     for round in 0..4 {
         let scratch = Scratch::new();
-        let mut running = RunningDemo::start(&scratch.path().join("demo"));
+        let mut running = RunningDemo::start(&scratch.path("demo"));
 
         if round == 0 {
             let relay_admin = running.admin("relay");
-            let status = Command::new(env!("CARGO_BIN_EXE_xpart"))
-                .args(["status", "--window", "0", "--relay", &relay_admin])
-                .output()
-                .expect("run xpart status");
-            let status = Run::from(status);
+            let status = xpart(&["status", "--window", "0", "--relay", &relay_admin]);
             assert_eq!(status.code, 0, "{status:?}");
             assert!(status.stdout.contains(": ready"), "{status:?}");
             assert!(status.stdout.contains("note: echo only"), "{status:?}");
@@ -331,40 +308,31 @@ impl Drop for RunningDemo {
     }
 }
 
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl From<Output> for Run {
-    fn from(output: Output) -> Run {
-        Run {
-            code: output.status.code().expect("xpart exited by signal"),
-            stdout: String::from_utf8(output.stdout).expect("utf-8 stdout"),
-            stderr: String::from_utf8(output.stderr).expect("utf-8 stderr"),
-        }
-    }
-}
-
 /// The caller's own credentials and region must not leak into the demo from the test's
 /// environment, and the daemons' logs stay on stderr. Instance metadata is left as the host
 /// has it: the demo's relay has `[credentials] source = "none"` and must never look.
 fn demo(dir: &Path, extra: &[&str]) -> Run {
-    let output = Command::new(env!("CARGO_BIN_EXE_xpart"))
+    let mut xpart = Command::new(env!("CARGO_BIN_EXE_xpart"));
+    xpart
         .arg("demo")
         .arg("--dir")
         .arg(dir)
         .args(FREE_PORTS)
-        .args(extra)
         .env_remove("AWS_CA_BUNDLE")
         .env_remove("NODE_EXTRA_CA_CERTS")
         .env_remove("AWS_BEARER_TOKEN_BEDROCK")
-        .env_remove("AWS_EC2_METADATA_DISABLED")
-        .output()
-        .expect("run xpart demo");
-    Run::from(output)
+        .env_remove("AWS_EC2_METADATA_DISABLED");
+    run(xpart, extra, "")
+}
+
+/// A `--once` demo with `extra` flags in a fresh directory, which succeeded; the directory
+/// lives as long as the returned scratch.
+fn demo_once(extra: &[&str]) -> (Scratch, PathBuf, Run) {
+    let scratch = Scratch::new();
+    let dir = scratch.path("demo");
+    let run = demo(&dir, &[&["--once"], extra].concat());
+    assert_eq!(run.code, 0, "{run:?}");
+    (scratch, dir, run)
 }
 
 fn exports(text: &str) -> std::collections::BTreeMap<String, String> {
@@ -386,30 +354,4 @@ fn hex_sha256(text: &str) -> String {
         .iter()
         .map(|byte| format!("{byte:02x}"))
         .collect()
-}
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Scratch {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "xpart-demo-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("create the scratch directory");
-        Scratch(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

@@ -56,7 +56,7 @@ fn keygen_refuses_to_overwrite_without_force() {
     let key = dir.write("agent.key", "keep me\n");
     chmod(&key, 0o600);
     let run = xpart(&["keygen", "--out", &dir.arg("agent.key")]).fails_with(2);
-    assert!(run.stderr.contains("--force"), "{}", run.stderr);
+    run.complains("--force");
     assert_eq!(std::fs::read_to_string(&key).unwrap(), "keep me\n");
 
     chmod(&key, 0o644);
@@ -75,8 +75,8 @@ fn pubkey_refuses_a_key_file_readable_by_others() {
     xpart(&["keygen", "--out", &dir.arg("agent.key")]).ok();
     chmod(&dir.path("agent.key"), 0o644);
     let run = xpart(&["pubkey", "--key-file", &dir.arg("agent.key")]).fails_with(2);
-    assert!(run.stderr.contains("chmod 600"), "{}", run.stderr);
-    assert!(run.stderr.contains("agent.key"), "{}", run.stderr);
+    run.complains("chmod 600");
+    run.complains("agent.key");
     assert!(run.stdout.is_empty());
 }
 
@@ -84,9 +84,9 @@ fn pubkey_refuses_a_key_file_readable_by_others() {
 fn pubkey_rejects_missing_files_garbage_and_empty_input() {
     let dir = Scratch::new();
     let missing = xpart(&["pubkey", "--key-file", &dir.arg("nope.key")]).fails_with(2);
-    assert!(missing.stderr.contains("nope.key"), "{}", missing.stderr);
+    missing.complains("nope.key");
     let garbage = xpart_with_stdin(&["pubkey"], "not a key\n").fails_with(2);
-    assert!(garbage.stderr.contains("base64"), "{}", garbage.stderr);
+    garbage.complains("base64");
     let short = xpart_with_stdin(&["pubkey"], "AAAA\n").fails_with(2);
     assert!(short.stdout.is_empty());
     let empty = xpart_with_stdin(&["pubkey"], "").fails_with(2);

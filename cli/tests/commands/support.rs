@@ -1,9 +1,15 @@
+//! Running the built `xpart` and the tools its output must work with, and scratch
+//! directories; shared by the command tests and `tests/demo.rs`.
+
+#![allow(dead_code)] // each test crate uses a different part
+
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+#[derive(Debug)]
 pub struct Run {
     pub code: i32,
     pub stdout: String,
@@ -53,42 +59,38 @@ pub fn run(mut command: Command, args: &[&str], stdin: &str) -> Run {
 impl Run {
     #[track_caller]
     pub fn ok(self) -> Run {
-        assert_eq!(
-            self.code, 0,
-            "stdout:\n{}\nstderr:\n{}",
-            self.stdout, self.stderr
-        );
-        self
+        self.fails_with(0)
     }
 
+    /// Asserts the exit code (`ok` for 0).
     #[track_caller]
     pub fn fails_with(self, code: i32) -> Run {
-        assert_eq!(
-            self.code, code,
-            "stdout:\n{}\nstderr:\n{}",
-            self.stdout, self.stderr
-        );
+        let Run { stdout, stderr, .. } = &self;
+        assert_eq!(self.code, code, "stdout:\n{stdout}\nstderr:\n{stderr}");
         self
     }
 
     /// Asserts that stdout contains `text`.
     #[track_caller]
     pub fn says(&self, text: &str) -> &Run {
-        assert!(
-            self.stdout.contains(text),
-            "{text:?} not in stdout:\n{}",
-            self.stdout
-        );
-        self
+        self.shows(Stream::Stdout, text)
     }
 
     /// Asserts that stderr contains `text`.
     #[track_caller]
     pub fn complains(&self, text: &str) -> &Run {
+        self.shows(Stream::Stderr, text)
+    }
+
+    #[track_caller]
+    fn shows(&self, stream: Stream, text: &str) -> &Run {
+        let output = match stream {
+            Stream::Stdout => &self.stdout,
+            Stream::Stderr => &self.stderr,
+        };
         assert!(
-            self.stderr.contains(text),
-            "{text:?} not in stderr:\n{}",
-            self.stderr
+            output.contains(text),
+            "{text:?} not in {stream:?}:\n{output}"
         );
         self
     }
@@ -96,6 +98,12 @@ impl Run {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.stdout).unwrap_or_else(|err| panic!("{err}: {}", self.stdout))
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
 }
 
 /// A scratch directory removed on drop.
