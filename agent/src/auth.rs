@@ -19,7 +19,7 @@ use http::HeaderMap;
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use xpart_daemon::bedrock::{glob_match, Operation};
+use xpart_bedrock::{glob_match, Operation};
 
 use crate::limits::LimitSettings;
 

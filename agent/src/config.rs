@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
-use xpart_daemon::bedrock::Operation;
+use xpart_bedrock::Operation;
 use xpart_daemon::config::Diagnostics;
 use xpart_daemon::tunnel_config::{PeerSection, Side, TunnelMode, TunnelSection};
 use xpart_tunnel::{PrivateKey, PublicKey};
@@ -607,7 +607,7 @@ const MAX_FRONT_IDLE_TIMEOUT_SECS: u64 = 86_400;
 const MAX_CONNECTIONS: usize = 1_000_000;
 
 /// Bedrock's own request body limit.
-const MAX_BODY_BYTES: u64 = xpart_daemon::bedrock::MAX_BODY_BYTES as u64;
+const MAX_BODY_BYTES: u64 = xpart_bedrock::MAX_BODY_BYTES as u64;
 
 fn decode_sha256(hex: &str) -> Option<[u8; 32]> {
     if hex.len() != 64 {

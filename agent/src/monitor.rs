@@ -1,5 +1,6 @@
 //! The health core's driver: sends each due probe through the tunnel, feeds the outcomes
-//! back, applies the resulting up/down events and keeps the relay and tunnel gauges current.
+//! back and applies the resulting up/down events to the relay gauges. A relay's tunnel
+//! statistics are found by its WireGuard key, the peer's identity in the tunnel.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -8,9 +9,10 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use tokio::sync::{mpsc, watch};
+use xpart_tunnel::{PeerStats, PublicKey};
 
 use crate::forward::Relays;
-use crate::health::{HealthEvent, ProbeOutcome};
+use crate::health::{HealthEvent, ProbeOutcome, RelayId};
 use crate::metrics::Metrics;
 
 /// Reads the tunnel's per-peer counters; absent when the host network carries the traffic.
@@ -23,7 +25,8 @@ pub async fn run(
     metrics: Metrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let (results_tx, mut results) = mpsc::channel::<(usize, ProbeOutcome)>(relays.len().max(1) * 2);
+    let (results_tx, mut results) =
+        mpsc::channel::<(RelayId, ProbeOutcome)>(relays.len().max(1) * 2);
     for target in relays.targets() {
         metrics
             .relay_healthy
@@ -31,7 +34,7 @@ pub async fn run(
             .set(0);
     }
     loop {
-        let due: Vec<usize> = {
+        let due: Vec<RelayId> = {
             let mut health = relays.health();
             let now = Instant::now();
             std::iter::from_fn(|| health.poll_probe(now)).collect()
@@ -79,7 +82,7 @@ pub async fn run(
     }
 }
 
-async fn probe(relays: &Relays, relay: usize, peers: Option<&PeerSource>) -> ProbeOutcome {
+async fn probe(relays: &Relays, relay: RelayId, peers: Option<&PeerSource>) -> ProbeOutcome {
     let timeout = relays.health().settings().probe_timeout;
     let answer = tokio::time::timeout(timeout, health_request(relays, relay)).await;
     let status = match answer {
@@ -90,26 +93,38 @@ async fn probe(relays: &Relays, relay: usize, peers: Option<&PeerSource>) -> Pro
     if status != StatusCode::OK {
         return ProbeOutcome::NotReady(format!("health check answered {status}"));
     }
-    let handshake_age = peers.map(|peers| {
-        peers()
-            .into_iter()
-            .find(|p| p.name == relays.name(relay))
-            .and_then(|p| p.last_handshake)
-            .and_then(|t| SystemTime::now().duration_since(t).ok())
-            // No handshake recorded although the probe crossed the tunnel: count it as fresh.
-            .unwrap_or_default()
-    });
+    let public_key = relays.target(relay).and_then(|t| t.public_key.as_ref());
+    let handshake_age = peers.map(|peers| handshake_age(&peers(), public_key, SystemTime::now()));
     ProbeOutcome::Ready { handshake_age }
 }
 
-async fn health_request(relays: &Relays, relay: usize) -> Result<StatusCode, String> {
+/// How long ago the tunnel last shook hands with the relay whose WireGuard key is
+/// `public_key`, the key that names a peer in the tunnel whatever the config calls it. A probe
+/// that crossed the tunnel without a handshake on record counts as fresh.
+fn handshake_age(
+    peers: &[PeerStats],
+    public_key: Option<&PublicKey>,
+    now: SystemTime,
+) -> Duration {
+    let Some(key) = public_key.map(PublicKey::to_base64) else {
+        return Duration::ZERO;
+    };
+    peers
+        .iter()
+        .find(|peer| peer.public_key == key)
+        .and_then(|peer| peer.last_handshake)
+        .and_then(|at| now.duration_since(at).ok())
+        .unwrap_or_default()
+}
+
+async fn health_request(relays: &Relays, relay: RelayId) -> Result<StatusCode, String> {
     let sender = relays
         .ready_sender(relay)
         .await
         .map_err(|e| e.to_string())?;
     let request = Request::builder()
         .method(Method::GET)
-        .uri(xpart_daemon::protocol::HEALTH_PATH)
+        .uri(xpart_bedrock::protocol::HEALTH_PATH)
         .body(
             Empty::<Bytes>::new()
                 .map_err(|never| match never {})
@@ -124,4 +139,50 @@ async fn health_request(relays: &Relays, relay: usize) -> Result<StatusCode, Str
     // Drain the small body so the stream closes cleanly.
     let _ = response.into_body().collect().await;
     Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use xpart_tunnel::PrivateKey;
+
+    use super::*;
+
+    #[test]
+    fn handshake_age_is_found_by_the_relays_key_not_its_name() {
+        let now = SystemTime::now();
+        let relay_a = PrivateKey::generate().public_key();
+        let relay_b = PrivateKey::generate().public_key();
+        // The tunnel's labels need not match the [[relay]] names.
+        let peers = [
+            stats("relay-a", &relay_b, Some(now - Duration::from_secs(400))),
+            stats("tunnel-peer-0", &relay_a, Some(now - Duration::from_secs(7))),
+        ];
+        assert_eq!(
+            handshake_age(&peers, Some(&relay_a), now),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            handshake_age(&peers, Some(&relay_b), now),
+            Duration::from_secs(400)
+        );
+        let unknown = PrivateKey::generate().public_key();
+        assert_eq!(handshake_age(&peers, Some(&unknown), now), Duration::ZERO);
+        assert_eq!(handshake_age(&peers, None, now), Duration::ZERO);
+    }
+
+    fn stats(name: &str, key: &PublicKey, last_handshake: Option<SystemTime>) -> PeerStats {
+        PeerStats {
+            name: name.to_owned(),
+            public_key: key.to_base64(),
+            endpoint: None,
+            last_handshake,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            rx_packets: 0,
+            tx_packets: 0,
+            drops: BTreeMap::new(),
+        }
+    }
 }

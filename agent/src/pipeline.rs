@@ -1,6 +1,6 @@
 //! One caller request, start to finish: authenticate → route → authorize → limit → forward
 //! → audit. Each step is a call into the module named for it; a step that refuses returns an
-//! [`Error`], which becomes a Bedrock-shaped error response and an audit line in
+//! [`RequestError`], which becomes a Bedrock-shaped error response and an audit line in
 //! [`handle`]. A forwarded request's audit line is written when its response body ends.
 
 use std::net::IpAddr;
@@ -16,18 +16,19 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, BodyStream, StreamBody};
 use hyper::body::Incoming;
 use xpart_daemon::audit::{AuditLog, AuditRecord, Service};
-use xpart_daemon::bedrock::{self, Route, AMZN_REQUEST_ID_HEADER, ERROR_TYPE_HEADER};
-use xpart_daemon::protocol::{
+use xpart_bedrock::{self as bedrock, Route, AMZN_REQUEST_ID_HEADER, ERROR_TYPE_HEADER};
+use xpart_bedrock::protocol::{
     strip_xpart_headers, PRINCIPAL_HEADER, REQUEST_ID_HEADER, SOURCE_HEADER,
 };
 use xpart_daemon::reload::Live;
 
 use crate::auth::{Denial, Grant, Principal, Principals};
 use crate::forward::{ForwardBody, ForwardError, Relays};
+use crate::health::RelayId;
 use crate::limits::{SharedLimits, Slot};
 use crate::metrics::Metrics;
 use crate::streaming::{BoxError, RequestBody, RequestMeter, ResponseBody, StreamEnd};
-use crate::Error;
+use crate::error::RequestError;
 
 /// Content type of Bedrock's streaming answers.
 const EVENT_STREAM: &str = "application/vnd.amazon.eventstream";
@@ -75,7 +76,7 @@ async fn steps(
     agent: &Arc<Agent>,
     request: Request<Incoming>,
     exchange: &mut Exchange,
-) -> Result<Response<CallerBody>, Error> {
+) -> Result<Response<CallerBody>, RequestError> {
     let principal = authenticate(agent, &request, exchange)?;
     let route = route(&request, exchange)?;
     authorize(&principal, &route, exchange)?;
@@ -113,7 +114,7 @@ fn authenticate(
     agent: &Agent,
     request: &Request<Incoming>,
     exchange: &mut Exchange,
-) -> Result<Arc<Principal>, Error> {
+) -> Result<Arc<Principal>, RequestError> {
     let source = exchange.record.source.unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let principal = agent
         .principals
@@ -124,23 +125,23 @@ fn authenticate(
             if let Denial::SourceNotAllowed { principal, .. } = &denial {
                 exchange.record.principal = Some(principal.clone());
             }
-            Error::Denied(denial)
+            RequestError::Denied(denial)
         })?;
     exchange.record.principal = Some(principal.name.clone());
     Ok(principal)
 }
 
-fn route(request: &Request<Incoming>, exchange: &mut Exchange) -> Result<Route, Error> {
-    let route = Route::parse(request.method(), request.uri().path()).map_err(Error::Route)?;
+fn route(request: &Request<Incoming>, exchange: &mut Exchange) -> Result<Route, RequestError> {
+    let route = Route::parse(request.method(), request.uri().path()).map_err(RequestError::Route)?;
     exchange.record.operation = Some(route.operation);
     exchange.record.model = route.model.clone();
     Ok(route)
 }
 
-fn authorize(principal: &Principal, route: &Route, exchange: &mut Exchange) -> Result<(), Error> {
+fn authorize(principal: &Principal, route: &Route, exchange: &mut Exchange) -> Result<(), RequestError> {
     let grant = principal
         .authorize(route.operation, route.model.as_ref().map(|m| m.as_str()))
-        .map_err(Error::Denied)?;
+        .map_err(RequestError::Denied)?;
     exchange.model_label = model_label(grant).to_owned();
     Ok(())
 }
@@ -161,14 +162,14 @@ const MODEL_LABEL_OTHER: &str = "other";
 
 /// Refuses at once a body whose declared length is over the limit; bodies without a length
 /// are cut off while streaming (see [`RequestBody`]).
-fn check_declared_length(principal: &Principal, request: &Request<Incoming>) -> Result<(), Error> {
+fn check_declared_length(principal: &Principal, request: &Request<Incoming>) -> Result<(), RequestError> {
     let declared = request
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     match declared {
-        Some(length) if length > principal.max_body_bytes => Err(Error::BodyTooLarge {
+        Some(length) if length > principal.max_body_bytes => Err(RequestError::BodyTooLarge {
             principal: principal.name.clone(),
             limit: principal.max_body_bytes,
             length: Some(length),
@@ -177,11 +178,11 @@ fn check_declared_length(principal: &Principal, request: &Request<Incoming>) -> 
     }
 }
 
-fn limit(agent: &Agent, principal: &Principal) -> Result<Slot, Error> {
+fn limit(agent: &Agent, principal: &Principal) -> Result<Slot, RequestError> {
     agent
         .limits
         .admit(&principal.name)
-        .map_err(|refusal| Error::Throttled {
+        .map_err(|refusal| RequestError::Throttled {
             principal: principal.name.clone(),
             refusal,
         })
@@ -195,7 +196,7 @@ async fn forward(
     principal: &Principal,
     exchange: &mut Exchange,
     slot: Slot,
-) -> Result<Response<CallerBody>, Error> {
+) -> Result<Response<CallerBody>, RequestError> {
     let (relay, sender) = connect_to_healthy_relay(&agent.relays).await?;
     exchange.record.relay = Some(agent.relays.name(relay).to_owned());
     let meter = Arc::new(RequestMeter::default());
@@ -208,13 +209,13 @@ async fn forward(
 /// Sends the request and waits for the relay's response headers.
 async fn send(
     agent: &Agent,
-    relay: usize,
+    relay: RelayId,
     sender: hyper::client::conn::http2::SendRequest<ForwardBody>,
     outgoing: Request<ForwardBody>,
     principal: &Principal,
     exchange: &mut Exchange,
     meter: &RequestMeter,
-) -> Result<Response<Incoming>, Error> {
+) -> Result<Response<Incoming>, RequestError> {
     let relays = &agent.relays;
     let sent_at = Instant::now();
     let result = relays.send(relay, sender, outgoing).await;
@@ -222,7 +223,7 @@ async fn send(
     let response = match result {
         Ok(response) => response,
         Err(_) if meter.over_limit.load(Ordering::Relaxed) => {
-            return Err(Error::BodyTooLarge {
+            return Err(RequestError::BodyTooLarge {
                 principal: principal.name.clone(),
                 limit: principal.max_body_bytes,
                 length: None,
@@ -234,7 +235,7 @@ async fn send(
             if let (ForwardError::Failed { reason, .. }, false) = (&error, caller_failed) {
                 relays.report_failure(relay, reason.clone());
             }
-            return Err(Error::Forward(error));
+            return Err(RequestError::Forward(error));
         }
     };
     let upstream = sent_at.elapsed();
@@ -251,12 +252,12 @@ async fn send(
 /// added, the body streamed (or, for non-streaming operations, read first) and watched.
 async fn answer(
     agent: &Arc<Agent>,
-    relay: usize,
+    relay: RelayId,
     response: Response<Incoming>,
     exchange: &mut Exchange,
     meter: Arc<RequestMeter>,
     slot: Slot,
-) -> Result<Response<CallerBody>, Error> {
+) -> Result<Response<CallerBody>, RequestError> {
     let relays = &agent.relays;
     let streams = exchange
         .record
@@ -296,9 +297,9 @@ async fn answer(
 /// truncated 200. Bodies larger than [`PREFETCH_LIMIT`] stream on from where reading stopped.
 async fn prefetch(
     relays: &Relays,
-    relay: usize,
+    relay: RelayId,
     mut body: Incoming,
-) -> Result<UnsyncBoxBody<Bytes, hyper::Error>, Error> {
+) -> Result<UnsyncBoxBody<Bytes, hyper::Error>, RequestError> {
     let name = relays.name(relay).to_owned();
     let death = relays.death_of(relay);
     tokio::pin!(death);
@@ -308,7 +309,7 @@ async fn prefetch(
     while buffered < PREFETCH_LIMIT {
         let frame = tokio::select! {
             frame = body.frame() => frame,
-            () = &mut death => return Err(Error::Forward(ForwardError::Lost { relay: name })),
+            () = &mut death => return Err(RequestError::Forward(ForwardError::Lost { relay: name })),
         };
         match frame {
             None => {
@@ -317,7 +318,7 @@ async fn prefetch(
             }
             Some(Err(error)) => {
                 relays.report_failure(relay, error.to_string());
-                return Err(Error::Forward(ForwardError::Failed {
+                return Err(RequestError::Forward(ForwardError::Failed {
                     relay: name,
                     reason: error.to_string(),
                 }));
@@ -344,7 +345,7 @@ const PREFETCH_LIMIT: usize = 1 << 20;
 /// the relays' `connect_timeout` for each relay tried (see [`Relays::ready_sender`]).
 async fn connect_to_healthy_relay(
     relays: &Relays,
-) -> Result<(usize, hyper::client::conn::http2::SendRequest<ForwardBody>), Error> {
+) -> Result<(RelayId, hyper::client::conn::http2::SendRequest<ForwardBody>), RequestError> {
     let mut tried = Vec::new();
     let mut last_error = None;
     while let Some(relay) = relays.pick_excluding(&tried) {
@@ -358,8 +359,8 @@ async fn connect_to_healthy_relay(
         }
     }
     Err(match last_error {
-        Some(error) => Error::Forward(error),
-        None => Error::NoHealthyRelay,
+        Some(error) => RequestError::Forward(error),
+        None => RequestError::NoHealthyRelay,
     })
 }
 
@@ -459,29 +460,22 @@ fn audit_on_end(
 }
 
 /// Whether the request was turned away at the door, its body never read.
-fn refused_before_reading_body(error: &Error) -> bool {
+fn refused_before_reading_body(error: &RequestError) -> bool {
     match error {
-        Error::Denied(_) => true,
-        Error::Route(_) => true,
-        Error::Throttled { .. } => true,
-        Error::BodyTooLarge { length, .. } => length.is_some(),
-        Error::NoHealthyRelay => false,
-        Error::Forward(_) => false,
-        Error::Config(_)
-        | Error::Bind { .. }
-        | Error::Certificate { .. }
-        | Error::Tls(_)
-        | Error::DnsName { .. }
-        | Error::Tunnel(_)
-        | Error::Audit { .. } => false,
+        RequestError::Denied(_) => true,
+        RequestError::Route(_) => true,
+        RequestError::Throttled { .. } => true,
+        RequestError::BodyTooLarge { length, .. } => length.is_some(),
+        RequestError::NoHealthyRelay => false,
+        RequestError::Forward(_) => false,
     }
 }
 
 /// Answers a refused or failed request and writes its audit line.
-fn refuse(agent: &Agent, mut exchange: Exchange, error: Error) -> Response<CallerBody> {
+fn refuse(agent: &Agent, mut exchange: Exchange, error: RequestError) -> Response<CallerBody> {
     let bedrock = error.to_bedrock();
     match &error {
-        Error::Forward(_) | Error::NoHealthyRelay => {
+        RequestError::Forward(_) | RequestError::NoHealthyRelay => {
             tracing::warn!(request_id = %exchange.request_id, %error, "request failed")
         }
         _ => tracing::debug!(request_id = %exchange.request_id, %error, "request refused"),

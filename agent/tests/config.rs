@@ -1,7 +1,7 @@
 //! Configuration checks: the example file is valid apart from the files it names, and bad
 //! values are all reported at once, each with its field and a fix.
 
-use xpart_agent::config::AgentConfig;
+use xpart_agent::AgentConfig;
 use xpart_daemon::config::Diagnostics;
 
 fn example() -> String {
@@ -220,7 +220,7 @@ operations = ["ApplyGuardrail", "Converse"]
 
 #[test]
 fn principals_default_to_the_invoke_converse_and_count_operations() {
-    use xpart_daemon::bedrock::Operation;
+    use xpart_bedrock::Operation;
     let config = parse(&format!(
         r#"{FRONT_AND_RELAY}
 [[principal]]

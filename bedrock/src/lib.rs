@@ -1,6 +1,18 @@
-//! The Bedrock Runtime wire vocabulary both daemons speak: which operation a request is
-//! (parsed from method and path), the model it names, the error shape clients parse, and
-//! the headers that must never travel further than the hop that received them.
+//! The Bedrock Runtime wire vocabulary, and nothing else: which operation a request is (parsed
+//! from method and path into a [`Route`]), the model it names ([`ModelId`], held to Bedrock's
+//! grammar), the error shape clients parse ([`BedrockError`], [`ErrorType`], and
+//! [`error_code`] for reading one back), and the headers that must never travel further than
+//! the hop that received them ([`strip_hop_by_hop`], [`strip_caller_credentials`]). The names
+//! the agent and the relay agree on inside the tunnel are in [`protocol`]. Pure functions over
+//! `http` types: no IO, no runtime, no configuration, so both daemons, the CLI and the fuzz
+//! targets speak Bedrock the same way.
+//!
+//! Beyond what Bedrock itself defines: [`ErrorType::UnknownOperation`] (404
+//! `UnknownOperationException`, what AWS rest-json front ends answer for a path no operation
+//! uses); [`Route`] carries `guardrail` and `invocation_arn` as its path parameters;
+//! [`BedrockError::into_response`] also sets `x-xpart-request-id`.
+
+pub mod protocol;
 
 use std::fmt;
 use std::str::FromStr;

@@ -813,7 +813,7 @@ impl PriceTable {
     fn price(&self, model: &str) -> Option<&Price> {
         self.entries
             .iter()
-            .find(|(pattern, _)| xpart_daemon::bedrock::glob_match(pattern, model))
+            .find(|(pattern, _)| xpart_bedrock::glob_match(pattern, model))
             .map(|(_, price)| price)
     }
 
@@ -850,8 +850,8 @@ impl PriceTable {
 mod tests {
     use super::*;
     use std::io::Write;
+    use xpart_bedrock::{ModelId, Operation};
     use xpart_daemon::audit::{AuditRecord, Service};
-    use xpart_daemon::bedrock::{ModelId, Operation};
 
     #[test]
     fn plain_rotated_and_gzip_files_add_up_exactly() {

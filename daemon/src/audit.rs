@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::bedrock::{ModelId, Operation};
+use xpart_bedrock::{ModelId, Operation};
 
 /// How many records may wait for the disk before new ones are dropped.
 pub const QUEUE_CAPACITY: usize = 16_384;

@@ -602,7 +602,7 @@ mod tests {
     #[derive(Debug, Deserialize)]
     #[allow(dead_code)]
     struct Policy {
-        operations: Vec<crate::bedrock::Operation>,
+        operations: Vec<xpart_bedrock::Operation>,
     }
 
     #[derive(Debug, Deserialize)]

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use xpart_daemon::audit::{AuditLog, AuditRecord, Service, MAX_MESSAGE_CHARS};
-use xpart_daemon::bedrock::{ModelId, Operation};
+use xpart_bedrock::{ModelId, Operation};
 
 const SCHEMA_FIELDS: [&str; 15] = [
     "time",

@@ -11,7 +11,7 @@
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use xpart_daemon::bedrock::{Guardrail, ModelId, Operation, Route};
+use xpart_bedrock::{Guardrail, ModelId, Operation, Route};
 
 pub use crate::error::RequestError;
 pub use crate::policy::{GatedHeader, Policy};
@@ -268,6 +268,92 @@ fn defined_query(operation: Operation, query: Option<&str>) -> String {
     kept.join("&")
 }
 
+/// The second half of admission, once the body is read: Converse and ConverseStream carry
+/// the same cost- and policy-changing settings as the gated headers in their JSON body
+/// (`guardrailConfig`, `performanceConfig`, `serviceTier`); they pass only at values
+/// `[policy]` allows. Duplicate keys are refused, so Bedrock cannot read a different value
+/// from the one checked here. Other operations' bodies are the model's own format and carry
+/// none of these.
+pub fn check_body(operation: Operation, body: &[u8], policy: &Policy) -> Result<(), RequestError> {
+    match operation {
+        Operation::Converse | Operation::ConverseStream => {}
+        _ => return Ok(()),
+    }
+    let controls: ConverseControls = serde_json::from_slice(body)
+        .map_err(|err| RequestError::InvalidBody(format!("not a valid Converse request: {err}")))?;
+    if let Some(guardrail) = controls.guardrail_config {
+        let (Some(identifier), Some(version)) =
+            (guardrail.guardrail_identifier, guardrail.guardrail_version)
+        else {
+            return Err(RequestError::InvalidBody(
+                "guardrailConfig needs guardrailIdentifier and guardrailVersion".into(),
+            ));
+        };
+        let guardrail_id = Guardrail::parse(&identifier, &version).map_err(RequestError::Route)?;
+        policy.check_guardrail(&guardrail_id)?;
+        if let Some(trace) = guardrail.trace {
+            // The body spells the trace setting in lower case, the header in upper case;
+            // `[policy] trace` lists the header's spelling.
+            let as_header = trace.to_ascii_uppercase();
+            if !policy.allows(GatedHeader::Trace, &as_header) {
+                return Err(body_field_refused("guardrailConfig.trace", trace, GatedHeader::Trace));
+            }
+        }
+    }
+    if let Some(latency) = controls.performance_config.and_then(|p| p.latency) {
+        if !policy.allows(GatedHeader::PerformanceLatency, &latency) {
+            return Err(body_field_refused(
+                "performanceConfig.latency",
+                latency,
+                GatedHeader::PerformanceLatency,
+            ));
+        }
+    }
+    if let Some(tier) = controls.service_tier.and_then(|t| t.tier) {
+        if !policy.allows(GatedHeader::ServiceTier, &tier) {
+            return Err(body_field_refused("serviceTier.type", tier, GatedHeader::ServiceTier));
+        }
+    }
+    Ok(())
+}
+
+fn body_field_refused(field: &'static str, value: String, setting: GatedHeader) -> RequestError {
+    RequestError::BodyFieldNotAllowed {
+        field,
+        value,
+        policy_field: setting.field(),
+    }
+}
+
+/// The members of a Converse request that the policy governs; the rest is Bedrock's to
+/// validate. Derived structs refuse a duplicated member, which is the point.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ConverseControls {
+    guardrail_config: Option<GuardrailControls>,
+    performance_config: Option<PerformanceControls>,
+    service_tier: Option<ServiceTierControls>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GuardrailControls {
+    guardrail_identifier: Option<String>,
+    guardrail_version: Option<String>,
+    trace: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct PerformanceControls {
+    latency: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct ServiceTierControls {
+    #[serde(rename = "type")]
+    tier: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,6 +412,65 @@ mod tests {
     fn code(result: Result<Admitted, Rejected>) -> (&'static str, String) {
         let bedrock = result.unwrap_err().error.to_bedrock();
         (bedrock.kind.code(), bedrock.message)
+    }
+
+    fn body_verdict(body: &str) -> Result<(), (&'static str, String)> {
+        check_body(Operation::Converse, body.as_bytes(), &policy(&["*"])).map_err(|err| {
+            let bedrock = err.to_bedrock();
+            (bedrock.kind.code(), bedrock.message)
+        })
+    }
+
+    #[test]
+    fn converse_body_settings_pass_only_at_allowed_values() {
+        let messages = r#""messages":[{"role":"user","content":[{"text":"hi"}]}]"#;
+        for allowed in [
+            format!("{{{messages}}}"),
+            format!(r#"{{{messages},"serviceTier":{{"type":"default"}}}}"#),
+            format!(r#"{{{messages},"performanceConfig":{{"latency":"standard"}}}}"#),
+            format!(
+                r#"{{{messages},"guardrailConfig":{{"guardrailIdentifier":"gr-abc123","guardrailVersion":"1","trace":"enabled"}}}}"#
+            ),
+        ] {
+            assert_eq!(body_verdict(&allowed), Ok(()), "{allowed}");
+        }
+        for (refused, names) in [
+            (r#"{"serviceTier":{"type":"priority"}}"#, "serviceTier.type"),
+            (r#"{"performanceConfig":{"latency":"optimized"}}"#, "performanceConfig.latency"),
+            (
+                r#"{"guardrailConfig":{"guardrailIdentifier":"gr-other","guardrailVersion":"1"}}"#,
+                "gr-other:1",
+            ),
+            (
+                r#"{"guardrailConfig":{"guardrailIdentifier":"gr-abc123","guardrailVersion":"1","trace":"enabled_full"}}"#,
+                "guardrailConfig.trace",
+            ),
+        ] {
+            let (code, message) = body_verdict(refused).unwrap_err();
+            assert_eq!(code, "AccessDeniedException", "{refused}");
+            assert!(message.contains(names), "{refused}: {message}");
+        }
+    }
+
+    #[test]
+    fn converse_body_that_could_be_read_two_ways_is_refused() {
+        for ambiguous in [
+            r#"{"serviceTier":{"type":"default"},"serviceTier":{"type":"priority"}}"#,
+            r#"{"serviceTier":{"type":"default","type":"priority"}}"#,
+            r#"{"guardrailConfig":{"guardrailIdentifier":"gr-abc123"}}"#,
+            r#"{"serviceTier":{"type":7}}"#,
+            "not json",
+        ] {
+            let (code, _) = body_verdict(ambiguous).unwrap_err();
+            assert_eq!(code, "ValidationException", "{ambiguous}");
+        }
+    }
+
+    #[test]
+    fn model_native_bodies_are_not_read() {
+        let policy = policy(&["*"]);
+        let body = br#"{"serviceTier":{"type":"priority"}}"#;
+        assert!(check_body(Operation::InvokeModel, body, &policy).is_ok());
     }
 
     #[test]

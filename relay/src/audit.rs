@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 use xpart_daemon::audit::{AuditLog, AuditRecord, Service};
-use xpart_daemon::bedrock::{ModelId, Operation, ERROR_TYPE_HEADER};
-use xpart_daemon::protocol::{PRINCIPAL_HEADER, REQUEST_ID_HEADER};
+use xpart_bedrock::{ModelId, Operation, ERROR_TYPE_HEADER};
+use xpart_bedrock::protocol::{PRINCIPAL_HEADER, REQUEST_ID_HEADER};
 
 use crate::metrics::Metrics;
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use xpart_daemon::bedrock::{is_model_id_char, Operation, MAX_BODY_BYTES};
+use xpart_bedrock::{is_model_id_char, Operation, MAX_BODY_BYTES};
 use xpart_daemon::config::Diagnostics;
 use xpart_daemon::tunnel_config::{PeerSection, Side, TunnelMode, TunnelSection};
 

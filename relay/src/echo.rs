@@ -7,7 +7,7 @@ use base64::Engine;
 use bytes::{Bytes, BytesMut};
 use http_body_util::Full;
 use serde_json::{json, Value};
-use xpart_daemon::bedrock::Operation;
+use xpart_bedrock::Operation;
 
 use crate::error::RequestError;
 

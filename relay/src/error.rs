@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use xpart_daemon::bedrock::{BedrockError, ErrorType};
+use xpart_bedrock::{BedrockError, ErrorType};
 use xpart_daemon::tunnel_config::TunnelConfigError;
 
 /// Why the relay could not start, for the operator reading its log or `systemctl status`.
@@ -109,6 +109,16 @@ pub enum RequestError {
     #[error("header {header}: {reason}")]
     InvalidHeader { header: String, reason: String },
 
+    #[error("request field {field}: {value} is not allowed by this relay's [policy] {policy_field}")]
+    BodyFieldNotAllowed {
+        field: &'static str,
+        value: String,
+        policy_field: &'static str,
+    },
+
+    #[error("request body: {0}")]
+    InvalidBody(String),
+
     #[error(
         "model {model} is rewritten by [rewrite] to {rewritten}, which is not a Bedrock model id"
     )]
@@ -160,6 +170,8 @@ impl RequestError {
             RequestError::ProfileNotAllowed { .. } => ErrorType::AccessDenied,
             RequestError::GuardrailNotAllowed { .. } => ErrorType::AccessDenied,
             RequestError::HeaderNotAllowed { .. } => ErrorType::AccessDenied,
+            RequestError::BodyFieldNotAllowed { .. } => ErrorType::AccessDenied,
+            RequestError::InvalidBody(_) => ErrorType::Validation,
             RequestError::InvalidHeader { .. } => ErrorType::Validation,
             RequestError::BadRewrite { .. } => ErrorType::Validation,
             RequestError::BodyBudgetExhausted { .. } => ErrorType::ServiceUnavailable,

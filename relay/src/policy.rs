@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
-use xpart_daemon::bedrock::{glob_match, Guardrail, ModelId, Operation};
+use xpart_bedrock::{glob_match, Guardrail, ModelId, Operation};
 
 use crate::config::{PolicySection, RelayConfig};
 use crate::error::RequestError;
@@ -134,12 +134,7 @@ impl Policy {
     }
 
     pub fn check_header(&self, header: GatedHeader, value: &str) -> Result<(), RequestError> {
-        let allowed = match header {
-            GatedHeader::ServiceTier => &self.service_tiers,
-            GatedHeader::PerformanceLatency => &self.performance_latency,
-            GatedHeader::Trace => &self.trace,
-        };
-        if !allowed.iter().any(|v| v == value) {
+        if !self.allows(header, value) {
             return Err(RequestError::HeaderNotAllowed {
                 header: header.header(),
                 value: value.to_string(),
@@ -147,6 +142,17 @@ impl Policy {
             });
         }
         Ok(())
+    }
+
+    /// Whether `[policy]` lists `value` for what `setting` controls, whether the caller set
+    /// it by header or in a Converse request's body.
+    pub fn allows(&self, setting: GatedHeader, value: &str) -> bool {
+        let allowed = match setting {
+            GatedHeader::ServiceTier => &self.service_tiers,
+            GatedHeader::PerformanceLatency => &self.performance_latency,
+            GatedHeader::Trace => &self.trace,
+        };
+        allowed.iter().any(|v| v == value)
     }
 }
 

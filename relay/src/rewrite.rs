@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use http::{HeaderMap, HeaderName, StatusCode};
-use xpart_daemon::bedrock::ModelId;
+use xpart_bedrock::ModelId;
 
 use crate::config::{RelayConfig, RewriteRule};
 use crate::error::RequestError;

@@ -19,9 +19,9 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
-use xpart_daemon::bedrock::AMZN_REQUEST_ID_HEADER;
-use xpart_daemon::bedrock::{strip_hop_by_hop, ModelId, Route, MAX_BODY_BYTES};
-use xpart_daemon::protocol::{HEALTH_PATH, REQUEST_ID_HEADER};
+use xpart_bedrock::AMZN_REQUEST_ID_HEADER;
+use xpart_bedrock::{strip_hop_by_hop, ModelId, Route, MAX_BODY_BYTES};
+use xpart_bedrock::protocol::{HEALTH_PATH, REQUEST_ID_HEADER};
 use xpart_tunnel::TcpListener;
 
 use crate::admission::{self, Admitted, Policy, Rewriter, Rules, Target};
@@ -147,6 +147,9 @@ async fn forward(
     let (parts, body) = request.into_parts();
     let body = read_body(relay, &parts.headers, body).await?;
     exchange.set_bytes_in(body.bytes.len() as u64);
+    if admitted.target != Target::Echo {
+        admission::check_body(admitted.route.operation, &body.bytes, &policy)?;
+    }
     let (requested, commercial) = match &admitted.target {
         Target::Echo => return answer_echo(relay, &admitted.route, &body.bytes),
         Target::NoModel => {

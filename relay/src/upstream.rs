@@ -356,7 +356,7 @@ pub fn describe(err: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use xpart_daemon::bedrock::ErrorType;
+    use xpart_bedrock::ErrorType;
 
     fn config(upstream_extra: &str) -> RelayConfig {
         let text = format!(
