@@ -427,6 +427,26 @@ def test_cost_and_policy_headers_pass_only_at_allowed_values(relay, extra, fragm
                    {"content-type": "application/json", **extra}))
 
 
+@pytest.mark.parametrize("settings, fragment", [
+    ({"serviceTier": {"type": "priority"}}, "serviceTier.type"),
+    ({"performanceConfig": {"latency": "optimized"}}, "performanceConfig.latency"),
+    ({"guardrailConfig": {"guardrailIdentifier": "gr-other", "guardrailVersion": "1"}}, "gr-other:1"),
+])
+def test_cost_and_policy_settings_in_a_converse_body_pass_only_at_allowed_values(relay, settings, fragment):
+    body = json.loads(h.converse_body())
+    body.update(settings)
+    refused(relay, 403, "AccessDeniedException", fragment,
+            h.post(relay.relay.service, "/model/anthropic.claude-v2/converse", json.dumps(body).encode(),
+                   {"content-type": "application/json"}))
+
+
+def test_a_converse_body_with_a_setting_given_twice_is_never_signed(relay):
+    body = h.converse_body()[:-1] + b', "serviceTier": {"type": "default"}, "serviceTier": {"type": "priority"}}'
+    refused(relay, 400, "ValidationException", "serviceTier",
+            h.post(relay.relay.service, "/model/anthropic.claude-v2/converse", body,
+                   {"content-type": "application/json"}))
+
+
 def test_apply_guardrail_needs_the_guardrail_on_the_relays_list(start_relay):
     stack = start_relay(operations=("Converse", "ApplyGuardrail"), guardrails=("gr-abc123:1",))
     refused(stack, 403, "AccessDeniedException", "gr-abc123:DRAFT",
