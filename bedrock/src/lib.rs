@@ -790,6 +790,15 @@ impl BedrockError {
     }
 }
 
+/// The error code a Bedrock-shaped response carries in `x-amzn-ErrorType`
+/// (`ThrottlingException` from `ThrottlingException:http://internal.amazon.com/...`), as
+/// clients read it: the part before the first `:`. `None` without the header or when it is
+/// not visible ASCII.
+pub fn error_code(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(ERROR_TYPE_HEADER)?.to_str().ok()?;
+    Some(value.split(':').next().unwrap_or(value))
+}
+
 /// Headers that describe one connection rather than the message (RFC 9110 §7.6.1), plus the
 /// legacy `proxy-connection` and `keep-alive`.
 const HOP_BY_HOP: [&str; 9] = [
@@ -1326,5 +1335,33 @@ mod tests {
                 "x-amzn-bedrock-guardrailidentifier"
             ]
         );
+    }
+
+    #[test]
+    fn error_code_is_the_part_before_the_namespace() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(error_code(&headers), None);
+        let cases = [
+            (
+                "ThrottlingException:http://internal.amazon.com/coral/com.amazon.bedrock/",
+                "ThrottlingException",
+            ),
+            ("AccessDeniedException", "AccessDeniedException"),
+            ("", ""),
+        ];
+        for (value, code) in cases {
+            headers.insert(ERROR_TYPE_HEADER, HeaderValue::from_static(value));
+            assert_eq!(error_code(&headers), Some(code), "{value}");
+        }
+        let response = BedrockError::new(ErrorType::ModelTimeout, "slow").into_response("id");
+        assert_eq!(
+            error_code(response.headers()),
+            Some(ErrorType::ModelTimeout.code())
+        );
+        headers.insert(
+            ERROR_TYPE_HEADER,
+            HeaderValue::from_bytes(b"Bad\xffCode").expect("opaque value"),
+        );
+        assert_eq!(error_code(&headers), None);
     }
 }

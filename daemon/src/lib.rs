@@ -11,9 +11,11 @@
 //! While running, [`admin::serve`] runs `/metrics`, `/healthz`, `/readyz`, `/status` and
 //! daemon-specific routes; [`shutdown`] turns SIGINT/SIGTERM and SIGHUP into futures, and
 //! [`reload::run`] is both daemons' signal loop (SIGHUP reopens the audit log and applies the
-//! parts of a new configuration that change live, held in [`reload::Live`]). When a request is
-//! done, the daemon fills an [`audit::AuditRecord`] and hands it to [`audit::AuditLog`], which
-//! writes JSON lines from a background task.
+//! parts of a new configuration that change live, held in [`reload::Live`]). Per request: the
+//! id from [`request_id`]; an [`audit::AuditRecord`] filled in a [`record::Recorder`], which
+//! writes one audit line (JSON lines from [`audit::AuditLog`]'s background task) and counts the
+//! request once it is finished, a streamed response reporting its [`record::Ending`]; causes
+//! of a failure on one line with [`error_chain::one_line`].
 //!
 //! Details a caller needs:
 //! - [`config::Problem`] has a `location` (line, column); [`config::parse_toml`] parses
@@ -33,8 +35,11 @@
 pub mod admin;
 pub mod audit;
 pub mod config;
+pub mod error_chain;
 pub mod logging;
+pub mod record;
 pub mod reload;
+pub mod request_id;
 pub mod shutdown;
 pub mod startup;
 pub mod tunnel_config;

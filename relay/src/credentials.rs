@@ -227,7 +227,7 @@ impl CredentialSource {
 /// Why one fetch from the credential chain gave nothing.
 #[derive(Debug, thiserror::Error)]
 enum FetchError {
-    #[error("{}", describe(.0))]
+    #[error("{}", xpart_daemon::error_chain::one_line(.0))]
     Chain(aws_credential_types::provider::error::CredentialsError),
     #[error("the credential chain did not answer within {seconds} s")]
     TimedOut { seconds: u64 },
@@ -240,17 +240,6 @@ pub fn needs_refresh(expiry: Option<SystemTime>, now: SystemTime, margin: Durati
         // A margin past the end of time means: always refresh.
         Some(expiry) => now.checked_add(margin).is_none_or(|t| t >= expiry),
     }
-}
-
-fn describe(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
 }
 
 fn humane_time(t: SystemTime) -> u64 {

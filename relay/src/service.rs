@@ -20,15 +20,16 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use xpart_bedrock::AMZN_REQUEST_ID_HEADER;
-use xpart_bedrock::{strip_hop_by_hop, ModelId, Route, MAX_BODY_BYTES};
+use xpart_bedrock::{error_code, strip_hop_by_hop, ModelId, Route, MAX_BODY_BYTES};
 use xpart_bedrock::protocol::{HEALTH_PATH, REQUEST_ID_HEADER};
 use xpart_tunnel::TcpListener;
 
 use crate::admission::{self, Admitted, Policy, Rewriter, Rules, Target};
-use crate::audit::{upstream_error_type, Exchange, CLIENT_CLOSED};
+use crate::audit::{Exchange, CLIENT_CLOSED};
 use crate::credentials::Status;
 use crate::error::RequestError;
-use crate::stream::{BoxError, Ending, Relayed};
+use crate::stream::{BoxError, Relayed};
+use xpart_daemon::record::{Ending, OnEnd};
 use crate::{echo, rewrite, signer, Relay};
 
 pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -486,11 +487,11 @@ fn stream(
     let (mut head, body) = response.into_parts();
     strip_hop_by_hop(&mut head.headers);
     let status = head.status.as_u16();
-    let error_type = upstream_error_type(&head.headers);
+    let error_type = error_code(&head.headers).map(str::to_owned);
     let metrics = relay.metrics.clone();
-    let on_end = Box::new(move |ending: Ending, bytes: u64| match ending {
+    let on_end = OnEnd::new(move |ending: Ending, bytes: u64| match ending {
         Ending::Complete => exchange.finish(status, error_type, None, bytes),
-        Ending::UpstreamError(reason) => {
+        Ending::Failed(reason) => {
             metrics.upstream_error("stream_error");
             let message = format!("upstream response broke off: {reason}");
             exchange.finish(status, error_type, Some(message), bytes);
@@ -501,6 +502,12 @@ fn stream(
                 "upstream sent nothing for {} s; stream stopped",
                 idle.as_secs()
             );
+            exchange.finish(status, error_type, Some(message), bytes);
+        }
+        // Relayed ends with Failed when the upstream connection dies; nothing declares it lost.
+        Ending::Lost => {
+            metrics.upstream_error("stream_error");
+            let message = "upstream response broke off: connection lost".to_string();
             exchange.finish(status, error_type, Some(message), bytes);
         }
         Ending::Abandoned => {
@@ -520,7 +527,7 @@ fn answer_locally(response: Response<Full<Bytes>>, exchange: Exchange) -> Respon
     let bytes_out = http_body::Body::size_hint(&body).exact().unwrap_or(0);
     exchange.finish(
         head.status.as_u16(),
-        upstream_error_type(&head.headers),
+        error_code(&head.headers).map(str::to_owned),
         None,
         bytes_out,
     );

@@ -16,27 +16,17 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
+use xpart_daemon::error_chain;
+use xpart_daemon::record::{Ending, OnEnd};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// How a relayed body ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ending {
-    Complete,
-    UpstreamError(String),
-    IdleTimeout(Duration),
-    /// The agent stopped reading (dropped the stream) before the end.
-    Abandoned,
-}
-
-pub type OnEnd = Box<dyn FnOnce(Ending, u64) + Send + 'static>;
 
 pub struct Relayed {
     inner: Incoming,
     idle: Duration,
     timer: Pin<Box<Sleep>>,
     bytes: u64,
-    on_end: Option<OnEnd>,
+    on_end: OnEnd,
 }
 
 impl Relayed {
@@ -46,14 +36,12 @@ impl Relayed {
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
             bytes: 0,
-            on_end: Some(on_end),
+            on_end,
         }
     }
 
     fn end(&mut self, ending: Ending) {
-        if let Some(on_end) = self.on_end.take() {
-            on_end(ending, self.bytes);
-        }
+        self.on_end.end(ending, self.bytes);
     }
 }
 
@@ -87,7 +75,7 @@ impl Body for Relayed {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(err))) => {
-                this.end(Ending::UpstreamError(crate::upstream::describe(&err)));
+                this.end(Ending::Failed(error_chain::one_line(&err)));
                 Poll::Ready(Some(Err(Box::new(err))))
             }
             Poll::Ready(None) => {
@@ -106,7 +94,7 @@ impl Body for Relayed {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.on_end.is_none() || self.inner.is_end_stream()
+        self.on_end.has_ended() || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -173,7 +173,7 @@ impl Upstream {
             }),
             Ok(Err(err)) => Err(RequestError::UpstreamUnavailable {
                 endpoint: self.endpoint.url(),
-                reason: describe(&err),
+                reason: xpart_daemon::error_chain::one_line(&err),
             }),
             Ok(Ok(response)) => Ok(response),
         }
@@ -338,19 +338,6 @@ impl hyper::rt::Write for TlsConn {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
-}
-
-/// The error and its causes on one line; hyper's top-level message alone ("client error
-/// (Connect)") does not say what happened.
-pub fn describe(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
 }
 
 #[cfg(test)]
