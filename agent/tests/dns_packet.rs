@@ -7,8 +7,8 @@ use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, RecordType};
 use hickory_proto::xfer::Protocol;
-use xpart_agent::dns::{Answerer, DnsSettings};
-use xpart_agent::metrics::Metrics;
+use xpart_agent::Metrics;
+use xpart_agent::{Answerer, DnsSettings};
 
 const NAME: &str = "bedrock-runtime.us-east-1.amazonaws.com.";
 const ANSWER: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 10);
@@ -103,4 +103,64 @@ fn query(id: u16, names: &[&str], record_type: RecordType) -> Vec<u8> {
         ));
     }
     message.to_vec().expect("encode the query")
+}
+
+/// Found by the `dns` fuzz target: a question for the root name with an unknown type and
+/// class, over TCP, with bytes after the message.
+#[tokio::test]
+async fn a_question_of_unknown_type_and_class_gets_a_reply_that_decodes() {
+    let packet = [
+        0x01, 0x00, 0x05, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xc0, 0x00,
+        0x10, 0xea, 0xcb, 0xdc, 0x0a, 0x20, 0x00, 0x00, 0x00,
+    ];
+    let settings = DnsSettings {
+        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        names: vec![
+            NAME.trim_end_matches('.').to_string(),
+            "bedrock-runtime-fips.us-east-1.amazonaws.com".to_string(),
+        ],
+        answer_v4: ANSWER,
+        answer_v6: Some("fd00::10".parse().expect("an IPv6 address")),
+        ttl: 60,
+        upstream: Vec::new(),
+        allow_cidrs: Vec::new(),
+    };
+    let answerer = Answerer::new(&settings, Metrics::new()).expect("settings load");
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let reply = answerer
+            .answer_packet(&packet, caller(), protocol)
+            .await
+            .expect("a reply");
+        let reply =
+            Message::from_vec(&reply).unwrap_or_else(|e| panic!("{protocol:?}: {e}: {reply:02x?}"));
+        assert_eq!(reply.id(), 0x0100);
+    }
+}
+
+/// Answers are held to 512 bytes without EDNS; a FORMERR for several questions echoes the
+/// question section as received, so it is never larger than the query (no amplification).
+#[tokio::test]
+async fn udp_formerr_for_an_oversize_query_is_no_larger_than_the_query() {
+    let names: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|label| format!("{}.", [label.repeat(60).as_str(); 4].join(".")))
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let query = query(0x4321, &names, RecordType::A);
+    assert!(query.len() > 512);
+
+    let reply = answerer()
+        .answer_packet(&query, caller(), Protocol::Udp)
+        .await
+        .expect("a reply");
+
+    assert!(
+        reply.len() <= query.len(),
+        "{} bytes for a {}-byte query",
+        reply.len(),
+        query.len()
+    );
+    let reply = Message::from_vec(&reply).expect("the reply decodes");
+    assert_eq!(reply.id(), 0x4321);
+    assert_eq!(reply.response_code(), ResponseCode::FormErr);
 }
