@@ -37,13 +37,14 @@ impl AdminHandler for AdminView {
 
     async fn ready(&self) -> (bool, Value) {
         let relays = &self.agent.relays;
-        let healthy: Vec<&str> = relays
-            .report()
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| relays.health().is_healthy(*i))
-            .map(|(i, _)| relays.name(i))
-            .collect();
+        let healthy: Vec<&str> = {
+            let health = relays.health();
+            health
+                .ids()
+                .filter(|relay| health.is_healthy(*relay))
+                .map(|relay| relays.name(relay))
+                .collect()
+        };
         let ready = !healthy.is_empty();
         let detail = match ready {
             true => json!({ "ready": true, "healthy_relays": healthy }),

@@ -18,18 +18,21 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::{watch, Notify};
-use xpart_tunnel::Network;
+use xpart_tunnel::{Network, PublicKey};
 
-use crate::health::{Health, HealthEvent, HealthSettings, RelayReport};
+use crate::health::{Health, HealthEvent, HealthSettings, RelayId, RelayReport};
 use crate::streaming::BoxError;
 
 pub type ForwardBody = UnsyncBoxBody<Bytes, BoxError>;
 
-/// Where a relay listens inside the tunnel.
+/// Where a relay listens inside the tunnel, and which WireGuard peer carries it.
 #[derive(Debug, Clone)]
 pub struct RelayTarget {
     pub name: String,
     pub service_addr: SocketAddr,
+    /// The relay's WireGuard key, which names its peer in the tunnel's statistics; `None` when
+    /// the host network carries the traffic.
+    pub public_key: Option<PublicKey>,
 }
 
 /// Why a forward failed before a response arrived.
@@ -106,24 +109,24 @@ impl Relays {
     }
 
     /// The relay for the next request, if any is healthy.
-    pub fn pick(&self) -> Option<usize> {
+    pub fn pick(&self) -> Option<RelayId> {
         self.health().pick()
     }
 
     /// The first healthy relay by priority that is not in `tried`.
-    pub fn pick_excluding(&self, tried: &[usize]) -> Option<usize> {
+    pub fn pick_excluding(&self, tried: &[RelayId]) -> Option<RelayId> {
         let health = self.health();
-        (0..self.links.len()).find(|r| !tried.contains(r) && health.is_healthy(*r))
+        let mut ids = health.ids();
+        ids.find(|r| !tried.contains(r) && health.is_healthy(*r))
     }
 
-    pub fn any_healthy(&self) -> bool {
-        self.health().any_healthy()
+    pub fn name(&self, relay: RelayId) -> &str {
+        self.target(relay)
+            .map_or("unknown", |target| target.name.as_str())
     }
 
-    pub fn name(&self, relay: usize) -> &str {
-        self.links
-            .get(relay)
-            .map_or("unknown", |l| l.target.name.as_str())
+    pub fn target(&self, relay: RelayId) -> Option<&RelayTarget> {
+        self.links.get(relay.index()).map(|l| &l.target)
     }
 
     pub fn targets(&self) -> impl Iterator<Item = &RelayTarget> {
@@ -135,8 +138,11 @@ impl Relays {
     }
 
     /// A future that resolves when `relay` is next declared dead.
-    pub fn death_of(&self, relay: usize) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let receiver = self.links.get(relay).map(|l| l.deaths.subscribe());
+    pub fn death_of(
+        &self,
+        relay: RelayId,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let receiver = self.links.get(relay.index()).map(|l| l.deaths.subscribe());
         async move {
             match receiver {
                 Some(mut receiver) => {
@@ -156,9 +162,9 @@ impl Relays {
     /// health monitor declares the relay dead.
     pub async fn ready_sender(
         &self,
-        relay: usize,
+        relay: RelayId,
     ) -> Result<http2::SendRequest<ForwardBody>, ForwardError> {
-        let link = &self.links[relay];
+        let link = &self.links[relay.index()];
         // Subscribed before looking at the connection, so a death declared in between counts.
         let death = self.death_of(relay);
         let (attempt, pending) = match self.join_or_start_attempt(link) {
@@ -188,11 +194,11 @@ impl Relays {
     /// with [`ForwardError::Lost`] as soon as the relay is declared dead.
     pub async fn send(
         &self,
-        relay: usize,
+        relay: RelayId,
         mut sender: http2::SendRequest<ForwardBody>,
         mut request: Request<ForwardBody>,
     ) -> Result<Response<Incoming>, ForwardError> {
-        let link = &self.links[relay];
+        let link = &self.links[relay.index()];
         *request.uri_mut() = absolute_uri(link.target.service_addr, request.uri());
         let death = self.death_of(relay);
         tokio::select! {
@@ -207,8 +213,8 @@ impl Relays {
     /// Drops the cached connection to `relay`, so the next use connects afresh (a connection
     /// through a tunnel whose peer vanished can stay open but silent).
     /// An attempt in progress is kept: it is fresh, and bounded by `connect_timeout`.
-    pub fn forget_connection(&self, relay: usize) {
-        if let Some(link) = self.links.get(relay) {
+    pub fn forget_connection(&self, relay: RelayId) {
+        if let Some(link) = self.links.get(relay.index()) {
             let mut slot = link.lock_slot();
             if matches!(&*slot, Slot::Ready(_)) {
                 *slot = Slot::Idle;
@@ -217,7 +223,7 @@ impl Relays {
     }
 
     /// A request-level failure that says the relay's connection is broken.
-    pub fn report_failure(&self, relay: usize, reason: String) {
+    pub fn report_failure(&self, relay: RelayId, reason: String) {
         self.health()
             .on_forward_failed(relay, reason, Instant::now());
         self.probe_now.notify_one();
@@ -241,7 +247,7 @@ impl Relays {
                         relay = self.name(*relay),
                         "relay not answering; ending its requests in flight"
                     );
-                    if let Some(link) = self.links.get(*relay) {
+                    if let Some(link) = self.links.get(relay.index()) {
                         // Emptied first, so a request that misses the death joins no stale attempt.
                         *link.lock_slot() = Slot::Idle;
                         link.deaths.send_modify(|n| *n += 1);
@@ -414,14 +420,16 @@ mod tests {
             vec![RelayTarget {
                 name: "relay-a".into(),
                 service_addr: hole.local_addr().expect("addr"),
+                public_key: None,
             }],
             HealthSettings::default(),
             Network::host(),
             // Far longer than the test may take: only the death can end the waits.
             Duration::from_secs(30),
         ));
+        let relay = relays.health().ids().next().expect("one relay");
         relays.health().on_probe(
-            0,
+            relay,
             crate::health::ProbeOutcome::Ready {
                 handshake_age: None,
             },
@@ -431,13 +439,13 @@ mod tests {
         let waiters: Vec<_> = (0..32)
             .map(|_| {
                 let relays = relays.clone();
-                tokio::spawn(async move { relays.ready_sender(0).await.map(|_| ()) })
+                tokio::spawn(async move { relays.ready_sender(relay).await.map(|_| ()) })
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let declared = Instant::now();
-        relays.report_failure(0, "probe timed out".into());
-        relays.report_failure(0, "probe timed out".into());
+        relays.report_failure(relay, "probe timed out".into());
+        relays.report_failure(relay, "probe timed out".into());
         for waiter in waiters {
             let outcome = tokio::time::timeout(Duration::from_secs(2), waiter)
                 .await

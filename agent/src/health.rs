@@ -43,6 +43,19 @@ impl Default for HealthSettings {
     }
 }
 
+/// A relay by its place in `[[relay]]` order (priority): the one identity the health core,
+/// forwarding, the monitor and the metrics share. Only [`Health`] makes them, so each names
+/// a configured relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RelayId(usize);
+
+impl RelayId {
+    /// The position in `[[relay]]` order, 0 first.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
 /// What a probe found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ProbeOutcome {
@@ -69,18 +82,18 @@ pub enum State {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HealthEvent {
     Up {
-        relay: usize,
+        relay: RelayId,
     },
     /// Out of the rotation: new requests go elsewhere.
     Down {
-        relay: usize,
+        relay: RelayId,
         reason: String,
     },
     /// Out of the rotation and not answering at all: requests in flight there will never
     /// complete and are ended. A relay that answers "not ready" (drained) is only `Down`, so
     /// what it is already serving finishes.
     Lost {
-        relay: usize,
+        relay: RelayId,
     },
 }
 
@@ -145,28 +158,37 @@ impl Health {
     }
 
     /// The relay that should take the next request: the first healthy one by priority.
-    pub fn pick(&self) -> Option<usize> {
-        self.relays.iter().position(|r| r.state == State::Healthy)
+    pub fn pick(&self) -> Option<RelayId> {
+        self.relays
+            .iter()
+            .position(|r| r.state == State::Healthy)
+            .map(RelayId)
     }
 
-    pub fn is_healthy(&self, relay: usize) -> bool {
+    /// Every relay, in priority order.
+    pub fn ids(&self) -> impl Iterator<Item = RelayId> {
+        (0..self.relays.len()).map(RelayId)
+    }
+
+    pub fn is_healthy(&self, relay: RelayId) -> bool {
         self.relays
-            .get(relay)
+            .get(relay.0)
             .is_some_and(|r| r.state == State::Healthy)
     }
 
+    #[cfg(test)]
     pub fn any_healthy(&self) -> bool {
         self.pick().is_some()
     }
 
     /// A relay whose probe is due; the caller sends it and reports back with [`Health::on_probe`].
-    pub fn poll_probe(&mut self, now: Instant) -> Option<usize> {
+    pub fn poll_probe(&mut self, now: Instant) -> Option<RelayId> {
         let index = self
             .relays
             .iter()
             .position(|r| !r.probing && r.next_probe <= now)?;
         self.relays[index].probing = true;
-        Some(index)
+        Some(RelayId(index))
     }
 
     /// When the next probe falls due (`None` while every relay has a probe out).
@@ -182,9 +204,9 @@ impl Health {
         self.events.pop_front()
     }
 
-    pub fn on_probe(&mut self, relay: usize, outcome: ProbeOutcome, now: Instant) {
+    pub fn on_probe(&mut self, relay: RelayId, outcome: ProbeOutcome, now: Instant) {
         let settings = self.settings;
-        let Some(r) = self.relays.get_mut(relay) else {
+        let Some(r) = self.relays.get_mut(relay.0) else {
             return;
         };
         r.probing = false;
@@ -209,8 +231,8 @@ impl Health {
     /// A forward to `relay` failed at the connection level (refused, reset, h2 error).
     /// Counts as a failed probe and asks for a probe at once, so a relay that died between
     /// probes leaves the rotation without waiting for the next tick.
-    pub fn on_forward_failed(&mut self, relay: usize, reason: String, now: Instant) {
-        if relay < self.relays.len() {
+    pub fn on_forward_failed(&mut self, relay: RelayId, reason: String, now: Instant) {
+        if relay.0 < self.relays.len() {
             self.record_failure(relay, reason, false, now);
         }
     }
@@ -228,10 +250,10 @@ impl Health {
             .collect()
     }
 
-    fn record_success(&mut self, relay: usize, now: Instant) {
+    fn record_success(&mut self, relay: RelayId, now: Instant) {
         let interval = self.settings.interval;
         let rise_after = self.settings.rise_after.max(1);
-        let r = &mut self.relays[relay];
+        let r = &mut self.relays[relay.0];
         r.failures = 0;
         r.lost = false;
         r.successes = r.successes.saturating_add(1);
@@ -251,9 +273,9 @@ impl Health {
     }
 
     /// `answered`: the relay replied (not ready), as opposed to not replying at all.
-    fn record_failure(&mut self, relay: usize, reason: String, answered: bool, now: Instant) {
+    fn record_failure(&mut self, relay: RelayId, reason: String, answered: bool, now: Instant) {
         let settings = self.settings;
-        let r = &mut self.relays[relay];
+        let r = &mut self.relays[relay.0];
         r.successes = 0;
         r.failures = r.failures.saturating_add(1);
         r.last_error = Some(reason.clone());
@@ -300,7 +322,7 @@ mod tests {
     }
 
     /// Answers every due probe with `outcome(relay)` at `now`.
-    fn probe_all(health: &mut Health, now: Instant, outcome: impl Fn(usize) -> ProbeOutcome) {
+    fn probe_all(health: &mut Health, now: Instant, outcome: impl Fn(RelayId) -> ProbeOutcome) {
         while let Some(relay) = health.poll_probe(now) {
             health.on_probe(relay, outcome(relay), now);
         }
@@ -311,15 +333,21 @@ mod tests {
         let start = Instant::now();
         let mut health = two_relays(start);
         assert_eq!(health.pick(), None);
-        assert_eq!(health.poll_probe(start), Some(0));
-        assert_eq!(health.poll_probe(start), Some(1));
+        assert_eq!(health.poll_probe(start), Some(RelayId(0)));
+        assert_eq!(health.poll_probe(start), Some(RelayId(1)));
         assert_eq!(health.poll_probe(start), None, "both probes are out");
-        health.on_probe(1, READY, start);
-        assert_eq!(health.pick(), Some(1));
-        health.on_probe(0, READY, start);
-        assert_eq!(health.pick(), Some(0), "priority order wins");
-        assert_eq!(health.poll_event(), Some(HealthEvent::Up { relay: 1 }));
-        assert_eq!(health.poll_event(), Some(HealthEvent::Up { relay: 0 }));
+        health.on_probe(RelayId(1), READY, start);
+        assert_eq!(health.pick(), Some(RelayId(1)));
+        health.on_probe(RelayId(0), READY, start);
+        assert_eq!(health.pick(), Some(RelayId(0)), "priority order wins");
+        assert_eq!(
+            health.poll_event(),
+            Some(HealthEvent::Up { relay: RelayId(1) })
+        );
+        assert_eq!(
+            health.poll_event(),
+            Some(HealthEvent::Up { relay: RelayId(0) })
+        );
         assert_eq!(health.poll_event(), None);
     }
 
@@ -330,7 +358,10 @@ mod tests {
         probe_all(&mut health, start, |_| READY);
         assert_eq!(health.poll_timeout(), Some(start + Duration::from_secs(1)));
         assert_eq!(health.poll_probe(start + Duration::from_millis(999)), None);
-        assert_eq!(health.poll_probe(start + Duration::from_secs(1)), Some(0));
+        assert_eq!(
+            health.poll_probe(start + Duration::from_secs(1)),
+            Some(RelayId(0))
+        );
     }
 
     #[test]
@@ -344,30 +375,37 @@ mod tests {
         // relay-a dies just after answering at `start`. Its next probe goes out at +1 s and
         // times out; the immediate re-probe times out too.
         let first = start + settings.interval;
-        assert_eq!(health.poll_probe(first), Some(0));
+        assert_eq!(health.poll_probe(first), Some(RelayId(0)));
         let first_fails = first + settings.probe_timeout;
-        health.on_probe(0, failed(), first_fails);
-        assert_eq!(health.pick(), Some(0), "one failure is not enough");
-        assert_eq!(health.poll_probe(first_fails), Some(0), "re-probed at once");
+        health.on_probe(RelayId(0), failed(), first_fails);
+        assert_eq!(health.pick(), Some(RelayId(0)), "one failure is not enough");
+        assert_eq!(
+            health.poll_probe(first_fails),
+            Some(RelayId(0)),
+            "re-probed at once"
+        );
         let second_fails = first_fails + settings.probe_timeout;
-        health.on_probe(0, failed(), second_fails);
+        health.on_probe(RelayId(0), failed(), second_fails);
 
-        assert_eq!(health.pick(), Some(1));
+        assert_eq!(health.pick(), Some(RelayId(1)));
         assert!(second_fails - start <= Duration::from_secs(3));
         assert_eq!(
             health.poll_event(),
             Some(HealthEvent::Down {
-                relay: 0,
+                relay: RelayId(0),
                 reason: "timed out".into()
             })
         );
-        assert_eq!(health.poll_event(), Some(HealthEvent::Lost { relay: 0 }));
+        assert_eq!(
+            health.poll_event(),
+            Some(HealthEvent::Lost { relay: RelayId(0) })
+        );
         assert_eq!(health.poll_event(), None);
 
         // Further failures do not repeat the loss; an answer re-arms it.
         let later = second_fails + settings.interval;
-        assert_eq!(health.poll_probe(later), Some(0));
-        health.on_probe(0, failed(), later);
+        assert_eq!(health.poll_probe(later), Some(RelayId(0)));
+        health.on_probe(RelayId(0), failed(), later);
         assert_eq!(health.poll_event(), None);
     }
 
@@ -378,14 +416,17 @@ mod tests {
         probe_all(&mut health, start, |_| READY);
         while health.poll_event().is_some() {}
         let t = start + Duration::from_secs(1);
-        probe_all(&mut health, t, |relay| match relay {
+        probe_all(&mut health, t, |relay| match relay.index() {
             0 => ProbeOutcome::NotReady("draining".into()),
             _ => READY,
         });
-        assert_eq!(health.pick(), Some(1));
+        assert_eq!(health.pick(), Some(RelayId(1)));
         assert!(matches!(
             health.poll_event(),
-            Some(HealthEvent::Down { relay: 0, .. })
+            Some(HealthEvent::Down {
+                relay: RelayId(0),
+                ..
+            })
         ));
         assert_eq!(
             health.poll_event(),
@@ -395,9 +436,12 @@ mod tests {
 
         // If the drained relay then stops answering, what it still holds is ended.
         let t = t + Duration::from_secs(1);
-        assert_eq!(health.poll_probe(t), Some(0));
-        health.on_probe(0, failed(), t);
-        assert_eq!(health.poll_event(), Some(HealthEvent::Lost { relay: 0 }));
+        assert_eq!(health.poll_probe(t), Some(RelayId(0)));
+        health.on_probe(RelayId(0), failed(), t);
+        assert_eq!(
+            health.poll_event(),
+            Some(HealthEvent::Lost { relay: RelayId(0) })
+        );
     }
 
     #[test]
@@ -406,10 +450,10 @@ mod tests {
         let mut health = two_relays(start);
         probe_all(&mut health, start, |_| READY);
         let later = start + Duration::from_millis(300);
-        health.on_forward_failed(0, "connection refused".into(), later);
-        assert_eq!(health.poll_probe(later), Some(0));
-        health.on_probe(0, failed(), later);
-        assert_eq!(health.pick(), Some(1));
+        health.on_forward_failed(RelayId(0), "connection refused".into(), later);
+        assert_eq!(health.poll_probe(later), Some(RelayId(0)));
+        health.on_probe(RelayId(0), failed(), later);
+        assert_eq!(health.pick(), Some(RelayId(1)));
     }
 
     #[test]
@@ -418,11 +462,11 @@ mod tests {
         let mut health = two_relays(start);
         probe_all(&mut health, start, |_| READY);
         let t = start + Duration::from_secs(1);
-        assert_eq!(health.poll_probe(t), Some(0));
-        health.on_probe(0, failed(), t);
-        assert_eq!(health.poll_probe(t), Some(0));
-        health.on_probe(0, READY, t);
-        assert_eq!(health.pick(), Some(0));
+        assert_eq!(health.poll_probe(t), Some(RelayId(0)));
+        health.on_probe(RelayId(0), failed(), t);
+        assert_eq!(health.poll_probe(t), Some(RelayId(0)));
+        health.on_probe(RelayId(0), READY, t);
+        assert_eq!(health.pick(), Some(RelayId(0)));
         health.poll_event();
         health.poll_event();
         assert_eq!(health.poll_event(), None, "no down/up churn");
@@ -459,18 +503,18 @@ mod tests {
         let mut health = two_relays(start);
         probe_all(&mut health, start, |_| READY);
         let mut t = start + Duration::from_secs(1);
-        probe_all(&mut health, t, |relay| match relay {
+        probe_all(&mut health, t, |relay| match relay.index() {
             0 => ProbeOutcome::NotReady("draining".into()),
             _ => READY,
         });
-        assert_eq!(health.pick(), Some(1));
+        assert_eq!(health.pick(), Some(RelayId(1)));
 
         t += Duration::from_secs(1);
         probe_all(&mut health, t, |_| READY);
-        assert_eq!(health.pick(), Some(1), "one success is not enough");
+        assert_eq!(health.pick(), Some(RelayId(1)), "one success is not enough");
         t += Duration::from_secs(1);
         probe_all(&mut health, t, |_| READY);
-        assert_eq!(health.pick(), Some(0), "back in priority order");
+        assert_eq!(health.pick(), Some(RelayId(0)), "back in priority order");
     }
 
     #[test]

@@ -29,6 +29,7 @@ mod health;
 mod limits;
 mod metrics;
 mod monitor;
+mod openai;
 mod pipeline;
 mod streaming;
 mod tls;
@@ -43,7 +44,6 @@ pub use crate::metrics::Metrics;
 pub use crate::streaming::FrameBoundary;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -56,12 +56,9 @@ use xpart_daemon::reload::{Applied, Live, Reloadable};
 use xpart_daemon::tunnel_config::Side;
 use xpart_tunnel::{Network, Tunnel, TunnelConfig};
 
-use crate::auth::{Denial, Principals};
-use crate::config::AgentConfig;
-use crate::dns::DnsServer;
+use crate::auth::Principals;
 use crate::forward::{RelayTarget, Relays};
-use crate::limits::{Limits, Refusal, SharedLimits};
-use crate::metrics::Metrics;
+use crate::limits::SharedLimits;
 use crate::monitor::PeerSource;
 use crate::pipeline::Agent;
 use crate::tls::CertStore;
@@ -324,6 +321,10 @@ async fn start_inner(
         .map(|r| RelayTarget {
             name: r.name.clone(),
             service_addr: SocketAddr::new(r.tunnel_address, r.service_port()),
+            public_key: r
+                .public_key
+                .as_deref()
+                .and_then(|key| xpart_tunnel::PublicKey::from_base64(key).ok()),
         })
         .collect();
     let relays = Arc::new(Relays::new(

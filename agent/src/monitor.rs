@@ -101,11 +101,7 @@ async fn probe(relays: &Relays, relay: RelayId, peers: Option<&PeerSource>) -> P
 /// How long ago the tunnel last shook hands with the relay whose WireGuard key is
 /// `public_key`, the key that names a peer in the tunnel whatever the config calls it. A probe
 /// that crossed the tunnel without a handshake on record counts as fresh.
-fn handshake_age(
-    peers: &[PeerStats],
-    public_key: Option<&PublicKey>,
-    now: SystemTime,
-) -> Duration {
+fn handshake_age(peers: &[PeerStats], public_key: Option<&PublicKey>, now: SystemTime) -> Duration {
     let Some(key) = public_key.map(PublicKey::to_base64) else {
         return Duration::ZERO;
     };
@@ -157,7 +153,11 @@ mod tests {
         // The tunnel's labels need not match the [[relay]] names.
         let peers = [
             stats("relay-a", &relay_b, Some(now - Duration::from_secs(400))),
-            stats("tunnel-peer-0", &relay_a, Some(now - Duration::from_secs(7))),
+            stats(
+                "tunnel-peer-0",
+                &relay_a,
+                Some(now - Duration::from_secs(7)),
+            ),
         ];
         assert_eq!(
             handshake_age(&peers, Some(&relay_a), now),

@@ -6,32 +6,36 @@
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
-use http::{HeaderName, HeaderValue, Request, Response, Uri};
+use http::header::{ACCEPT, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::{HeaderName, HeaderValue, Method, Request, Response, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, BodyStream, StreamBody};
+use http_body_util::{BodyExt, BodyStream, Full, StreamBody};
 use hyper::body::Incoming;
-use xpart_daemon::audit::{AuditLog, AuditRecord, Service};
-use xpart_bedrock::{self as bedrock, Route, AMZN_REQUEST_ID_HEADER, ERROR_TYPE_HEADER};
+use xpart_daemon::audit::{AuditLog, AuditRecord, Service, MAX_MESSAGE_CHARS};
+use xpart_bedrock::{self as bedrock, BedrockError, ModelId, Operation, Route, AMZN_REQUEST_ID_HEADER};
 use xpart_bedrock::protocol::{
     strip_xpart_headers, PRINCIPAL_HEADER, REQUEST_ID_HEADER, SOURCE_HEADER,
 };
+use xpart_daemon::record::{Ending, Recorder, RequestMetrics};
 use xpart_daemon::reload::Live;
+use xpart_daemon::request_id;
 
 use crate::auth::{Denial, Grant, Principal, Principals};
 use crate::forward::{ForwardBody, ForwardError, Relays};
 use crate::health::RelayId;
 use crate::limits::{SharedLimits, Slot};
 use crate::metrics::Metrics;
-use crate::streaming::{BoxError, RequestBody, RequestMeter, ResponseBody, StreamEnd};
+use crate::openai::{self, body::SseBody, chat::ChatCall, stream::StreamTranslator};
+use crate::streaming::{BoxError, RequestBody, RequestMeter, ResponseBody};
 use crate::error::RequestError;
 
 /// Content type of Bedrock's streaming answers.
 const EVENT_STREAM: &str = "application/vnd.amazon.eventstream";
+const JSON: &str = "application/json";
 
 /// What the caller gets back.
 pub type CallerBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -52,13 +56,17 @@ pub async fn handle(
     request: Request<Incoming>,
     source: IpAddr,
 ) -> Response<CallerBody> {
-    let mut exchange = Exchange::new(source);
+    let mut exchange = begin(&agent, source);
     let http1 = request.version() < http::Version::HTTP_2;
+    let api = match openai::Endpoint::of(request.method(), request.uri().path()) {
+        Some(_) => Api::OpenAi,
+        None => Api::Bedrock,
+    };
     match steps(&agent, request, &mut exchange).await {
         Ok(response) => response,
         Err(error) => {
             let close = http1 && refused_before_reading_body(&error);
-            let mut response = refuse(&agent, exchange, error);
+            let mut response = refuse(exchange, error, api);
             if close {
                 // hyper closes an HTTP/1.1 connection whose request body was left unread
                 // (unless the body happened to be buffered already). Saying so up front keeps
@@ -75,9 +83,13 @@ pub async fn handle(
 async fn steps(
     agent: &Arc<Agent>,
     request: Request<Incoming>,
-    exchange: &mut Exchange,
+    exchange: &mut Recorder,
 ) -> Result<Response<CallerBody>, RequestError> {
     let principal = authenticate(agent, &request, exchange)?;
+    if let Some(endpoint) = openai::Endpoint::of(request.method(), request.uri().path()) {
+        let endpoint = endpoint.map_err(RequestError::OpenAi)?;
+        return openai_chat(agent, request, &principal, exchange, endpoint).await;
+    }
     let route = route(&request, exchange)?;
     authorize(&principal, &route, exchange)?;
     check_declared_length(&principal, &request)?;
@@ -86,34 +98,166 @@ async fn steps(
     Ok(response)
 }
 
-/// The request's id, clock and audit line in the making.
-struct Exchange {
-    request_id: String,
-    started: Instant,
-    record: AuditRecord,
-    /// Model label for metrics: never the caller's model id, so no caller can grow the label
-    /// set (see [`model_label`]).
-    model_label: String,
+/// Which API a request speaks, for the shape of its errors.
+#[derive(Debug, Clone, Copy)]
+enum Api {
+    Bedrock,
+    OpenAi,
 }
 
-impl Exchange {
-    fn new(source: IpAddr) -> Exchange {
-        let request_id = new_request_id();
-        let mut record = AuditRecord::new(Service::Agent, request_id.clone());
-        record.source = Some(source);
-        Exchange {
-            request_id,
-            started: Instant::now(),
-            record,
-            model_label: MODEL_LABEL_DENIED.to_owned(),
-        }
+/// An OpenAI chat completion: the same steps, with the body read and translated to a Converse
+/// call first (the body names the model), sent to the relay as that native call, and the
+/// answer translated back (a stream event by event, as it arrives).
+async fn openai_chat(
+    agent: &Arc<Agent>,
+    request: Request<Incoming>,
+    principal: &Principal,
+    exchange: &mut Recorder,
+    endpoint: openai::Endpoint,
+) -> Result<Response<CallerBody>, RequestError> {
+    exchange.record.endpoint = Some(endpoint.name().to_owned());
+    check_declared_length(principal, &request)?;
+    let body = read_whole_body(request.into_body(), principal).await?;
+    let call = openai::chat::translate_request(&body).map_err(RequestError::OpenAi)?;
+    exchange.record.end_user = call
+        .user
+        .as_deref()
+        .map(|user| user.chars().take(MAX_MESSAGE_CHARS).collect());
+    let operation = match call.stream {
+        true => Operation::ConverseStream,
+        false => Operation::Converse,
+    };
+    let model = ModelId::parse(&call.model).map_err(RequestError::Route)?;
+    let route = Route {
+        operation,
+        model: Some(model),
+        guardrail: None,
+        invocation_arn: None,
+    };
+    exchange.record.operation = Some(operation);
+    exchange.record.model = route.model.clone();
+    authorize(principal, &route, exchange)?;
+    let slot = limit(agent, principal)?;
+    let outgoing = converse_request(&route, &call)?;
+    let response = forward(agent, outgoing, principal, exchange, slot).await?;
+    let relay = exchange.record.relay.clone().unwrap_or_default();
+    openai_answer(response, &call, exchange.request_id(), relay).await
+}
+
+/// The caller's whole body (a translation needs all of it), within the principal's limit.
+async fn read_whole_body(body: Incoming, principal: &Principal) -> Result<Bytes, RequestError> {
+    let meter = Arc::new(RequestMeter::default());
+    let limited = RequestBody::new(body, principal.max_body_bytes, meter.clone());
+    match limited.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(_) if meter.over_limit.load(Ordering::Relaxed) => Err(RequestError::BodyTooLarge {
+            principal: principal.name.clone(),
+            limit: principal.max_body_bytes,
+            length: None,
+        }),
+        Err(error) => Err(RequestError::OpenAi(openai::Invalid::body(format!(
+            "The request body could not be read ({error})."
+        )))),
     }
+}
+
+/// The translated call as the native Converse (or ConverseStream) request the relay checks.
+fn converse_request(route: &Route, call: &ChatCall) -> Result<Request<Full<Bytes>>, RequestError> {
+    let unformable = || {
+        RequestError::Route(BedrockError::validation(format!(
+            "model {:?} cannot be sent as a Bedrock path",
+            call.model
+        )))
+    };
+    let path = route.path().ok_or_else(unformable)?;
+    let uri: Uri = path.parse().map_err(|_| unformable())?;
+    let accept = match call.stream {
+        true => EVENT_STREAM,
+        false => JSON,
+    };
+    let mut request = Request::new(Full::new(Bytes::from(call.converse.to_string())));
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = uri;
+    let headers = request.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+    headers.insert(ACCEPT, HeaderValue::from_static(accept));
+    Ok(request)
+}
+
+/// The relay's answer in OpenAI's terms: a stream of chunks, a `chat.completion`, or an
+/// OpenAI-shaped error with Bedrock's status.
+async fn openai_answer(
+    response: Response<CallerBody>,
+    call: &ChatCall,
+    request_id: &str,
+    relay: String,
+) -> Result<Response<CallerBody>, RequestError> {
+    let (mut parts, body) = response.into_parts();
+    let id = format!("chatcmpl-{request_id}");
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        parts.headers.insert(HeaderName::from_static("x-request-id"), value);
+    }
+    let streams = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(EVENT_STREAM.as_bytes()));
+    if parts.status.is_success() && streams {
+        let translator = StreamTranslator::new(id, created, &call.model, call.include_usage, call.single_tool_call);
+        parts.headers.remove(CONTENT_LENGTH);
+        parts.headers.remove("x-amzn-bedrock-content-type");
+        parts.headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        parts.headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        return Ok(Response::from_parts(parts, SseBody::new(body, translator).boxed_unsync()));
+    }
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|error| RequestError::Forward(ForwardError::Failed { relay, reason: error.to_string() }))?
+        .to_bytes();
+    let converse = serde_json::from_slice::<serde_json::Value>(&bytes).ok();
+    let answer = match (parts.status.is_success(), converse) {
+        (true, Some(converse)) => {
+            let labels = openai::chat::AnswerLabels {
+                id: &id,
+                created,
+                model: &call.model,
+                single_tool_call: call.single_tool_call,
+            };
+            Bytes::from(openai::chat::translate_response(&converse, &labels).to_string())
+        }
+        (true, None) => {
+            let error = openai::errors::from_bedrock_answer(http::StatusCode::BAD_GATEWAY, None, &bytes);
+            parts.status = error.status;
+            Bytes::from(error.body().to_string())
+        }
+        (false, _) => {
+            let error = openai::errors::from_bedrock_answer(parts.status, bedrock::error_code(&parts.headers), &bytes);
+            parts.status = error.status;
+            Bytes::from(error.body().to_string())
+        }
+    };
+    parts.headers.remove(CONTENT_LENGTH);
+    parts.headers.remove(bedrock::ERROR_TYPE_HEADER);
+    parts.headers.insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+    let body = Full::new(answer).map_err(|never| match never {}).boxed_unsync();
+    Ok(Response::from_parts(parts, body))
+}
+
+/// The request's audit line in the making: the caller's address now, the rest as the steps
+/// learn it. The `model` metric label stays [`MODEL_LABEL_DENIED`] until authorization.
+fn begin(agent: &Arc<Agent>, source: IpAddr) -> Recorder {
+    let mut record = AuditRecord::new(Service::Agent, request_id::new());
+    record.source = Some(source);
+    Recorder::new(record, agent.audit.clone(), agent.clone())
 }
 
 fn authenticate(
     agent: &Agent,
     request: &Request<Incoming>,
-    exchange: &mut Exchange,
+    exchange: &mut Recorder,
 ) -> Result<Arc<Principal>, RequestError> {
     let source = exchange.record.source.unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let principal = agent
@@ -131,18 +275,18 @@ fn authenticate(
     Ok(principal)
 }
 
-fn route(request: &Request<Incoming>, exchange: &mut Exchange) -> Result<Route, RequestError> {
+fn route(request: &Request<Incoming>, exchange: &mut Recorder) -> Result<Route, RequestError> {
     let route = Route::parse(request.method(), request.uri().path()).map_err(RequestError::Route)?;
     exchange.record.operation = Some(route.operation);
     exchange.record.model = route.model.clone();
     Ok(route)
 }
 
-fn authorize(principal: &Principal, route: &Route, exchange: &mut Exchange) -> Result<(), RequestError> {
+fn authorize(principal: &Principal, route: &Route, exchange: &mut Recorder) -> Result<(), RequestError> {
     let grant = principal
         .authorize(route.operation, route.model.as_ref().map(|m| m.as_str()))
         .map_err(RequestError::Denied)?;
-    exchange.model_label = model_label(grant).to_owned();
+    exchange.label_model(model_label(grant));
     Ok(())
 }
 
@@ -190,13 +334,17 @@ fn limit(agent: &Agent, principal: &Principal) -> Result<Slot, RequestError> {
 
 /// Sends the request to the first healthy relay (moving on to the next while nothing has
 /// been sent) and streams the answer back; the audit line is written when it ends.
-async fn forward(
+async fn forward<B>(
     agent: &Arc<Agent>,
-    request: Request<Incoming>,
+    request: Request<B>,
     principal: &Principal,
-    exchange: &mut Exchange,
+    exchange: &mut Recorder,
     slot: Slot,
-) -> Result<Response<CallerBody>, RequestError> {
+) -> Result<Response<CallerBody>, RequestError>
+where
+    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let (relay, sender) = connect_to_healthy_relay(&agent.relays).await?;
     exchange.record.relay = Some(agent.relays.name(relay).to_owned());
     let meter = Arc::new(RequestMeter::default());
@@ -213,7 +361,7 @@ async fn send(
     sender: hyper::client::conn::http2::SendRequest<ForwardBody>,
     outgoing: Request<ForwardBody>,
     principal: &Principal,
-    exchange: &mut Exchange,
+    exchange: &mut Recorder,
     meter: &RequestMeter,
 ) -> Result<Response<Incoming>, RequestError> {
     let relays = &agent.relays;
@@ -254,7 +402,7 @@ async fn answer(
     agent: &Arc<Agent>,
     relay: RelayId,
     response: Response<Incoming>,
-    exchange: &mut Exchange,
+    exchange: &mut Recorder,
     meter: Arc<RequestMeter>,
     slot: Slot,
 ) -> Result<Response<CallerBody>, RequestError> {
@@ -271,7 +419,7 @@ async fn answer(
     bedrock::strip_hop_by_hop(&mut parts.headers);
     // The caller's SDK reports x-amzn-RequestId (boto3's ResponseMetadata.RequestId); it is
     // the id both daemons' audit lines carry, whatever the relay or Bedrock sent.
-    if let Ok(id) = HeaderValue::from_str(&exchange.request_id) {
+    if let Ok(id) = HeaderValue::from_str(exchange.request_id()) {
         parts.headers.insert(AMZN_REQUEST_ID_HEADER, id.clone());
         parts.headers.insert(REQUEST_ID_HEADER, id);
     }
@@ -279,7 +427,7 @@ async fn answer(
         .headers
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(EVENT_STREAM.as_bytes()));
-    let audit = audit_on_end(agent, exchange, &parts, meter, slot);
+    let audit = audit_on_end(exchange, &parts, meter, slot);
     let length = parts
         .headers
         .get(CONTENT_LENGTH)
@@ -366,12 +514,16 @@ async fn connect_to_healthy_relay(
 
 /// The request as it crosses the tunnel: same method, path and body; the caller's
 /// credentials and hop-by-hop headers removed; principal, request id and source added.
-fn outgoing_request(
-    request: Request<Incoming>,
+fn outgoing_request<B>(
+    request: Request<B>,
     principal: &Principal,
-    exchange: &Exchange,
+    exchange: &Recorder,
     meter: Arc<RequestMeter>,
-) -> Request<ForwardBody> {
+) -> Request<ForwardBody>
+where
+    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let (mut parts, body) = request.into_parts();
     let headers = &mut parts.headers;
     bedrock::strip_hop_by_hop(headers);
@@ -380,7 +532,7 @@ fn outgoing_request(
     headers.remove(HOST);
     let added = [
         (PRINCIPAL_HEADER, principal.name.as_str()),
-        (REQUEST_ID_HEADER, exchange.request_id.as_str()),
+        (REQUEST_ID_HEADER, exchange.request_id()),
     ];
     for (name, value) in added {
         if let Ok(value) = HeaderValue::from_str(value) {
@@ -418,44 +570,28 @@ fn without_presigning(uri: &Uri) -> Uri {
 /// The hook [`ResponseBody`] calls when the answer has been streamed (or abandoned): writes
 /// the audit line, counts the request and frees the concurrency slot.
 fn audit_on_end(
-    agent: &Arc<Agent>,
-    exchange: &mut Exchange,
+    exchange: &mut Recorder,
     parts: &http::response::Parts,
     meter: Arc<RequestMeter>,
     slot: Slot,
-) -> impl FnOnce(u64, StreamEnd) + Send + 'static {
-    let mut record = std::mem::replace(
-        &mut exchange.record,
-        AuditRecord::new(Service::Agent, String::new()),
-    );
-    record.status = parts.status.as_u16();
-    record.error_type = parts
-        .headers
-        .get(ERROR_TYPE_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(':').next().unwrap_or(v).to_owned());
-    let started = exchange.started;
-    let model_label = exchange.model_label.clone();
-    let agent = agent.clone();
-    move |bytes_out, end| {
+) -> impl FnOnce(Ending, u64) + Send + 'static {
+    let mut recorder = exchange.take();
+    let status = parts.status.as_u16();
+    let error_type = bedrock::error_code(&parts.headers).map(str::to_owned);
+    move |end, bytes_out| {
         drop(slot);
-        record.bytes_in = meter.bytes.load(Ordering::Relaxed);
-        record.bytes_out = bytes_out;
-        record.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-        match end {
-            StreamEnd::Complete => {}
-            StreamEnd::Failed(reason) => {
-                record.message = Some(format!("response stream failed: {reason}"))
-            }
-            StreamEnd::RelayLost => {
-                record.message = Some("relay stopped answering mid-stream".to_owned())
-            }
-            StreamEnd::CallerGone => {
-                record.message = Some("caller closed the connection before the end".to_owned())
-            }
-        }
-        count(&agent.metrics, &record, &model_label, started);
-        agent.audit.record(record);
+        recorder.record.bytes_in = meter.bytes.load(Ordering::Relaxed);
+        let message = match end {
+            Ending::Complete => None,
+            Ending::Failed(reason) => Some(format!("response stream failed: {reason}")),
+            Ending::Lost => Some("relay stopped answering mid-stream".to_owned()),
+            Ending::IdleTimeout(idle) => Some(format!(
+                "relay sent nothing for {} s; stream stopped",
+                idle.as_secs()
+            )),
+            Ending::Abandoned => Some("caller closed the connection before the end".to_owned()),
+        };
+        recorder.finish(status, error_type, message, bytes_out);
     }
 }
 
@@ -464,6 +600,7 @@ fn refused_before_reading_body(error: &RequestError) -> bool {
     match error {
         RequestError::Denied(_) => true,
         RequestError::Route(_) => true,
+        RequestError::OpenAi(invalid) => invalid.not_found,
         RequestError::Throttled { .. } => true,
         RequestError::BodyTooLarge { length, .. } => length.is_some(),
         RequestError::NoHealthyRelay => false,
@@ -472,76 +609,48 @@ fn refused_before_reading_body(error: &RequestError) -> bool {
 }
 
 /// Answers a refused or failed request and writes its audit line.
-fn refuse(agent: &Agent, mut exchange: Exchange, error: RequestError) -> Response<CallerBody> {
+fn refuse(exchange: Recorder, error: RequestError, api: Api) -> Response<CallerBody> {
     let bedrock = error.to_bedrock();
     match &error {
         RequestError::Forward(_) | RequestError::NoHealthyRelay => {
-            tracing::warn!(request_id = %exchange.request_id, %error, "request failed")
+            tracing::warn!(request_id = %exchange.request_id(), %error, "request failed")
         }
-        _ => tracing::debug!(request_id = %exchange.request_id, %error, "request refused"),
+        _ => tracing::debug!(request_id = %exchange.request_id(), %error, "request refused"),
     }
-    let record = &mut exchange.record;
-    record.status = bedrock.kind.status().as_u16();
-    record.error_type = Some(bedrock.kind.code().to_owned());
-    record.message = Some(error.audit_reason());
-    record.latency_ms = exchange.started.elapsed().as_secs_f64() * 1000.0;
-    count(
-        &agent.metrics,
-        record,
-        &exchange.model_label,
-        exchange.started,
-    );
-    agent.audit.record(exchange.record);
-    let response = bedrock.into_response(&exchange.request_id);
+    // The audit line keeps Bedrock's error code, whichever API the caller used.
+    let code = bedrock.kind.code().to_owned();
+    let response = match api {
+        Api::Bedrock => bedrock.into_response(exchange.request_id()),
+        Api::OpenAi => openai::errors::from_request_error(&error).into_response(exchange.request_id()),
+    };
+    let status = response.status().as_u16();
+    exchange.finish(status, Some(code), Some(error.audit_reason()), 0);
     response.map(|body| body.map_err(|never| match never {}).boxed_unsync())
 }
 
-fn count(metrics: &Metrics, record: &AuditRecord, model_label: &str, started: Instant) {
-    let operation = record.operation.map_or("-", |op| op.name());
-    let status = record.status.to_string();
-    metrics
-        .requests
-        .with_label_values(&[
-            record.principal.as_deref().unwrap_or("-"),
-            operation,
-            model_label,
-            status.as_str(),
-        ])
-        .inc();
-    metrics
-        .request_seconds
-        .with_label_values(&[operation])
-        .observe(started.elapsed().as_secs_f64());
-}
-
-/// A random id in the UUID v4 layout Bedrock uses for `x-amzn-RequestId`.
-fn new_request_id() -> String {
-    let bits: u128 = rand::random();
-    let bits = (bits & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
-    let hex = format!("{bits:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+impl RequestMetrics for Agent {
+    fn finished(&self, record: &AuditRecord, model_label: Option<&str>, latency: Duration) {
+        let operation = record.operation.map_or("-", |op| op.name());
+        let status = record.status.to_string();
+        self.metrics
+            .requests
+            .with_label_values(&[
+                record.principal.as_deref().unwrap_or("-"),
+                operation,
+                model_label.unwrap_or(MODEL_LABEL_DENIED),
+                status.as_str(),
+            ])
+            .inc();
+        self.metrics
+            .request_seconds
+            .with_label_values(&[operation])
+            .observe(latency.as_secs_f64());
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn request_ids_look_like_uuid_v4_and_differ() {
-        let a = new_request_id();
-        let b = new_request_id();
-        assert_ne!(a, b);
-        assert_eq!(a.len(), 36);
-        assert_eq!(&a[14..15], "4");
-        assert!(matches!(&a[19..20], "8" | "9" | "a" | "b"));
-    }
 
     #[test]
     fn presigning_parameters_are_dropped_from_the_query() {
