@@ -49,6 +49,9 @@ pub enum RequestError {
     Denied(Denial),
     #[error("{0}")]
     Route(BedrockError),
+    /// An OpenAI API request the translation to Bedrock refuses.
+    #[error("{0}")]
+    OpenAi(crate::openai::Invalid),
     #[error("principal {principal} throttled: {refusal:?}")]
     Throttled { principal: String, refusal: Refusal },
     #[error("principal {principal}: body over {limit} bytes")]
@@ -93,6 +96,10 @@ impl RequestError {
                 "Principal {principal} is not allowed to call {operation}; its operations list does not include it."
             )),
             RequestError::Route(error) => error.clone(),
+            RequestError::OpenAi(invalid) if invalid.not_found => {
+                BedrockError::new(ErrorType::UnknownOperation, invalid.message.clone())
+            }
+            RequestError::OpenAi(invalid) => BedrockError::validation(invalid.message.clone()),
             RequestError::Throttled { principal, refusal: Refusal::Rate { limit, retry_after } } => BedrockError::throttling(format!(
                 "Too many requests: principal {principal} is limited to {limit} requests per second; retry after {} ms.",
                 retry_after.as_millis().max(1)
@@ -135,6 +142,10 @@ impl RequestError {
                 "operation not allowed".into()
             }
             RequestError::Route(error) => error.kind.code().into(),
+            RequestError::OpenAi(invalid) => match &invalid.param {
+                Some(param) => format!("invalid OpenAI request: {param}"),
+                None => "invalid OpenAI request".into(),
+            },
             RequestError::Throttled {
                 refusal: Refusal::Rate { .. },
                 ..

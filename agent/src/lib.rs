@@ -217,6 +217,33 @@ impl Reloadable for AgentHandle {
     }
 }
 
+impl xpart_daemon::startup::Daemon for AgentHandle {
+    const SERVICE: &'static str = "agent";
+    const PROGRAM: &'static str = "xpart-agent";
+
+    type StartError = StartError;
+
+    fn load_file(file: &std::path::Path) -> Result<AgentConfig, Diagnostics> {
+        AgentConfig::load(file)
+    }
+
+    async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
+        start(config).await
+    }
+
+    fn listening(&self) -> Vec<(&'static str, Option<SocketAddr>)> {
+        vec![
+            ("front", Some(self.front_addr())),
+            ("dns", self.dns_addr()),
+            ("admin", Some(self.admin_addr())),
+        ]
+    }
+
+    async fn shutdown(self) {
+        AgentHandle::shutdown(self).await;
+    }
+}
+
 /// Brings up the tunnel to the relays, then the agent on it (in `mode = "host"`, the agent
 /// alone, on the host network).
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {

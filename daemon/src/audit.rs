@@ -77,6 +77,13 @@ pub struct AuditRecord {
     pub cache_read_tokens: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_write_tokens: Option<u64>,
+    /// The agent's OpenAI endpoint the request came in on (`openai /v1/chat/completions`),
+    /// when it was not a native Bedrock call; `operation` is what it became.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// OpenAI's `user` field as the caller sent it (at most [`MAX_MESSAGE_CHARS`] characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_user: Option<String>,
 }
 
 impl AuditRecord {
@@ -102,6 +109,8 @@ impl AuditRecord {
             output_tokens: None,
             cache_read_tokens: None,
             cache_write_tokens: None,
+            endpoint: None,
+            end_user: None,
         }
     }
 }

@@ -1,6 +1,9 @@
 //! The synthetic echo model (`[echo] model`, default `xpart.echo`): the relay answers it itself,
 //! with the shapes Bedrock uses, so a deployment or a drill can prove the whole path without
-//! calling Bedrock or holding credentials. It repeats the last user text.
+//! calling Bedrock or holding credentials. It repeats the last user text, describing images
+//! and documents by format and size (`[image: png, 68 bytes]`) and tool results by their text;
+//! when the request offers tools and the last user text is `call NAME {json}` for one of them,
+//! it answers with that tool call instead (streamed as argument fragments by ConverseStream).
 
 use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
 use base64::Engine;
@@ -39,6 +42,17 @@ fn parse(body: &[u8]) -> Result<Value, RequestError> {
 
 fn converse(request: &Value) -> Value {
     let text = last_user_text(request.get("messages"));
+    if let Some(call) = tool_call(request, &text) {
+        let usage = usage(request, &call.arguments);
+        return json!({
+            "output": {"message": {"role": "assistant", "content": [
+                {"toolUse": {"toolUseId": call.id, "name": call.name, "input": call.input}}
+            ]}},
+            "stopReason": "tool_use",
+            "usage": usage,
+            "metrics": {"latencyMs": 0}
+        });
+    }
     let usage = usage(request, &text);
     json!({
         "output": {"message": {"role": "assistant", "content": [{"text": text}]}},
@@ -50,6 +64,9 @@ fn converse(request: &Value) -> Value {
 
 fn converse_stream(request: &Value) -> Result<Bytes, RequestError> {
     let text = last_user_text(request.get("messages"));
+    if let Some(call) = tool_call(request, &text) {
+        return converse_stream_tool_call(request, call);
+    }
     let usage = usage(request, &text);
     // Bedrock sends contentBlockStart only for tool-use blocks; a text block starts with its
     // first delta.
@@ -67,6 +84,72 @@ fn converse_stream(request: &Value) -> Result<Bytes, RequestError> {
         json!({"usage": usage, "metrics": {"latencyMs": 0}}),
     ));
     frames(events)
+}
+
+fn converse_stream_tool_call(request: &Value, call: ToolCall) -> Result<Bytes, RequestError> {
+    let usage = usage(request, &call.arguments);
+    let mut events = vec![
+        ("messageStart", json!({"role": "assistant"})),
+        (
+            "contentBlockStart",
+            json!({"contentBlockIndex": 0, "start": {"toolUse": {"toolUseId": call.id, "name": call.name}}}),
+        ),
+    ];
+    for fragment in fragments(&call.arguments) {
+        events.push((
+            "contentBlockDelta",
+            json!({"contentBlockIndex": 0, "delta": {"toolUse": {"input": fragment}}}),
+        ));
+    }
+    events.push(("contentBlockStop", json!({"contentBlockIndex": 0})));
+    events.push(("messageStop", json!({"stopReason": "tool_use"})));
+    events.push((
+        "metadata",
+        json!({"usage": usage, "metrics": {"latencyMs": 0}}),
+    ));
+    frames(events)
+}
+
+/// A tool call the echo model makes: asked for by `call NAME {json}` as the last user text,
+/// with NAME one of the request's `toolConfig.tools`.
+struct ToolCall {
+    id: String,
+    name: String,
+    input: Value,
+    /// `input` as JSON text, the way a stream sends it.
+    arguments: String,
+}
+
+fn tool_call(request: &Value, text: &str) -> Option<ToolCall> {
+    let rest = text.trim().strip_prefix("call ")?;
+    let (name, arguments) = rest.trim_start().split_once(char::is_whitespace)?;
+    let offered = request["toolConfig"]["tools"]
+        .as_array()?
+        .iter()
+        .any(|tool| tool["toolSpec"]["name"].as_str() == Some(name));
+    if !offered {
+        return None;
+    }
+    let input: Value = serde_json::from_str(arguments.trim()).ok()?;
+    if !input.is_object() {
+        return None;
+    }
+    Some(ToolCall {
+        id: format!("tooluse_echo_{name}"),
+        name: name.to_owned(),
+        arguments: input.to_string(),
+        input,
+    })
+}
+
+/// A tool call's JSON text in a few pieces, cut at character boundaries, as a model streams it.
+fn fragments(json: &str) -> Vec<String> {
+    let chars: Vec<char> = json.chars().collect();
+    let size = chars.len().div_ceil(3).max(1);
+    chars
+        .chunks(size)
+        .map(|piece| piece.iter().collect())
+        .collect()
 }
 
 /// Anthropic Messages shape, the most common InvokeModel body; `prompt`/`inputText` bodies are
@@ -151,17 +234,38 @@ fn all_text(messages: Option<&Value>) -> String {
         .join(" ")
 }
 
-/// Content is a string or a list of blocks with `text`.
+/// Content is a string or a list of blocks: text as it is, images and documents by format and
+/// decoded size, tool results by their text.
 fn content_text(content: Option<&Value>) -> String {
     match content {
         Some(Value::String(text)) => text.clone(),
-        Some(Value::Array(blocks)) => blocks
-            .iter()
-            .filter_map(|b| b.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join(""),
+        Some(Value::Array(blocks)) => blocks.iter().map(block_text).collect::<Vec<_>>().join(""),
         _ => String::new(),
     }
+}
+
+fn block_text(block: &Value) -> String {
+    if let Some(text) = block.get("text").and_then(Value::as_str) {
+        return text.to_owned();
+    }
+    for kind in ["image", "document"] {
+        if let Some(media) = block.get(kind) {
+            let format = media["format"].as_str().unwrap_or("unknown");
+            let bytes = media["source"]["bytes"]
+                .as_str()
+                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                .map_or(0, |b| b.len());
+            return format!("[{kind}: {format}, {bytes} bytes]");
+        }
+    }
+    if let Some(result) = block.get("toolResult") {
+        let text = content_text(result.get("content"));
+        return format!(
+            "[tool result {}: {text}]",
+            result["toolUseId"].as_str().unwrap_or("")
+        );
+    }
+    String::new()
 }
 
 fn invoke_input_text(request: &Value) -> String {
@@ -333,6 +437,77 @@ mod tests {
             }
         }
         assert_eq!(text, "hi there");
+    }
+
+    const TOOLS: &str = r#"{"toolConfig":{"tools":[{"toolSpec":{"name":"get_weather","inputSchema":{"json":{}}}}]},
+        "messages":[{"role":"user","content":[{"text":"call get_weather {\"city\": \"Paris\"}"}]}]}"#;
+
+    #[tokio::test]
+    async fn call_name_json_with_tools_answers_with_that_tool_call() {
+        let r = answer(Operation::Converse, "xpart.echo", TOOLS.as_bytes())
+            .unwrap()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&body(r).await).unwrap();
+        assert_eq!(v["stopReason"], "tool_use");
+        let tool = &v["output"]["message"]["content"][0]["toolUse"];
+        assert_eq!(tool["name"], "get_weather");
+        assert_eq!(tool["input"], json!({"city": "Paris"}));
+        assert!(v["usage"]["outputTokens"].as_u64().unwrap() > 0);
+
+        let untooled = TOOLS.replace("get_weather\",\"inputSchema", "other\",\"inputSchema");
+        let r = answer(Operation::Converse, "xpart.echo", untooled.as_bytes())
+            .unwrap()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&body(r).await).unwrap();
+        assert_eq!(
+            v["stopReason"], "end_turn",
+            "a tool the request does not offer is echoed"
+        );
+    }
+
+    #[tokio::test]
+    async fn streamed_tool_call_arrives_as_argument_fragments() {
+        let r = answer(Operation::ConverseStream, "xpart.echo", TOOLS.as_bytes())
+            .unwrap()
+            .unwrap();
+        let messages = decode_all(body(r).await);
+        let payloads: Vec<(String, Value)> = messages
+            .iter()
+            .map(|m| {
+                (
+                    header(m, ":event-type"),
+                    serde_json::from_slice(m.payload()).unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(payloads[1].0, "contentBlockStart");
+        assert_eq!(payloads[1].1["start"]["toolUse"]["name"], "get_weather");
+        let fragments: Vec<&str> = payloads
+            .iter()
+            .filter_map(|(_, p)| p["delta"]["toolUse"]["input"].as_str())
+            .collect();
+        assert!(fragments.len() > 1, "{fragments:?}");
+        let input: Value = serde_json::from_str(&fragments.concat()).unwrap();
+        assert_eq!(input, json!({"city": "Paris"}));
+        let stop = payloads.iter().find(|(t, _)| t == "messageStop").unwrap();
+        assert_eq!(stop.1["stopReason"], "tool_use");
+    }
+
+    #[tokio::test]
+    async fn images_documents_and_tool_results_are_described() {
+        let req = r#"{"messages":[{"role":"user","content":[
+            {"toolResult":{"toolUseId":"t1","content":[{"text":"18C"}]}},
+            {"text":"see "},
+            {"image":{"format":"png","source":{"bytes":"AAECAw=="}}},
+            {"document":{"format":"pdf","name":"d","source":{"bytes":"AAE="}}}]}]}"#;
+        let r = answer(Operation::Converse, "xpart.echo", req.as_bytes())
+            .unwrap()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&body(r).await).unwrap();
+        assert_eq!(
+            v["output"]["message"]["content"][0]["text"],
+            "[tool result t1: 18C]see [image: png, 4 bytes][document: pdf, 2 bytes]"
+        );
     }
 
     #[tokio::test]

@@ -1,0 +1,109 @@
+//! The OpenAI API on the agent's front, as pure translations to and from Bedrock's native
+//! operations: the relay only ever sees (and checks, and signs) Converse and ConverseStream.
+//!
+//! [`chat`] turns a `POST /v1/chat/completions` body into a Converse request and a Converse
+//! answer into a `chat.completion`; [`stream`] turns ConverseStream events into
+//! `chat.completion.chunk` server-sent events, one event in, zero or more chunks out;
+//! [`errors`] gives every refusal the OpenAI error shape and status, in one match; [`body`]
+//! applies [`stream`] to a response body frame by frame as it arrives. None of them does IO.
+
+pub mod body;
+pub mod chat;
+pub mod errors;
+pub mod stream;
+
+use http::Method;
+
+/// `POST /v1/chat/completions`.
+pub const CHAT_COMPLETIONS_PATH: &str = "/v1/chat/completions";
+
+/// An OpenAI endpoint the agent serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+}
+
+impl Endpoint {
+    /// The endpoint a request is for; `None` for every path outside `/v1/`, which are
+    /// Bedrock's. A `/v1/` path the agent does not serve is `Some(Err(..))`, so that it is
+    /// refused in OpenAI's shape rather than Bedrock's.
+    pub fn of(method: &Method, path: &str) -> Option<Result<Endpoint, Invalid>> {
+        let path = path.split_once('?').map_or(path, |(path, _query)| path);
+        if !path.starts_with("/v1/") {
+            return None;
+        }
+        let endpoint = match (method, path) {
+            (&Method::POST, CHAT_COMPLETIONS_PATH) => Ok(Endpoint::ChatCompletions),
+            _ => Err(Invalid::not_found(format!(
+                "This xpart agent serves POST {CHAT_COMPLETIONS_PATH} of the OpenAI API; {method} {} is not served.",
+                shown(path)
+            ))),
+        };
+        Some(endpoint)
+    }
+
+    /// How the audit line names the endpoint.
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "openai /v1/chat/completions",
+        }
+    }
+}
+
+/// A request the OpenAI translation refuses: 400 `invalid_request_error` (or 404 for a path
+/// not served), naming the parameter at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Invalid {
+    pub message: String,
+    /// The parameter at fault, as OpenAI names it (`messages[1].content[0].image_url`).
+    pub param: Option<String>,
+    /// OpenAI's machine-readable code, where it has one.
+    pub code: Option<&'static str>,
+    pub not_found: bool,
+}
+
+impl Invalid {
+    pub fn new(param: impl Into<String>, message: impl Into<String>) -> Invalid {
+        Invalid {
+            message: message.into(),
+            param: Some(param.into()),
+            code: None,
+            not_found: false,
+        }
+    }
+
+    /// A request refused as a whole (its body), no one parameter at fault.
+    pub fn body(message: impl Into<String>) -> Invalid {
+        Invalid {
+            message: message.into(),
+            param: None,
+            code: None,
+            not_found: false,
+        }
+    }
+
+    pub fn with_code(mut self, code: &'static str) -> Invalid {
+        self.code = Some(code);
+        self
+    }
+
+    fn not_found(message: String) -> Invalid {
+        Invalid {
+            message,
+            param: None,
+            code: Some("unknown_url"),
+            not_found: true,
+        }
+    }
+}
+
+/// At most this much of a caller's text is quoted back in an error.
+const MAX_QUOTED_CHARS: usize = 100;
+
+fn shown(text: &str) -> String {
+    match text.char_indices().nth(MAX_QUOTED_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
