@@ -238,7 +238,7 @@ pub fn tunnel_config(
         .private_key_file
         .as_deref()
         .ok_or(TunnelConfigError::MissingPrivateKeyFile)?;
-    let private_key = xpart_tunnel::keys::read_private_key_file(&resolve(key_file))?;
+    let private_key = xpart_tunnel::keys::read_private_key_file(resolve(key_file))?;
     let address = tunnel.address.ok_or(TunnelConfigError::MissingAddress)?;
     let peers = peers
         .iter()
