@@ -3,8 +3,9 @@
 //! [`RequestBody`] carries the caller's body to the relay, counting bytes and cutting the
 //! request off at the principal's body limit. [`ResponseBody`] carries the relay's answer
 //! back, counting bytes, ending with an error if the relay is declared dead mid-stream, and
-//! calling its `on_end` hook exactly once when the body finishes, fails or is dropped (the
-//! caller went away): that is where the audit line is written and the concurrency slot freed.
+//! calling its `on_end` hook exactly once with the [`Ending`] when the body finishes, fails or
+//! is dropped (the caller went away): that is where the audit line is written and the
+//! concurrency slot freed.
 //! A body is complete when its last byte has been handed to the server: hyper stops polling a
 //! body once it has written `Content-Length` bytes or seen the end-of-stream flag, and drops it
 //! without asking for the `None` that would otherwise mark the end, so both are checked after
@@ -21,6 +22,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use xpart_daemon::record::{Ending, OnEnd};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -98,19 +100,6 @@ where
     }
 }
 
-/// How a response body ended, for the audit line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StreamEnd {
-    Complete,
-    /// The relay's stream failed (reset, connection lost).
-    Failed(String),
-    /// The relay was declared dead while the body was streaming.
-    RelayLost,
-    /// The caller stopped reading (dropped the connection) before the end.
-    CallerGone,
-}
-
-type EndHook = Box<dyn FnOnce(u64, StreamEnd) + Send>;
 type AbortSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The relay's response body on its way to the caller.
@@ -123,7 +112,7 @@ pub struct ResponseBody<B> {
     /// asks before deciding not to poll again).
     ended: AtomicBool,
     abort: Option<AbortSignal>,
-    on_end: Option<EndHook>,
+    on_end: OnEnd,
     frames: Option<FrameBoundary>,
 }
 
@@ -136,7 +125,7 @@ impl<B> ResponseBody<B> {
     pub fn new(
         inner: B,
         abort: impl Future<Output = ()> + Send + 'static,
-        on_end: impl FnOnce(u64, StreamEnd) + Send + 'static,
+        on_end: impl FnOnce(Ending, u64) + Send + 'static,
     ) -> ResponseBody<B> {
         ResponseBody {
             inner,
@@ -144,7 +133,7 @@ impl<B> ResponseBody<B> {
             length: None,
             ended: AtomicBool::new(false),
             abort: Some(Box::pin(abort)),
-            on_end: Some(Box::new(on_end)),
+            on_end: OnEnd::new(on_end),
             frames: None,
         }
     }
@@ -162,10 +151,8 @@ impl<B> ResponseBody<B> {
         self
     }
 
-    fn finish(&mut self, end: StreamEnd) {
-        if let Some(hook) = self.on_end.take() {
-            hook(self.bytes, end);
-        }
+    fn finish(&mut self, end: Ending) {
+        self.on_end.end(end, self.bytes);
         self.abort = None;
     }
 }
@@ -182,7 +169,7 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.on_end.is_none() {
+        if self.on_end.has_ended() {
             return Poll::Ready(None);
         }
         match Pin::new(&mut self.inner).poll_frame(cx) {
@@ -194,16 +181,16 @@ where
                     }
                 }
                 if self.all_sent() {
-                    self.finish(StreamEnd::Complete);
+                    self.finish(Ending::Complete);
                 }
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(Some(Err(error))) => {
-                self.finish(StreamEnd::Failed(error.to_string()));
+                self.finish(Ending::Failed(error.to_string()));
                 return Poll::Ready(Some(Err(error.to_string().into())));
             }
             Poll::Ready(None) => {
-                self.finish(StreamEnd::Complete);
+                self.finish(Ending::Complete);
                 return Poll::Ready(None);
             }
             Poll::Pending => {}
@@ -218,7 +205,7 @@ where
                 .as_ref()
                 .filter(|frames| frames.at_boundary())
                 .and_then(|_| relay_lost_event());
-            self.finish(StreamEnd::RelayLost);
+            self.finish(Ending::Lost);
             return match farewell {
                 Some(event) => Poll::Ready(Some(Ok(Frame::data(event)))),
                 None => Poll::Ready(Some(Err(Box::new(RelayLostMidStream)))),
@@ -228,7 +215,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.on_end.is_none() || self.all_sent()
+        self.on_end.has_ended() || self.all_sent()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -320,8 +307,8 @@ impl<B> ResponseBody<B> {
 impl<B> Drop for ResponseBody<B> {
     fn drop(&mut self) {
         match self.sent_to_the_end() {
-            true => self.finish(StreamEnd::Complete),
-            false => self.finish(StreamEnd::CallerGone),
+            true => self.finish(Ending::Complete),
+            false => self.finish(Ending::Abandoned),
         }
     }
 }
@@ -357,12 +344,12 @@ mod tests {
     }
 
     /// How each test body ended: bytes sent and the kind of end.
-    type Ends = Arc<Mutex<Vec<(u64, StreamEnd)>>>;
+    type Ends = Arc<Mutex<Vec<(u64, Ending)>>>;
 
-    fn recorder() -> (Ends, impl FnOnce(u64, StreamEnd) + Send) {
+    fn recorder() -> (Ends, impl FnOnce(Ending, u64) + Send) {
         let ends = Arc::new(Mutex::new(Vec::new()));
         let sink = ends.clone();
-        (ends, move |bytes, end| {
+        (ends, move |end, bytes| {
             sink.lock().expect("test lock").push((bytes, end))
         })
     }
@@ -379,7 +366,7 @@ mod tests {
         assert_eq!(collected, Bytes::from_static(b"abc"));
         assert_eq!(
             *ends.lock().expect("test lock"),
-            vec![(3, StreamEnd::Complete)]
+            vec![(3, Ending::Complete)]
         );
     }
 
@@ -394,7 +381,7 @@ mod tests {
         drop(body);
         assert_eq!(
             *ends.lock().expect("test lock"),
-            vec![(0, StreamEnd::CallerGone)]
+            vec![(0, Ending::Abandoned)]
         );
     }
 
@@ -416,7 +403,7 @@ mod tests {
         drop(body);
         assert_eq!(
             *ends.lock().expect("test lock"),
-            vec![(6, StreamEnd::Complete)]
+            vec![(6, Ending::Complete)]
         );
 
         let (ends, hook) = recorder();
@@ -430,7 +417,7 @@ mod tests {
         drop(body);
         assert_eq!(
             *ends.lock().expect("test lock"),
-            vec![(3, StreamEnd::Complete)]
+            vec![(3, Ending::Complete)]
         );
     }
 
@@ -447,7 +434,7 @@ mod tests {
         drop(body);
         assert_eq!(
             *ends.lock().expect("test lock"),
-            vec![(3, StreamEnd::CallerGone)]
+            vec![(3, Ending::Abandoned)]
         );
     }
 
@@ -525,7 +512,7 @@ mod tests {
         );
         assert!(body.frame().await.is_none(), "the stream ends after it");
         drop(body);
-        assert_eq!(ends.lock().expect("test lock")[0].1, StreamEnd::RelayLost);
+        assert_eq!(ends.lock().expect("test lock")[0].1, Ending::Lost);
     }
 
     #[tokio::test]
@@ -561,10 +548,7 @@ mod tests {
         assert!(error.to_string().contains("stopped answering"));
         assert!(body.frame().await.is_none(), "nothing after the error");
         drop(body);
-        assert_eq!(
-            *ends.lock().expect("test lock"),
-            vec![(5, StreamEnd::RelayLost)]
-        );
+        assert_eq!(*ends.lock().expect("test lock"), vec![(5, Ending::Lost)]);
         drop(chunks_tx);
     }
 }
