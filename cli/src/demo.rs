@@ -252,16 +252,13 @@ impl StartFailure {
 /// The relay keeps its tunnel errors as text only, so the message is checked as well as the
 /// chain of sources ("Address already in use" is the Linux text for EADDRINUSE).
 fn address_in_use(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(err);
-    while let Some(current) = cause {
-        if let Some(io) = current.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::AddrInUse {
-                return true;
-            }
-        }
-        cause = current.source();
-    }
-    err.to_string().contains("Address already in use")
+    let in_use = |cause: &(dyn std::error::Error + 'static)| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)
+    };
+    xpart_daemon::error_chain::chain(err).any(in_use)
+        || err.to_string().contains("Address already in use")
 }
 
 /// Waits until the agent sees the relay through the tunnel, then sends one Converse through

@@ -279,9 +279,9 @@ impl Prober {
                 .and_then(|value| value.to_str().ok())
                 .map(str::to_string)
         };
-        let error_type = header("x-amzn-errortype")
-            .map(|value| value.split(':').next().unwrap_or_default().to_string());
-        let request_id = header("x-amzn-requestid").or_else(|| header("x-xpart-request-id"));
+        let error_type = xpart_bedrock::error_code(response.headers()).map(str::to_owned);
+        let request_id = header(xpart_bedrock::AMZN_REQUEST_ID_HEADER)
+            .or_else(|| header(xpart_bedrock::protocol::REQUEST_ID_HEADER));
         let body = within(deadline, "response", response.into_body().collect())
             .await?
             .map_err(|err| Failure::new("response", err.to_string()))?

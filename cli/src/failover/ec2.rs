@@ -10,6 +10,7 @@ use aws_config::{BehaviorVersion, Region};
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{AttributeBooleanValue, Filter, Tag};
 use aws_sdk_ec2::Client;
+use xpart_daemon::error_chain;
 
 use super::plan::{
     Action, AddressState, InstanceState, InterfaceIp, InterfaceState, Plan, RouteState,
@@ -661,14 +662,14 @@ where
     let message = match &err {
         SdkError::DispatchFailure(failure) if failure.is_io() || failure.is_timeout() => format!(
             "cannot reach the EC2 endpoint: {} — check the network path, security groups and --endpoint-url",
-            root_cause(&err)
+            error_chain::root_cause(&err)
         ),
         SdkError::DispatchFailure(_) if DisplayErrorContext(&err).to_string().contains("no credentials") => {
             "no AWS credentials found (tried the environment, profiles, web identity, container and instance metadata) — set AWS_PROFILE or AWS_ACCESS_KEY_ID, or attach an instance role".to_string()
         }
         SdkError::DispatchFailure(_) => format!(
             "cannot reach the EC2 endpoint or resolve credentials: {} — check --endpoint-url and the credential chain (AWS_PROFILE, instance role)",
-            root_cause(&err)
+            error_chain::root_cause(&err)
         ),
         SdkError::TimeoutError(_) => "the EC2 endpoint did not answer in time; check the network path and --endpoint-url".to_string(),
         _ => service_error_message(&err),
@@ -688,7 +689,7 @@ where
     let detail = err
         .message()
         .map(str::to_string)
-        .unwrap_or_else(|| root_cause(err));
+        .unwrap_or_else(|| error_chain::root_cause(err));
     let hint = match code {
         Some("AuthFailure" | "UnrecognizedClientException" | "InvalidClientTokenId" | "SignatureDoesNotMatch") => {
             "the credentials were rejected; check AWS_PROFILE / the instance role, and that the region is in the credentials' partition (GovCloud keys work only in us-gov-* regions)"
@@ -709,13 +710,4 @@ where
         (Some(code), hint) => format!("{code}: {detail} — {hint}"),
         (None, _) => detail,
     }
-}
-
-/// The innermost error's message: SDK errors wrap the useful part several layers deep.
-fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut current = err;
-    while let Some(source) = current.source() {
-        current = source;
-    }
-    current.to_string()
 }
