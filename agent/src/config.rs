@@ -13,8 +13,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 use xpart_bedrock::Operation;
-use xpart_daemon::config::Diagnostics;
+use xpart_daemon::config::{Diagnostics, Problem, Renamed, Warned};
 use xpart_daemon::tunnel_config::{PeerSection, Side, TunnelMode, TunnelSection};
+use xpart_tunnel::keys::KeyError;
 use xpart_tunnel::{PrivateKey, PublicKey};
 
 use crate::auth::{Principal, DEFAULT_OPERATIONS};
@@ -43,6 +44,9 @@ pub struct AgentConfig {
     /// Where the file was read from (for messages and relative paths).
     #[serde(skip)]
     pub file: PathBuf,
+    /// What loads but should change (old field names), for the log and `--check`.
+    #[serde(skip)]
+    pub warnings: Vec<Problem>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -120,8 +124,11 @@ pub struct HealthSection {
     pub fail_after: u32,
     #[serde(default = "default_rise_after")]
     pub rise_after: u32,
-    #[serde(default = "default_handshake_max_age_s")]
-    pub handshake_max_age_s: u64,
+    #[serde(
+        default = "default_handshake_max_age_secs",
+        alias = "handshake_max_age_s"
+    )]
+    pub handshake_max_age_secs: u64,
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
 }
@@ -130,18 +137,31 @@ impl AgentConfig {
     /// Reads and validates `path`.
     pub fn load(path: impl AsRef<Path>) -> Result<AgentConfig, Diagnostics> {
         let path = path.as_ref();
-        let mut config: AgentConfig = xpart_daemon::config::read_toml(path)?;
-        config.file = path.to_owned();
-        config.validate()?;
-        Ok(config)
+        let text = xpart_daemon::config::read_text(path)?;
+        AgentConfig::parse(&text, path.to_owned())
     }
 
     /// Parses and validates `text`; relative paths resolve against the current directory
     /// and messages name `file_label`.
     pub fn from_toml_str(text: &str, file_label: &str) -> Result<AgentConfig, Diagnostics> {
-        let mut config: AgentConfig = xpart_daemon::config::parse_toml(text, file_label)?;
-        config.file = PathBuf::from(file_label);
-        config.validate()?;
+        AgentConfig::parse(text, PathBuf::from(file_label))
+    }
+
+    fn parse(text: &str, file: PathBuf) -> Result<AgentConfig, Diagnostics> {
+        let label = file.display().to_string();
+        let renamed = xpart_daemon::config::renamed_fields(text, &label, RENAMED);
+        if !renamed.is_empty() {
+            return Err(renamed);
+        }
+        let with_renamed = |mut diagnostics: Diagnostics| {
+            diagnostics.extend(renamed.clone());
+            diagnostics
+        };
+        let mut config: AgentConfig =
+            xpart_daemon::config::parse_toml(text, &label).map_err(with_renamed)?;
+        config.file = file;
+        config.validate().map_err(with_renamed)?;
+        config.warnings = renamed.warnings().to_vec();
         Ok(config)
     }
 
@@ -163,12 +183,10 @@ impl AgentConfig {
         xpart_daemon::config::resolve_path(&self.file, path)
     }
 
-    pub fn private_key(&self) -> Result<PrivateKey, String> {
-        let Some(path) = &self.tunnel.private_key_file else {
-            return Err("no private_key_file".to_owned());
-        };
-        let path = self.resolve(path);
-        xpart_tunnel::keys::read_private_key_file(&path).map_err(|e| e.to_string())
+    /// This side's WireGuard key; `None` when the file names none.
+    pub fn private_key(&self) -> Option<Result<PrivateKey, KeyError>> {
+        let path = self.tunnel.private_key_file.as_ref()?;
+        Some(xpart_tunnel::keys::read_private_key_file(&self.resolve(path)))
     }
 
     pub fn principals(&self) -> Vec<Principal> {
@@ -234,7 +252,7 @@ impl AgentConfig {
             probe_timeout: Duration::from_millis(h.probe_timeout_ms),
             fail_after: h.fail_after,
             rise_after: h.rise_after,
-            handshake_max_age: Duration::from_secs(h.handshake_max_age_s),
+            handshake_max_age: Duration::from_secs(h.handshake_max_age_secs),
         }
     }
 
@@ -257,7 +275,12 @@ impl AgentConfig {
         if self.tunnel.mode == TunnelMode::Host {
             return;
         }
-        if let Err(message) = self.private_key() {
+        let problem = match self.private_key() {
+            None => Some("no private_key_file".to_owned()),
+            Some(Err(error)) => Some(error.to_string()),
+            Some(Ok(_)) => None,
+        };
+        if let Some(message) = problem {
             check.problem(
                 "[tunnel].private_key_file",
                 message,
@@ -510,9 +533,9 @@ impl AgentConfig {
             ("probe_timeout_ms", h.probe_timeout_ms, MAX_HEALTH_MS),
             ("connect_timeout_ms", h.connect_timeout_ms, MAX_HEALTH_MS),
             (
-                "handshake_max_age_s",
-                h.handshake_max_age_s,
-                MAX_HANDSHAKE_AGE_S,
+                "handshake_max_age_secs",
+                h.handshake_max_age_secs,
+                MAX_HANDSHAKE_AGE_SECS,
             ),
         ] {
             if value > max {
@@ -530,6 +553,20 @@ impl AgentConfig {
                 "use 2 (the default)",
             );
         }
+    }
+}
+
+/// Fields whose names changed; the old names load with a warning. Durations end in `_secs`
+/// or `_ms`.
+const RENAMED: &[Renamed] = &[Renamed {
+    table: "health",
+    old: "handshake_max_age_s",
+    new: "handshake_max_age_secs",
+}];
+
+impl Warned for AgentConfig {
+    fn warnings(&self) -> &[Problem] {
+        &self.warnings
     }
 }
 
@@ -584,7 +621,7 @@ impl Default for HealthSection {
             probe_timeout_ms: default_probe_timeout_ms(),
             fail_after: default_fail_after(),
             rise_after: default_rise_after(),
-            handshake_max_age_s: default_handshake_max_age_s(),
+            handshake_max_age_secs: default_handshake_max_age_secs(),
             connect_timeout_ms: default_connect_timeout_ms(),
         }
     }
@@ -598,7 +635,7 @@ const MAX_REQUESTS_PER_SECOND: f64 = 1_000_000.0;
 /// `[health]` bounds: a relay probed less than hourly, or a tunnel handshake a day old, is
 /// no health check at all.
 const MAX_HEALTH_MS: u64 = 3_600_000;
-const MAX_HANDSHAKE_AGE_S: u64 = 86_400;
+const MAX_HANDSHAKE_AGE_SECS: u64 = 86_400;
 
 /// Upper bounds of the `[front]` knobs: beyond them a value is a typo, not a choice.
 const MAX_HANDSHAKE_TIMEOUT_SECS: u64 = 300;
@@ -658,7 +695,7 @@ fn default_fail_after() -> u32 {
 fn default_rise_after() -> u32 {
     2
 }
-fn default_handshake_max_age_s() -> u64 {
+fn default_handshake_max_age_secs() -> u64 {
     180
 }
 fn default_connect_timeout_ms() -> u64 {

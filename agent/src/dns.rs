@@ -36,7 +36,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use xpart_daemon::reload::Live;
 
 use crate::metrics::Metrics;
-use crate::Error;
+use crate::error::StartError;
 
 /// What the DNS server answers, from `[dns]`.
 #[derive(Debug, Clone)]
@@ -61,7 +61,7 @@ pub struct DnsServer {
 }
 
 impl DnsServer {
-    pub async fn start(settings: DnsSettings, metrics: Metrics) -> Result<DnsServer, Error> {
+    pub async fn start(settings: DnsSettings, metrics: Metrics) -> Result<DnsServer, StartError> {
         let (udp, tcp, local_addr) = bind_pair(settings.listen).await?;
         let answerer = Arc::new(Live::new(Answerer::new(&settings, metrics)?));
         let mut server = ServerFuture::new(LiveAnswerer(answerer.clone()));
@@ -93,9 +93,9 @@ impl DnsServer {
 
 /// Binds UDP and TCP on the same address. With port 0 the UDP socket picks the port and TCP
 /// follows it; another process may already hold that TCP port, so a few ports are tried.
-async fn bind_pair(listen: SocketAddr) -> Result<(UdpSocket, TcpListener, SocketAddr), Error> {
-    let bind = |source| Error::Bind {
-        what: "dns",
+async fn bind_pair(listen: SocketAddr) -> Result<(UdpSocket, TcpListener, SocketAddr), StartError> {
+    let bind = |source| StartError::Bind {
+        field: "[dns].listen",
         addr: listen,
         source,
     };
@@ -154,10 +154,10 @@ impl Outcome {
 }
 
 impl Answerer {
-    pub fn new(settings: &DnsSettings, metrics: Metrics) -> Result<Answerer, Error> {
+    pub fn new(settings: &DnsSettings, metrics: Metrics) -> Result<Answerer, StartError> {
         let mut names = HashSet::new();
         for name in &settings.names {
-            let parsed = Name::from_utf8(name).map_err(|e| Error::DnsName {
+            let parsed = Name::from_utf8(name).map_err(|e| StartError::DnsName {
                 name: name.clone(),
                 reason: e.to_string(),
             })?;

@@ -59,7 +59,10 @@ pub async fn handle(
     let mut exchange = begin(&agent, source);
     let http1 = request.version() < http::Version::HTTP_2;
     let api = match openai::Endpoint::of(request.method(), request.uri().path()) {
-        Some(_) => Api::OpenAi,
+        Some(endpoint) => {
+            exchange.record.endpoint = endpoint.ok().map(|e| e.name().to_owned());
+            Api::OpenAi
+        }
         None => Api::Bedrock,
     };
     match steps(&agent, request, &mut exchange).await {
@@ -87,8 +90,8 @@ async fn steps(
 ) -> Result<Response<CallerBody>, RequestError> {
     let principal = authenticate(agent, &request, exchange)?;
     if let Some(endpoint) = openai::Endpoint::of(request.method(), request.uri().path()) {
-        let endpoint = endpoint.map_err(RequestError::OpenAi)?;
-        return openai_chat(agent, request, &principal, exchange, endpoint).await;
+        endpoint.map_err(RequestError::OpenAi)?;
+        return openai_chat(agent, request, &principal, exchange).await;
     }
     let route = route(&request, exchange)?;
     authorize(&principal, &route, exchange)?;
@@ -113,9 +116,7 @@ async fn openai_chat(
     request: Request<Incoming>,
     principal: &Principal,
     exchange: &mut Recorder,
-    endpoint: openai::Endpoint,
 ) -> Result<Response<CallerBody>, RequestError> {
-    exchange.record.endpoint = Some(endpoint.name().to_owned());
     check_declared_length(principal, &request)?;
     let body = read_whole_body(request.into_body(), principal).await?;
     let call = openai::chat::translate_request(&body).map_err(RequestError::OpenAi)?;

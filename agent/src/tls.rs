@@ -15,7 +15,7 @@ use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::Error;
+use crate::error::StartError;
 
 /// The current certificate and where it came from.
 #[derive(Debug)]
@@ -26,7 +26,7 @@ pub struct CertStore {
 }
 
 impl CertStore {
-    pub fn load(cert_file: &Path, key_file: &Path) -> Result<CertStore, Error> {
+    pub fn load(cert_file: &Path, key_file: &Path) -> Result<CertStore, StartError> {
         let key = read_certified_key(cert_file, key_file)?;
         Ok(CertStore {
             cert_file: cert_file.to_owned(),
@@ -36,7 +36,7 @@ impl CertStore {
     }
 
     /// Reads the files again and serves the result to new handshakes.
-    pub fn reload(&self) -> Result<(), Error> {
+    pub fn reload(&self) -> Result<(), StartError> {
         let key = read_certified_key(&self.cert_file, &self.key_file)?;
         let mut current = self
             .current
@@ -72,19 +72,19 @@ impl ResolvesServerCert for CertStore {
 }
 
 /// rustls server settings for the front: ring, TLS 1.2 and 1.3, ALPN h2 then http/1.1.
-pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, Error> {
+pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, StartError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Tls(e.to_string()))?
+        .map_err(StartError::Tls)?
         .with_no_client_auth()
         .with_cert_resolver(store);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 
-fn read_certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, Error> {
-    let cert_error = |reason: String| Error::Certificate {
+fn read_certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, StartError> {
+    let cert_error = |reason: String| StartError::Certificate {
         file: cert_file.to_owned(),
         reason,
     };
@@ -95,12 +95,12 @@ fn read_certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey,
     if certs.is_empty() {
         return Err(cert_error("no PEM certificate in the file".into()));
     }
-    let key_error = |reason: String| Error::Certificate {
+    let key_error = |reason: String| StartError::Certificate {
         file: key_file.to_owned(),
         reason,
     };
     let key_pem = xpart_tunnel::keys::read_owner_only_file(key_file).map_err(|e| {
-        // The key error names the file itself; `Error::Certificate` adds it back, so the
+        // The key error names the file itself; `StartError::Certificate` adds it back, so the
         // message reads exactly as it does for a WireGuard key.
         let message = e.to_string();
         let prefix = format!("{}: ", key_file.display());
@@ -108,7 +108,7 @@ fn read_certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey,
     })?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| key_error(e.to_string()))?;
     let provider: CryptoProvider = rustls::crypto::ring::default_provider();
-    CertifiedKey::from_der(certs, key, &provider).map_err(|e| Error::Certificate {
+    CertifiedKey::from_der(certs, key, &provider).map_err(|e| StartError::Certificate {
         file: key_file.to_owned(),
         reason: format!(
             "key does not fit the certificate in {}: {e}",

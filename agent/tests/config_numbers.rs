@@ -4,7 +4,7 @@
 mod fixture;
 
 use fixture::*;
-use xpart_agent::config::AgentConfig;
+use xpart_agent::AgentConfig;
 use xpart_daemon::config::Diagnostics;
 
 fn check(
@@ -94,7 +94,7 @@ fn front_defaults_are_documented_values() {
     let scratch = Scratch::new("front-defaults");
     let config = check(&scratch, "", "", "").expect("valid");
     let settings = config.front_settings();
-    assert_eq!(settings, xpart_agent::front::FrontSettings::default());
+    assert_eq!(settings, xpart_agent::FrontSettings::default());
     assert_eq!(settings.handshake_timeout.as_secs(), 10);
     assert_eq!(settings.first_request_timeout.as_secs(), 30);
     assert_eq!(settings.idle_timeout.as_secs(), 120);
@@ -109,9 +109,9 @@ fn health_durations_beyond_any_use_are_refused() {
         &scratch,
         "",
         "",
-        "\n[health]\ninterval_ms = 9223372036854775807\nhandshake_max_age_s = 9223372036854775807\n",
+        "\n[health]\ninterval_ms = 9223372036854775807\nhandshake_max_age_secs = 9223372036854775807\n",
     )
     .expect_err("absurd health durations");
     problem(&error, "[health].interval_ms");
-    problem(&error, "[health].handshake_max_age_s");
+    problem(&error, "[health].handshake_max_age_secs");
 }

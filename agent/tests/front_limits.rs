@@ -13,7 +13,6 @@ use bytes::Bytes;
 use fixture::*;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls_pki_types::pem::PemObject;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -336,17 +335,7 @@ async fn tls_connect(
     local: Option<IpAddr>,
     alpn: &str,
 ) -> std::io::Result<TlsStream<TcpStream>> {
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = rustls_pki_types::CertificateDer::from_pem_slice(scratch.ca_pem.as_bytes())
-        .expect("ca pem");
-    roots.add(ca).expect("ca root");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("protocols")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![alpn.as_bytes().to_vec()];
+    let config = scratch.client_tls(alpn);
     let socket = tokio::net::TcpSocket::new_v4()?;
     if let Some(local) = local {
         socket.bind(SocketAddr::new(local, 0))?;

@@ -176,12 +176,8 @@ async fn over_concurrency_is_throttled_and_the_slot_returns() {
     assert_refused(&answer, THROTTLED, "may have 1 in flight");
 
     use http_body_util::BodyExt;
-    let streamed = stream
-        .into_body()
-        .collect()
-        .await
-        .expect("stream")
-        .to_bytes();
+    let streamed = stream.into_body().collect().await.expect("stream");
+    let streamed = streamed.to_bytes();
     assert_eq!(streamed.as_ref(), b"chunk-0;chunk-1;chunk-2;");
     // The slot is freed when the body ends.
     let mut ok = false;

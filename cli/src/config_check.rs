@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Subcommand, ValueEnum};
 use serde::Serialize;
-use xpart_daemon::config::Diagnostics;
+use xpart_daemon::config::{Problem, Warned, WARNING_PREFIX};
 
 use crate::Error;
 
@@ -45,6 +45,8 @@ struct FileReport {
     kind: Option<Kind>,
     ok: bool,
     problems: Vec<ProblemReport>,
+    /// What loads but should change (an old field name); a file with only warnings is ok.
+    warnings: Vec<ProblemReport>,
 }
 
 #[derive(Debug, Serialize)]
@@ -105,18 +107,22 @@ fn check_file(path: &Path, kind: Option<Kind>) -> FileReport {
         );
     };
     let result = match kind {
-        Kind::Agent => xpart_agent::config::AgentConfig::load(path).map(|_| ()),
-        Kind::Relay => xpart_relay::config::RelayConfig::load(path).map(|_| ()),
+        Kind::Agent => xpart_agent::AgentConfig::load(path).map(|c| c.warnings().to_vec()),
+        Kind::Relay => xpart_relay::config::RelayConfig::load(path).map(|c| c.warnings().to_vec()),
     };
-    let problems = match result {
-        Ok(()) => Vec::new(),
-        Err(diagnostics) => problem_reports(&diagnostics),
+    let (problems, warnings) = match result {
+        Ok(warnings) => (Vec::new(), reports(&warnings)),
+        Err(diagnostics) => (
+            reports(diagnostics.problems()),
+            reports(diagnostics.warnings()),
+        ),
     };
     FileReport {
         file,
         kind: Some(kind),
         ok: problems.is_empty(),
         problems,
+        warnings,
     }
 }
 
@@ -139,9 +145,8 @@ fn recognise(text: &str, path: &Path) -> Option<Kind> {
     }
 }
 
-fn problem_reports(diagnostics: &Diagnostics) -> Vec<ProblemReport> {
-    diagnostics
-        .problems()
+fn reports(problems: &[Problem]) -> Vec<ProblemReport> {
+    problems
         .iter()
         .map(|problem| ProblemReport {
             field: problem.field.clone(),
@@ -171,6 +176,7 @@ fn file_problem(file: String, kind: Option<Kind>, message: String, fix: String) 
             column: None,
             text,
         }],
+        warnings: Vec::new(),
     }
 }
 
@@ -183,15 +189,18 @@ fn print_reports(reports: &[FileReport]) {
         };
         if report.ok {
             println!("{}: ok ({kind} configuration)", report.file);
-            continue;
+        } else {
+            println!(
+                "{}: {} problem(s) ({kind} configuration)",
+                report.file,
+                report.problems.len()
+            );
         }
-        println!(
-            "{}: {} problem(s) ({kind} configuration)",
-            report.file,
-            report.problems.len()
-        );
         for problem in &report.problems {
             println!("  {}", problem.text);
+        }
+        for warning in &report.warnings {
+            println!("  {WARNING_PREFIX}{}", warning.text);
         }
     }
 }

@@ -78,14 +78,7 @@ fn run_with(
     let dir = material::prepare_dir(args.dir.as_deref())?;
     let material = material::generate(&dir)?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|err| Error::Io {
-            context: "starting the async runtime".into(),
-            source: err,
-        })?;
+    let runtime = crate::runtime(tokio::runtime::Builder::new_multi_thread().worker_threads(2))?;
     runtime.block_on(async {
         let (daemons, ports) = start_daemons(&args, &material, ports, occupy).await?;
         let guide = Guide::new(&material, &ports);

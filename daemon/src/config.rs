@@ -56,11 +56,13 @@ impl fmt::Display for Problem {
     }
 }
 
-/// Every problem found in one configuration file.
+/// Every problem found in one configuration file, and the warnings about things that still
+/// load but should change (an old field name).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostics {
     file: String,
     problems: Vec<Problem>,
+    warnings: Vec<Problem>,
 }
 
 impl Diagnostics {
@@ -69,6 +71,7 @@ impl Diagnostics {
         Diagnostics {
             file: file.into(),
             problems: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 
@@ -97,9 +100,26 @@ impl Diagnostics {
         self.problems.push(problem);
     }
 
-    /// Take over every problem of `other`.
+    /// Record something that loads but should change; it does not make the file invalid.
+    pub fn warn(
+        &mut self,
+        field: impl Into<String>,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) {
+        self.warnings.push(Problem {
+            file: self.file.clone(),
+            field: field.into(),
+            message: message.into(),
+            fix: fix.into(),
+            location: None,
+        });
+    }
+
+    /// Take over every problem and warning of `other`.
     pub fn extend(&mut self, other: Diagnostics) {
         self.problems.extend(other.problems);
+        self.warnings.extend(other.warnings);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -114,6 +134,10 @@ impl Diagnostics {
         &self.problems
     }
 
+    pub fn warnings(&self) -> &[Problem] {
+        &self.warnings
+    }
+
     /// Fill in the line and column of problems that have none, from the file's text,
     /// for fields written the way this module writes them (`[policy].operations[2]`,
     /// `[[relay]][0].endpoint`). Fields that are not in the text stay without a location.
@@ -121,7 +145,7 @@ impl Diagnostics {
         let Ok(document) = ImDocument::parse(text) else {
             return;
         };
-        for problem in &mut self.problems {
+        for problem in self.problems.iter_mut().chain(&mut self.warnings) {
             if problem.location.is_some() {
                 continue;
             }
@@ -150,8 +174,91 @@ impl fmt::Display for Diagnostics {
             }
             write!(f, "{problem}")?;
         }
+        for (i, warning) in self.warnings.iter().enumerate() {
+            if i > 0 || !self.problems.is_empty() {
+                f.write_str("\n")?;
+            }
+            write!(f, "{WARNING_PREFIX}{warning}")?;
+        }
         Ok(())
     }
+}
+
+/// Starts a warning's line wherever warnings are printed beside problems.
+pub const WARNING_PREFIX: &str = "warning: ";
+
+/// A loaded configuration that may carry warnings (see [`Diagnostics::warn`]), which the
+/// daemon logs when it loads the file and `--check` and `xpart config check` print.
+pub trait Warned {
+    fn warnings(&self) -> &[Problem];
+}
+
+/// Log each warning of a loaded file, with its file, field and fix.
+pub fn log_warnings(warnings: &[Problem]) {
+    for warning in warnings {
+        tracing::warn!(
+            file = %warning.file,
+            field = %warning.field,
+            fix = %warning.fix,
+            "configuration warning: {warning}"
+        );
+    }
+}
+
+/// A field whose name changed. The old name still loads (the field carries
+/// `#[serde(alias = "old")]`); [`renamed_fields`] warns about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Renamed {
+    /// The top-level table (or array of tables) the field is in, e.g. `"health"`.
+    pub table: &'static str,
+    pub old: &'static str,
+    pub new: &'static str,
+}
+
+/// A warning for each old name in `text` that names its new one, and a problem for each
+/// table that has both (serde would only say "duplicate field"). Text that is not TOML gives
+/// nothing: deserialization reports it.
+pub fn renamed_fields(text: &str, file: &str, renamed: &[Renamed]) -> Diagnostics {
+    let mut found = Diagnostics::new(file);
+    let Ok(document) = ImDocument::parse(text) else {
+        return found;
+    };
+    for rename in renamed {
+        let Some(item) = document.get(rename.table) else {
+            continue;
+        };
+        let tables: Vec<(String, &dyn TableLike)> = match item {
+            Item::ArrayOfTables(array) => array
+                .iter()
+                .enumerate()
+                .map(|(i, table)| (format!("[[{}]][{i}]", rename.table), table as &dyn TableLike))
+                .collect(),
+            other => match other.as_table_like() {
+                Some(table) => vec![(format!("[{}]", rename.table), table)],
+                None => Vec::new(),
+            },
+        };
+        for (name, table) in tables {
+            let has_old = table.contains_key(rename.old);
+            let has_new = table.contains_key(rename.new);
+            let (old, new) = (rename.old, rename.new);
+            match (has_old, has_new) {
+                (true, true) => found.push(
+                    format!("{name}.{old}"),
+                    format!("both {old} (its old name) and {new} are set"),
+                    format!("keep only {new}"),
+                ),
+                (true, false) => found.warn(
+                    format!("{name}.{old}"),
+                    format!("{old} is deprecated; it is now called {new}"),
+                    format!("rename {old} to {new}"),
+                ),
+                (false, _) => {}
+            }
+        }
+    }
+    found.locate_in(text);
+    found
 }
 
 impl std::error::Error for Diagnostics {}
@@ -159,9 +266,16 @@ impl std::error::Error for Diagnostics {}
 /// Read and deserialize a TOML file. Problems name the file as `path` is displayed.
 pub fn read_toml<T: DeserializeOwned>(path: impl AsRef<Path>) -> Result<T, Diagnostics> {
     let path = path.as_ref();
+    let text = read_text(path)?;
+    parse_toml(&text, &path.display().to_string())
+}
+
+/// A configuration file's text; a file that cannot be read is a problem naming it as `path`
+/// is displayed, with what to do.
+pub fn read_text(path: &Path) -> Result<String, Diagnostics> {
     let label = path.display().to_string();
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text),
         Err(err) => {
             let mut diagnostics = Diagnostics::new(&label);
             let fix = match err.kind() {
@@ -172,10 +286,9 @@ pub fn read_toml<T: DeserializeOwned>(path: impl AsRef<Path>) -> Result<T, Diagn
                 _ => "make the path a readable UTF-8 text file",
             };
             diagnostics.push("", format!("cannot read the file: {err}"), fix);
-            return Err(diagnostics);
+            Err(diagnostics)
         }
-    };
-    parse_toml(&text, &label)
+    }
 }
 
 /// Deserialize TOML text; `file` is the name used in problems.
@@ -548,6 +661,77 @@ fn location(text: &str, offset: usize) -> Option<Location> {
 mod tests {
     use super::*;
     use serde::Deserialize;
+
+    const RENAMED: &[Renamed] = &[Renamed {
+        table: "health",
+        old: "max_age_s",
+        new: "max_age_secs",
+    }];
+
+    #[test]
+    fn an_old_field_name_is_a_warning_naming_the_new_one_with_its_line() {
+        let found = renamed_fields("[health]\nmax_age_s = 5\n", "agent.toml", RENAMED);
+
+        assert!(found.is_empty());
+        let [warning] = found.warnings() else {
+            panic!("one warning expected: {found:?}");
+        };
+        assert_eq!(warning.field, "[health].max_age_s");
+        assert!(warning.message.contains("max_age_secs"), "{warning}");
+        assert_eq!(warning.fix, "rename max_age_s to max_age_secs");
+        assert_eq!(warning.location, Some(Location { line: 2, column: 1 }));
+    }
+
+    #[test]
+    fn the_new_field_name_gives_no_warning() {
+        let found = renamed_fields("[health]\nmax_age_secs = 5\n", "agent.toml", RENAMED);
+
+        assert!(found.is_empty());
+        assert!(found.warnings().is_empty());
+    }
+
+    #[test]
+    fn both_names_in_one_table_is_a_problem() {
+        let text = "[health]\nmax_age_s = 5\nmax_age_secs = 6\n";
+
+        let found = renamed_fields(text, "agent.toml", RENAMED);
+
+        let [problem] = found.problems() else {
+            panic!("one problem expected: {found:?}");
+        };
+        assert_eq!(problem.field, "[health].max_age_s");
+        assert_eq!(problem.fix, "keep only max_age_secs");
+    }
+
+    #[test]
+    fn old_names_are_found_in_each_table_of_an_array() {
+        let renamed = [Renamed {
+            table: "relay",
+            old: "a_s",
+            new: "a_secs",
+        }];
+        let text = "[[relay]]\nname = \"x\"\n[[relay]]\na_s = 1\n";
+
+        let found = renamed_fields(text, "agent.toml", &renamed);
+
+        let fields: Vec<&str> = found.warnings().iter().map(|w| w.field.as_str()).collect();
+        assert_eq!(fields, ["[[relay]][1].a_s"]);
+    }
+
+    #[test]
+    fn warnings_print_after_problems_marked_as_warnings() {
+        let mut diagnostics = Diagnostics::new("agent.toml");
+        diagnostics.warn("[health].a_s", "old", "rename");
+        diagnostics.push("[front].listen", "bad", "fix it");
+
+        let text = diagnostics.to_string();
+
+        assert_eq!(
+            text,
+            "agent.toml: [front].listen: bad — fix: fix it\nwarning: agent.toml: [health].a_s: old — fix: rename"
+        );
+        assert!(diagnostics.into_result(()).is_err());
+    }
 
     #[test]
     fn relative_paths_resolve_against_the_config_files_directory() {

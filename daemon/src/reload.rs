@@ -20,7 +20,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::audit::AuditLog;
-use crate::config::Diagnostics;
+use crate::config::{Diagnostics, Warned};
 use crate::shutdown::{Asked, Signals, Stop};
 
 /// A value the daemon swaps whole on reload while requests keep reading it.
@@ -54,7 +54,7 @@ impl<T: std::fmt::Debug> std::fmt::Debug for Live<T> {
 
 /// A daemon that can take a new configuration while it runs.
 pub trait Reloadable {
-    type Config;
+    type Config: Warned;
 
     /// Read and validate the configuration file.
     fn load(&self, file: &Path) -> Result<Self::Config, Diagnostics>;
@@ -106,7 +106,10 @@ pub async fn reload<D: Reloadable>(daemon: &D, file: &Path) -> Result<Applied, D
     if let Err(error) = daemon.audit().reopen().await {
         tracing::error!(%error, "cannot reopen the audit log; records go to the file already open");
     }
-    let applied = daemon.load(file).and_then(|config| daemon.apply(config));
+    let applied = daemon.load(file).and_then(|config| {
+        crate::config::log_warnings(config.warnings());
+        daemon.apply(config)
+    });
     match &applied {
         Ok(applied) => {
             tracing::info!(
@@ -168,6 +171,12 @@ mod tests {
         value: Live<u32>,
         audit: AuditLog,
         next: Mutex<Result<u32, Diagnostics>>,
+    }
+
+    impl crate::config::Warned for u32 {
+        fn warnings(&self) -> &[crate::config::Problem] {
+            &[]
+        }
     }
 
     impl Reloadable for Counter {

@@ -57,13 +57,13 @@ models = ["*"]
 fn valid_relay(agent_public: &str) -> String {
     relay_toml("userspace", "relay.key", agent_public)
         + r#"
-[upstream]
-region = "us-east-1"
-endpoint = "https://bedrock-runtime.us-east-1.amazonaws.com"
-
 [policy]
 operations = ["Converse", "ConverseStream"]
 models = ["*"]
+
+[upstream]
+region = "us-east-1"
+endpoint = "https://bedrock-runtime.us-east-1.amazonaws.com"
 "#
 }
 
@@ -174,4 +174,39 @@ fn missing_and_unrecognisable_files_are_problems_too() {
     run.says("absent.toml: no such file");
     run.says("--kind agent or --kind relay");
     check(&[]).fails_with(2);
+}
+
+#[test]
+fn an_old_duration_name_passes_with_a_warning_naming_old_and_new() {
+    let dir = Scratch::new();
+    let (_, relay_public) = material(&dir);
+    let old = valid_agent(&relay_public) + "\n[health]\nhandshake_max_age_s = 90\n";
+    dir.write("agent.toml", &old);
+
+    let run = check(&[&dir.arg("agent.toml")]).ok();
+    run.says("agent.toml: ok (agent configuration)");
+    run.says("warning: ");
+    run.says("[health].handshake_max_age_s");
+    run.says("rename handshake_max_age_s to handshake_max_age_secs");
+
+    let report = check_json(&[&dir.arg("agent.toml")]).ok().json();
+    let file = &report["files"][0];
+    assert_eq!(file["ok"], true);
+    assert_eq!(
+        file["warnings"][0]["field"], "[health].handshake_max_age_s",
+        "{file}"
+    );
+    assert_eq!(report["problems"].as_u64(), Some(0));
+}
+
+#[test]
+fn the_new_duration_name_passes_without_a_warning() {
+    let dir = Scratch::new();
+    let (_, relay_public) = material(&dir);
+    let new = valid_agent(&relay_public) + "\n[health]\nhandshake_max_age_secs = 90\n";
+    dir.write("agent.toml", &new);
+
+    let run = check(&[&dir.arg("agent.toml")]).ok();
+
+    assert!(!run.stdout.contains("warning"), "{}", run.stdout);
 }

@@ -1,0 +1,92 @@
+//! Durations end in `_secs` or `_ms`. A field's old name (`[health] handshake_max_age_s`)
+//! still loads, with a warning that names the old and the new field; the new name loads
+//! silently; both at once is a problem.
+
+mod fixture;
+
+use std::time::Duration;
+
+use fixture::*;
+use xpart_agent::AgentConfig;
+use xpart_daemon::config::{Diagnostics, Warned};
+
+fn load(scratch: &Scratch, health: &str) -> Result<AgentConfig, Diagnostics> {
+    let relay = format!(
+        "\n[[relay]]\nname = \"relay-a\"\npublic_key = \"{}\"\nendpoint = \"127.0.0.1:51820\"\ntunnel_address = \"127.0.0.1\"\n[health]\n{health}",
+        xpart_tunnel::PrivateKey::generate().public_key().to_base64()
+    );
+    let extra = format!("{}{relay}", token_principal(""));
+    let path = scratch.path("agent.toml");
+    std::fs::write(&path, agent_toml(scratch, &[], &extra)).unwrap();
+    AgentConfig::load(&path)
+}
+
+#[test]
+fn the_old_name_loads_with_a_warning_naming_old_and_new() {
+    let scratch = Scratch::new("renamed-old");
+
+    let config = load(&scratch, "handshake_max_age_s = 90\n").expect("the old name still loads");
+
+    assert_eq!(
+        config.health_settings().handshake_max_age,
+        Duration::from_secs(90)
+    );
+    let [warning] = config.warnings() else {
+        panic!("one warning expected: {:?}", config.warnings());
+    };
+    assert_eq!(warning.field, "[health].handshake_max_age_s");
+    assert!(
+        warning.message.contains("handshake_max_age_secs"),
+        "{warning}"
+    );
+    assert_eq!(
+        warning.fix,
+        "rename handshake_max_age_s to handshake_max_age_secs"
+    );
+    assert!(warning.location.is_some(), "{warning}");
+}
+
+#[test]
+fn the_new_name_loads_without_a_warning() {
+    let scratch = Scratch::new("renamed-new");
+
+    let config = load(&scratch, "handshake_max_age_secs = 90\n").expect("loads");
+
+    assert_eq!(
+        config.health_settings().handshake_max_age,
+        Duration::from_secs(90)
+    );
+    assert!(config.warnings().is_empty(), "{:?}", config.warnings());
+}
+
+#[test]
+fn both_names_at_once_are_refused() {
+    let scratch = Scratch::new("renamed-both");
+
+    let error = load(
+        &scratch,
+        "handshake_max_age_s = 90\nhandshake_max_age_secs = 120\n",
+    )
+    .expect_err("both names set");
+
+    let [problem] = error.problems() else {
+        panic!("one problem expected: {error}");
+    };
+    assert_eq!(problem.field, "[health].handshake_max_age_s");
+    assert_eq!(problem.fix, "keep only handshake_max_age_secs");
+}
+
+#[test]
+fn an_old_name_in_a_file_with_problems_is_reported_beside_them() {
+    let scratch = Scratch::new("renamed-with-problem");
+
+    let error = load(&scratch, "handshake_max_age_s = 90\ninterval_ms = 0\n")
+        .expect_err("interval_ms = 0 is refused");
+
+    assert!(
+        error.problems().iter().any(|p| p.field == "[health]"),
+        "{error}"
+    );
+    assert_eq!(error.warnings().len(), 1, "{error}");
+    assert!(error.to_string().contains("warning: "), "{error}");
+}
