@@ -19,11 +19,7 @@ fn relay_of(answer: &Answer) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_primary_under_load_moves_traffic_within_three_seconds() {
     let (scratch, a, _b, agent) = agent_with_two_healthy_relays("failover-kill").await;
-    let mut probe = Caller::connect(&scratch, agent.front_addr(), false).await;
-    assert_eq!(
-        relay_of(&probe.post(CONVERSE, Some(TOKEN), b"{}").await),
-        "relay-a"
-    );
+    let mut probe = caller_served_by_primary(&scratch, &agent).await;
 
     let front = agent.front_addr();
     let scratch = Arc::new(scratch);
@@ -208,11 +204,7 @@ async fn blackhole(port: u16) -> (tokio::net::TcpListener, Vec<tokio::net::TcpSt
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_to_an_unreachable_relay_do_not_queue_for_connects() {
     let (scratch, a, _b, agent) = agent_with_two_healthy_relays("failover-blackhole").await;
-    let mut first = Caller::connect(&scratch, agent.front_addr(), false).await;
-    assert_eq!(
-        relay_of(&first.post(CONVERSE, Some(TOKEN), b"{}").await),
-        "relay-a"
-    );
+    let mut first = caller_served_by_primary(&scratch, &agent).await;
 
     a.kill();
     let _hole = blackhole(a.addr.port()).await;
@@ -252,6 +244,14 @@ async fn concurrent_requests_to_an_unreachable_relay_do_not_queue_for_connects()
 
 /// An agent in front of two fake relays, `relay-a` first in priority order, once both are
 /// healthy, so that traffic goes to `relay-a`.
+/// A caller whose first request relay-a, the primary, answered.
+async fn caller_served_by_primary(scratch: &Scratch, agent: &AgentHandle) -> Caller {
+    let mut caller = Caller::connect(scratch, agent.front_addr(), false).await;
+    let answer = caller.post(CONVERSE, Some(TOKEN), b"{}").await;
+    assert_eq!(relay_of(&answer), "relay-a");
+    caller
+}
+
 async fn agent_with_two_healthy_relays(test: &str) -> (Scratch, FakeRelay, FakeRelay, AgentHandle) {
     let scratch = Scratch::new(test);
     let a = FakeRelay::start("relay-a").await;

@@ -152,14 +152,15 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
 fn block_on<F: std::future::Future<Output = Result<ExitCode, Error>>>(
     future: F,
 ) -> Result<ExitCode, Error> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|err| Error::Io {
-            context: "starting the async runtime".into(),
-            source: err,
-        })?;
-    runtime.block_on(future)
+    runtime(&mut tokio::runtime::Builder::new_current_thread())?.block_on(future)
+}
+
+/// The runtime `builder` describes, with IO and timers on.
+fn runtime(builder: &mut tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, Error> {
+    builder.enable_all().build().map_err(|err| Error::Io {
+        context: "starting the async runtime".into(),
+        source: err,
+    })
 }
 
 /// Logs go to stderr so stdout stays the report; `RUST_LOG` overrides the default `warn`.

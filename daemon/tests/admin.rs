@@ -80,12 +80,10 @@ async fn call(
     path: &str,
     body: &'static str,
 ) -> (StatusCode, http::HeaderMap, String) {
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to the admin server");
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("HTTP/1.1 handshake with the admin server");
+    let stream = tokio::net::TcpStream::connect(addr).await;
+    let io = TokioIo::new(stream.expect("connect to the admin server"));
+    let handshake = hyper::client::conn::http1::handshake(io).await;
+    let (mut sender, connection) = handshake.expect("HTTP/1.1 handshake with the admin server");
     tokio::spawn(connection);
     let request = Request::builder()
         .method(method)
@@ -94,16 +92,14 @@ async fn call(
         .body(Full::new(Bytes::from_static(body.as_bytes())))
         .expect("admin request");
     let response = sender.send_request(request).await.expect("admin response");
-    let status = response.status();
-    let headers = response.headers().clone();
-    let body = response
-        .into_body()
+    let (head, body) = response.into_parts();
+    let body = body
         .collect()
         .await
         .expect("admin response body")
         .to_bytes();
     let body = String::from_utf8(body.to_vec()).expect("admin answers in UTF-8");
-    (status, headers, body)
+    (head.status, head.headers, body)
 }
 
 fn loopback() -> SocketAddr {

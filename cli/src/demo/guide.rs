@@ -121,26 +121,41 @@ impl Guide {
         for line in self.export_lines() {
             println!("{line}");
         }
-        println!();
-        println!("AWS CLI:");
-        println!("{}", self.aws_converse);
-        println!();
-        println!("boto3 (1.39 or later sends AWS_BEARER_TOKEN_BEDROCK as a bearer token), Converse and ConverseStream:");
-        println!("{}", self.boto3_converse);
-        println!("{}", self.boto3_converse_stream);
-        println!();
-        println!("xpart (probe reads AWS_CA_BUNDLE and AWS_BEARER_TOKEN_BEDROCK):");
-        println!("{}", self.xpart_probe);
-        println!("{}", self.xpart_status);
-        println!();
-        println!("Admin:");
-        println!("  agent  {0}/metrics  {0}/status", self.agent_admin);
-        println!("  relay  {0}/metrics  {0}/status", self.relay_admin);
-        println!();
-        println!("The same daemons by hand, after stopping the demo (two shells):");
-        println!("  {}", self.run_relay);
-        println!("  {}", self.run_agent);
-        println!();
+        let Guide {
+            aws_converse,
+            boto3_converse,
+            boto3_converse_stream,
+            xpart_probe,
+            xpart_status,
+            agent_admin,
+            relay_admin,
+            run_relay,
+            run_agent,
+            ..
+        } = self;
+        print!(
+            "
+AWS CLI:
+{aws_converse}
+
+boto3 (1.39 or later sends AWS_BEARER_TOKEN_BEDROCK as a bearer token), Converse and ConverseStream:
+{boto3_converse}
+{boto3_converse_stream}
+
+xpart (probe reads AWS_CA_BUNDLE and AWS_BEARER_TOKEN_BEDROCK):
+{xpart_probe}
+{xpart_status}
+
+Admin:
+  agent  {agent_admin}/metrics  {agent_admin}/status
+  relay  {relay_admin}/metrics  {relay_admin}/status
+
+The same daemons by hand, after stopping the demo (two shells):
+  {run_relay}
+  {run_agent}
+
+"
+        );
     }
 
     pub fn to_json(&self, outcome: &ProbeOutcome, echoed: bool) -> serde_json::Value {

@@ -114,21 +114,7 @@ fn issue_names_the_bedrock_endpoints_and_agent_ips_and_chains_to_the_ca() {
 
 #[test]
 fn issue_without_a_ca_says_to_run_init() {
-    let dir = Scratch::new();
-    let run = xpart(&[
-        "ca",
-        "issue",
-        "--ca-dir",
-        &dir.arg("none"),
-        "--region",
-        "us-east-1",
-        "--out",
-        &dir.arg("front"),
-    ])
-    .fails_with(2);
-    run.complains("xpart ca init");
-    assert!(!dir.path("front.pem").exists());
-    assert!(!dir.path("front.key").exists());
+    assert_issue_refused(&Scratch::new(), "xpart ca init");
 }
 
 #[test]
@@ -136,9 +122,7 @@ fn issue_refuses_a_ca_key_readable_by_others() {
     let dir = Scratch::new();
     init_ca(&dir);
     chmod(&dir.path("ca/ca.key"), 0o644);
-    let run = issue(&dir, &["--region", "us-east-1"]).fails_with(2);
-    run.complains("chmod 600");
-    assert!(!dir.path("front.pem").exists());
+    assert_issue_refused(&dir, "chmod 600");
 }
 
 #[test]
@@ -147,8 +131,16 @@ fn issue_refuses_a_key_from_another_ca() {
     init_ca(&dir);
     xpart(&["ca", "init", "--dir", &dir.arg("other")]).ok();
     std::fs::copy(dir.path("other/ca.key"), dir.path("ca/ca.key")).unwrap();
-    let run = issue(&dir, &["--region", "us-east-1"]).fails_with(2);
-    run.complains("does not belong");
+    assert_issue_refused(&dir, "does not belong");
+}
+
+/// `ca issue` for us-east-1 fails, says `reason`, and writes neither file.
+#[track_caller]
+fn assert_issue_refused(dir: &Scratch, reason: &str) {
+    issue(dir, &["--region", "us-east-1"])
+        .fails_with(2)
+        .complains(reason);
+    assert!(!dir.path("front.pem").exists());
     assert!(!dir.path("front.key").exists());
 }
 
