@@ -4,13 +4,13 @@
 //! [`AdminHandler::extra`] (the relay's `POST /drain`, for instance).
 //!
 //! The daemon supplies the content through an [`AdminHandler`]; this module owns the
-//! listener, HTTP/1.1, routing and the response shapes. Both daemons export the tunnel the
+//! listener, routing and the response shapes, served by [`crate::serve`] with
+//! [`Limits::admin`] (HTTP/1.1, modest connection caps, a request expected at once). Both daemons export the tunnel the
 //! same way: [`register_tunnel_peers`] and [`register_tunnel_drops`] for `/metrics`, and
 //! [`tunnel_peers_json`] and [`tunnel_dropped_json`] for `/status` (`tunnel.peers`,
 //! `tunnel.dropped`), so dashboards, alerts and `xpart status` read one shape.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,22 +22,17 @@ use http::header::{ALLOW, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use xpart_tunnel::PeerStats;
+
+use crate::serve::Limits;
 
 /// Largest request body an admin route accepts.
 pub const MAX_ADMIN_BODY_BYTES: usize = 64 * 1024;
-
-/// How long a client may take to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Every datagram or packet the tunnel dropped, by reason (`xpart_tunnel::DropReason` names,
 /// a fixed set), whether or not a peer could be named; the per-peer share is also in each
@@ -334,8 +329,9 @@ impl Collector for TunnelDrops {
     }
 }
 
-/// Bind `listen` and serve the admin routes from `handler`. Must be called inside a Tokio
-/// runtime; binding errors (address in use, permission) are returned at once.
+/// Bind `listen` and serve the admin routes from `handler` ([`crate::serve`] with
+/// [`Limits::admin`]). Must be called inside a Tokio runtime; binding errors (address in use,
+/// permission) are returned at once.
 pub fn serve(listen: SocketAddr, handler: Arc<dyn AdminHandler>) -> io::Result<AdminServer> {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return Err(io::Error::other("the admin server needs a Tokio runtime"));
@@ -348,61 +344,21 @@ pub fn serve(listen: SocketAddr, handler: Arc<dyn AdminHandler>) -> io::Result<A
         TcpListener::from_std(std_listener)?
     };
     let (stop, stopped) = watch::channel(false);
-    let task = runtime.spawn(accept_loop(listener, handler, stopped));
+    let answer = move |request, _peer| {
+        let handler = handler.clone();
+        async move { route(handler.as_ref(), request).await }
+    };
+    let task = runtime.spawn(crate::serve::serve(
+        listener,
+        answer,
+        Limits::admin(),
+        stopped,
+    ));
     Ok(AdminServer {
         local_addr,
         stop,
         task: Some(task),
     })
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    handler: Arc<dyn AdminHandler>,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            changed = stopped.changed() => {
-                // A send of `true` or a dropped sender both mean stop.
-                if changed.is_err() || *stopped.borrow() {
-                    break;
-                }
-            }
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _peer)) => stream,
-                    Err(err) => {
-                        // Per-connection failures (the peer reset before accept, fd
-                        // exhaustion) must not end the server; back off briefly.
-                        tracing::warn!(error = %err, "admin accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let handler = handler.clone();
-                connections.spawn(serve_connection(stream, handler));
-            }
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
-    }
-    connections.shutdown().await;
-}
-
-async fn serve_connection(stream: tokio::net::TcpStream, handler: Arc<dyn AdminHandler>) {
-    let service = service_fn(move |request| {
-        let handler = handler.clone();
-        async move { Ok::<_, Infallible>(route(handler.as_ref(), request).await) }
-    });
-    let result = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
-    if let Err(err) = result {
-        tracing::debug!(error = %err, "admin connection ended with an error");
-    }
 }
 
 /// Dispatch one admin request.

@@ -8,7 +8,11 @@
 //! `--check`; [`config`] reads TOML into the daemon's typed config and collects every problem
 //! into [`config::Diagnostics`]; [`tunnel_config::tunnel_config`] turns the `[tunnel]` section
 //! and the peer tables into the WireGuard configuration; [`logging::init`] sets up tracing.
-//! While running, [`admin::serve`] runs `/metrics`, `/healthz`, `/readyz`, `/status` and
+//! [`startup::run`] is a daemon's whole life given its [`startup::Daemon`] description: load,
+//! `--check`, logging, start, the `listening` line, signals, shutdown. Every HTTP listener (the
+//! agent's TLS front, the relay's service address, both admin ports) is [`serve::serve`]: one
+//! accept loop with connection caps, handshake, first-request and idle deadlines, and graceful
+//! shutdown. While running, [`admin::serve`] runs `/metrics`, `/healthz`, `/readyz`, `/status` and
 //! daemon-specific routes; [`shutdown`] turns SIGINT/SIGTERM and SIGHUP into futures, and
 //! [`reload::run`] is both daemons' signal loop (SIGHUP reopens the audit log and applies the
 //! parts of a new configuration that change live, held in [`reload::Live`]). Per request: the
@@ -40,6 +44,7 @@ pub mod logging;
 pub mod record;
 pub mod reload;
 pub mod request_id;
+pub mod serve;
 pub mod shutdown;
 pub mod startup;
 pub mod tunnel_config;

@@ -274,6 +274,33 @@ impl Reloadable for RelayHandle {
     }
 }
 
+impl xpart_daemon::startup::Daemon for RelayHandle {
+    const SERVICE: &'static str = "relay";
+    const PROGRAM: &'static str = "xpart-relay";
+
+    type StartError = StartError;
+
+    fn load_file(file: &std::path::Path) -> Result<RelayConfig, Diagnostics> {
+        RelayConfig::load(file)
+    }
+
+    async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
+        start(config).await
+    }
+
+    fn listening(&self) -> Vec<(&'static str, Option<SocketAddr>)> {
+        vec![
+            ("service", Some(self.service_addr())),
+            ("admin", self.admin_addr()),
+            ("udp", self.udp_addr()),
+        ]
+    }
+
+    async fn shutdown(self) {
+        RelayHandle::shutdown(self).await;
+    }
+}
+
 fn rewriter(config: &RelayConfig) -> Rewriter {
     Rewriter::new(
         config.rewrite.rules.clone(),

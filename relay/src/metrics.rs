@@ -106,11 +106,6 @@ impl Metrics {
         self.in_flight.inc();
     }
 
-    /// Requests begun and not yet finished (their responses included).
-    pub fn in_flight(&self) -> i64 {
-        self.in_flight.get()
-    }
-
     pub fn finished(&self, operation: &str, model: &str, status: u16, latency: Duration) {
         self.in_flight.dec();
         self.requests

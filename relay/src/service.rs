@@ -14,14 +14,11 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
 use xpart_bedrock::AMZN_REQUEST_ID_HEADER;
 use xpart_bedrock::{error_code, strip_hop_by_hop, ModelId, Route, MAX_BODY_BYTES};
 use xpart_bedrock::protocol::{HEALTH_PATH, REQUEST_ID_HEADER};
+use xpart_daemon::serve::{ConnectionMetrics, Limits, Server};
 use xpart_tunnel::TcpListener;
 
 use crate::admission::{self, Admitted, Policy, Rewriter, Rules, Target};
@@ -37,65 +34,40 @@ pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 /// Largest upstream error body read to look for the on-demand refusal.
 const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 
-/// Accept connections until `stop` turns true; then stop accepting, let requests in flight
-/// finish for up to `grace` (idle connections close at once), and cut what remains.
+/// Serves the relay's service address ([`xpart_daemon::serve`], its default limits) until
+/// `stop` turns true; then stops accepting, lets requests in flight finish for up to `grace`
+/// (idle connections close at once), and cuts what remains. Connections are counted in
+/// `xpart_relay_service_connections_*`.
 pub async fn serve(
     listener: TcpListener,
     relay: Arc<Relay>,
     grace: Duration,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = stop.changed() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((conn, peer)) => {
-                    let relay = relay.clone();
-                    let service = hyper::service::service_fn(move |request| handle(relay.clone(), peer, request));
-                    let connection = builder.serve_connection(TokioIo::new(conn), service).into_owned();
-                    let watched = graceful.watch(connection);
-                    connections.spawn(async move {
-                        if let Err(err) = watched.await {
-                            tracing::debug!(%peer, "service connection ended: {err}");
-                        }
-                    });
-                }
-                Err(err) => {
-                    tracing::warn!("service listener: accept failed: {err}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+    let limits = Limits {
+        shutdown_grace: grace,
+        ..Limits::default()
+    };
+    let mut server = Server::new(limits);
+    match ConnectionMetrics::new("xpart_relay_service", "Agent") {
+        Ok(metrics) => {
+            if let Err(error) = metrics.register(&relay.metrics.registry) {
+                tracing::warn!(%error, "service connection metrics not registered");
+            }
+            server = server.metrics(metrics);
         }
+        Err(error) => tracing::warn!(%error, "service connection metrics not defined"),
     }
-    drop(listener);
-    tokio::select! {
-        finished = tokio::time::timeout(grace, graceful.shutdown()) => {
-            if finished.is_err() {
-                tracing::warn!(
-                    "requests still running {} s after shutdown began; stopping them",
-                    grace.as_secs()
-                );
+    let answer = move |request, peer| {
+        let relay = relay.clone();
+        async move {
+            match handle(relay, peer, request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
             }
         }
-        _ = nothing_in_flight(&relay) => {}
-    }
-    connections.abort_all();
-}
-
-/// Resolves once no request is in flight. The connections left are then idle, and closing
-/// one gracefully can take the whole grace period: HTTP/2 waits for the agent to answer the
-/// ping sent with GOAWAY, which an agent that already stopped never does.
-async fn nothing_in_flight(relay: &Relay) {
-    // Lets the GOAWAY frames just queued reach the agents that are still there, and requests
-    // already received start.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    while relay.metrics.in_flight() > 0 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
+    server.serve(listener, answer, stop).await;
 }
 
 /// One request, start to finish.
