@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -80,7 +80,24 @@ enum Slot {
     Ready(http2::SendRequest<ForwardBody>),
 }
 
-type PendingConnect = Shared<BoxFuture<'static, Result<http2::SendRequest<ForwardBody>, String>>>;
+type PendingConnect =
+    Shared<BoxFuture<'static, Result<http2::SendRequest<ForwardBody>, ConnectError>>>;
+
+/// Why a connection to a relay did not open. Clone, because every request waiting on the one
+/// attempt gets the outcome.
+#[derive(Debug, Clone, thiserror::Error)]
+enum ConnectError {
+    #[error("connect timed out after {0:?}")]
+    TimedOut(Duration),
+    #[error("{0}")]
+    Connect(Arc<std::io::Error>),
+    #[error("HTTP/2 handshake: {0}")]
+    Handshake(Arc<hyper::Error>),
+    #[error("{0}")]
+    NotReady(Arc<hyper::Error>),
+    #[error("connect task failed: {0}")]
+    Task(Arc<tokio::task::JoinError>),
+}
 
 impl Relays {
     pub fn new(
@@ -187,7 +204,7 @@ impl Relays {
                 Err(_) => Slot::Idle,
             };
         }
-        outcome.map_err(|reason| unreachable(&link.target, reason))
+        outcome.map_err(|reason| unreachable(&link.target, reason.to_string()))
     }
 
     /// Sends `request` to `relay` over a connection from [`Relays::ready_sender`], ending
@@ -297,7 +314,7 @@ impl Relays {
         ));
         let pending = async move {
             task.await
-                .unwrap_or_else(|e| Err(format!("connect task failed: {e}")))
+                .unwrap_or_else(|e| Err(ConnectError::Task(Arc::new(e))))
         }
         .boxed()
         .shared();
@@ -323,20 +340,20 @@ async fn connect(
     network: Network,
     target: RelayTarget,
     timeout: Duration,
-) -> Result<http2::SendRequest<ForwardBody>, String> {
+) -> Result<http2::SendRequest<ForwardBody>, ConnectError> {
     tokio::time::timeout(timeout, open_http2(&network, &target))
         .await
-        .unwrap_or_else(|_| Err(format!("connect timed out after {timeout:?}")))
+        .unwrap_or(Err(ConnectError::TimedOut(timeout)))
 }
 
 async fn open_http2(
     network: &Network,
     target: &RelayTarget,
-) -> Result<http2::SendRequest<ForwardBody>, String> {
+) -> Result<http2::SendRequest<ForwardBody>, ConnectError> {
     let conn = network
         .connect(target.service_addr)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ConnectError::Connect(Arc::new(e)))?;
     let (mut sender, connection) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .initial_stream_window_size(1 << 20)
@@ -346,14 +363,17 @@ async fn open_http2(
         .keep_alive_while_idle(true)
         .handshake(TokioIo::new(conn))
         .await
-        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        .map_err(|e| ConnectError::Handshake(Arc::new(e)))?;
     let name = target.name.clone();
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(relay = %name, %error, "relay connection ended");
         }
     });
-    sender.ready().await.map_err(|e| e.to_string())?;
+    sender
+        .ready()
+        .await
+        .map_err(|e| ConnectError::NotReady(Arc::new(e)))?;
     Ok(sender)
 }
 

@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Empty};
 use tokio::sync::{mpsc, watch};
 use xpart_tunnel::{PeerStats, PublicKey};
 
-use crate::forward::Relays;
+use crate::forward::{ForwardError, Relays};
 use crate::health::{HealthEvent, ProbeOutcome, RelayId};
 use crate::metrics::Metrics;
 
@@ -87,7 +87,7 @@ async fn probe(relays: &Relays, relay: RelayId, peers: Option<&PeerSource>) -> P
     let answer = tokio::time::timeout(timeout, health_request(relays, relay)).await;
     let status = match answer {
         Err(_) => return ProbeOutcome::Failed(format!("health check timed out after {timeout:?}")),
-        Ok(Err(reason)) => return ProbeOutcome::Failed(reason),
+        Ok(Err(reason)) => return ProbeOutcome::Failed(reason.to_string()),
         Ok(Ok(status)) => status,
     };
     if status != StatusCode::OK {
@@ -113,24 +113,17 @@ fn handshake_age(peers: &[PeerStats], public_key: Option<&PublicKey>, now: Syste
         .unwrap_or_default()
 }
 
-async fn health_request(relays: &Relays, relay: RelayId) -> Result<StatusCode, String> {
-    let sender = relays
-        .ready_sender(relay)
-        .await
-        .map_err(|e| e.to_string())?;
-    let request = Request::builder()
-        .method(Method::GET)
-        .uri(xpart_bedrock::protocol::HEALTH_PATH)
-        .body(
-            Empty::<Bytes>::new()
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-        )
-        .map_err(|e| e.to_string())?;
-    let response = relays
-        .send(relay, sender, request)
-        .await
-        .map_err(|e| e.to_string())?;
+async fn health_request(relays: &Relays, relay: RelayId) -> Result<StatusCode, ForwardError> {
+    let sender = relays.ready_sender(relay).await?;
+    let mut request = Request::new(
+        Empty::<Bytes>::new()
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *request.method_mut() = Method::GET;
+    // A constant path, checked by every health test.
+    *request.uri_mut() = http::Uri::from_static(xpart_bedrock::protocol::HEALTH_PATH);
+    let response = relays.send(relay, sender, request).await?;
     let status = response.status();
     // Drain the small body so the stream closes cleanly.
     let _ = response.into_body().collect().await;
