@@ -19,7 +19,7 @@ fn relay_of(answer: &Answer) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_primary_under_load_moves_traffic_within_three_seconds() {
     let (scratch, a, _b, agent) = agent_with_two_healthy_relays("failover-kill").await;
-    let mut probe = caller_served_by_primary(&scratch, &agent).await;
+    let _probe = caller_served_by_primary(&scratch, &agent).await;
 
     let front = agent.front_addr();
     let scratch = Arc::new(scratch);

@@ -5,8 +5,8 @@ use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use xpart_daemon::audit::{AuditLog, AuditRecord, Service, MAX_MESSAGE_CHARS};
 use xpart_bedrock::{ModelId, Operation};
+use xpart_daemon::audit::{AuditLog, AuditRecord, Service, MAX_MESSAGE_CHARS};
 
 const SCHEMA_FIELDS: [&str; 15] = [
     "time",
@@ -153,7 +153,7 @@ async fn a_full_queue_drops_and_counts_instead_of_blocking() {
         .iter()
         .map(|line| {
             serde_json::from_str::<AuditRecord>(line)
-                .unwrap()
+                .unwrap_or_else(|err| panic!("{err}: {line}"))
                 .request_id
         })
         .collect();
@@ -256,7 +256,7 @@ async fn disabled_log_accepts_records_and_writes_nothing() {
 fn agent_record(request_id: &str, status: u16, error_type: Option<&str>) -> AuditRecord {
     let mut record = AuditRecord::new(Service::Agent, request_id);
     record.principal = Some("summarizer-lambda".into());
-    record.source = Some("10.0.16.5".parse::<IpAddr>().unwrap());
+    record.source = Some(IpAddr::from([10, 0, 16, 5]));
     record.operation = Some(Operation::Converse);
     record.model = Some(ModelId::new("anthropic.claude-3-haiku-20240307-v1:0"));
     record.relay = Some("relay-a".into());
@@ -273,13 +273,13 @@ fn scratch_dir(name: &str) -> PathBuf {
     let dir =
         std::env::temp_dir().join(format!("xpart-daemon-audit-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).expect("create the scratch directory");
     dir
 }
 
 fn read_lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
-        .unwrap()
+        .unwrap_or_else(|err| panic!("{}: {err}", path.display()))
         .lines()
         .map(str::to_string)
         .collect()
@@ -290,7 +290,7 @@ fn request_ids(path: &Path) -> Vec<String> {
         .iter()
         .map(|line| {
             serde_json::from_str::<AuditRecord>(line)
-                .unwrap()
+                .unwrap_or_else(|err| panic!("{err}: {line}"))
                 .request_id
         })
         .collect()

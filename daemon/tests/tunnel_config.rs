@@ -283,7 +283,7 @@ struct File {
 }
 
 fn parse(text: &str) -> File {
-    toml::from_str(text).unwrap()
+    toml::from_str(text).unwrap_or_else(|err| panic!("{err}\n{text}"))
 }
 
 fn scratch_dir(name: &str) -> PathBuf {

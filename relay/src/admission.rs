@@ -296,7 +296,11 @@ pub fn check_body(operation: Operation, body: &[u8], policy: &Policy) -> Result<
             // `[policy] trace` lists the header's spelling.
             let as_header = trace.to_ascii_uppercase();
             if !policy.allows(GatedHeader::Trace, &as_header) {
-                return Err(body_field_refused("guardrailConfig.trace", trace, GatedHeader::Trace));
+                return Err(body_field_refused(
+                    "guardrailConfig.trace",
+                    trace,
+                    GatedHeader::Trace,
+                ));
             }
         }
     }
@@ -311,7 +315,11 @@ pub fn check_body(operation: Operation, body: &[u8], policy: &Policy) -> Result<
     }
     if let Some(tier) = controls.service_tier.and_then(|t| t.tier) {
         if !policy.allows(GatedHeader::ServiceTier, &tier) {
-            return Err(body_field_refused("serviceTier.type", tier, GatedHeader::ServiceTier));
+            return Err(body_field_refused(
+                "serviceTier.type",
+                tier,
+                GatedHeader::ServiceTier,
+            ));
         }
     }
     Ok(())
@@ -436,7 +444,10 @@ mod tests {
         }
         for (refused, names) in [
             (r#"{"serviceTier":{"type":"priority"}}"#, "serviceTier.type"),
-            (r#"{"performanceConfig":{"latency":"optimized"}}"#, "performanceConfig.latency"),
+            (
+                r#"{"performanceConfig":{"latency":"optimized"}}"#,
+                "performanceConfig.latency",
+            ),
             (
                 r#"{"guardrailConfig":{"guardrailIdentifier":"gr-other","guardrailVersion":"1"}}"#,
                 "gr-other:1",
@@ -666,10 +677,16 @@ mod tests {
             rejected.model.as_ref().map(ModelId::as_str),
             Some("meta.llama3")
         );
-        assert!(matches!(rejected.error, RequestError::ModelNotAllowed { .. }));
+        assert!(matches!(
+            rejected.error,
+            RequestError::ModelNotAllowed { .. }
+        ));
         let rejected =
             admit_with(&["anthropic.*"], "/model/anthropic.x/converse-stream", &[]).unwrap_err();
-        assert!(matches!(rejected.error, RequestError::OperationNotAllowed { .. }));
+        assert!(matches!(
+            rejected.error,
+            RequestError::OperationNotAllowed { .. }
+        ));
         let rejected = admit_with(&["*"], "/model/a;b/converse", &[]).unwrap_err();
         assert_eq!((rejected.operation, rejected.model), (None, None));
     }

@@ -109,7 +109,9 @@ pub enum RequestError {
     #[error("header {header}: {reason}")]
     InvalidHeader { header: String, reason: String },
 
-    #[error("request field {field}: {value} is not allowed by this relay's [policy] {policy_field}")]
+    #[error(
+        "request field {field}: {value} is not allowed by this relay's [policy] {policy_field}"
+    )]
     BodyFieldNotAllowed {
         field: &'static str,
         value: String,

@@ -140,7 +140,7 @@ async fn start_agent_side(
     relay_udp: SocketAddr,
     psk: &Path,
 ) -> Tunnel {
-    keys::write_private_key_file(dir.join("agent.key"), agent_key).unwrap();
+    keys::write_private_key_file(dir.join("agent.key"), agent_key).expect("write agent.key");
     let text = format!(
         r#"
 [tunnel]
@@ -160,12 +160,14 @@ preshared_key_file = "{psk}"
         relay_pub = relay_key.public_key().to_base64(),
         psk = psk.display(),
     );
-    let side: AgentSide = toml::from_str(&text).unwrap();
+    let side: AgentSide = toml::from_str(&text).unwrap_or_else(|err| panic!("{err}\n{text}"));
     let config = tunnel_config(Side::Agent, &side.tunnel, &side.relay, Path::to_path_buf)
-        .unwrap()
+        .unwrap_or_else(|problems| panic!("{problems}"))
         .expect("userspace mode has a tunnel");
     assert!(config.peers[0].preshared_key.is_some());
-    Tunnel::start(config).await.unwrap()
+    Tunnel::start(config)
+        .await
+        .expect("the agent side's tunnel starts")
 }
 
 fn relay_config(
@@ -174,11 +176,12 @@ fn relay_config(
     agent_key: &PrivateKey,
     psk: &Path,
 ) -> RelayConfig {
-    RelayConfig::from_toml_str(&relay_toml(dir, relay_key, agent_key, psk), "relay.toml").unwrap()
+    RelayConfig::from_toml_str(&relay_toml(dir, relay_key, agent_key, psk), "relay.toml")
+        .unwrap_or_else(|problems| panic!("{problems}"))
 }
 
 fn relay_toml(dir: &Path, relay_key: &PrivateKey, agent_key: &PrivateKey, psk: &Path) -> String {
-    keys::write_private_key_file(dir.join("relay.key"), relay_key).unwrap();
+    keys::write_private_key_file(dir.join("relay.key"), relay_key).expect("write relay.key");
     format!(
         r#"
 [tunnel]
@@ -219,15 +222,15 @@ fn write_psk(dir: &Path, name: &str, key: &[u8; 32]) -> PathBuf {
     use base64::Engine as _;
     let path = dir.join(name);
     let text = base64::engine::general_purpose::STANDARD.encode(key);
-    std::fs::write(&path, format!("{text}\n")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(&path, format!("{text}\n")).expect("write the preshared key");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
     path
 }
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("xpart-relay-psk-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).expect("create the scratch directory");
     dir
 }
 
