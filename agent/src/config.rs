@@ -186,7 +186,7 @@ impl AgentConfig {
     /// This side's WireGuard key; `None` when the file names none.
     pub fn private_key(&self) -> Option<Result<PrivateKey, KeyError>> {
         let path = self.tunnel.private_key_file.as_ref()?;
-        Some(xpart_tunnel::keys::read_private_key_file(&self.resolve(path)))
+        Some(xpart_tunnel::keys::read_private_key_file(self.resolve(path)))
     }
 
     pub fn principals(&self) -> Vec<Principal> {

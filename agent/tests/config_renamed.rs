@@ -17,7 +17,9 @@ fn load(scratch: &Scratch, health: &str) -> Result<AgentConfig, Diagnostics> {
     );
     let extra = format!("{}{relay}", token_principal(""));
     let path = scratch.path("agent.toml");
-    std::fs::write(&path, agent_toml(scratch, &[], &extra)).unwrap();
+    if let Err(error) = std::fs::write(&path, agent_toml(scratch, &[], &extra)) {
+        panic!("cannot write {path}: {error}");
+    }
     AgentConfig::load(&path)
 }
 
