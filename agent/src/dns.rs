@@ -35,8 +35,8 @@ use tokio::net::{TcpListener, UdpSocket};
 
 use xpart_daemon::reload::Live;
 
-use crate::metrics::Metrics;
 use crate::error::StartError;
+use crate::metrics::Metrics;
 
 /// What the DNS server answers, from `[dns]`.
 #[derive(Debug, Clone)]

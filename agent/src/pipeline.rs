@@ -15,23 +15,25 @@ use http::{HeaderName, HeaderValue, Method, Request, Response, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, BodyStream, Full, StreamBody};
 use hyper::body::Incoming;
-use xpart_daemon::audit::{AuditLog, AuditRecord, Service, MAX_MESSAGE_CHARS};
-use xpart_bedrock::{self as bedrock, BedrockError, ModelId, Operation, Route, AMZN_REQUEST_ID_HEADER};
 use xpart_bedrock::protocol::{
     strip_xpart_headers, PRINCIPAL_HEADER, REQUEST_ID_HEADER, SOURCE_HEADER,
 };
+use xpart_bedrock::{
+    self as bedrock, BedrockError, ModelId, Operation, Route, AMZN_REQUEST_ID_HEADER,
+};
+use xpart_daemon::audit::{AuditLog, AuditRecord, Service, MAX_MESSAGE_CHARS};
 use xpart_daemon::record::{Ending, Recorder, RequestMetrics};
 use xpart_daemon::reload::Live;
 use xpart_daemon::request_id;
 
 use crate::auth::{Denial, Grant, Principal, Principals};
+use crate::error::RequestError;
 use crate::forward::{ForwardBody, ForwardError, Relays};
 use crate::health::RelayId;
 use crate::limits::{SharedLimits, Slot};
 use crate::metrics::Metrics;
 use crate::openai::{self, body::SseBody, chat::ChatCall, stream::StreamTranslator};
 use crate::streaming::{BoxError, RequestBody, RequestMeter, ResponseBody};
-use crate::error::RequestError;
 
 /// Content type of Bedrock's streaming answers.
 const EVENT_STREAM: &str = "application/vnd.amazon.eventstream";
@@ -199,24 +201,44 @@ async fn openai_answer(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |since| since.as_secs());
     if let Ok(value) = HeaderValue::from_str(request_id) {
-        parts.headers.insert(HeaderName::from_static("x-request-id"), value);
+        parts
+            .headers
+            .insert(HeaderName::from_static("x-request-id"), value);
     }
     let streams = parts
         .headers
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(EVENT_STREAM.as_bytes()));
     if parts.status.is_success() && streams {
-        let translator = StreamTranslator::new(id, created, &call.model, call.include_usage, call.single_tool_call);
+        let translator = StreamTranslator::new(
+            id,
+            created,
+            &call.model,
+            call.include_usage,
+            call.single_tool_call,
+        );
         parts.headers.remove(CONTENT_LENGTH);
         parts.headers.remove("x-amzn-bedrock-content-type");
-        parts.headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-        parts.headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        return Ok(Response::from_parts(parts, SseBody::new(body, translator).boxed_unsync()));
+        parts
+            .headers
+            .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        parts
+            .headers
+            .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        return Ok(Response::from_parts(
+            parts,
+            SseBody::new(body, translator).boxed_unsync(),
+        ));
     }
     let bytes = body
         .collect()
         .await
-        .map_err(|error| RequestError::Forward(ForwardError::Failed { relay, reason: error.to_string() }))?
+        .map_err(|error| {
+            RequestError::Forward(ForwardError::Failed {
+                relay,
+                reason: error.to_string(),
+            })
+        })?
         .to_bytes();
     let converse = serde_json::from_slice::<serde_json::Value>(&bytes).ok();
     let answer = match (parts.status.is_success(), converse) {
@@ -230,20 +252,29 @@ async fn openai_answer(
             Bytes::from(openai::chat::translate_response(&converse, &labels).to_string())
         }
         (true, None) => {
-            let error = openai::errors::from_bedrock_answer(http::StatusCode::BAD_GATEWAY, None, &bytes);
+            let error =
+                openai::errors::from_bedrock_answer(http::StatusCode::BAD_GATEWAY, None, &bytes);
             parts.status = error.status;
             Bytes::from(error.body().to_string())
         }
         (false, _) => {
-            let error = openai::errors::from_bedrock_answer(parts.status, bedrock::error_code(&parts.headers), &bytes);
+            let error = openai::errors::from_bedrock_answer(
+                parts.status,
+                bedrock::error_code(&parts.headers),
+                &bytes,
+            );
             parts.status = error.status;
             Bytes::from(error.body().to_string())
         }
     };
     parts.headers.remove(CONTENT_LENGTH);
     parts.headers.remove(bedrock::ERROR_TYPE_HEADER);
-    parts.headers.insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
-    let body = Full::new(answer).map_err(|never| match never {}).boxed_unsync();
+    parts
+        .headers
+        .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+    let body = Full::new(answer)
+        .map_err(|never| match never {})
+        .boxed_unsync();
     Ok(Response::from_parts(parts, body))
 }
 
@@ -277,13 +308,18 @@ fn authenticate(
 }
 
 fn route(request: &Request<Incoming>, exchange: &mut Recorder) -> Result<Route, RequestError> {
-    let route = Route::parse(request.method(), request.uri().path()).map_err(RequestError::Route)?;
+    let route =
+        Route::parse(request.method(), request.uri().path()).map_err(RequestError::Route)?;
     exchange.record.operation = Some(route.operation);
     exchange.record.model = route.model.clone();
     Ok(route)
 }
 
-fn authorize(principal: &Principal, route: &Route, exchange: &mut Recorder) -> Result<(), RequestError> {
+fn authorize(
+    principal: &Principal,
+    route: &Route,
+    exchange: &mut Recorder,
+) -> Result<(), RequestError> {
     let grant = principal
         .authorize(route.operation, route.model.as_ref().map(|m| m.as_str()))
         .map_err(RequestError::Denied)?;
@@ -307,7 +343,10 @@ const MODEL_LABEL_OTHER: &str = "other";
 
 /// Refuses at once a body whose declared length is over the limit; bodies without a length
 /// are cut off while streaming (see [`RequestBody`]).
-fn check_declared_length(principal: &Principal, request: &Request<Incoming>) -> Result<(), RequestError> {
+fn check_declared_length(
+    principal: &Principal,
+    request: &Request<Incoming>,
+) -> Result<(), RequestError> {
     let declared = request
         .headers()
         .get(CONTENT_LENGTH)
@@ -494,7 +533,13 @@ const PREFETCH_LIMIT: usize = 1 << 20;
 /// the relays' `connect_timeout` for each relay tried (see [`Relays::ready_sender`]).
 async fn connect_to_healthy_relay(
     relays: &Relays,
-) -> Result<(RelayId, hyper::client::conn::http2::SendRequest<ForwardBody>), RequestError> {
+) -> Result<
+    (
+        RelayId,
+        hyper::client::conn::http2::SendRequest<ForwardBody>,
+    ),
+    RequestError,
+> {
     let mut tried = Vec::new();
     let mut last_error = None;
     while let Some(relay) = relays.pick_excluding(&tried) {
@@ -622,7 +667,9 @@ fn refuse(exchange: Recorder, error: RequestError, api: Api) -> Response<CallerB
     let code = bedrock.kind.code().to_owned();
     let response = match api {
         Api::Bedrock => bedrock.into_response(exchange.request_id()),
-        Api::OpenAi => openai::errors::from_request_error(&error).into_response(exchange.request_id()),
+        Api::OpenAi => {
+            openai::errors::from_request_error(&error).into_response(exchange.request_id())
+        }
     };
     let status = response.status().as_u16();
     exchange.finish(status, Some(code), Some(error.audit_reason()), 0);

@@ -13,8 +13,8 @@ use hickory_proto::rr::{Name, RData, Record, RecordType};
 use ipnet::IpNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
-use xpart_agent::{DnsServer, DnsSettings};
 use xpart_agent::Metrics;
+use xpart_agent::{DnsServer, DnsSettings};
 
 const BEDROCK: &str = "bedrock-runtime.us-east-1.amazonaws.com";
 const FIPS: &str = "bedrock-runtime-fips.us-east-1.amazonaws.com";

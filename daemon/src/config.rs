@@ -231,7 +231,12 @@ pub fn renamed_fields(text: &str, file: &str, renamed: &[Renamed]) -> Diagnostic
             Item::ArrayOfTables(array) => array
                 .iter()
                 .enumerate()
-                .map(|(i, table)| (format!("[[{}]][{i}]", rename.table), table as &dyn TableLike))
+                .map(|(i, table)| {
+                    (
+                        format!("[[{}]][{i}]", rename.table),
+                        table as &dyn TableLike,
+                    )
+                })
                 .collect(),
             other => match other.as_table_like() {
                 Some(table) => vec![(format!("[{}]", rename.table), table)],
