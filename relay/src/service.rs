@@ -15,9 +15,10 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use xpart_bedrock::protocol::{HEALTH_PATH, REQUEST_ID_HEADER};
 use xpart_bedrock::AMZN_REQUEST_ID_HEADER;
 use xpart_bedrock::{error_code, strip_hop_by_hop, ModelId, Route, MAX_BODY_BYTES};
-use xpart_bedrock::protocol::{HEALTH_PATH, REQUEST_ID_HEADER};
+use xpart_daemon::record::{Ending, OnEnd};
 use xpart_daemon::serve::{ConnectionMetrics, Limits, Server};
 use xpart_tunnel::TcpListener;
 
@@ -26,7 +27,6 @@ use crate::audit::{Exchange, CLIENT_CLOSED};
 use crate::credentials::Status;
 use crate::error::RequestError;
 use crate::stream::{BoxError, Relayed};
-use xpart_daemon::record::{Ending, OnEnd};
 use crate::{echo, rewrite, signer, Relay};
 
 pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
