@@ -21,9 +21,15 @@ async fn converse_is_forwarded_without_caller_credentials() {
         .await;
 
     assert_eq!(answer.status, 200, "body: {:?}", answer.body);
+    assert!(!answer.request_id().is_empty());
     assert_eq!(
-        answer.headers["x-amzn-requestid"], "upstream-request-id",
-        "upstream headers pass through"
+        answer.headers["x-amzn-requestid"],
+        answer.request_id(),
+        "the SDK reports the agent's id, the one both audit lines carry"
+    );
+    assert_eq!(
+        answer.headers["x-xpart-upstream-request-id"], "upstream-request-id",
+        "Bedrock's own id passes through beside it"
     );
     let seen = relay.seen();
     assert_eq!(seen.len(), 1);
@@ -33,7 +39,6 @@ async fn converse_is_forwarded_without_caller_credentials() {
     assert_eq!(forwarded.headers["x-xpart-principal"], "lambda");
     assert_eq!(forwarded.headers["x-xpart-source"], "127.0.0.1");
     assert_eq!(forwarded.headers["x-xpart-request-id"], answer.request_id());
-    assert!(!answer.request_id().is_empty());
     for credential in ["authorization", "x-amz-date"] {
         assert!(
             !forwarded.headers.contains_key(credential),
