@@ -720,7 +720,7 @@ impl ErrorType {
     /// The kind for an error code, accepting the full `x-amzn-ErrorType` value
     /// (`Code:namespace`) as clients do.
     pub fn from_code(code: &str) -> Option<ErrorType> {
-        let code = code.split(':').next().unwrap_or(code).trim();
+        let code = code_of(code).trim();
         ErrorType::ALL.into_iter().find(|kind| kind.code() == code)
     }
 }
@@ -796,7 +796,12 @@ impl BedrockError {
 /// not visible ASCII.
 pub fn error_code(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(ERROR_TYPE_HEADER)?.to_str().ok()?;
-    Some(value.split(':').next().unwrap_or(value))
+    Some(code_of(value))
+}
+
+/// The code in an `x-amzn-ErrorType` value: what precedes the namespace.
+fn code_of(value: &str) -> &str {
+    value.split(':').next().unwrap_or(value)
 }
 
 /// Headers that describe one connection rather than the message (RFC 9110 §7.6.1), plus the
