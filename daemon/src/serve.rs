@@ -295,9 +295,7 @@ impl Server {
             return;
         }
         let _ = closing.send(true);
-        let drained = async {
-            while connections.join_next().await.is_some() {}
-        };
+        let drained = async { while connections.join_next().await.is_some() {} };
         let idle = async {
             tokio::time::sleep(SHUTDOWN_SETTLE).await;
             let mut count = in_flight.subscribe();
