@@ -186,7 +186,9 @@ impl AgentConfig {
     /// This side's WireGuard key; `None` when the file names none.
     pub fn private_key(&self) -> Option<Result<PrivateKey, KeyError>> {
         let path = self.tunnel.private_key_file.as_ref()?;
-        Some(xpart_tunnel::keys::read_private_key_file(self.resolve(path)))
+        Some(xpart_tunnel::keys::read_private_key_file(
+            self.resolve(path),
+        ))
     }
 
     pub fn principals(&self) -> Vec<Principal> {
@@ -387,7 +389,9 @@ impl AgentConfig {
         let key = self.resolve(&self.front.key_file);
         if let Err(error) = crate::tls::CertStore::load(&cert, &key) {
             let field = match &error {
-                crate::error::StartError::Certificate { file, .. } if file == &key => "[front].key_file",
+                crate::error::StartError::Certificate { file, .. } if file == &key => {
+                    "[front].key_file"
+                }
                 _ => "[front].cert_file",
             };
             check.problem(

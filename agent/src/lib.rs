@@ -427,8 +427,6 @@ pub fn tunnel_config(config: &AgentConfig) -> Result<TunnelConfig, StartError> {
         &config.tunnel,
         &config.relays,
         |path| config.resolve(path),
-    )
-    ?;
-    tunnel
-        .ok_or(StartError::HostMode)
+    )?;
+    tunnel.ok_or(StartError::HostMode)
 }

@@ -131,11 +131,12 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
             let api = Arc::new(admin::AdminApi {
                 relay: relay.clone(),
             });
-            let server =
-                xpart_daemon::admin::serve(section.listen, api).map_err(|source| StartError::Admin {
+            let server = xpart_daemon::admin::serve(section.listen, api).map_err(|source| {
+                StartError::Admin {
                     addr: section.listen,
                     source,
-                })?;
+                }
+            })?;
             Some(server)
         }
         None => None,
@@ -381,7 +382,6 @@ async fn start_tunnel(config: &RelayConfig) -> Result<Option<Tunnel>, StartError
     let Some(tunnel_config) = tunnel_config else {
         return Ok(None);
     };
-    let tunnel = Tunnel::start(tunnel_config)
-        .await?;
+    let tunnel = Tunnel::start(tunnel_config).await?;
     Ok(Some(tunnel))
 }

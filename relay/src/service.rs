@@ -643,7 +643,10 @@ mod tests {
         let first = budget.reserve(60).unwrap();
         assert_eq!(budget.in_use(), 60);
         let err = budget.reserve(41).unwrap_err();
-        assert!(matches!(err, RequestError::BodyBudgetExhausted { budget: 100 }));
+        assert!(matches!(
+            err,
+            RequestError::BodyBudgetExhausted { budget: 100 }
+        ));
         assert_eq!(err.to_bedrock().kind.code(), "ServiceUnavailableException");
         let second = budget.reserve(40).unwrap();
         drop(first);
