@@ -641,16 +641,19 @@ fn audit_on_end(
     }
 }
 
-/// Whether the request was turned away at the door, its body never read.
+/// Whether the request body may be left unread, or read only in part, when this error is
+/// answered: turned away at the door, cut off over the limit, or failed on the way to a relay
+/// (which may have stopped reading it mid-upload). Only OpenAI requests refused after their
+/// translation have been read whole.
 fn refused_before_reading_body(error: &RequestError) -> bool {
     match error {
         RequestError::Denied(_) => true,
         RequestError::Route(_) => true,
         RequestError::OpenAi(invalid) => invalid.not_found,
         RequestError::Throttled { .. } => true,
-        RequestError::BodyTooLarge { length, .. } => length.is_some(),
-        RequestError::NoHealthyRelay => false,
-        RequestError::Forward(_) => false,
+        RequestError::BodyTooLarge { .. } => true,
+        RequestError::NoHealthyRelay => true,
+        RequestError::Forward(_) => true,
     }
 }
 

@@ -57,10 +57,11 @@ def test_sighup_reloads_the_certificate_without_dropping_connections(agent_with_
     # A new CA too: once the new certificate is served, only the new CA verifies it.
     fresh = h.certs.make_test_pki(str(tmp_path / "fresh"), [h.UPSTREAM_NAME, "localhost"])
 
+    # Opened and left idle across the reload: its first request comes after SIGHUP. (Without a
+    # relay every answer is a 503 that closes an HTTP/1.1 connection, so no request goes on it
+    # before.)
     before = connect(agent.front[1], pki["ca"])
     old_fingerprint = fingerprint_of(before)
-    # Whatever the relay's state, the agent answers (503 without a relay): the connection works.
-    assert ask(before) in (200, 503)
 
     shutil.copy(fresh["cert"], pki["cert"])
     shutil.copy(fresh["key"], pki["key"])
@@ -73,8 +74,12 @@ def test_sighup_reloads_the_certificate_without_dropping_connections(agent_with_
         except ssl.SSLCertVerificationError:
             assert time.monotonic() < deadline, "new connections never got the new certificate"
             time.sleep(0.1)
-    assert fingerprint_of(after) != old_fingerprint
+    new_fingerprint = fingerprint_of(after)
+    assert new_fingerprint != old_fingerprint
     assert ask(after) in (200, 503)
+    # http.client sends on the socket it holds (it reopens only a socket it closed itself), so
+    # an answer here is an answer on the connection of before.
+    assert before.sock is not None
     assert ask(before) in (200, 503), "the connection opened before SIGHUP still works"
     assert agent.proc.poll() is None
 
@@ -84,8 +89,23 @@ def test_sighup_reloads_the_certificate_without_dropping_connections(agent_with_
     agent.proc.send_signal(signal.SIGHUP)
     time.sleep(0.5)
     again = connect(agent.front[1], fresh["ca"])
-    assert fingerprint_of(again) == fingerprint_of(after)
+    assert fingerprint_of(again) == new_fingerprint
     assert "configuration not reloaded" in agent.logs()
+
+
+def test_an_http1_answer_that_leaves_the_body_unread_says_the_connection_closes(agent_with_own_cert):
+    # No relay: the agent answers 503 without reading the body, and hyper will not reuse the
+    # connection; a client must be told, or its next request goes into the close.
+    agent, pki, _ = agent_with_own_cert
+    conn = connect(agent.front[1], pki["ca"])
+    conn.request("POST", "/model/anthropic.claude-v2/converse", body=b"x" * 65536,
+                 headers={"authorization": "Bearer t"})
+    response = conn.getresponse()
+    response.read()
+    assert response.status in (401, 403, 503)
+    assert response.getheader("connection") == "close"
+    # http.client honours it: the next request opens a new connection and is answered.
+    assert ask(conn) in (401, 403, 503)
 
 
 def test_http1_and_http2_by_alpn(agent_with_own_cert):
