@@ -98,7 +98,7 @@ def test_an_http1_answer_that_leaves_the_body_unread_says_the_connection_closes(
     # connection; a client must be told, or its next request goes into the close.
     agent, pki, _ = agent_with_own_cert
     conn = connect(agent.front[1], pki["ca"])
-    conn.request("POST", "/model/anthropic.claude-v2/converse", body=b"x" * 65536,
+    conn.request("POST", "/model/anthropic.claude-v2/converse", body=b"{}",
                  headers={"authorization": "Bearer t"})
     response = conn.getresponse()
     response.read()
