@@ -8,7 +8,7 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_ec2::types::{AttributeBooleanValue, Filter, Tag};
+use aws_sdk_ec2::types::{AttributeBooleanValue, Filter, Instance, Tag};
 use aws_sdk_ec2::Client;
 use xpart_daemon::error_chain;
 
@@ -116,21 +116,7 @@ impl Ec2 {
     }
 
     async fn standby_from_instance(&self, instance_id: &str) -> Result<Standby, Error> {
-        let output = self
-            .client
-            .describe_instances()
-            .instance_ids(instance_id)
-            .send()
-            .await
-            .map_err(|err| aws_error("DescribeInstances", err))?;
-        let Some(instance) = output
-            .reservations()
-            .iter()
-            .flat_map(|reservation| reservation.instances())
-            .next()
-        else {
-            return Err(not_found("instance", instance_id));
-        };
+        let instance = self.describe_instance(instance_id).await?;
         // A member interface (tagged with the pair, attached at boot by xpart-boot) carries the
         // member's fixed address and the floating one; without one, the primary interface
         // (device index 0) carries the instance's routes and IPs.
@@ -164,6 +150,24 @@ impl Ec2 {
         })
     }
 
+    /// One instance by id; `not_found` when EC2 knows none.
+    async fn describe_instance(&self, instance_id: &str) -> Result<Instance, Error> {
+        let output = self
+            .client
+            .describe_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+            .map_err(|err| aws_error("DescribeInstances", err))?;
+        output
+            .reservations()
+            .iter()
+            .flat_map(|reservation| reservation.instances())
+            .next()
+            .cloned()
+            .ok_or_else(|| not_found("instance", instance_id))
+    }
+
     async fn member_interface(&self, instance_id: &str) -> Result<Option<String>, Error> {
         let output = self
             .client
@@ -190,21 +194,7 @@ impl Ec2 {
 
     /// The `xpart:role` tag of one instance, `None` when it carries none.
     pub async fn instance_role(&self, instance_id: &str) -> Result<Option<String>, Error> {
-        let output = self
-            .client
-            .describe_instances()
-            .instance_ids(instance_id)
-            .send()
-            .await
-            .map_err(|err| aws_error("DescribeInstances", err))?;
-        let Some(instance) = output
-            .reservations()
-            .iter()
-            .flat_map(|reservation| reservation.instances())
-            .next()
-        else {
-            return Err(not_found("instance", instance_id));
-        };
+        let instance = self.describe_instance(instance_id).await?;
         Ok(instance
             .tags()
             .iter()
@@ -223,15 +213,7 @@ impl Ec2 {
             .client
             .describe_instances()
             .filters(filter(&format!("tag:{PAIR_TAG}"), pair))
-            .filters(
-                Filter::builder()
-                    .name("instance-state-name")
-                    .values("pending")
-                    .values("running")
-                    .values("stopping")
-                    .values("stopped")
-                    .build(),
-            )
+            .filters(not_terminated())
             .send()
             .await
             .map_err(|err| aws_error("DescribeInstances", err))?;
@@ -334,15 +316,7 @@ impl Ec2 {
             .client
             .describe_instances()
             .filters(filter(&format!("tag:{PAIR_TAG}"), pair))
-            .filters(
-                Filter::builder()
-                    .name("instance-state-name")
-                    .values("pending")
-                    .values("running")
-                    .values("stopping")
-                    .values("stopped")
-                    .build(),
-            );
+            .filters(not_terminated());
         if let Some(role) = role {
             request = request.filters(filter(&format!("tag:{ROLE_TAG}"), role));
         }
@@ -623,6 +597,17 @@ impl Ec2 {
             .flat_map(|interface| interface.private_ip_addresses())
             .any(|held| held.private_ip_address() == Some(ip)))
     }
+}
+
+/// Instances that still exist (a terminated one lingers in answers for a while).
+fn not_terminated() -> Filter {
+    Filter::builder()
+        .name("instance-state-name")
+        .values("pending")
+        .values("running")
+        .values("stopping")
+        .values("stopped")
+        .build()
 }
 
 fn filter(name: &str, value: &str) -> Filter {
