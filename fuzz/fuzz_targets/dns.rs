@@ -58,7 +58,14 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let query = Message::from_bytes(packet).ok();
-    let decoded = Message::from_bytes(&reply).expect("the reply decodes");
+    let decoded = match Message::from_bytes(&reply) {
+        Ok(decoded) => decoded,
+        // Open finding (docs/FUZZING.md): hickory-server echoes a refused query's question
+        // bytes verbatim, so a question name that points back into the query's header points
+        // into the reply's different header instead.
+        Err(_) if question_points_into_header(packet) => return,
+        Err(error) => panic!("the reply decodes: {error:?}"),
+    };
     assert_eq!(decoded.message_type(), MessageType::Response);
     if let Some(query) = &query {
         assert_eq!(
@@ -81,3 +88,19 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+/// Whether the first question's name ends in a compression pointer into the 12-byte header.
+fn question_points_into_header(packet: &[u8]) -> bool {
+    let mut at = 12;
+    while let Some(&len) = packet.get(at) {
+        if len & 0xC0 == 0xC0 {
+            let low = packet.get(at + 1).copied().unwrap_or(0xFF);
+            return (usize::from(len & 0x3F) << 8 | usize::from(low)) < 12;
+        }
+        if len == 0 {
+            return false;
+        }
+        at += 1 + usize::from(len);
+    }
+    false
+}
