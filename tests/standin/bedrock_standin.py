@@ -12,6 +12,14 @@ Model ids that steer it:
                          400 ValidationException "…on-demand throughput isn’t supported…"
                          (the same id behind a `us.` prefix works)
 
+The control plane (service `bedrock`, same SigV4 check) answers the reads
+ListFoundationModels, GetFoundationModel, ListInferenceProfiles and GetInferenceProfile from a
+fixed catalogue (control_plane_models / control_plane_profiles) with Bedrock's shapes, filters
+and nextToken pagination; any other control-plane request is recorded and answered as Bedrock
+would, so a test can tell that a write reached it. Every record carries the credential scope's
+`region` and `service` and the `host` that was signed. Set `regions` to accept signatures
+scoped to several regions on one port (default: only `region`).
+
 Use in-process (`BedrockStandin(...).start()`) or as a program:
   python3 bedrock_standin.py --cert server.pem --key server.key --credentials creds.json
 prints {"port": N} and serves GET /_standin/requests and POST /_standin/release as well.
@@ -149,6 +157,8 @@ class BedrockStandin:
     def __init__(self, cert_file, key_file, store=None, region="us-east-1", host="127.0.0.1", port=0):
         self.store = store or CredentialStore()
         self.region = region
+        # Credential-scope regions accepted besides `region` (a multi-region test on one port).
+        self.regions = set()
         self.records = []
         self.on_demand_refused = set()
         self.slow_seconds = 5.0
@@ -223,7 +233,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/_standin/requests":
             return self._json(200, self.server.standin.requests())
-        self._error(404, "UnknownOperationException", "no such operation")
+        self._control_plane("GET")
+
+    def do_DELETE(self):
+        self._control_plane("DELETE")
+
+    def do_PUT(self):
+        self._control_plane("PUT")
 
     def do_POST(self):
         standin = self.server.standin
@@ -234,8 +250,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(200, {"released": True})
         headers = {k.lower(): v for k, v in self.headers.items()}
         entry = {"method": "POST", "path": self.path, "headers": headers, "body_length": len(body), "time": time.time()}
+        entry.update(_scope_of(headers))
+        if _is_control_plane(self.path):
+            return self._control_plane("POST", body, headers)
         try:
-            entry["access_key"] = verify_sigv4("POST", self.path, headers, body, standin.store, standin.region)
+            entry["access_key"] = verify_sigv4("POST", self.path, headers, body, standin.store, _signing_region(standin, headers))
             entry["verified"] = True
         except SignatureProblem as problem:
             entry["verified"] = False
@@ -303,6 +322,31 @@ class _Handler(BaseHTTPRequestHandler):
             return self._stream(frames, hold=(model == "standin.hold"))
         return self._error(404, "UnknownOperationException", "no such operation")
 
+    def _control_plane(self, method, body=None, headers=None):
+        """The `bedrock` service: signature checked as for the runtime, then the reads answered
+        from the catalogue and anything else recorded and answered as Bedrock would."""
+        standin = self.server.standin
+        if body is None:
+            length = int(self.headers.get("content-length") or 0)
+            body = self.rfile.read(length) if length else b""
+        headers = headers or {k.lower(): v for k, v in self.headers.items()}
+        entry = {"method": method, "path": self.path, "headers": headers, "body_length": len(body), "time": time.time()}
+        entry.update(_scope_of(headers))
+        entry["operation"] = control_plane_operation(method, self.path)
+        try:
+            entry["access_key"] = verify_sigv4(method, self.path, headers, body, standin.store, _signing_region(standin, headers))
+            entry["verified"] = True
+        except SignatureProblem as problem:
+            entry["verified"] = False
+            entry["problem"] = problem.message
+            standin.record(entry)
+            return self._error(403, problem.code, problem.message)
+        standin.record(entry)
+        status, answer = control_plane_answer(entry["operation"], self.path, entry.get("region") or standin.region)
+        if status >= 400:
+            return self._error(status, answer[0], answer[1])
+        return self._json(status, answer)
+
     def _stream(self, frames, hold):
         standin = self.server.standin
         self.send_response(200)
@@ -352,12 +396,227 @@ def _last_user_text(request):
     return request.get("prompt") or request.get("inputText") or ""
 
 
+def _scope_of(headers):
+    """The credential scope's region and service and the signed Host, for tests that tell
+    regions and services apart."""
+    match = AUTH.match(headers.get("authorization", ""))
+    scope = {"host": headers.get("host")}
+    if match:
+        scope.update(region=match["region"], service=match["service"])
+    return scope
+
+
+def _signing_region(standin, headers):
+    """The region a signature must be scoped to: the one it names when the stand-in accepts it,
+    otherwise the stand-in's own (so a wrong one fails the check)."""
+    match = AUTH.match(headers.get("authorization", ""))
+    if match and match["region"] in standin.regions:
+        return match["region"]
+    return standin.region
+
+
+# --- The control plane (`bedrock.<region>.amazonaws.com`) -------------------------------------
+
+CONTROL_PLANE_ACCOUNT = "123456789012"
+CONTROL_PLANE_PREFIXES = ("/foundation-models", "/inference-profiles", "/foundation-model-availability",
+                          "/guardrails", "/custom-models", "/model-customization-jobs", "/provisioned-model-throughput",
+                          "/model-invocation-jobs", "/evaluation-jobs", "/logging/", "/imported-models",
+                          "/model-import-jobs", "/prompt-routers", "/marketplace-model", "/tags", "/listTagsForResource",
+                          "/tagResource", "/untagResource")
+
+# (id, name, provider, input modalities, output modalities, streaming, customizations, inference types)
+_MODELS = [
+    ("anthropic.claude-3-5-sonnet-20240620-v1:0", "Claude 3.5 Sonnet", "Anthropic", ["TEXT", "IMAGE"], ["TEXT"], True, [], ["ON_DEMAND", "INFERENCE_PROFILE"]),
+    ("anthropic.claude-3-haiku-20240307-v1:0", "Claude 3 Haiku", "Anthropic", ["TEXT", "IMAGE"], ["TEXT"], True, ["FINE_TUNING"], ["ON_DEMAND", "INFERENCE_PROFILE"]),
+    ("anthropic.claude-sonnet-4-20250514-v1:0", "Claude Sonnet 4", "Anthropic", ["TEXT", "IMAGE"], ["TEXT"], True, [], ["INFERENCE_PROFILE"]),
+    ("amazon.nova-lite-v1:0", "Nova Lite", "Amazon", ["TEXT", "IMAGE", "VIDEO"], ["TEXT"], True, ["FINE_TUNING", "DISTILLATION"], ["ON_DEMAND", "INFERENCE_PROFILE"]),
+    ("amazon.titan-embed-text-v2:0", "Titan Text Embeddings V2", "Amazon", ["TEXT"], ["EMBEDDING"], False, [], ["ON_DEMAND"]),
+    ("meta.llama3-8b-instruct-v1:0", "Llama 3 8B Instruct", "Meta", ["TEXT"], ["TEXT"], True, [], ["ON_DEMAND"]),
+    ("stability.sd3-large-v1:0", "SD3 Large 1.0", "Stability AI", ["TEXT", "IMAGE"], ["IMAGE"], False, [], ["ON_DEMAND"]),
+    ("cohere.command-r-v1:0", "Command R", "Cohere", ["TEXT"], ["TEXT"], True, [], ["ON_DEMAND"]),
+]
+# The geography prefix of a region's system-defined profiles and the regions they span.
+_GEOGRAPHIES = {
+    "us": ("us.", ["us-east-1", "us-east-2", "us-west-2"]),
+    "eu": ("eu.", ["eu-central-1", "eu-west-1", "eu-west-3"]),
+    "ap": ("apac.", ["ap-northeast-1", "ap-southeast-1", "ap-southeast-2"]),
+    "ca": ("ca.", ["ca-central-1", "us-east-1"]),
+    "us-gov": ("us-gov.", ["us-gov-west-1", "us-gov-east-1"]),
+}
+_PROFILED = ["anthropic.claude-3-5-sonnet-20240620-v1:0", "anthropic.claude-3-haiku-20240307-v1:0",
+             "anthropic.claude-sonnet-4-20250514-v1:0", "amazon.nova-lite-v1:0"]
+_TIMESTAMP = "2024-08-30T00:00:00Z"
+
+
+def _partition(region):
+    return "aws-us-gov" if region.startswith("us-gov-") else "aws"
+
+
+def _geography(region):
+    key = "us-gov" if region.startswith("us-gov-") else region.split("-")[0]
+    return _GEOGRAPHIES.get(key, ("us.", [region]))
+
+
+def control_plane_models(region):
+    """The foundation models a region lists, as ListFoundationModels' modelSummaries."""
+    return [
+        {
+            "modelArn": f"arn:{_partition(region)}:bedrock:{region}::foundation-model/{model_id}",
+            "modelId": model_id,
+            "modelName": name,
+            "providerName": provider,
+            "inputModalities": inputs,
+            "outputModalities": outputs,
+            "responseStreamingSupported": streaming,
+            "customizationsSupported": customizations,
+            "inferenceTypesSupported": inference,
+            "modelLifecycle": {"status": "ACTIVE"},
+        }
+        for model_id, name, provider, inputs, outputs, streaming, customizations, inference in _MODELS
+    ]
+
+
+def control_plane_profiles(region):
+    """The inference profiles a region lists: the system-defined ones of its geography and one
+    application profile of the test account."""
+    partition = _partition(region)
+    prefix, spans = _geography(region)
+    names = {m[0]: m[1] for m in _MODELS}
+    profiles = []
+    for model_id in _PROFILED:
+        profile_id = prefix + model_id
+        profiles.append({
+            "inferenceProfileName": f"{prefix.rstrip('.').upper()} {names[model_id]}",
+            "description": f"Routes requests to {names[model_id]} in {', '.join(spans)}.",
+            "createdAt": _TIMESTAMP,
+            "updatedAt": _TIMESTAMP,
+            "inferenceProfileArn": f"arn:{partition}:bedrock:{region}:{CONTROL_PLANE_ACCOUNT}:inference-profile/{profile_id}",
+            "models": [{"modelArn": f"arn:{partition}:bedrock:{r}::foundation-model/{model_id}"} for r in spans],
+            "inferenceProfileId": profile_id,
+            "status": "ACTIVE",
+            "type": "SYSTEM_DEFINED",
+        })
+    haiku = "anthropic.claude-3-haiku-20240307-v1:0"
+    profiles.append({
+        "inferenceProfileName": "team-chat",
+        "description": "Application profile of the test account (cost allocation).",
+        "createdAt": _TIMESTAMP,
+        "updatedAt": _TIMESTAMP,
+        "inferenceProfileArn": f"arn:{partition}:bedrock:{region}:{CONTROL_PLANE_ACCOUNT}:application-inference-profile/standinapp01",
+        "models": [{"modelArn": f"arn:{partition}:bedrock:{region}::foundation-model/{haiku}"}],
+        "inferenceProfileId": "standinapp01",
+        "status": "ACTIVE",
+        "type": "APPLICATION",
+    })
+    return profiles
+
+
+def _is_control_plane(path):
+    return path.split("?")[0].startswith(CONTROL_PLANE_PREFIXES)
+
+
+def control_plane_operation(method, path):
+    """The Bedrock operation name of a control-plane request (enough of them for the tests)."""
+    route = path.split("?")[0]
+    parts = [unquote(p) for p in route.strip("/").split("/")]
+    if method == "GET" and parts == ["foundation-models"]:
+        return "ListFoundationModels"
+    if method == "GET" and len(parts) == 2 and parts[0] == "foundation-models":
+        return "GetFoundationModel"
+    if method == "GET" and parts == ["inference-profiles"]:
+        return "ListInferenceProfiles"
+    if method == "GET" and len(parts) >= 2 and parts[0] == "inference-profiles":
+        return "GetInferenceProfile"
+    if method == "POST" and parts == ["inference-profiles"]:
+        return "CreateInferenceProfile"
+    if method == "DELETE" and parts[0] == "inference-profiles":
+        return "DeleteInferenceProfile"
+    if method == "DELETE" and parts[0] == "guardrails":
+        return "DeleteGuardrail"
+    if method == "GET" and parts[0] == "foundation-model-availability":
+        return "GetFoundationModelAvailability"
+    return f"{method} {route}"
+
+
+def _query(path):
+    from urllib.parse import parse_qs, urlsplit
+    return {k: v[-1] for k, v in parse_qs(urlsplit(path).query, keep_blank_values=True).items()}
+
+
+def _validation(message):
+    return 400, ("ValidationException", message)
+
+
+def control_plane_answer(operation, path, region):
+    """(status, JSON body) or (status, (code, message)) for a verified control-plane request."""
+    query = _query(path)
+    route = path.split("?")[0]
+    if operation == "ListFoundationModels":
+        models = control_plane_models(region)
+        if "byProvider" in query:
+            models = [m for m in models if m["providerName"].lower() == query["byProvider"].lower()]
+        if "byOutputModality" in query:
+            models = [m for m in models if query["byOutputModality"] in m["outputModalities"]]
+        if "byInferenceType" in query:
+            models = [m for m in models if query["byInferenceType"] in m["inferenceTypesSupported"]]
+        if "byCustomizationType" in query:
+            models = [m for m in models if query["byCustomizationType"] in m["customizationsSupported"]]
+        return 200, {"modelSummaries": models}
+    if operation == "GetFoundationModel":
+        identifier = unquote(route.split("/", 2)[2])
+        identifier = identifier.split("foundation-model/", 1)[-1]
+        for model in control_plane_models(region):
+            if model["modelId"] == identifier:
+                return 200, {"modelDetails": model}
+        return 404, ("ResourceNotFoundException", "The model specified in the request is not found.")
+    if operation == "ListInferenceProfiles":
+        profiles = control_plane_profiles(region)
+        if "type" in query:
+            if query["type"] not in ("SYSTEM_DEFINED", "APPLICATION"):
+                return _validation("1 validation error detected: Value at 'typeEquals' failed to satisfy constraint: "
+                                   "Member must satisfy enum value set: [SYSTEM_DEFINED, APPLICATION]")
+            profiles = [p for p in profiles if p["type"] == query["type"]]
+        try:
+            limit = int(query.get("maxResults", "1000"))
+        except ValueError:
+            return _validation("maxResults must be a number")
+        if not 1 <= limit <= 1000:
+            return _validation("1 validation error detected: Value at 'maxResults' failed to satisfy constraint: "
+                               "Member must have value between 1 and 1000")
+        start = 0
+        if query.get("nextToken"):
+            try:
+                start = int(base64.b64decode(query["nextToken"]).decode().removeprefix("standin:"))
+            except ValueError:
+                return _validation("The nextToken is not valid.")
+        page = {"inferenceProfileSummaries": profiles[start:start + limit]}
+        if start + limit < len(profiles):
+            page["nextToken"] = base64.b64encode(f"standin:{start + limit}".encode()).decode()
+        return 200, page
+    if operation == "GetInferenceProfile":
+        identifier = unquote(route.split("/", 2)[2])
+        for profile in control_plane_profiles(region):
+            if identifier in (profile["inferenceProfileId"], profile["inferenceProfileArn"]):
+                return 200, dict(profile)
+        return 404, ("ResourceNotFoundException", "Inference profile not found.")
+    if operation == "GetFoundationModelAvailability":
+        return 200, {"modelId": unquote(route.split("/", 2)[2]), "agreementAvailability": {"status": "AVAILABLE"},
+                     "authorizationStatus": "AUTHORIZED", "entitlementAvailability": "AVAILABLE",
+                     "regionAvailability": "AVAILABLE"}
+    if operation == "CreateInferenceProfile":
+        return 201, {"inferenceProfileArn": f"arn:{_partition(region)}:bedrock:{region}:{CONTROL_PLANE_ACCOUNT}:application-inference-profile/created01", "status": "ACTIVE"}
+    if operation in ("DeleteGuardrail", "DeleteInferenceProfile"):
+        return 202, {}
+    return 404, ("UnknownOperationException", "no such operation")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cert", required=True)
     parser.add_argument("--key", required=True)
     parser.add_argument("--credentials", required=True, help='JSON: {"AKID": "secret", ...}')
     parser.add_argument("--region", default="us-east-1")
+    parser.add_argument("--also-region", action="append", default=[], help="accept signatures scoped to this region too")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--on-demand-refused", action="append", default=[])
     args = parser.parse_args()
@@ -367,6 +626,7 @@ def main():
             store.add(key, secret)
     standin = BedrockStandin(args.cert, args.key, store, args.region, port=args.port)
     standin.on_demand_refused.update(args.on_demand_refused)
+    standin.regions.update(args.also_region)
     standin.start()
     print(json.dumps({"port": standin.port}), flush=True)
     try:
