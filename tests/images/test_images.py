@@ -307,6 +307,24 @@ def _plain_actions(statement):
     return [a["Fn::If"][1] if isinstance(a, dict) else a for a in _actions(statement)]
 
 
+def _plain_resources(statement):
+    """Resources as their Fn::Sub strings, a conditional one (Fn::If) as the one it adds."""
+    found = statement["Resource"]
+    found = [found] if not isinstance(found, list) else found
+    plain = [r["Fn::If"][1] if isinstance(r, dict) and "Fn::If" in r else r for r in found]
+    return [r["Fn::Sub"] if isinstance(r, dict) else r for r in plain]
+
+
+MODEL_ARNS = [
+    "arn:${AWS::Partition}:bedrock:*::foundation-model/${AllowedFoundationModels}",
+    "arn:${AWS::Partition}:bedrock:${AWS::Region}:${AWS::AccountId}:inference-profile/${AllowedInferenceProfiles}",
+    "arn:${AWS::Partition}:bedrock:${AWS::Region}:${AWS::AccountId}:application-inference-profile/"
+    "${AllowedApplicationInferenceProfiles}",
+]
+CATALOGUE_READS = ["bedrock:GetFoundationModel", "bedrock:GetInferenceProfile",
+                   "bedrock:ListFoundationModels", "bedrock:ListInferenceProfiles"]
+
+
 def test_relay_roles_may_only_invoke_the_allowed_models():
     template = load_stack(COMMERCIAL)
     invoke = template["Resources"]["RelayInvokePolicy"]["Properties"]
@@ -315,10 +333,13 @@ def test_relay_roles_may_only_invoke_the_allowed_models():
     (models,) = [s for s in statements if s["Sid"] == "InvokeAllowedModels"]
     assert sorted(_plain_actions(models)) == [
         "bedrock:CountTokens", "bedrock:InvokeModel", "bedrock:InvokeModelWithResponseStream"]
-    assert [r["Fn::Sub"] for r in models["Resource"]] == [
-        "arn:${AWS::Partition}:bedrock:*::foundation-model/${AllowedFoundationModels}",
-        "arn:${AWS::Partition}:bedrock:${AWS::Region}:${AWS::AccountId}:inference-profile/${AllowedInferenceProfiles}",
-    ]
+    assert _plain_resources(models) == MODEL_ARNS
+    # Application profiles only when the parameter names some.
+    assert models["Resource"][2]["Fn::If"][0] == "UsesApplicationProfiles"
+    assert models["Resource"][2]["Fn::If"][2] == {"Ref": "AWS::NoValue"}
+    assert template["Conditions"]["UsesApplicationProfiles"] == {
+        "Fn::Not": [{"Fn::Equals": [{"Ref": "AllowedApplicationInferenceProfiles"}, ""]}]}
+    assert template["Parameters"]["AllowedApplicationInferenceProfiles"]["Default"] == ""
     for member in "AB":
         role = template["Resources"][f"Relay{member}Role"]["Properties"]
         assert "ManagedPolicyArns" not in role
@@ -346,7 +367,7 @@ def test_the_operations_parameter_drives_the_role_and_the_endpoint_policy_togeth
     role = template["Resources"]["RelayInvokePolicy"]["Properties"]["PolicyDocument"]["Statement"]
     endpoint = template["Resources"]["BedrockRuntimeEndpoint"]["Properties"]["PolicyDocument"]["Statement"]
     for document in (role, endpoint):
-        (models,) = [s for s in document if "Fn::If" not in s]
+        (models,) = [s for s in document if "Fn::If" not in s and "bedrock:InvokeModel" in s["Action"]]
         assert {"Fn::If": ["SignsCountTokens", "bedrock:CountTokens", {"Ref": "AWS::NoValue"}]} in models["Action"]
         (guardrails,) = [s for s in document if "Fn::If" in s]
         condition, statement, otherwise = guardrails["Fn::If"]
@@ -360,7 +381,7 @@ def test_the_operations_parameter_drives_the_role_and_the_endpoint_policy_togeth
 
 def test_bedrock_endpoint_is_private_dns_and_admits_only_the_relay_roles():
     template = load_stack(COMMERCIAL)
-    (endpoint,) = resources(template, "AWS::EC2::VPCEndpoint").values()
+    endpoint = template["Resources"]["BedrockRuntimeEndpoint"]["Properties"]
     assert endpoint["ServiceName"] == {"Fn::Sub": "com.amazonaws.${AWS::Region}.bedrock-runtime"}
     assert endpoint["VpcEndpointType"] == "Interface"
     assert endpoint["PrivateDnsEnabled"] is True
@@ -371,6 +392,51 @@ def test_bedrock_endpoint_is_private_dns_and_admits_only_the_relay_roles():
         assert statement["Condition"]["ArnEquals"]["aws:PrincipalArn"] == relays
     assert sorted(a for a in statements[0]["Action"] if isinstance(a, str)) == [
         "bedrock:InvokeModel", "bedrock:InvokeModelWithResponseStream"]
+
+
+def test_control_plane_endpoint_is_private_dns_and_admits_only_the_relays_catalogue_reads():
+    template = load_stack(COMMERCIAL)
+    endpoints = resources(template, "AWS::EC2::VPCEndpoint")
+    assert sorted(endpoints) == ["BedrockEndpoint", "BedrockRuntimeEndpoint"]
+    control = endpoints["BedrockEndpoint"]
+    assert control["ServiceName"] == {"Fn::Sub": "com.amazonaws.${AWS::Region}.bedrock"}
+    assert control["VpcEndpointType"] == "Interface" and control["PrivateDnsEnabled"] is True
+    runtime = endpoints["BedrockRuntimeEndpoint"]
+    for key in ("VpcId", "SubnetIds", "SecurityGroupIds"):
+        assert control[key] == runtime[key], key
+    relays = [{"Fn::GetAtt": ["RelayARole", "Arn"]}, {"Fn::GetAtt": ["RelayBRole", "Arn"]}]
+    statements = control["PolicyDocument"]["Statement"]
+    granted = sorted(a for s in statements for a in _actions(s))
+    assert granted == CATALOGUE_READS, "the control-plane endpoint admits the four reads and nothing else"
+    for statement in statements:
+        assert statement["Effect"] == "Allow"
+        assert statement["Condition"]["ArnEquals"]["aws:PrincipalArn"] == relays
+        if statement["Resource"] == "*":
+            # Only the List calls, which take no resource-level permissions.
+            assert sorted(_actions(statement)) == ["bedrock:ListFoundationModels", "bedrock:ListInferenceProfiles"]
+        else:
+            assert _plain_resources(statement) == MODEL_ARNS
+    # The relays start only once both endpoints (and their private DNS) exist.
+    assert template["Resources"]["RelayAGroup"]["DependsOn"] == ["BedrockRuntimeEndpoint", "BedrockEndpoint"]
+    assert template["Outputs"]["BedrockEndpointId"]["Value"] == {"Ref": "BedrockEndpoint"}
+
+
+def test_relay_roles_read_the_catalogue_the_control_plane_endpoint_admits():
+    template = load_stack(COMMERCIAL)
+    statements = list(_policy_statements(template, "RelayInvokePolicy"))
+    reads = [s for s in statements if any(a in CATALOGUE_READS for a in _actions(s))]
+    assert sorted(a for s in reads for a in _actions(s)) == CATALOGUE_READS
+    for statement in reads:
+        if statement["Resource"] == "*":
+            assert sorted(_actions(statement)) == ["bedrock:ListFoundationModels", "bedrock:ListInferenceProfiles"]
+        else:
+            assert _plain_resources(statement) == MODEL_ARNS
+    # No other control-plane action anywhere in the stack: every bedrock: action is a read above,
+    # an invocation, or a conditional CountTokens / ApplyGuardrail.
+    invocations = {"bedrock:InvokeModel", "bedrock:InvokeModelWithResponseStream", "bedrock:CountTokens",
+                   "bedrock:ApplyGuardrail"}
+    every = {a for a in strings_in(template["Resources"]) if a.startswith("bedrock:")}
+    assert every == invocations | set(CATALOGUE_READS)
 
 
 def _all_statements(template, role_name):
