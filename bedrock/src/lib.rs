@@ -2,8 +2,8 @@
 //! from method and path into a [`Route`]), the model it names ([`ModelId`], held to Bedrock's
 //! grammar), the error shape clients parse ([`BedrockError`], [`ErrorType`], and
 //! [`error_code`] for reading one back), and the headers that must never travel further than
-//! the hop that received them ([`strip_hop_by_hop`], [`strip_caller_credentials`]). The names
-//! the agent and the relay agree on inside the tunnel are in [`protocol`]. Pure functions over
+//! the hop that received them ([`strip_hop_by_hop`], [`strip_caller_credentials`]); and the
+//! token usage an answer reports ([`usage`], read as the answer passes). The names the agent and the relay agree on inside the tunnel are in [`protocol`]. Pure functions over
 //! `http` types: no IO, no runtime, no configuration, so both daemons, the CLI and the fuzz
 //! targets speak Bedrock the same way.
 //!
@@ -13,6 +13,7 @@
 //! [`BedrockError::into_response`] also sets `x-xpart-request-id`.
 
 pub mod protocol;
+pub mod usage;
 
 use std::fmt;
 use std::str::FromStr;
