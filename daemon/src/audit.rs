@@ -67,7 +67,7 @@ pub struct AuditRecord {
     pub upstream_latency_ms: Option<f64>,
     pub bytes_in: u64,
     pub bytes_out: u64,
-    /// Model usage as the answer reported it (agent only); absent when it reported none, so
+    /// Model usage as the answer reported it (both daemons); absent when it reported none, so
     /// readers can tell "no usage known" from zero.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_tokens: Option<u64>,
@@ -77,6 +77,12 @@ pub struct AuditRecord {
     pub cache_read_tokens: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_write_tokens: Option<u64>,
+    /// On a successful answer that reports usage (InvokeModel, InvokeModelWithResponseStream,
+    /// Converse, ConverseStream): whether its whole usage report was read. `false` when the
+    /// answer ended or was cut before it (a stream stopped before its `metadata` event): the
+    /// token fields then hold only what was known, and budgets charged only that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_complete: Option<bool>,
     /// The agent's OpenAI endpoint the request came in on (`openai /v1/chat/completions`),
     /// when it was not a native Bedrock call; `operation` is what it became.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -109,6 +115,7 @@ impl AuditRecord {
             output_tokens: None,
             cache_read_tokens: None,
             cache_write_tokens: None,
+            usage_complete: None,
             endpoint: None,
             end_user: None,
         }
