@@ -7,6 +7,12 @@
 //! `http` types: no IO, no runtime, no configuration, so both daemons, the CLI and the fuzz
 //! targets speak Bedrock the same way.
 //!
+//! Besides the runtime, the [`Service::Bedrock`] control plane's model-discovery reads
+//! (ListFoundationModels, GetFoundationModel, ListInferenceProfiles, GetInferenceProfile,
+//! GetFoundationModelAvailability) are operations of the same vocabulary: their paths do not
+//! overlap the runtime's, and [`Operation::service`] says which endpoint serves each.
+//! [`DialledName`] reads the service, region and FIPS choice out of the name a caller dialled.
+//!
 //! Beyond what Bedrock itself defines: [`ErrorType::UnknownOperation`] (404
 //! `UnknownOperationException`, what AWS rest-json front ends answer for a path no operation
 //! uses); [`Route`] carries `guardrail` and `invocation_arn` as its path parameters;
@@ -44,7 +50,165 @@ pub const ERROR_TYPE_HEADER: &str = "x-amzn-errortype";
 /// `x-amzn-RequestId`, the request id AWS clients report in errors.
 pub const AMZN_REQUEST_ID_HEADER: &str = "x-amzn-requestid";
 
-/// One Bedrock Runtime API operation (botocore `bedrock-runtime` 2023-09-30).
+/// The Bedrock API endpoint a request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Service {
+    /// `bedrock-runtime.<region>.amazonaws.com`: inference.
+    BedrockRuntime,
+    /// `bedrock.<region>.amazonaws.com`: the control plane, of which xpart carries only the
+    /// model-discovery reads.
+    Bedrock,
+}
+
+impl Service {
+    pub const ALL: [Service; 2] = [Service::BedrockRuntime, Service::Bedrock];
+
+    /// The endpoint prefix (botocore `endpointPrefix`): the first label of the service's DNS
+    /// name, and how configuration and the `x-xpart-service` header name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::BedrockRuntime => "bedrock-runtime",
+            Service::Bedrock => "bedrock",
+        }
+    }
+}
+
+impl fmt::Display for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The text given to [`Service::from_str`] names neither Bedrock endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown service \"{0}\" — fix: use \"bedrock-runtime\" or \"bedrock\"")]
+pub struct UnknownService(pub String);
+
+impl FromStr for Service {
+    type Err = UnknownService;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Service::ALL
+            .into_iter()
+            .find(|service| service.name() == s)
+            .ok_or_else(|| UnknownService(s.to_string()))
+    }
+}
+
+impl<'de> Deserialize<'de> for Service {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a caller's `Host` (or `:authority`) says about where it meant to go:
+/// `<service>[-fips].<region>.amazonaws.com`, the names the AWS SDKs build for Bedrock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DialledName {
+    pub service: Service,
+    pub region: String,
+    pub fips: bool,
+}
+
+/// What [`DialledName::parse`] made of a host name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dialled {
+    /// One of the Bedrock names.
+    Bedrock(DialledName),
+    /// An `amazonaws.com` name of another service (`bedrock-agent-runtime…`, `s3…`): the
+    /// caller's SDK was pointed here for something xpart does not carry.
+    OtherAwsService(String),
+    /// Not an AWS name at all (an IP address, `localhost`, a private name given as
+    /// `endpoint_url`): it says nothing about service or region.
+    Other,
+}
+
+impl DialledName {
+    /// Read `host` (`Host` header or `:authority`, an optional port and trailing dot allowed,
+    /// any case).
+    pub fn parse(host: &str) -> Dialled {
+        let host = strip_port(host).trim_end_matches('.').to_ascii_lowercase();
+        let Some(rest) = host.strip_suffix(".amazonaws.com") else {
+            return Dialled::Other;
+        };
+        let labels: Vec<&str> = rest.split('.').collect();
+        let [first, region] = labels.as_slice() else {
+            return Dialled::OtherAwsService(host.clone());
+        };
+        let (service, fips) = match first.strip_suffix("-fips") {
+            Some(service) => (service, true),
+            None => (*first, false),
+        };
+        let Ok(service) = service.parse::<Service>() else {
+            return Dialled::OtherAwsService(host.clone());
+        };
+        if !is_region_name(region) {
+            return Dialled::OtherAwsService(host.clone());
+        }
+        Dialled::Bedrock(DialledName {
+            service,
+            region: region.to_string(),
+            fips,
+        })
+    }
+
+    /// The DNS name this stands for.
+    pub fn host(&self) -> String {
+        let fips = if self.fips { "-fips" } else { "" };
+        format!(
+            "{}{fips}.{}.amazonaws.com",
+            self.service.name(),
+            self.region
+        )
+    }
+
+    /// The four names an SDK may dial for `region`: each service, plain and FIPS.
+    pub fn all_for_region(region: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        for service in Service::ALL {
+            for fips in [false, true] {
+                let name = DialledName {
+                    service,
+                    region: region.to_string(),
+                    fips,
+                };
+                names.push(name.host());
+            }
+        }
+        names
+    }
+}
+
+/// Whether `region` has the shape of an AWS region name (`us-east-1`, `us-gov-west-1`,
+/// `ap-southeast-2`): lower-case letter groups joined by `-`, ending in a number.
+pub fn is_region_name(region: &str) -> bool {
+    let parts: Vec<&str> = region.split('-').collect();
+    let Some((number, words)) = parts.split_last() else {
+        return false;
+    };
+    words.len() >= 2
+        && region.len() <= 20
+        && !number.is_empty()
+        && number.chars().all(|c| c.is_ascii_digit())
+        && words
+            .iter()
+            .all(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_lowercase()))
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host;
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
+/// One Bedrock API operation xpart knows: the whole of Bedrock Runtime (botocore
+/// `bedrock-runtime` 2023-09-30) and the model-discovery reads of the control plane (botocore
+/// `bedrock` 2023-04-20).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Operation {
     InvokeModel,
@@ -57,10 +221,15 @@ pub enum Operation {
     StartAsyncInvoke,
     ListAsyncInvokes,
     GetAsyncInvoke,
+    ListFoundationModels,
+    GetFoundationModel,
+    ListInferenceProfiles,
+    GetInferenceProfile,
+    GetFoundationModelAvailability,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 10] = [
+    pub const ALL: [Operation; 15] = [
         Operation::InvokeModel,
         Operation::InvokeModelWithResponseStream,
         Operation::Converse,
@@ -71,6 +240,20 @@ impl Operation {
         Operation::StartAsyncInvoke,
         Operation::ListAsyncInvokes,
         Operation::GetAsyncInvoke,
+        Operation::ListFoundationModels,
+        Operation::GetFoundationModel,
+        Operation::ListInferenceProfiles,
+        Operation::GetInferenceProfile,
+        Operation::GetFoundationModelAvailability,
+    ];
+
+    /// The control-plane reads, the only `bedrock` operations xpart carries.
+    pub const DISCOVERY: [Operation; 5] = [
+        Operation::ListFoundationModels,
+        Operation::GetFoundationModel,
+        Operation::ListInferenceProfiles,
+        Operation::GetInferenceProfile,
+        Operation::GetFoundationModelAvailability,
     ];
 
     /// The API name, as in the botocore model and IAM actions (`bedrock:Converse`).
@@ -86,6 +269,56 @@ impl Operation {
             Operation::StartAsyncInvoke => "StartAsyncInvoke",
             Operation::ListAsyncInvokes => "ListAsyncInvokes",
             Operation::GetAsyncInvoke => "GetAsyncInvoke",
+            Operation::ListFoundationModels => "ListFoundationModels",
+            Operation::GetFoundationModel => "GetFoundationModel",
+            Operation::ListInferenceProfiles => "ListInferenceProfiles",
+            Operation::GetInferenceProfile => "GetInferenceProfile",
+            Operation::GetFoundationModelAvailability => "GetFoundationModelAvailability",
+        }
+    }
+
+    /// The endpoint that serves the operation.
+    pub fn service(self) -> Service {
+        match self {
+            Operation::InvokeModel => Service::BedrockRuntime,
+            Operation::InvokeModelWithResponseStream => Service::BedrockRuntime,
+            Operation::Converse => Service::BedrockRuntime,
+            Operation::ConverseStream => Service::BedrockRuntime,
+            Operation::CountTokens => Service::BedrockRuntime,
+            Operation::InvokeModelWithBidirectionalStream => Service::BedrockRuntime,
+            Operation::ApplyGuardrail => Service::BedrockRuntime,
+            Operation::StartAsyncInvoke => Service::BedrockRuntime,
+            Operation::ListAsyncInvokes => Service::BedrockRuntime,
+            Operation::GetAsyncInvoke => Service::BedrockRuntime,
+            Operation::ListFoundationModels => Service::Bedrock,
+            Operation::GetFoundationModel => Service::Bedrock,
+            Operation::ListInferenceProfiles => Service::Bedrock,
+            Operation::GetInferenceProfile => Service::Bedrock,
+            Operation::GetFoundationModelAvailability => Service::Bedrock,
+        }
+    }
+
+    /// For a list operation, the member of its JSON answer that holds the list and the
+    /// member of each entry that names the model or profile; what is filtered by allowlists.
+    pub fn listed(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Operation::ListFoundationModels => Some(("modelSummaries", "modelId")),
+            Operation::ListInferenceProfiles => {
+                Some(("inferenceProfileSummaries", "inferenceProfileId"))
+            }
+            Operation::InvokeModel => None,
+            Operation::InvokeModelWithResponseStream => None,
+            Operation::Converse => None,
+            Operation::ConverseStream => None,
+            Operation::CountTokens => None,
+            Operation::InvokeModelWithBidirectionalStream => None,
+            Operation::ApplyGuardrail => None,
+            Operation::StartAsyncInvoke => None,
+            Operation::ListAsyncInvokes => None,
+            Operation::GetAsyncInvoke => None,
+            Operation::GetFoundationModel => None,
+            Operation::GetInferenceProfile => None,
+            Operation::GetFoundationModelAvailability => None,
         }
     }
 
@@ -103,6 +336,11 @@ impl Operation {
             Operation::StartAsyncInvoke => false,
             Operation::ListAsyncInvokes => false,
             Operation::GetAsyncInvoke => false,
+            Operation::ListFoundationModels => false,
+            Operation::GetFoundationModel => false,
+            Operation::ListInferenceProfiles => false,
+            Operation::GetInferenceProfile => false,
+            Operation::GetFoundationModelAvailability => false,
         }
     }
 
@@ -121,6 +359,11 @@ impl Operation {
             Operation::StartAsyncInvoke => None,
             Operation::ListAsyncInvokes => None,
             Operation::GetAsyncInvoke => None,
+            Operation::ListFoundationModels => None,
+            Operation::GetFoundationModel => None,
+            Operation::ListInferenceProfiles => None,
+            Operation::GetInferenceProfile => None,
+            Operation::GetFoundationModelAvailability => None,
         }
     }
 
@@ -137,6 +380,17 @@ impl Operation {
                 "sortBy",
                 "sortOrder",
             ],
+            // ListInferenceProfiles' `typeEquals` travels as `type` (botocore locationName).
+            Operation::ListFoundationModels => &[
+                "byProvider",
+                "byCustomizationType",
+                "byOutputModality",
+                "byInferenceType",
+            ],
+            Operation::ListInferenceProfiles => &["maxResults", "nextToken", "type"],
+            Operation::GetFoundationModel => &[],
+            Operation::GetInferenceProfile => &[],
+            Operation::GetFoundationModelAvailability => &[],
             Operation::InvokeModel => &[],
             Operation::InvokeModelWithResponseStream => &[],
             Operation::Converse => &[],
@@ -494,7 +748,8 @@ fn is_guardrail_version(version: &str) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub operation: Operation,
-    /// The model, for the `/model/{modelId}/…` operations.
+    /// The model, for the `/model/{modelId}/…` operations, and the model or inference profile
+    /// a control-plane `Get…` names.
     pub model: Option<ModelId>,
     /// ApplyGuardrail's guardrail id and version.
     pub guardrail: Option<Guardrail>,
@@ -530,6 +785,13 @@ impl Route {
             (&Method::POST, ["async-invoke"]) => Operation::StartAsyncInvoke,
             (&Method::GET, ["async-invoke"]) => Operation::ListAsyncInvokes,
             (&Method::GET, ["async-invoke", _]) => Operation::GetAsyncInvoke,
+            (&Method::GET, ["foundation-models"]) => Operation::ListFoundationModels,
+            (&Method::GET, ["foundation-models", _]) => Operation::GetFoundationModel,
+            (&Method::GET, ["inference-profiles"]) => Operation::ListInferenceProfiles,
+            (&Method::GET, ["inference-profiles", _]) => Operation::GetInferenceProfile,
+            (&Method::GET, ["foundation-model-availability", _]) => {
+                Operation::GetFoundationModelAvailability
+            }
             _ => return Err(unknown_operation(method, path)),
         };
         let mut route = Route {
@@ -551,6 +813,18 @@ impl Route {
             ["async-invoke", arn] => {
                 route.invocation_arn = Some(decode_param(arn, "invocationArn")?);
             }
+            ["foundation-models", raw] => {
+                route.model = Some(ModelId::parse(&decode_param(raw, "modelIdentifier")?)?);
+            }
+            ["inference-profiles", raw] => {
+                route.model = Some(ModelId::parse(&decode_param(
+                    raw,
+                    "inferenceProfileIdentifier",
+                )?)?);
+            }
+            ["foundation-model-availability", raw] => {
+                route.model = Some(ModelId::parse(&decode_param(raw, "modelId")?)?);
+            }
             _ => {}
         }
         Ok(route)
@@ -560,18 +834,28 @@ impl Route {
     /// as the AWS SDKs encode a path label; `None` when a parameter the operation needs is
     /// missing.
     pub fn path(&self) -> Option<String> {
-        match self.operation.model_action() {
-            Some(_) => self.path_with_model(self.model.as_ref()?),
-            None => self.path_without_model(),
+        match self.path_without_model() {
+            Some(path) => Some(path),
+            None => self.path_with_model(self.model.as_ref()?),
         }
     }
 
-    /// [`Route::path`] with `model` in the `/model/{modelId}/…` label (a rewritten id, or the
-    /// inference profile used instead of the requested model). `None` for an operation that
-    /// names no model.
+    /// [`Route::path`] with `model` in the label that names the model (a rewritten id, or
+    /// the inference profile used instead of the requested model). `None` for an operation
+    /// that names no model.
     pub fn path_with_model(&self, model: &ModelId) -> Option<String> {
-        let action = self.operation.model_action()?;
-        Some(format!("/model/{}/{action}", model.path_segment()))
+        let segment = model.path_segment();
+        if let Some(action) = self.operation.model_action() {
+            return Some(format!("/model/{segment}/{action}"));
+        }
+        match self.operation {
+            Operation::GetFoundationModel => Some(format!("/foundation-models/{segment}")),
+            Operation::GetInferenceProfile => Some(format!("/inference-profiles/{segment}")),
+            Operation::GetFoundationModelAvailability => {
+                Some(format!("/foundation-model-availability/{segment}"))
+            }
+            _ => None,
+        }
     }
 
     fn path_without_model(&self) -> Option<String> {
@@ -590,6 +874,11 @@ impl Route {
                 "/async-invoke/{}",
                 encode_label(self.invocation_arn.as_deref()?)
             )),
+            Operation::ListFoundationModels => Some("/foundation-models".to_string()),
+            Operation::ListInferenceProfiles => Some("/inference-profiles".to_string()),
+            Operation::GetFoundationModel => None,
+            Operation::GetInferenceProfile => None,
+            Operation::GetFoundationModelAvailability => None,
             Operation::InvokeModel => None,
             Operation::InvokeModelWithResponseStream => None,
             Operation::Converse => None,
@@ -608,7 +897,7 @@ fn unknown_operation(method: &Method, path: &str) -> BedrockError {
     };
     BedrockError::new(
         ErrorType::UnknownOperation,
-        format!("no Bedrock Runtime operation matches {method} {shown}"),
+        format!("no Bedrock operation matches {method} {shown}"),
     )
 }
 
@@ -1137,11 +1426,168 @@ mod tests {
     }
 
     #[test]
-    fn only_list_async_invokes_defines_query_parameters() {
+    fn only_list_operations_define_query_parameters() {
         for op in Operation::ALL {
-            let expected = op == Operation::ListAsyncInvokes;
+            let expected = matches!(
+                op,
+                Operation::ListAsyncInvokes
+                    | Operation::ListFoundationModels
+                    | Operation::ListInferenceProfiles
+            );
             assert_eq!(!op.query_parameters().is_empty(), expected, "{op}");
         }
+        assert_eq!(
+            Operation::ListInferenceProfiles.query_parameters(),
+            ["maxResults", "nextToken", "type"]
+        );
+    }
+
+    #[test]
+    fn discovery_reads_parse_on_the_bedrock_service_and_rebuild_their_paths() {
+        let get = |path: &str| Route::parse(&Method::GET, path);
+        let list = get("/foundation-models?byProvider=Anthropic").unwrap();
+        assert_eq!(list.operation, Operation::ListFoundationModels);
+        assert_eq!(list.path().as_deref(), Some("/foundation-models"));
+        let profiles = get("/inference-profiles").unwrap();
+        assert_eq!(profiles.operation, Operation::ListInferenceProfiles);
+        assert_eq!(profiles.path().as_deref(), Some("/inference-profiles"));
+        let model = get("/foundation-models/anthropic.claude-v2%3a1").unwrap();
+        assert_eq!(model.operation, Operation::GetFoundationModel);
+        assert_eq!(model.model, Some(ModelId::new("anthropic.claude-v2:1")));
+        assert_eq!(
+            model.path().as_deref(),
+            Some("/foundation-models/anthropic.claude-v2%3A1")
+        );
+        let arn = "arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2Fus.x";
+        let profile = get(&format!("/inference-profiles/{arn}")).unwrap();
+        assert_eq!(profile.operation, Operation::GetInferenceProfile);
+        assert_eq!(
+            profile.path(),
+            Some(format!("/inference-profiles/{}", arn.replace("%3a", "%3A")))
+        );
+        let availability = get("/foundation-model-availability/amazon.titan").unwrap();
+        assert_eq!(
+            availability.operation,
+            Operation::GetFoundationModelAvailability
+        );
+        assert_eq!(
+            availability.path().as_deref(),
+            Some("/foundation-model-availability/amazon.titan")
+        );
+        for op in Operation::DISCOVERY {
+            assert_eq!(op.service(), Service::Bedrock, "{op}");
+        }
+        let runtime = Operation::ALL
+            .into_iter()
+            .filter(|op| op.service() == Service::BedrockRuntime)
+            .count();
+        assert_eq!(runtime + Operation::DISCOVERY.len(), Operation::ALL.len());
+    }
+
+    #[test]
+    fn control_plane_writes_and_odd_shapes_are_no_operation() {
+        let cases = [
+            (Method::POST, "/inference-profiles"),
+            (Method::DELETE, "/inference-profiles/us.x"),
+            (Method::PATCH, "/inference-profiles/us.x"),
+            (Method::PUT, "/foundation-models/m"),
+            (Method::DELETE, "/guardrails/gr1"),
+            (Method::GET, "/guardrails"),
+            (Method::POST, "/guardrails"),
+            (Method::GET, "/foundation-models/a/b"),
+            (Method::GET, "/inference-profiles/x/tags"),
+            (Method::GET, "/foundation-models%2Fx"),
+            (Method::HEAD, "/foundation-models"),
+            (Method::OPTIONS, "/foundation-models"),
+            (Method::GET, "/custom-models"),
+            (Method::GET, "/model-customization-jobs"),
+            (Method::POST, "/model-invocation-job"),
+            (Method::GET, "//foundation-models"),
+            (Method::GET, "/Foundation-Models"),
+        ];
+        for (method, path) in cases {
+            let err = Route::parse(&method, path).unwrap_err();
+            assert_eq!(err.kind, ErrorType::UnknownOperation, "{method} {path}");
+        }
+        let traversal =
+            Route::parse(&Method::GET, "/foundation-models/..%2Fguardrails").unwrap_err();
+        assert_eq!(traversal.kind, ErrorType::Validation);
+        let encoded = Route::parse(&Method::GET, "/inference-profiles/a%2F..%2Fb").unwrap_err();
+        assert_eq!(encoded.kind, ErrorType::Validation);
+        let empty = Route::parse(&Method::GET, "/foundation-models/").unwrap_err();
+        assert_eq!(empty.kind, ErrorType::Validation);
+    }
+
+    #[test]
+    fn dialled_names_give_service_region_and_fips() {
+        let bedrock = |service, region: &str, fips| {
+            Dialled::Bedrock(DialledName {
+                service,
+                region: region.to_string(),
+                fips,
+            })
+        };
+        let cases = [
+            (
+                "bedrock-runtime.us-east-1.amazonaws.com",
+                bedrock(Service::BedrockRuntime, "us-east-1", false),
+            ),
+            (
+                "Bedrock-Runtime-FIPS.us-west-2.amazonaws.com.:443",
+                bedrock(Service::BedrockRuntime, "us-west-2", true),
+            ),
+            (
+                "bedrock.eu-central-1.amazonaws.com",
+                bedrock(Service::Bedrock, "eu-central-1", false),
+            ),
+            (
+                "bedrock-fips.us-gov-west-1.amazonaws.com:8443",
+                bedrock(Service::Bedrock, "us-gov-west-1", true),
+            ),
+            ("127.0.0.1:8443", Dialled::Other),
+            ("[::1]:8443", Dialled::Other),
+            ("localhost", Dialled::Other),
+            ("bedrock.internal.example", Dialled::Other),
+            (
+                "bedrock-agent-runtime.us-east-1.amazonaws.com",
+                Dialled::OtherAwsService("bedrock-agent-runtime.us-east-1.amazonaws.com".into()),
+            ),
+            (
+                "x.bedrock-runtime.us-east-1.amazonaws.com",
+                Dialled::OtherAwsService("x.bedrock-runtime.us-east-1.amazonaws.com".into()),
+            ),
+            (
+                "bedrock-runtime.amazonaws.com",
+                Dialled::OtherAwsService("bedrock-runtime.amazonaws.com".into()),
+            ),
+            (
+                "bedrock-runtime.US_EAST.amazonaws.com",
+                Dialled::OtherAwsService("bedrock-runtime.us_east.amazonaws.com".into()),
+            ),
+            (
+                "bedrock-runtime-fips-fips.us-east-1.amazonaws.com",
+                Dialled::OtherAwsService(
+                    "bedrock-runtime-fips-fips.us-east-1.amazonaws.com".into(),
+                ),
+            ),
+        ];
+        for (host, expected) in cases {
+            assert_eq!(DialledName::parse(host), expected, "{host}");
+        }
+        assert_eq!(
+            DialledName::all_for_region("us-west-2"),
+            [
+                "bedrock-runtime.us-west-2.amazonaws.com",
+                "bedrock-runtime-fips.us-west-2.amazonaws.com",
+                "bedrock.us-west-2.amazonaws.com",
+                "bedrock-fips.us-west-2.amazonaws.com",
+            ]
+        );
+        assert!(is_region_name("ap-southeast-2"));
+        assert!(!is_region_name("us-east"));
+        assert!(!is_region_name("us--1"));
+        assert_eq!("bedrock".parse::<Service>(), Ok(Service::Bedrock));
+        assert!("s3".parse::<Service>().is_err());
     }
 
     #[test]
