@@ -74,6 +74,11 @@ fn the_printed_environment_is_the_one_written_to_caller_env_and_agent_toml() {
         env["AWS_ENDPOINT_URL_BEDROCK_RUNTIME"],
         format!("https://localhost:{front_port}")
     );
+    // Model discovery (`aws bedrock list-foundation-models`) goes to the same front.
+    assert_eq!(
+        env["AWS_ENDPOINT_URL_BEDROCK"],
+        format!("https://localhost:{front_port}")
+    );
     let token = &env["AWS_BEARER_TOKEN_BEDROCK"];
     assert!(token.starts_with("xpt_"), "{token}");
     assert_eq!(

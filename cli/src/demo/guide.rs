@@ -37,6 +37,9 @@ impl Guide {
     pub fn new(material: &Material, ports: &Ports) -> Guide {
         let env = vec![
             ("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", endpoint(ports)),
+            // The control plane's model-discovery reads (`aws bedrock list-foundation-models`)
+            // go to the same front, which tells them from the runtime by their path.
+            ("AWS_ENDPOINT_URL_BEDROCK", endpoint(ports)),
             ("AWS_CA_BUNDLE", material.ca_bundle.display().to_string()),
             // The JavaScript SDK ignores AWS_CA_BUNDLE; Node.js adds this file to its own
             // roots when the process starts.

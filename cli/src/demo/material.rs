@@ -313,7 +313,8 @@ tunnel_address = "{RELAY_TUNNEL_IP}"
 service_port = {RELAY_SERVICE_PORT}
 
 [front]
-# Callers set AWS_ENDPOINT_URL_BEDROCK_RUNTIME=https://localhost:{front_port} and trust ca/ca.pem.
+# Callers set AWS_ENDPOINT_URL_BEDROCK_RUNTIME (and AWS_ENDPOINT_URL_BEDROCK, for model
+# discovery) to https://localhost:{front_port} and trust ca/ca.pem.
 listen = "{front}"
 cert_file = "front.pem"
 key_file = "front.key"
