@@ -26,6 +26,8 @@
 //!   text (for `from_toml_str`); [`config::Diagnostics::locate_in`] adds line numbers to
 //!   validation problems;
 //! - [`admin::json`] and [`admin::text`] build responses for `AdminHandler::extra`;
+//!   [`status_page::respond`] builds the admin port's `GET /` page from a daemon's `/status`,
+//!   and [`status_page::Activity`] counts finished requests and keeps the last failures;
 //! - [`audit::AuditLog`] has `flush`, `reopen` (call it on SIGHUP), `close` (call it on
 //!   shutdown) and `register` (its written/dropped counters);
 //! - the shutdown future is [`shutdown::signal`] ([`shutdown::stop_signals`] listens from a
@@ -47,4 +49,5 @@ pub mod request_id;
 pub mod serve;
 pub mod shutdown;
 pub mod startup;
+pub mod status_page;
 pub mod tunnel_config;
