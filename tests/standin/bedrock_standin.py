@@ -8,6 +8,8 @@ Model ids that steer it:
                          model-timeout, model-error, internal, unavailable, not-found)
   standin.hold           stream the first event, then wait for release_hold() before the rest
   standin.slow           wait `slow_seconds` before answering
+  standin.cut            stream every event but the last (the one with the usage), then close
+                         the connection mid-body
   any id in on_demand_refused
                          400 ValidationException "…on-demand throughput isn’t supported…"
                          (the same id behind a `us.` prefix works)
@@ -59,6 +61,15 @@ ERRORS = {
     "internal": (500, "InternalServerException", "An internal server error occurred."),
     "unavailable": (503, "ServiceUnavailableException", "Service is unavailable."),
     "not-found": (404, "ResourceNotFoundException", "Could not resolve the foundation model from the provided model identifier."),
+}
+# The usage each operation reports, (input, output, cache read, cache write): Converse in its
+# `usage`, ConverseStream in its `metadata` event, InvokeModel in x-amzn-bedrock-*-token-count
+# headers, InvokeModelWithResponseStream in its last chunk's amazon-bedrock-invocationMetrics.
+USAGE = {
+    "converse": (3, 4, 5, 6),
+    "converse-stream": (13, 14, 15, 16),
+    "invoke": (23, 24, 25, 26),
+    "invoke-with-response-stream": (33, 34, 35, 36),
 }
 ON_DEMAND_MESSAGE = (
     "Invocation of model ID {model} with on-demand throughput isn\u2019t supported. Retry your "
@@ -288,7 +299,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(200, {
                 "output": {"message": {"role": "assistant", "content": [{"text": f"standin:{text}"}]}},
                 "stopReason": "end_turn",
-                "usage": {"inputTokens": 3, "outputTokens": 4, "totalTokens": 7},
+                "usage": _converse_usage(USAGE["converse"]),
                 "metrics": {"latencyMs": 12},
             })
         if op == "count-tokens":
@@ -298,7 +309,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "id": "msg_standin", "type": "message", "role": "assistant", "model": model,
                 "content": [{"type": "text", "text": f"standin:{text}"}],
                 "stop_reason": "end_turn", "usage": {"input_tokens": 3, "output_tokens": 4},
-            })
+            }, headers=_invoke_usage_headers(USAGE["invoke"]))
         if op == "converse-stream":
             frames = [
                 eventstream.event("messageStart", json.dumps({"role": "assistant"}).encode()),
@@ -306,20 +317,20 @@ class _Handler(BaseHTTPRequestHandler):
                 eventstream.event("contentBlockDelta", json.dumps({"contentBlockIndex": 0, "delta": {"text": text}}).encode()),
                 eventstream.event("contentBlockStop", json.dumps({"contentBlockIndex": 0}).encode()),
                 eventstream.event("messageStop", json.dumps({"stopReason": "end_turn"}).encode()),
-                eventstream.event("metadata", json.dumps({"usage": {"inputTokens": 3, "outputTokens": 4, "totalTokens": 7}, "metrics": {"latencyMs": 9}}).encode()),
+                eventstream.event("metadata", json.dumps({"usage": _converse_usage(USAGE["converse-stream"]), "metrics": {"latencyMs": 9}}).encode()),
             ]
-            return self._stream(frames, hold=(model == "standin.hold"))
+            return self._stream(frames, hold=(model == "standin.hold"), cut=(model == "standin.cut"))
         if op == "invoke-with-response-stream":
             chunks = [
                 {"type": "message_start", "message": {"role": "assistant", "model": model}},
                 {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": f"standin:{text}"}},
-                {"type": "message_stop"},
+                {"type": "message_stop", "amazon-bedrock-invocationMetrics": _invocation_metrics(USAGE["invoke-with-response-stream"])},
             ]
             frames = [
                 eventstream.event("chunk", json.dumps({"bytes": base64.b64encode(json.dumps(c).encode()).decode()}).encode())
                 for c in chunks
             ]
-            return self._stream(frames, hold=(model == "standin.hold"))
+            return self._stream(frames, hold=(model == "standin.hold"), cut=(model == "standin.cut"))
         return self._error(404, "UnknownOperationException", "no such operation")
 
     def _control_plane(self, method, body=None, headers=None):
@@ -347,8 +358,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(status, answer[0], answer[1])
         return self._json(status, answer)
 
-    def _stream(self, frames, hold):
+    def _stream(self, frames, hold, cut=False):
         standin = self.server.standin
+        if cut:
+            frames = frames[:-1]
         self.send_response(200)
         self.send_header("Content-Type", "application/vnd.amazon.eventstream")
         self.send_header("X-Amzn-Bedrock-Content-Type", "application/json")
@@ -363,15 +376,21 @@ class _Handler(BaseHTTPRequestHandler):
                 standin.hold_last_sent.set()
             self.wfile.write(b"%x\r\n%s\r\n" % (len(frame), frame))
             self.wfile.flush()
+        if cut:
+            # No last chunk: the connection closes mid-body, as when upstream dies.
+            self.close_connection = True
+            return
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
-    def _json(self, status, value):
+    def _json(self, status, value, headers=None):
         body = json.dumps(value).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("x-amzn-RequestId", "standin-request")
+        for name, header_value in (headers or {}).items():
+            self.send_header(name, header_value)
         self.end_headers()
         self.wfile.write(body)
 
@@ -384,6 +403,29 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("x-amzn-RequestId", "standin-error")
         self.end_headers()
         self.wfile.write(body)
+
+
+def _converse_usage(usage):
+    input_tokens, output_tokens, cache_read, cache_write = usage
+    return {"inputTokens": input_tokens, "outputTokens": output_tokens,
+            "totalTokens": input_tokens + output_tokens + cache_read + cache_write,
+            "cacheReadInputTokens": cache_read, "cacheWriteInputTokens": cache_write}
+
+
+def _invoke_usage_headers(usage):
+    input_tokens, output_tokens, cache_read, cache_write = usage
+    return {"X-Amzn-Bedrock-Input-Token-Count": str(input_tokens),
+            "X-Amzn-Bedrock-Output-Token-Count": str(output_tokens),
+            "X-Amzn-Bedrock-Cache-Read-Input-Token-Count": str(cache_read),
+            "X-Amzn-Bedrock-Cache-Write-Input-Token-Count": str(cache_write),
+            "X-Amzn-Bedrock-Invocation-Latency": "12"}
+
+
+def _invocation_metrics(usage):
+    input_tokens, output_tokens, cache_read, cache_write = usage
+    return {"inputTokenCount": input_tokens, "outputTokenCount": output_tokens,
+            "invocationLatency": 12, "firstByteLatency": 3,
+            "cacheReadInputTokenCount": cache_read, "cacheWriteInputTokenCount": cache_write}
 
 
 def _last_user_text(request):
