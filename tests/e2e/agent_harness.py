@@ -132,7 +132,7 @@ class RelayProcess(h.RelayProcess):
 # --- the agent --------------------------------------------------------------------------------
 
 def agent_config(directory, *, relays, private_key_file, cert, key, principals,
-                 dns_upstream=(), health=None, mode="userspace"):
+                 dns_upstream=(), health=None, mode="userspace", dns_names=(h.UPSTREAM_NAME,)):
     """Write agent.toml for a loopback stack and return its path."""
     relay_tables = "".join(
         f"""
@@ -160,7 +160,7 @@ listen = "127.0.0.1:0"
 listen = "127.0.0.1:0"
 answer = "127.0.0.1"
 answer_v6 = "::1"
-names = ["{h.UPSTREAM_NAME}"]
+names = {json.dumps(list(dns_names))}
 upstream = {json.dumps([f"{a}:{p}" for a, p in dns_upstream])}
 ttl = 30
 
@@ -424,7 +424,11 @@ def start_stack(relay_bin, tmp_path, test_pki, upstream_dns, standin):
         pytest.skip(f"xpart-agent is not built at {agent_binary()} (cargo build -p xpart-agent, or set XPART_BIN_DIR)")
     started = []
 
-    def start(relays=1, principals=None, health=None, tokens=None, relay_options=None):
+    def start(relays=1, principals=None, health=None, tokens=None, relay_options=None, front_pki=None,
+              dns_names=(h.UPSTREAM_NAME,)):
+        # front_pki: the agent front's certificate (make_test_pki's dict) when callers dial
+        # names test_pki does not hold; Stack.pki is then that one, for the callers' trust.
+        front_pki = front_pki or test_pki
         directory = tmp_path / f"stack{len(started)}"
         directory.mkdir()
         agent_private, agent_public = wg_keypair()
@@ -450,12 +454,13 @@ def start_stack(relay_bin, tmp_path, test_pki, upstream_dns, standin):
             principals = principal("lambda", token=tokens["lambda"], models=DEFAULT_MODELS)
         config = agent_config(
             str(directory), relays=running, private_key_file=agent_key,
-            cert=test_pki["cert"], key=test_pki["key"], principals=principals, health=health,
+            cert=front_pki["cert"], key=front_pki["key"], principals=principals, health=health,
+            dns_names=dns_names,
         )
         agent = AgentProcess(config, str(directory / "agent.log"))
         started.append(agent)
         agent.wait_ready()
-        return Stack(str(directory), agent, running, standin, test_pki, tokens)
+        return Stack(str(directory), agent, running, standin, front_pki, tokens)
 
     yield start
     for process in reversed(started):

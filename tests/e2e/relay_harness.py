@@ -59,8 +59,14 @@ def relay_config(
     performance_latency=("standard",),
     trace=("ENABLED", "DISABLED", "ENABLED_FULL"),
     max_buffered_body_bytes=None,
+    upstreams=None,
 ):
-    """Write relay.toml for a loopback test (tunnel mode "host") and return its path."""
+    """Write relay.toml for a loopback test (tunnel mode "host") and return its path.
+
+    `upstreams`: several `[[upstream]]` entries instead of the one `[upstream]`, each a dict
+    with `service`, `region` and optionally `fips`, `host_header` (the name signed and sent,
+    e.g. bedrock.us-west-2.amazonaws.com) and `prefix` (inference_profile_prefix; absent: not
+    written); all reach the stand-in through `upstream_host`."""
     audit = os.path.join(directory, "audit.jsonl")
     limits = "" if max_buffered_body_bytes is None else f"[limits]\nmax_buffered_body_bytes = {max_buffered_body_bytes}\n\n"
     text = f"""
@@ -74,16 +80,7 @@ tunnel_address = "{agent_address}"
 [service]
 listen = "127.0.0.1:0"
 
-[upstream]
-region = "{REGION}"
-endpoint = "https://{upstream_host}:{standin_port}"
-resolver = ["127.0.0.1:{dns_port}"]
-extra_ca_file = "{ca_file}"
-inference_profile_prefix = "us."
-connect_timeout_secs = 2
-first_byte_timeout_secs = {first_byte_timeout}
-idle_timeout_secs = {idle_timeout}
-
+{upstream_tables(upstreams, upstream_host, standin_port, dns_port, ca_file, first_byte_timeout, idle_timeout)}
 [policy]
 operations = {json.dumps(list(operations))}
 models = {json.dumps(list(models))}
@@ -232,6 +229,29 @@ class ContainerCredentials:
     def stop(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+def upstream_tables(upstreams, upstream_host, standin_port, dns_port, ca_file, first_byte_timeout, idle_timeout):
+    common = f"""endpoint = "https://{upstream_host}:{standin_port}"
+resolver = ["127.0.0.1:{dns_port}"]
+extra_ca_file = "{ca_file}"
+connect_timeout_secs = 2
+first_byte_timeout_secs = {first_byte_timeout}
+idle_timeout_secs = {idle_timeout}
+"""
+    if upstreams is None:
+        return f'[upstream]\nregion = "{REGION}"\ninference_profile_prefix = "us."\n{common}'
+    tables = []
+    for up in upstreams:
+        lines = ["[[upstream]]", f'service = "{up["service"]}"', f'region = "{up["region"]}"']
+        if up.get("fips"):
+            lines.append("fips = true")
+        if up.get("host_header"):
+            lines.append(f'host_header = "{up["host_header"]}"')
+        if up.get("prefix") is not None:
+            lines.append(f'inference_profile_prefix = "{up["prefix"]}"')
+        tables.append("\n".join(lines) + "\n" + common)
+    return "\n".join(tables)
 
 
 def bedrock_client(endpoint, extra_headers=None, read_timeout=30):
