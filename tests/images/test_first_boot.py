@@ -592,9 +592,19 @@ def test_relay_first_boot_writes_policy_rewrites_and_agents(tmp_path):
         ("agent-a", "100.64.0.1", KEYS["agent-a"][1]),
         ("agent-b", "100.64.0.2", KEYS["agent-b"][1]),
     ]
-    assert config["upstream"]["region"] == "us-east-1"
-    assert config["upstream"]["endpoint"] == "https://bedrock-runtime.us-east-1.amazonaws.com"
-    assert config["policy"]["operations"] == ["InvokeModel", "InvokeModelWithResponseStream", "Converse", "ConverseStream"]
+    # One upstream per interface endpoint of the stack's region: the runtime and the control
+    # plane (model discovery), both through the VPC resolver that knows their private DNS.
+    assert [(u["service"], u["region"], u["endpoint"]) for u in config["upstream"]] == [
+        ("bedrock-runtime", "us-east-1", "https://bedrock-runtime.us-east-1.amazonaws.com"),
+        ("bedrock", "us-east-1", "https://bedrock.us-east-1.amazonaws.com"),
+    ]
+    assert all(u["resolver"] == ["169.254.169.253:53"] for u in config["upstream"]), config["upstream"]
+    # No prefix written: the relay derives us. from the region, so the retry is on by default.
+    assert all("inference_profile_prefix" not in u for u in config["upstream"]), config["upstream"]
+    # The stack's operations, then the discovery reads its bedrock endpoint admits.
+    assert config["policy"]["operations"] == [
+        "InvokeModel", "InvokeModelWithResponseStream", "Converse", "ConverseStream",
+        "ListFoundationModels", "GetFoundationModel", "ListInferenceProfiles", "GetInferenceProfile"]
     assert config["policy"]["models"] == ["xpart.echo", "anthropic.claude-*", "us.anthropic.claude-*"]
     assert config["rewrite"]["rule"] == [{"from": "us-gov.", "to": "us."}]
     # The relay takes its Elastic IP once it is up; the other relay serves meanwhile.
