@@ -23,11 +23,12 @@ use std::time::Duration;
 use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::BinDecodable;
 use hickory_proto::xfer::Protocol;
 use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::TokioResolver;
-use hickory_server::authority::MessageResponseBuilder;
+use hickory_server::authority::{MessageRequest, MessageResponseBuilder};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::ServerFuture;
 use ipnet::IpNet;
@@ -42,10 +43,12 @@ use crate::metrics::Metrics;
 #[derive(Debug, Clone)]
 pub struct DnsSettings {
     pub listen: SocketAddr,
-    /// Names answered with the agent's own address (case-insensitive, exact).
+    /// Names answered with the agent's own addresses (case-insensitive, exact).
     pub names: Vec<String>,
-    pub answer_v4: Ipv4Addr,
-    pub answer_v6: Option<Ipv6Addr>,
+    /// Every address goes in each answer (one per zone behind a load balancer, say); the
+    /// caller's resolver picks among them.
+    pub answer_v4: Vec<Ipv4Addr>,
+    pub answer_v6: Vec<Ipv6Addr>,
     pub ttl: u32,
     /// Resolvers for every other name; empty refuses them.
     pub upstream: Vec<SocketAddr>,
@@ -118,8 +121,8 @@ async fn bind_pair(listen: SocketAddr) -> Result<(UdpSocket, TcpListener, Socket
 pub struct Answerer {
     names: HashSet<LowerName>,
     allow_cidrs: Vec<IpNet>,
-    answer_v4: Ipv4Addr,
-    answer_v6: Option<Ipv6Addr>,
+    answer_v4: Vec<Ipv4Addr>,
+    answer_v6: Vec<Ipv6Addr>,
     ttl: u32,
     upstream: Option<TokioResolver>,
     metrics: Metrics,
@@ -170,8 +173,8 @@ impl Answerer {
         Ok(Answerer {
             names,
             allow_cidrs: settings.allow_cidrs.clone(),
-            answer_v4: settings.answer_v4,
-            answer_v6: settings.answer_v6,
+            answer_v4: settings.answer_v4.clone(),
+            answer_v6: settings.answer_v6.clone(),
             ttl: settings.ttl,
             upstream,
             metrics,
@@ -183,7 +186,9 @@ impl Answerer {
         request: &Request,
         mut response: R,
     ) -> (Outcome, std::io::Result<ResponseInfo>) {
-        let builder = MessageResponseBuilder::from_message_request(request);
+        let rewritten = question_rewritten(request);
+        let builder =
+            MessageResponseBuilder::from_message_request(rewritten.as_ref().unwrap_or(request));
         let mut header = Header::response_from_request(request.header());
         header.set_recursion_available(self.upstream.is_some());
 
@@ -259,16 +264,13 @@ impl Answerer {
     }
 
     fn own_records(&self, name: &Name, query_type: RecordType) -> Vec<Record> {
-        let v4 = || Record::from_rdata(name.clone(), self.ttl, RData::A(A(self.answer_v4)));
-        let v6 = |ip| Record::from_rdata(name.clone(), self.ttl, RData::AAAA(AAAA(ip)));
+        let record = |rdata| Record::from_rdata(name.clone(), self.ttl, rdata);
+        let v4 = || self.answer_v4.iter().map(|ip| record(RData::A(A(*ip))));
+        let v6 = || self.answer_v6.iter().map(|ip| record(RData::AAAA(AAAA(*ip))));
         match query_type {
-            RecordType::A => vec![v4()],
-            RecordType::AAAA => self.answer_v6.map(v6).into_iter().collect(),
-            RecordType::ANY => {
-                let mut all = vec![v4()];
-                all.extend(self.answer_v6.map(v6));
-                all
-            }
+            RecordType::A => v4().collect(),
+            RecordType::AAAA => v6().collect(),
+            RecordType::ANY => v4().chain(v6()).collect(),
             _ => Vec::new(),
         }
     }
@@ -350,6 +352,27 @@ fn udp_limit(edns: Option<&Edns>) -> u16 {
 
 /// The DNS UDP message limit without EDNS (RFC 1035 §4.2.1).
 const CLASSIC_UDP_PAYLOAD: u16 = 512;
+
+/// The request with its question section written out again from the parsed questions.
+///
+/// hickory-server copies a request's question section into the reply byte for byte. A
+/// question name may end in a compression pointer, and one that points into the query's
+/// 12-byte header then names bytes of the reply's header instead (other flags, other
+/// counts): a reply that does not decode, or names another name. Writing the question again
+/// from what was parsed keeps the name, case included, and never compresses it. `None` when
+/// it cannot be written again, which a name that parsed cannot cause.
+fn question_rewritten(request: &MessageRequest) -> Option<MessageRequest> {
+    let mut message = Message::new();
+    message.set_id(request.id());
+    // Only a single question is answered (RFC 9619); the FORMERR to several carries none, so
+    // it can never be larger than the query that caused it.
+    if let [query] = request.queries() {
+        message.add_query(query.original().clone());
+    }
+    let bytes = message.to_vec().ok()?;
+    MessageRequest::from_bytes(&bytes).ok()
+}
+
 /// The largest UDP answer the agent sends, whatever a client advertises; hickory-server's
 /// own ceiling for UDP.
 const MAX_UDP_PAYLOAD: u16 = 4096;
@@ -434,8 +457,7 @@ impl Answerer {
         src: SocketAddr,
         protocol: Protocol,
     ) -> Option<Vec<u8>> {
-        use hickory_proto::serialize::binary::BinDecodable;
-        let message = hickory_server::authority::MessageRequest::from_bytes(packet).ok()?;
+        let message = MessageRequest::from_bytes(packet).ok()?;
         if message.message_type() == MessageType::Response {
             return None;
         }

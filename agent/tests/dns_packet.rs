@@ -76,8 +76,8 @@ fn answerer() -> Answerer {
     let settings = DnsSettings {
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         names: vec![NAME.trim_end_matches('.').to_string()],
-        answer_v4: ANSWER,
-        answer_v6: None,
+        answer_v4: vec![ANSWER],
+        answer_v6: Vec::new(),
         ttl: 60,
         upstream: Vec::new(),
         allow_cidrs: Vec::new(),
@@ -119,8 +119,8 @@ async fn a_question_of_unknown_type_and_class_gets_a_reply_that_decodes() {
             NAME.trim_end_matches('.').to_string(),
             "bedrock-runtime-fips.us-east-1.amazonaws.com".to_string(),
         ],
-        answer_v4: ANSWER,
-        answer_v6: Some("fd00::10".parse().expect("an IPv6 address")),
+        answer_v4: vec![ANSWER],
+        answer_v6: vec!["fd00::10".parse().expect("an IPv6 address")],
         ttl: 60,
         upstream: Vec::new(),
         allow_cidrs: Vec::new(),
@@ -163,4 +163,32 @@ async fn udp_formerr_for_an_oversize_query_is_no_larger_than_the_query() {
     let reply = Message::from_vec(&reply).expect("the reply decodes");
     assert_eq!(reply.id(), 0x4321);
     assert_eq!(reply.response_code(), ResponseCode::FormErr);
+}
+
+/// A question name may legally be a compression pointer, but one that points into the
+/// query's 12-byte header names bytes that the reply's header replaces: echoing the question
+/// verbatim (as hickory-server does) made a reply that does not decode, or decodes to another
+/// name. Found by the `dns` fuzz target.
+#[tokio::test]
+async fn a_question_name_pointing_into_the_header_is_echoed_as_the_name_it_named() {
+    // Byte 3 of the query header is 0 (no flags, RCODE 0), so the pointer 0xC003 names the
+    // root. In a REFUSED reply that byte is 5, which would read as a five-byte label.
+    let mut query = vec![0x43, 0x21, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00];
+    query.extend_from_slice(&[0xC0, 0x03, 0x00, 0x01, 0x00, 0x01]);
+    let parsed = Message::from_vec(&query).expect("the query itself decodes");
+    assert_eq!(parsed.queries()[0].name(), &Name::root());
+
+    for protocol in [Protocol::Udp, Protocol::Tcp] {
+        let reply = answerer()
+            .answer_packet(&query, caller(), protocol)
+            .await
+            .expect("a reply");
+
+        let reply = Message::from_vec(&reply).expect("the reply decodes");
+        assert_eq!(reply.id(), 0x4321);
+        assert_eq!(reply.response_code(), ResponseCode::Refused);
+        let names: Vec<&Name> = reply.queries().iter().map(|q| q.name()).collect();
+        assert_eq!(names, vec![&Name::root()], "{protocol:?}");
+        assert_eq!(reply.queries()[0].query_type(), RecordType::A);
+    }
 }

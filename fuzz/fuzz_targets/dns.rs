@@ -26,8 +26,8 @@ fn answerer() -> &'static Answerer {
                 "bedrock-runtime.us-east-1.amazonaws.com".to_string(),
                 "bedrock-runtime-fips.us-east-1.amazonaws.com".to_string(),
             ],
-            answer_v4: Ipv4Addr::new(10, 0, 1, 10),
-            answer_v6: Some("fd00::10".parse().expect("literal")),
+            answer_v4: vec![Ipv4Addr::new(10, 0, 1, 10)],
+            answer_v6: vec!["fd00::10".parse().expect("literal")],
             ttl: 60,
             upstream: Vec::new(),
             allow_cidrs: Vec::new(),
@@ -60,10 +60,6 @@ fuzz_target!(|data: &[u8]| {
     let query = Message::from_bytes(packet).ok();
     let decoded = match Message::from_bytes(&reply) {
         Ok(decoded) => decoded,
-        // Open finding (docs/FUZZING.md): hickory-server echoes a refused query's question
-        // bytes verbatim, so a question name that points back into the query's header points
-        // into the reply's different header instead.
-        Err(_) if question_points_into_header(packet) => return,
         Err(error) => panic!("the reply decodes: {error:?}"),
     };
     assert_eq!(decoded.message_type(), MessageType::Response);
@@ -88,19 +84,3 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
-
-/// Whether the first question's name ends in a compression pointer into the 12-byte header.
-fn question_points_into_header(packet: &[u8]) -> bool {
-    let mut at = 12;
-    while let Some(&len) = packet.get(at) {
-        if len & 0xC0 == 0xC0 {
-            let low = packet.get(at + 1).copied().unwrap_or(0xFF);
-            return (usize::from(len & 0x3F) << 8 | usize::from(low)) < 12;
-        }
-        if len == 0 {
-            return false;
-        }
-        at += 1 + usize::from(len);
-    }
-    false
-}
