@@ -37,6 +37,8 @@ pub struct Principal {
     pub operations: BTreeSet<Operation>,
     pub limits: LimitSettings,
     pub max_body_bytes: u64,
+    /// Token budgets (`tokens_per_minute`, `tokens_per_day`).
+    pub budget: crate::budget::Budget,
 }
 
 /// Why a caller was turned away.
@@ -261,6 +263,7 @@ mod tests {
                 max_concurrent: None,
             },
             max_body_bytes: 1000,
+            budget: crate::budget::Budget::default(),
         }
     }
 

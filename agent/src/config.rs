@@ -19,6 +19,7 @@ use xpart_tunnel::keys::KeyError;
 use xpart_tunnel::{PrivateKey, PublicKey};
 
 use crate::auth::{Principal, DEFAULT_OPERATIONS};
+use crate::budget::Budget;
 use crate::dns::DnsSettings;
 use crate::front::FrontSettings;
 use crate::health::HealthSettings;
@@ -97,6 +98,10 @@ pub struct PrincipalSection {
     pub burst: Option<u32>,
     pub max_concurrent: Option<u32>,
     pub max_body_bytes: Option<u64>,
+    /// Input + output tokens per UTC minute; absent is unlimited.
+    pub tokens_per_minute: Option<u64>,
+    /// Input + output tokens per UTC day; absent is unlimited.
+    pub tokens_per_day: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -208,6 +213,10 @@ impl AgentConfig {
                     max_concurrent: p.max_concurrent,
                 },
                 max_body_bytes: p.max_body_bytes.unwrap_or(MAX_BODY_BYTES),
+                budget: Budget {
+                    tokens_per_minute: p.tokens_per_minute,
+                    tokens_per_day: p.tokens_per_day,
+                },
             })
             .collect()
     }
@@ -501,6 +510,18 @@ impl AgentConfig {
                         field("requests_per_second"),
                         format!("{rate} is outside {MIN_REQUESTS_PER_SECOND}..={MAX_REQUESTS_PER_SECOND}"),
                         "use a number of requests per second in that range (0.001 is one request every 1000 s), or leave it out for no rate limit",
+                    );
+                }
+            }
+            for (name, budget) in [
+                ("tokens_per_minute", p.tokens_per_minute),
+                ("tokens_per_day", p.tokens_per_day),
+            ] {
+                if budget == Some(0) {
+                    check.problem(
+                        field(name),
+                        "0 refuses every request",
+                        "set the most input + output tokens the principal may use, or leave it out for no budget",
                     );
                 }
             }

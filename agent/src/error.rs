@@ -10,6 +10,7 @@ use xpart_bedrock::{BedrockError, ErrorType};
 use xpart_daemon::tunnel_config::TunnelConfigError;
 
 use crate::auth::Denial;
+use crate::budget::OverBudget;
 use crate::forward::ForwardError;
 use crate::limits::Refusal;
 
@@ -54,6 +55,8 @@ pub enum RequestError {
     OpenAi(crate::openai::Invalid),
     #[error("principal {principal} throttled: {refusal:?}")]
     Throttled { principal: String, refusal: Refusal },
+    #[error("principal {principal} over its {} budget", over.window.setting())]
+    OverBudget { principal: String, over: OverBudget },
     #[error("principal {principal}: body over {limit} bytes")]
     BodyTooLarge {
         principal: String,
@@ -107,6 +110,14 @@ impl RequestError {
             RequestError::Throttled { principal, refusal: Refusal::Concurrency { limit } } => BedrockError::throttling(format!(
                 "Too many concurrent requests: principal {principal} may have {limit} in flight."
             )),
+            RequestError::OverBudget { principal, over } => BedrockError::throttling(format!(
+                "Token budget exhausted: principal {principal} has used {} of its {} of {} input + output tokens; the budget resets at {} (in {} s).",
+                over.used,
+                over.window.setting(),
+                over.limit,
+                xpart_daemon::audit::format_time(over.resets_at),
+                over.retry_after.as_secs() + u64::from(over.retry_after.subsec_nanos() > 0),
+            )),
             RequestError::BodyTooLarge { principal, limit, length: Some(length) } => BedrockError::validation(format!(
                 "Request body of {length} bytes exceeds the {limit}-byte limit for principal {principal}."
             )),
@@ -155,7 +166,19 @@ impl RequestError {
                 ..
             } => "over concurrency limit".into(),
             RequestError::BodyTooLarge { .. } => "body too large".into(),
+            RequestError::OverBudget { over, .. } => {
+                format!("over {} budget", over.window.setting())
+            }
             other => other.to_string(),
+        }
+    }
+
+    /// How long the caller should wait before trying again, when the refusal says
+    /// (`Retry-After`).
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            RequestError::OverBudget { over, .. } => Some(over.retry_after),
+            _ => None,
         }
     }
 }

@@ -20,6 +20,7 @@
 
 mod admin;
 mod auth;
+mod budget;
 mod config;
 mod dns;
 mod error;
@@ -33,6 +34,7 @@ mod openai;
 mod pipeline;
 mod streaming;
 mod tls;
+mod usage;
 
 pub use crate::auth::token_sha256_hex;
 pub use crate::config::AgentConfig;
@@ -360,7 +362,17 @@ async fn start_inner(
         network,
         config.connect_timeout(),
     ));
+    let usage = match &config.audit.path {
+        Some(path) => {
+            let path = config.resolve(path);
+            let (ledger, replayed) = usage::replay(&path, std::time::SystemTime::now());
+            tracing::info!(files = ?replayed.files, lines = replayed.lines, unreadable = replayed.unreadable, "today's token usage rebuilt from the audit log");
+            ledger
+        }
+        None => budget::Ledger::new(),
+    };
     let agent = Arc::new(Agent {
+        usage: usage::UsageBook::new(usage),
         principals: Live::new(Principals::new(principals)),
         limits: SharedLimits::new(limits),
         relays: relays.clone(),

@@ -25,6 +25,10 @@ pub struct Metrics {
     pub dns_answers: IntCounterVec,
     /// 1 while a relay takes traffic.
     pub relay_healthy: IntGaugeVec,
+    /// Model tokens the answers reported, by principal, model family (`anthropic.claude`;
+    /// a bounded set, see `usage::model_family`) and kind: input, output, cache_read,
+    /// cache_write.
+    pub tokens: IntCounterVec,
 }
 
 impl Metrics {
@@ -66,6 +70,14 @@ impl Metrics {
             &["relay"],
         )
         .expect("static metric definition");
+        let tokens = IntCounterVec::new(
+            Opts::new(
+                "xpart_agent_tokens_total",
+                "Model tokens the answers reported, by principal, model family and kind",
+            ),
+            &["principal", "model_family", "kind"],
+        )
+        .expect("static metric definition");
 
         let metrics = Metrics {
             registry,
@@ -74,6 +86,7 @@ impl Metrics {
             upstream_seconds,
             dns_answers,
             relay_healthy,
+            tokens,
         };
         metrics.register_all();
         metrics
@@ -86,6 +99,7 @@ impl Metrics {
             Box::new(self.upstream_seconds.clone()),
             Box::new(self.dns_answers.clone()),
             Box::new(self.relay_healthy.clone()),
+            Box::new(self.tokens.clone()),
         ];
         for collector in collectors {
             // Names are distinct constants above, so registration cannot collide.

@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use xpart_bedrock::protocol::{
     strip_xpart_headers, PRINCIPAL_HEADER, REQUEST_ID_HEADER, SOURCE_HEADER,
 };
+use xpart_bedrock::usage::{UsageReader, UsageSlot};
 use xpart_bedrock::{
     self as bedrock, BedrockError, ModelId, Operation, Route, AMZN_REQUEST_ID_HEADER,
 };
@@ -34,6 +35,7 @@ use crate::limits::{SharedLimits, Slot};
 use crate::metrics::Metrics;
 use crate::openai::{self, body::SseBody, chat::ChatCall, stream::StreamTranslator};
 use crate::streaming::{BoxError, RequestBody, RequestMeter, ResponseBody};
+use crate::usage::UsageBook;
 
 /// Content type of Bedrock's streaming answers.
 const EVENT_STREAM: &str = "application/vnd.amazon.eventstream";
@@ -50,6 +52,8 @@ pub struct Agent {
     pub relays: Arc<Relays>,
     pub audit: AuditLog,
     pub metrics: Metrics,
+    /// Today's requests and tokens per principal, and the token budgets kept with them.
+    pub usage: UsageBook,
 }
 
 /// Handles one request from `source`; never fails (refusals are responses).
@@ -362,7 +366,15 @@ fn check_declared_length(
     }
 }
 
+/// The principal's token budgets, then its rate and concurrency limits.
 fn limit(agent: &Agent, principal: &Principal) -> Result<Slot, RequestError> {
+    agent
+        .usage
+        .admit(&principal.name, principal.budget)
+        .map_err(|over| RequestError::OverBudget {
+            principal: principal.name.clone(),
+            over,
+        })?;
     agent
         .limits
         .admit(&principal.name)
@@ -467,7 +479,12 @@ async fn answer(
         .headers
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(EVENT_STREAM.as_bytes()));
-    let audit = audit_on_end(exchange, &parts, meter, slot);
+    let usage = exchange
+        .record
+        .operation
+        .and_then(|op| UsageReader::for_answer(op, parts.status, &parts.headers));
+    let slot_for_usage = UsageSlot::default();
+    let audit = audit_on_end(exchange, &parts, meter, slot, slot_for_usage.clone());
     let length = parts
         .headers
         .get(CONTENT_LENGTH)
@@ -476,6 +493,9 @@ async fn answer(
     let mut body = ResponseBody::new(body, relays.death_of(relay), audit).with_length(length);
     if is_event_stream {
         body = body.with_event_stream();
+    }
+    if let Some(usage) = usage {
+        body = body.with_usage(usage, slot_for_usage);
     }
     Ok(Response::from_parts(parts, body.boxed_unsync()))
 }
@@ -614,12 +634,14 @@ fn without_presigning(uri: &Uri) -> Uri {
 }
 
 /// The hook [`ResponseBody`] calls when the answer has been streamed (or abandoned): writes
-/// the audit line, counts the request and frees the concurrency slot.
+/// the audit line with the usage the body read, counts the request (and its tokens, against
+/// the budgets) and frees the concurrency slot.
 fn audit_on_end(
     exchange: &mut Recorder,
     parts: &http::response::Parts,
     meter: Arc<RequestMeter>,
     slot: Slot,
+    usage: UsageSlot,
 ) -> impl FnOnce(Ending, u64) + Send + 'static {
     let mut recorder = exchange.take();
     let status = parts.status.as_u16();
@@ -627,6 +649,14 @@ fn audit_on_end(
     move |end, bytes_out| {
         drop(slot);
         recorder.record.bytes_in = meter.bytes.load(Ordering::Relaxed);
+        if let Some(reading) = usage.take() {
+            let record = &mut recorder.record;
+            record.input_tokens = reading.usage.input_tokens;
+            record.output_tokens = reading.usage.output_tokens;
+            record.cache_read_tokens = reading.usage.cache_read_tokens;
+            record.cache_write_tokens = reading.usage.cache_write_tokens;
+            record.usage_complete = Some(reading.complete);
+        }
         let message = match end {
             Ending::Complete => None,
             Ending::Failed(reason) => Some(format!("response stream failed: {reason}")),
@@ -651,6 +681,7 @@ fn refused_before_reading_body(error: &RequestError) -> bool {
         RequestError::Route(_) => true,
         RequestError::OpenAi(invalid) => invalid.not_found,
         RequestError::Throttled { .. } => true,
+        RequestError::OverBudget { .. } => true,
         RequestError::BodyTooLarge { .. } => true,
         RequestError::NoHealthyRelay => true,
         RequestError::Forward(_) => true,
@@ -668,12 +699,19 @@ fn refuse(exchange: Recorder, error: RequestError, api: Api) -> Response<CallerB
     }
     // The audit line keeps Bedrock's error code, whichever API the caller used.
     let code = bedrock.kind.code().to_owned();
-    let response = match api {
+    let mut response = match api {
         Api::Bedrock => bedrock.into_response(exchange.request_id()),
         Api::OpenAi => {
             openai::errors::from_request_error(&error).into_response(exchange.request_id())
         }
     };
+    if let (Some(wait), Api::Bedrock) = (error.retry_after(), api) {
+        // Whole seconds, rounded up: a caller that waits exactly that long is admitted.
+        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        response
+            .headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+    }
     let status = response.status().as_u16();
     exchange.finish(status, Some(code), Some(error.audit_reason()), 0);
     response.map(|body| body.map_err(|never| match never {}).boxed_unsync())
@@ -681,6 +719,7 @@ fn refuse(exchange: Recorder, error: RequestError, api: Api) -> Response<CallerB
 
 impl RequestMetrics for Agent {
     fn finished(&self, record: &AuditRecord, model_label: Option<&str>, latency: Duration) {
+        self.usage.finished(record, &self.metrics);
         let operation = record.operation.map_or("-", |op| op.name());
         let status = record.status.to_string();
         self.metrics

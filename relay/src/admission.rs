@@ -142,7 +142,10 @@ fn target(route: &Route, rules: &Rules<'_>) -> Result<Target, RequestError> {
     let Some(requested) = &route.model else {
         return Ok(Target::NoModel);
     };
-    if rules.echo_model == Some(requested.as_str()) {
+    let echo = rules
+        .echo_model
+        .and_then(|echo| crate::echo::which(echo, requested.as_str()));
+    if echo.is_some() {
         return Ok(Target::Echo);
     }
     let commercial = rules.rewriter.model(requested)?;
@@ -660,6 +663,14 @@ mod tests {
         let bedrock = rejected.error.to_bedrock();
         assert_eq!(bedrock.kind.code(), "AccessDeniedException");
         assert!(bedrock.message.contains("gr-abc123:DRAFT"));
+    }
+
+    #[test]
+    fn echo_embedding_model_is_admitted_where_the_echo_model_is() {
+        let admitted = admit_with(&["anthropic.*"], "/model/xpart.echo-embed/invoke", &[]).unwrap();
+        assert_eq!(admitted.target, Target::Echo);
+        let refused = admit_with(&["anthropic.*"], "/model/xpart.echo-embedding/invoke", &[]);
+        assert!(refused.is_err(), "only the -embed twin is the echo's");
     }
 
     #[test]

@@ -4,6 +4,11 @@
 //! and documents by format and size (`[image: png, 68 bytes]`) and tool results by their text;
 //! when the request offers tools and the last user text is `call NAME {json}` for one of them,
 //! it answers with that tool call instead (streamed as argument fragments by ConverseStream).
+//!
+//! Its embedding twin, the echo model's name with `-embed` (`xpart.echo-embed`), answers
+//! InvokeModel in Titan Text Embeddings v2's shape: a unit vector of the requested
+//! `dimensions` (default 1024) derived from a hash of `inputText`, so equal texts get equal
+//! vectors, and a token count in the body and in `X-Amzn-Bedrock-Input-Token-Count`.
 
 use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
 use base64::Engine;
@@ -16,6 +21,96 @@ use crate::error::RequestError;
 
 const JSON: &str = "application/json";
 const EVENT_STREAM: &str = "application/vnd.amazon.eventstream";
+
+/// Which of the echo models a request names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EchoModel {
+    Text,
+    Embedding,
+}
+
+/// Appended to the echo model's name to name its embedding twin.
+pub const EMBEDDING_SUFFIX: &str = "-embed";
+
+/// The echo model `requested` names, given the configured echo model's name; `None` when it
+/// names neither.
+pub fn which(echo: &str, requested: &str) -> Option<EchoModel> {
+    if requested == echo {
+        return Some(EchoModel::Text);
+    }
+    match requested.strip_prefix(echo) {
+        Some(EMBEDDING_SUFFIX) => Some(EchoModel::Embedding),
+        _ => None,
+    }
+}
+
+/// The echo embedding model's answer to `operation` (InvokeModel only), or `None`.
+pub fn answer_embedding(
+    operation: Operation,
+    body: &[u8],
+) -> Result<Option<http::Response<Full<Bytes>>>, RequestError> {
+    let Operation::InvokeModel = operation else {
+        return Ok(None);
+    };
+    let request = parse(body)?;
+    let Some(text) = request.get("inputText").and_then(Value::as_str) else {
+        return Err(RequestError::EchoInput(
+            "body (no `inputText` string)".to_owned(),
+        ));
+    };
+    let dimensions = match request.get("dimensions") {
+        None | Some(Value::Null) => DEFAULT_DIMENSIONS,
+        Some(value) => value
+            .as_u64()
+            .filter(|d| (1..=MAX_DIMENSIONS).contains(d))
+            .ok_or_else(|| {
+                RequestError::EchoInput(format!(
+                    "body (`dimensions` must be an integer from 1 to {MAX_DIMENSIONS})"
+                ))
+            })?,
+    };
+    let vector = unit_vector(text, dimensions as usize);
+    let tokens = estimate_tokens(text);
+    let mut response = json_response(json!({
+        "embedding": vector,
+        "embeddingsByType": {"float": vector},
+        "inputTextTokenCount": tokens,
+    }));
+    response.headers_mut().insert(
+        "x-amzn-bedrock-input-token-count",
+        http::HeaderValue::from(tokens),
+    );
+    Ok(Some(response))
+}
+
+/// Titan Text Embeddings v2's default size.
+const DEFAULT_DIMENSIONS: u64 = 1024;
+const MAX_DIMENSIONS: u64 = 8192;
+
+/// A unit vector that depends only on `text`: FNV-1a of the text seeds a SplitMix64 sequence
+/// of components in [-1, 1), normalized.
+fn unit_vector(text: &str, dimensions: usize) -> Vec<f32> {
+    let mut state = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let mut next = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let raw: Vec<f64> = (0..dimensions)
+        .map(|_| (next() >> 11) as f64 / (1u64 << 52) as f64 - 1.0)
+        .collect();
+    let norm = raw
+        .iter()
+        .map(|x| x * x)
+        .sum::<f64>()
+        .sqrt()
+        .max(f64::MIN_POSITIVE);
+    raw.iter().map(|x| (x / norm) as f32).collect()
+}
 
 /// The echo model's answer to `operation`, or `None` for an operation it does not implement.
 pub fn answer(
@@ -508,6 +603,57 @@ mod tests {
             v["output"]["message"]["content"][0]["text"],
             "[tool result t1: 18C]see [image: png, 4 bytes][document: pdf, 2 bytes]"
         );
+    }
+
+    #[tokio::test]
+    async fn echo_embed_answers_titan_shaped_unit_vectors() {
+        assert_eq!(which("xpart.echo", "xpart.echo"), Some(EchoModel::Text));
+        assert_eq!(
+            which("xpart.echo", "xpart.echo-embed"),
+            Some(EchoModel::Embedding)
+        );
+        assert_eq!(which("xpart.echo", "xpart.echo-embedx"), None);
+        assert_eq!(which("xpart.echo", "anthropic.x"), None);
+
+        let embed = |request: &'static str| async move {
+            let r = answer_embedding(Operation::InvokeModel, request.as_bytes())
+                .unwrap()
+                .unwrap();
+            let tokens = r.headers()["x-amzn-bedrock-input-token-count"].clone();
+            let v: Value = serde_json::from_slice(&body(r).await).unwrap();
+            (v, tokens)
+        };
+        let (v, tokens) = embed(r#"{"inputText":"hello world"}"#).await;
+        let vector: Vec<f64> = v["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(vector.len(), 1024);
+        let norm: f64 = vector.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "{norm}");
+        assert_eq!(v["embeddingsByType"]["float"], v["embedding"]);
+        assert_eq!(v["inputTextTokenCount"], 3);
+        assert_eq!(tokens, "3");
+
+        let (again, _) = embed(r#"{"inputText":"hello world","dimensions":256}"#).await;
+        assert_eq!(again["embedding"].as_array().unwrap().len(), 256);
+        let (same, _) = embed(r#"{"inputText":"hello world","dimensions":256}"#).await;
+        assert_eq!(same, again, "deterministic");
+        let (other, _) = embed(r#"{"inputText":"hello there","dimensions":256}"#).await;
+        assert_ne!(other["embedding"], again["embedding"]);
+
+        let err = answer_embedding(
+            Operation::InvokeModel,
+            br#"{"inputText":"x","dimensions":0}"#,
+        )
+        .unwrap_err();
+        assert_eq!(err.to_bedrock().kind.status().as_u16(), 400);
+        assert!(answer_embedding(Operation::InvokeModel, br#"{"texts":["x"]}"#).is_err());
+        assert!(answer_embedding(Operation::Converse, b"{}")
+            .unwrap()
+            .is_none());
     }
 
     #[tokio::test]

@@ -256,7 +256,12 @@ fn model_path(admitted: &Admitted, model: &ModelId) -> Result<String, RequestErr
 
 fn answer_echo(relay: &Relay, route: &Route, body: &Bytes) -> Result<Answer, RequestError> {
     let model = relay.echo_model.as_deref().unwrap_or("");
-    match echo::answer(route.operation, model, body)? {
+    let requested = route.model.as_ref().map_or(model, |m| m.as_str());
+    let answered = match echo::which(model, requested) {
+        Some(echo::EchoModel::Embedding) => echo::answer_embedding(route.operation, body)?,
+        _ => echo::answer(route.operation, model, body)?,
+    };
+    match answered {
         Some(response) => Ok(Answer::Local(response)),
         None => Err(RequestError::OperationNotAllowed {
             operation: format!("{} on the echo model", route.operation.name()),

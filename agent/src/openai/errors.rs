@@ -63,6 +63,10 @@ pub fn from_request_error(error: &RequestError) -> OpenAiError {
             retry_after: Some(Duration::from_secs(1)),
             ..OpenAiError::new(S::TOO_MANY_REQUESTS, "requests", Some("rate_limit_exceeded"), bedrock())
         },
+        RequestError::OverBudget { over, .. } => OpenAiError {
+            retry_after: Some(over.retry_after.max(Duration::from_secs(1))),
+            ..OpenAiError::new(S::TOO_MANY_REQUESTS, "tokens", Some("rate_limit_exceeded"), bedrock())
+        },
         RequestError::BodyTooLarge { .. } => OpenAiError::new(S::BAD_REQUEST, "invalid_request_error", Some("request_too_large"), bedrock()),
         RequestError::NoHealthyRelay => OpenAiError::new(S::SERVICE_UNAVAILABLE, "service_unavailable", Some("no_relay"), bedrock()),
         RequestError::Forward(ForwardError::Unreachable { .. }) => OpenAiError::new(S::SERVICE_UNAVAILABLE, "service_unavailable", Some("no_relay"), bedrock()),
