@@ -99,6 +99,7 @@ impl AdminHandler for AdminView {
                 "dropped": self.dropped.as_ref().map_or(Value::Null, tunnel_dropped_json),
             },
             "principals": principals,
+            "usage": self.agent.usage.status_json(&self.agent.principals.load()),
             "audit": {
                 "written": self.agent.audit.written(),
                 "dropped": self.agent.audit.dropped(),

@@ -10,6 +10,8 @@
 //! body once it has written `Content-Length` bytes or seen the end-of-stream flag, and drops it
 //! without asking for the `None` that would otherwise mark the end, so both are checked after
 //! every frame and again on drop.
+//! A body given a [`UsageReader`] shows it a copy of each frame as it passes (nothing is held
+//! back) and leaves the reading in its [`UsageSlot`] just before calling `on_end`.
 //! For event streams it tracks frame boundaries, so that a relay lost between frames ends the
 //! stream with a `serviceUnavailableException` event the SDK raises as such, rather than with a
 //! bare transport error.
@@ -22,6 +24,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use xpart_bedrock::usage::{UsageReader, UsageSlot};
 use xpart_daemon::record::{Ending, OnEnd};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -114,6 +117,7 @@ pub struct ResponseBody<B> {
     abort: Option<AbortSignal>,
     on_end: OnEnd,
     frames: Option<FrameBoundary>,
+    usage: Option<(UsageReader, UsageSlot)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +139,14 @@ impl<B> ResponseBody<B> {
             abort: Some(Box::pin(abort)),
             on_end: OnEnd::new(on_end),
             frames: None,
+            usage: None,
         }
+    }
+
+    /// Reads the answer's token usage as it passes, into `slot`.
+    pub fn with_usage(mut self, reader: UsageReader, slot: UsageSlot) -> ResponseBody<B> {
+        self.usage = Some((reader, slot));
+        self
     }
 
     /// Marks the body as an `application/vnd.amazon.eventstream`.
@@ -152,6 +163,9 @@ impl<B> ResponseBody<B> {
     }
 
     fn finish(&mut self, end: Ending) {
+        if let Some((reader, slot)) = self.usage.take() {
+            slot.put(reader.finish());
+        }
         self.on_end.end(end, self.bytes);
         self.abort = None;
     }
@@ -178,6 +192,9 @@ where
                     self.bytes += data.len() as u64;
                     if let Some(frames) = self.frames.as_mut() {
                         frames.feed(data);
+                    }
+                    if let Some((reader, _)) = self.usage.as_mut() {
+                        reader.feed(data);
                     }
                 }
                 if self.all_sent() {
@@ -513,6 +530,90 @@ mod tests {
         assert!(body.frame().await.is_none(), "the stream ends after it");
         drop(body);
         assert_eq!(ends.lock().expect("test lock")[0].1, Ending::Lost);
+    }
+
+    fn metadata(input: u64, output: u64) -> Vec<u8> {
+        use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
+        let payload = format!(r#"{{"usage":{{"inputTokens":{input},"outputTokens":{output}}}}}"#);
+        let message = Message::new(payload)
+            .add_header(Header::new(
+                ":message-type",
+                HeaderValue::String("event".into()),
+            ))
+            .add_header(Header::new(
+                ":event-type",
+                HeaderValue::String("metadata".into()),
+            ));
+        let mut out = Vec::new();
+        aws_smithy_eventstream::frame::write_message_to(&message, &mut out).expect("encode");
+        out
+    }
+
+    /// The usage is in the slot when the hook runs, and every byte went through unchanged.
+    #[tokio::test]
+    async fn response_body_reads_usage_as_it_passes_and_hands_it_to_the_hook() {
+        let mut stream = event("messageStart");
+        stream.extend(metadata(12, 5));
+        let chunks: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = stream
+            .chunks(7)
+            .map(|piece| Ok(Frame::data(Bytes::copy_from_slice(piece))))
+            .collect();
+        let slot = UsageSlot::default();
+        let seen = Arc::new(Mutex::new(None));
+        let (hook_slot, hook_seen) = (slot.clone(), seen.clone());
+        let reader = UsageReader::for_answer(
+            xpart_bedrock::Operation::ConverseStream,
+            http::StatusCode::OK,
+            &http::HeaderMap::new(),
+        )
+        .expect("a reader");
+        let body = ResponseBody::new(
+            StreamBody::new(futures_util::stream::iter(chunks)),
+            std::future::pending(),
+            move |_, _| *hook_seen.lock().expect("test lock") = hook_slot.take(),
+        )
+        .with_event_stream()
+        .with_usage(reader, slot);
+        let collected = body.collect().await.expect("complete").to_bytes();
+        assert_eq!(collected.as_ref(), stream.as_slice());
+        let reading = seen.lock().expect("test lock").expect("a reading");
+        assert!(reading.complete);
+        assert_eq!(
+            (reading.usage.input_tokens, reading.usage.output_tokens),
+            (Some(12), Some(5))
+        );
+    }
+
+    /// A caller that goes away before the metadata event: the reading says it is incomplete.
+    #[tokio::test]
+    async fn response_body_dropped_before_the_metadata_reports_incomplete_usage() {
+        let first = Bytes::from(event("messageStart"));
+        let chunks = futures_util::stream::once(async move {
+            Ok::<_, std::convert::Infallible>(Frame::data(first))
+        })
+        .chain(futures_util::stream::pending());
+        let slot = UsageSlot::default();
+        let seen = Arc::new(Mutex::new(None));
+        let (hook_slot, hook_seen) = (slot.clone(), seen.clone());
+        let reader = UsageReader::for_answer(
+            xpart_bedrock::Operation::ConverseStream,
+            http::StatusCode::OK,
+            &http::HeaderMap::new(),
+        )
+        .expect("a reader");
+        let mut body = ResponseBody::new(
+            StreamBody::new(Box::pin(chunks)),
+            std::future::pending(),
+            move |end, _| *hook_seen.lock().expect("test lock") = Some((end, hook_slot.take())),
+        )
+        .with_usage(reader, slot);
+        body.frame().await.expect("first").expect("ok");
+        drop(body);
+        let (end, reading) = seen.lock().expect("test lock").take().expect("ended");
+        assert_eq!(end, Ending::Abandoned);
+        let reading = reading.expect("a reading");
+        assert!(!reading.complete);
+        assert!(reading.usage.is_empty());
     }
 
     #[tokio::test]

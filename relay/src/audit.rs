@@ -1,13 +1,14 @@
 //! What the relay records about each request: an [`Exchange`] follows a request through the
 //! pipeline and, when the response is finished (or abandoned), writes exactly one audit line
-//! and the request metrics through the daemons' shared [`Recorder`]. Never bodies, tokens or
-//! credentials.
+//! and the request metrics through the daemons' shared [`Recorder`]. Never bodies, bearer
+//! tokens or credentials; model token counts, when the answer reported them.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderMap;
 use xpart_bedrock::protocol::{PRINCIPAL_HEADER, REQUEST_ID_HEADER};
+use xpart_bedrock::usage::Reading;
 use xpart_bedrock::{ModelId, Operation};
 use xpart_daemon::audit::{AuditLog, AuditRecord, Service};
 use xpart_daemon::record::{Recorder, RequestMetrics};
@@ -39,6 +40,20 @@ impl Exchange {
 
     pub fn request_id(&self) -> String {
         self.recorder.request_id().to_owned()
+    }
+
+    pub fn operation(&self) -> Option<Operation> {
+        self.recorder.record.operation
+    }
+
+    /// The token usage the answer reported, and whether all of it was read.
+    pub fn set_usage(&mut self, reading: Reading) {
+        let record = &mut self.recorder.record;
+        record.input_tokens = reading.usage.input_tokens;
+        record.output_tokens = reading.usage.output_tokens;
+        record.cache_read_tokens = reading.usage.cache_read_tokens;
+        record.cache_write_tokens = reading.usage.cache_write_tokens;
+        record.usage_complete = Some(reading.complete);
     }
 
     pub fn set_operation(&mut self, operation: Operation) {
@@ -90,6 +105,17 @@ impl RequestMetrics for Metrics {
             (None, None) => "other",
         };
         Metrics::finished(self, operation, model, record.status, latency);
+        let kinds = [
+            ("input", record.input_tokens),
+            ("output", record.output_tokens),
+            ("cache_read", record.cache_read_tokens),
+            ("cache_write", record.cache_write_tokens),
+        ];
+        for (kind, count) in kinds {
+            if let Some(count) = count {
+                self.tokens(model, kind, count);
+            }
+        }
     }
 }
 

@@ -27,6 +27,7 @@ pub struct Metrics {
     buffered_body_bytes: IntGauge,
     credentials_available: IntGauge,
     credentials_expiry: Gauge,
+    tokens: IntCounterVec,
 }
 
 impl Metrics {
@@ -79,6 +80,14 @@ impl Metrics {
             "xpart_relay_credentials_expiry_timestamp_seconds",
             "Unix time the current AWS credentials expire (0: none or no expiry)",
         )?;
+        let tokens = IntCounterVec::new(
+            Opts::new(
+                "xpart_relay_tokens_total",
+                "Model tokens Bedrock's answers reported, by model and kind (input, output, cache_read, cache_write)",
+            ),
+            &["model", "kind"],
+        )?;
+        registry.register(Box::new(tokens.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(upstream_latency.clone()))?;
@@ -99,6 +108,7 @@ impl Metrics {
             buffered_body_bytes,
             credentials_available,
             credentials_expiry,
+            tokens,
         })
     }
 
@@ -114,6 +124,11 @@ impl Metrics {
         self.latency
             .with_label_values(&[operation])
             .observe(latency.as_secs_f64());
+    }
+
+    /// Tokens of one answer; `model` is the metrics label of [`Metrics::finished`].
+    pub fn tokens(&self, model: &str, kind: &str, count: u64) {
+        self.tokens.with_label_values(&[model, kind]).inc_by(count);
     }
 
     pub fn upstream_answered(&self, operation: &str, latency: Duration) {

@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use xpart_bedrock::protocol::{HEALTH_PATH, REQUEST_ID_HEADER};
+use xpart_bedrock::usage::{UsageReader, UsageSlot};
 use xpart_bedrock::AMZN_REQUEST_ID_HEADER;
 use xpart_bedrock::{error_code, strip_hop_by_hop, ModelId, Route, MAX_BODY_BYTES};
 use xpart_daemon::record::{Ending, OnEnd};
@@ -455,7 +456,8 @@ async fn read_error_body(
     }
 }
 
-/// Pass the upstream response on as it arrives; the audit line is written when it ends.
+/// Pass the upstream response on as it arrives, reading its token usage on the way; the
+/// audit line is written when it ends.
 fn stream(
     relay: &Relay,
     response: Response<Incoming>,
@@ -466,7 +468,35 @@ fn stream(
     let status = head.status.as_u16();
     let error_type = error_code(&head.headers).map(str::to_owned);
     let metrics = relay.metrics.clone();
-    let on_end = OnEnd::new(move |ending: Ending, bytes: u64| match ending {
+    let usage = exchange
+        .operation()
+        .and_then(|operation| UsageReader::for_answer(operation, head.status, &head.headers));
+    let slot = UsageSlot::default();
+    let read = slot.clone();
+    let on_end = OnEnd::new(move |ending: Ending, bytes: u64| {
+        let mut exchange = exchange;
+        if let Some(reading) = read.take() {
+            exchange.set_usage(reading);
+        }
+        finish_stream(exchange, &metrics, ending, status, error_type, bytes);
+    });
+    let mut body = Relayed::new(body, relay.idle_timeout, on_end);
+    if let Some(reader) = usage {
+        body = body.with_usage(reader, slot);
+    }
+    Response::from_parts(head, body.boxed_unsync())
+}
+
+/// The audit line of a streamed answer, by how the stream ended.
+fn finish_stream(
+    exchange: Exchange,
+    metrics: &crate::metrics::Metrics,
+    ending: Ending,
+    status: u16,
+    error_type: Option<String>,
+    bytes: u64,
+) {
+    match ending {
         Ending::Complete => exchange.finish(status, error_type, None, bytes),
         Ending::Failed(reason) => {
             metrics.upstream_error("stream_error");
@@ -491,11 +521,7 @@ fn stream(
             let message = "the agent closed the stream before the end".to_string();
             exchange.finish(CLIENT_CLOSED, error_type, Some(message), bytes);
         }
-    });
-    Response::from_parts(
-        head,
-        Relayed::new(body, relay.idle_timeout, on_end).boxed_unsync(),
-    )
+    }
 }
 
 fn answer_locally(response: Response<Full<Bytes>>, exchange: Exchange) -> Response<ResponseBody> {

@@ -6,6 +6,9 @@
 //! body again after its frame that ends the stream (or fills the `Content-Length`): it drops
 //! it. So the end is recorded as soon as the upstream stream says it has ended, after a frame
 //! or on drop; a drop before that is an abandoned body.
+//!
+//! A body given a [`UsageReader`] shows it a copy of each frame as it passes (nothing is held
+//! back) and leaves the reading in its [`UsageSlot`] just before reporting how it ended.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -16,6 +19,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
+use xpart_bedrock::usage::{UsageReader, UsageSlot};
 use xpart_daemon::error_chain;
 use xpart_daemon::record::{Ending, OnEnd};
 
@@ -27,6 +31,7 @@ pub struct Relayed {
     timer: Pin<Box<Sleep>>,
     bytes: u64,
     on_end: OnEnd,
+    usage: Option<(UsageReader, UsageSlot)>,
 }
 
 impl Relayed {
@@ -37,10 +42,20 @@ impl Relayed {
             timer: Box::pin(tokio::time::sleep(idle)),
             bytes: 0,
             on_end,
+            usage: None,
         }
     }
 
+    /// Reads the answer's token usage as it passes, into `slot`.
+    pub fn with_usage(mut self, reader: UsageReader, slot: UsageSlot) -> Relayed {
+        self.usage = Some((reader, slot));
+        self
+    }
+
     fn end(&mut self, ending: Ending) {
+        if let Some((reader, slot)) = self.usage.take() {
+            slot.put(reader.finish());
+        }
         self.on_end.end(ending, self.bytes);
     }
 }
@@ -62,6 +77,9 @@ impl Body for Relayed {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.bytes += data.len() as u64;
+                    if let Some((reader, _)) = this.usage.as_mut() {
+                        reader.feed(data);
+                    }
                 }
                 // An idle limit past the clock's range never fires.
                 let now = Instant::now();
