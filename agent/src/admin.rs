@@ -1,13 +1,17 @@
 //! The agent's answers on the admin port (`xpart_daemon::admin` serves them).
 //!
 //! `/readyz` is ready while at least one relay is healthy. `/status` is the JSON that
-//! `xpart status` prints; its shape is documented in `agent/README.md`.
+//! `xpart status` prints; its shape is documented in `agent/README.md`. `GET /` is the status
+//! page ([`crate::status_page`]), which renders `/status`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
+use bytes::Bytes;
+use http::{Method, Response};
+use http_body_util::Full;
 use prometheus::Registry;
 use serde_json::{json, Value};
 use xpart_daemon::admin::{tunnel_dropped_json, tunnel_peers_json, AdminHandler, DropSource};
@@ -71,6 +75,7 @@ impl AdminHandler for AdminView {
                     "consecutive_failures": report.consecutive_failures,
                     "last_error": report.last_error,
                     "state_age_seconds": report.state_age_seconds,
+                    "last_success_age_seconds": report.last_success_age_seconds,
                 })
             })
             .collect();
@@ -104,6 +109,20 @@ impl AdminHandler for AdminView {
                 "written": self.agent.audit.written(),
                 "dropped": self.agent.audit.dropped(),
             },
+            "activity": self.agent.metrics.activity.json(),
         })
+    }
+
+    async fn extra(
+        &self,
+        method: &Method,
+        path: &str,
+        _body: Bytes,
+    ) -> Option<Response<Full<Bytes>>> {
+        match (method, path) {
+            (&Method::GET, "/") => Some(crate::status_page::respond(&self.status().await)),
+            (&Method::HEAD, "/") => Some(crate::status_page::respond(&self.status().await)),
+            _ => None,
+        }
     }
 }

@@ -106,6 +106,8 @@ pub struct RelayReport {
     pub last_error: Option<String>,
     /// Seconds since the state last changed.
     pub state_age_seconds: f64,
+    /// Seconds since the relay last passed a probe; `None` before the first.
+    pub last_success_age_seconds: Option<f64>,
 }
 
 /// Health of every relay, in priority order (index 0 first).
@@ -126,6 +128,7 @@ struct RelayHealth {
     next_probe: Instant,
     probing: bool,
     last_error: Option<String>,
+    last_success: Option<Instant>,
     /// `Lost` has been reported since the relay last answered.
     lost: bool,
 }
@@ -143,6 +146,7 @@ impl Health {
                 next_probe: now,
                 probing: false,
                 last_error: None,
+                last_success: None,
                 lost: false,
             })
             .collect();
@@ -246,6 +250,9 @@ impl Health {
                 consecutive_failures: r.failures,
                 last_error: r.last_error.clone(),
                 state_age_seconds: now.saturating_duration_since(r.state_since).as_secs_f64(),
+                last_success_age_seconds: r
+                    .last_success
+                    .map(|at| now.saturating_duration_since(at).as_secs_f64()),
             })
             .collect()
     }
@@ -256,6 +263,7 @@ impl Health {
         let r = &mut self.relays[relay.0];
         r.failures = 0;
         r.lost = false;
+        r.last_success = Some(now);
         r.successes = r.successes.saturating_add(1);
         r.next_probe = now + interval;
         let comes_up = match r.state {
@@ -525,5 +533,21 @@ mod tests {
         assert_eq!(health.pick(), None);
         assert_eq!(health.poll_timeout(), Some(start + Duration::from_secs(1)));
         assert!(!health.any_healthy());
+    }
+
+    #[test]
+    fn the_report_says_how_long_ago_each_relay_last_passed_a_probe() {
+        let start = Instant::now();
+        let mut health = two_relays(start);
+        assert_eq!(health.report(start)[0].last_success_age_seconds, None);
+        probe_all(&mut health, start, |relay| match relay.index() {
+            0 => READY,
+            _ => failed(),
+        });
+        let later = start + Duration::from_secs(7);
+        let report = health.report(later);
+        assert_eq!(report[0].last_success_age_seconds, Some(7.0));
+        assert_eq!(report[1].last_success_age_seconds, None);
+        assert_eq!(report[1].last_error.as_deref(), Some("timed out"));
     }
 }

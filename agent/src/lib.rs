@@ -13,7 +13,7 @@
 //! ends, the audit line is written (`xpart_daemon::audit`). Relay health comes from the
 //! sans-IO [`health`] core, driven by [`monitor`], which probes each relay through the tunnel
 //! every second. The admin port ([`admin`]) serves `/metrics` ([`metrics`]), `/healthz`,
-//! `/readyz` and `/status`.
+//! `/readyz`, `/status`, and `/`, the HTML status page ([`status_page`]).
 //!
 //! Entry points: [`AgentConfig::load`] and [`start`] (which brings up the tunnel),
 //! or [`start_with_network`] to use a [`xpart_tunnel::Network`] set up elsewhere.
@@ -32,6 +32,7 @@ mod metrics;
 mod monitor;
 mod openai;
 mod pipeline;
+mod status_page;
 mod streaming;
 mod tls;
 mod usage;

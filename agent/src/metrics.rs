@@ -1,7 +1,10 @@
 //! The agent's Prometheus metrics, served on the admin port's `/metrics`. The tunnel's
 //! metrics are the relay's too, registered by `xpart_daemon::admin`.
 
+use std::sync::Arc;
+
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use xpart_daemon::status_page::Activity;
 
 /// Latency buckets (seconds) from sub-millisecond proxy overhead to long generations.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -12,6 +15,8 @@ const LATENCY_BUCKETS: &[f64] = &[
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
+    /// Request and error totals and the last failed requests, for the status page.
+    pub activity: Arc<Activity>,
     /// Requests by principal, operation, model and HTTP status (refusals included). Every
     /// label comes from the config or the code, never from the caller: `model` is the
     /// principal's allowlist entry that matched, `denied` for requests refused before or at
@@ -81,6 +86,7 @@ impl Metrics {
 
         let metrics = Metrics {
             registry,
+            activity: Arc::new(Activity::new()),
             requests,
             request_seconds,
             upstream_seconds,

@@ -719,6 +719,7 @@ fn refuse(exchange: Recorder, error: RequestError, api: Api) -> Response<CallerB
 
 impl RequestMetrics for Agent {
     fn finished(&self, record: &AuditRecord, model_label: Option<&str>, latency: Duration) {
+        self.metrics.activity.record(record);
         self.usage.finished(record, &self.metrics);
         let operation = record.operation.map_or("-", |op| op.name());
         let status = record.status.to_string();

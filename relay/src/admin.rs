@@ -1,9 +1,10 @@
 //! The relay's admin routes on top of the shared admin server: `/metrics`, `/healthz`,
-//! `/readyz` (credentials and drain state), `/status`, and `POST /drain` / `POST /undrain`.
+//! `/readyz` (credentials and drain state), `/status`, `GET /` (the status page,
+//! [`crate::status_page`]), and `POST /drain` / `POST /undrain`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -19,6 +20,7 @@ use crate::Relay;
 
 pub struct AdminApi {
     pub relay: Arc<Relay>,
+    pub started: Instant,
 }
 
 #[async_trait]
@@ -71,9 +73,15 @@ impl AdminHandler for AdminApi {
 
     async fn status(&self) -> Value {
         let relay = &self.relay;
+        let (ready, readiness) = self.ready().await;
         json!({
             "service": "relay",
             "version": env!("CARGO_PKG_VERSION"),
+            "uptime_seconds": self.started.elapsed().as_secs_f64(),
+            "ready": ready,
+            "not_ready_reason": readiness["reason"],
+            "policy": relay.policy.load().summary(),
+            "activity": relay.metrics.activity.json(),
             "service_addr": relay.service_addr.to_string(),
             "draining": relay.draining.load(Ordering::Relaxed),
             "region": relay.region,
@@ -95,6 +103,12 @@ impl AdminHandler for AdminApi {
         _body: Bytes,
     ) -> Option<Response<Full<Bytes>>> {
         let draining = match (method, path) {
+            (&Method::GET, "/") => {
+                return Some(crate::status_page::respond(&self.status().await));
+            }
+            (&Method::HEAD, "/") => {
+                return Some(crate::status_page::respond(&self.status().await));
+            }
             (&Method::POST, "/drain") => true,
             (&Method::POST, "/undrain") => false,
             _ => return None,
@@ -113,6 +127,10 @@ fn credentials_json(status: &Status) -> Value {
         Status::Available { expiry } => json!({
             "available": true,
             "expires_at": expiry.map(unix_seconds),
+            "expires_in_seconds": expiry.map(|at| {
+                at.duration_since(SystemTime::now())
+                    .map_or(0.0, |left| left.as_secs_f64())
+            }),
         }),
         Status::Missing { reason } => json!({
             "available": false,

@@ -104,6 +104,7 @@ impl RequestMetrics for Metrics {
             (None, Some(_)) => "denied",
             (None, None) => "other",
         };
+        self.activity.record(record);
         Metrics::finished(self, operation, model, record.status, latency);
         let kinds = [
             ("input", record.input_tokens),

@@ -12,7 +12,8 @@
 //! profile when Bedrock refuses on-demand throughput; **stream** the response back frame by
 //! frame as it arrives ([`stream`]); and **audit** one JSON line per request ([`audit`]).
 //! The relay answers the synthetic echo model itself ([`echo`]). Around the pipeline:
-//! [`config`] (`relay.toml`), [`metrics`] and the admin routes ([`admin`]). On SIGHUP
+//! [`config`] (`relay.toml`), [`metrics`] and the admin routes ([`admin`], with the HTML
+//! status page of [`status_page`]). On SIGHUP
 //! ([`RelayHandle`] is `xpart_daemon::reload::Reloadable`) the policy, the rewrite rules and
 //! the allowed agents are swapped for the file's new ones without closing a connection.
 
@@ -29,6 +30,7 @@ mod resolver;
 mod rewrite;
 mod service;
 mod signer;
+mod status_page;
 mod stream;
 mod upstream;
 
@@ -130,6 +132,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         Some(section) => {
             let api = Arc::new(admin::AdminApi {
                 relay: relay.clone(),
+                started: std::time::Instant::now(),
             });
             let server = xpart_daemon::admin::serve(section.listen, api).map_err(|source| {
                 StartError::Admin {

@@ -9,6 +9,8 @@ use prometheus::{
     Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 
+use xpart_daemon::status_page::Activity;
+
 use crate::credentials::Status;
 
 /// Buckets up to 15 minutes: whole generations are measured, not just first bytes.
@@ -25,6 +27,8 @@ pub struct Metrics {
     in_flight: IntGauge,
     body_budget_refused: IntCounter,
     buffered_body_bytes: IntGauge,
+    /// Request and error totals and the last failed requests, for the status page.
+    pub activity: Activity,
     credentials_available: IntGauge,
     credentials_expiry: Gauge,
     tokens: IntCounterVec,
@@ -106,6 +110,7 @@ impl Metrics {
             in_flight,
             body_budget_refused,
             buffered_body_bytes,
+            activity: Activity::new(),
             credentials_available,
             credentials_expiry,
             tokens,

@@ -154,6 +154,27 @@ impl Policy {
         };
         allowed.iter().any(|v| v == value)
     }
+
+    /// What `[policy]` allows and who may ask, for `/status` and the status page.
+    pub fn summary(&self) -> serde_json::Value {
+        let agents: Vec<serde_json::Value> = self
+            .agents
+            .iter()
+            .map(|(address, name)| {
+                serde_json::json!({ "name": name, "tunnel_address": address.to_string() })
+            })
+            .collect();
+        let operations: Vec<&str> = self.operations.iter().map(|op| op.name()).collect();
+        serde_json::json!({
+            "agents": agents,
+            "operations": operations,
+            "models": self.models,
+            "guardrails": self.guardrails,
+            "service_tiers": self.service_tiers,
+            "performance_latency": self.performance_latency,
+            "trace": self.trace,
+        })
+    }
 }
 
 /// An IPv4 agent may arrive as an IPv4-mapped IPv6 address on a dual-stack listener.
@@ -187,6 +208,31 @@ mod tests {
             [("100.64.0.1".parse().unwrap(), "agent-a".to_string())],
             &section(&["anthropic.claude-*", "us.anthropic.*"]),
         )
+    }
+
+    #[test]
+    fn the_summary_lists_what_the_policy_allows() {
+        let summary = policy().summary();
+        assert_eq!(
+            summary["agents"],
+            serde_json::json!([{"name": "agent-a", "tunnel_address": "100.64.0.1"}])
+        );
+        assert_eq!(
+            summary["operations"],
+            serde_json::json!(["InvokeModel", "Converse"])
+        );
+        assert_eq!(
+            summary["models"],
+            serde_json::json!(["anthropic.claude-*", "us.anthropic.*"])
+        );
+        assert_eq!(
+            summary["guardrails"],
+            serde_json::json!(["gr-abc123:1", "gr-any:*"])
+        );
+        assert_eq!(
+            summary["service_tiers"],
+            serde_json::json!(["default", "flex"])
+        );
     }
 
     #[test]

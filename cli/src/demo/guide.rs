@@ -153,6 +153,10 @@ Admin:
   agent  {agent_admin}/metrics  {agent_admin}/status
   relay  {relay_admin}/metrics  {relay_admin}/status
 
+Status pages (open in a browser; they refresh themselves):
+  agent  {agent_admin}/
+  relay  {relay_admin}/
+
 The same daemons by hand, after stopping the demo (two shells):
   {run_relay}
   {run_agent}
@@ -180,6 +184,10 @@ The same daemons by hand, after stopping the demo (two shells):
                 "run_agent": self.run_agent,
             },
             "admin": { "agent": self.agent_admin, "relay": self.relay_admin },
+            "status_pages": {
+                "agent": format!("{}/", self.agent_admin),
+                "relay": format!("{}/", self.relay_admin),
+            },
             "self_probe": { "echoed": echoed, "outcome": outcome },
         })
     }
