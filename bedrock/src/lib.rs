@@ -18,6 +18,7 @@
 //! uses); [`Route`] carries `guardrail` and `invocation_arn` as its path parameters;
 //! [`BedrockError::into_response`] also sets `x-xpart-request-id`.
 
+pub mod discovery;
 pub mod protocol;
 pub mod usage;
 

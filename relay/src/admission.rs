@@ -6,12 +6,18 @@
 //! bytes), no query parameter the operation does not define, and only the headers listed in
 //! [`FORWARDED_HEADERS`] plus the policy-gated Bedrock headers at allowed values.
 //!
+//! The agent says which Bedrock service the caller dialled (`x-xpart-service`, with region and
+//! FIPS: [`Destination`]); an operation of the other service is no operation here (404). On
+//! the `bedrock` control plane only the discovery reads exist ([`Operation::DISCOVERY`]): a
+//! write, whatever its path, method or query, never gets past [`Route::parse`].
+//!
 //! The service pipeline calls [`admit`] for every request (after checking the source address),
 //! and the fuzz targets call it directly.
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use xpart_bedrock::{Guardrail, ModelId, Operation, Route};
+use xpart_bedrock::protocol::Destination;
+use xpart_bedrock::{BedrockError, ErrorType, Guardrail, ModelId, Operation, Route, Service};
 
 pub use crate::error::RequestError;
 pub use crate::policy::{GatedHeader, Policy};
@@ -44,6 +50,8 @@ pub struct Rules<'a> {
 #[derive(Debug)]
 pub struct Admitted {
     pub route: Route,
+    /// Which upstream the caller meant: service, region, FIPS.
+    pub destination: Destination,
     pub target: Target,
     /// The path and query to send, built from validated values.
     pub path_and_query: String,
@@ -96,6 +104,16 @@ pub fn admit(
         operation: Some(route.operation),
         model: route.model.clone(),
     };
+    let destination = Destination::from_headers(headers)
+        .map_err(RequestError::Route)
+        .map_err(reject)?;
+    if route.operation.service() != destination.service {
+        return Err(reject(RequestError::Route(other_service(
+            method,
+            path,
+            destination.service,
+        ))));
+    }
     rules
         .policy
         .check_operation(route.operation)
@@ -104,6 +122,7 @@ pub fn admit(
     if target == Target::Echo {
         return Ok(Admitted {
             route,
+            destination,
             target,
             path_and_query: String::new(),
             headers: HeaderMap::new(),
@@ -112,7 +131,10 @@ pub fn admit(
     if let Some(guardrail) = &route.guardrail {
         rules.policy.check_guardrail(guardrail).map_err(reject)?;
     }
-    let forwarded = forwarded_headers(headers, rules.policy).map_err(reject)?;
+    let forwarded = match destination.service {
+        Service::BedrockRuntime => forwarded_headers(headers, rules.policy).map_err(reject)?,
+        Service::Bedrock => plain_headers(headers),
+    };
     let path = match &target {
         Target::Model { commercial, .. } => route.path_with_model(commercial),
         Target::Echo => route.path(),
@@ -131,10 +153,33 @@ pub fn admit(
     };
     Ok(Admitted {
         route,
+        destination,
         target,
         path_and_query,
         headers: forwarded,
     })
+}
+
+/// An operation that exists, asked of the other service's endpoint: as unknown there as any
+/// other path (404 UnknownOperationException).
+fn other_service(method: &Method, path: &str, service: Service) -> BedrockError {
+    let shown: String = path.chars().take(200).collect();
+    BedrockError::new(
+        ErrorType::UnknownOperation,
+        format!("no {service} operation matches {method} {shown}"),
+    )
+}
+
+/// The headers a control-plane read sends: [`FORWARDED_HEADERS`] as sent, and nothing gated
+/// (the runtime's cost and guardrail headers mean nothing to a read).
+fn plain_headers(incoming: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for name in FORWARDED_HEADERS {
+        for value in incoming.get_all(name) {
+            out.append(HeaderName::from_static(name), value.clone());
+        }
+    }
+    out
 }
 
 /// The echo model, or the requested model rewritten and checked against `[policy] models`.
@@ -430,6 +475,230 @@ mod tests {
             let bedrock = err.to_bedrock();
             (bedrock.kind.code(), bedrock.message)
         })
+    }
+
+    /// A request as the agent forwards it for a caller that dialled `service`.
+    fn admit_on(
+        service: &str,
+        method: Method,
+        path: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<Admitted, Rejected> {
+        let mut operations: Vec<String> = vec!["Converse".into()];
+        operations.extend(Operation::DISCOVERY.iter().map(|op| op.name().to_string()));
+        let policy = Policy::new(
+            [],
+            &PolicySection {
+                operations,
+                models: vec!["anthropic.*".into(), "us.anthropic.*".into()],
+                guardrails: vec!["gr-abc123:1".into()],
+                service_tiers: vec!["default".into()],
+                performance_latency: vec!["standard".into()],
+                trace: vec![],
+            },
+        );
+        let rewriter = rewriter();
+        let rules = Rules {
+            policy: &policy,
+            rewriter: &rewriter,
+            echo_model: Some("xpart.echo"),
+        };
+        let mut map = HeaderMap::new();
+        map.insert(
+            xpart_bedrock::protocol::SERVICE_HEADER,
+            HeaderValue::from_str(service).unwrap(),
+        );
+        for (name, value) in extra {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        admit(&method, path, &map, &rules)
+    }
+
+    #[test]
+    fn control_plane_reads_are_admitted_with_only_their_own_query() {
+        let cases = [
+            (
+                "/foundation-models?byProvider=Anthropic&byOutputModality=TEXT&evil=1&X-Amz-Credential=x",
+                Operation::ListFoundationModels,
+                "/foundation-models?byProvider=Anthropic&byOutputModality=TEXT",
+            ),
+            (
+                "/foundation-models?byCustomizationType=FINE_TUNING&byInferenceType=ON_DEMAND",
+                Operation::ListFoundationModels,
+                "/foundation-models?byCustomizationType=FINE_TUNING&byInferenceType=ON_DEMAND",
+            ),
+            (
+                "/inference-profiles?maxResults=5&nextToken=abc%2B%2F%3D&type=SYSTEM_DEFINED&typeEquals=x",
+                Operation::ListInferenceProfiles,
+                "/inference-profiles?maxResults=5&nextToken=abc%2B%2F%3D&type=SYSTEM_DEFINED",
+            ),
+            (
+                "/foundation-models/anthropic.claude-v2%3A1?x=1",
+                Operation::GetFoundationModel,
+                "/foundation-models/anthropic.claude-v2%3A1",
+            ),
+            (
+                "/inference-profiles/us.anthropic.claude-v2%3A1",
+                Operation::GetInferenceProfile,
+                "/inference-profiles/us.anthropic.claude-v2%3A1",
+            ),
+            (
+                "/inference-profiles/us-gov.anthropic.claude-v2%3A1",
+                Operation::GetInferenceProfile,
+                "/inference-profiles/us.anthropic.claude-v2%3A1",
+            ),
+            (
+                "/foundation-model-availability/anthropic.x",
+                Operation::GetFoundationModelAvailability,
+                "/foundation-model-availability/anthropic.x",
+            ),
+        ];
+        for (path, operation, signed) in cases {
+            let admitted = admit_on(
+                "bedrock",
+                Method::GET,
+                path,
+                &[
+                    ("accept", "application/json"),
+                    ("x-amzn-bedrock-service-tier", "priority"),
+                    ("x-amz-security-token", "t"),
+                ],
+            )
+            .unwrap_or_else(|r| panic!("{path}: {}", r.error));
+            assert_eq!(admitted.route.operation, operation, "{path}");
+            assert_eq!(admitted.path_and_query, signed, "{path}");
+            assert_eq!(admitted.destination.service, Service::Bedrock);
+            let names: Vec<&str> = admitted.headers.keys().map(|n| n.as_str()).collect();
+            assert_eq!(names, ["accept"], "{path}");
+        }
+    }
+
+    #[test]
+    fn nothing_but_the_reads_is_admitted_on_the_control_plane() {
+        let refused = [
+            (
+                Method::POST,
+                "/inference-profiles",
+                "UnknownOperationException",
+            ),
+            (
+                Method::DELETE,
+                "/inference-profiles/us.anthropic.x",
+                "UnknownOperationException",
+            ),
+            (
+                Method::DELETE,
+                "/guardrails/gr1",
+                "UnknownOperationException",
+            ),
+            (Method::POST, "/guardrails", "UnknownOperationException"),
+            (
+                Method::PUT,
+                "/foundation-models/anthropic.x",
+                "UnknownOperationException",
+            ),
+            (
+                Method::PATCH,
+                "/foundation-models",
+                "UnknownOperationException",
+            ),
+            (
+                Method::POST,
+                "/model-customization-jobs",
+                "UnknownOperationException",
+            ),
+            (Method::GET, "/custom-models", "UnknownOperationException"),
+            (
+                Method::GET,
+                "/foundation-models/a/b",
+                "UnknownOperationException",
+            ),
+            (
+                Method::GET,
+                "/foundation-models/%2e%2e%2fguardrails",
+                "ValidationException",
+            ),
+            (
+                Method::GET,
+                "/foundation-models%2Fanthropic.x",
+                "UnknownOperationException",
+            ),
+            (
+                Method::GET,
+                "/FOUNDATION-MODELS",
+                "UnknownOperationException",
+            ),
+            (
+                Method::HEAD,
+                "/foundation-models",
+                "UnknownOperationException",
+            ),
+            (
+                Method::POST,
+                "/foundation-models?Action=CreateInferenceProfile",
+                "UnknownOperationException",
+            ),
+            // A runtime operation is unknown on the control plane's endpoint, and the reads
+            // on the runtime's.
+            (
+                Method::POST,
+                "/model/anthropic.x/converse",
+                "UnknownOperationException",
+            ),
+            (Method::GET, "/async-invoke", "UnknownOperationException"),
+        ];
+        for (method, path, expected) in refused {
+            let (got, _) = code(admit_on("bedrock", method.clone(), path, &[]));
+            assert_eq!(got, expected, "{method} {path}");
+        }
+        for path in ["/foundation-models", "/inference-profiles/us.anthropic.x"] {
+            let (got, message) = code(admit_on("bedrock-runtime", Method::GET, path, &[]));
+            assert_eq!(got, "UnknownOperationException", "{path}");
+            assert!(message.contains("bedrock-runtime"), "{message}");
+        }
+        // Without the header an agent meant the runtime.
+        let (code_absent, _) = code(admit_with(&["*"], "/foundation-models", &[]));
+        assert_eq!(code_absent, "UnknownOperationException");
+    }
+
+    #[test]
+    fn a_get_of_a_model_the_policy_refuses_is_403_and_the_echo_model_is_answered() {
+        for path in [
+            "/foundation-models/meta.llama3",
+            "/inference-profiles/eu.anthropic.x",
+            "/foundation-model-availability/amazon.titan",
+        ] {
+            let (got, message) = code(admit_on("bedrock", Method::GET, path, &[]));
+            assert_eq!(got, "AccessDeniedException", "{path}");
+            assert!(message.contains("[policy] models"), "{message}");
+        }
+        let echo = admit_on("bedrock", Method::GET, "/foundation-models/xpart.echo", &[]).unwrap();
+        assert_eq!(echo.target, Target::Echo);
+    }
+
+    #[test]
+    fn destination_headers_are_read_and_checked() {
+        let admitted = admit_on(
+            "bedrock-runtime",
+            Method::POST,
+            "/model/anthropic.x/converse",
+            &[("x-xpart-region", "eu-west-1"), ("x-xpart-fips", "1")],
+        )
+        .unwrap();
+        assert_eq!(admitted.destination.region.as_deref(), Some("eu-west-1"));
+        assert!(admitted.destination.fips);
+        let (bad_region, _) = code(admit_on(
+            "bedrock-runtime",
+            Method::POST,
+            "/model/anthropic.x/converse",
+            &[("x-xpart-region", "eu-west-1/x")],
+        ));
+        assert_eq!(bad_region, "ValidationException");
+        let (bad_service, _) = code(admit_on("s3", Method::GET, "/foundation-models", &[]));
+        assert_eq!(bad_service, "ValidationException");
     }
 
     #[test]

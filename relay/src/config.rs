@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
-use xpart_bedrock::{is_model_id_char, Operation, MAX_BODY_BYTES};
+use serde::{Deserialize, Deserializer};
+use xpart_bedrock::{is_model_id_char, is_region_name, Operation, Service, MAX_BODY_BYTES};
 use xpart_daemon::config::Diagnostics;
 use xpart_daemon::tunnel_config::{PeerSection, Side, TunnelMode, TunnelSection};
 
@@ -19,7 +19,11 @@ pub struct RelayConfig {
     #[serde(rename = "agent", default)]
     pub agents: Vec<PeerSection>,
     pub service: ServiceSection,
-    pub upstream: UpstreamSection,
+    /// One `[upstream]` table (the Bedrock Runtime endpoint of one region) or several
+    /// `[[upstream]]` tables, one per service, region and FIPS choice; the first entry's region
+    /// is where requests that name no region go.
+    #[serde(rename = "upstream", deserialize_with = "one_or_many")]
+    pub upstreams: Vec<UpstreamSection>,
     pub policy: PolicySection,
     #[serde(default)]
     pub rewrite: RewriteSection,
@@ -48,7 +52,14 @@ pub struct ServiceSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
+    /// `bedrock-runtime` (the default) or `bedrock` (the control plane's discovery reads).
+    #[serde(default = "default_service")]
+    pub service: Service,
     pub region: String,
+    /// Whether this is the region's FIPS endpoint, the one callers dialling a `-fips` name go
+    /// to (and the only one they go to).
+    #[serde(default)]
+    pub fips: bool,
     pub endpoint: String,
     /// Host name sent and signed as `Host`; defaults to the endpoint's host. Set it to the public
     /// `bedrock-runtime.<region>.amazonaws.com` when `endpoint` is a `vpce-…` name.
@@ -56,6 +67,7 @@ pub struct UpstreamSection {
     #[serde(default)]
     pub resolver: Vec<SocketAddr>,
     pub extra_ca_file: Option<PathBuf>,
+    /// Absent: the region's geography ([`default_profile_prefix`]); `"none"`: no retry.
     pub inference_profile_prefix: Option<String>,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: u64,
@@ -199,13 +211,18 @@ pub struct AuditSection {
 /// Operations the relay can sign with a plain SigV4 header signature over a buffered body.
 /// `InvokeModelWithBidirectionalStream` needs per-event signing and the async-invoke family
 /// carries the model in the body, so neither is offered.
-pub const SUPPORTED_OPERATIONS: [Operation; 6] = [
+pub const SUPPORTED_OPERATIONS: [Operation; 11] = [
     Operation::InvokeModel,
     Operation::InvokeModelWithResponseStream,
     Operation::Converse,
     Operation::ConverseStream,
     Operation::CountTokens,
     Operation::ApplyGuardrail,
+    Operation::ListFoundationModels,
+    Operation::GetFoundationModel,
+    Operation::ListInferenceProfiles,
+    Operation::GetInferenceProfile,
+    Operation::GetFoundationModelAvailability,
 ];
 
 impl RelayConfig {
@@ -257,16 +274,75 @@ impl RelayConfig {
         self.policy.models.clone()
     }
 
+    /// The first upstream: its region is the relay's default region and the one credentials
+    /// are fetched in. Validation guarantees there is one; an empty list (never validated)
+    /// falls back to the defaults.
+    pub fn primary(&self) -> UpstreamSection {
+        self.upstreams
+            .first()
+            .cloned()
+            .unwrap_or_else(|| UpstreamSection {
+                service: Service::BedrockRuntime,
+                region: String::new(),
+                fips: false,
+                endpoint: String::new(),
+                host_header: None,
+                resolver: Vec::new(),
+                extra_ca_file: None,
+                inference_profile_prefix: None,
+                connect_timeout_secs: default_connect_timeout(),
+                first_byte_timeout_secs: default_first_byte_timeout(),
+                idle_timeout_secs: default_idle_timeout(),
+                pool_idle_timeout_secs: default_pool_idle_timeout(),
+                pool_max_idle: default_pool_max_idle(),
+            })
+    }
+
+    /// The default region: the first upstream's.
+    pub fn region(&self) -> String {
+        self.primary().region
+    }
+
+    /// Every region some upstream serves, in the order first configured.
+    pub fn regions(&self) -> Vec<String> {
+        let mut regions: Vec<String> = Vec::new();
+        for up in &self.upstreams {
+            if !regions.contains(&up.region) {
+                regions.push(up.region.clone());
+            }
+        }
+        regions
+    }
+
+    /// The inference-profile prefix each region's retry uses (`None`: no retry there).
+    pub fn profile_prefixes(&self) -> std::collections::BTreeMap<String, Option<String>> {
+        let mut prefixes = std::collections::BTreeMap::new();
+        for up in &self.upstreams {
+            if up.service != Service::BedrockRuntime {
+                continue;
+            }
+            let prefix = match up.inference_profile_prefix.as_deref() {
+                Some(PROFILE_PREFIX_NONE) => None,
+                Some(prefix) => Some(prefix.to_string()),
+                None => default_profile_prefix(&up.region).map(str::to_string),
+            };
+            prefixes.entry(up.region.clone()).or_insert(prefix);
+        }
+        prefixes
+    }
+
     pub fn connect_timeout(&self) -> Duration {
-        Duration::from_secs(self.upstream.connect_timeout_secs)
+        Duration::from_secs(self.primary().connect_timeout_secs)
     }
 
     pub fn first_byte_timeout(&self) -> Duration {
-        Duration::from_secs(self.upstream.first_byte_timeout_secs)
+        Duration::from_secs(self.primary().first_byte_timeout_secs)
     }
 
+    /// One idle timeout for every stream, whichever upstream it comes from; validation
+    /// refuses upstreams that set different ones.
     pub fn idle_timeout(&self) -> Duration {
-        Duration::from_secs(self.upstream.idle_timeout_secs)
+        Duration::from_secs(self.primary().idle_timeout_secs)
     }
 
     /// Resolve a configured path against the config file's directory.
@@ -371,17 +447,68 @@ impl RelayConfig {
     }
 
     fn validate_upstream(&self, found: &mut Vec<Problem>) {
-        let up = &self.upstream;
+        if self.upstreams.is_empty() {
+            found.push(Problem::new(
+                "[[upstream]]",
+                "no upstream is configured".into(),
+                "add an [upstream] table with region and endpoint",
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, up) in self.upstreams.iter().enumerate() {
+            let table = self.upstream_table(i);
+            self.validate_one_upstream(&table, up, found);
+            if !seen.insert((up.service, up.region.clone(), up.fips)) {
+                found.push(Problem::new(
+                    &format!("{table}.region"),
+                    format!(
+                        "a second {}{} upstream for {}",
+                        up.service,
+                        if up.fips { " FIPS" } else { "" },
+                        up.region
+                    ),
+                    "keep one [[upstream]] per service, region and fips",
+                ));
+            }
+            if up.idle_timeout_secs != self.primary().idle_timeout_secs {
+                found.push(Problem::new(
+                    &format!("{table}.idle_timeout_secs"),
+                    format!(
+                        "{} differs from the first upstream's {}; one idle timeout applies to every stream",
+                        up.idle_timeout_secs,
+                        self.primary().idle_timeout_secs
+                    ),
+                    "set the same idle_timeout_secs on every [[upstream]], or leave it out",
+                ));
+            }
+        }
+    }
+
+    /// How messages name upstream entry `i`: `[upstream]` when the file has one.
+    fn upstream_table(&self, i: usize) -> String {
+        match self.upstreams.len() {
+            1 => "[upstream]".to_string(),
+            _ => format!("[[upstream]][{i}]"),
+        }
+    }
+
+    fn validate_one_upstream(&self, table: &str, up: &UpstreamSection, found: &mut Vec<Problem>) {
         if up.region.is_empty() {
             found.push(Problem::new(
-                "[upstream].region",
+                &format!("{table}.region"),
                 "empty".into(),
                 "set the Commercial region Bedrock runs in, e.g. \"us-east-1\"",
+            ));
+        } else if !is_region_name(&up.region) {
+            found.push(Problem::new(
+                &format!("{table}.region"),
+                format!("{:?} is not an AWS region name", up.region),
+                "use a region name such as \"us-east-1\"",
             ));
         }
         if let Err(message) = crate::upstream::Endpoint::parse(&up.endpoint) {
             found.push(Problem::new(
-                "[upstream].endpoint",
+                &format!("{table}.endpoint"),
                 message.to_string(),
                 "use \"https://bedrock-runtime.<region>.amazonaws.com\" or the VPC endpoint's DNS name",
             ));
@@ -389,7 +516,7 @@ impl RelayConfig {
         if let Some(host) = &up.host_header {
             if crate::upstream::host_header_value(host).is_err() {
                 found.push(Problem::new(
-                    "[upstream].host_header",
+                    &format!("{table}.host_header"),
                     format!("{host:?} is not a host name (with an optional port)"),
                     "give the public name, e.g. \"bedrock-runtime.us-east-1.amazonaws.com\", or remove the field",
                 ));
@@ -399,22 +526,22 @@ impl RelayConfig {
             let resolved = self.resolve_path(file);
             if !resolved.is_file() {
                 found.push(Problem::new(
-                    "[upstream].extra_ca_file",
+                    &format!("{table}.extra_ca_file"),
                     format!("no such file {:?}", resolved.display().to_string()),
                     "name a PEM file of CA certificates, or remove the field",
                 ));
             }
         }
         if let Some(prefix) = &up.inference_profile_prefix {
-            if !prefix.ends_with('.')
+            if prefix != PROFILE_PREFIX_NONE && !prefix.ends_with('.')
                 || prefix.len() < 2
                 || !prefix.chars().all(is_model_id_char)
                 || prefix.contains("..")
             {
                 found.push(Problem::new(
-                    "[upstream].inference_profile_prefix",
+                    &format!("{table}.inference_profile_prefix"),
                     format!("{prefix:?} is not an inference-profile prefix"),
-                    "use a prefix ending in a dot, e.g. \"us.\"",
+                    "use a prefix ending in a dot, e.g. \"us.\", or \"none\" for no retry",
                 ));
             }
         }
@@ -425,7 +552,7 @@ impl RelayConfig {
         ] {
             if value == 0 {
                 found.push(Problem::new(
-                    &format!("[upstream].{field}"),
+                    &format!("{table}.{field}"),
                     "0 would time every request out".into(),
                     "use a number of seconds above zero",
                 ));
@@ -436,25 +563,29 @@ impl RelayConfig {
     /// Durations past these bounds are typos, and some overflow the clock arithmetic they
     /// feed (`Instant + Duration` panics), so they are refused here rather than found live.
     fn validate_durations(&self, found: &mut Vec<Problem>) {
-        let up = &self.upstream;
+        for (i, up) in self.upstreams.iter().enumerate() {
+            let table = self.upstream_table(i);
+            for (field, value, max) in [
+                ("connect_timeout_secs", up.connect_timeout_secs, 300),
+                (
+                    "first_byte_timeout_secs",
+                    up.first_byte_timeout_secs,
+                    86_400,
+                ),
+                ("idle_timeout_secs", up.idle_timeout_secs, 86_400),
+                ("pool_idle_timeout_secs", up.pool_idle_timeout_secs, 86_400),
+            ] {
+                if value > max {
+                    found.push(Problem::new(
+                        &format!("{table}.{field}"),
+                        format!("{value} is above {max} seconds"),
+                        "use a number of seconds in range, or leave it out for the default",
+                    ));
+                }
+            }
+        }
         let credentials = &self.credentials;
         for (field, value, max) in [
-            (
-                "[upstream].connect_timeout_secs",
-                up.connect_timeout_secs,
-                300,
-            ),
-            (
-                "[upstream].first_byte_timeout_secs",
-                up.first_byte_timeout_secs,
-                86_400,
-            ),
-            ("[upstream].idle_timeout_secs", up.idle_timeout_secs, 86_400),
-            (
-                "[upstream].pool_idle_timeout_secs",
-                up.pool_idle_timeout_secs,
-                86_400,
-            ),
             (
                 "[credentials].fetch_timeout_secs",
                 credentials.fetch_timeout_secs,
@@ -494,13 +625,13 @@ impl RelayConfig {
             match name.parse::<Operation>() {
                 Err(_) => found.push(Problem::new(
                     &field,
-                    format!("{name:?} is not a Bedrock Runtime operation"),
+                    format!("{name:?} is not a Bedrock operation"),
                     "use names like \"Converse\", \"ConverseStream\", \"InvokeModel\"",
                 )),
                 Ok(op) if !SUPPORTED_OPERATIONS.contains(&op) => found.push(Problem::new(
                     &field,
                     format!("{name} cannot be relayed (it needs per-event signing or carries its model in the body)"),
-                    "remove it; supported: InvokeModel, InvokeModelWithResponseStream, Converse, ConverseStream, CountTokens, ApplyGuardrail",
+                    "remove it; supported: InvokeModel, InvokeModelWithResponseStream, Converse, ConverseStream, CountTokens, ApplyGuardrail, ListFoundationModels, GetFoundationModel, ListInferenceProfiles, GetInferenceProfile, GetFoundationModelAvailability",
                 )),
                 Ok(_) => {}
             }
@@ -626,6 +757,58 @@ fn problems(file: &str, found: Vec<Problem>) -> Diagnostics {
         diagnostics.push(p.field, p.message, p.fix);
     }
     diagnostics
+}
+
+/// `inference_profile_prefix = "none"`: no inference-profile retry in that region.
+pub const PROFILE_PREFIX_NONE: &str = "none";
+
+/// The system inference-profile prefix of a region's geography, as Bedrock names its
+/// cross-Region profiles (`us.`, `eu.`, `apac.`, `us-gov.`); `None` where Bedrock defines no
+/// geography profile for the region's area, so there is no retry unless one is configured.
+/// Canada and São Paulo are source Regions of the US profiles.
+pub fn default_profile_prefix(region: &str) -> Option<&'static str> {
+    let area = region.split('-').next().unwrap_or("");
+    if region.starts_with("us-gov-") {
+        return Some("us-gov.");
+    }
+    match area {
+        "us" => Some("us."),
+        "ca" => Some("us."),
+        "sa" => Some("us."),
+        "eu" => Some("eu."),
+        "ap" => Some("apac."),
+        _ => None,
+    }
+}
+
+fn default_service() -> Service {
+    Service::BedrockRuntime
+}
+
+/// `upstream` as one table (`[upstream]`) or an array of tables (`[[upstream]]`); the inner
+/// errors (unknown field, missing region) come through unchanged.
+fn one_or_many<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<UpstreamSection>, D::Error> {
+    struct OneOrMany;
+    impl<'de> serde::de::Visitor<'de> for OneOrMany {
+        type Value = Vec<UpstreamSection>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an [upstream] table or [[upstream]] tables")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            let one =
+                UpstreamSection::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+            Ok(vec![one])
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+            Vec::<UpstreamSection>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+        }
+    }
+    deserializer.deserialize_any(OneOrMany)
 }
 
 fn default_shutdown_grace() -> u64 {
@@ -834,5 +1017,145 @@ models = ["anthropic.*"]
             "region = \"us-east-1\"\nfirst_byte_timeout_secs = 0",
         ));
         assert!(out.contains("[upstream].first_byte_timeout_secs"), "{out}");
+    }
+
+    fn several(upstreams: &str) -> String {
+        let single = "[upstream]\nregion = \"us-east-1\"\nendpoint = \"https://bedrock-runtime.us-east-1.amazonaws.com\"\n";
+        assert!(minimal().contains(single));
+        minimal().replace(single, upstreams)
+    }
+
+    #[test]
+    fn a_single_upstream_table_is_the_runtime_of_its_region() {
+        let config = RelayConfig::from_toml_str(&minimal(), "relay.toml").unwrap();
+        assert_eq!(config.upstreams.len(), 1);
+        let up = &config.upstreams[0];
+        assert_eq!(
+            (up.service, up.region.as_str(), up.fips),
+            (Service::BedrockRuntime, "us-east-1", false)
+        );
+        assert_eq!(config.region(), "us-east-1");
+        assert_eq!(
+            config.profile_prefixes().get("us-east-1"),
+            Some(&Some("us.".to_string())),
+            "the geography's prefix by default"
+        );
+    }
+
+    #[test]
+    fn upstream_tables_name_service_region_and_fips() {
+        let text = several(
+            r#"
+[[upstream]]
+region = "us-east-1"
+endpoint = "https://bedrock-runtime.us-east-1.amazonaws.com"
+[[upstream]]
+service = "bedrock"
+region = "us-east-1"
+endpoint = "https://bedrock.us-east-1.amazonaws.com"
+[[upstream]]
+region = "us-east-1"
+fips = true
+endpoint = "https://bedrock-runtime-fips.us-east-1.amazonaws.com"
+[[upstream]]
+region = "eu-west-1"
+endpoint = "https://bedrock-runtime.eu-west-1.amazonaws.com"
+inference_profile_prefix = "none"
+"#,
+        );
+        let config = RelayConfig::from_toml_str(&text, "relay.toml").unwrap();
+        let keys: Vec<_> = config
+            .upstreams
+            .iter()
+            .map(|u| (u.service, u.region.as_str(), u.fips))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                (Service::BedrockRuntime, "us-east-1", false),
+                (Service::Bedrock, "us-east-1", false),
+                (Service::BedrockRuntime, "us-east-1", true),
+                (Service::BedrockRuntime, "eu-west-1", false),
+            ]
+        );
+        assert_eq!(config.regions(), ["us-east-1", "eu-west-1"]);
+        assert_eq!(config.profile_prefixes().get("eu-west-1"), Some(&None));
+    }
+
+    #[test]
+    fn upstream_tables_are_checked_each_by_its_index() {
+        let out = problems_of(&several(
+            r#"
+[[upstream]]
+region = "us-east-1"
+endpoint = "https://a.example"
+[[upstream]]
+service = "s3"
+region = "us-east-1"
+endpoint = "https://b.example"
+"#,
+        ));
+        assert!(out.contains("unknown service \"s3\""), "{out}");
+        let out = problems_of(&several(
+            r#"
+[[upstream]]
+region = "us-east-1"
+endpoint = "https://a.example"
+[[upstream]]
+region = "us-east-1"
+endpoint = "https://b.example"
+[[upstream]]
+region = "US East"
+endpoint = "http://c.example"
+idle_timeout_secs = 10
+inference_profile_prefix = "us"
+"#,
+        ));
+        for expected in [
+            "[[upstream]][1].region: a second bedrock-runtime upstream for us-east-1",
+            "[[upstream]][2].region: \"US East\" is not an AWS region name",
+            "[[upstream]][2].endpoint",
+            "[[upstream]][2].idle_timeout_secs",
+            "[[upstream]][2].inference_profile_prefix",
+        ] {
+            assert!(out.contains(expected), "{expected}: {out}");
+        }
+        let out = problems_of(&several(
+            "[[upstream]]\nregion = \"us-east-1\"\nendpoint = \"https://a.example\"\nbogus = 1\n",
+        ));
+        assert!(out.contains("bogus"), "{out}");
+    }
+
+    #[test]
+    fn profile_prefix_defaults_follow_the_regions_geography() {
+        let cases = [
+            ("us-east-1", Some("us.")),
+            ("us-west-2", Some("us.")),
+            ("us-gov-west-1", Some("us-gov.")),
+            ("ca-central-1", Some("us.")),
+            ("sa-east-1", Some("us.")),
+            ("eu-central-1", Some("eu.")),
+            ("eu-west-3", Some("eu.")),
+            ("ap-northeast-1", Some("apac.")),
+            ("ap-southeast-2", Some("apac.")),
+            ("me-central-1", None),
+            ("il-central-1", None),
+            ("af-south-1", None),
+        ];
+        for (region, prefix) in cases {
+            assert_eq!(default_profile_prefix(region), prefix, "{region}");
+        }
+    }
+
+    #[test]
+    fn discovery_reads_are_operations_the_policy_can_allow() {
+        let text = minimal().replace(
+            "operations = [\"Converse\", \"ConverseStream\"]",
+            "operations = [\"Converse\", \"ListFoundationModels\", \"GetFoundationModel\", \"ListInferenceProfiles\", \"GetInferenceProfile\", \"GetFoundationModelAvailability\"]",
+        );
+        let config = RelayConfig::from_toml_str(&text, "relay.toml").unwrap();
+        for op in Operation::DISCOVERY {
+            assert!(config.allowed_operations().contains(&op), "{op}");
+        }
     }
 }

@@ -61,6 +61,12 @@ pub enum StartError {
 
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
+
+    #[error(transparent)]
+    InnerTls(#[from] xpart_daemon::inner_tls::InnerTlsError),
+
+    #[error(transparent)]
+    NotFips(#[from] xpart_daemon::crypto::NotFips),
 }
 
 /// Why `[upstream].endpoint` is not an `https://host[:port]` URL.
@@ -158,6 +164,22 @@ pub enum RequestError {
 
     #[error("upstream {endpoint} did not start answering within {seconds} s")]
     UpstreamTimeout { endpoint: String, seconds: u64 },
+
+    #[error("region {region} is not served by this relay; it serves {configured}")]
+    RegionNotServed { region: String, configured: String },
+
+    #[error("no FIPS endpoint is configured for {service} in {region} on this relay; the request was not sent to the non-FIPS endpoint")]
+    NoFipsUpstream { service: String, region: String },
+
+    #[error("this relay has no {service} upstream for {region}")]
+    ServiceNotServed { service: String, region: String },
+
+    #[error("the {operation} answer from {endpoint} could not be filtered: {reason}")]
+    UnfilterableAnswer {
+        operation: String,
+        endpoint: String,
+        reason: String,
+    },
 }
 
 impl RequestError {
@@ -187,6 +209,10 @@ impl RequestError {
             RequestError::UpstreamUrl { .. } => ErrorType::Validation,
             RequestError::UpstreamUnavailable { .. } => ErrorType::ServiceUnavailable,
             RequestError::UpstreamTimeout { .. } => ErrorType::ServiceUnavailable,
+            RequestError::RegionNotServed { .. } => ErrorType::Validation,
+            RequestError::NoFipsUpstream { .. } => ErrorType::AccessDenied,
+            RequestError::ServiceNotServed { .. } => ErrorType::AccessDenied,
+            RequestError::UnfilterableAnswer { .. } => ErrorType::InternalServer,
         };
         BedrockError {
             kind,

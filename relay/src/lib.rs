@@ -23,6 +23,7 @@ mod audit;
 pub mod config;
 mod credentials;
 mod echo;
+mod echo_discovery;
 mod error;
 mod metrics;
 mod policy;
@@ -53,7 +54,7 @@ use crate::credentials::CredentialSource;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::rewrite::Rewriter;
-use crate::upstream::Upstream;
+use crate::upstream::Upstreams;
 
 /// Start the relay: tunnel, service listener, admin server, credential refresher.
 pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
@@ -78,7 +79,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
     let fetch_timeout = Duration::from_secs(config.credentials.fetch_timeout_secs);
     let credentials = Arc::new(match config.credentials.source {
         CredentialsFrom::Chain => {
-            CredentialSource::default_chain(&config.upstream.region, margin, fetch_timeout).await
+            CredentialSource::default_chain(&config.region(), margin, fetch_timeout).await
         }
         CredentialsFrom::None => CredentialSource::new(None, margin, fetch_timeout),
     });
@@ -97,9 +98,9 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         policy: Live::new(Policy::from_config(&config)),
         rewriter: Live::new(rewriter(&config)),
         credentials,
-        upstream: Upstream::from_config(&config)?,
+        upstreams: Upstreams::from_config(&config)?,
         echo_model: config.echo.enabled.then(|| config.echo.model.clone()),
-        region: config.upstream.region.clone(),
+        region: config.region(),
         audit: audit.clone(),
         metrics,
         draining: AtomicBool::new(false),
@@ -158,7 +159,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
             .as_ref()
             .map(|a| a.local_addr().to_string())
             .unwrap_or_else(|| "disabled".into()),
-        upstream = %relay.upstream.endpoint_url(),
+        upstreams = %relay.upstreams.describe(),
         region = %relay.region,
         echo_model = relay.echo_model.as_deref().unwrap_or("disabled"),
         "relay started"
@@ -306,10 +307,7 @@ impl xpart_daemon::startup::Daemon for RelayHandle {
 }
 
 fn rewriter(config: &RelayConfig) -> Rewriter {
-    Rewriter::new(
-        config.rewrite.rules.clone(),
-        config.upstream.inference_profile_prefix.clone(),
-    )
+    Rewriter::from_config(config)
 }
 
 /// What WireGuard was started with for each agent; the policy's view of agents (address and
@@ -332,9 +330,11 @@ fn tunnel_peers(config: &RelayConfig) -> Vec<String> {
 }
 
 fn upstream_bound_at_start(config: &RelayConfig) -> String {
-    let mut upstream = config.upstream.clone();
-    upstream.inference_profile_prefix = None;
-    format!("{upstream:?}")
+    let mut upstreams = config.upstreams.clone();
+    for upstream in &mut upstreams {
+        upstream.inference_profile_prefix = None;
+    }
+    format!("{upstreams:?}")
 }
 
 /// What every request handler shares. `policy` and `rewriter` change on reload: a request
@@ -343,8 +343,9 @@ pub(crate) struct Relay {
     policy: Live<Policy>,
     rewriter: Live<Rewriter>,
     credentials: Arc<CredentialSource>,
-    upstream: Upstream,
+    upstreams: Upstreams,
     echo_model: Option<String>,
+    /// The default region: the first upstream's.
     region: String,
     audit: AuditLog,
     metrics: Arc<Metrics>,

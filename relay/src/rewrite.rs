@@ -2,7 +2,7 @@
 //! remembered inference profile for models that refuse on-demand throughput. Every id this
 //! module produces is held to Bedrock's model-id grammar again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use http::{HeaderMap, HeaderName, StatusCode};
@@ -21,23 +21,38 @@ const MAX_REMEMBERED: usize = 4096;
 
 pub struct Rewriter {
     rules: Vec<RewriteRule>,
+    /// The retry's prefix in each configured region (`None`: no retry there).
+    region_prefixes: BTreeMap<String, Option<String>>,
+    /// The prefix for a region not in `region_prefixes`.
     inference_profile_prefix: Option<String>,
-    remembered: Mutex<HashMap<String, ModelId>>,
+    /// Keyed by region and model: a profile learnt in one region means nothing in another.
+    remembered: Mutex<HashMap<(String, String), ModelId>>,
 }
 
 impl Rewriter {
+    /// The rules, and each Bedrock Runtime upstream's prefix (configured, or its region's
+    /// geography's: [`crate::config::default_profile_prefix`]).
     pub fn from_config(config: &RelayConfig) -> Rewriter {
-        Rewriter::new(
-            config.rewrite.rules.clone(),
-            config.upstream.inference_profile_prefix.clone(),
-        )
+        let mut rewriter = Rewriter::new(config.rewrite.rules.clone(), None);
+        rewriter.region_prefixes = config.profile_prefixes();
+        rewriter
     }
 
+    /// `inference_profile_prefix` applies in every region.
     pub fn new(rules: Vec<RewriteRule>, inference_profile_prefix: Option<String>) -> Rewriter {
         Rewriter {
             rules,
+            region_prefixes: BTreeMap::new(),
             inference_profile_prefix,
             remembered: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The prefix the retry uses in `region`.
+    pub fn prefix_in(&self, region: &str) -> Option<&str> {
+        match self.region_prefixes.get(region) {
+            Some(prefix) => prefix.as_deref(),
+            None => self.inference_profile_prefix.as_deref(),
         }
     }
 
@@ -56,19 +71,21 @@ impl Rewriter {
         })
     }
 
-    /// The model actually invoked: the inference profile remembered for `model`, or `model`.
-    pub fn invoked(&self, model: &ModelId) -> ModelId {
+    /// The model actually invoked in `region`: the inference profile remembered for `model`
+    /// there, or `model`.
+    pub fn invoked(&self, model: &ModelId, region: &str) -> ModelId {
         let Ok(map) = self.remembered.lock() else {
             return model.clone();
         };
-        map.get(model.as_str())
+        map.get(&(region.to_string(), model.as_str().to_string()))
             .cloned()
             .unwrap_or_else(|| model.clone())
     }
 
-    /// The inference profile to retry with after an on-demand refusal, if one applies.
-    pub fn profile_for(&self, model: &ModelId) -> Option<ModelId> {
-        let prefix = self.inference_profile_prefix.as_deref()?;
+    /// The inference profile to retry with in `region` after an on-demand refusal, if one
+    /// applies.
+    pub fn profile_for(&self, model: &ModelId, region: &str) -> Option<ModelId> {
+        let prefix = self.prefix_in(region)?;
         let id = model.as_str();
         if id.starts_with("arn:") || PROFILE_PREFIXES.iter().any(|p| id.starts_with(p)) {
             return None;
@@ -76,13 +93,15 @@ impl Rewriter {
         ModelId::parse(&format!("{prefix}{id}")).ok()
     }
 
-    /// After a retry with `profile` succeeds, later requests for `model` go to it directly.
-    pub fn remember(&self, model: &ModelId, profile: &ModelId) {
+    /// After a retry with `profile` succeeds, later requests for `model` in `region` go to it
+    /// directly.
+    pub fn remember(&self, model: &ModelId, profile: &ModelId, region: &str) {
+        let key = (region.to_string(), model.as_str().to_string());
         if let Ok(mut map) = self.remembered.lock() {
-            if map.len() >= MAX_REMEMBERED && !map.contains_key(model.as_str()) {
+            if map.len() >= MAX_REMEMBERED && !map.contains_key(&key) {
                 return;
             }
-            map.insert(model.as_str().to_string(), profile.clone());
+            map.insert(key, profile.clone());
         }
     }
 
@@ -207,29 +226,80 @@ mod tests {
     fn profile_retry_is_offered_once_and_remembered() {
         let r = rewriter();
         let model = id("anthropic.claude-3-7-sonnet");
-        let profile = r.profile_for(&model).unwrap();
+        let profile = r.profile_for(&model, "us-east-1").unwrap();
         assert_eq!(profile.as_str(), "us.anthropic.claude-3-7-sonnet");
         assert!(
-            r.profile_for(&profile).is_none(),
+            r.profile_for(&profile, "us-east-1").is_none(),
             "a profile is never prefixed twice"
         );
         assert!(r
-            .profile_for(&id("arn:aws:bedrock:us-east-1:1:foundation-model/x"))
+            .profile_for(
+                &id("arn:aws:bedrock:us-east-1:1:foundation-model/x"),
+                "us-east-1"
+            )
             .is_none());
-        assert_eq!(r.invoked(&model).as_str(), "anthropic.claude-3-7-sonnet");
-        r.remember(&model, &profile);
+        assert_eq!(
+            r.invoked(&model, "us-east-1").as_str(),
+            "anthropic.claude-3-7-sonnet"
+        );
+        r.remember(&model, &profile, "us-east-1");
         assert_eq!(
             r.model(&model).unwrap().as_str(),
             "anthropic.claude-3-7-sonnet"
         );
-        assert_eq!(r.invoked(&model).as_str(), "us.anthropic.claude-3-7-sonnet");
+        assert_eq!(
+            r.invoked(&model, "us-east-1").as_str(),
+            "us.anthropic.claude-3-7-sonnet"
+        );
+        assert_eq!(
+            r.invoked(&model, "us-west-2").as_str(),
+            "anthropic.claude-3-7-sonnet",
+            "a profile is remembered for the region it was learnt in"
+        );
     }
 
     #[test]
     fn no_profile_without_configured_prefix() {
         assert!(Rewriter::new(vec![], None)
-            .profile_for(&id("anthropic.x"))
+            .profile_for(&id("anthropic.x"), "us-east-1")
             .is_none());
+    }
+
+    #[test]
+    fn each_region_retries_with_its_own_geography_by_default() {
+        let text = |extra: &str| {
+            format!(
+                "[tunnel]\nmode = \"host\"\n[[agent]]\nname = \"a\"\ntunnel_address = \"127.0.0.1\"\n\
+                 [service]\nlisten = \"127.0.0.1:0\"\n\
+                 [[upstream]]\nregion = \"us-east-1\"\nendpoint = \"https://a.example\"\n{extra}\
+                 [[upstream]]\nregion = \"eu-west-1\"\nendpoint = \"https://b.example\"\n\
+                 [[upstream]]\nregion = \"ap-northeast-1\"\nendpoint = \"https://c.example\"\n\
+                 inference_profile_prefix = \"none\"\n\
+                 [[upstream]]\nregion = \"me-central-1\"\nendpoint = \"https://d.example\"\n\
+                 [policy]\noperations = [\"Converse\"]\nmodels = [\"*\"]\n"
+            )
+        };
+        let config = RelayConfig::from_toml_str(&text(""), "relay.toml").unwrap();
+        let r = Rewriter::from_config(&config);
+        let model = id("anthropic.x");
+        let in_region = |region| r.profile_for(&model, region).map(|p| p.to_string());
+        assert_eq!(in_region("us-east-1").as_deref(), Some("us.anthropic.x"));
+        assert_eq!(in_region("eu-west-1").as_deref(), Some("eu.anthropic.x"));
+        assert_eq!(in_region("ap-northeast-1"), None, "\"none\" turns it off");
+        assert_eq!(
+            in_region("me-central-1"),
+            None,
+            "no geography profile known"
+        );
+        let configured = text("inference_profile_prefix = \"global.\"\n");
+        let config = RelayConfig::from_toml_str(&configured, "relay.toml").unwrap();
+        let r = Rewriter::from_config(&config);
+        assert_eq!(
+            r.profile_for(&model, "us-east-1")
+                .map(|p| p.to_string())
+                .as_deref(),
+            Some("global.anthropic.x")
+        );
     }
 
     #[test]
@@ -251,7 +321,7 @@ mod tests {
         let r = rewriter();
         for i in 0..MAX_REMEMBERED + 10 {
             let model = id(&format!("anthropic.m{i}"));
-            r.remember(&model, &id(&format!("us.anthropic.m{i}")));
+            r.remember(&model, &id(&format!("us.anthropic.m{i}")), "us-east-1");
         }
         assert_eq!(r.remembered.lock().unwrap().len(), MAX_REMEMBERED);
     }

@@ -1,6 +1,9 @@
 //! The service listener inside the tunnel (HTTP/2 and HTTP/1.1) and the request pipeline:
-//! admit (source, route, policy, rewrite: [`admission`]) → read the body within the relay-wide
-//! budget → sign → send (retrying once through an allowed inference profile) → stream → audit.
+//! admit (source, route, policy, rewrite: [`admission`]) → choose the upstream for the service,
+//! region and FIPS the caller dialled → read the body within the relay-wide budget → sign →
+//! send (retrying once through an allowed inference profile) → stream → audit. The control
+//! plane's discovery reads take [`discover`]: signed to the region's `bedrock` upstream, their
+//! list answers filtered to what `[policy]` allows.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,7 +21,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use xpart_bedrock::protocol::{HEALTH_PATH, REQUEST_ID_HEADER};
 use xpart_bedrock::usage::{UsageReader, UsageSlot};
 use xpart_bedrock::AMZN_REQUEST_ID_HEADER;
-use xpart_bedrock::{error_code, strip_hop_by_hop, ModelId, Route, MAX_BODY_BYTES};
+use xpart_bedrock::{error_code, strip_hop_by_hop, ModelId, Route, Service, MAX_BODY_BYTES};
 use xpart_daemon::record::{Ending, OnEnd};
 use xpart_daemon::serve::{ConnectionMetrics, Limits, Server};
 use xpart_tunnel::TcpListener;
@@ -28,7 +31,7 @@ use crate::audit::{Exchange, CLIENT_CLOSED};
 use crate::credentials::Status;
 use crate::error::RequestError;
 use crate::stream::{BoxError, Relayed};
-use crate::{echo, rewrite, signer, Relay};
+use crate::{echo, echo_discovery, rewrite, signer, upstream, Relay};
 
 pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 
@@ -118,6 +121,10 @@ async fn forward(
         echo_model: relay.echo_model.as_deref(),
     };
     let admitted = admit(&request, &rules, exchange)?;
+    if admitted.route.operation.service() == Service::Bedrock {
+        return discover(relay, &policy, &admitted, request, exchange).await;
+    }
+    let to = relay.upstreams.select(&admitted.destination)?;
     let (parts, body) = request.into_parts();
     let body = read_body(relay, &parts.headers, body).await?;
     exchange.set_bytes_in(body.bytes.len() as u64);
@@ -134,8 +141,9 @@ async fn forward(
                 headers: &admitted.headers,
                 body: &body.bytes,
                 credentials: &credentials,
+                to,
             };
-            let response = send_signed(relay, &upstream, exchange).await?;
+            let response = send_signed(&upstream, exchange).await?;
             return Ok(Answer::Upstream(response));
         }
         Target::Model {
@@ -144,7 +152,7 @@ async fn forward(
             ..
         } => (requested, commercial),
     };
-    let invoked = remembered_profile(&policy, &rewriter, commercial, exchange)?;
+    let invoked = remembered_profile(&policy, &rewriter, commercial, &to.region, exchange)?;
     let credentials = relay.credentials.current().await?;
     let path = model_path(&admitted, &invoked)?;
     let upstream = Upstream {
@@ -153,8 +161,9 @@ async fn forward(
         headers: &admitted.headers,
         body: &body.bytes,
         credentials: &credentials,
+        to,
     };
-    let response = send_signed(relay, &upstream, exchange).await?;
+    let response = send_signed(&upstream, exchange).await?;
     let retry = Retry {
         policy: &policy,
         rewriter: &rewriter,
@@ -220,9 +229,10 @@ fn remembered_profile(
     policy: &Policy,
     rewriter: &Rewriter,
     commercial: &ModelId,
+    region: &str,
     exchange: &mut Exchange,
 ) -> Result<ModelId, RequestError> {
-    let invoked = rewriter.invoked(commercial);
+    let invoked = rewriter.invoked(commercial, region);
     if invoked == *commercial {
         return Ok(invoked);
     }
@@ -270,6 +280,96 @@ fn answer_echo(relay: &Relay, route: &Route, body: &Bytes) -> Result<Answer, Req
     }
 }
 
+/// A control-plane read: the echo model's own answer, or the read signed to the region's
+/// `bedrock` upstream. A list answer is read whole and filtered to the models and profiles
+/// `[policy] models` allows (the echo model added where the query's filters list it); any
+/// other answer, errors included, passes as Bedrock sent it. Where no `bedrock` upstream is
+/// configured, or the relay has no credentials, a relay with the echo model lists it alone.
+async fn discover(
+    relay: &Relay,
+    policy: &Policy,
+    admitted: &Admitted,
+    request: Request<Incoming>,
+    exchange: &mut Exchange,
+) -> Result<Answer, RequestError> {
+    let operation = admitted.route.operation;
+    let (parts, body) = request.into_parts();
+    let body = read_body(relay, &parts.headers, body).await?;
+    if !body.bytes.is_empty() {
+        return Err(RequestError::InvalidBody(format!(
+            "{operation} is a read and carries no body"
+        )));
+    }
+    if admitted.target == Target::Echo {
+        let requested = admitted.route.model.as_ref().map_or("", ModelId::as_str);
+        let answer = echo_discovery::answer(operation, requested).map_err(RequestError::Route)?;
+        return Ok(Answer::Local(answer));
+    }
+    let query = admitted
+        .path_and_query
+        .split_once('?')
+        .map_or("", |(_, query)| query);
+    let echo_alone = |echo: Option<&str>| match (echo, operation.listed()) {
+        (Some(echo), Some(_)) => Some(Answer::Local(echo_discovery::list_alone(
+            operation, echo, query,
+        ))),
+        _ => None,
+    };
+    let echo = relay.echo_model.as_deref();
+    let to = match relay.upstreams.select(&admitted.destination) {
+        Ok(to) => to,
+        Err(RequestError::ServiceNotServed { service, region }) => {
+            return echo_alone(echo).ok_or(RequestError::ServiceNotServed { service, region });
+        }
+        Err(error) => return Err(error),
+    };
+    let credentials = match relay.credentials.current().await {
+        Ok(credentials) => credentials,
+        Err(RequestError::NoCredentials { reason }) => {
+            return echo_alone(echo).ok_or(RequestError::NoCredentials { reason });
+        }
+        Err(error) => return Err(error),
+    };
+    let upstream = Upstream {
+        method: &parts.method,
+        path_and_query: &admitted.path_and_query,
+        headers: &admitted.headers,
+        body: &body.bytes,
+        credentials: &credentials,
+        to,
+    };
+    let response = send_signed(&upstream, exchange).await?;
+    if !response.status().is_success() || operation.listed().is_none() {
+        return Ok(Answer::Upstream(response));
+    }
+    let (mut head, list) = read_whole(
+        relay,
+        to,
+        response,
+        xpart_bedrock::discovery::MAX_LIST_BYTES,
+    )
+    .await?;
+    let unfilterable = |reason: String| RequestError::UnfilterableAnswer {
+        operation: operation.name().to_string(),
+        endpoint: to.endpoint_url(),
+        reason,
+    };
+    let allowed = |id: &str| policy.check_model(&ModelId::new(id)).is_ok();
+    let mut filtered = xpart_bedrock::discovery::filter_list(operation, &list, allowed)
+        .map_err(|err| unfilterable(err.to_string()))?;
+    if let Some(echo) = echo {
+        filtered = echo_discovery::add_to_list(operation, &filtered, echo, query)
+            .map_err(|err| unfilterable(err.to_string()))?;
+    }
+    head.headers.remove(CONTENT_LENGTH);
+    head.headers
+        .insert(CONTENT_LENGTH, HeaderValue::from(filtered.len()));
+    Ok(Answer::Local(Response::from_parts(
+        head,
+        Full::new(Bytes::from(filtered)),
+    )))
+}
+
 /// What the inference-profile retry needs to know about the first attempt.
 struct Retry<'a> {
     policy: &'a Policy,
@@ -290,13 +390,13 @@ async fn retry_through_profile(
     response: Response<Incoming>,
     exchange: &mut Exchange,
 ) -> Result<Answer, RequestError> {
-    let Some(profile) = retry.rewriter.profile_for(retry.invoked) else {
+    let Some(profile) = retry.rewriter.profile_for(retry.invoked, &first.to.region) else {
         return Ok(Answer::Upstream(response));
     };
     if response.status() != StatusCode::BAD_REQUEST {
         return Ok(Answer::Upstream(response));
     }
-    let (head, error_body) = read_error_body(relay, response).await?;
+    let (head, error_body) = read_error_body(relay, first.to, response).await?;
     if !rewrite::is_on_demand_refusal(head.status, &head.headers, &error_body) {
         let unchanged = Response::from_parts(head, Full::new(error_body));
         return Ok(Answer::Local(unchanged));
@@ -308,9 +408,11 @@ async fn retry_through_profile(
         path_and_query: &path,
         ..first
     };
-    let retried = send_signed(relay, &upstream, exchange).await?;
+    let retried = send_signed(&upstream, exchange).await?;
     if retried.status().is_success() {
-        retry.rewriter.remember(retry.commercial, &profile);
+        retry
+            .rewriter
+            .remember(retry.commercial, &profile, &first.to.region);
         exchange.set_model(&profile);
         exchange.label_model(pattern);
     }
@@ -407,21 +509,22 @@ struct Upstream<'a> {
     headers: &'a HeaderMap,
     body: &'a Bytes,
     credentials: &'a aws_credential_types::Credentials,
+    /// The upstream chosen for the caller's service, region and FIPS.
+    to: &'a upstream::Upstream,
 }
 
 /// Build the upstream request (fixed endpoint, admitted path and headers), sign it and send it.
 async fn send_signed(
-    relay: &Relay,
     upstream: &Upstream<'_>,
     exchange: &mut Exchange,
 ) -> Result<Response<Incoming>, RequestError> {
     let mut request = Request::new(upstream.body.clone());
     *request.method_mut() = upstream.method.clone();
-    *request.uri_mut() = relay.upstream.url_for(upstream.path_and_query)?;
+    *request.uri_mut() = upstream.to.url_for(upstream.path_and_query)?;
     *request.headers_mut() = upstream.headers.clone();
     request
         .headers_mut()
-        .insert(HOST, relay.upstream.host_header_value().clone());
+        .insert(HOST, upstream.to.host_header_value().clone());
     request
         .headers_mut()
         .insert(CONTENT_LENGTH, HeaderValue::from(upstream.body.len()));
@@ -429,24 +532,35 @@ async fn send_signed(
     signer::sign_request(
         &mut request,
         upstream.credentials,
-        &relay.region,
+        &upstream.to.region,
         SystemTime::now(),
     )?;
 
     let sent = Instant::now();
-    let response = relay.upstream.send(request).await?;
+    let response = upstream.to.send(request).await?;
     exchange.add_upstream_latency(sent.elapsed());
     Ok(response)
 }
 
 async fn read_error_body(
     relay: &Relay,
+    from: &upstream::Upstream,
     response: Response<Incoming>,
 ) -> Result<(http::response::Parts, Bytes), RequestError> {
+    read_whole(relay, from, response, MAX_ERROR_BODY_BYTES).await
+}
+
+/// An upstream answer read whole, up to `limit` bytes, each read within the idle timeout.
+async fn read_whole(
+    relay: &Relay,
+    from: &upstream::Upstream,
+    response: Response<Incoming>,
+    limit: usize,
+) -> Result<(http::response::Parts, Bytes), RequestError> {
     let (head, body) = response.into_parts();
-    let collect = Limited::new(body, MAX_ERROR_BODY_BYTES).collect();
+    let collect = Limited::new(body, limit).collect();
     let unavailable = |reason: String| RequestError::UpstreamUnavailable {
-        endpoint: relay.upstream.endpoint_url(),
+        endpoint: from.endpoint_url(),
         reason,
     };
     match tokio::time::timeout(relay.idle_timeout, collect).await {
@@ -649,22 +763,30 @@ mod tests {
     async fn a_remembered_profile_is_used_only_while_the_policy_allows_it() {
         let rewriter = Rewriter::new(vec![], Some("us.".into()));
         let model = id("anthropic.needs-profile");
-        rewriter.remember(&model, &id("us.anthropic.needs-profile"));
+        rewriter.remember(&model, &id("us.anthropic.needs-profile"), "us-east-1");
 
         let allowing = policy(&["anthropic.*", "us.anthropic.*"]);
-        let invoked = remembered_profile(&allowing, &rewriter, &model, &mut exchange()).unwrap();
+        let invoked =
+            remembered_profile(&allowing, &rewriter, &model, "us-east-1", &mut exchange()).unwrap();
         assert_eq!(invoked.as_str(), "us.anthropic.needs-profile");
 
         let narrowed = policy(&["anthropic.*"]);
-        let err = remembered_profile(&narrowed, &rewriter, &model, &mut exchange()).unwrap_err();
+        let err = remembered_profile(&narrowed, &rewriter, &model, "us-east-1", &mut exchange())
+            .unwrap_err();
         assert!(matches!(err, RequestError::ProfileNotAllowed { .. }));
         let bedrock = err.to_bedrock();
         assert_eq!(bedrock.kind.code(), "AccessDeniedException");
         assert!(bedrock.message.contains("us.anthropic.needs-profile"));
 
         let unremembered = id("anthropic.other");
-        let invoked =
-            remembered_profile(&narrowed, &rewriter, &unremembered, &mut exchange()).unwrap();
+        let invoked = remembered_profile(
+            &narrowed,
+            &rewriter,
+            &unremembered,
+            "us-east-1",
+            &mut exchange(),
+        )
+        .unwrap();
         assert_eq!(invoked, unremembered);
     }
 

@@ -1,5 +1,6 @@
-//! The one upstream the relay talks to: the Bedrock Runtime endpoint named in `[upstream]`.
-//! Connections go only there, whatever a request says: resolved with [`UpstreamResolver`],
+//! The upstreams the relay talks to: one Bedrock endpoint per `[[upstream]]` (service, region,
+//! FIPS or not), chosen for a request by [`Upstreams::select`] from what the agent says the
+//! caller dialled. Connections go only to a configured endpoint, whatever a request says: resolved with [`UpstreamResolver`],
 //! each address tried in turn, TLS with rustls (webpki roots plus an optional extra CA file),
 //! HTTP/1.1, pooled. A request gets its response head within the first-byte timeout or a
 //! prompt error naming the endpoint.
@@ -25,7 +26,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::RelayConfig;
+use xpart_bedrock::protocol::Destination;
+use xpart_bedrock::Service;
+
+use crate::config::{RelayConfig, UpstreamSection};
 use crate::error::{EndpointError, RequestError, StartError};
 use crate::resolver::UpstreamResolver;
 
@@ -78,7 +82,97 @@ impl Endpoint {
     }
 }
 
+/// Every configured upstream, in configuration order; the first one's region is the default.
+pub struct Upstreams {
+    entries: Vec<Upstream>,
+}
+
+impl Upstreams {
+    pub fn from_config(config: &RelayConfig) -> Result<Upstreams, StartError> {
+        let mut entries = Vec::with_capacity(config.upstreams.len());
+        for section in &config.upstreams {
+            entries.push(Upstream::from_section(config, section)?);
+        }
+        Ok(Upstreams { entries })
+    }
+
+    /// The upstream for `destination`: its service in its region (the default region when it
+    /// names none), the FIPS endpoint when the caller dialled a FIPS name and only then.
+    pub fn select(&self, destination: &Destination) -> Result<&Upstream, RequestError> {
+        let keys: Vec<Key<'_>> = self.entries.iter().map(Upstream::key).collect();
+        let index = choose(&keys, destination)?;
+        self.entries
+            .get(index)
+            .ok_or_else(|| RequestError::ServiceNotServed {
+                service: destination.service.to_string(),
+                region: destination.region.clone().unwrap_or_default(),
+            })
+    }
+
+    /// The first configured upstream (configuration validation makes sure there is one).
+    pub fn primary(&self) -> Option<&Upstream> {
+        self.entries.first()
+    }
+
+    /// The endpoints, for the log line at start.
+    pub fn describe(&self) -> String {
+        self.entries
+            .iter()
+            .map(|up| {
+                let fips = if up.fips { " fips" } else { "" };
+                format!("{} {}{fips} {}", up.service, up.region, up.endpoint_url())
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// What an upstream serves: service, region, FIPS.
+pub type Key<'a> = (Service, &'a str, bool);
+
+/// [`Upstreams::select`] over the keys alone: the index of the entry that serves
+/// `destination`, or why none does. A region no entry serves is 400 naming the regions that
+/// are served; a FIPS name without a FIPS entry is 403 (never the non-FIPS entry).
+pub fn choose(keys: &[Key<'_>], destination: &Destination) -> Result<usize, RequestError> {
+    let Some(&(_, default_region, _)) = keys.first() else {
+        return Err(RequestError::ServiceNotServed {
+            service: destination.service.to_string(),
+            region: destination.region.clone().unwrap_or_default(),
+        });
+    };
+    let region = destination.region.as_deref().unwrap_or(default_region);
+    if !keys.iter().any(|&(_, r, _)| r == region) {
+        let mut configured: Vec<&str> = Vec::new();
+        for &(_, r, _) in keys {
+            if !configured.contains(&r) {
+                configured.push(r);
+            }
+        }
+        return Err(RequestError::RegionNotServed {
+            region: region.to_string(),
+            configured: configured.join(", "),
+        });
+    }
+    let wanted = (destination.service, region, destination.fips);
+    if let Some(index) = keys.iter().position(|key| *key == wanted) {
+        return Ok(index);
+    }
+    if destination.fips {
+        return Err(RequestError::NoFipsUpstream {
+            service: destination.service.to_string(),
+            region: region.to_string(),
+        });
+    }
+    Err(RequestError::ServiceNotServed {
+        service: destination.service.to_string(),
+        region: region.to_string(),
+    })
+}
+
 pub struct Upstream {
+    pub service: Service,
+    pub region: String,
+    pub fips: bool,
     client: Client<Connector, Full<Bytes>>,
     endpoint: Endpoint,
     /// The validated `[upstream].host_header` (or the endpoint's authority), as text and as
@@ -89,8 +183,16 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// The first configured upstream.
+    #[cfg(test)]
     pub fn from_config(config: &RelayConfig) -> Result<Upstream, StartError> {
-        let up = &config.upstream;
+        Upstream::from_section(config, &config.primary())
+    }
+
+    pub fn from_section(
+        config: &RelayConfig,
+        up: &UpstreamSection,
+    ) -> Result<Upstream, StartError> {
         let endpoint = Endpoint::parse(&up.endpoint)?;
         let extra_ca = up.extra_ca_file.as_ref().map(|f| config.resolve_path(f));
         let tls = tls_connector(extra_ca.as_deref())?;
@@ -99,7 +201,7 @@ impl Upstream {
                 endpoint: endpoint.clone(),
                 resolver: UpstreamResolver::new(&up.resolver)?,
                 tls,
-                connect_timeout: config.connect_timeout(),
+                connect_timeout: Duration::from_secs(up.connect_timeout_secs),
             }),
         };
         let client = Client::builder(TokioExecutor::new())
@@ -113,12 +215,19 @@ impl Upstream {
         };
         let host_header = host_header_value(&host)?;
         Ok(Upstream {
+            service: up.service,
+            region: up.region.clone(),
+            fips: up.fips,
             client,
             endpoint,
             host,
             host_header,
-            first_byte_timeout: config.first_byte_timeout(),
+            first_byte_timeout: Duration::from_secs(up.first_byte_timeout_secs),
         })
+    }
+
+    fn key(&self) -> Key<'_> {
+        (self.service, &self.region, self.fips)
     }
 
     /// The `Host` the relay sends and signs.
@@ -211,13 +320,17 @@ fn tls_connector(extra_ca: Option<&Path>) -> Result<TlsConnector, StartError> {
                 })?;
         }
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = xpart_daemon::crypto::provider();
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(StartError::Tls)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    xpart_daemon::crypto::require_fips(&[(
+        "[upstream] (the relay's TLS to Bedrock)",
+        config.fips(),
+    )])?;
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
@@ -428,6 +541,60 @@ models = ["anthropic.*"]
             .to_string();
 
         assert!(problems.contains("[upstream].host_header"), "{problems}");
+    }
+
+    #[test]
+    fn upstreams_are_chosen_by_service_region_and_fips() {
+        let keys: Vec<Key<'_>> = vec![
+            (Service::BedrockRuntime, "us-east-1", false),
+            (Service::Bedrock, "us-east-1", false),
+            (Service::BedrockRuntime, "us-east-1", true),
+            (Service::BedrockRuntime, "us-west-2", false),
+        ];
+        let to = |service, region: Option<&str>, fips| Destination {
+            service,
+            region: region.map(str::to_string),
+            fips,
+        };
+        let chosen = |d: Destination| choose(&keys, &d);
+        assert_eq!(chosen(Destination::default()).unwrap(), 0);
+        assert_eq!(chosen(to(Service::Bedrock, None, false)).unwrap(), 1);
+        assert_eq!(
+            chosen(to(Service::BedrockRuntime, Some("us-east-1"), true)).unwrap(),
+            2
+        );
+        assert_eq!(
+            chosen(to(Service::BedrockRuntime, Some("us-west-2"), false)).unwrap(),
+            3
+        );
+
+        let unserved = chosen(to(Service::BedrockRuntime, Some("eu-west-1"), false)).unwrap_err();
+        let bedrock = unserved.to_bedrock();
+        assert_eq!(bedrock.kind, ErrorType::Validation);
+        assert!(
+            bedrock.message.contains("eu-west-1")
+                && bedrock.message.contains("us-east-1, us-west-2"),
+            "{}",
+            bedrock.message
+        );
+
+        let no_fips = chosen(to(Service::BedrockRuntime, Some("us-west-2"), true)).unwrap_err();
+        let bedrock = no_fips.to_bedrock();
+        assert_eq!(bedrock.kind, ErrorType::AccessDenied);
+        assert!(
+            bedrock.message.contains("no FIPS endpoint"),
+            "{}",
+            bedrock.message
+        );
+        let no_fips_bedrock = chosen(to(Service::Bedrock, Some("us-east-1"), true)).unwrap_err();
+        assert!(matches!(
+            no_fips_bedrock,
+            RequestError::NoFipsUpstream { .. }
+        ));
+
+        let no_service = chosen(to(Service::Bedrock, Some("us-west-2"), false)).unwrap_err();
+        assert_eq!(no_service.to_bedrock().kind, ErrorType::AccessDenied);
+        assert!(matches!(no_service, RequestError::ServiceNotServed { .. }));
     }
 
     #[test]
