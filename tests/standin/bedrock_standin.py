@@ -8,6 +8,10 @@ Model ids that steer it:
                          model-timeout, model-error, internal, unavailable, not-found)
   standin.hold           stream the first event, then wait for release_hold() before the rest
   standin.slow           wait `slow_seconds` before answering
+  *titan-embed*, *cohere.embed*
+                         InvokeModel answers in Titan Text Embeddings / Cohere Embed shape,
+                         EMBED_TOKENS input tokens per text; the request body is recorded
+                         as `embed_request`
   standin.cut            stream every event but the last (the one with the usage), then close
                          the connection mid-body
   any id in on_demand_refused
@@ -295,6 +299,9 @@ class _Handler(BaseHTTPRequestHandler):
         if model == "standin.slow":
             time.sleep(standin.slow_seconds)
         text = _last_user_text(request)
+        if op == "invoke" and ("titan-embed" in model or "cohere.embed" in model):
+            entry["embed_request"] = request
+            return self._embedding(model, request)
         if op == "converse":
             return self._json(200, {
                 "output": {"message": {"role": "assistant", "content": [{"text": f"standin:{text}"}]}},
@@ -383,6 +390,31 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
+    def _embedding(self, model, request):
+        """Titan Text Embeddings (one inputText) or Cohere Embed (a batch of texts), with
+        EMBED_TOKENS input tokens per text."""
+        if "titan-embed" in model:
+            dims = request.get("dimensions", 1024)
+            if dims not in (256, 512, 1024) or not request.get("inputText"):
+                return self._error(400, "ValidationException", "Malformed input request")
+            vector = _embedding_vector(request["inputText"], dims)
+            answer = {"embedding": vector, "inputTextTokenCount": EMBED_TOKENS}
+            if request.get("embeddingTypes"):
+                answer["embeddingsByType"] = {"float": vector}
+            return self._json(200, answer, headers={"X-Amzn-Bedrock-Input-Token-Count": str(EMBED_TOKENS)})
+        texts = request.get("texts") or []
+        if not texts or len(texts) > 96 or "input_type" not in request:
+            return self._error(400, "ValidationException", "Malformed input request")
+        vectors = [_embedding_vector(t, 1024) for t in texts]
+        if request.get("embedding_types"):
+            answer = {"id": "standin-embed", "texts": texts, "embeddings": {"float": vectors},
+                      "response_type": "embeddings_by_type"}
+        else:
+            answer = {"id": "standin-embed", "texts": texts, "embeddings": vectors,
+                      "response_type": "embeddings_floats"}
+        tokens = str(EMBED_TOKENS * len(texts))
+        return self._json(200, answer, headers={"X-Amzn-Bedrock-Input-Token-Count": tokens})
+
     def _json(self, status, value, headers=None):
         body = json.dumps(value).encode()
         self.send_response(status)
@@ -426,6 +458,15 @@ def _invocation_metrics(usage):
     return {"inputTokenCount": input_tokens, "outputTokenCount": output_tokens,
             "invocationLatency": 12, "firstByteLatency": 3,
             "cacheReadInputTokenCount": cache_read, "cacheWriteInputTokenCount": cache_write}
+
+
+# Input tokens the stand-in's embedding models count for each text.
+EMBED_TOKENS = 7
+
+
+def _embedding_vector(text, dims):
+    """A vector whose first component tells the text's length (to check order)."""
+    return [len(text) / 100.0] + [((i * 37) % 101) / 101.0 - 0.5 for i in range(1, dims)]
 
 
 def _last_user_text(request):
