@@ -21,26 +21,67 @@ pub struct AdminResponse {
     pub body: Bytes,
 }
 
+/// An admin address that cannot be used, with what it should look like.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminUrlError {
+    #[error("{text:?} is not an admin address like http://127.0.0.1:9100: {source}")]
+    Malformed {
+        text: String,
+        source: http::uri::InvalidUri,
+    },
+    #[error("{0:?}: admin ports speak plain http://")]
+    NotHttp(String),
+    #[error("{0:?} has no host:port")]
+    NoHost(String),
+    #[error("{0:?} has no port (admin ports have no default)")]
+    NoPort(String),
+}
+
+/// An admin request that got no answer, naming the URL and the step that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{url}: {failure}")]
+pub struct AdminError {
+    pub url: String,
+    pub failure: AdminFailure,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminFailure {
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    #[error("HTTP handshake failed: {0}")]
+    Handshake(hyper::Error),
+    #[error("cannot build the request: {0}")]
+    Build(http::Error),
+    #[error("request failed: {0}")]
+    Send(hyper::Error),
+    #[error("reading the response failed: {0}")]
+    Read(hyper::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
 impl AdminUrl {
-    pub fn parse(text: &str) -> Result<AdminUrl, String> {
+    pub fn parse(text: &str) -> Result<AdminUrl, AdminUrlError> {
         let with_scheme = if text.contains("://") {
             text.to_string()
         } else {
             format!("http://{text}")
         };
-        let uri: http::Uri = with_scheme.parse().map_err(|err| {
-            format!("{text:?} is not an admin address like http://127.0.0.1:9100: {err}")
-        })?;
+        let uri: http::Uri = with_scheme
+            .parse()
+            .map_err(|source| AdminUrlError::Malformed {
+                text: text.to_string(),
+                source,
+            })?;
         if uri.scheme_str() != Some("http") {
-            return Err(format!("{text:?}: admin ports speak plain http://"));
+            return Err(AdminUrlError::NotHttp(text.to_string()));
         }
         let Some(authority) = uri.authority() else {
-            return Err(format!("{text:?} has no host:port"));
+            return Err(AdminUrlError::NoHost(text.to_string()));
         };
         if authority.port_u16().is_none() {
-            return Err(format!(
-                "{text:?} has no port (admin ports have no default)"
-            ));
+            return Err(AdminUrlError::NoPort(text.to_string()));
         }
         Ok(AdminUrl {
             authority: authority.to_string(),
@@ -52,11 +93,11 @@ impl AdminUrl {
         format!("http://{}{}{}", self.authority, self.base_path, path)
     }
 
-    pub async fn get(&self, path: &str, timeout: Duration) -> Result<AdminResponse, String> {
+    pub async fn get(&self, path: &str, timeout: Duration) -> Result<AdminResponse, AdminError> {
         self.request(http::Method::GET, path, timeout).await
     }
 
-    pub async fn post(&self, path: &str, timeout: Duration) -> Result<AdminResponse, String> {
+    pub async fn post(&self, path: &str, timeout: Duration) -> Result<AdminResponse, AdminError> {
         self.request(http::Method::POST, path, timeout).await
     }
 
@@ -65,22 +106,29 @@ impl AdminUrl {
         method: http::Method,
         path: &str,
         timeout: Duration,
-    ) -> Result<AdminResponse, String> {
-        let url = self.url(path);
-        match tokio::time::timeout(timeout, self.exchange(method, path)).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(err)) => Err(format!("{url}: {err}")),
-            Err(_) => Err(format!("{url}: no answer within {timeout:?}")),
-        }
+    ) -> Result<AdminResponse, AdminError> {
+        let failure = match tokio::time::timeout(timeout, self.exchange(method, path)).await {
+            Ok(Ok(response)) => return Ok(response),
+            Ok(Err(failure)) => failure,
+            Err(_) => AdminFailure::Timeout(timeout),
+        };
+        Err(AdminError {
+            url: self.url(path),
+            failure,
+        })
     }
 
-    async fn exchange(&self, method: http::Method, path: &str) -> Result<AdminResponse, String> {
+    async fn exchange(
+        &self,
+        method: http::Method,
+        path: &str,
+    ) -> Result<AdminResponse, AdminFailure> {
         let stream = TcpStream::connect(&self.authority)
             .await
-            .map_err(|err| format!("cannot connect: {err}"))?;
+            .map_err(AdminFailure::Connect)?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|err| format!("HTTP handshake failed: {err}"))?;
+            .map_err(AdminFailure::Handshake)?;
         tokio::spawn(connection);
         let request = http::Request::builder()
             .method(method)
@@ -88,17 +136,17 @@ impl AdminUrl {
             .header(http::header::HOST, &self.authority)
             .header(http::header::USER_AGENT, "xpart-cli")
             .body(Empty::<Bytes>::new())
-            .map_err(|err| format!("cannot build the request: {err}"))?;
+            .map_err(AdminFailure::Build)?;
         let response = sender
             .send_request(request)
             .await
-            .map_err(|err| format!("request failed: {err}"))?;
+            .map_err(AdminFailure::Send)?;
         let status = response.status().as_u16();
         let body = response
             .into_body()
             .collect()
             .await
-            .map_err(|err| format!("reading the response failed: {err}"))?
+            .map_err(AdminFailure::Read)?
             .to_bytes();
         Ok(AdminResponse { status, body })
     }
@@ -118,7 +166,15 @@ mod tests {
 
     #[test]
     fn refuses_https_and_missing_ports() {
-        assert!(AdminUrl::parse("https://127.0.0.1:9100").is_err());
-        assert!(AdminUrl::parse("http://127.0.0.1").is_err());
+        let https = AdminUrl::parse("https://127.0.0.1:9100").unwrap_err();
+        assert_eq!(
+            https.to_string(),
+            "\"https://127.0.0.1:9100\": admin ports speak plain http://"
+        );
+        let portless = AdminUrl::parse("http://127.0.0.1").unwrap_err();
+        assert_eq!(
+            portless.to_string(),
+            "\"http://127.0.0.1\" has no port (admin ports have no default)"
+        );
     }
 }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use crate::admin::AdminUrl;
-use crate::failover::{self, AwsArgs, EipArgs, Moves, RouteArgs, StandbyArgs, VipArgs};
+use crate::admin::{AdminError, AdminUrl, AdminUrlError};
+use crate::failover::{self, EipArgs, MoveArgs, MoveSpec, MoveTarget, Moves, RouteArgs, VipArgs};
 use crate::probe::{describe_failure, ProbeOutcome, Prober, TargetArgs};
 use crate::{duration, Error};
 
@@ -200,16 +200,9 @@ pub async fn run(args: DrillArgs, json: bool) -> Result<ExitCode, Error> {
 #[allow(clippy::large_enum_variant)]
 enum PreparedCut {
     Drain(AdminUrl),
-    Signal {
-        pid: i32,
-        signal: Signal,
-    },
+    Signal { pid: i32, signal: Signal },
     Command(Vec<String>),
-    Failover {
-        moves: Moves,
-        standby: StandbyArgs,
-        aws: AwsArgs,
-    },
+    Failover { moves: Moves, target: MoveTarget },
 }
 
 impl PreparedCut {
@@ -227,9 +220,7 @@ impl PreparedCut {
 
 fn prepare_cut(cut: &Cut) -> Result<PreparedCut, Error> {
     match cut {
-        Cut::DrainRelay { admin, .. } => Ok(PreparedCut::Drain(
-            AdminUrl::parse(admin).map_err(Error::Usage)?,
-        )),
+        Cut::DrainRelay { admin, .. } => Ok(PreparedCut::Drain(AdminUrl::parse(admin)?)),
         Cut::Stop { pid, signal } => {
             if *pid <= 1 {
                 return Err(Error::Usage(format!(
@@ -248,30 +239,16 @@ fn prepare_cut(cut: &Cut) -> Result<PreparedCut, Error> {
             })
         }
         Cut::Run { command } => Ok(PreparedCut::Command(command.clone())),
-        Cut::Failover(FailoverCut::Route(route)) => Ok(PreparedCut::Failover {
-            moves: Moves {
-                routes: Some(route.routes.clone()),
-                ..Moves::default()
-            },
-            standby: route.standby.clone(),
-            aws: route.aws.clone(),
-        }),
-        Cut::Failover(FailoverCut::Vip(vip)) => Ok(PreparedCut::Failover {
-            moves: Moves {
-                vip: Some(vip.vip.clone()),
-                ..Moves::default()
-            },
-            standby: vip.standby.clone(),
-            aws: vip.aws.clone(),
-        }),
-        Cut::Failover(FailoverCut::Eip(eip)) => Ok(PreparedCut::Failover {
-            moves: Moves {
-                eip: Some(eip.eip.clone()),
-                ..Moves::default()
-            },
-            standby: eip.standby.clone(),
-            aws: eip.aws.clone(),
-        }),
+        Cut::Failover(FailoverCut::Route(args)) => Ok(failover_cut(args)),
+        Cut::Failover(FailoverCut::Vip(args)) => Ok(failover_cut(args)),
+        Cut::Failover(FailoverCut::Eip(args)) => Ok(failover_cut(args)),
+    }
+}
+
+fn failover_cut<S: MoveSpec>(args: &MoveArgs<S>) -> PreparedCut {
+    PreparedCut::Failover {
+        moves: args.moves(),
+        target: args.to.clone(),
     }
 }
 
@@ -313,51 +290,85 @@ fn sample(outcome: ProbeOutcome, sent_s: f64, done_s: f64) -> Sample {
     }
 }
 
-async fn perform_cut(cut: &PreparedCut) -> Result<Vec<String>, String> {
+/// Why the cut, or the restore after it, did not happen.
+#[derive(Debug, thiserror::Error)]
+enum CutError {
+    #[error(transparent)]
+    AdminUrl(#[from] AdminUrlError),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error("POST {path} answered HTTP {status}")]
+    Refused { path: &'static str, status: u16 },
+    #[error("{0}")]
+    Signal(std::io::Error),
+    #[error("empty command")]
+    EmptyCommand,
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("{program} exited with {status}: {stderr}")]
+    Exited {
+        program: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error(transparent)]
+    Failover(#[from] Error),
+}
+
+/// POSTs `path` to `admin`, which must answer 200.
+async fn post_admin(admin: &AdminUrl, path: &'static str) -> Result<(), CutError> {
+    let response = admin.post(path, Duration::from_secs(5)).await?;
+    if response.status != 200 {
+        return Err(CutError::Refused {
+            path,
+            status: response.status,
+        });
+    }
+    Ok(())
+}
+
+async fn perform_cut(cut: &PreparedCut) -> Result<Vec<String>, CutError> {
     match cut {
         PreparedCut::Drain(admin) => {
-            let response = admin.post("/drain", Duration::from_secs(5)).await?;
-            if response.status != 200 {
-                return Err(format!("POST /drain answered HTTP {}", response.status));
-            }
+            post_admin(admin, "/drain").await?;
             Ok(vec![format!("POST {}", admin.url("/drain"))])
         }
         PreparedCut::Signal { pid, signal } => {
             // SAFETY: kill(2) on a pid the operator named; no memory is involved.
             if unsafe { libc::kill(*pid, signal_number(*signal)) } != 0 {
-                return Err(std::io::Error::last_os_error().to_string());
+                return Err(CutError::Signal(std::io::Error::last_os_error()));
             }
             Ok(vec![format!("kill -{} {pid}", signal_name(*signal))])
         }
         PreparedCut::Command(command) => {
             let Some((program, arguments)) = command.split_first() else {
-                return Err("empty command".into());
+                return Err(CutError::EmptyCommand);
             };
             let output = tokio::process::Command::new(program)
                 .args(arguments)
                 .output()
                 .await
-                .map_err(|err| format!("cannot run {program}: {err}"))?;
+                .map_err(|source| CutError::Spawn {
+                    program: program.clone(),
+                    source,
+                })?;
             if !output.status.success() {
-                return Err(format!(
-                    "{program} exited with {}: {}",
-                    output.status,
-                    String::from_utf8_lossy(&output.stderr).trim()
-                ));
+                return Err(CutError::Exited {
+                    program: program.clone(),
+                    status: output.status,
+                    stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+                });
             }
             Ok(vec![command.join(" ")])
         }
-        PreparedCut::Failover {
-            moves,
-            standby,
-            aws,
-        } => failover::move_quietly(moves, standby, aws)
-            .await
-            .map_err(|err| err.to_string()),
+        PreparedCut::Failover { moves, target } => Ok(failover::move_quietly(moves, target).await?),
     }
 }
 
-async fn restore(cut: &Cut) -> Result<(), String> {
+async fn restore(cut: &Cut) -> Result<(), CutError> {
     let Cut::DrainRelay {
         admin,
         restore: true,
@@ -365,12 +376,7 @@ async fn restore(cut: &Cut) -> Result<(), String> {
     else {
         return Ok(());
     };
-    let admin = AdminUrl::parse(admin)?;
-    let response = admin.post("/undrain", Duration::from_secs(5)).await?;
-    if response.status != 200 {
-        return Err(format!("POST /undrain answered HTTP {}", response.status));
-    }
-    Ok(())
+    post_admin(&AdminUrl::parse(admin)?, "/undrain").await
 }
 
 fn analyse(

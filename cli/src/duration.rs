@@ -2,7 +2,18 @@
 
 use std::time::Duration;
 
-pub fn parse(text: &str) -> Result<Duration, String> {
+/// A command-line duration that cannot be read, with the forms that can.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum DurationError {
+    #[error("{0:?} is not a duration like 500ms, 2s, 1.5m or 1h")]
+    NotANumber(String),
+    #[error("{text:?}: unknown unit {unit:?} (use ms, s, m or h)")]
+    UnknownUnit { text: String, unit: String },
+    #[error("{0:?} is not a non-negative duration")]
+    OutOfRange(String),
+}
+
+pub fn parse(text: &str) -> Result<Duration, DurationError> {
     let text = text.trim();
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -10,20 +21,21 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     let (number, unit) = text.split_at(split);
     let value: f64 = number
         .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 500ms, 2s, 1.5m or 1h"))?;
+        .map_err(|_| DurationError::NotANumber(text.to_string()))?;
     let seconds = match unit {
         "ms" => value / 1000.0,
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
         _ => {
-            return Err(format!(
-                "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
-            ))
+            return Err(DurationError::UnknownUnit {
+                text: text.to_string(),
+                unit: unit.to_string(),
+            })
         }
     };
     if !seconds.is_finite() || seconds < 0.0 {
-        return Err(format!("{text:?} is not a non-negative duration"));
+        return Err(DurationError::OutOfRange(text.to_string()));
     }
     Ok(Duration::from_secs_f64(seconds))
 }
@@ -46,5 +58,13 @@ mod tests {
         for garbage in ["", "fast", "5 parsecs", "1..2s"] {
             assert!(parse(garbage).is_err(), "{garbage:?}");
         }
+        assert_eq!(
+            parse("5 parsecs").unwrap_err().to_string(),
+            "\"5 parsecs\": unknown unit \" parsecs\" (use ms, s, m or h)"
+        );
+        assert_eq!(
+            parse("fast").unwrap_err().to_string(),
+            "\"fast\" is not a duration like 500ms, 2s, 1.5m or 1h"
+        );
     }
 }

@@ -25,6 +25,9 @@ pub enum Error {
     #[error("{0}")]
     CheckFailed(String),
 
+    #[error(transparent)]
+    AdminUrl(#[from] crate::admin::AdminUrlError),
+
     /// An EC2 API call failed, with the operation and what to do about it.
     #[error("EC2 {operation}: {message}")]
     Aws { operation: String, message: String },
@@ -35,6 +38,7 @@ impl Error {
         match self {
             Error::CheckFailed(_) => 1,
             Error::Usage(_) => 2,
+            Error::AdminUrl(_) => 2,
             Error::File { .. } => 2,
             Error::Key(_) => 2,
             Error::Io { .. } => 2,

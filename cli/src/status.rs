@@ -11,7 +11,7 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::admin::AdminUrl;
+use crate::admin::{AdminError, AdminUrl};
 use crate::{duration, files, Error};
 
 const AGENT_DEFAULT_ADMIN: &str = "127.0.0.1:9100";
@@ -80,13 +80,13 @@ struct RequestReport {
 pub async fn run(args: StatusArgs, json: bool) -> Result<ExitCode, Error> {
     let mut targets = Vec::new();
     for text in args.agents.iter().chain(&args.relays) {
-        targets.push(AdminUrl::parse(text).map_err(Error::Usage)?);
+        targets.push(AdminUrl::parse(text)?);
     }
     for config in &args.configs {
         targets.push(admin_from_config(config)?);
     }
     if targets.is_empty() {
-        targets.push(AdminUrl::parse(AGENT_DEFAULT_ADMIN).map_err(Error::Usage)?);
+        targets.push(AdminUrl::parse(AGENT_DEFAULT_ADMIN)?);
     }
 
     let mut first_scrapes = Vec::new();
@@ -131,7 +131,7 @@ fn admin_from_config(path: &PathBuf) -> Result<AdminUrl, Error> {
     match (listen, is_agent) {
         (Some(listen), _) => AdminUrl::parse(listen)
             .map_err(|err| Error::file(path, format!("[admin].listen: {err}"))),
-        (None, true) => AdminUrl::parse(AGENT_DEFAULT_ADMIN).map_err(Error::Usage),
+        (None, true) => Ok(AdminUrl::parse(AGENT_DEFAULT_ADMIN)?),
         (None, false) => Err(Error::file(
             path,
             "has no [admin] listen, so the relay serves no admin port; add one or pass --relay URL",
@@ -141,16 +141,18 @@ fn admin_from_config(path: &PathBuf) -> Result<AdminUrl, Error> {
 
 async fn daemon_report(
     target: &AdminUrl,
-    first: Result<RequestReport, String>,
+    first: Result<RequestReport, ScrapeError>,
     args: &StatusArgs,
 ) -> DaemonReport {
     let url = target.url("");
-    let status = match target.get("/status", args.timeout).await {
-        Ok(response) if response.status == 200 => serde_json::from_slice::<Value>(&response.body)
-            .map_err(|err| format!("/status is not JSON: {err}")),
-        Ok(response) => Err(format!("/status answered HTTP {}", response.status)),
-        Err(err) => Err(err),
-    };
+    let status = fetch(target, "/status", args.timeout)
+        .await
+        .and_then(|body| {
+            serde_json::from_slice::<Value>(&body).map_err(|source| ScrapeError::NotJson {
+                path: "/status",
+                source,
+            })
+        });
     let status = match status {
         Ok(status) => status,
         Err(error) => {
@@ -159,7 +161,7 @@ async fn daemon_report(
                 service: None,
                 reachable: false,
                 ready: false,
-                error: Some(error),
+                error: Some(error.to_string()),
                 readiness: None,
                 note: None,
                 peers: Vec::new(),
@@ -257,12 +259,42 @@ fn tunnel_dropped(status: &Value) -> Option<BTreeMap<String, u64>> {
     )
 }
 
-async fn scrape_requests(target: &AdminUrl, timeout: Duration) -> Result<RequestReport, String> {
-    let response = target.get("/metrics", timeout).await?;
+/// Why a daemon's admin page could not be read.
+#[derive(Debug, thiserror::Error)]
+enum ScrapeError {
+    #[error(transparent)]
+    Unreachable(#[from] AdminError),
+    #[error("{path} answered HTTP {status}")]
+    Status { path: &'static str, status: u16 },
+    #[error("{path} is not JSON: {source}")]
+    NotJson {
+        path: &'static str,
+        source: serde_json::Error,
+    },
+}
+
+/// The body of admin page `path`, which must answer 200.
+async fn fetch(
+    target: &AdminUrl,
+    path: &'static str,
+    timeout: Duration,
+) -> Result<bytes::Bytes, ScrapeError> {
+    let response = target.get(path, timeout).await?;
     if response.status != 200 {
-        return Err(format!("/metrics answered HTTP {}", response.status));
+        return Err(ScrapeError::Status {
+            path,
+            status: response.status,
+        });
     }
-    Ok(count_requests(&String::from_utf8_lossy(&response.body)))
+    Ok(response.body)
+}
+
+async fn scrape_requests(
+    target: &AdminUrl,
+    timeout: Duration,
+) -> Result<RequestReport, ScrapeError> {
+    let body = fetch(target, "/metrics", timeout).await?;
+    Ok(count_requests(&String::from_utf8_lossy(&body)))
 }
 
 /// Sums every `xpart_*_requests_total` sample; a `status` label of 400 or more is an error.

@@ -236,17 +236,28 @@ fn revoke(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Why `xpart token revoke` changed nothing, and what to do.
+#[derive(Debug, thiserror::Error)]
+enum RevokeError {
+    #[error("not valid TOML ({0}); fix it before revoking")]
+    NotToml(toml_edit::TomlError),
+    #[error("has no [[principal]] tables")]
+    NoPrincipals,
+    #[error("no [[principal]] is named {0:?}; `xpart config check` lists them")]
+    NoSuchName(String),
+    #[error("no [[principal]] has that token_sha256; check it with `xpart token hash`")]
+    NoSuchToken,
+}
+
 /// `text` without the `[[principal]]` tables `which` names, keeping everything else as written
 /// (comments, order, formatting); also the names removed.
-fn remove_principal(text: &str, which: &Revoked) -> Result<(String, Vec<String>), String> {
-    let mut document: toml_edit::DocumentMut = text
-        .parse()
-        .map_err(|err| format!("not valid TOML ({err}); fix it before revoking"))?;
+fn remove_principal(text: &str, which: &Revoked) -> Result<(String, Vec<String>), RevokeError> {
+    let mut document: toml_edit::DocumentMut = text.parse().map_err(RevokeError::NotToml)?;
     let Some(tables) = document
         .get_mut("principal")
         .and_then(|item| item.as_array_of_tables_mut())
     else {
-        return Err("has no [[principal]] tables".into());
+        return Err(RevokeError::NoPrincipals);
     };
     let field = |table: &toml_edit::Table, key: &str| {
         table.get(key).and_then(|v| v.as_str()).map(str::to_owned)
@@ -272,12 +283,8 @@ fn remove_principal(text: &str, which: &Revoked) -> Result<(String, Vec<String>)
     }
     if removed.is_empty() {
         return Err(match which {
-            Revoked::Named(name) => {
-                format!("no [[principal]] is named {name:?}; `xpart config check` lists them")
-            }
-            Revoked::Token(_) => {
-                "no [[principal]] has that token_sha256; check it with `xpart token hash`".into()
-            }
+            Revoked::Named(name) => RevokeError::NoSuchName(name.clone()),
+            Revoked::Token(_) => RevokeError::NoSuchToken,
         });
     }
     if tables.is_empty() {

@@ -768,17 +768,32 @@ pub struct PriceTable {
     entries: Vec<(String, Price)>,
 }
 
+/// A price file that cannot be used, naming what to fix.
+#[derive(Debug, thiserror::Error)]
+enum PriceError {
+    #[error("{0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("no [models.\"PATTERN\"] table: add one price per model pattern")]
+    NoModels,
+    #[error("models.\"{pattern}\".{field} = {value}: a price must be a finite number >= 0")]
+    Negative {
+        pattern: String,
+        field: &'static str,
+        value: f64,
+    },
+}
+
 impl PriceTable {
     fn load(path: &Path) -> Result<PriceTable, Error> {
         let text =
             std::fs::read_to_string(path).map_err(|err| Error::file(path, err.to_string()))?;
-        PriceTable::parse(&text).map_err(|message| Error::file(path, message))
+        PriceTable::parse(&text).map_err(|error| Error::file(path, error.to_string()))
     }
 
-    fn parse(text: &str) -> Result<PriceTable, String> {
-        let file: PriceFile = toml::from_str(text).map_err(|err| err.to_string())?;
+    fn parse(text: &str) -> Result<PriceTable, PriceError> {
+        let file: PriceFile = toml::from_str(text)?;
         if file.models.is_empty() {
-            return Err("no [models.\"PATTERN\"] table: add one price per model pattern".into());
+            return Err(PriceError::NoModels);
         }
         for (pattern, price) in &file.models {
             let fields = [
@@ -790,10 +805,11 @@ impl PriceTable {
             for (field, value) in fields {
                 if let Some(value) = value {
                     if !value.is_finite() || value < 0.0 {
-                        return Err(format!(
-                            "models.\"{pattern}\".{field} = {value}: a price must be a \
-                             finite number >= 0"
-                        ));
+                        return Err(PriceError::Negative {
+                            pattern: pattern.clone(),
+                            field,
+                            value,
+                        });
                     }
                 }
             }
@@ -855,13 +871,7 @@ mod tests {
 
     #[test]
     fn plain_rotated_and_gzip_files_add_up_exactly() {
-        let dir = Scratch::new("fixture");
-        write_fixture(&dir);
-        let report = report_for(
-            &[dir.0.display().to_string()],
-            &[Dimension::Principal],
-            None,
-        );
+        let report = fixture_report("fixture", Dimension::Principal, None);
         let rows = report.rows();
         assert_eq!(
             rows.iter().map(|(k, _)| k[0].as_str()).collect::<Vec<_>>(),
@@ -896,17 +906,10 @@ mod tests {
 
     #[test]
     fn costs_use_the_most_specific_price_and_cache_prices() {
-        let dir = Scratch::new("costs");
-        write_fixture(&dir);
         let prices = PriceTable::parse(PRICES).unwrap();
-        let report = report_for(
-            &[dir.0.display().to_string()],
-            &[Dimension::Model],
-            Some(prices),
-        );
+        let report = fixture_report("costs", Dimension::Model, Some(prices));
         let rows = report.rows();
-        let by_model: BTreeMap<&str, &Totals> =
-            rows.iter().map(|(k, t)| (k[0].as_str(), t)).collect();
+        let by_model = by_first_key(&rows);
         // haiku: (1000+2000+500) in at 0.00025, (100+300+50) out at 0.00125, 4000 cache
         // read at 0.00003 (its own price).
         assert_close(
@@ -933,16 +936,9 @@ mod tests {
             "[models.\"anthropic.claude-3-haiku-*\"]\ninput_per_1k = 0.00025\noutput_per_1k = 0.00125\n",
         )
         .unwrap();
-        let dir = Scratch::new("unpriced");
-        write_fixture(&dir);
-        let report = report_for(
-            &[dir.0.display().to_string()],
-            &[Dimension::Model],
-            Some(prices),
-        );
+        let report = fixture_report("unpriced", Dimension::Model, Some(prices));
         let rows = report.rows();
-        let by_model: BTreeMap<&str, &Totals> =
-            rows.iter().map(|(k, t)| (k[0].as_str(), t)).collect();
+        let by_model = by_first_key(&rows);
         assert_eq!(by_model[SONNET].cost, None);
         assert!(by_model[HAIKU].cost.is_some());
         assert_eq!(report.total().cost, None);
@@ -1069,11 +1065,13 @@ mod tests {
         let negative =
             PriceTable::parse("[models.\"x\"]\ninput_per_1k = -1.0\noutput_per_1k = 0.0\n")
                 .err()
-                .unwrap();
+                .unwrap()
+                .to_string();
         assert!(negative.contains("models.\"x\".input_per_1k"), "{negative}");
         let unknown = PriceTable::parse("[models.\"x\"]\ninput = 1.0\n")
             .err()
-            .unwrap();
+            .unwrap()
+            .to_string();
         assert!(unknown.contains("unknown field `input`"), "{unknown}");
         assert!(PriceTable::parse("currency = \"USD\"\n").is_err());
     }
@@ -1213,6 +1211,17 @@ cache_read_per_1k = 0.00003
         let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         encoder.write_all(bytes).unwrap();
         encoder.finish().unwrap()
+    }
+
+    /// The report over the fixture's audit files, grouped by one dimension.
+    fn fixture_report(name: &str, by: Dimension, prices: Option<PriceTable>) -> Report {
+        let dir = Scratch::new(name);
+        write_fixture(&dir);
+        report_for(&[dir.0.display().to_string()], &[by], prices)
+    }
+
+    fn by_first_key(rows: &[(Vec<String>, Totals)]) -> BTreeMap<&str, &Totals> {
+        rows.iter().map(|(k, t)| (k[0].as_str(), t)).collect()
     }
 
     fn report_for(paths: &[String], by: &[Dimension], prices: Option<PriceTable>) -> Report {

@@ -239,18 +239,26 @@ fn write_key(path: &Path) -> Result<PrivateKey, Error> {
     Ok(key)
 }
 
-fn relay_toml(agent_public_key: &str, ports: &Ports) -> String {
-    let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, ports.relay_admin));
+/// The opening both demo configurations share: where they came from and a userspace tunnel.
+fn config_head(daemon: &str, description: &str, address: &str) -> String {
     format!(
-        r#"# Written by `xpart demo`: the Commercial-side relay of the loopback demo. Every field is
-# described in config/relay.example.toml. Paths are relative to this file.
+        r#"# Written by `xpart demo`: {description} of the loopback demo. Every field is
+# described in config/{daemon}.example.toml. Paths are relative to this file.
 
 [tunnel]
 # WireGuard with an embedded TCP/IP stack: no root, no interface on the host.
 mode = "userspace"
-private_key_file = "relay.key"
-address = "{RELAY_TUNNEL_ADDRESS}"
-bind_address = "127.0.0.1"
+private_key_file = "{daemon}.key"
+address = "{address}"
+"#
+    )
+}
+
+fn relay_toml(agent_public_key: &str, ports: &Ports) -> String {
+    let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, ports.relay_admin));
+    let head = config_head("relay", "the Commercial-side relay", RELAY_TUNNEL_ADDRESS);
+    format!(
+        r#"{head}bind_address = "127.0.0.1"
 listen_port = {wireguard}
 
 [[agent]]
@@ -294,16 +302,9 @@ fn agent_toml(relay_public_key: &str, token_sha256: &str, ports: &Ports) -> Stri
     let front = SocketAddr::from((Ipv4Addr::LOCALHOST, ports.front));
     let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, ports.agent_admin));
     let relay_endpoint = SocketAddr::from((Ipv4Addr::LOCALHOST, ports.wireguard));
+    let head = config_head("agent", "the GovCloud-side agent", AGENT_TUNNEL_ADDRESS);
     format!(
-        r#"# Written by `xpart demo`: the GovCloud-side agent of the loopback demo. Every field is
-# described in config/agent.example.toml. Paths are relative to this file.
-
-[tunnel]
-# WireGuard with an embedded TCP/IP stack: no root, no interface on the host.
-mode = "userspace"
-private_key_file = "agent.key"
-address = "{AGENT_TUNNEL_ADDRESS}"
-listen = "127.0.0.1:0"
+        r#"{head}listen = "127.0.0.1:0"
 
 [[relay]]
 name = "demo-relay"

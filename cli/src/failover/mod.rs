@@ -72,6 +72,15 @@ pub struct AwsArgs {
     pub dry_run: bool,
 }
 
+/// Where a move goes and how to reach EC2: what every move command shares.
+#[derive(Debug, Clone, Args)]
+pub struct MoveTarget {
+    #[command(flatten)]
+    pub standby: StandbyArgs,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct StandbyArgs {
     /// The standby's network interface.
@@ -130,35 +139,46 @@ pub struct EipSpec {
     pub private_ip: Option<IpAddr>,
 }
 
-#[derive(Debug, Args)]
-pub struct RouteArgs {
-    #[command(flatten)]
-    pub routes: RouteSpec,
-    #[command(flatten)]
-    pub standby: StandbyArgs,
-    #[command(flatten)]
-    pub aws: AwsArgs,
+/// One kind of move's own arguments (`--cidr`, `--ip`, `--allocation-id`).
+pub trait MoveSpec: Args + Clone {
+    fn into_moves(self) -> Moves;
 }
 
-#[derive(Debug, Args)]
-pub struct VipArgs {
+/// A single-kind move command: what to move, then where to.
+#[derive(Debug, Clone, Args)]
+pub struct MoveArgs<S: MoveSpec> {
     #[command(flatten)]
-    pub vip: VipSpec,
+    pub spec: S,
     #[command(flatten)]
-    pub standby: StandbyArgs,
-    #[command(flatten)]
-    pub aws: AwsArgs,
+    pub to: MoveTarget,
 }
 
-#[derive(Debug, Args)]
-pub struct EipArgs {
-    #[command(flatten)]
-    pub eip: EipSpec,
-    #[command(flatten)]
-    pub standby: StandbyArgs,
-    #[command(flatten)]
-    pub aws: AwsArgs,
+impl<S: MoveSpec> MoveArgs<S> {
+    pub fn moves(&self) -> Moves {
+        self.spec.clone().into_moves()
+    }
 }
+
+/// Each spec fills its own field of [`Moves`].
+macro_rules! move_spec {
+    ($spec:ty => $field:ident) => {
+        impl MoveSpec for $spec {
+            fn into_moves(self) -> Moves {
+                Moves {
+                    $field: Some(self),
+                    ..Moves::default()
+                }
+            }
+        }
+    };
+}
+move_spec!(RouteSpec => routes);
+move_spec!(VipSpec => vip);
+move_spec!(EipSpec => eip);
+
+pub type RouteArgs = MoveArgs<RouteSpec>;
+pub type VipArgs = MoveArgs<VipSpec>;
+pub type EipArgs = MoveArgs<EipSpec>;
 
 #[derive(Debug, Args)]
 pub struct SourceDestCheckArgs {
@@ -193,27 +213,9 @@ struct Report<'a> {
 
 pub async fn run(command: FailoverCommand, json: bool) -> Result<ExitCode, Error> {
     match command {
-        FailoverCommand::Route(args) => {
-            let moves = Moves {
-                routes: Some(args.routes),
-                ..Moves::default()
-            };
-            move_to_standby(&moves, &args.standby, &args.aws, json).await
-        }
-        FailoverCommand::Vip(args) => {
-            let moves = Moves {
-                vip: Some(args.vip),
-                ..Moves::default()
-            };
-            move_to_standby(&moves, &args.standby, &args.aws, json).await
-        }
-        FailoverCommand::Eip(args) => {
-            let moves = Moves {
-                eip: Some(args.eip),
-                ..Moves::default()
-            };
-            move_to_standby(&moves, &args.standby, &args.aws, json).await
-        }
+        FailoverCommand::Route(args) => move_to_standby(&args.moves(), &args.to, json).await,
+        FailoverCommand::Vip(args) => move_to_standby(&args.moves(), &args.to, json).await,
+        FailoverCommand::Eip(args) => move_to_standby(&args.moves(), &args.to, json).await,
         FailoverCommand::SourceDestCheck(args) => source_dest_check(args, json).await,
         FailoverCommand::Watch(args) => watch::run(args, json).await,
     }
@@ -221,11 +223,11 @@ pub async fn run(command: FailoverCommand, json: bool) -> Result<ExitCode, Error
 
 async fn move_to_standby(
     moves: &Moves,
-    standby: &StandbyArgs,
-    aws: &AwsArgs,
+    target: &MoveTarget,
     json: bool,
 ) -> Result<ExitCode, Error> {
-    let planned = plan_for_standby(moves, standby, aws).await?;
+    let aws = &target.aws;
+    let planned = plan_for_standby(moves, target).await?;
     let (ec2, standby) = (&planned.ec2, &planned.standby);
     let code = execute(ec2, Some(standby), &planned.plan, aws.dry_run, json).await?;
     if let (true, false, Some(pair)) = (planned.set_roles, aws.dry_run, planned.pair) {
@@ -246,19 +248,15 @@ async fn move_to_standby(
 
 /// Plans and applies a move without printing, returning the actions taken; drills report
 /// them in their own output.
-pub async fn move_quietly(
-    moves: &Moves,
-    standby: &StandbyArgs,
-    aws: &AwsArgs,
-) -> Result<Vec<String>, Error> {
-    let planned = plan_for_standby(moves, standby, aws).await?;
+pub async fn move_quietly(moves: &Moves, target: &MoveTarget) -> Result<Vec<String>, Error> {
+    let planned = plan_for_standby(moves, target).await?;
     let mut actions: Vec<String> = planned
         .plan
         .actions
         .iter()
         .map(ToString::to_string)
         .collect();
-    if aws.dry_run {
+    if target.aws.dry_run {
         return Ok(actions);
     }
     planned
@@ -282,13 +280,10 @@ struct Planned<'a> {
     set_roles: bool,
 }
 
-async fn plan_for_standby<'a>(
-    moves: &Moves,
-    standby: &'a StandbyArgs,
-    aws: &AwsArgs,
-) -> Result<Planned<'a>, Error> {
+async fn plan_for_standby<'a>(moves: &Moves, target: &'a MoveTarget) -> Result<Planned<'a>, Error> {
     moves.validate()?;
-    let ec2 = Ec2::connect(aws).await?;
+    let standby = &target.standby;
+    let ec2 = Ec2::connect(&target.aws).await?;
     let pair = standby.pair.as_deref();
     let resolved = ec2.resolve_standby(standby).await?;
     let plan = plan_moves(&ec2, moves, &resolved, pair).await?;
@@ -503,9 +498,14 @@ fn print_applied(plan: &Plan, applied: &[Applied], failed: bool) {
     }
 }
 
-fn parse_tag(text: &str) -> Result<(String, String), String> {
+/// A `--route-table-tag` without a key.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not KEY=VALUE")]
+pub struct TagError(String);
+
+fn parse_tag(text: &str) -> Result<(String, String), TagError> {
     match text.split_once('=') {
         Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
-        _ => Err(format!("{text:?} is not KEY=VALUE")),
+        _ => Err(TagError(text.to_string())),
     }
 }

@@ -16,8 +16,8 @@ use clap::Args;
 use serde::Serialize;
 
 use super::ec2::Ec2;
-use super::{plan_moves, AwsArgs, EipSpec, Moves, RouteSpec, StandbyArgs, VipSpec, ROLE_TAG};
-use crate::admin::AdminUrl;
+use super::{plan_moves, EipSpec, MoveTarget, Moves, RouteSpec, VipSpec, ROLE_TAG};
+use crate::admin::{AdminError, AdminUrl};
 use crate::probe::{Prober, TargetArgs};
 use crate::{duration, Error};
 
@@ -200,9 +200,7 @@ pub struct WatchArgs {
     #[command(flatten)]
     pub eip: EipSpec,
     #[command(flatten)]
-    pub standby: StandbyArgs,
-    #[command(flatten)]
-    pub aws: AwsArgs,
+    pub to: MoveTarget,
 }
 
 /// One line of the watch log.
@@ -231,10 +229,10 @@ pub async fn run(args: WatchArgs, json: bool) -> Result<ExitCode, Error> {
     };
     moves.validate()?;
     let checks = Checks::new(&args)?;
-    let ec2 = Ec2::connect(&args.aws).await?;
+    let ec2 = Ec2::connect(&args.to.aws).await?;
     // Resolved once up front so a typo fails at start, not in the middle of an outage.
-    let standby = ec2.resolve_standby(&args.standby).await?;
-    let pair = args.standby.pair.as_deref();
+    let standby = ec2.resolve_standby(&args.to.standby).await?;
+    let pair = args.to.standby.pair.as_deref();
     let log = Log {
         started: Instant::now(),
         json,
@@ -274,8 +272,8 @@ pub async fn run(args: WatchArgs, json: bool) -> Result<ExitCode, Error> {
     }
     let mut role_seen: Option<String> = None;
     let mut next_role_read = Instant::now();
-    let mut last_held_down_log: Option<Instant> = None;
-    let mut last_waiting_log: Option<Instant> = None;
+    let mut held_down_log = Throttle::new(HELD_DOWN_LOG_EVERY);
+    let mut waiting_log = Throttle::new(WAITING_LOG_EVERY);
     let mut next_tick = Instant::now();
     loop {
         if let Some(limit) = args.max_runtime {
@@ -290,7 +288,7 @@ pub async fn run(args: WatchArgs, json: bool) -> Result<ExitCode, Error> {
                 read_role(
                     &ec2,
                     instance,
-                    &args.standby.role,
+                    &args.to.standby.role,
                     &mut role_seen,
                     &mut watchdog,
                     &log,
@@ -307,17 +305,12 @@ pub async fn run(args: WatchArgs, json: bool) -> Result<ExitCode, Error> {
                 }
                 (Verdict::Healthy { recovered: false }, _) => {}
                 (Verdict::WaitingForHealth { grace_left }, Err(reason)) => {
-                    let due = last_waiting_log.is_none_or(|at| now - at >= WAITING_LOG_EVERY);
-                    if due {
-                        last_waiting_log = Some(now);
-                        log.event(
-                            "waiting",
-                            format!(
-                                "{reason}; the active agent has not been healthy yet, failures count in {:.0}s",
-                                grace_left.as_secs_f64()
-                            ),
-                            Vec::new(),
+                    if waiting_log.due(now) {
+                        let message = format!(
+                            "{reason}; the active agent has not been healthy yet, failures count in {:.0}s",
+                            grace_left.as_secs_f64()
                         );
+                        log.event("waiting", message, Vec::new());
                     }
                 }
                 (Verdict::Failing { consecutive }, Err(reason)) => {
@@ -328,28 +321,21 @@ pub async fn run(args: WatchArgs, json: bool) -> Result<ExitCode, Error> {
                     );
                 }
                 (Verdict::HeldDown { remaining }, Err(reason)) => {
-                    let due = last_held_down_log.is_none_or(|at| now - at >= HELD_DOWN_LOG_EVERY);
-                    if due {
-                        last_held_down_log = Some(now);
-                        log.event(
-                            "held_down",
-                            format!(
-                                "{reason}; holding down for {:.0}s more",
-                                remaining.as_secs_f64()
-                            ),
-                            Vec::new(),
-                        );
+                    if held_down_log.due(now) {
+                        let secs = remaining.as_secs_f64();
+                        let message = format!("{reason}; holding down for {secs:.0}s more");
+                        log.event("held_down", message, Vec::new());
                     }
                 }
                 (Verdict::FailOver, Err(reason)) => {
-                    log.event("failing_over", reason, Vec::new());
+                    log.event("failing_over", reason.to_string(), Vec::new());
                     let moved =
-                        fail_over(&ec2, &moves, &standby, pair, args.aws.dry_run, &log).await;
+                        fail_over(&ec2, &moves, &standby, pair, args.to.aws.dry_run, &log).await;
                     match moved {
                         Ok(()) => {
                             watchdog.moved(Instant::now());
                             if let (Some(pair), Some(instance), false) =
-                                (pair, own_instance.as_deref(), args.aws.dry_run)
+                                (pair, own_instance.as_deref(), args.to.aws.dry_run)
                             {
                                 take_the_active_role(&ec2, pair, instance, &mut watchdog, &log)
                                     .await;
@@ -496,7 +482,7 @@ impl Checks {
     fn new(args: &WatchArgs) -> Result<Checks, Error> {
         let (readyz, readyz_path) = match &args.readyz {
             Some(text) => {
-                let url = AdminUrl::parse(text).map_err(Error::Usage)?;
+                let url = AdminUrl::parse(text)?;
                 let path = if url.url("").ends_with("/readyz") {
                     String::new()
                 } else {
@@ -535,29 +521,61 @@ impl Checks {
         parts.join(" and ")
     }
 
-    async fn run(&self) -> Result<(), String> {
+    async fn run(&self) -> Result<(), CheckFailure> {
         if let Some(readyz) = &self.readyz {
             let response = readyz.get(&self.readyz_path, self.timeout).await?;
             if response.status != 200 {
                 let body = String::from_utf8_lossy(&response.body);
-                return Err(format!(
-                    "readyz answered {}: {}",
-                    response.status,
-                    body.chars().take(200).collect::<String>()
-                ));
+                return Err(CheckFailure::NotReady {
+                    status: response.status,
+                    body: body.chars().take(200).collect(),
+                });
             }
         }
         if let Some(prober) = &self.prober {
             let outcome = prober.probe().await;
             if !outcome.ok {
-                return Err(format!(
-                    "probe failed in {}: {}",
-                    outcome.failed_phase.unwrap_or("request"),
-                    outcome.message.unwrap_or_default()
-                ));
+                return Err(CheckFailure::Probe {
+                    phase: outcome.failed_phase.unwrap_or("request"),
+                    message: outcome.message.unwrap_or_default(),
+                });
             }
         }
         Ok(())
+    }
+}
+
+/// Why one check of the active agent failed; the watch log's reason.
+#[derive(Debug, thiserror::Error)]
+enum CheckFailure {
+    #[error(transparent)]
+    Unreachable(#[from] AdminError),
+    #[error("readyz answered {status}: {body}")]
+    NotReady { status: u16, body: String },
+    #[error("probe failed in {phase}: {message}")]
+    Probe {
+        phase: &'static str,
+        message: String,
+    },
+}
+
+/// A condition that repeats on every check, logged at most once per `every`.
+struct Throttle {
+    every: Duration,
+    last: Option<Instant>,
+}
+
+impl Throttle {
+    fn new(every: Duration) -> Throttle {
+        Throttle { every, last: None }
+    }
+
+    fn due(&mut self, now: Instant) -> bool {
+        if self.last.is_some_and(|at| now - at < self.every) {
+            return false;
+        }
+        self.last = Some(now);
+        true
     }
 }
 
@@ -594,41 +612,40 @@ mod tests {
     const RETRY: Duration = Duration::from_secs(10);
     const GRACE: Duration = Duration::from_secs(600);
 
-    /// A watchdog whose active agent has been seen healthy once at `start`.
-    fn armed(threshold: u32, start: Instant) -> Watchdog {
+    /// A watchdog whose active agent has been seen healthy once, and when.
+    fn armed(threshold: u32) -> (Watchdog, Instant) {
+        let start = Instant::now();
         let mut dog = Watchdog::new(threshold, HOLD, RETRY, GRACE, start);
         assert_eq!(
             dog.observe(true, start),
             Verdict::Healthy { recovered: false }
         );
-        dog
+        (dog, start)
     }
+
+    /// The verdicts for a run of checks at `at` (true: healthy).
+    fn observe(dog: &mut Watchdog, at: Instant, checks: &[bool]) -> Vec<Verdict> {
+        checks.iter().map(|&ok| dog.observe(ok, at)).collect()
+    }
+
+    const FAILING_ONCE: Verdict = Verdict::Failing { consecutive: 1 };
+    const FAILING_TWICE: Verdict = Verdict::Failing { consecutive: 2 };
 
     #[test]
     fn fails_over_after_n_consecutive_failures_only() {
-        let start = Instant::now();
-        let mut dog = armed(3, start);
+        let (mut dog, start) = armed(3);
+        let checks = [false, false, true, false, false, false];
         assert_eq!(
-            dog.observe(false, start),
-            Verdict::Failing { consecutive: 1 }
+            observe(&mut dog, start, &checks),
+            [
+                FAILING_ONCE,
+                FAILING_TWICE,
+                Verdict::Healthy { recovered: true },
+                FAILING_ONCE,
+                FAILING_TWICE,
+                Verdict::FailOver
+            ]
         );
-        assert_eq!(
-            dog.observe(false, start),
-            Verdict::Failing { consecutive: 2 }
-        );
-        assert_eq!(
-            dog.observe(true, start),
-            Verdict::Healthy { recovered: true }
-        );
-        assert_eq!(
-            dog.observe(false, start),
-            Verdict::Failing { consecutive: 1 }
-        );
-        assert_eq!(
-            dog.observe(false, start),
-            Verdict::Failing { consecutive: 2 }
-        );
-        assert_eq!(dog.observe(false, start), Verdict::FailOver);
     }
 
     #[test]
@@ -659,7 +676,7 @@ mod tests {
         assert_eq!(dog.observe(true, up), Verdict::Healthy { recovered: false });
         assert_eq!(
             dog.observe(false, up + Duration::from_secs(1)),
-            Verdict::Failing { consecutive: 1 }
+            FAILING_ONCE
         );
         assert_eq!(
             dog.observe(false, up + Duration::from_secs(2)),
@@ -669,11 +686,9 @@ mod tests {
 
     #[test]
     fn the_active_member_idles_and_a_new_standby_waits_for_health_again() {
-        let start = Instant::now();
-        let mut dog = armed(1, start);
+        let (mut dog, start) = armed(1);
         dog.set_standby(false, start);
-        assert_eq!(dog.observe(false, start), Verdict::Idle);
-        assert_eq!(dog.observe(true, start), Verdict::Idle);
+        assert_eq!(observe(&mut dog, start, &[false, true]), [Verdict::Idle; 2]);
 
         // Tagged standby again (the operator failed back): the other member must be seen
         // healthy before its failures count, even though this one saw it healthy long ago.
@@ -692,22 +707,19 @@ mod tests {
 
     #[test]
     fn staying_the_standby_keeps_the_count() {
-        let start = Instant::now();
-        let mut dog = armed(2, start);
-        assert_eq!(
-            dog.observe(false, start),
-            Verdict::Failing { consecutive: 1 }
-        );
+        let (mut dog, start) = armed(2);
+        assert_eq!(dog.observe(false, start), FAILING_ONCE);
         dog.set_standby(true, start);
         assert_eq!(dog.observe(false, start), Verdict::FailOver);
     }
 
     #[test]
     fn holds_down_after_a_move_then_may_move_again() {
-        let start = Instant::now();
-        let mut dog = armed(2, start);
-        dog.observe(false, start);
-        assert_eq!(dog.observe(false, start), Verdict::FailOver);
+        let (mut dog, start) = armed(2);
+        assert_eq!(
+            observe(&mut dog, start, &[false, false]),
+            [FAILING_ONCE, Verdict::FailOver]
+        );
         dog.moved(start);
         let later = start + Duration::from_secs(100);
         assert_eq!(
@@ -721,8 +733,7 @@ mod tests {
 
     #[test]
     fn a_failed_move_is_retried_after_the_short_pause() {
-        let start = Instant::now();
-        let mut dog = armed(1, start);
+        let (mut dog, start) = armed(1);
         assert_eq!(dog.observe(false, start), Verdict::FailOver);
         dog.move_failed(start);
         assert!(matches!(
@@ -734,8 +745,7 @@ mod tests {
 
     #[test]
     fn healthy_checks_never_trigger_a_move() {
-        let start = Instant::now();
-        let mut dog = armed(1, start);
+        let (mut dog, start) = armed(1);
         for second in 0..100 {
             assert_eq!(
                 dog.observe(true, start + Duration::from_secs(second)),

@@ -73,6 +73,13 @@ fn check(args: &[&str]) -> Run {
 }
 
 /// `xpart --json config check` with `args`.
+/// Writes a valid agent.toml with `extra` appended into `dir` and checks it; it must pass.
+fn check_agent_with(dir: &Scratch, extra: &str) -> Run {
+    let (_, relay_public) = material(dir);
+    dir.write("agent.toml", &(valid_agent(&relay_public) + extra));
+    check(&[&dir.arg("agent.toml")]).ok()
+}
+
 fn check_json(args: &[&str]) -> Run {
     xpart(&[&["--json", "config", "check"], args].concat())
 }
@@ -179,11 +186,7 @@ fn missing_and_unrecognisable_files_are_problems_too() {
 #[test]
 fn an_old_duration_name_passes_with_a_warning_naming_old_and_new() {
     let dir = Scratch::new();
-    let (_, relay_public) = material(&dir);
-    let old = valid_agent(&relay_public) + "\n[health]\nhandshake_max_age_s = 90\n";
-    dir.write("agent.toml", &old);
-
-    let run = check(&[&dir.arg("agent.toml")]).ok();
+    let run = check_agent_with(&dir, "\n[health]\nhandshake_max_age_s = 90\n");
     run.says("agent.toml: ok (agent configuration)");
     run.says("warning: ");
     run.says("[health].handshake_max_age_s");
@@ -202,11 +205,7 @@ fn an_old_duration_name_passes_with_a_warning_naming_old_and_new() {
 #[test]
 fn the_new_duration_name_passes_without_a_warning() {
     let dir = Scratch::new();
-    let (_, relay_public) = material(&dir);
-    let new = valid_agent(&relay_public) + "\n[health]\nhandshake_max_age_secs = 90\n";
-    dir.write("agent.toml", &new);
-
-    let run = check(&[&dir.arg("agent.toml")]).ok();
+    let run = check_agent_with(&dir, "\n[health]\nhandshake_max_age_secs = 90\n");
 
     assert!(!run.stdout.contains("warning"), "{}", run.stdout);
 }
