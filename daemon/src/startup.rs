@@ -1,14 +1,15 @@
 //! A daemon's life, the same for both: load and validate the file named by `--config`, answer
 //! `--check`, set up logging, start, print the `listening` line, answer signals (SIGHUP
 //! reloads, SIGINT/SIGTERM stop) and shut down. A daemon describes itself with [`Daemon`];
-//! its `main` parses its own command line (so that `--help` describes that daemon) and calls
-//! [`run`].
+//! its `main` calls [`main`] with the one line `--help` says about it.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+use clap::{CommandFactory, FromArgMatches};
 
 use crate::reload::Reloadable;
 
@@ -65,6 +66,29 @@ pub trait Daemon: Reloadable + Sized {
 
     /// Stop accepting, end connections, flush what must be flushed.
     fn shutdown(self) -> impl Future<Output = ()>;
+}
+
+/// The command line both daemons take.
+#[derive(clap::Parser)]
+#[command(version)]
+struct Args {
+    /// The TOML configuration; config/agent.example.toml and config/relay.example.toml
+    /// describe every field.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Validate the configuration, print every problem found, and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+/// Parses the command line of daemon `D` (`about` is what `--help` says it is) and [`run`]s it.
+pub fn main<D: Daemon>(about: &'static str) -> ExitCode {
+    let matches = Args::command()
+        .name(D::PROGRAM)
+        .about(about)
+        .get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    run::<D>(&args.config, args.check)
 }
 
 /// Runs daemon `D` from `config_file` (or only checks the file, with `check`) and returns the

@@ -4,28 +4,12 @@
 //! allowed agents from the same file, without dropping connections
 //! (`xpart_daemon::startup::run`).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
 use xpart_relay::RelayHandle;
 
-#[derive(Parser)]
-#[command(
-    name = "xpart-relay",
-    version,
-    about = "Commercial-side xpart appliance: policy-checked SigV4 signer for Bedrock"
-)]
-struct Args {
-    /// The relay configuration (see config/relay.example.toml).
-    #[arg(long, value_name = "FILE")]
-    config: PathBuf,
-    /// Validate the configuration, print every problem found, and exit.
-    #[arg(long)]
-    check: bool,
-}
-
 fn main() -> ExitCode {
-    let args = Args::parse();
-    xpart_daemon::startup::run::<RelayHandle>(&args.config, args.check)
+    xpart_daemon::startup::main::<RelayHandle>(
+        "Commercial-side xpart appliance: policy-checked SigV4 signer for Bedrock",
+    )
 }

@@ -4,91 +4,79 @@
 //! side is built from an agent-style `[tunnel]` and `[[relay]]` through the code path the
 //! agent uses. Loopback only, no AWS credentials.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Deserialize;
 use xpart_daemon::tunnel_config::{tunnel_config, PeerSection, Side, TunnelSection};
 use xpart_relay::config::RelayConfig;
+use xpart_relay::RelayHandle;
 use xpart_tunnel::{keys, PrivateKey, Tunnel};
 
-const SERVICE: &str = "100.64.0.2:8080";
+use support::{echo, http2, keep_credentials_lookups_on_loopback, within, SERVICE};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_and_relay_with_the_same_preshared_key_carry_a_request() {
-    keep_credentials_lookups_on_loopback();
-    let dir = scratch("same");
-    let relay_key = PrivateKey::generate();
-    let agent_key = PrivateKey::generate();
-    let psk = write_psk(&dir, "shared.psk", &[7; 32]);
-    let config = relay_config(&dir, &relay_key, &agent_key, &psk);
-    let relay = xpart_relay::start(config).await.unwrap();
-    let relay_udp = relay.udp_addr().expect("userspace mode has a UDP socket");
-
-    let agent = start_agent_side(&dir, &agent_key, &relay_key, relay_udp, &psk).await;
-    let conn = within(agent.network().connect(SERVICE.parse().unwrap()))
+    let pair = Pair::start("same", [7; 32], [7; 32]).await;
+    let conn = within(pair.agent.network().connect(SERVICE.parse().unwrap()))
         .await
         .expect("the tunnel carries a TCP connection to the relay's service");
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(conn))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
-    let converse = http::Request::post(format!("http://{SERVICE}/model/xpart.echo/converse"))
-        .header("content-type", "application/json")
-        .header("x-xpart-principal", "tester")
-        .body(Full::new(Bytes::from_static(
-            br#"{"messages":[{"role":"user","content":[{"text":"with a preshared key"}]}]}"#,
-        )))
-        .unwrap();
-    let response = within(sender.send_request(converse)).await.unwrap();
-    assert_eq!(response.status(), 200);
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(
-        answer["output"]["message"]["content"][0]["text"],
-        "with a preshared key"
-    );
-    let peers = agent.peer_stats();
+    let mut sender = http2(conn).await;
+    echo(&mut sender, "with a preshared key").await;
+    let peers = pair.agent.peer_stats();
     assert!(peers[0].last_handshake.is_some(), "{peers:?}");
 
     drop(sender);
-    within(relay.shutdown()).await;
-    agent.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
+    pair.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_whose_preshared_key_differs_completes_no_handshake() {
-    keep_credentials_lookups_on_loopback();
-    let dir = scratch("differs");
-    let relay_key = PrivateKey::generate();
-    let agent_key = PrivateKey::generate();
-    let relay_psk = write_psk(&dir, "relay.psk", &[7; 32]);
-    let agent_psk = write_psk(&dir, "agent.psk", &[8; 32]);
-    let config = relay_config(&dir, &relay_key, &agent_key, &relay_psk);
-    let relay = xpart_relay::start(config).await.unwrap();
-    let relay_udp = relay.udp_addr().expect("userspace mode has a UDP socket");
-
-    let agent = start_agent_side(&dir, &agent_key, &relay_key, relay_udp, &agent_psk).await;
-    let network = agent.network();
+    let pair = Pair::start("differs", [7; 32], [8; 32]).await;
+    let network = pair.agent.network();
     let connect = network.connect(SERVICE.parse().unwrap());
     let outcome = tokio::time::timeout(Duration::from_secs(3), connect).await;
     assert!(
         !matches!(outcome, Ok(Ok(_))),
         "a connection crossed a tunnel whose preshared keys differ"
     );
-    let peers = agent.peer_stats();
+    let peers = pair.agent.peer_stats();
     assert!(peers[0].last_handshake.is_none(), "{peers:?}");
 
-    within(relay.shutdown()).await;
-    agent.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
+    pair.shutdown().await;
+}
+
+/// A relay and an agent-side tunnel on loopback, each with its own preshared key file.
+struct Pair {
+    dir: PathBuf,
+    relay: RelayHandle,
+    agent: Tunnel,
+}
+
+impl Pair {
+    async fn start(name: &str, relay_psk: [u8; 32], agent_psk: [u8; 32]) -> Pair {
+        keep_credentials_lookups_on_loopback();
+        let dir = scratch(name);
+        let relay_key = PrivateKey::generate();
+        let agent_key = PrivateKey::generate();
+        let relay_psk = write_psk(&dir, "relay.psk", &relay_psk);
+        let agent_psk = write_psk(&dir, "agent.psk", &agent_psk);
+        let config = relay_config(&dir, &relay_key, &agent_key, &relay_psk);
+        let relay = xpart_relay::start(config).await.unwrap();
+        let relay_udp = relay.udp_addr().expect("userspace mode has a UDP socket");
+        let agent = start_agent_side(&dir, &agent_key, &relay_key, relay_udp, &agent_psk).await;
+        Pair { dir, relay, agent }
+    }
+
+    async fn shutdown(self) {
+        within(self.relay.shutdown()).await;
+        self.agent.shutdown().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 #[test]
@@ -100,10 +88,13 @@ fn check_accepts_a_relay_config_with_a_preshared_key() {
     let file = dir.join("relay.toml");
     std::fs::write(&file, relay_toml(&dir, &relay_key, &agent_key, &psk)).unwrap();
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xpart-relay"))
-        .args(["--config", &file.display().to_string(), "--check"])
-        .output()
-        .unwrap();
+    let check = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_xpart-relay"))
+            .args(["--config", &file.display().to_string(), "--check"])
+            .output()
+            .unwrap()
+    };
+    let out = check();
     assert!(
         out.status.success(),
         "{}",
@@ -112,10 +103,7 @@ fn check_accepts_a_relay_config_with_a_preshared_key() {
 
     // The key is held to the private key's rules: a file others can read is refused.
     std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xpart-relay"))
-        .args(["--config", &file.display().to_string(), "--check"])
-        .output()
-        .unwrap();
+    let out = check();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
@@ -181,41 +169,8 @@ fn relay_config(
 }
 
 fn relay_toml(dir: &Path, relay_key: &PrivateKey, agent_key: &PrivateKey, psk: &Path) -> String {
-    keys::write_private_key_file(dir.join("relay.key"), relay_key).expect("write relay.key");
-    format!(
-        r#"
-[tunnel]
-mode = "userspace"
-private_key_file = "{key}"
-address = "100.64.0.2/30"
-listen_port = 0
-bind_address = "127.0.0.1"
-
-[[agent]]
-name = "agent-a"
-public_key = "{agent_pub}"
-tunnel_address = "100.64.0.1"
-preshared_key_file = "{psk}"
-
-[service]
-listen = "{SERVICE}"
-
-[upstream]
-region = "us-east-1"
-endpoint = "https://127.0.0.1:9"
-resolver = ["127.0.0.1:9"]
-
-[policy]
-operations = ["Converse"]
-models = ["anthropic.*"]
-
-[credentials]
-fetch_timeout_secs = 2
-"#,
-        key = dir.join("relay.key").display(),
-        agent_pub = agent_key.public_key().to_base64(),
-        psk = psk.display(),
-    )
+    let peer = format!("preshared_key_file = \"{}\"", psk.display());
+    support::relay_toml(dir, relay_key, agent_key, &peer, "")
 }
 
 fn write_psk(dir: &Path, name: &str, key: &[u8; 32]) -> PathBuf {
@@ -232,31 +187,4 @@ fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create the scratch directory");
     dir
-}
-
-/// The default credential chain must not reach for IMDS (169.254.169.254) or real profiles.
-fn keep_credentials_lookups_on_loopback() {
-    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
-    std::env::set_var("AWS_CONFIG_FILE", "/nonexistent/xpart-test-aws-config");
-    std::env::set_var(
-        "AWS_SHARED_CREDENTIALS_FILE",
-        "/nonexistent/xpart-test-aws-credentials",
-    );
-    for name in [
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-        "AWS_PROFILE",
-        "AWS_WEB_IDENTITY_TOKEN_FILE",
-        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    ] {
-        std::env::remove_var(name);
-    }
-}
-
-async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(20), future)
-        .await
-        .expect("timed out")
 }

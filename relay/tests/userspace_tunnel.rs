@@ -2,14 +2,18 @@
 //! tunnel speaking HTTP/2 (prior knowledge) to the relay's service address on the tunnel IP,
 //! answered by the echo model. No AWS credentials and no traffic outside loopback.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use xpart_relay::config::RelayConfig;
-use xpart_tunnel::{keys, Mode, PeerConfig, PrivateKey, Tunnel, TunnelConfig};
+use xpart_tunnel::{Mode, PeerConfig, PrivateKey, Tunnel, TunnelConfig};
+
+use support::{echo, http2, keep_credentials_lookups_on_loopback, relay_toml, within, SERVICE};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_reaches_the_echo_model_over_http2_through_the_tunnel() {
@@ -18,46 +22,17 @@ async fn agent_reaches_the_echo_model_over_http2_through_the_tunnel() {
     std::fs::create_dir_all(&dir).unwrap();
     let relay_key = PrivateKey::generate();
     let agent_key = PrivateKey::generate();
-    keys::write_private_key_file(dir.join("relay.key"), &relay_key).unwrap();
-    let text = format!(
-        r#"
-[tunnel]
-mode = "userspace"
-private_key_file = "{key}"
-address = "100.64.0.2/30"
-listen_port = 0
-bind_address = "127.0.0.1"
-
-[[agent]]
-name = "agent-a"
-public_key = "{agent_pub}"
-tunnel_address = "100.64.0.1"
-
-[service]
-listen = "100.64.0.2:8080"
-
-[upstream]
-region = "us-east-1"
-endpoint = "https://127.0.0.1:9"
-resolver = ["127.0.0.1:9"]
-
-[policy]
-operations = ["Converse"]
-models = ["anthropic.*"]
-
-[credentials]
-fetch_timeout_secs = 2
-
-[admin]
-listen = "127.0.0.1:0"
-"#,
-        key = dir.join("relay.key").display(),
-        agent_pub = agent_key.public_key().to_base64(),
+    let text = relay_toml(
+        &dir,
+        &relay_key,
+        &agent_key,
+        "",
+        "\n[admin]\nlisten = \"127.0.0.1:0\"\n",
     );
     let config = RelayConfig::from_toml_str(&text, "relay.toml").unwrap();
     let relay = xpart_relay::start(config).await.unwrap();
     let relay_udp = relay.udp_addr().expect("userspace mode has a UDP socket");
-    assert_eq!(relay.service_addr(), "100.64.0.2:8080".parse().unwrap());
+    assert_eq!(relay.service_addr(), SERVICE.parse().unwrap());
 
     let agent = Tunnel::start(TunnelConfig {
         private_key: agent_key,
@@ -78,13 +53,10 @@ listen = "127.0.0.1:0"
     .await
     .unwrap();
 
-    let service: SocketAddr = "100.64.0.2:8080".parse().unwrap();
-    let conn = within(agent.network().connect(service)).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(conn))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let conn = within(agent.network().connect(SERVICE.parse().unwrap()))
+        .await
+        .unwrap();
+    let mut sender = http2(conn).await;
 
     let health = http::Request::get("http://100.64.0.2:8080/_xpart/health")
         .body(Full::new(Bytes::new()))
@@ -96,22 +68,8 @@ listen = "127.0.0.1:0"
     assert_eq!(health["ready"], true);
     assert_eq!(health["credentials"], false);
 
-    let converse = http::Request::post("http://100.64.0.2:8080/model/xpart.echo/converse")
-        .header("content-type", "application/json")
-        .header("x-xpart-principal", "tester")
-        .body(Full::new(Bytes::from_static(
-            br#"{"messages":[{"role":"user","content":[{"text":"through the tunnel"}]}]}"#,
-        )))
-        .unwrap();
-    let response = within(sender.send_request(converse)).await.unwrap();
-    assert_eq!(response.status(), 200);
-    assert!(response.headers().contains_key("x-xpart-request-id"));
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(
-        answer["output"]["message"]["content"][0]["text"],
-        "through the tunnel"
-    );
+    let headers = echo(&mut sender, "through the tunnel").await;
+    assert!(headers.contains_key("x-xpart-request-id"));
 
     // Without credentials a real model is refused promptly, naming the reason.
     let real = http::Request::post("http://100.64.0.2:8080/model/anthropic.claude-v2/converse")
@@ -147,27 +105,6 @@ listen = "127.0.0.1:0"
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The default credential chain must not reach for IMDS (169.254.169.254) or real profiles.
-fn keep_credentials_lookups_on_loopback() {
-    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
-    std::env::set_var("AWS_CONFIG_FILE", "/nonexistent/xpart-test-aws-config");
-    std::env::set_var(
-        "AWS_SHARED_CREDENTIALS_FILE",
-        "/nonexistent/xpart-test-aws-credentials",
-    );
-    for name in [
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-        "AWS_PROFILE",
-        "AWS_WEB_IDENTITY_TOKEN_FILE",
-        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    ] {
-        std::env::remove_var(name);
-    }
-}
-
 async fn admin_get(addr: SocketAddr, path: &str) -> String {
     let stream = tokio::net::TcpStream::connect(addr)
         .await
@@ -190,10 +127,4 @@ async fn admin_get(addr: SocketAddr, path: &str) -> String {
         .expect("admin response body")
         .to_bytes();
     String::from_utf8(body.to_vec()).expect("admin answers in UTF-8")
-}
-
-async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(20), future)
-        .await
-        .expect("timed out")
 }
