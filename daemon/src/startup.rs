@@ -83,10 +83,7 @@ struct Args {
 
 /// Parses the command line of daemon `D` (`about` is what `--help` says it is) and [`run`]s it.
 pub fn main<D: Daemon>(about: &'static str) -> ExitCode {
-    let matches = Args::command()
-        .name(D::PROGRAM)
-        .about(about)
-        .get_matches();
+    let matches = Args::command().name(D::PROGRAM).about(about).get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     run::<D>(&args.config, args.check)
 }
