@@ -81,6 +81,13 @@ fn the_printed_environment_is_the_one_written_to_caller_env_and_agent_toml() {
     );
     let token = &env["AWS_BEARER_TOKEN_BEDROCK"];
     assert!(token.starts_with("xpt_"), "{token}");
+    // The OpenAI SDKs: the same front under /v1, the same token, the CA for httpx.
+    assert_eq!(
+        env["OPENAI_BASE_URL"],
+        format!("https://localhost:{front_port}/v1")
+    );
+    assert_eq!(&env["OPENAI_API_KEY"], token);
+    assert_eq!(env["SSL_CERT_FILE"], ca_bundle.display().to_string());
     assert_eq!(
         agent["principal"][0]["token_sha256"].as_str().unwrap(),
         hex_sha256(token)

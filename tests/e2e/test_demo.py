@@ -153,6 +153,40 @@ def test_the_printed_environment_without_its_token_is_refused(xpart_bin, tmp_pat
     assert "UnrecognizedClientException" in done.stderr, done
 
 
+def test_the_printed_openai_line_works_after_sourcing_caller_env(xpart_bin, tmp_path):
+    """The OpenAI Python SDK with nothing but caller.env: base URL, API key (the demo's token)
+    and the demo CA through SSL_CERT_FILE, which is what makes the SDK trust the front."""
+    demo_dir = tmp_path / "demo"
+    demo = subprocess.Popen(
+        [xpart_bin, "demo", "--dir", str(demo_dir), *FREE_PORTS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=demo_env(tmp_path),
+    )
+    lines = LineReader(demo.stdout)
+    try:
+        printed = lines.until("Running; press Ctrl-C to stop.", START_TIMEOUT_S)
+        line = one_line(printed, "python3 -c", "OpenAI()")
+        source = f"source {shlex.quote(str(demo_dir / 'caller.env'))}"
+        done = run_in_shell(f"{source} && {line}", {}, tmp_path)
+        untrusted = run_in_shell(f"{source} && unset SSL_CERT_FILE && {line}", {}, tmp_path)
+    finally:
+        demo.send_signal(signal.SIGINT)
+        try:
+            demo.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+            demo.wait()
+    assert done.returncode == 0 and done.stdout.strip() == "hello", done
+    assert untrusted.returncode != 0 and "APIConnectionError" in untrusted.stderr, untrusted
+    audit = [json.loads(l) for l in (demo_dir / "agent-audit.jsonl").read_text().splitlines()]
+    openai_lines = [a for a in audit if a.get("endpoint") == "openai /v1/chat/completions"]
+    assert [(a["principal"], a["operation"], a["status"]) for a in openai_lines] == [
+        ("demo-caller", "Converse", 200)
+    ], audit
+
+
 def demo_env(tmp_path):
     """The demo's own environment: no caller settings inherited from whoever runs the tests."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}

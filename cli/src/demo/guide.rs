@@ -20,6 +20,7 @@ pub struct Guide {
     aws_converse: String,
     boto3_converse: String,
     boto3_converse_stream: String,
+    openai_chat: String,
     xpart_probe: String,
     xpart_status: String,
     agent_admin: String,
@@ -51,6 +52,13 @@ impl Guide {
             ("AWS_REGION", REGION.to_string()),
             // boto3 and the AWS CLI read only this one; the other SDKs read AWS_REGION.
             ("AWS_DEFAULT_REGION", REGION.to_string()),
+            // The OpenAI SDKs: the agent serves the OpenAI API under /v1 on the same front,
+            // with the same token as the API key.
+            ("OPENAI_BASE_URL", format!("{}/v1", endpoint(ports))),
+            ("OPENAI_API_KEY", material.token.clone()),
+            // The OpenAI Python SDK (httpx) trusts this file instead of its own CA list;
+            // Node.js's `openai` package reads NODE_EXTRA_CA_CERTS above.
+            ("SSL_CERT_FILE", material.ca_bundle.display().to_string()),
         ];
         let xpart = shell_quote(&own_executable().display().to_string());
         let agent_admin = format!("http://127.0.0.1:{}", ports.agent_admin);
@@ -67,6 +75,9 @@ impl Guide {
             )),
             boto3_converse_stream: python_one_liner(&format!(
                 r#"import boto3; r = boto3.client("bedrock-runtime").converse_stream(modelId="{ECHO_MODEL}", messages={PY_MESSAGES}); print("".join(e["contentBlockDelta"]["delta"]["text"] for e in r["stream"] if "contentBlockDelta" in e))"#
+            )),
+            openai_chat: python_one_liner(&format!(
+                r#"from openai import OpenAI; r = OpenAI().chat.completions.create(model="{ECHO_MODEL}", messages=[{{"role": "user", "content": "hello"}}]); print(r.choices[0].message.content)"#
             )),
             // `localhost` may resolve to ::1 first, where the front does not listen.
             xpart_probe: format!(
@@ -128,6 +139,7 @@ impl Guide {
             aws_converse,
             boto3_converse,
             boto3_converse_stream,
+            openai_chat,
             xpart_probe,
             xpart_status,
             agent_admin,
@@ -144,6 +156,9 @@ AWS CLI:
 boto3 (1.39 or later sends AWS_BEARER_TOKEN_BEDROCK as a bearer token), Converse and ConverseStream:
 {boto3_converse}
 {boto3_converse_stream}
+
+OpenAI Python SDK (pip install openai; reads OPENAI_BASE_URL, OPENAI_API_KEY and SSL_CERT_FILE):
+{openai_chat}
 
 xpart (probe reads AWS_CA_BUNDLE and AWS_BEARER_TOKEN_BEDROCK):
 {xpart_probe}
@@ -178,6 +193,7 @@ The same daemons by hand, after stopping the demo (two shells):
                 "aws_converse": self.aws_converse,
                 "boto3_converse": self.boto3_converse,
                 "boto3_converse_stream": self.boto3_converse_stream,
+                "openai_chat": self.openai_chat,
                 "xpart_probe": self.xpart_probe,
                 "xpart_status": self.xpart_status,
                 "run_relay": self.run_relay,
