@@ -5,10 +5,13 @@
 //! answer into a `chat.completion`; [`stream`] turns ConverseStream events into
 //! `chat.completion.chunk` server-sent events, one event in, zero or more chunks out;
 //! [`errors`] gives every refusal the OpenAI error shape and status, in one match; [`body`]
-//! applies [`stream`] to a response body frame by frame as it arrives. None of them does IO.
+//! applies [`stream`] to a response body frame by frame as it arrives. [`embeddings`] turns a
+//! `POST /v1/embeddings` body into InvokeModel bodies for Titan or Cohere Embed and their
+//! answers into OpenAI's embedding list. None of them does IO.
 
 pub mod body;
 pub mod chat;
+pub mod embeddings;
 pub mod errors;
 pub mod stream;
 
@@ -17,10 +20,14 @@ use http::Method;
 /// `POST /v1/chat/completions`.
 pub const CHAT_COMPLETIONS_PATH: &str = "/v1/chat/completions";
 
+/// `POST /v1/embeddings`.
+pub const EMBEDDINGS_PATH: &str = "/v1/embeddings";
+
 /// An OpenAI endpoint the agent serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     ChatCompletions,
+    Embeddings,
 }
 
 impl Endpoint {
@@ -34,8 +41,9 @@ impl Endpoint {
         }
         let endpoint = match (method, path) {
             (&Method::POST, CHAT_COMPLETIONS_PATH) => Ok(Endpoint::ChatCompletions),
+            (&Method::POST, EMBEDDINGS_PATH) => Ok(Endpoint::Embeddings),
             _ => Err(Invalid::not_found(format!(
-                "This xpart agent serves POST {CHAT_COMPLETIONS_PATH} of the OpenAI API; {method} {} is not served.",
+                "This xpart agent serves POST {CHAT_COMPLETIONS_PATH} and POST {EMBEDDINGS_PATH} of the OpenAI API; {method} {} is not served.",
                 shown(path)
             ))),
         };
@@ -46,6 +54,7 @@ impl Endpoint {
     pub fn name(self) -> &'static str {
         match self {
             Endpoint::ChatCompletions => "openai /v1/chat/completions",
+            Endpoint::Embeddings => "openai /v1/embeddings",
         }
     }
 }
