@@ -41,7 +41,9 @@
 pub mod admin;
 pub mod audit;
 pub mod config;
+pub mod crypto;
 pub mod error_chain;
+pub mod inner_tls;
 pub mod logging;
 pub mod record;
 pub mod reload;

@@ -103,6 +103,15 @@ pub struct TunnelSection {
     pub mtu: u16,
     /// Kernel mode only.
     pub interface_name: Option<String>,
+    /// Mutual TLS 1.3 for the agent→relay HTTP/2 inside the tunnel ([`crate::inner_tls`]);
+    /// required in FIPS mode.
+    #[serde(default)]
+    pub inner_tls: bool,
+    /// This side's inner-TLS certificate (`xpart ca issue --relay NAME` / `--agent NAME`).
+    pub inner_tls_cert_file: Option<PathBuf>,
+    pub inner_tls_key_file: Option<PathBuf>,
+    /// The deployment CA that issued the other side's certificate.
+    pub inner_tls_ca_file: Option<PathBuf>,
 }
 
 impl TunnelSection {
@@ -121,6 +130,22 @@ impl TunnelSection {
             .bind_address
             .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         Some(SocketAddr::new(ip, port.unwrap_or(0)))
+    }
+
+    /// The inner-TLS files when `inner_tls = true` and all three are given (resolved with
+    /// `resolve`); [`check`] reports any that is missing.
+    pub fn inner_tls_files(
+        &self,
+        resolve: impl Fn(&Path) -> PathBuf,
+    ) -> Option<crate::inner_tls::InnerTlsFiles> {
+        if !self.inner_tls {
+            return None;
+        }
+        Some(crate::inner_tls::InnerTlsFiles {
+            cert_file: resolve(self.inner_tls_cert_file.as_deref()?),
+            key_file: resolve(self.inner_tls_key_file.as_deref()?),
+            ca_file: resolve(self.inner_tls_ca_file.as_deref()?),
+        })
     }
 }
 
@@ -184,6 +209,7 @@ pub fn check(
             "leave it out to use 1420",
         );
     }
+    check_inner_tls(side, tunnel, peers, &peer_field, diagnostics);
     for (i, peer) in peers.iter().enumerate() {
         if let Some(psk) = &peer.preshared_key_file {
             if let Err(error) = read_preshared_key_file(&resolve(psk)) {
@@ -199,6 +225,64 @@ pub fn check(
                 peer_field(i, peer, "service_port"),
                 "is the port an agent reaches a relay on, and an [[agent]] serves none",
                 "remove it; the relay's port is its [service].listen",
+            );
+        }
+    }
+}
+
+/// `inner_tls`: required in FIPS mode; when on, its three files are given and every peer's
+/// name can be the name in its certificate.
+fn check_inner_tls(
+    side: Side,
+    tunnel: &TunnelSection,
+    peers: &[PeerSection],
+    peer_field: &impl Fn(usize, &PeerSection, &str) -> String,
+    diagnostics: &mut Diagnostics,
+) {
+    if crate::crypto::FIPS_MODE && !tunnel.inner_tls {
+        diagnostics.push(
+            "[tunnel].inner_tls",
+            "is off, and this is a FIPS build: the agent→relay hop would be protected by WireGuard alone, whose cryptography is not FIPS-approved",
+            "set inner_tls = true with inner_tls_cert_file, inner_tls_key_file and inner_tls_ca_file (`xpart ca issue --relay NAME` / `--agent NAME`), or run the default (non-FIPS) build",
+        );
+    }
+    let any_file = tunnel.inner_tls_cert_file.is_some()
+        || tunnel.inner_tls_key_file.is_some()
+        || tunnel.inner_tls_ca_file.is_some();
+    if !tunnel.inner_tls {
+        if any_file {
+            diagnostics.push(
+                "[tunnel].inner_tls",
+                "is off, but inner_tls_cert_file, inner_tls_key_file or inner_tls_ca_file is given",
+                "set inner_tls = true to use them (on the agent and its relays alike), or remove them",
+            );
+        }
+        return;
+    }
+    let (own, peer_flag) = match side {
+        Side::Agent => ("--agent", "--relay"),
+        Side::Relay => ("--relay", "--agent"),
+    };
+    let files = [
+        ("inner_tls_cert_file", &tunnel.inner_tls_cert_file),
+        ("inner_tls_key_file", &tunnel.inner_tls_key_file),
+        ("inner_tls_ca_file", &tunnel.inner_tls_ca_file),
+    ];
+    for (field, value) in files {
+        if value.is_none() {
+            diagnostics.push(
+                format!("[tunnel].{field}"),
+                "is missing (inner_tls = true)",
+                format!("issue this side's certificate with `xpart ca issue {own} NAME` and give its .pem, its .key and the CA's ca.pem"),
+            );
+        }
+    }
+    for (i, peer) in peers.iter().enumerate() {
+        if !crate::inner_tls::is_valid_peer_name(&peer.name) {
+            diagnostics.push(
+                peer_field(i, peer, "name"),
+                format!("{:?} cannot be the name in an inner-TLS certificate (one DNS label: lowercase letters, digits and '-', at most 63)", peer.name),
+                format!("rename it, and issue its certificate with `xpart ca issue {peer_flag} NAME` under the same name"),
             );
         }
     }

@@ -25,6 +25,7 @@ mod credentials;
 mod echo;
 mod echo_discovery;
 mod error;
+mod inner_tls;
 mod metrics;
 mod policy;
 mod resolver;
@@ -74,6 +75,16 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
     };
     let metrics = Arc::new(Metrics::new().map_err(StartError::Metrics)?);
     let _ = audit.register(&metrics.registry);
+    let inner_tls = inner_tls::InnerTls::from_config(&config)?;
+    xpart_daemon::crypto::require_fips(&[(
+        "[tunnel] inner TLS (agent→relay)",
+        inner_tls.as_ref().is_some_and(inner_tls::InnerTls::fips),
+    )])?;
+    xpart_daemon::crypto::register_metrics(&metrics.registry).map_err(StartError::Metrics)?;
+    if let Some(tls) = &inner_tls {
+        tls.register(&metrics.registry)
+            .map_err(StartError::Metrics)?;
+    }
 
     let margin = Duration::from_secs(config.credentials.refresh_before_expiry_secs);
     let fetch_timeout = Duration::from_secs(config.credentials.fetch_timeout_secs);
@@ -108,6 +119,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         service_addr,
         tunnel: Mutex::new(tunnel),
         body_budget: service::BodyBudget::new(config.limits.max_buffered_body_bytes),
+        inner_tls: inner_tls.is_some(),
     });
 
     // Weak: the registry lives inside the relay it reads.
@@ -147,12 +159,16 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
     };
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let serving = tokio::spawn(service::serve(
-        listener,
-        relay.clone(),
-        Duration::from_secs(config.service.shutdown_grace_secs),
-        stopped,
-    ));
+    let grace = Duration::from_secs(config.service.shutdown_grace_secs);
+    let serving = match &inner_tls {
+        Some(tls) => tokio::spawn(service::serve(
+            tls.listener(listener),
+            relay.clone(),
+            grace,
+            stopped,
+        )),
+        None => tokio::spawn(service::serve(listener, relay.clone(), grace, stopped)),
+    };
     tracing::info!(
         service = %service_addr,
         admin = %admin
@@ -354,6 +370,8 @@ pub(crate) struct Relay {
     service_addr: SocketAddr,
     tunnel: Mutex<Option<Tunnel>>,
     body_budget: service::BodyBudget,
+    /// Whether the service listener runs the inner TLS (`[tunnel] inner_tls`).
+    inner_tls: bool,
 }
 
 impl Relay {

@@ -23,8 +23,7 @@ use xpart_bedrock::usage::{UsageReader, UsageSlot};
 use xpart_bedrock::AMZN_REQUEST_ID_HEADER;
 use xpart_bedrock::{error_code, strip_hop_by_hop, ModelId, Route, Service, MAX_BODY_BYTES};
 use xpart_daemon::record::{Ending, OnEnd};
-use xpart_daemon::serve::{ConnectionMetrics, Limits, Server};
-use xpart_tunnel::TcpListener;
+use xpart_daemon::serve::{Accept, ConnectionMetrics, Limits, Server};
 
 use crate::admission::{self, Admitted, Policy, Rewriter, Rules, Target};
 use crate::audit::{Exchange, CLIENT_CLOSED};
@@ -43,7 +42,7 @@ const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 /// (idle connections close at once), and cuts what remains. Connections are counted in
 /// `xpart_relay_service_connections_*`.
 pub async fn serve(
-    listener: TcpListener,
+    listener: impl Accept,
     relay: Arc<Relay>,
     grace: Duration,
     stop: watch::Receiver<bool>,
