@@ -228,7 +228,8 @@ h2 { font-size: 1.1rem; margin: 1.2rem 0 .4rem; }
 table { border-collapse: collapse; width: 100%; margin-bottom: .5rem; }
 th, td { text-align: left; padding: .25rem .5rem; border-bottom: 1px solid var(--line); vertical-align: top; }
 th { font-weight: 600; }
-td.n { text-align: right; font-variant-numeric: tabular-nums; }
+.n { text-align: right; font-variant-numeric: tabular-nums; }
+td:first-child { white-space: nowrap; }
 .badge { display: inline-block; padding: 0 .45rem; border-radius: .6rem; font-weight: 600; color: #fff; background: #6e7781; }
 .good { background: var(--ok); } .bad { background: var(--bad); } .warn { background: var(--warn); }
 .bar { background: var(--line); width: 8rem; height: .6rem; display: inline-block; vertical-align: middle; }
@@ -256,7 +257,7 @@ function el(tag, cls, ...children) {
 function section(title, ...content) { return el("section", null, el("h2", null, title), ...content); }
 function empty(text) { return el("p", "empty", text); }
 function table(headers, rows, numeric) {
-  const head = el("tr", null, ...headers.map((h) => el("th", null, h)));
+  const head = el("tr", null, ...headers.map((h, i) => el("th", numeric && numeric.includes(i) ? "n" : null, h)));
   const body = rows.map((row) => el("tr", null, ...row.map((cell, i) =>
     el("td", numeric && numeric.includes(i) ? "n" : null, cell))));
   return el("table", null, el("thead", null, head), el("tbody", null, ...body));
@@ -313,7 +314,7 @@ function rates(activity, uptime) {
 }
 function trafficSection(activity, r) {
   if (!activity) return section("Requests", empty("no request counts"));
-  return section("Requests", table(["requests", "errors", "request rate", "error rate", "over"],
+  return section("Requests", table(["requests", "errors", "request rate", "error rate", "rate over the last"],
     [[count(activity.requests), count(activity.errors), perMinute(r.requests), perMinute(r.errors),
       r.window === null ? "—" : age(r.window)]], [0, 1, 2, 3]));
 }

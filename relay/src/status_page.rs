@@ -81,7 +81,7 @@ function render(s, r) {
     el("li", null, el("span", "k", "region"), " " + s.region),
     el("li", null, el("span", "k", "upstream"), " " + s.upstream),
     el("li", null, el("span", "k", "echo model"), " " + (s.echo_model || "off")),
-    s.draining ? el("li", null, badge("draining", "warn")) : null);
+    ...(s.draining ? [el("li", null, badge("draining", "warn"))] : []));
   return [
     credentialsSection(s.credentials),
     policySection(s.policy),
