@@ -131,7 +131,7 @@ class Browser:
             [
                 binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--disable-extensions", "--disable-default-apps",
+                "--disable-sync", "--disable-dev-shm-usage", "--disable-extensions", "--disable-default-apps",
                 "--no-default-browser-check", "--metrics-recording-only", "--mute-audio",
                 f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1",
                 "--remote-debugging-port=0", f"--window-size={WINDOW_SIZE[0]},{WINDOW_SIZE[1]}",
@@ -207,10 +207,12 @@ class Browser:
         raise TimeoutError("the awaited DevTools event never came")
 
     def load(self, url, timeout=30.0):
-        """Navigates to `url` and waits for its load event."""
-        self.events.clear()
-        self.call("Page.navigate", {"url": url})
-        self.wait_for(lambda e: e.get("method") == "Page.loadEventFired", timeout)
+        """Navigates to `url` and waits for its load event. The previous page is left for
+        about:blank first, so nothing it still had in flight is counted against this one."""
+        for target in ("about:blank", url):
+            self.events.clear()
+            self.call("Page.navigate", {"url": target})
+            self.wait_for(lambda e: e.get("method") == "Page.loadEventFired", timeout)
 
     def evaluate(self, expression):
         result = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True})
