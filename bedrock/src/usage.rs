@@ -8,6 +8,8 @@
 //! passed on untouched and never held back); [`UsageReader::finish`] says what it found and
 //! whether that is the whole of it. Sans-IO: no clock, no runtime.
 
+use std::sync::{Arc, Mutex};
+
 use aws_smithy_eventstream::frame::{DecodedFrame, MessageFrameDecoder};
 use aws_smithy_types::event_stream::Message;
 use base64::Engine;
@@ -103,6 +105,29 @@ pub struct Reading {
     /// The answer's usage report was read whole. `false` when the answer ended (or was cut)
     /// before it, or it could not be read: `usage` then holds what was known, maybe nothing.
     pub complete: bool,
+}
+
+/// Where a body that read an answer's usage leaves the [`Reading`] for the hook that records
+/// the request when the body ends.
+#[derive(Debug, Clone, Default)]
+pub struct UsageSlot(Arc<Mutex<Option<Reading>>>);
+
+impl UsageSlot {
+    pub fn put(&self, reading: Reading) {
+        *self.lock() = Some(reading);
+    }
+
+    /// The reading, once the body has ended and put it here.
+    pub fn take(&self) -> Option<Reading> {
+        self.lock().take()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Reading>> {
+        // A plain value: whatever a panicking holder left is still usable.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 /// Reads one answer's usage from its head and, as they pass, its body's bytes.
