@@ -92,6 +92,7 @@ impl AdminHandler for AdminView {
             "service": "agent",
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": self.started.elapsed().as_secs_f64(),
+            "fips_mode": xpart_daemon::crypto::FIPS_MODE,
             "ready": active.is_some(),
             "active_relay": active,
             "front": self.front_addr.to_string(),
@@ -100,6 +101,7 @@ impl AdminHandler for AdminView {
             "tunnel": {
                 "mode": self.tunnel_mode,
                 "address": self.tunnel_address,
+                "inner_tls": relays.inner_tls(),
                 "peers": peers,
                 "dropped": self.dropped.as_ref().map_or(Value::Null, tunnel_dropped_json),
             },

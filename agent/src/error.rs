@@ -35,6 +35,10 @@ pub enum StartError {
     #[error(transparent)]
     TunnelConfig(#[from] TunnelConfigError),
     #[error(transparent)]
+    InnerTls(#[from] xpart_daemon::inner_tls::InnerTlsError),
+    #[error(transparent)]
+    NotFips(#[from] xpart_daemon::crypto::NotFips),
+    #[error(transparent)]
     Tunnel(#[from] xpart_tunnel::Error),
     #[error("[audit].path {}: cannot open the audit log: {source} — fix: make its directory writable by the agent's user", path.display())]
     Audit {

@@ -21,6 +21,7 @@ use tokio::sync::{watch, Notify};
 use xpart_tunnel::{Network, PublicKey};
 
 use crate::health::{Health, HealthEvent, HealthSettings, RelayId, RelayReport};
+use crate::inner_tls::InnerTls;
 use crate::streaming::BoxError;
 
 pub type ForwardBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -57,6 +58,8 @@ pub struct Relays {
     connect_timeout: Duration,
     /// Wakes the health monitor when a forward failure asks for an immediate probe.
     probe_now: Notify,
+    /// Set once at start when `[tunnel] inner_tls = true`.
+    inner_tls: std::sync::OnceLock<Arc<InnerTls>>,
 }
 
 struct Link {
@@ -122,6 +125,7 @@ impl Relays {
             network,
             connect_timeout,
             probe_now: Notify::new(),
+            inner_tls: std::sync::OnceLock::new(),
         }
     }
 
@@ -289,6 +293,17 @@ impl Relays {
         &self.probe_now
     }
 
+    /// Wraps every relay connection opened from now on in the inner TLS
+    /// ([`crate::inner_tls`]); called once at start, before any connection.
+    pub fn use_inner_tls(&self, tls: InnerTls) {
+        let _ = self.inner_tls.set(Arc::new(tls));
+    }
+
+    /// Whether relay connections run over the inner TLS.
+    pub fn inner_tls(&self) -> bool {
+        self.inner_tls.get().is_some()
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.links.len()
     }
@@ -311,6 +326,7 @@ impl Relays {
             self.network.clone(),
             link.target.clone(),
             self.connect_timeout,
+            self.inner_tls.get().cloned(),
         ));
         let pending = async move {
             task.await
@@ -340,8 +356,10 @@ async fn connect(
     network: Network,
     target: RelayTarget,
     timeout: Duration,
+    inner_tls: Option<Arc<InnerTls>>,
 ) -> Result<http2::SendRequest<ForwardBody>, ConnectError> {
-    tokio::time::timeout(timeout, open_http2(&network, &target))
+    let open = open_http2(&network, &target, inner_tls.as_deref());
+    tokio::time::timeout(timeout, open)
         .await
         .unwrap_or(Err(ConnectError::TimedOut(timeout)))
 }
@@ -349,9 +367,13 @@ async fn connect(
 async fn open_http2(
     network: &Network,
     target: &RelayTarget,
+    inner_tls: Option<&InnerTls>,
 ) -> Result<http2::SendRequest<ForwardBody>, ConnectError> {
     let conn = network
         .connect(target.service_addr)
+        .await
+        .map_err(|e| ConnectError::Connect(Arc::new(e)))?;
+    let conn = crate::inner_tls::wrap(inner_tls, conn, &target.name)
         .await
         .map_err(|e| ConnectError::Connect(Arc::new(e)))?;
     let (mut sender, connection) = http2::Builder::new(TokioExecutor::new())

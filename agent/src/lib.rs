@@ -27,6 +27,7 @@ mod error;
 mod forward;
 mod front;
 mod health;
+mod inner_tls;
 mod limits;
 mod metrics;
 mod monitor;
@@ -287,7 +288,19 @@ async fn start_inner(
         &config.resolve(&config.front.cert_file),
         &config.resolve(&config.front.key_file),
     )?);
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(certs.clone())?);
+    let front_tls = tls::server_config(certs.clone())?;
+    let inner_tls = match config.tunnel.inner_tls_files(|path| config.resolve(path)) {
+        Some(files) => Some(inner_tls::InnerTls::new(&files)?),
+        None => None,
+    };
+    xpart_daemon::crypto::require_fips(&[
+        ("[front] (the callers' TLS)", front_tls.fips()),
+        (
+            "[tunnel] inner TLS (agent→relay)",
+            inner_tls.as_ref().is_some_and(inner_tls::InnerTls::fips),
+        ),
+    ])?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(front_tls);
     let listener = tokio::net::TcpListener::bind(config.front.listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -311,6 +324,9 @@ async fn start_inner(
     };
     if let Err(error) = audit.register(&metrics.registry) {
         tracing::warn!(%error, "audit metrics not registered");
+    }
+    if let Err(error) = xpart_daemon::crypto::register_metrics(&metrics.registry) {
+        tracing::warn!(%error, "FIPS mode metric not registered");
     }
     let dropped = tunnel.as_ref().map(|(tunnel, _, _)| {
         // Weak: shutdown takes the tunnel back out of its Arc.
@@ -372,6 +388,9 @@ async fn start_inner(
         }
         None => budget::Ledger::new(),
     };
+    if let Some(tls) = inner_tls {
+        relays.use_inner_tls(tls);
+    }
     let agent = Arc::new(Agent {
         usage: usage::UsageBook::new(usage),
         principals: Live::new(Principals::new(principals)),

@@ -71,9 +71,11 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
-/// rustls server settings for the front: ring, TLS 1.2 and 1.3, ALPN h2 then http/1.1.
+/// rustls server settings for the front: the build's provider (ring, or AWS-LC's FIPS module in
+/// FIPS mode, which offers only FIPS-approved suites and groups), TLS 1.2 and 1.3, ALPN h2 then
+/// http/1.1.
 pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, StartError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = xpart_daemon::crypto::provider();
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(StartError::Tls)?
@@ -107,7 +109,7 @@ fn read_certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey,
         key_error(message.strip_prefix(&prefix).unwrap_or(&message).to_owned())
     })?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| key_error(e.to_string()))?;
-    let provider: CryptoProvider = rustls::crypto::ring::default_provider();
+    let provider: Arc<CryptoProvider> = xpart_daemon::crypto::provider();
     CertifiedKey::from_der(certs, key, &provider).map_err(|e| StartError::Certificate {
         file: key_file.to_owned(),
         reason: format!(

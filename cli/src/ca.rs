@@ -62,9 +62,18 @@ Examples:
         /// Agent address callers may dial directly (repeatable).
         #[arg(long = "ip", value_name = "ADDRESS")]
         ips: Vec<IpAddr>,
-        /// Output prefix: writes PREFIX.pem and PREFIX.key.
-        #[arg(long, default_value = "front")]
-        out: PathBuf,
+        /// Instead of the front's certificate: the inner-TLS certificate of the relay named
+        /// NAME in the agents' [[relay]] tables (NAME.relay.xpart, server authentication).
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["regions", "names", "ips", "agent"])]
+        relay: Option<String>,
+        /// Instead of the front's certificate: the inner-TLS certificate of the agent named
+        /// NAME in the relays' [[agent]] tables (NAME.agent.xpart, client authentication).
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["regions", "names", "ips"])]
+        agent: Option<String>,
+        /// Output prefix: writes PREFIX.pem and PREFIX.key. Default "front", or
+        /// "relay-NAME" / "agent-NAME" with --relay / --agent.
+        #[arg(long)]
+        out: Option<PathBuf>,
         /// Validity in days (browsers cap at 398; SDKs do not).
         #[arg(long, default_value_t = 825)]
         days: i64,
@@ -107,10 +116,19 @@ pub fn run(command: CaCommand, json: bool) -> Result<ExitCode, Error> {
             regions,
             names,
             ips,
+            relay,
+            agent,
             out,
             days,
             force,
         } => {
+            if let Some(peer) = inner_tls_peer(relay, agent)? {
+                let out = out.unwrap_or_else(|| PathBuf::from(peer.default_out()));
+                let report = issue_inner_tls(&ca_dir, &peer, &out, days, force)?;
+                print_inner_tls(&report, &peer, json);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let out = out.unwrap_or_else(|| PathBuf::from("front"));
             let dns_names = leaf_dns_names(&regions, &names)?;
             let report = issue(&ca_dir, dns_names, ips, &out, days, force)?;
             print_issue(&report, json);
@@ -199,6 +217,100 @@ pub(crate) fn issue(
     days: i64,
     force: bool,
 ) -> Result<IssueReport, Error> {
+    issue_leaf(
+        ca_dir,
+        dns_names,
+        ips,
+        ExtendedKeyUsagePurpose::ServerAuth,
+        out,
+        days,
+        force,
+    )
+}
+
+/// Which side of the inner TLS a certificate is for, and the peer's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum InnerTlsPeer {
+    Relay(String),
+    Agent(String),
+}
+
+impl InnerTlsPeer {
+    fn name(&self) -> &str {
+        match self {
+            InnerTlsPeer::Relay(name) => name,
+            InnerTlsPeer::Agent(name) => name,
+        }
+    }
+
+    fn dns_name(&self) -> String {
+        match self {
+            InnerTlsPeer::Relay(name) => xpart_daemon::inner_tls::relay_name(name),
+            InnerTlsPeer::Agent(name) => xpart_daemon::inner_tls::agent_name(name),
+        }
+    }
+
+    fn usage(&self) -> ExtendedKeyUsagePurpose {
+        match self {
+            InnerTlsPeer::Relay(_) => ExtendedKeyUsagePurpose::ServerAuth,
+            InnerTlsPeer::Agent(_) => ExtendedKeyUsagePurpose::ClientAuth,
+        }
+    }
+
+    fn default_out(&self) -> String {
+        match self {
+            InnerTlsPeer::Relay(name) => format!("relay-{name}"),
+            InnerTlsPeer::Agent(name) => format!("agent-{name}"),
+        }
+    }
+}
+
+fn inner_tls_peer(
+    relay: Option<String>,
+    agent: Option<String>,
+) -> Result<Option<InnerTlsPeer>, Error> {
+    let (peer, flag) = match (relay, agent) {
+        (Some(name), _) => (InnerTlsPeer::Relay(name), "--relay"),
+        (None, Some(name)) => (InnerTlsPeer::Agent(name), "--agent"),
+        (None, None) => return Ok(None),
+    };
+    if !xpart_daemon::inner_tls::is_valid_peer_name(peer.name()) {
+        return Err(Error::Usage(format!(
+            "{flag} {:?}: the name must be the peer table's name, one DNS label (lowercase letters, digits and '-', at most 63)",
+            peer.name()
+        )));
+    }
+    Ok(Some(peer))
+}
+
+/// The inner-TLS certificate of one relay or agent, from the same CA as the front's.
+pub(crate) fn issue_inner_tls(
+    ca_dir: &Path,
+    peer: &InnerTlsPeer,
+    out: &Path,
+    days: i64,
+    force: bool,
+) -> Result<IssueReport, Error> {
+    issue_leaf(
+        ca_dir,
+        vec![peer.dns_name()],
+        Vec::new(),
+        peer.usage(),
+        out,
+        days,
+        force,
+    )
+}
+
+fn issue_leaf(
+    ca_dir: &Path,
+    dns_names: Vec<String>,
+    ips: Vec<IpAddr>,
+    usage: ExtendedKeyUsagePurpose,
+    out: &Path,
+    days: i64,
+    force: bool,
+) -> Result<IssueReport, Error> {
     check_days(days)?;
     let ca_cert_path = ca_dir.join(CA_CERT_FILE);
     let ca_key_path = ca_dir.join(CA_KEY_FILE);
@@ -222,7 +334,7 @@ pub(crate) fn issue(
         .extend(ips.iter().copied().map(SanType::IpAddress));
     params.distinguished_name = distinguished_name(&dns_names[0]);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.extended_key_usages = vec![usage];
     params.use_authority_key_identifier_extension = true;
     params.not_before = now - BACKDATE;
     params.not_after = now + Duration::days(days);
@@ -336,6 +448,30 @@ fn print_issue(report: &IssueReport, json: bool) {
     print_bundle_instructions(&report.ca_bundle);
 }
 
+fn print_inner_tls(report: &IssueReport, peer: &InnerTlsPeer, json: bool) {
+    if json {
+        return print_json(report);
+    }
+    let (file, table) = match peer {
+        InnerTlsPeer::Relay(_) => ("relay.toml", "the agents' [[relay]]"),
+        InnerTlsPeer::Agent(_) => ("agent.toml", "the relays' [[agent]]"),
+    };
+    println!("Certificate: {} (with the CA chain)", report.cert.display());
+    println!("Private key: {} (mode 600)", report.key.display());
+    println!("Name:        {}", report.dns_names.join(", "));
+    println!("Valid until: {}", report.not_after);
+    println!();
+    println!("In {file} ({} must be the name in {table} table):", peer.name());
+    println!("  [tunnel]");
+    println!("  inner_tls = true");
+    println!("  inner_tls_cert_file = {:?}", report.cert.display().to_string());
+    println!("  inner_tls_key_file = {:?}", report.key.display().to_string());
+    println!(
+        "  inner_tls_ca_file = {:?}",
+        report.ca_bundle.display().to_string()
+    );
+}
+
 fn print_bundle_instructions(ca_cert: &Path) {
     println!();
     println!("On each caller, trust the CA for Bedrock calls:");
@@ -389,6 +525,15 @@ mod tests {
         .unwrap();
         assert_eq!(names.len(), 5);
         assert_eq!(names[4], "localhost");
+    }
+
+    #[test]
+    fn an_inner_tls_name_must_be_one_dns_label() {
+        let peer = inner_tls_peer(Some("relay-a".into()), None).unwrap();
+        assert_eq!(peer, Some(InnerTlsPeer::Relay("relay-a".into())));
+        assert_eq!(peer.unwrap().dns_name(), "relay-a.relay.xpart");
+        let err = inner_tls_peer(None, Some("Agent.A".into())).unwrap_err();
+        assert!(err.to_string().contains("--agent \"Agent.A\""), "{err}");
     }
 
     #[test]

@@ -247,6 +247,25 @@ fn peer_reports(status: &Value) -> Vec<PeerReport> {
         .collect()
 }
 
+/// `fips_mode` and `tunnel.inner_tls` in either daemon's `/status`, in one line; `None` from a
+/// daemon that reports neither.
+fn crypto_line(status: &Value) -> Option<String> {
+    let fips = status.get("fips_mode").and_then(Value::as_bool);
+    let inner_tls = status.pointer("/tunnel/inner_tls").and_then(Value::as_bool);
+    if fips.is_none() && inner_tls.is_none() {
+        return None;
+    }
+    let fips = match fips {
+        Some(true) => "FIPS mode (AWS-LC FIPS module on every TLS hop)",
+        Some(false) | None => "not FIPS mode",
+    };
+    let inner_tls = match inner_tls {
+        Some(true) => "inner TLS on",
+        Some(false) | None => "inner TLS off",
+    };
+    Some(format!("crypto: {fips}, {inner_tls}"))
+}
+
 /// `/tunnel/dropped` in either daemon's `/status`: the reasons with drops, by name.
 fn tunnel_dropped(status: &Value) -> Option<BTreeMap<String, u64>> {
     let dropped = status.pointer("/tunnel/dropped")?.as_object()?;
@@ -356,6 +375,9 @@ fn print_report(report: &DaemonReport) {
     }
     let readiness = if report.ready { "ready" } else { "NOT READY" };
     println!("{service} {}: {readiness}", report.url);
+    if let Some(line) = report.status.as_ref().and_then(crypto_line) {
+        println!("  {line}");
+    }
     if !report.ready {
         if let Some(reason) = report
             .readiness
@@ -462,6 +484,21 @@ fn drops_line(dropped: &BTreeMap<String, u64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_crypto_line_says_fips_mode_and_inner_tls() {
+        let fips = serde_json::json!({ "fips_mode": true, "tunnel": { "inner_tls": true } });
+        assert_eq!(
+            crypto_line(&fips).as_deref(),
+            Some("crypto: FIPS mode (AWS-LC FIPS module on every TLS hop), inner TLS on")
+        );
+        let plain = serde_json::json!({ "fips_mode": false, "tunnel": { "inner_tls": false } });
+        assert_eq!(
+            crypto_line(&plain).as_deref(),
+            Some("crypto: not FIPS mode, inner TLS off")
+        );
+        assert_eq!(crypto_line(&serde_json::json!({ "tunnel": {} })), None);
+    }
 
     const METRICS: &str = "\
 # HELP xpart_agent_requests_total Bedrock requests handled

@@ -458,6 +458,13 @@ impl RelayConfig {
         for (i, up) in self.upstreams.iter().enumerate() {
             let table = self.upstream_table(i);
             self.validate_one_upstream(&table, up, found);
+            if xpart_daemon::crypto::FIPS_MODE && !up.fips {
+                found.push(Problem::new(
+                    &format!("{table}.fips"),
+                    "is false, and this is a FIPS build: every request goes to a FIPS endpoint".into(),
+                    "point the table at the region's FIPS endpoint (bedrock-runtime-fips.REGION.amazonaws.com or bedrock-fips.REGION.amazonaws.com, or an interface endpoint for it) and set fips = true",
+                ));
+            }
             if !seen.insert((up.service, up.region.clone(), up.fips)) {
                 found.push(Problem::new(
                     &format!("{table}.region"),

@@ -153,11 +153,14 @@ pub fn choose(keys: &[Key<'_>], destination: &Destination) -> Result<usize, Requ
             configured: configured.join(", "),
         });
     }
-    let wanted = (destination.service, region, destination.fips);
+    // A FIPS build sends every request to a FIPS endpoint, whichever name the caller dialled
+    // (validation refuses its non-FIPS upstreams).
+    let fips = destination.fips || xpart_daemon::crypto::FIPS_MODE;
+    let wanted = (destination.service, region, fips);
     if let Some(index) = keys.iter().position(|key| *key == wanted) {
         return Ok(index);
     }
-    if destination.fips {
+    if fips {
         return Err(RequestError::NoFipsUpstream {
             service: destination.service.to_string(),
             region: region.to_string(),

@@ -1,0 +1,282 @@
+"""Inner TLS and FIPS mode, end to end on loopback: caller (boto3) → xpart-agent → userspace
+WireGuard → mutual TLS 1.3 inside the tunnel → xpart-relay → Bedrock stand-in.
+
+The inner-TLS tests run on the default build (XPART_BIN_DIR). The FIPS tests run the binaries
+of the `fips` build (tests/fips/build writes them to target/fips/debug; point XPART_FIPS_BIN_DIR
+there) and are skipped, with the reason, when that build is absent. The inner-TLS certificates
+are issued by `xpart ca issue --relay NAME` / `--agent NAME` from the default build's CLI."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+import agent_harness as ah
+import relay_harness as h
+
+STANDIN_MODEL = "standin.echo-v1"
+FIPS_HOST = "bedrock-runtime-fips.us-east-1.amazonaws.com"
+
+
+def cli():
+    return os.path.join(h.bin_dir(), "xpart")
+
+
+def fips_bin_dir():
+    return os.environ.get("XPART_FIPS_BIN_DIR", "")
+
+
+@pytest.fixture
+def fips_bins(monkeypatch):
+    """Points the harness at the FIPS build's binaries, or skips."""
+    directory = fips_bin_dir()
+    if not directory:
+        pytest.skip("XPART_FIPS_BIN_DIR is not set: build the FIPS binaries with tests/fips/build "
+                    "(needs Go and CMake) and set XPART_FIPS_BIN_DIR=target/fips/debug")
+    relay, agent = os.path.join(directory, "xpart-relay"), os.path.join(directory, "xpart-agent")
+    for path in (relay, agent):
+        if not os.access(path, os.X_OK):
+            pytest.skip(f"the FIPS build is absent: {path} is not an executable (run tests/fips/build)")
+    monkeypatch.setattr(h, "relay_binary", lambda: relay)
+    monkeypatch.setattr(ah, "agent_binary", lambda: agent)
+    return directory
+
+
+@pytest.fixture
+def pki_dir(tmp_path):
+    """A deployment CA made with `xpart ca init`, and a function issuing inner-TLS pairs."""
+    if not os.access(cli(), os.X_OK):
+        pytest.skip(f"xpart is not built at {cli()} (cargo build -p xpart)")
+    ca = tmp_path / "ca"
+    run_cli("ca", "init", "--dir", str(ca), "--days", "2")
+    return ca
+
+
+def run_cli(*args):
+    proc = subprocess.run([cli(), *args], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, f"xpart {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def issue(ca, role, name):
+    """`xpart ca issue --relay NAME` or `--agent NAME`: (cert, key) paths."""
+    out = ca / f"{role}-{name}"
+    report = json.loads(run_cli("--json", "ca", "issue", "--ca-dir", str(ca), f"--{role}", name, "--out", str(out)))
+    assert report["dns_names"] == [f"{name}.{role}.xpart"]
+    return report["cert"], report["key"]
+
+
+def inner_tls_lines(ca, cert, key):
+    return (f'inner_tls = true\ninner_tls_cert_file = "{cert}"\ninner_tls_key_file = "{key}"\n'
+            f'inner_tls_ca_file = "{ca / "ca.pem"}"\n')
+
+
+def add_to_tunnel(path, lines):
+    with open(path) as f:
+        text = f.read()
+    assert "[tunnel]\n" in text
+    with open(path, "w") as f:
+        f.write(text.replace("[tunnel]\n", "[tunnel]\n" + lines, 1))
+
+
+class InnerTlsStack:
+    def __init__(self, agent, relay, directory):
+        self.agent = agent
+        self.relay = relay
+        self.directory = directory
+
+
+@pytest.fixture
+def start_inner_tls(tmp_path, test_pki, upstream_dns, standin, pki_dir):
+    """start(agent_cert_name="agent-test", relay_inner_tls=True, extra_agents="", relay_options=None,
+    wait=True) → InnerTlsStack: one relay ("relay-a") and the agent, both with inner TLS."""
+    started = []
+
+    def start(agent_cert_name="agent-test", extra_agents="", relay_options=None, wait=True):
+        directory = tmp_path / f"stack{len(started)}"
+        directory.mkdir()
+        agent_private, agent_public = ah.wg_keypair()
+        relay_private, relay_public = ah.wg_keypair()
+        relay_dir = directory / "relay-a"
+        relay_dir.mkdir()
+        config = ah.relay_userspace_config(
+            str(relay_dir), standin.port, upstream_dns.address[1], test_pki["ca"],
+            private_key_file=ah.write_key(str(relay_dir / "relay.key"), relay_private),
+            tunnel_address=ah.RELAY_TUNNELS[0], agent_public_key=agent_public,
+            models=("standin.*",), **(relay_options or {}),
+        )
+        relay_cert, relay_key = issue(pki_dir, "relay", "relay-a")
+        add_to_tunnel(config, inner_tls_lines(pki_dir, relay_cert, relay_key))
+        if extra_agents:
+            with open(config, "a") as f:
+                f.write(extra_agents)
+        process = ah.RelayProcess(config, h.relay_env(str(relay_dir), static_key=h.RELAY_KEY),
+                                  str(relay_dir / "relay.log"))
+        relay = ah.Relay("relay-a", str(relay_dir), process, ah.RELAY_TUNNELS[0], relay_public)
+        started.append(relay)
+
+        agent_cert, agent_key = issue(pki_dir, "agent", agent_cert_name)
+        token = ah.new_token()
+        agent_config = ah.agent_config(
+            str(directory), relays=[relay], private_key_file=ah.write_key(str(directory / "agent.key"), agent_private),
+            cert=test_pki["cert"], key=test_pki["key"],
+            principals=ah.principal("lambda", token=token, models=("standin.*",)),
+        )
+        add_to_tunnel(agent_config, inner_tls_lines(pki_dir, agent_cert, agent_key))
+        agent = ah.AgentProcess(agent_config, str(directory / "agent.log"))
+        started.append(agent)
+        agent.token = token
+        if wait:
+            agent.wait_ready()
+        return InnerTlsStack(agent, relay, directory)
+
+    yield start
+    for process in reversed(started):
+        process.stop()
+
+
+def caller_env(stack, test_pki):
+    return ah.caller_env(stack.agent.endpoint, test_pki["ca"], stack.agent.token)
+
+
+def converse_and_stream(stack, test_pki):
+    env = caller_env(stack, test_pki)
+    answer = ah.boto3_call(env, op="converse", model=STANDIN_MODEL, text="through the inner TLS")
+    assert "error" not in answer, answer
+    assert "through the inner TLS" in answer["text"], answer
+    streamed = ah.boto3_call(env, op="converse_stream", model=STANDIN_MODEL, text="streamed inside")
+    assert "error" not in streamed and "stream_error" not in streamed, streamed
+    kinds = [event["kind"] for event in streamed["events"]]
+    assert kinds[0] == "messageStart" and "messageStop" in kinds, kinds
+    text = "".join(e["event"]["contentBlockDelta"]["delta"].get("text", "")
+                   for e in streamed["events"] if e["kind"] == "contentBlockDelta")
+    assert "streamed inside" in text, streamed
+
+
+def metric(text, name):
+    match = re.search(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
+# --- inner TLS, default build -------------------------------------------------------------------
+
+def test_inner_tls_carries_converse_and_converse_stream_through_the_tunnel(start_inner_tls, test_pki):
+    stack = start_inner_tls()
+    converse_and_stream(stack, test_pki)
+    _, status = stack.agent.admin_json("/status")
+    assert status["tunnel"]["inner_tls"] is True
+    assert status["fips_mode"] is False
+    _, _, body = h.get(stack.relay.process.admin, "/status")
+    relay_status = json.loads(body)
+    assert relay_status["tunnel"]["inner_tls"] is True
+    _, _, metrics = h.get(stack.relay.process.admin, "/metrics")
+    assert metric(metrics.decode(), "xpart_fips_mode") == 0
+    assert metric(metrics.decode(), "xpart_relay_inner_tls_refused_total") == 0
+
+
+def test_a_tls_peer_that_is_not_the_wireguard_peer_carrying_it_is_refused(start_inner_tls, test_pki):
+    # agent-b is a configured agent with a certificate from the same CA, but the connection
+    # arrives through agent-test's tunnel (its key, its address): the relay must refuse it.
+    _, other_public = ah.wg_keypair()
+    extra = f'\n[[agent]]\nname = "agent-b"\npublic_key = "{other_public}"\ntunnel_address = "100.64.0.9"\n'
+    stack = start_inner_tls(agent_cert_name="agent-b", extra_agents=extra, wait=False)
+    deadline = time.monotonic() + 10
+    refused = 0
+    while time.monotonic() < deadline and not refused:
+        _, _, metrics = h.get(stack.relay.process.admin, "/metrics")
+        refused = metric(metrics.decode(), "xpart_relay_inner_tls_refused_total") or 0
+        time.sleep(0.1)
+    assert refused >= 1, stack.relay.process.logs()
+    assert "agent-test.agent.xpart" in stack.relay.process.logs()
+    status, _ = stack.agent.admin_json("/readyz")
+    assert status == 503
+    answer = ah.boto3_call(caller_env(stack, test_pki), op="converse", model=STANDIN_MODEL, text="x")
+    assert answer.get("status") == 503, answer
+    assert stack.relay.process.proc.poll() is None
+    # Nothing reached the stand-in: the relay answered no request from that connection.
+    assert not os.path.exists(os.path.join(stack.relay.directory, "audit.jsonl")) or \
+        os.path.getsize(os.path.join(stack.relay.directory, "audit.jsonl")) == 0
+
+
+def test_inner_tls_without_its_files_is_refused_with_the_fields_named(tmp_path, relay_bin):
+    config = tmp_path / "relay.toml"
+    path = h.relay_config(str(tmp_path), 1, 1, "/nonexistent/ca.pem")
+    with open(path) as f:
+        text = f.read()
+    config.write_text(text.replace("[tunnel]\n", "[tunnel]\ninner_tls = true\n", 1))
+    proc = subprocess.run([relay_bin, "--config", str(config), "--check"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    for field in ("inner_tls_cert_file", "inner_tls_key_file", "inner_tls_ca_file"):
+        assert f"[tunnel].{field}" in out, out
+    assert "xpart ca issue --relay NAME" in out, out
+
+
+# --- FIPS build -----------------------------------------------------------------------------------
+
+FIPS_UPSTREAM = [{"service": "bedrock-runtime", "region": h.REGION, "fips": True, "host_header": FIPS_HOST}]
+
+
+def test_fips_mode_carries_converse_and_converse_stream_end_to_end(fips_bins, start_inner_tls, test_pki):
+    stack = start_inner_tls(relay_options={"upstreams": FIPS_UPSTREAM})
+    converse_and_stream(stack, test_pki)
+    _, status = stack.agent.admin_json("/status")
+    assert status["fips_mode"] is True and status["tunnel"]["inner_tls"] is True
+    assert metric(stack.agent.metrics(), "xpart_fips_mode") == 1
+    _, _, metrics = h.get(stack.relay.process.admin, "/metrics")
+    assert metric(metrics.decode(), "xpart_fips_mode") == 1
+    admin = f"{stack.agent.admin[0]}:{stack.agent.admin[1]}"
+    shown = subprocess.run([cli(), "status", "--agent", admin, "--window", "0s"],
+                           capture_output=True, text=True, timeout=30)
+    assert "crypto: FIPS mode" in shown.stdout and "inner TLS on" in shown.stdout, shown.stdout
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_fips_front_refuses_a_caller_offering_only_a_non_fips_suite(fips_bins, start_inner_tls):
+    stack = start_inner_tls(relay_options={"upstreams": FIPS_UPSTREAM})
+    target = f"127.0.0.1:{stack.agent.front[1]}"
+
+    def s_client(*args):
+        return subprocess.run(["openssl", "s_client", "-connect", target, "-servername", "localhost", *args],
+                              input="", capture_output=True, text=True, timeout=30)
+
+    chacha = s_client("-tls1_3", "-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256")
+    assert chacha.returncode != 0, chacha.stdout
+    assert "TLS_CHACHA20_POLY1305_SHA256" not in chacha.stdout.replace("-ciphersuites", "")
+    chacha12 = s_client("-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305")
+    assert chacha12.returncode != 0, chacha12.stdout
+    # The same caller with an approved suite gets through: the refusal is the suite's.
+    aes = s_client("-tls1_3", "-ciphersuites", "TLS_AES_128_GCM_SHA256")
+    assert aes.returncode == 0, aes.stdout + aes.stderr
+    assert "TLS_AES_128_GCM_SHA256" in aes.stdout
+
+
+def test_fips_mode_refuses_to_start_without_inner_tls(fips_bins, tmp_path, test_pki, upstream_dns, standin):
+    relay_dir = tmp_path / "relay"
+    relay_dir.mkdir()
+    config = h.relay_config(str(relay_dir), standin.port, upstream_dns.address[1], test_pki["ca"],
+                            upstreams=FIPS_UPSTREAM)
+    proc = subprocess.run([h.relay_binary(), "--config", config], capture_output=True, text=True, timeout=30,
+                          env=h.relay_env(str(relay_dir)))
+    assert proc.returncode != 0
+    assert "[tunnel].inner_tls" in proc.stderr and "FIPS" in proc.stderr, proc.stderr
+    agent_config = ah.host_mode_config(str(tmp_path), test_pki, "[]")
+    proc = subprocess.run([ah.agent_binary(), "--config", agent_config], capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert "[tunnel].inner_tls" in proc.stderr and "FIPS" in proc.stderr, proc.stderr
+
+
+def test_fips_mode_refuses_a_non_fips_upstream(fips_bins, tmp_path, test_pki, upstream_dns, standin, pki_dir):
+    relay_dir = tmp_path / "relay"
+    relay_dir.mkdir()
+    config = h.relay_config(str(relay_dir), standin.port, upstream_dns.address[1], test_pki["ca"])
+    cert, key = issue(pki_dir, "relay", "relay-a")
+    add_to_tunnel(config, inner_tls_lines(pki_dir, cert, key))
+    proc = subprocess.run([h.relay_binary(), "--config", config, "--check"], capture_output=True, text=True,
+                          timeout=30, env=h.relay_env(str(relay_dir)))
+    assert proc.returncode != 0
+    assert "[upstream].fips" in proc.stderr + proc.stdout, proc.stderr + proc.stdout
