@@ -7,9 +7,11 @@
 //! in constant time.
 //!
 //! A principal may then call the operations on its `operations` list (by default the invoke,
-//! converse and token-counting operations, see [`DEFAULT_OPERATIONS`]) with the models on its
-//! `models` list. Operations without a model in the path (ApplyGuardrail, the async-invoke
-//! family) are refused at the agent unless the principal lists them.
+//! converse and token-counting operations and the model-discovery reads, see
+//! [`DEFAULT_OPERATIONS`]) with the models on its `models` list. Operations without a model in
+//! the path (ApplyGuardrail, the async-invoke family) are refused at the agent unless the
+//! principal lists them; the list reads are granted as such, and their answers are filtered
+//! to the principal's `models` ([`crate::discovery`]).
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -63,14 +65,21 @@ pub enum Denial {
 }
 
 /// What a principal may call when its `operations` is not set: generating text and counting
-/// tokens, each with a model the `models` list allows. Counting tokens costs nothing at
-/// Bedrock and names its model like the others, so the model allowlist governs it too.
-pub const DEFAULT_OPERATIONS: [Operation; 5] = [
+/// tokens, each with a model the `models` list allows, and discovering those models. Counting
+/// tokens costs nothing at Bedrock and names its model like the others, so the model
+/// allowlist governs it too; the discovery reads cost nothing, `Get…` names its model, and
+/// list answers are filtered to the allowlist.
+pub const DEFAULT_OPERATIONS: [Operation; 10] = [
     Operation::InvokeModel,
     Operation::InvokeModelWithResponseStream,
     Operation::Converse,
     Operation::ConverseStream,
     Operation::CountTokens,
+    Operation::ListFoundationModels,
+    Operation::GetFoundationModel,
+    Operation::ListInferenceProfiles,
+    Operation::GetInferenceProfile,
+    Operation::GetFoundationModelAvailability,
 ];
 
 /// Every configured principal, searched on each request.
@@ -148,8 +157,8 @@ impl Principals {
     }
 }
 
-/// Whether `operation`'s path names a model (`/model/{modelId}/…`), which `models` then
-/// governs.
+/// Whether `operation`'s path names a model (`/model/{modelId}/…`, or the model or profile a
+/// discovery `Get…` reads), which `models` then governs.
 pub fn names_model(operation: Operation) -> bool {
     match operation {
         Operation::InvokeModel => true,
@@ -162,6 +171,11 @@ pub fn names_model(operation: Operation) -> bool {
         Operation::StartAsyncInvoke => false,
         Operation::ListAsyncInvokes => false,
         Operation::GetAsyncInvoke => false,
+        Operation::ListFoundationModels => false,
+        Operation::GetFoundationModel => true,
+        Operation::ListInferenceProfiles => false,
+        Operation::GetInferenceProfile => true,
+        Operation::GetFoundationModelAvailability => true,
     }
 }
 

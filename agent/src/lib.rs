@@ -22,6 +22,8 @@ mod admin;
 mod auth;
 mod budget;
 mod config;
+mod destination;
+mod discovery;
 mod dns;
 mod error;
 mod forward;

@@ -16,7 +16,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, BodyStream, Full, StreamBody};
 use hyper::body::Incoming;
 use xpart_bedrock::protocol::{
-    strip_xpart_headers, PRINCIPAL_HEADER, REQUEST_ID_HEADER, SOURCE_HEADER,
+    strip_xpart_headers, Destination, PRINCIPAL_HEADER, REQUEST_ID_HEADER, SOURCE_HEADER,
 };
 use xpart_bedrock::usage::{UsageReader, UsageSlot};
 use xpart_bedrock::{
@@ -36,6 +36,7 @@ use crate::metrics::Metrics;
 use crate::openai::{self, body::SseBody, chat::ChatCall, stream::StreamTranslator};
 use crate::streaming::{BoxError, RequestBody, RequestMeter, ResponseBody};
 use crate::usage::UsageBook;
+use crate::{destination, discovery};
 
 /// Content type of Bedrock's streaming answers.
 const EVENT_STREAM: &str = "application/vnd.amazon.eventstream";
@@ -91,7 +92,7 @@ pub async fn handle(
 
 async fn steps(
     agent: &Arc<Agent>,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     exchange: &mut Recorder,
 ) -> Result<Response<CallerBody>, RequestError> {
     let principal = authenticate(agent, &request, exchange)?;
@@ -99,11 +100,14 @@ async fn steps(
         endpoint.map_err(RequestError::OpenAi)?;
         return openai_chat(agent, request, &principal, exchange).await;
     }
-    let route = route(&request, exchange)?;
+    let (route, destination) = route(&request, exchange)?;
+    // Carried to the tunnel hop, which turns it into the x-xpart-service/-region/-fips headers.
+    request.extensions_mut().insert(destination);
     authorize(&principal, &route, exchange)?;
     check_declared_length(&principal, &request)?;
     let slot = limit(agent, &principal)?;
     let response = forward(agent, request, &principal, exchange, slot).await?;
+    let response = discovery::filtered(&principal, route.operation, response).await?;
     Ok(response)
 }
 
@@ -311,12 +315,17 @@ fn authenticate(
     Ok(principal)
 }
 
-fn route(request: &Request<Incoming>, exchange: &mut Recorder) -> Result<Route, RequestError> {
-    let route =
-        Route::parse(request.method(), request.uri().path()).map_err(RequestError::Route)?;
+/// The operation, and the service, region and FIPS choice of the name the caller dialled
+/// ([`destination::route`]).
+fn route(
+    request: &Request<Incoming>,
+    exchange: &mut Recorder,
+) -> Result<(Route, Destination), RequestError> {
+    let (route, to) = destination::route(request.method(), request.uri(), request.headers())
+        .map_err(RequestError::Route)?;
     exchange.record.operation = Some(route.operation);
     exchange.record.model = route.model.clone();
-    Ok(route)
+    Ok((route, to))
 }
 
 fn authorize(
@@ -595,6 +604,9 @@ where
     bedrock::strip_hop_by_hop(headers);
     bedrock::strip_caller_credentials(headers);
     strip_xpart_headers(headers);
+    if let Some(destination) = parts.extensions.get::<Destination>() {
+        destination.insert_into(headers);
+    }
     headers.remove(HOST);
     let added = [
         (PRINCIPAL_HEADER, principal.name.as_str()),

@@ -219,7 +219,7 @@ operations = ["ApplyGuardrail", "Converse"]
 }
 
 #[test]
-fn principals_default_to_the_invoke_converse_and_count_operations() {
+fn principals_default_to_the_invoke_converse_count_and_discovery_operations() {
     use xpart_bedrock::Operation;
     let config = parse(&format!(
         r#"{FRONT_AND_RELAY}
@@ -244,6 +244,11 @@ operations = ["ConverseStream", "ApplyGuardrail"]
             Operation::Converse,
             Operation::ConverseStream,
             Operation::CountTokens,
+            Operation::ListFoundationModels,
+            Operation::GetFoundationModel,
+            Operation::ListInferenceProfiles,
+            Operation::GetInferenceProfile,
+            Operation::GetFoundationModelAvailability,
         ]
     );
     assert_eq!(
