@@ -77,24 +77,36 @@ enum ConnInner {
     Userspace(userspace::Conn),
 }
 
+/// Both kinds of connection, for the read and write calls that do not care which it is.
+trait Io: AsyncRead + AsyncWrite + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Unpin> Io for T {}
+
 impl TcpConn {
     pub fn peer_addr(&self) -> SocketAddr {
         match &self.inner {
-            ConnInner::Host(stream) => stream
-                .peer_addr()
-                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+            ConnInner::Host(stream) => or_unspecified(stream.peer_addr()),
             ConnInner::Userspace(conn) => conn.peer_addr(),
         }
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         match &self.inner {
-            ConnInner::Host(stream) => stream
-                .local_addr()
-                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+            ConnInner::Host(stream) => or_unspecified(stream.local_addr()),
             ConnInner::Userspace(conn) => conn.local_addr(),
         }
     }
+
+    fn io(self: Pin<&mut Self>) -> Pin<&mut dyn Io> {
+        match &mut self.get_mut().inner {
+            ConnInner::Host(stream) => Pin::new(stream),
+            ConnInner::Userspace(conn) => Pin::new(conn),
+        }
+    }
+}
+
+/// A host socket that lost its address (closed under us) reports 0.0.0.0:0.
+fn or_unspecified(addr: io::Result<SocketAddr>) -> SocketAddr {
+    addr.unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 impl std::fmt::Debug for TcpConn {
@@ -112,10 +124,7 @@ impl AsyncRead for TcpConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().inner {
-            ConnInner::Host(stream) => Pin::new(stream).poll_read(cx, buf),
-            ConnInner::Userspace(conn) => Pin::new(conn).poll_read(cx, buf),
-        }
+        self.io().poll_read(cx, buf)
     }
 }
 
@@ -125,24 +134,15 @@ impl AsyncWrite for TcpConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().inner {
-            ConnInner::Host(stream) => Pin::new(stream).poll_write(cx, buf),
-            ConnInner::Userspace(conn) => Pin::new(conn).poll_write(cx, buf),
-        }
+        self.io().poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().inner {
-            ConnInner::Host(stream) => Pin::new(stream).poll_flush(cx),
-            ConnInner::Userspace(conn) => Pin::new(conn).poll_flush(cx),
-        }
+        self.io().poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().inner {
-            ConnInner::Host(stream) => Pin::new(stream).poll_shutdown(cx),
-            ConnInner::Userspace(conn) => Pin::new(conn).poll_shutdown(cx),
-        }
+        self.io().poll_shutdown(cx)
     }
 }
 
@@ -180,9 +180,7 @@ impl TcpListener {
 
     pub fn local_addr(&self) -> SocketAddr {
         match &self.inner {
-            ListenerInner::Host(listener) => listener
-                .local_addr()
-                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+            ListenerInner::Host(listener) => or_unspecified(listener.local_addr()),
             ListenerInner::Userspace(listener) => listener.local_addr(),
         }
     }

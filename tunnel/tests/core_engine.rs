@@ -169,22 +169,12 @@ fn rekeys_under_continuous_traffic(seed: u64, wire: Wire) {
 
 #[test]
 fn preshared_keys_must_match() {
-    let same = PairOptions {
-        a_psk: Some([7; 32]),
-        b_psk: Some([7; 32]),
-        ..PairOptions::default()
-    };
-    let mut sim = Sim::pair(14, Wire::perfect(), same);
+    let mut sim = Sim::pair(14, Wire::perfect(), PairOptions::psks([7; 32], [7; 32]));
     sim.send(0, ipv4(A_TUN, B_TUN, 0, 100));
     sim.run_for(Duration::from_secs(1));
     assert_eq!(seqs(&sim.nodes[1].received), vec![0]);
 
-    let different = PairOptions {
-        a_psk: Some([7; 32]),
-        b_psk: Some([8; 32]),
-        ..PairOptions::default()
-    };
-    let mut sim = Sim::pair(14, Wire::perfect(), different);
+    let mut sim = Sim::pair(14, Wire::perfect(), PairOptions::psks([7; 32], [8; 32]));
     sim.send(0, ipv4(A_TUN, B_TUN, 0, 100));
     sim.run_for(Duration::from_secs(12));
     assert!(sim.nodes[1].received.is_empty());
@@ -195,11 +185,7 @@ fn preshared_keys_must_match() {
 
 #[test]
 fn responder_releases_its_queue_when_the_confirmation_is_lost() {
-    let options = PairOptions {
-        a_keepalive: Some(25),
-        ..PairOptions::default()
-    };
-    let mut sim = Sim::pair(15, Wire::perfect(), options);
+    let mut sim = Sim::pair(15, Wire::perfect(), PairOptions::a_keepalive(25));
     let (a, b) = (0, 1);
     // B has something to say before it knows where A is; A's initiation is on its way.
     sim.send(b, ipv4(B_TUN, A_TUN, 1, 100));
@@ -224,10 +210,8 @@ fn responder_releases_its_queue_when_the_confirmation_is_lost() {
 
 #[test]
 fn endpoint_follows_the_peer_when_it_roams_but_not_forgeries() {
-    let mut sim = Sim::pair(3, Wire::perfect(), PairOptions::default());
+    let mut sim = Sim::connected(3);
     let (a, b) = (0, 1);
-    sim.send(a, ipv4(A_TUN, B_TUN, 0, 100));
-    sim.run_for(Duration::from_secs(1));
     let old = sim.nodes[a].addr;
     let captured = sim.last_datagram(a, b).expect("a datagram from A");
 
@@ -268,11 +252,7 @@ fn endpoint_follows_the_peer_when_it_roams_but_not_forgeries() {
 
 #[test]
 fn keepalive_peer_recovers_after_connection_expired() {
-    let options = PairOptions {
-        a_keepalive: Some(25),
-        ..PairOptions::default()
-    };
-    let mut sim = Sim::pair(4, Wire::perfect(), options);
+    let mut sim = Sim::pair(4, Wire::perfect(), PairOptions::a_keepalive(25));
     let (a, b) = (0, 1);
     // A keepalive peer with an endpoint handshakes without waiting for traffic.
     sim.run_for(Duration::from_secs(1));
@@ -311,10 +291,8 @@ fn keepalive_peer_recovers_after_connection_expired() {
 
 #[test]
 fn peer_without_keepalive_recovers_on_the_next_packet_after_expiry() {
-    let mut sim = Sim::pair(5, Wire::perfect(), PairOptions::default());
+    let mut sim = Sim::connected(5);
     let (a, b) = (0, 1);
-    sim.send(a, ipv4(A_TUN, B_TUN, 0, 100));
-    sim.run_for(Duration::from_secs(1));
 
     sim.partitioned = true;
     sim.send(a, ipv4(A_TUN, B_TUN, 1, 100));
@@ -470,10 +448,8 @@ fn garbage_truncated_and_replayed_datagrams_are_dropped_and_counted() {
 
 #[test]
 fn drops_no_peer_can_be_blamed_for_are_counted_by_reason_and_summed_with_the_peers() {
-    let mut sim = Sim::pair(16, Wire::perfect(), PairOptions::default());
+    let mut sim = Sim::connected(16);
     let (a, b) = (0, 1);
-    sim.send(a, ipv4(A_TUN, B_TUN, 0, 100));
-    sim.run_for(Duration::from_secs(1));
     assert_eq!(seqs(&sim.nodes[b].received), vec![0]);
     sim.partitioned = true;
     sim.send(a, ipv4(A_TUN, B_TUN, 1, 100));
@@ -557,10 +533,8 @@ fn drops_no_peer_can_be_blamed_for_are_counted_by_reason_and_summed_with_the_pee
 
 #[test]
 fn packets_from_outside_the_peers_allowed_ips_are_dropped_and_counted() {
-    let mut sim = Sim::pair(8, Wire::perfect(), PairOptions::default());
+    let mut sim = Sim::connected(8);
     let (a, b) = (0, 1);
-    sim.send(a, ipv4(A_TUN, B_TUN, 0, 100));
-    sim.run_for(Duration::from_secs(1));
 
     // A's engine routes by destination only; B must refuse the spoofed source.
     let spoofed = Ipv4Addr::new(100, 64, 0, 77);
@@ -598,41 +572,24 @@ fn several_peers_are_routed_by_index_key_and_allowed_ips() {
         spec("agent-1", &agent1_key, None, &["100.64.0.1/32"], None),
         spec("agent-2", &agent2_key, None, &["fd00::5/128"], None),
     ];
-    let mut sim = Sim::new(10, Wire::perfect());
-    let relay = sim.add_node(relay_addr, &relay_key, relay_peers);
-    let agent1 = sim.add_node(
-        addr(2, 40000),
-        &agent1_key,
+    let to_relay = |allowed: &str| {
         vec![spec(
             "relay",
             &relay_key,
             Some(relay_addr),
-            &["100.64.0.2/32"],
+            &[allowed],
             None,
-        )],
-    );
+        )]
+    };
+    let mut sim = Sim::new(10, Wire::perfect());
+    let relay = sim.add_node(relay_addr, &relay_key, relay_peers);
+    let agent1 = sim.add_node(addr(2, 40000), &agent1_key, to_relay("100.64.0.2/32"));
     let agent2 = sim.add_node(
         SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 40000),
         &agent2_key,
-        vec![spec(
-            "relay",
-            &relay_key,
-            Some(relay_addr),
-            &["fd00::2/128"],
-            None,
-        )],
+        to_relay("fd00::2/128"),
     );
-    let stranger = sim.add_node(
-        addr(4, 40000),
-        &stranger_key,
-        vec![spec(
-            "relay",
-            &relay_key,
-            Some(relay_addr),
-            &["100.64.0.2/32"],
-            None,
-        )],
-    );
+    let stranger = sim.add_node(addr(4, 40000), &stranger_key, to_relay("100.64.0.2/32"));
 
     sim.send(agent1, ipv4(A_TUN, B_TUN, 1, 100));
     sim.send(agent2, ipv6(agent2_tun6, relay_tun6, 2, 100));
@@ -662,11 +619,7 @@ fn several_peers_are_routed_by_index_key_and_allowed_ips() {
 
 #[test]
 fn keepalives_follow_the_wireguard_timers() {
-    let options = PairOptions {
-        a_keepalive: Some(25),
-        ..PairOptions::default()
-    };
-    let mut sim = Sim::pair(11, Wire::perfect(), options);
+    let mut sim = Sim::pair(11, Wire::perfect(), PairOptions::a_keepalive(25));
     let (a, b) = (0, 1);
     sim.run_for(Duration::from_secs(1));
 
@@ -801,6 +754,23 @@ struct PairOptions {
     b_psk: Option<[u8; 32]>,
 }
 
+impl PairOptions {
+    fn a_keepalive(seconds: u16) -> PairOptions {
+        PairOptions {
+            a_keepalive: Some(seconds),
+            ..PairOptions::default()
+        }
+    }
+
+    fn psks(a: [u8; 32], b: [u8; 32]) -> PairOptions {
+        PairOptions {
+            a_psk: Some(a),
+            b_psk: Some(b),
+            ..PairOptions::default()
+        }
+    }
+}
+
 struct Node {
     engine: Engine,
     addr: SocketAddr,
@@ -860,6 +830,14 @@ impl Sim {
     }
 
     /// A (agent side: knows B's endpoint) and B (relay side: learns A's).
+    /// A pair on a perfect wire once A's first packet (seq 0) has reached B.
+    fn connected(seed: u64) -> Sim {
+        let mut sim = Sim::pair(seed, Wire::perfect(), PairOptions::default());
+        sim.send(0, ipv4(A_TUN, B_TUN, 0, 100));
+        sim.run_for(Duration::from_secs(1));
+        sim
+    }
+
     fn pair(seed: u64, wire: Wire, options: PairOptions) -> Sim {
         let mut sim = Sim::new(seed, wire);
         let a_key = key(&mut sim.rng);

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use xpart_tunnel::{Mode, PeerConfig, PeerStats, PrivateKey, Tunnel, TunnelConfig};
+use xpart_tunnel::{Mode, PeerConfig, PeerStats, PrivateKey, TcpListener, Tunnel, TunnelConfig};
 
 const TRANSFER_BYTES: usize = 4 * 1024 * 1024;
 
@@ -18,11 +18,7 @@ async fn tcp_crosses_the_tunnel_both_ways_and_counts_bytes() {
     let b_ip: IpAddr = "100.64.0.2".parse().unwrap();
 
     // A listens, B connects: B's payload must arrive at A intact, and A's reply back at B.
-    let listener = a
-        .network()
-        .listen(SocketAddr::new(a_ip, 8080))
-        .await
-        .unwrap();
+    let listener = listen(&a, SocketAddr::new(a_ip, 8080)).await;
     let server = tokio::spawn(async move {
         let (mut conn, peer) = listener.accept().await.unwrap();
         let mut received = vec![0u8; TRANSFER_BYTES];
@@ -52,11 +48,7 @@ async fn tcp_crosses_the_tunnel_both_ways_and_counts_bytes() {
     );
 
     // The other direction of connection setup: B listens, A connects.
-    let listener = b
-        .network()
-        .listen(SocketAddr::new(b_ip, 9090))
-        .await
-        .unwrap();
+    let listener = listen(&b, SocketAddr::new(b_ip, 9090)).await;
     let echo = tokio::spawn(async move {
         let (mut conn, _) = listener.accept().await.unwrap();
         let mut buf = vec![0u8; 64 * 1024];
@@ -93,16 +85,12 @@ async fn tcp_crosses_the_tunnel_both_ways_and_counts_bytes() {
     assert_eq!(b_stats.name, "a");
     let min_bytes = (TRANSFER_BYTES + TRANSFER_BYTES / 4) as u64;
     for stats in [&a_stats, &b_stats] {
-        assert!(
-            stats.rx_bytes >= min_bytes,
-            "rx_bytes {} < {min_bytes}: {stats:?}",
-            stats.rx_bytes
-        );
-        assert!(
-            stats.tx_bytes >= min_bytes,
-            "tx_bytes {} < {min_bytes}: {stats:?}",
-            stats.tx_bytes
-        );
+        for (name, bytes) in [("rx_bytes", stats.rx_bytes), ("tx_bytes", stats.tx_bytes)] {
+            assert!(
+                bytes >= min_bytes,
+                "{name} {bytes} < {min_bytes}: {stats:?}"
+            );
+        }
         assert!(
             stats.rx_packets > 100 && stats.tx_packets > 100,
             "{stats:?}"
@@ -122,11 +110,7 @@ async fn tcp_crosses_the_tunnel_both_ways_and_counts_bytes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_listener_accepts_more_connections_than_its_backlog_at_once() {
     let (a, b) = tunnel_pair().await;
-    let listener = a
-        .network()
-        .listen("100.64.0.1:7000".parse().unwrap())
-        .await
-        .unwrap();
+    let listener = listen(&a, "100.64.0.1:7000".parse().unwrap()).await;
     let server = tokio::spawn(async move {
         loop {
             let (mut conn, _) = listener.accept().await.unwrap();
@@ -187,43 +171,53 @@ async fn listening_on_an_address_that_is_not_the_tunnels_fails() {
 async fn tunnel_pair() -> (Tunnel, Tunnel) {
     let key_a = PrivateKey::generate();
     let key_b = PrivateKey::generate();
-    let a = Tunnel::start(TunnelConfig {
-        private_key: key_a.clone(),
-        address: "100.64.0.1/30".parse().unwrap(),
-        mode: Mode::Userspace,
-        listen: Some("127.0.0.1:0".parse().unwrap()),
-        mtu: xpart_tunnel::DEFAULT_MTU,
-        interface_name: None,
-        peers: vec![PeerConfig {
-            name: "b".into(),
-            public_key: key_b.public_key(),
-            endpoint: None,
-            allowed_ips: vec!["100.64.0.2/32".parse().unwrap()],
-            persistent_keepalive: None,
-            preshared_key: None,
-        }],
-    })
-    .await
-    .expect("start A");
-    let b = Tunnel::start(TunnelConfig {
-        private_key: key_b,
-        address: "100.64.0.2/30".parse().unwrap(),
-        mode: Mode::Userspace,
-        listen: Some("127.0.0.1:0".parse().unwrap()),
-        mtu: xpart_tunnel::DEFAULT_MTU,
-        interface_name: None,
-        peers: vec![PeerConfig {
-            name: "a".into(),
-            public_key: key_a.public_key(),
-            endpoint: Some(a.local_udp_addr()),
-            allowed_ips: vec!["100.64.0.1/32".parse().unwrap()],
-            persistent_keepalive: Some(25),
-            preshared_key: None,
-        }],
-    })
-    .await
-    .expect("start B");
+    let b_peer = peer("b", &key_b, None, "100.64.0.2/32", None);
+    let a = start(key_a.clone(), "100.64.0.1/30", b_peer).await;
+    let a_peer = peer(
+        "a",
+        &key_a,
+        Some(a.local_udp_addr()),
+        "100.64.0.1/32",
+        Some(25),
+    );
+    let b = start(key_b, "100.64.0.2/30", a_peer).await;
     (a, b)
+}
+
+/// A userspace tunnel on 127.0.0.1 with one peer.
+async fn start(private_key: PrivateKey, address: &str, peer: PeerConfig) -> Tunnel {
+    Tunnel::start(TunnelConfig {
+        private_key,
+        address: address.parse().unwrap(),
+        mode: Mode::Userspace,
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        mtu: xpart_tunnel::DEFAULT_MTU,
+        interface_name: None,
+        peers: vec![peer],
+    })
+    .await
+    .unwrap_or_else(|err| panic!("start {address}: {err}"))
+}
+
+fn peer(
+    name: &str,
+    key: &PrivateKey,
+    endpoint: Option<SocketAddr>,
+    allowed_ip: &str,
+    persistent_keepalive: Option<u16>,
+) -> PeerConfig {
+    PeerConfig {
+        name: name.into(),
+        public_key: key.public_key(),
+        endpoint,
+        allowed_ips: vec![allowed_ip.parse().unwrap()],
+        persistent_keepalive,
+        preshared_key: None,
+    }
+}
+
+async fn listen(tunnel: &Tunnel, addr: SocketAddr) -> TcpListener {
+    tunnel.network().listen(addr).await.unwrap()
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {

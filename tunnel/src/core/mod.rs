@@ -393,6 +393,27 @@ impl Engine {
         PublicKey::from_bytes(self.static_public.to_bytes())
     }
 
+    /// One peer borrowed beside what the engine hands out (datagrams, events) and the scratch
+    /// buffer, so one step can update all of them.
+    fn peer_and_outputs(
+        &mut self,
+        peer_id: PeerId,
+    ) -> (
+        &mut Peer,
+        &mut VecDeque<Transmit>,
+        &mut VecDeque<Event>,
+        &mut [u8],
+    ) {
+        let Engine {
+            peers,
+            transmits,
+            events,
+            scratch,
+            ..
+        } = self;
+        (&mut peers[peer_id.0], transmits, events, scratch)
+    }
+
     /// Peers that keep a connection open (persistent keepalive) and know where to find their
     /// peer start the handshake at once, as `wg` does when such a peer is configured.
     fn initiate_keepalive_peers(&mut self, now: Instant) {
@@ -431,14 +452,7 @@ impl Engine {
             }
         };
         let now = self.clock.now();
-        let Engine {
-            peers,
-            transmits,
-            events,
-            scratch,
-            ..
-        } = self;
-        let peer = &mut peers[peer_id.0];
+        let (peer, transmits, events, scratch) = self.peer_and_outputs(peer_id);
         let opened = peer.tunn.decapsulate(Some(from.ip()), datagram, out);
         match Opened::from_result(opened, is_data) {
             Opened::Keepalive => {
@@ -576,14 +590,7 @@ impl Engine {
     }
 
     fn update_peer_timers(&mut self, peer_id: PeerId, now: Instant) {
-        let Engine {
-            peers,
-            transmits,
-            events,
-            scratch,
-            ..
-        } = self;
-        let peer = &mut peers[peer_id.0];
+        let (peer, transmits, events, scratch) = self.peer_and_outputs(peer_id);
         if peer.answered_at.is_some_and(|at| now >= at + REKEY_TIMEOUT) {
             // We answered an initiation but the initiator's confirming data never came (lost,
             // and it has nothing else to send): release what is queued here, which starts a
