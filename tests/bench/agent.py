@@ -19,6 +19,14 @@ Reports:
     itself), driven by agent/examples/loadgen.rs over HTTP/2 (2 connections × 32 streams);
   * peak RSS (VmHWM) of each daemon.
 --write replaces the "Agent / whole path" section of docs/BENCHMARKS.md.
+
+With --inner-tls it measures instead what `[tunnel] inner_tls = true` costs: two stacks side by
+side, the same but for the inner TLS (mutual TLS 1.3 inside WireGuard between agent and relay),
+both answered by the relay's echo model so the stand-in does not enter into it:
+  * added latency (p50, p99) of small Converse calls, the two stacks alternating request by
+    request, percentiles of the per-pair differences (inner TLS on minus off);
+  * requests/s at saturation with loadgen, runs alternating between the stacks.
+--write then replaces the "Inner TLS" section of docs/BENCHMARKS.md.
 """
 
 import argparse
@@ -44,6 +52,8 @@ from botocore.credentials import Credentials  # noqa: E402
 
 SECTION_START = "<!-- agent-benchmark:start -->"
 SECTION_END = "<!-- agent-benchmark:end -->"
+INNER_TLS_START = "<!-- inner-tls-benchmark:start -->"
+INNER_TLS_END = "<!-- inner-tls-benchmark:end -->"
 CONVERSE = "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse"
 STREAM = "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse-stream"
 ECHO = "/model/xpart.echo/converse"
@@ -116,7 +126,54 @@ def vm_hwm_mb(pid):
     return float("nan")
 
 
-def start_stack(directory, standin_port, dns_port, pki):
+def inner_tls_files(directory):
+    """A deployment CA and the two inner-TLS certificates, as `xpart ca issue --relay relay-a` and
+    `--agent agent-test` make them (ECDSA P-256, names relay-a.relay.xpart / agent-test.agent.xpart)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    os.makedirs(directory, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench inner-TLS CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    ca_file = os.path.join(directory, "ca.pem")
+    with open(ca_file, "wb") as f:
+        f.write(ca.public_bytes(serialization.Encoding.PEM))
+    files = {}
+    for side, name, usage in (("relay", "relay-a.relay.xpart", ExtendedKeyUsageOID.SERVER_AUTH),
+                              ("agent", "agent-test.agent.xpart", ExtendedKeyUsageOID.CLIENT_AUTH)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        cert_file = os.path.join(directory, f"{side}.pem")
+        with open(cert_file, "wb") as f:
+            f.write(cert.public_bytes(serialization.Encoding.PEM))
+        key_file = a.write_key(os.path.join(directory, f"{side}.key"), key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode())
+        files[side] = (f'inner_tls = true\ninner_tls_cert_file = "{cert_file}"\n'
+                       f'inner_tls_key_file = "{key_file}"\ninner_tls_ca_file = "{ca_file}"\n')
+    return files
+
+
+def with_inner_tls(path, lines):
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace("[tunnel]\n", "[tunnel]\n" + lines, 1))
+
+
+def start_stack(directory, standin_port, dns_port, pki, inner_tls=None):
     agent_private, agent_public = a.wg_keypair()
     agent_key = a.write_key(os.path.join(directory, "agent.key"), agent_private)
     relay_dir = os.path.join(directory, "relay")
@@ -128,6 +185,8 @@ def start_stack(directory, standin_port, dns_port, pki):
         tunnel_address=a.RELAY_TUNNELS[0], agent_public_key=agent_public,
         models=("anthropic.*", "xpart.echo"),
     )
+    if inner_tls:
+        with_inner_tls(config, inner_tls["relay"])
     env = h.relay_env(relay_dir, static_key=h.RELAY_KEY)
     env["RUST_LOG"] = "warn"
     relay = a.RelayProcess(config, env, os.path.join(relay_dir, "relay.log"))
@@ -136,6 +195,8 @@ def start_stack(directory, standin_port, dns_port, pki):
         directory, relays=[relay_obj], private_key_file=agent_key, cert=pki["cert"], key=pki["key"],
         principals=a.principal("bench", token=TOKEN, models=["*"]),
     )
+    if inner_tls:
+        with_inner_tls(agent_config, inner_tls["agent"])
     os.environ["RUST_LOG"] = "warn"
     agent = a.AgentProcess(agent_config, os.path.join(directory, "agent.log"))
     agent.wait_ready()
@@ -161,10 +222,13 @@ def main():
     parser.add_argument("--requests", type=int, default=300, help="sequential requests per column per round")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each saturation run")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--inner-tls", action="store_true", help="compare the whole path with the inner TLS on and off")
     args = parser.parse_args()
     for binary in (a.agent_binary(), h.relay_binary()):
         if not os.access(binary, os.X_OK):
             sys.exit(f"agent benchmark: {binary} is missing (build with --release, set XPART_BIN_DIR)")
+    if args.inner_tls:
+        return inner_tls_main(args)
 
     with tempfile.TemporaryDirectory(prefix="xpart-agent-bench-") as directory:
         pki = h.certs.make_test_pki(os.path.join(directory, "pki"), [h.UPSTREAM_NAME, "localhost"])
@@ -247,7 +311,76 @@ def main():
     table = "\n".join(lines)
     print(table)
     if args.write:
-        write_section(table)
+        write_section(table, SECTION_START, SECTION_END, "Agent / whole path")
+
+
+def inner_tls_main(args):
+    with tempfile.TemporaryDirectory(prefix="xpart-inner-tls-bench-") as directory:
+        pki = h.certs.make_test_pki(os.path.join(directory, "pki"), [h.UPSTREAM_NAME, "localhost"])
+        dns = h.dns_server.TestDnsServer({h.UPSTREAM_NAME: "127.0.0.1"}).start()
+        store = h.bedrock_standin.CredentialStore()
+        store.add(*h.RELAY_KEY)
+        standin = h.bedrock_standin.BedrockStandin(pki["cert"], pki["key"], store, h.REGION).start()
+        stacks = {}
+        try:
+            for label, files in (("off", None), ("on", inner_tls_files(os.path.join(directory, "inner")))):
+                stack_dir = os.path.join(directory, label)
+                os.mkdir(stack_dir)
+                stacks[label] = start_stack(stack_dir, standin.port, dns.address[1], pki, inner_tls=files)
+            clients = {label: Client(agent.front[1], pki["ca"], bearer) for label, (agent, _) in stacks.items()}
+            for client in clients.values():
+                for _ in range(50):
+                    client.timed(ECHO)
+            latency = {"off": [], "on": []}
+            for _ in range(args.rounds):
+                for _ in range(args.requests):
+                    for label in ("off", "on"):
+                        latency[label].append(clients[label].timed(ECHO))
+            rps = {"off": [], "on": []}
+            for _ in range(max(1, args.rounds // 2)):
+                for label in ("off", "on"):
+                    rps[label].append(loadgen(stacks[label][0].front[1], pki["ca"], args.seconds))
+        finally:
+            for agent, relay in stacks.values():
+                agent.stop()
+                relay.stop()
+            standin.stop()
+            dns.stop()
+
+    ms = lambda s: s * 1000  # noqa: E731
+    added = [on - off for off, on in zip(latency["off"], latency["on"])]
+    best = {label: max(runs, key=lambda r: r["rps"]) for label, runs in rps.items()}
+    runs = {label: ", ".join(f"{r['rps']:.0f}" for r in runs) for label, runs in rps.items()}
+    lines = [
+        f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} CPUs "
+        f"({cpu_model()}), {platform.system()} {platform.release()}.",
+        "",
+        f"Command: `XPART_BIN_DIR={os.path.relpath(h.bin_dir(), REPO)} python3 tests/bench/agent.py --inner-tls "
+        f"--rounds {args.rounds} --requests {args.requests} --seconds {args.seconds:g}` (two stacks, agent and relay "
+        "in userspace WireGuard mode over 127.0.0.1, the relay's echo model answering; the default build: ring).",
+        "",
+        "| small Converse calls, sequential, HTTP/1.1 keep-alive, alternating | inner TLS off p50 / p99 (ms) "
+        "| inner TLS on p50 / p99 (ms) | added p50 / p99 (ms, per-pair differences) | pairs |",
+        "| --- | --- | --- | --- | --- |",
+        f"| echo model, whole path | {ms(percentile(latency['off'], 0.5)):.2f} / {ms(percentile(latency['off'], 0.99)):.2f} "
+        f"| {ms(percentile(latency['on'], 0.5)):.2f} / {ms(percentile(latency['on'], 0.99)):.2f} "
+        f"| **{ms(percentile(added, 0.5)):.2f} / {ms(percentile(added, 0.99)):.2f}** | {len(added)} |",
+        "",
+        "| saturation (echo model, HTTP/2, 2 connections × 32 streams) | inner TLS off | inner TLS on |",
+        "| --- | --- | --- |",
+        f"| requests/s, best of runs ({runs['off']} / {runs['on']}) | **{best['off']['rps']:.0f}** | **{best['on']['rps']:.0f}** |",
+        f"| latency under that load p50 / p99 (ms) | {best['off']['p50_ms']:.1f} / {best['off']['p99_ms']:.1f} "
+        f"| {best['on']['p50_ms']:.1f} / {best['on']['p99_ms']:.1f} |",
+        f"| errors during the runs | {sum(r['errors'] for r in rps['off'])} | {sum(r['errors'] for r in rps['on'])} |",
+        "",
+        "The agent keeps one HTTP/2 connection per relay, so the inner TLS handshake happens once per "
+        "connection; what a request pays is AES-GCM over its bytes on both sides and TLS records "
+        "inside the tunnel's TCP.",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        write_section(table, INNER_TLS_START, INNER_TLS_END, "Inner TLS (agent → relay)")
 
 
 def cpu_model():
@@ -261,16 +394,16 @@ def cpu_model():
     return platform.processor() or "unknown CPU"
 
 
-def write_section(table):
+def write_section(table, start, end, heading):
     path = REPO / "docs" / "BENCHMARKS.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{SECTION_START}\n{table}\n{SECTION_END}"
-    if SECTION_START in text and SECTION_END in text:
-        before, rest = text.split(SECTION_START, 1)
-        _, after = rest.split(SECTION_END, 1)
+    section = f"{start}\n{table}\n{end}"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        _, after = rest.split(end, 1)
         text = before + section + after
     else:
-        text = text.rstrip("\n") + "\n\n## Agent / whole path\n\n" + section + "\n"
+        text = text.rstrip("\n") + f"\n\n## {heading}\n\n" + section + "\n"
     path.write_text(text)
     print(f"\nwrote {path.relative_to(REPO)}")
 
