@@ -95,7 +95,12 @@ pub fn admit(
         None => (path_and_query, None),
     };
     let route = Route::parse(method, path).map_err(|err| Rejected {
-        error: RequestError::Route(err),
+        error: RequestError::Route(match err.kind {
+            ErrorType::UnknownOperation if on_control_plane(headers) => {
+                not_a_discovery_read(method, path)
+            }
+            _ => err,
+        }),
         operation: None,
         model: None,
     })?;
@@ -108,11 +113,11 @@ pub fn admit(
         .map_err(RequestError::Route)
         .map_err(reject)?;
     if route.operation.service() != destination.service {
-        return Err(reject(RequestError::Route(other_service(
-            method,
-            path,
-            destination.service,
-        ))));
+        let refusal = match destination.service {
+            Service::Bedrock => not_a_discovery_read(method, path),
+            Service::BedrockRuntime => other_service(method, path, destination.service),
+        };
+        return Err(reject(RequestError::Route(refusal)));
     }
     rules
         .policy
@@ -158,6 +163,22 @@ pub fn admit(
         path_and_query,
         headers: forwarded,
     })
+}
+
+/// Whether the agent says the caller dialled the `bedrock` control plane.
+fn on_control_plane(headers: &HeaderMap) -> bool {
+    Destination::from_headers(headers).is_ok_and(|to| to.service == Service::Bedrock)
+}
+
+/// Anything on the control plane but the discovery reads: 403, naming what is carried.
+fn not_a_discovery_read(method: &Method, path: &str) -> BedrockError {
+    let shown: String = path.chars().take(200).collect();
+    let reads: Vec<&str> = Operation::DISCOVERY.iter().map(|op| op.name()).collect();
+    BedrockError::access_denied(format!(
+        "{method} {shown} is not signed: on the bedrock control plane this relay signs only the \
+         discovery reads ({})",
+        reads.join(", ")
+    ))
 }
 
 /// An operation that exists, asked of the other service's endpoint: as unknown there as any
@@ -579,42 +600,30 @@ mod tests {
     #[test]
     fn nothing_but_the_reads_is_admitted_on_the_control_plane() {
         let refused = [
-            (
-                Method::POST,
-                "/inference-profiles",
-                "UnknownOperationException",
-            ),
+            (Method::POST, "/inference-profiles", "AccessDeniedException"),
             (
                 Method::DELETE,
                 "/inference-profiles/us.anthropic.x",
-                "UnknownOperationException",
+                "AccessDeniedException",
             ),
-            (
-                Method::DELETE,
-                "/guardrails/gr1",
-                "UnknownOperationException",
-            ),
-            (Method::POST, "/guardrails", "UnknownOperationException"),
+            (Method::DELETE, "/guardrails/gr1", "AccessDeniedException"),
+            (Method::POST, "/guardrails", "AccessDeniedException"),
             (
                 Method::PUT,
                 "/foundation-models/anthropic.x",
-                "UnknownOperationException",
+                "AccessDeniedException",
             ),
-            (
-                Method::PATCH,
-                "/foundation-models",
-                "UnknownOperationException",
-            ),
+            (Method::PATCH, "/foundation-models", "AccessDeniedException"),
             (
                 Method::POST,
                 "/model-customization-jobs",
-                "UnknownOperationException",
+                "AccessDeniedException",
             ),
-            (Method::GET, "/custom-models", "UnknownOperationException"),
+            (Method::GET, "/custom-models", "AccessDeniedException"),
             (
                 Method::GET,
                 "/foundation-models/a/b",
-                "UnknownOperationException",
+                "AccessDeniedException",
             ),
             (
                 Method::GET,
@@ -624,31 +633,23 @@ mod tests {
             (
                 Method::GET,
                 "/foundation-models%2Fanthropic.x",
-                "UnknownOperationException",
+                "AccessDeniedException",
             ),
-            (
-                Method::GET,
-                "/FOUNDATION-MODELS",
-                "UnknownOperationException",
-            ),
-            (
-                Method::HEAD,
-                "/foundation-models",
-                "UnknownOperationException",
-            ),
+            (Method::GET, "/FOUNDATION-MODELS", "AccessDeniedException"),
+            (Method::HEAD, "/foundation-models", "AccessDeniedException"),
             (
                 Method::POST,
                 "/foundation-models?Action=CreateInferenceProfile",
-                "UnknownOperationException",
+                "AccessDeniedException",
             ),
-            // A runtime operation is unknown on the control plane's endpoint, and the reads
-            // on the runtime's.
+            // A runtime operation is no read of the control plane's; the reads are unknown on
+            // the runtime's endpoint (below).
             (
                 Method::POST,
                 "/model/anthropic.x/converse",
-                "UnknownOperationException",
+                "AccessDeniedException",
             ),
-            (Method::GET, "/async-invoke", "UnknownOperationException"),
+            (Method::GET, "/async-invoke", "AccessDeniedException"),
         ];
         for (method, path, expected) in refused {
             let (got, _) = code(admit_on("bedrock", method.clone(), path, &[]));
