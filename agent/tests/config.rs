@@ -38,14 +38,8 @@ fn example_config_is_complete_apart_from_its_files() {
 
 #[test]
 fn every_bad_value_is_reported_together() {
-    let text = r#"
-[tunnel]
-mode = "host"
-
-[[relay]]
-name = "a"
-tunnel_address = "127.0.0.1"
-
+    let text = format!(
+        r#"{FRONT_AND_RELAY}
 [[relay]]
 name = "a"
 public_key = "not base64!"
@@ -55,11 +49,6 @@ tunnel_address = "127.0.0.2"
 listen = "127.0.0.1:0"
 answer = "0.0.0.0"
 names = []
-
-[front]
-listen = "127.0.0.1:0"
-cert_file = "/nonexistent/cert.pem"
-key_file = "/nonexistent/key.pem"
 
 [[principal]]
 name = "p"
@@ -72,8 +61,9 @@ max_body_bytes = 30000000
 [[principal]]
 name = "nobody"
 models = ["*"]
-"#;
-    let error = AgentConfig::from_toml_str(text, "agent.toml").expect_err("invalid");
+"#
+    );
+    let error = AgentConfig::from_toml_str(&text, "agent.toml").expect_err("invalid");
     assert_reported(
         &error,
         &[
@@ -109,25 +99,14 @@ fn unknown_fields_and_wrong_types_name_the_line() {
 
 #[test]
 fn wireguard_modes_need_keys_and_endpoints() {
-    let text = r#"
-[tunnel]
-mode = "userspace"
-
-[[relay]]
-name = "a"
-tunnel_address = "100.64.0.2"
-
-[front]
-listen = "127.0.0.1:0"
-cert_file = "/nonexistent/cert.pem"
-key_file = "/nonexistent/key.pem"
-
+    let text = FRONT_AND_RELAY.replace(r#"mode = "host""#, r#"mode = "userspace""#)
+        + r#"
 [[principal]]
 name = "p"
 source_cidrs = ["10.0.0.0/8"]
 models = ["*"]
 "#;
-    let error = AgentConfig::from_toml_str(text, "agent.toml").expect_err("invalid");
+    let error = AgentConfig::from_toml_str(&text, "agent.toml").expect_err("invalid");
     assert_reported(
         &error,
         &[

@@ -13,14 +13,15 @@ fn check(
     principal: &str,
     tail: &str,
 ) -> Result<AgentConfig, Diagnostics> {
-    let relay = format!(
-        "\n[[relay]]\nname = \"relay-a\"\npublic_key = \"{}\"\nendpoint = \"127.0.0.1:51820\"\ntunnel_address = \"127.0.0.1\"\n",
-        xpart_tunnel::PrivateKey::generate().public_key().to_base64()
-    );
-    let extra = format!("{}{relay}{tail}", token_principal(principal));
+    let extra = format!("{}{}{tail}", token_principal(principal), idle_relay());
     let toml =
         agent_toml(scratch, &[], &extra).replacen("[front]\n", &format!("[front]\n{front}"), 1);
     AgentConfig::from_toml_str(&toml, &scratch.path("agent.toml"))
+}
+
+/// `check` with only `[front]` lines added.
+fn check_front(scratch: &Scratch, front: &str) -> Result<AgentConfig, Diagnostics> {
+    check(scratch, front, "", "")
 }
 
 fn problem<'a>(error: &'a Diagnostics, field: &str) -> &'a xpart_daemon::config::Problem {
@@ -54,13 +55,8 @@ fn a_rate_too_small_for_a_duration_is_refused() {
 #[test]
 fn front_timeouts_and_caps_outside_their_range_are_refused() {
     let scratch = Scratch::new("front-bounds");
-    let error = check(
-        &scratch,
-        "handshake_timeout_secs = 0\nfirst_request_timeout_secs = 9223372036854775807\nidle_timeout_secs = 0\nmax_connections = 0\nmax_connections_per_source = 5\n",
-        "",
-        "",
-    )
-    .expect_err("every knob is out of range");
+    let knobs = "handshake_timeout_secs = 0\nfirst_request_timeout_secs = 9223372036854775807\nidle_timeout_secs = 0\nmax_connections = 0\nmax_connections_per_source = 5\n";
+    let error = check_front(&scratch, knobs).expect_err("every knob is out of range");
     for field in [
         "[front].handshake_timeout_secs",
         "[front].first_request_timeout_secs",
@@ -77,13 +73,8 @@ fn front_timeouts_and_caps_outside_their_range_are_refused() {
         assert!(!p.fix.is_empty());
     }
 
-    let error = check(
-        &scratch,
-        "max_connections = 10\nmax_connections_per_source = 11\n",
-        "",
-        "",
-    )
-    .expect_err("more per source than in total");
+    let caps = "max_connections = 10\nmax_connections_per_source = 11\n";
+    let error = check_front(&scratch, caps).expect_err("more per source than in total");
     assert!(problem(&error, "[front].max_connections_per_source")
         .message
         .contains("[front].max_connections"));
@@ -92,7 +83,7 @@ fn front_timeouts_and_caps_outside_their_range_are_refused() {
 #[test]
 fn front_defaults_are_documented_values() {
     let scratch = Scratch::new("front-defaults");
-    let config = check(&scratch, "", "", "").expect("valid");
+    let config = check_front(&scratch, "").expect("valid");
     let settings = config.front_settings();
     assert_eq!(settings, xpart_agent::FrontSettings::default());
     assert_eq!(settings.handshake_timeout.as_secs(), 10);
@@ -105,13 +96,8 @@ fn front_defaults_are_documented_values() {
 #[test]
 fn health_durations_beyond_any_use_are_refused() {
     let scratch = Scratch::new("health-bounds");
-    let error = check(
-        &scratch,
-        "",
-        "",
-        "\n[health]\ninterval_ms = 9223372036854775807\nhandshake_max_age_secs = 9223372036854775807\n",
-    )
-    .expect_err("absurd health durations");
+    let health = "\n[health]\ninterval_ms = 9223372036854775807\nhandshake_max_age_secs = 9223372036854775807\n";
+    let error = check(&scratch, "", "", health).expect_err("absurd health durations");
     problem(&error, "[health].interval_ms");
     problem(&error, "[health].handshake_max_age_secs");
 }

@@ -11,11 +11,7 @@ use xpart_agent::AgentConfig;
 use xpart_daemon::config::{Diagnostics, Warned};
 
 fn load(scratch: &Scratch, health: &str) -> Result<AgentConfig, Diagnostics> {
-    let relay = format!(
-        "\n[[relay]]\nname = \"relay-a\"\npublic_key = \"{}\"\nendpoint = \"127.0.0.1:51820\"\ntunnel_address = \"127.0.0.1\"\n[health]\n{health}",
-        xpart_tunnel::PrivateKey::generate().public_key().to_base64()
-    );
-    let extra = format!("{}{relay}", token_principal(""));
+    let extra = format!("{}{}[health]\n{health}", token_principal(""), idle_relay());
     let path = scratch.path("agent.toml");
     if let Err(error) = std::fs::write(&path, agent_toml(scratch, &[], &extra)) {
         panic!("cannot write {path}: {error}");
@@ -23,16 +19,21 @@ fn load(scratch: &Scratch, health: &str) -> Result<AgentConfig, Diagnostics> {
     AgentConfig::load(&path)
 }
 
-#[test]
-fn the_old_name_loads_with_a_warning_naming_old_and_new() {
-    let scratch = Scratch::new("renamed-old");
-
-    let config = load(&scratch, "handshake_max_age_s = 90\n").expect("the old name still loads");
-
+/// Loads `health` (which sets the handshake age to 90 s under some name) and checks it applied.
+fn load_age_90(test: &str, health: &str) -> AgentConfig {
+    let scratch = Scratch::new(test);
+    let config = load(&scratch, health).unwrap_or_else(|error| panic!("{health}: {error}"));
     assert_eq!(
         config.health_settings().handshake_max_age,
         Duration::from_secs(90)
     );
+    config
+}
+
+#[test]
+fn the_old_name_loads_with_a_warning_naming_old_and_new() {
+    let config = load_age_90("renamed-old", "handshake_max_age_s = 90\n");
+
     let [warning] = config.warnings() else {
         panic!("one warning expected: {:?}", config.warnings());
     };
@@ -50,14 +51,8 @@ fn the_old_name_loads_with_a_warning_naming_old_and_new() {
 
 #[test]
 fn the_new_name_loads_without_a_warning() {
-    let scratch = Scratch::new("renamed-new");
+    let config = load_age_90("renamed-new", "handshake_max_age_secs = 90\n");
 
-    let config = load(&scratch, "handshake_max_age_secs = 90\n").expect("loads");
-
-    assert_eq!(
-        config.health_settings().handshake_max_age,
-        Duration::from_secs(90)
-    );
     assert!(config.warnings().is_empty(), "{:?}", config.warnings());
 }
 
@@ -71,11 +66,18 @@ fn both_names_at_once_are_refused() {
     )
     .expect_err("both names set");
 
-    let [problem] = error.problems() else {
-        panic!("one problem expected: {error}");
-    };
-    assert_eq!(problem.field, "[health].handshake_max_age_s");
-    assert_eq!(problem.fix, "keep only handshake_max_age_secs");
+    let problems: Vec<_> = error
+        .problems()
+        .iter()
+        .map(|p| (p.field.as_str(), p.fix.as_str()))
+        .collect();
+    assert_eq!(
+        problems,
+        [(
+            "[health].handshake_max_age_s",
+            "keep only handshake_max_age_secs"
+        )]
+    );
 }
 
 #[test]
