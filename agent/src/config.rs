@@ -56,7 +56,12 @@ pub struct DnsSection {
     pub listen: SocketAddr,
     pub answer: Ipv4Addr,
     pub answer_v6: Option<Ipv6Addr>,
+    #[serde(default)]
     pub names: Vec<String>,
+    /// Regions whose Bedrock names are answered besides `names`: for each,
+    /// `bedrock-runtime`, `bedrock` and their `-fips` forms (`<name>.<region>.amazonaws.com`).
+    #[serde(default)]
+    pub regions: Vec<String>,
     #[serde(default)]
     pub upstream: Vec<SocketAddr>,
     #[serde(default = "default_ttl")]
@@ -223,9 +228,17 @@ impl AgentConfig {
 
     pub fn dns_settings(&self) -> Option<DnsSettings> {
         let dns = self.dns.as_ref()?;
+        let mut names = dns.names.clone();
+        for region in &dns.regions {
+            for name in xpart_bedrock::DialledName::all_for_region(region) {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
         Some(DnsSettings {
             listen: dns.listen,
-            names: dns.names.clone(),
+            names,
             answer_v4: dns.answer,
             answer_v6: dns.answer_v6,
             ttl: dns.ttl,
@@ -368,12 +381,21 @@ impl AgentConfig {
         let Some(dns) = &self.dns else {
             return;
         };
-        if dns.names.is_empty() {
+        if dns.names.is_empty() && dns.regions.is_empty() {
             check.problem(
                 "[dns].names",
                 "no names to answer",
-                "list the Bedrock names, e.g. [\"bedrock-runtime.us-east-1.amazonaws.com\"]",
+                "list the regions callers use, e.g. regions = [\"us-east-1\"], or the Bedrock names, e.g. [\"bedrock-runtime.us-east-1.amazonaws.com\"]",
             );
+        }
+        for region in &dns.regions {
+            if !xpart_bedrock::is_region_name(region) {
+                check.problem(
+                    "[dns].regions",
+                    format!("{region:?} is not an AWS region name"),
+                    "write region names such as \"us-east-1\" or \"us-gov-west-1\"",
+                );
+            }
         }
         for name in &dns.names {
             if hickory_proto::rr::Name::from_utf8(name).is_err() {

@@ -237,6 +237,41 @@ operations = ["ConverseStream", "ApplyGuardrail"]
 }
 
 #[test]
+fn dns_regions_answer_every_bedrock_name_of_each_region() {
+    let text = |dns: &str| {
+        format!(
+            "{FRONT_AND_RELAY}\n[dns]\nlisten = \"127.0.0.1:0\"\nanswer = \"127.0.0.1\"\n{dns}\n"
+        )
+    };
+    let config = parse(&text(
+        "regions = [\"us-east-1\", \"us-west-2\"]\nnames = [\"bedrock.us-east-1.amazonaws.com\", \"extra.example\"]",
+    ));
+    let names = config.dns_settings().expect("dns").names;
+    assert_eq!(
+        names,
+        [
+            "bedrock.us-east-1.amazonaws.com",
+            "extra.example",
+            "bedrock-runtime.us-east-1.amazonaws.com",
+            "bedrock-runtime-fips.us-east-1.amazonaws.com",
+            "bedrock-fips.us-east-1.amazonaws.com",
+            "bedrock-runtime.us-west-2.amazonaws.com",
+            "bedrock-runtime-fips.us-west-2.amazonaws.com",
+            "bedrock.us-west-2.amazonaws.com",
+            "bedrock-fips.us-west-2.amazonaws.com",
+        ]
+    );
+    let problems = AgentConfig::from_toml_str(&text("regions = [\"US East\"]"), "agent.toml")
+        .expect_err("a bad region is refused")
+        .to_string();
+    assert!(problems.contains("[dns].regions"), "{problems}");
+    let problems = AgentConfig::from_toml_str(&text(""), "agent.toml")
+        .expect_err("nothing to answer is refused")
+        .to_string();
+    assert!(problems.contains("[dns].names"), "{problems}");
+}
+
+#[test]
 fn dns_forwards_for_the_principals_networks_unless_told_otherwise() {
     let dns = |extra: &str| {
         format!(
