@@ -26,8 +26,7 @@ const MANY: u8 = 40;
 
 #[tokio::test]
 async fn names_under_the_bedrock_names_are_answered_here_and_never_forwarded() {
-    let upstream = Upstream::start().await;
-    let dns = start(&upstream, &["127.0.0.0/8"]).await;
+    let (upstream, dns) = serving(&["127.0.0.0/8"]).await;
     for name in [
         format!("x.{BEDROCK}"),
         format!("a.b.{BEDROCK}"),
@@ -59,8 +58,7 @@ async fn names_under_the_bedrock_names_are_answered_here_and_never_forwarded() {
 
 #[tokio::test]
 async fn clients_outside_allow_cidrs_get_refused_but_still_the_bedrock_names() {
-    let upstream = Upstream::start().await;
-    let dns = start(&upstream, &["10.0.16.0/20"]).await;
+    let (upstream, dns) = serving(&["10.0.16.0/20"]).await;
     for tcp in [false, true] {
         let reply = ask(&dns, ELSEWHERE, RecordType::A, None, tcp).await;
         assert_eq!(reply.response_code(), ResponseCode::Refused);
@@ -83,8 +81,7 @@ async fn clients_outside_allow_cidrs_get_refused_but_still_the_bedrock_names() {
 
 #[tokio::test]
 async fn udp_answers_fit_512_bytes_without_edns_and_the_advertised_size_with_it() {
-    let upstream = Upstream::start().await;
-    let dns = start(&upstream, &["127.0.0.0/8"]).await;
+    let (upstream, dns) = serving(&["127.0.0.0/8"]).await;
 
     let (reply, wire) = ask_raw(&dns, BIG, None).await;
     assert!(wire <= 512, "{wire} bytes over UDP without EDNS");
@@ -112,6 +109,13 @@ async fn udp_answers_fit_512_bytes_without_edns_and_the_advertised_size_with_it(
     assert!(!reply.truncated());
     assert_eq!(addresses(&reply), [Ipv4Addr::new(127, 0, 0, 1)]);
     dns.shutdown().await;
+}
+
+/// A fresh upstream and a server forwarding to it for clients in `allow`.
+async fn serving(allow: &[&str]) -> (Upstream, DnsServer) {
+    let upstream = Upstream::start().await;
+    let dns = start(&upstream, allow).await;
+    (upstream, dns)
 }
 
 async fn start(upstream: &Upstream, allow: &[&str]) -> DnsServer {

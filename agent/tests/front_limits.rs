@@ -33,6 +33,18 @@ async fn setup(test: &str, front: &str) -> Stack {
 }
 
 impl Stack {
+    /// `xpart_agent_front_connections_closed_total` for one reason.
+    async fn connections_closed(&self, reason: &str) -> f64 {
+        let series = format!("xpart_agent_front_connections_closed_total{{reason=\"{reason}\"}}");
+        self.metric(&series).await
+    }
+
+    /// `xpart_agent_front_connections_refused_total` for one reason.
+    async fn connections_refused(&self, reason: &str) -> f64 {
+        let series = format!("xpart_agent_front_connections_refused_total{{reason=\"{reason}\"}}");
+        self.metric(&series).await
+    }
+
     async fn metric(&self, series: &str) -> f64 {
         let (_, text) = admin_get(self.agent.admin_addr(), "/metrics").await;
         metric_value(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
@@ -54,11 +66,7 @@ async fn a_connection_that_never_starts_tls_is_closed_after_the_handshake_timeou
         "closed too early: {closed_after:?}"
     );
     assert!(opened.elapsed() < Duration::from_secs(3));
-    assert_eq!(
-        s.metric(r#"xpart_agent_front_connections_closed_total{reason="handshake_timeout"}"#)
-            .await,
-        1.0
-    );
+    assert_eq!(s.connections_closed("handshake_timeout").await, 1.0);
 }
 
 #[tokio::test]
@@ -74,11 +82,7 @@ async fn a_tls_connection_without_a_request_is_closed_after_the_first_request_ti
             "{alpn}: closed too early: {closed_after:?}"
         );
     }
-    assert_eq!(
-        s.metric(r#"xpart_agent_front_connections_closed_total{reason="first_request_timeout"}"#)
-            .await,
-        2.0
-    );
+    assert_eq!(s.connections_closed("first_request_timeout").await, 2.0);
 }
 
 #[tokio::test]
@@ -128,11 +132,7 @@ async fn idle_keep_alive_connections_close_after_the_idle_timeout() {
         );
         assert!(idle_from.elapsed() >= Duration::from_millis(1500));
     }
-    assert_eq!(
-        s.metric(r#"xpart_agent_front_connections_closed_total{reason="idle_timeout"}"#)
-            .await,
-        2.0
-    );
+    assert_eq!(s.connections_closed("idle_timeout").await, 2.0);
 }
 
 #[tokio::test]
@@ -158,11 +158,7 @@ async fn a_response_still_streaming_keeps_its_connection_past_the_idle_timeout()
             assert_eq!(answer.status, 200);
         }
     }
-    assert_eq!(
-        s.metric(r#"xpart_agent_front_connections_closed_total{reason="idle_timeout"}"#)
-            .await,
-        0.0
-    );
+    assert_eq!(s.connections_closed("idle_timeout").await, 0.0);
 }
 
 #[tokio::test]
@@ -200,17 +196,10 @@ async fn connections_over_the_per_source_and_total_caps_are_refused_at_accept() 
 
     assert_eq!(s.metric("xpart_agent_front_connections_open").await, 3.0);
     assert_eq!(
-        s.metric(
-            r#"xpart_agent_front_connections_refused_total{reason="max_connections_per_source"}"#
-        )
-        .await,
+        s.connections_refused("max_connections_per_source").await,
         1.0
     );
-    assert_eq!(
-        s.metric(r#"xpart_agent_front_connections_refused_total{reason="max_connections"}"#)
-            .await,
-        1.0
-    );
+    assert_eq!(s.connections_refused("max_connections").await, 1.0);
 
     // A closed connection gives its place back.
     drop(first);

@@ -12,12 +12,25 @@ async fn setup(test: &str, principals: &str) -> Stack {
 }
 
 impl Stack {
+    /// One POST on a connection of its own: a refusal over HTTP/1.1 closes the connection.
+    async fn post(&self, path: &str, token: Option<&str>, body: &[u8]) -> Answer {
+        self.caller().await.post(path, token, body).await
+    }
+
     /// Shuts down, checks that the relay saw nothing, and returns the audit lines.
     async fn finish_unforwarded(self) -> Vec<serde_json::Value> {
         let (seen, audit) = self.finish().await;
         assert!(seen.is_empty(), "forwarded: {seen:?}");
         audit
     }
+}
+
+/// A `[[principal]]` known by `token`, allowed the models matching one pattern.
+fn principal(name: &str, token: &str, models: &str) -> String {
+    let hash = xpart_agent::token_sha256_hex(token);
+    format!(
+        "\n[[principal]]\nname = \"{name}\"\ntoken_sha256 = \"{hash}\"\nmodels = [\"{models}\"]\n"
+    )
 }
 
 const UNRECOGNIZED: (u16, &str) = (403, "UnrecognizedClientException");
@@ -43,7 +56,7 @@ fn assert_refused(answer: &Answer, (status, error_type): (u16, &str), message_pa
 #[tokio::test]
 async fn missing_token_is_refused_with_setup_instructions() {
     let s = setup("no-token", &token_principal("")).await;
-    let answer = s.caller().await.post(CONVERSE, None, b"{}").await;
+    let answer = s.post(CONVERSE, None, b"{}").await;
     assert_refused(&answer, UNRECOGNIZED, "AWS_BEARER_TOKEN_BEDROCK");
     assert!(answer.message().contains("AWS_CA_BUNDLE"));
     let audit = s.finish_unforwarded().await;
@@ -57,11 +70,7 @@ async fn missing_token_is_refused_with_setup_instructions() {
 #[tokio::test]
 async fn wrong_token_is_refused() {
     let s = setup("wrong-token", &token_principal("")).await;
-    let answer = s
-        .caller()
-        .await
-        .post(CONVERSE, Some("not-the-token"), b"{}")
-        .await;
+    let answer = s.post(CONVERSE, Some("not-the-token"), b"{}").await;
     assert_refused(&answer, UNRECOGNIZED, "not one this xpart agent knows");
     let audit = s.finish_unforwarded().await;
     assert_eq!(audit[0]["message"], "unknown bearer token");
@@ -89,7 +98,7 @@ async fn token_from_an_address_outside_the_cidrs_is_refused() {
         &token_principal(r#"source_cidrs = ["10.0.16.0/20"]"#),
     )
     .await;
-    let answer = s.caller().await.post(CONVERSE, Some(TOKEN), b"{}").await;
+    let answer = s.post(CONVERSE, Some(TOKEN), b"{}").await;
     assert_refused(&answer, DENIED, "may not call from 127.0.0.1");
     let audit = s.finish_unforwarded().await;
     assert_eq!(audit[0]["principal"], "lambda");
@@ -105,7 +114,7 @@ source_cidrs = ["127.0.0.0/8"]
 models = ["*"]
 "#;
     let s = setup("cidr-only", principals).await;
-    let answer = s.caller().await.post(CONVERSE, None, b"{}").await;
+    let answer = s.post(CONVERSE, None, b"{}").await;
     assert_eq!(answer.status, 200);
     let (seen, _) = s.finish().await;
     assert_eq!(seen[0].headers["x-xpart-principal"], "subnet");
@@ -115,8 +124,6 @@ models = ["*"]
 async fn model_outside_the_allowlist_is_refused() {
     let s = setup("model", &token_principal("")).await;
     let answer = s
-        .caller()
-        .await
         .post("/model/amazon.nova-pro-v1%3A0/converse", Some(TOKEN), b"{}")
         .await;
     assert_refused(
@@ -132,11 +139,7 @@ async fn model_outside_the_allowlist_is_refused() {
 #[tokio::test]
 async fn unknown_operation_is_refused_as_bedrock_would() {
     let s = setup("route", &token_principal("")).await;
-    let answer = s
-        .caller()
-        .await
-        .post("/model/x/explode", Some(TOKEN), b"{}")
-        .await;
+    let answer = s.post("/model/x/explode", Some(TOKEN), b"{}").await;
     assert_eq!(answer.status, 404);
     assert_eq!(answer.error_type(), "UnknownOperationException");
     s.finish_unforwarded().await;
@@ -172,7 +175,7 @@ async fn over_concurrency_is_throttled_and_the_slot_returns() {
         )
         .await;
     assert_eq!(stream.status(), 200);
-    let answer = s.caller().await.post(CONVERSE, Some(TOKEN), b"{}").await;
+    let answer = s.post(CONVERSE, Some(TOKEN), b"{}").await;
     assert_refused(&answer, THROTTLED, "may have 1 in flight");
 
     use http_body_util::BodyExt;
@@ -202,17 +205,9 @@ async fn over_concurrency_is_throttled_and_the_slot_returns() {
 #[tokio::test]
 async fn oversized_body_is_refused_before_forwarding() {
     let s = setup("body", &token_principal("max_body_bytes = 1000")).await;
-    let answer = s
-        .caller()
-        .await
-        .post(CONVERSE, Some(TOKEN), &[b'x'; 1001])
-        .await;
+    let answer = s.post(CONVERSE, Some(TOKEN), &[b'x'; 1001]).await;
     assert_refused(&answer, INVALID, "exceeds the 1000-byte limit");
-    let ok = s
-        .caller()
-        .await
-        .post(CONVERSE, Some(TOKEN), &[b'x'; 1000])
-        .await;
+    let ok = s.post(CONVERSE, Some(TOKEN), &[b'x'; 1000]).await;
     assert_eq!(ok.status, 200);
     let (seen, audit) = s.finish().await;
     assert_eq!(seen.len(), 1);
@@ -225,36 +220,18 @@ const APPLY_GUARDRAIL: &str = "/guardrail/gr-1234/version/1/apply";
 #[tokio::test]
 async fn operation_outside_the_principals_list_is_refused() {
     // The default operations: invoke, converse and CountTokens, never ApplyGuardrail.
-    let principals = format!(
-        r#"
-[[principal]]
-name = "echo-only"
-token_sha256 = "{}"
-models = ["xpart.echo"]
-"#,
-        xpart_agent::token_sha256_hex(TOKEN)
-    );
+    let principals = principal("echo-only", TOKEN, "xpart.echo");
     let s = setup("operation", &principals).await;
     // A refusal over HTTP/1.1 closes the connection: one caller per request.
-    let answer = s
-        .caller()
-        .await
-        .post(APPLY_GUARDRAIL, Some(TOKEN), b"{}")
-        .await;
+    let answer = s.post(APPLY_GUARDRAIL, Some(TOKEN), b"{}").await;
     assert_refused(
         &answer,
         DENIED,
         "Principal echo-only is not allowed to call ApplyGuardrail",
     );
-    let start_async = s
-        .caller()
-        .await
-        .post("/async-invoke", Some(TOKEN), b"{}")
-        .await;
+    let start_async = s.post("/async-invoke", Some(TOKEN), b"{}").await;
     assert_refused(&start_async, DENIED, "not allowed to call StartAsyncInvoke");
     let count = s
-        .caller()
-        .await
         .post("/model/xpart.echo/count-tokens", Some(TOKEN), b"{}")
         .await;
     assert_eq!(count.status, 200, "CountTokens is a default operation");
@@ -299,21 +276,8 @@ async fn a_listed_operation_without_a_model_is_forwarded() {
 
 #[tokio::test]
 async fn random_model_ids_add_no_metric_series() {
-    let principals = format!(
-        r#"
-[[principal]]
-name = "any-model"
-token_sha256 = "{}"
-models = ["*"]
-
-[[principal]]
-name = "claude-only"
-token_sha256 = "{}"
-models = ["anthropic.claude-*"]
-"#,
-        xpart_agent::token_sha256_hex(TOKEN),
-        xpart_agent::token_sha256_hex("claude-token"),
-    );
+    let principals = principal("any-model", TOKEN, "*")
+        + &principal("claude-only", "claude-token", "anthropic.claude-*");
     let s = setup("metric-labels", &principals).await;
     let mut allowed = s.caller().await;
     for i in 0..60u32 {
@@ -374,13 +338,11 @@ async fn refusals_over_http1_announce_that_the_connection_closes() {
     // agent is closing, and its next request would fail.
     let s = setup("close", &token_principal("")).await;
     let answer = s
-        .caller()
-        .await
         .post(CONVERSE, Some("not-the-token"), &[b'x'; 64 * 1024])
         .await;
     assert_eq!(answer.status, 403);
     assert_eq!(answer.headers["connection"], "close");
-    let ok = s.caller().await.post(CONVERSE, Some(TOKEN), b"{}").await;
+    let ok = s.post(CONVERSE, Some(TOKEN), b"{}").await;
     assert_eq!(ok.status, 200);
     assert!(!ok.headers.contains_key("connection"), "{:?}", ok.headers);
     s.finish().await;
