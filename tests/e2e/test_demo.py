@@ -31,6 +31,19 @@ require("https").get({host: "127.0.0.1", servername: url.hostname, port: url.por
 }).on("error", (e) => { console.error(e.message); process.exit(1); });
 """
 COMMAND_TIMEOUT_S = 60
+# Model discovery with nothing but caller.env: the AWS CLI's and boto3's control-plane reads,
+# each printing what the test checks.
+DISCOVERY = {
+    "aws list-foundation-models": "aws bedrock list-foundation-models",
+    "aws list-inference-profiles": "aws bedrock list-inference-profiles",
+    "boto3 list_foundation_models": "python3 -c " + shlex.quote(
+        'import boto3, json; print(json.dumps(boto3.client("bedrock").list_foundation_models()["modelSummaries"]))'),
+    "boto3 list_inference_profiles": "python3 -c " + shlex.quote(
+        'import boto3, json; print(json.dumps(boto3.client("bedrock").list_inference_profiles()["inferenceProfileSummaries"]))'),
+    "boto3 get_foundation_model": "python3 -c " + shlex.quote(
+        'import boto3, json; print(json.dumps(boto3.client("bedrock").get_foundation_model('
+        'modelIdentifier="xpart.echo")["modelDetails"]))'),
+}
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +89,7 @@ def test_printed_lines_work_with_exactly_the_printed_environment(xpart_bin, tmp_
         caller_env = exported_environment(printed)
         assert set(caller_env) >= {
             "AWS_ENDPOINT_URL_BEDROCK_RUNTIME",
+            "AWS_ENDPOINT_URL_BEDROCK",
             "AWS_CA_BUNDLE",
             "NODE_EXTRA_CA_CERTS",
             "AWS_BEARER_TOKEN_BEDROCK",
@@ -103,6 +117,23 @@ def test_printed_lines_work_with_exactly_the_printed_environment(xpart_bin, tmp_
             else:
                 assert done.stdout.strip() == "hello", (name, done)
 
+        for name, command in DISCOVERY.items():
+            done = run_in_shell(command, caller_env, tmp_path)
+            assert done.returncode == 0, (name, done)
+            answer = json.loads(done.stdout)
+            if name.startswith("aws list-foundation-models"):
+                answer = answer["modelSummaries"]
+            elif name.startswith("aws list-inference-profiles"):
+                answer = answer["inferenceProfileSummaries"]
+            if "foundation_model" in name or "foundation-models" in name:
+                models = answer if isinstance(answer, list) else [answer]
+                # The demo admits only the echo model, so that is all a caller may list or get.
+                assert [m["modelId"] for m in models] == ["xpart.echo"], (name, done)
+            else:
+                # No inference profile is admitted by the demo's policy.
+                assert isinstance(answer, list), (name, done)
+                assert all(p["inferenceProfileId"].endswith("xpart.echo") for p in answer), (name, done)
+
         demo.send_signal(signal.SIGINT)
         code = demo.wait(timeout=30)
         tail = lines.until_eof(10)
@@ -124,6 +155,11 @@ def test_printed_lines_work_with_exactly_the_printed_environment(xpart_bin, tmp_
         ("demo-caller", "Converse", 200),
         ("demo-caller", "Converse", 200),
         ("demo-caller", "ConverseStream", 200),
+        ("demo-caller", "ListFoundationModels", 200),
+        ("demo-caller", "ListInferenceProfiles", 200),
+        ("demo-caller", "ListFoundationModels", 200),
+        ("demo-caller", "ListInferenceProfiles", 200),
+        ("demo-caller", "GetFoundationModel", 200),
     ], audit
 
 

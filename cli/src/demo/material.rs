@@ -282,7 +282,9 @@ endpoint = "https://bedrock-runtime.{REGION}.amazonaws.com"
 source = "none"
 
 [policy]
-operations = ["InvokeModel", "InvokeModelWithResponseStream", "Converse", "ConverseStream", "CountTokens"]
+# The discovery reads list and describe the echo model, answered by the relay itself.
+operations = ["InvokeModel", "InvokeModelWithResponseStream", "Converse", "ConverseStream", "CountTokens",
+              "ListFoundationModels", "GetFoundationModel", "ListInferenceProfiles", "GetInferenceProfile"]
 models = ["{ECHO_MODEL}"]
 
 [echo]
