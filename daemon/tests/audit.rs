@@ -80,8 +80,7 @@ async fn records_become_json_lines_with_the_schema_fields() {
 
 #[tokio::test]
 async fn token_counts_are_written_only_when_the_answer_reported_them() {
-    let dir = scratch_dir("tokens");
-    let path = dir.join("audit.jsonl");
+    let (dir, path) = audit_path("tokens");
     let log = AuditLog::open(&path).unwrap();
     let mut counted = agent_record("req-tokens", 200, None);
     counted.input_tokens = Some(1200);
@@ -122,8 +121,7 @@ async fn token_counts_are_written_only_when_the_answer_reported_them() {
 
 #[tokio::test]
 async fn long_messages_are_truncated() {
-    let dir = scratch_dir("truncate");
-    let path = dir.join("audit.jsonl");
+    let (dir, path) = audit_path("truncate");
     let log = AuditLog::open(&path).unwrap();
     let mut record = agent_record("req-long", 400, Some("ValidationException"));
     record.message = Some("é".repeat(MAX_MESSAGE_CHARS * 3));
@@ -139,8 +137,7 @@ async fn long_messages_are_truncated() {
 /// yielding, which is what a stalled disk looks like from the request path.
 #[tokio::test(flavor = "current_thread")]
 async fn a_full_queue_drops_and_counts_instead_of_blocking() {
-    let dir = scratch_dir("drops");
-    let path = dir.join("audit.jsonl");
+    let (dir, path) = audit_path("drops");
     let log = AuditLog::open_with_capacity(&path, 4).unwrap();
     let registry = prometheus::Registry::new();
     log.register(&registry).unwrap();
@@ -186,8 +183,7 @@ async fn failed_writes_are_counted_as_dropped() {
 
 #[tokio::test]
 async fn reopen_starts_a_new_file_after_rotation() {
-    let dir = scratch_dir("reopen");
-    let path = dir.join("audit.jsonl");
+    let (dir, path) = audit_path("reopen");
     let rotated = dir.join("audit.jsonl.1");
     let log = AuditLog::open(&path).unwrap();
     log.record(agent_record("before", 200, None));
@@ -203,8 +199,7 @@ async fn reopen_starts_a_new_file_after_rotation() {
 
 #[tokio::test]
 async fn existing_lines_are_kept_and_the_file_is_not_world_readable() {
-    let dir = scratch_dir("append");
-    let path = dir.join("audit.jsonl");
+    let (dir, path) = audit_path("append");
     let earlier = serde_json::to_string(&agent_record("earlier", 200, None)).unwrap();
     std::fs::write(&path, format!("{earlier}\n")).unwrap();
     let log = AuditLog::open(&path).unwrap();
@@ -267,6 +262,13 @@ fn agent_record(request_id: &str, status: u16, error_type: Option<&str>) -> Audi
     record.bytes_in = 321;
     record.bytes_out = 654;
     record
+}
+
+/// A fresh scratch directory and the audit file's path in it.
+fn audit_path(name: &str) -> (PathBuf, PathBuf) {
+    let dir = scratch_dir(name);
+    let path = dir.join("audit.jsonl");
+    (dir, path)
 }
 
 fn scratch_dir(name: &str) -> PathBuf {

@@ -24,6 +24,24 @@ struct Running {
     registry: Registry,
 }
 
+impl Running {
+    /// Waits for the server task to end, `why` it should within `limit`.
+    async fn ends_within(self, limit: Duration, why: &str) {
+        tokio::time::timeout(limit, self.task)
+            .await
+            .unwrap_or_else(|_| panic!("{why}"))
+            .expect("server task");
+    }
+}
+
+/// The default limits with `shutdown_grace` for the requests in flight at shutdown.
+fn with_grace(shutdown_grace: Duration) -> Limits {
+    Limits {
+        shutdown_grace,
+        ..Limits::default()
+    }
+}
+
 async fn start(limits: Limits) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -104,11 +122,7 @@ fn metric(registry: &Registry, series: &str) -> String {
 
 #[tokio::test]
 async fn shutdown_lets_a_request_in_flight_finish_within_the_grace() {
-    let running = start(Limits {
-        shutdown_grace: Duration::from_secs(10),
-        ..Limits::default()
-    })
-    .await;
+    let running = start(with_grace(Duration::from_secs(10))).await;
     let mut sender = h2_client(running.addr).await;
     let in_flight = tokio::spawn(async move { get(&mut sender, "/hold").await });
     wait_for_holds(&running, 1).await;
@@ -128,19 +142,17 @@ async fn shutdown_lets_a_request_in_flight_finish_within_the_grace() {
     }
     let answer = in_flight.await.expect("request task").expect("answer");
     assert_eq!(answer, (StatusCode::OK, Bytes::from_static(b"done")));
-    tokio::time::timeout(Duration::from_secs(2), running.task)
-        .await
-        .expect("the server ends once the request is done")
-        .expect("server task");
+    running
+        .ends_within(
+            Duration::from_secs(2),
+            "the server ends once the request is done",
+        )
+        .await;
 }
 
 #[tokio::test]
 async fn shutdown_does_not_wait_on_idle_connections() {
-    let running = start(Limits {
-        shutdown_grace: Duration::from_secs(30),
-        ..Limits::default()
-    })
-    .await;
+    let running = start(with_grace(Duration::from_secs(30))).await;
     let mut sender = h2_client(running.addr).await;
     assert_eq!(
         get(&mut sender, "/").await.expect("answer").0,
@@ -149,10 +161,12 @@ async fn shutdown_does_not_wait_on_idle_connections() {
 
     let began = Instant::now();
     running.stop.send_replace(true);
-    tokio::time::timeout(Duration::from_secs(3), running.task)
-        .await
-        .expect("an idle connection does not hold shutdown for the grace")
-        .expect("server task");
+    running
+        .ends_within(
+            Duration::from_secs(3),
+            "an idle connection does not hold shutdown for the grace",
+        )
+        .await;
     assert!(began.elapsed() < Duration::from_secs(3));
 }
 
@@ -164,10 +178,9 @@ async fn shutdown_without_grace_cuts_requests_in_flight() {
     wait_for_holds(&running, 1).await;
 
     running.stop.send_replace(true);
-    tokio::time::timeout(Duration::from_secs(2), running.task)
-        .await
-        .expect("no grace: the server ends at once")
-        .expect("server task");
+    running
+        .ends_within(Duration::from_secs(2), "no grace: the server ends at once")
+        .await;
     let answer = in_flight.await.expect("request task");
     assert!(answer.is_err(), "the request was cut: {answer:?}");
 }
