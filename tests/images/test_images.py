@@ -439,6 +439,18 @@ def test_relay_roles_read_the_catalogue_the_control_plane_endpoint_admits():
     assert every == invocations | set(CATALOGUE_READS)
 
 
+def test_the_relays_region_is_the_stacks_so_the_default_profile_prefix_applies():
+    """The relay derives inference_profile_prefix from its upstream region (us-* → us.); the
+    stack hands both members its own region and nothing sets a prefix."""
+    template = load_stack(COMMERCIAL)
+    for member in "AB":
+        data = template["Resources"][f"Relay{member}LaunchTemplate"]["Properties"]["LaunchTemplateData"]
+        text = "\n".join(strings_in(data["UserData"]))
+        assert "XPART_BEDROCK_REGION=${AWS::Region}" in text, member
+        assert "inference_profile_prefix" not in text and "PROFILE_PREFIX" not in text, member
+    assert "inference_profile_prefix" not in (IMAGES / "cloud-init" / "relay-user-data.yaml").read_text()
+
+
 def _all_statements(template, role_name):
     """A role's own statements and those of every managed policy the stack attaches to it."""
     role = template["Resources"][role_name]["Properties"]
