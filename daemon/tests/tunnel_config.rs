@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use xpart_daemon::config::Diagnostics;
@@ -26,9 +26,7 @@ fn builds_one_peer_per_table_routing_its_tunnel_address() {
     let dir = scratch_dir("peers");
     let key = PrivateKey::generate();
     keys::write_private_key_file(dir.join("self.key"), &key).unwrap();
-    let psk = dir.join("relay-a.psk");
-    std::fs::write(&psk, "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\n").unwrap();
-    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let psk = write_file(&dir, "relay-a.psk", PSK, 0o600);
     let peer_key = PrivateKey::generate().public_key().to_base64();
     let file = parse(&format!(
         r#"
@@ -130,9 +128,7 @@ persistent_keepalive = 0
 #[test]
 fn shared_checks_name_the_field_in_the_daemons_style() {
     let dir = scratch_dir("checks");
-    let psk = dir.join("open.psk");
-    std::fs::write(&psk, "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\n").unwrap();
-    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let psk = write_file(&dir, "open.psk", PSK, 0o644);
     let file = parse(
         r#"
 [tunnel]
@@ -231,12 +227,9 @@ fn missing_key_file_and_bad_peer_keys_name_the_field() {
 #[test]
 fn preshared_key_open_to_group_or_others_is_refused_like_a_private_key() {
     let dir = scratch_dir("psk-mode");
-    let psk = dir.join("relay-a.psk");
-    std::fs::write(&psk, "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\n").unwrap();
-    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let key = dir.join("self.key");
-    std::fs::write(&key, format!("{}\n", PrivateKey::generate().to_base64())).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let psk = write_file(&dir, "relay-a.psk", PSK, 0o644);
+    let private = format!("{}\n", PrivateKey::generate().to_base64());
+    let key = write_file(&dir, "self.key", &private, 0o644);
 
     let psk_error = read_preshared_key_file(&psk).unwrap_err().to_string();
     let key_error = keys::read_private_key_file(&key).unwrap_err().to_string();
@@ -284,6 +277,17 @@ struct File {
 
 fn parse(text: &str) -> File {
     toml::from_str(text).unwrap_or_else(|err| panic!("{err}\n{text}"))
+}
+
+/// A preshared key file's contents: 32 bytes of 7s.
+const PSK: &str = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\n";
+
+/// Writes `contents` to `dir/name` with permissions `mode`.
+fn write_file(dir: &Path, name: &str, contents: &str, mode: u32) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path
 }
 
 fn scratch_dir(name: &str) -> PathBuf {
