@@ -461,11 +461,20 @@ fn print_inner_tls(report: &IssueReport, peer: &InnerTlsPeer, json: bool) {
     println!("Name:        {}", report.dns_names.join(", "));
     println!("Valid until: {}", report.not_after);
     println!();
-    println!("In {file} ({} must be the name in {table} table):", peer.name());
+    println!(
+        "In {file} ({} must be the name in {table} table):",
+        peer.name()
+    );
     println!("  [tunnel]");
     println!("  inner_tls = true");
-    println!("  inner_tls_cert_file = {:?}", report.cert.display().to_string());
-    println!("  inner_tls_key_file = {:?}", report.key.display().to_string());
+    println!(
+        "  inner_tls_cert_file = {:?}",
+        report.cert.display().to_string()
+    );
+    println!(
+        "  inner_tls_key_file = {:?}",
+        report.key.display().to_string()
+    );
     println!(
         "  inner_tls_ca_file = {:?}",
         report.ca_bundle.display().to_string()
