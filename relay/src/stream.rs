@@ -25,8 +25,9 @@ use xpart_daemon::record::{Ending, OnEnd};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-pub struct Relayed {
-    inner: Incoming,
+/// The upstream body (hyper's `Incoming` in the service; any body in tests) on its way out.
+pub struct Relayed<B: Body = Incoming> {
+    inner: B,
     idle: Duration,
     timer: Pin<Box<Sleep>>,
     bytes: u64,
@@ -34,8 +35,8 @@ pub struct Relayed {
     usage: Option<(UsageReader, UsageSlot)>,
 }
 
-impl Relayed {
-    pub fn new(inner: Incoming, idle: Duration, on_end: OnEnd) -> Relayed {
+impl<B: Body> Relayed<B> {
+    pub fn new(inner: B, idle: Duration, on_end: OnEnd) -> Relayed<B> {
         Relayed {
             inner,
             idle,
@@ -47,7 +48,7 @@ impl Relayed {
     }
 
     /// Reads the answer's token usage as it passes, into `slot`.
-    pub fn with_usage(mut self, reader: UsageReader, slot: UsageSlot) -> Relayed {
+    pub fn with_usage(mut self, reader: UsageReader, slot: UsageSlot) -> Relayed<B> {
         self.usage = Some((reader, slot));
         self
     }
@@ -64,7 +65,11 @@ impl Relayed {
 #[error("upstream sent nothing for {0:?}; stream stopped")]
 struct IdleTimeout(Duration);
 
-impl Body for Relayed {
+impl<B> Body for Relayed<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -120,12 +125,122 @@ impl Body for Relayed {
     }
 }
 
-impl Drop for Relayed {
+impl<B: Body> Drop for Relayed<B> {
     fn drop(&mut self) {
         if self.inner.is_end_stream() {
             self.end(Ending::Complete);
         } else {
             self.end(Ending::Abandoned);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
+    use http_body_util::{BodyExt, StreamBody};
+    use std::sync::{Arc, Mutex};
+    use xpart_bedrock::usage::Reading;
+    use xpart_bedrock::Operation;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("connection reset")]
+    struct Reset;
+
+    fn event(kind: &str, payload: &str) -> Bytes {
+        let message = Message::new(payload.to_owned())
+            .add_header(Header::new(
+                ":message-type",
+                HeaderValue::String("event".into()),
+            ))
+            .add_header(Header::new(
+                ":event-type",
+                HeaderValue::String(kind.to_owned().into()),
+            ));
+        let mut out = Vec::new();
+        aws_smithy_eventstream::frame::write_message_to(&message, &mut out).expect("encode");
+        Bytes::from(out)
+    }
+
+    type Seen = Arc<Mutex<Option<(Ending, Option<Reading>)>>>;
+
+    /// A ConverseStream body from `frames`, reading its usage, and what its hook saw.
+    fn relayed(
+        frames: Vec<Result<Frame<Bytes>, Reset>>,
+    ) -> (
+        Relayed<
+            StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Reset>>>>,
+        >,
+        Seen,
+    ) {
+        let seen: Seen = Arc::new(Mutex::new(None));
+        let slot = UsageSlot::default();
+        let (hook_seen, hook_slot) = (seen.clone(), slot.clone());
+        let on_end = OnEnd::new(move |ending, _| {
+            *hook_seen.lock().expect("test lock") = Some((ending, hook_slot.take()));
+        });
+        let reader = UsageReader::for_answer(
+            Operation::ConverseStream,
+            http::StatusCode::OK,
+            &http::HeaderMap::new(),
+        )
+        .expect("a reader");
+        let body = Relayed::new(
+            StreamBody::new(futures_util::stream::iter(frames)),
+            Duration::from_secs(30),
+            on_end,
+        )
+        .with_usage(reader, slot);
+        (body, seen)
+    }
+
+    #[tokio::test]
+    async fn the_usage_of_a_stream_is_read_as_it_passes_unchanged() {
+        let start = event("messageStart", r#"{"role":"assistant"}"#);
+        let metadata = event(
+            "metadata",
+            r#"{"usage":{"inputTokens":13,"outputTokens":14,"cacheReadInputTokens":15,"cacheWriteInputTokens":16}}"#,
+        );
+        let mut whole = start.to_vec();
+        whole.extend_from_slice(&metadata);
+        let (head, tail) = whole.split_at(20);
+        let (body, seen) = relayed(vec![
+            Ok(Frame::data(Bytes::copy_from_slice(head))),
+            Ok(Frame::data(Bytes::copy_from_slice(tail))),
+        ]);
+        let passed = body.collect().await.expect("complete").to_bytes();
+        assert_eq!(passed.as_ref(), whole.as_slice());
+        let (ending, reading) = seen.lock().expect("test lock").take().expect("ended");
+        assert_eq!(ending, Ending::Complete);
+        let reading = reading.expect("a reading");
+        assert!(reading.complete);
+        assert_eq!(
+            (
+                reading.usage.input_tokens,
+                reading.usage.output_tokens,
+                reading.usage.cache_read_tokens,
+                reading.usage.cache_write_tokens
+            ),
+            (Some(13), Some(14), Some(15), Some(16))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_breaks_before_its_metadata_reports_incomplete_usage() {
+        let (body, seen) = relayed(vec![
+            Ok(Frame::data(event(
+                "messageStart",
+                r#"{"role":"assistant"}"#,
+            ))),
+            Err(Reset),
+        ]);
+        let error = body.collect().await.expect_err("broken");
+        assert!(error.to_string().contains("connection reset"), "{error}");
+        let (ending, reading) = seen.lock().expect("test lock").take().expect("ended");
+        assert!(matches!(ending, Ending::Failed(_)), "{ending:?}");
+        let reading = reading.expect("a reading");
+        assert!(!reading.complete);
+        assert!(reading.usage.is_empty());
     }
 }
