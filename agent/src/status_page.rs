@@ -64,8 +64,9 @@ function tokens(p) {
 }
 function topPrincipalsSection(usage) {
   const title = "Top principals today" + (usage && usage.day ? " (" + usage.day + ", UTC)" : "");
-  if (!usage || !usage.principals || usage.principals.length === 0) return section(title, empty("no usage yet"));
-  const top = usage.principals.slice().sort((a, b) =>
+  const used = ((usage && usage.principals) || []).filter((p) => p.requests > 0);
+  if (used.length === 0) return section(title, empty("no usage yet"));
+  const top = used.sort((a, b) =>
     (b.requests - a.requests) || (tokens(b) - tokens(a))).slice(0, 10);
   return section(title, table(
     ["principal", "requests", "errors", "input tokens", "output tokens", "tokens", "cache read", "cache write"],

@@ -73,18 +73,20 @@ def wait_for_status(address, predicate, what, timeout=15.0):
         time.sleep(0.1)
 
 
-def open_page(chromium, address, name, directory):
-    """Loads the page, waits until it has fetched /status again by itself (the refresh), and
-    returns (text of the page, outer HTML); writes <name>.png and <name>.html to `directory`."""
+def open_page(chromium, address, name, directory, refresh=True):
+    """Loads the page, waits until it has fetched /status again by itself (the refresh) unless
+    told not to, and returns (text of the page, outer HTML); writes <name>.png and <name>.html
+    to `directory`."""
     base = f"http://{address[0]}:{address[1]}/"
     chromium.load(base)
-    chromium.wait_for(
-        lambda e: e.get("method") == "Network.loadingFinished"
-        and chromium.requests().get(e["params"]["requestId"]) == base + "status",
-        timeout=REFRESH_WAIT_S,
-    )
-    # The refreshed status is rendered in the same task that read it; let it paint.
-    time.sleep(0.3)
+    if refresh:
+        chromium.wait_for(
+            lambda e: e.get("method") == "Network.loadingFinished"
+            and chromium.requests().get(e["params"]["requestId"]) == base + "status",
+            timeout=REFRESH_WAIT_S,
+        )
+        # The refreshed status is rendered in the same task that read it; let it paint.
+        time.sleep(0.3)
     text = chromium.evaluate("document.body.innerText")
     dom = chromium.evaluate("document.documentElement.outerHTML")
     with open(os.path.join(directory, f"{name}.html"), "w") as f:
@@ -122,6 +124,11 @@ def test_both_status_pages_render_live_state_in_headless_chromium(start_stack, c
     )
     relay_a, relay_b = stack.relays
     agent_admin = stack.agent.admin
+
+    # Before any call: the page renders the embedded status at once.
+    text, _ = open_page(chromium, agent_admin, "agent-first", tmp_path, refresh=False)
+    assert "no usage yet" in text and "none since start" in text, text
+    assert "relay-a" in text and "relay-b" in text, text
 
     for text in ("hello status page", "and again"):
         answer = a.boto3_call(stack.env(), op="converse", model=ECHO, text=text)
