@@ -66,10 +66,10 @@ pub async fn http2<T>(conn: T) -> SendRequest<Full<Bytes>>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(conn))
-            .await
-            .expect("HTTP/2 handshake with the relay's service");
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(conn))
+        .await
+        .expect("HTTP/2 handshake with the relay's service");
     tokio::spawn(connection);
     sender
 }
