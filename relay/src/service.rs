@@ -637,10 +637,33 @@ fn finish_stream(
     }
 }
 
-fn answer_locally(response: Response<Full<Bytes>>, exchange: Exchange) -> Response<ResponseBody> {
+fn answer_locally(
+    response: Response<Full<Bytes>>,
+    mut exchange: Exchange,
+) -> Response<ResponseBody> {
     let (mut head, body) = response.into_parts();
     strip_hop_by_hop(&mut head.headers);
     let bytes_out = http_body::Body::size_hint(&body).exact().unwrap_or(0);
+    // The echo model's answers report usage as Bedrock's do: the whole body is here.
+    let usage = exchange
+        .operation()
+        .and_then(|operation| UsageReader::for_answer(operation, head.status, &head.headers));
+    let (body, usage) = match usage {
+        Some(mut reader) => {
+            let bytes = futures_util::FutureExt::now_or_never(body.collect())
+                .map(|collected| match collected {
+                    Ok(collected) => collected.to_bytes(),
+                    Err(never) => match never {},
+                })
+                .unwrap_or_default();
+            reader.feed(&bytes);
+            (Full::new(bytes), Some(reader.finish()))
+        }
+        None => (body, None),
+    };
+    if let Some(reading) = usage {
+        exchange.set_usage(reading);
+    }
     exchange.finish(
         head.status.as_u16(),
         error_code(&head.headers).map(str::to_owned),

@@ -223,3 +223,20 @@ def test_a_principal_over_its_minute_budget_is_refused_until_the_next_minute(sta
     next_minute = (now.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1))
     assert f"resets at {next_minute.strftime('%Y-%m-%dT%H:%M')}:00.000Z" in answer["message"], answer
     assert 1 <= int(headers["retry-after"]) <= 60 - now.second + 1
+
+
+def test_the_relays_echo_model_reports_usage_like_bedrock(relay):
+    """The echo model answers on the relay itself; its usage is counted there the same way."""
+    text = "echo my usage"  # 13 characters: 4 tokens by the echo model's estimate
+    messages = [{"role": "user", "content": [{"text": text}]}]
+    client = relay.client()
+    answer = client.converse(modelId="xpart.echo", messages=messages)
+    assert answer["usage"]["inputTokens"] == 4 and answer["usage"]["outputTokens"] == 4, answer["usage"]
+    list(client.converse_stream(modelId="xpart.echo", messages=messages)["stream"])
+    lines = relay.audit(2)
+    for line in lines:
+        assert (line["input_tokens"], line["output_tokens"], line["usage_complete"]) == (4, 4, True), line
+    _, _, body = h.get(relay.relay.admin, "/metrics")
+    tokens = counters(body.decode(), "xpart_relay_tokens_total")
+    assert tokens[frozenset({"model": "xpart.echo", "kind": "input"}.items())] == 8, tokens
+    assert tokens[frozenset({"model": "xpart.echo", "kind": "output"}.items())] == 8, tokens
