@@ -39,12 +39,9 @@ pub fn filter_list(
     match answer.get_mut(list) {
         None => {}
         Some(Value::Null) => {}
-        Some(Value::Array(entries)) => entries.retain(|entry| {
-            entry
-                .get(id)
-                .and_then(Value::as_str)
-                .is_some_and(&allowed)
-        }),
+        Some(Value::Array(entries)) => {
+            entries.retain(|entry| entry.get(id).and_then(Value::as_str).is_some_and(&allowed))
+        }
         Some(_) => return Err(FilterError::NotAList(list)),
     }
     serde_json::to_vec(&answer).map_err(|err| FilterError::NotJson(err.to_string()))
