@@ -254,22 +254,15 @@ impl Collector for TunnelPeers {
         let now = SystemTime::now();
         for peer in &peers {
             let name = peer.name.as_str();
-            fresh
-                .bytes
-                .with_label_values(&[name, "rx"])
-                .inc_by(peer.rx_bytes);
-            fresh
-                .bytes
-                .with_label_values(&[name, "tx"])
-                .inc_by(peer.tx_bytes);
-            fresh
-                .packets
-                .with_label_values(&[name, "rx"])
-                .inc_by(peer.rx_packets);
-            fresh
-                .packets
-                .with_label_values(&[name, "tx"])
-                .inc_by(peer.tx_packets);
+            let counts = [
+                (&fresh.bytes, "rx", peer.rx_bytes),
+                (&fresh.bytes, "tx", peer.tx_bytes),
+                (&fresh.packets, "rx", peer.rx_packets),
+                (&fresh.packets, "tx", peer.tx_packets),
+            ];
+            for (counter, direction, count) in counts {
+                counter.with_label_values(&[name, direction]).inc_by(count);
+            }
             for (reason, count) in &peer.drops {
                 fresh
                     .dropped
