@@ -256,3 +256,30 @@ async fn ready_agent_with_one_relay(test: &str) -> (Scratch, FakeRelay, AgentHan
     wait_ready(&agent).await;
     (scratch, relay, agent)
 }
+
+#[tokio::test]
+async fn the_dialled_service_and_region_are_forwarded_and_a_callers_own_are_not() {
+    let (scratch, relay, agent) = ready_agent_with_one_relay("destination").await;
+
+    let mut caller = Caller::connect(&scratch, agent.front_addr(), false).await;
+    let spoofed = [
+        ("x-xpart-service", "bedrock"),
+        ("x-xpart-region", "eu-west-1"),
+        ("x-xpart-fips", "1"),
+    ];
+    let answer = caller
+        .post_with(CONVERSE, Some(TOKEN), &spoofed, br#"{"messages":[]}"#)
+        .await;
+
+    assert_eq!(answer.status, 200, "body: {:?}", answer.body);
+    let seen = relay.seen();
+    assert_eq!(seen.len(), 1);
+    let headers = &seen[0].headers;
+    assert_eq!(headers["x-xpart-service"], "bedrock-runtime");
+    assert_eq!(
+        headers["x-xpart-region"], "us-east-1",
+        "from {BEDROCK_NAME}"
+    );
+    assert!(!headers.contains_key("x-xpart-fips"), "{headers:?}");
+    agent.shutdown().await;
+}
