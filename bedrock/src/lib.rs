@@ -74,34 +74,43 @@ impl Service {
     }
 }
 
-impl fmt::Display for Service {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
+/// A vocabulary enum whose every value has one wire name (`name()`, listed in `ALL`): it
+/// displays, parses and deserializes as that name, and `$unknown` names any other text.
+macro_rules! wire_name {
+    ($ty:ident, $unknown:ident) => {
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+
+        impl FromStr for $ty {
+            type Err = $unknown;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                $ty::ALL
+                    .into_iter()
+                    .find(|value| value.name() == s)
+                    .ok_or_else(|| $unknown(s.to_string()))
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let name = String::deserialize(deserializer)?;
+                name.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
 }
+
+wire_name!(Service, UnknownService);
+wire_name!(Operation, UnknownOperation);
 
 /// The text given to [`Service::from_str`] names neither Bedrock endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown service \"{0}\" — fix: use \"bedrock-runtime\" or \"bedrock\"")]
 pub struct UnknownService(pub String);
-
-impl FromStr for Service {
-    type Err = UnknownService;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Service::ALL
-            .into_iter()
-            .find(|service| service.name() == s)
-            .ok_or_else(|| UnknownService(s.to_string()))
-    }
-}
-
-impl<'de> Deserialize<'de> for Service {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let name = String::deserialize(deserializer)?;
-        name.parse().map_err(serde::de::Error::custom)
-    }
-}
 
 /// What a caller's `Host` (or `:authority`) says about where it meant to go:
 /// `<service>[-fips].<region>.amazonaws.com`, the names the AWS SDKs build for Bedrock.
@@ -414,38 +423,14 @@ impl Operation {
     }
 }
 
-impl fmt::Display for Operation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
 /// The text given to [`Operation::from_str`] names no Bedrock Runtime operation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown operation \"{0}\" — fix: use one of {names}", names = Operation::all_names())]
 pub struct UnknownOperation(pub String);
 
-impl FromStr for Operation {
-    type Err = UnknownOperation;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Operation::ALL
-            .into_iter()
-            .find(|op| op.name() == s)
-            .ok_or_else(|| UnknownOperation(s.to_string()))
-    }
-}
-
 impl Serialize for Operation {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(self.name())
-    }
-}
-
-impl<'de> Deserialize<'de> for Operation {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let name = String::deserialize(deserializer)?;
-        name.parse().map_err(serde::de::Error::custom)
     }
 }
 
