@@ -61,17 +61,26 @@ impl AdminHandler for AdminView {
 
     async fn status(&self) -> Value {
         let relays = &self.agent.relays;
-        let active = relays.pick().map(|i| relays.name(i).to_owned());
+        // The healthy relays of the best group share new requests; `active_relay` is the
+        // first of them, the one an idle agent sends the next request to.
+        let active = relays.active();
+        let active_names: Vec<&str> = active.iter().map(|relay| relays.name(*relay)).collect();
+        let ids: Vec<_> = relays.health().ids().collect();
         let relay_list: Vec<Value> = relays
             .report()
             .into_iter()
             .zip(relays.targets())
-            .map(|(report, target)| {
+            .zip(ids)
+            .map(|((report, target), id)| {
+                let share = relays.share(id);
                 json!({
                     "name": report.name,
                     "service_addr": target.service_addr.to_string(),
                     "state": report.state,
-                    "active": active.as_deref() == Some(target.name.as_str()),
+                    "active": active.contains(&id),
+                    "priority": share.priority,
+                    "weight": share.weight,
+                    "outstanding": relays.outstanding(id),
                     "consecutive_failures": report.consecutive_failures,
                     "last_error": report.last_error,
                     "state_age_seconds": report.state_age_seconds,
@@ -93,8 +102,9 @@ impl AdminHandler for AdminView {
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": self.started.elapsed().as_secs_f64(),
             "fips_mode": xpart_daemon::crypto::FIPS_MODE,
-            "ready": active.is_some(),
-            "active_relay": active,
+            "ready": !active.is_empty(),
+            "active_relay": active_names.first(),
+            "active_relays": active_names,
             "front": self.front_addr.to_string(),
             "dns": self.dns_addr.map(|a| a.to_string()),
             "relays": relay_list,

@@ -19,8 +19,10 @@ use xpart_tunnel::keys::KeyError;
 use xpart_tunnel::{PrivateKey, PublicKey};
 
 use crate::auth::{Principal, DEFAULT_OPERATIONS};
+use crate::balance::{Share, DEFAULT_PRIORITY, DEFAULT_WEIGHT};
 use crate::budget::Budget;
 use crate::dns::DnsSettings;
+use crate::forward::ConnectionSettings;
 use crate::front::FrontSettings;
 use crate::health::HealthSettings;
 use crate::limits::LimitSettings;
@@ -54,8 +56,9 @@ pub struct AgentConfig {
 #[serde(deny_unknown_fields)]
 pub struct DnsSection {
     pub listen: SocketAddr,
-    pub answer: Ipv4Addr,
-    pub answer_v6: Option<Ipv6Addr>,
+    /// One address or several, all given in every answer.
+    pub answer: OneOrMany<Ipv4Addr>,
+    pub answer_v6: Option<OneOrMany<Ipv6Addr>>,
     #[serde(default)]
     pub names: Vec<String>,
     /// Regions whose Bedrock names are answered besides `names`: for each,
@@ -68,6 +71,49 @@ pub struct DnsSection {
     pub ttl: u32,
     /// Clients whose other names are forwarded; absent: see [`AgentConfig::dns_allow_cidrs`].
     pub allow_cidrs: Option<Vec<IpNet>>,
+}
+
+/// A field that takes one value or a list of them: `answer = "10.0.1.10"` or
+/// `answer = ["10.0.1.10", "10.0.2.10"]`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{value::SeqAccessDeserializer, IntoDeserializer, SeqAccess, Visitor};
+
+        struct OneOrList<T>(std::marker::PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for OneOrList<T> {
+            type Value = OneOrMany<T>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an address, or a list of addresses")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Self::Value, E> {
+                T::deserialize(value.into_deserializer()).map(OneOrMany::One)
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                Vec::<T>::deserialize(SeqAccessDeserializer::new(seq)).map(OneOrMany::Many)
+            }
+        }
+
+        deserializer.deserialize_any(OneOrList(std::marker::PhantomData))
+    }
+}
+
+impl<T: Clone> OneOrMany<T> {
+    pub fn to_vec(&self) -> Vec<T> {
+        match self {
+            OneOrMany::One(value) => vec![value.clone()],
+            OneOrMany::Many(values) => values.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -141,6 +187,10 @@ pub struct HealthSection {
     pub handshake_max_age_secs: u64,
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    #[serde(default = "default_ping_interval_ms")]
+    pub ping_interval_ms: u64,
+    #[serde(default = "default_ping_timeout_ms")]
+    pub ping_timeout_ms: u64,
 }
 
 impl AgentConfig {
@@ -239,8 +289,12 @@ impl AgentConfig {
         Some(DnsSettings {
             listen: dns.listen,
             names,
-            answer_v4: dns.answer,
-            answer_v6: dns.answer_v6,
+            answer_v4: dns.answer.to_vec(),
+            answer_v6: dns
+                .answer_v6
+                .as_ref()
+                .map(OneOrMany::to_vec)
+                .unwrap_or_default(),
             ttl: dns.ttl,
             upstream: dns.upstream.clone(),
             allow_cidrs: self.dns_allow_cidrs(),
@@ -291,8 +345,25 @@ impl AgentConfig {
         }
     }
 
-    pub fn connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.health.connect_timeout_ms)
+    /// How the relays' connections are opened and watched, from `[health]`.
+    pub fn connection_settings(&self) -> ConnectionSettings {
+        let h = &self.health;
+        ConnectionSettings {
+            connect_timeout: Duration::from_millis(h.connect_timeout_ms),
+            ping_interval: Duration::from_millis(h.ping_interval_ms),
+            ping_timeout: Duration::from_millis(h.ping_timeout_ms),
+        }
+    }
+
+    /// Each relay's group and weight, in `[[relay]]` order.
+    pub fn relay_shares(&self) -> Vec<Share> {
+        self.relays
+            .iter()
+            .map(|relay| Share {
+                priority: relay.priority.unwrap_or(DEFAULT_PRIORITY),
+                weight: relay.weight.unwrap_or(DEFAULT_WEIGHT),
+            })
+            .collect()
     }
 
     fn check_tunnel(&self, check: &mut Checker) {
@@ -359,6 +430,15 @@ impl AgentConfig {
                     "set the relay's public UDP address, e.g. \"203.0.113.10:51820\"",
                 );
             }
+            if let Some(weight) = relay.weight {
+                if !(1..=MAX_RELAY_WEIGHT).contains(&weight) {
+                    check.problem(
+                        field("weight"),
+                        format!("{weight} is outside 1..={MAX_RELAY_WEIGHT}"),
+                        "give each relay of a group a weight in proportion to what it can carry, or leave it out for 1",
+                    );
+                }
+            }
             if Some(relay.tunnel_address) == self.tunnel.address.map(|a| a.addr()) {
                 check.problem(
                     field("tunnel_address"),
@@ -406,12 +486,45 @@ impl AgentConfig {
                 );
             }
         }
-        if !crate::dns::is_usable_answer(IpAddr::V4(dns.answer)) {
+        let v4 = dns.answer.to_vec().into_iter().map(IpAddr::V4);
+        let v6 = dns
+            .answer_v6
+            .iter()
+            .flat_map(OneOrMany::to_vec)
+            .map(IpAddr::V6);
+        for (field, address) in v4
+            .map(|a| ("[dns].answer", a))
+            .chain(v6.map(|a| ("[dns].answer_v6", a)))
+        {
+            if !crate::dns::is_usable_answer(address) {
+                check.problem(
+                    field,
+                    format!("{address} cannot be an answer"),
+                    "use the address callers reach the TLS front on",
+                );
+            }
+        }
+        if dns.answer.to_vec().is_empty() {
             check.problem(
                 "[dns].answer",
-                format!("{} cannot be an answer", dns.answer),
-                "use the address callers reach the TLS front on",
+                "an empty list",
+                "list the addresses callers reach the TLS front on (every one is in each answer), e.g. [\"10.0.1.10\", \"10.0.2.10\"]",
             );
+        }
+        for (field, count) in [
+            ("[dns].answer", dns.answer.to_vec().len()),
+            (
+                "[dns].answer_v6",
+                dns.answer_v6.as_ref().map_or(0, |a| a.to_vec().len()),
+            ),
+        ] {
+            if count > MAX_DNS_ANSWERS {
+                check.problem(
+                    field,
+                    format!("{count} addresses; at most {MAX_DNS_ANSWERS} fit a classic 512-byte answer"),
+                    "list one address per zone",
+                );
+            }
         }
     }
 
@@ -568,7 +681,12 @@ impl AgentConfig {
 
     fn check_health(&self, check: &mut Checker) {
         let h = &self.health;
-        if h.interval_ms == 0 || h.probe_timeout_ms == 0 || h.connect_timeout_ms == 0 {
+        if h.interval_ms == 0
+            || h.probe_timeout_ms == 0
+            || h.connect_timeout_ms == 0
+            || h.ping_interval_ms == 0
+            || h.ping_timeout_ms == 0
+        {
             check.problem(
                 "[health]",
                 "intervals and timeouts must be above 0 ms",
@@ -579,6 +697,8 @@ impl AgentConfig {
             ("interval_ms", h.interval_ms, MAX_HEALTH_MS),
             ("probe_timeout_ms", h.probe_timeout_ms, MAX_HEALTH_MS),
             ("connect_timeout_ms", h.connect_timeout_ms, MAX_HEALTH_MS),
+            ("ping_interval_ms", h.ping_interval_ms, MAX_HEALTH_MS),
+            ("ping_timeout_ms", h.ping_timeout_ms, MAX_HEALTH_MS),
             (
                 "handshake_max_age_secs",
                 h.handshake_max_age_secs,
@@ -670,6 +790,8 @@ impl Default for HealthSection {
             rise_after: default_rise_after(),
             handshake_max_age_secs: default_handshake_max_age_secs(),
             connect_timeout_ms: default_connect_timeout_ms(),
+            ping_interval_ms: default_ping_interval_ms(),
+            ping_timeout_ms: default_ping_timeout_ms(),
         }
     }
 }
@@ -682,6 +804,13 @@ const MAX_REQUESTS_PER_SECOND: f64 = 1_000_000.0;
 /// `[health]` bounds: a relay probed less than hourly, or a tunnel handshake a day old, is
 /// no health check at all.
 const MAX_HEALTH_MS: u64 = 3_600_000;
+
+/// A relay's weight beyond this is a typo: weights are proportions within a group.
+const MAX_RELAY_WEIGHT: u32 = 1000;
+
+/// A-records that fit a classic 512-byte UDP answer alongside a long Bedrock name; an
+/// Availability Zone each is far fewer.
+const MAX_DNS_ANSWERS: usize = 16;
 const MAX_HANDSHAKE_AGE_SECS: u64 = 86_400;
 
 /// Upper bounds of the `[front]` knobs: beyond them a value is a typo, not a choice.
@@ -746,7 +875,16 @@ fn default_handshake_max_age_secs() -> u64 {
     180
 }
 fn default_connect_timeout_ms() -> u64 {
-    2000
+    millis(ConnectionSettings::default().connect_timeout)
+}
+fn default_ping_interval_ms() -> u64 {
+    millis(ConnectionSettings::default().ping_interval)
+}
+fn default_ping_timeout_ms() -> u64 {
+    millis(ConnectionSettings::default().ping_timeout)
+}
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Collects problems against one file.

@@ -266,7 +266,11 @@ impl Answerer {
     fn own_records(&self, name: &Name, query_type: RecordType) -> Vec<Record> {
         let record = |rdata| Record::from_rdata(name.clone(), self.ttl, rdata);
         let v4 = || self.answer_v4.iter().map(|ip| record(RData::A(A(*ip))));
-        let v6 = || self.answer_v6.iter().map(|ip| record(RData::AAAA(AAAA(*ip))));
+        let v6 = || {
+            self.answer_v6
+                .iter()
+                .map(|ip| record(RData::AAAA(AAAA(*ip))))
+        };
         match query_type {
             RecordType::A => v4().collect(),
             RecordType::AAAA => v6().collect(),

@@ -1,13 +1,21 @@
 //! Carrying requests to the relays: one HTTP/2 connection per relay through the tunnel,
 //! multiplexing every request, re-established when it breaks.
 //!
-//! [`Relays`] pairs those connections with the [`Health`] core: it picks the relay for each
-//! request, reports connection failures to the health core, and tells requests in flight
-//! when their relay is declared dead so they end at once rather than hang.
+//! [`Relays`] pairs those connections with the [`Health`] core and the [`Balancer`]: it picks
+//! the relay for each request, counts it against that relay until it ends, reports what the
+//! connections show to the health core, and tells requests in flight when their relay is
+//! declared dead so they end at once rather than hang.
+//!
+//! The connections watch themselves: after `ping_interval` without a frame from the relay the
+//! agent sends an HTTP/2 PING, and a PING unanswered within `ping_timeout` ends the
+//! connection. A connection that ends with an error, a connect that fails and a stream the
+//! relay resets before answering are passive failures: the relay leaves the rotation at once
+//! rather than after `fail_after` failed probes, so a relay that vanished without a word stops
+//! taking requests within `ping_interval + ping_timeout`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,11 +25,14 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus::IntGauge;
 use tokio::sync::{watch, Notify};
 use xpart_tunnel::{Network, PublicKey};
 
-use crate::health::{Health, HealthEvent, HealthSettings, RelayId, RelayReport};
+use crate::balance::{Balancer, Outstanding, Share};
+use crate::health::{Health, HealthEvent, HealthSettings, PassiveFailure, RelayId, RelayReport};
 use crate::inner_tls::InnerTls;
+use crate::metrics::Metrics;
 use crate::streaming::BoxError;
 
 pub type ForwardBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -34,6 +45,29 @@ pub struct RelayTarget {
     /// The relay's WireGuard key, which names its peer in the tunnel's statistics; `None` when
     /// the host network carries the traffic.
     pub public_key: Option<PublicKey>,
+    /// Its group and weight in the balancing.
+    pub share: Share,
+}
+
+/// How the connections to the relays are opened and watched.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConnectionSettings {
+    /// Opening a connection (TCP and the HTTP/2 handshake) takes at most this long.
+    pub connect_timeout: Duration,
+    /// Silence on a connection after which the agent sends a PING.
+    pub ping_interval: Duration,
+    /// A PING unanswered this long ends the connection and takes the relay out.
+    pub ping_timeout: Duration,
+}
+
+impl Default for ConnectionSettings {
+    fn default() -> ConnectionSettings {
+        ConnectionSettings {
+            connect_timeout: Duration::from_millis(1000),
+            ping_interval: Duration::from_millis(250),
+            ping_timeout: Duration::from_millis(500),
+        }
+    }
 }
 
 /// Why a forward failed before a response arrived.
@@ -50,14 +84,49 @@ pub enum ForwardError {
     Failed { relay: String, reason: String },
 }
 
-/// Every relay, in priority order, with its connection and health.
+/// A request the relays took: which one, its count against that relay (held until the
+/// answer ends), when it went out, and the answer's head.
+pub struct Dispatched {
+    pub relay: RelayId,
+    pub load: RelayLoad,
+    pub sent_at: Instant,
+    pub response: Response<Incoming>,
+}
+
+/// Why [`Relays::dispatch`] has no answer.
+#[derive(Debug)]
+pub enum DispatchError {
+    /// Nothing was sent: no relay was healthy (`None`), or none of those tried could take it.
+    NotSent(Option<ForwardError>),
+    /// The request went to `relay`, which failed before answering.
+    Failed { relay: RelayId, error: ForwardError },
+}
+
+/// One request counted against a relay (and its `xpart_agent_relay_outstanding` gauge) until
+/// this is dropped.
+pub struct RelayLoad {
+    _claim: Outstanding,
+    gauge: IntGauge,
+}
+
+impl Drop for RelayLoad {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// Every relay, in `[[relay]]` order, with its connection and health.
 pub struct Relays {
     links: Vec<Link>,
     health: Mutex<Health>,
+    balancer: Balancer,
     network: Network,
-    connect_timeout: Duration,
+    connection: ConnectionSettings,
+    metrics: Metrics,
     /// Wakes the health monitor when a forward failure asks for an immediate probe.
     probe_now: Notify,
+    /// For the connection tasks, which report back when their connection ends.
+    me: Weak<Relays>,
     /// Set once at start when `[tunnel] inner_tls = true`.
     inner_tls: std::sync::OnceLock<Arc<InnerTls>>,
 }
@@ -70,6 +139,7 @@ struct Link {
     attempts: AtomicU64,
     /// Bumped every time the relay is declared dead; requests in flight watch it.
     deaths: watch::Sender<u64>,
+    outstanding: IntGauge,
 }
 
 /// The connection to one relay.
@@ -80,7 +150,10 @@ enum Slot {
         id: u64,
         pending: PendingConnect,
     },
-    Ready(http2::SendRequest<ForwardBody>),
+    Ready {
+        id: u64,
+        sender: http2::SendRequest<ForwardBody>,
+    },
 }
 
 type PendingConnect =
@@ -102,43 +175,123 @@ enum ConnectError {
     Task(Arc<tokio::task::JoinError>),
 }
 
+/// How one attempt to send on a connection ended, when it did not bring an answer.
+enum SendError {
+    /// The connection closed before the request went out; here it is back.
+    NotSent {
+        request: Box<Request<ForwardBody>>,
+        reason: String,
+    },
+    Failed(hyper::Error),
+    /// The relay was declared dead first.
+    Lost,
+}
+
 impl Relays {
     pub fn new(
         targets: Vec<RelayTarget>,
         settings: HealthSettings,
+        connection: ConnectionSettings,
         network: Network,
-        connect_timeout: Duration,
-    ) -> Relays {
+        metrics: Metrics,
+    ) -> Arc<Relays> {
         let names = targets.iter().map(|t| t.name.clone()).collect();
+        let balancer = Balancer::new(targets.iter().map(|t| t.share));
         let links = targets
             .into_iter()
             .map(|target| Link {
+                outstanding: metrics.relay_outstanding.with_label_values(&[&target.name]),
                 target,
                 slot: Mutex::new(Slot::Idle),
                 attempts: AtomicU64::new(0),
                 deaths: watch::channel(0).0,
             })
             .collect();
-        Relays {
+        Arc::new_cyclic(|me| Relays {
             links,
             health: Mutex::new(Health::new(names, settings, Instant::now())),
+            balancer,
             network,
-            connect_timeout,
+            connection,
+            metrics,
             probe_now: Notify::new(),
+            me: me.clone(),
             inner_tls: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Sends `request` to a healthy relay the balancer picks and waits for the answer's head.
+    /// While nothing has been sent (no connection could be opened, or the connection closed
+    /// before the request went out) it moves on to the next relay, each tried once. A failure
+    /// after the request went out is reported to the health core unless `caller_failed` says
+    /// the caller's own upload broke it.
+    pub async fn dispatch(
+        &self,
+        mut request: Request<ForwardBody>,
+        caller_failed: impl Fn() -> bool,
+    ) -> Result<Dispatched, DispatchError> {
+        let mut tried = Vec::new();
+        let mut last_error = None;
+        while let Some((relay, load)) = self.claim(&tried) {
+            tried.push(relay);
+            let sender = match self.ready_sender(relay).await {
+                Ok(sender) => sender,
+                Err(error) => {
+                    last_error = Some(error);
+                    continue;
+                }
+            };
+            let sent_at = Instant::now();
+            let connection = sender.clone();
+            let error = match self.send_once(relay, sender, request).await {
+                Ok(response) => {
+                    return Ok(Dispatched {
+                        relay,
+                        load,
+                        sent_at,
+                        response,
+                    })
+                }
+                Err(SendError::NotSent {
+                    request: unsent,
+                    reason,
+                }) => {
+                    request = *unsent;
+                    last_error = Some(unreachable(&self.links[relay.index()].target, reason));
+                    continue;
+                }
+                Err(SendError::Lost) => ForwardError::Lost {
+                    relay: self.name(relay).to_owned(),
+                },
+                Err(SendError::Failed(error)) => {
+                    if !caller_failed() {
+                        self.report_send_failure(relay, &error, connection.is_closed());
+                    }
+                    ForwardError::Failed {
+                        relay: self.name(relay).to_owned(),
+                        reason: error.to_string(),
+                    }
+                }
+            };
+            return Err(DispatchError::Failed { relay, error });
         }
+        Err(DispatchError::NotSent(last_error))
     }
 
-    /// The relay for the next request, if any is healthy.
-    pub fn pick(&self) -> Option<RelayId> {
-        self.health().pick()
-    }
-
-    /// The first healthy relay by priority that is not in `tried`.
-    pub fn pick_excluding(&self, tried: &[RelayId]) -> Option<RelayId> {
+    /// The healthy relays of the best group: those sharing new requests.
+    pub fn active(&self) -> Vec<RelayId> {
         let health = self.health();
-        let mut ids = health.ids();
-        ids.find(|r| !tried.contains(r) && health.is_healthy(*r))
+        self.balancer
+            .active(health.ids().filter(|relay| health.is_healthy(*relay)))
+    }
+
+    /// Requests counted against `relay` now.
+    pub fn outstanding(&self, relay: RelayId) -> usize {
+        self.balancer.outstanding(relay)
+    }
+
+    pub fn share(&self, relay: RelayId) -> Share {
+        self.balancer.share(relay).unwrap_or_default()
     }
 
     pub fn name(&self, relay: RelayId) -> &str {
@@ -175,12 +328,13 @@ impl Relays {
         }
     }
 
-    /// An open, ready connection to `relay`; nothing has been sent when this fails.
+    /// An open, ready connection to `relay`; nothing has been sent when this fails. A connect
+    /// that fails takes the relay out of the rotation at once.
     ///
     /// Waits at most about `connect_timeout`: every caller needing a new connection joins
     /// the one attempt in progress (which is itself bounded by `connect_timeout`) rather than
     /// queueing for attempts of its own, and all of them give up together as soon as the
-    /// health monitor declares the relay dead.
+    /// relay is declared dead.
     pub async fn ready_sender(
         &self,
         relay: RelayId,
@@ -188,7 +342,7 @@ impl Relays {
         let link = &self.links[relay.index()];
         // Subscribed before looking at the connection, so a death declared in between counts.
         let death = self.death_of(relay);
-        let (attempt, pending) = match self.join_or_start_attempt(link) {
+        let (attempt, pending) = match self.join_or_start_attempt(relay, link) {
             Ok(sender) => return Ok(sender),
             Err(joined) => joined,
         };
@@ -201,14 +355,34 @@ impl Relays {
                 ))
             }
         };
-        let mut slot = link.lock_slot();
-        if matches!(&*slot, Slot::Connecting { id, .. } if *id == attempt) {
-            *slot = match &outcome {
-                Ok(sender) => Slot::Ready(sender.clone()),
-                Err(_) => Slot::Idle,
-            };
+        // The first waiter to see the outcome files it, and reports a failure once.
+        let first = {
+            let mut slot = link.lock_slot();
+            let first = matches!(&*slot, Slot::Connecting { id, .. } if *id == attempt);
+            if first {
+                *slot = match &outcome {
+                    Ok(sender) => Slot::Ready {
+                        id: attempt,
+                        sender: sender.clone(),
+                    },
+                    Err(_) => Slot::Idle,
+                };
+            }
+            first
+        };
+        match outcome {
+            Ok(sender) => Ok(sender),
+            Err(reason) => {
+                if first {
+                    self.passive_failure(
+                        relay,
+                        PassiveFailure::ConnectFailed,
+                        format!("connect failed: {reason}"),
+                    );
+                }
+                Err(unreachable(&link.target, reason.to_string()))
+            }
         }
-        outcome.map_err(|reason| unreachable(&link.target, reason.to_string()))
     }
 
     /// Sends `request` to `relay` over a connection from [`Relays::ready_sender`], ending
@@ -216,34 +390,26 @@ impl Relays {
     pub async fn send(
         &self,
         relay: RelayId,
-        mut sender: http2::SendRequest<ForwardBody>,
-        mut request: Request<ForwardBody>,
+        sender: http2::SendRequest<ForwardBody>,
+        request: Request<ForwardBody>,
     ) -> Result<Response<Incoming>, ForwardError> {
-        let link = &self.links[relay.index()];
-        *request.uri_mut() = absolute_uri(link.target.service_addr, request.uri());
-        let death = self.death_of(relay);
-        tokio::select! {
-            response = sender.send_request(request) => response.map_err(|e| ForwardError::Failed {
-                relay: link.target.name.clone(),
-                reason: e.to_string(),
+        let name = || self.name(relay).to_owned();
+        match self.send_once(relay, sender, request).await {
+            Ok(response) => Ok(response),
+            Err(SendError::NotSent { reason, .. }) => Err(ForwardError::Unreachable {
+                relay: name(),
+                reason,
             }),
-            () = death => Err(ForwardError::Lost { relay: link.target.name.clone() }),
+            Err(SendError::Failed(error)) => Err(ForwardError::Failed {
+                relay: name(),
+                reason: error.to_string(),
+            }),
+            Err(SendError::Lost) => Err(ForwardError::Lost { relay: name() }),
         }
     }
 
-    /// Drops the cached connection to `relay`, so the next use connects afresh (a connection
-    /// through a tunnel whose peer vanished can stay open but silent).
-    /// An attempt in progress is kept: it is fresh, and bounded by `connect_timeout`.
-    pub fn forget_connection(&self, relay: RelayId) {
-        if let Some(link) = self.links.get(relay.index()) {
-            let mut slot = link.lock_slot();
-            if matches!(&*slot, Slot::Ready(_)) {
-                *slot = Slot::Idle;
-            }
-        }
-    }
-
-    /// A request-level failure that says the relay's connection is broken.
+    /// A request-level failure that may say the relay's connection is broken: counts as a
+    /// failed probe and asks for a probe at once.
     pub fn report_failure(&self, relay: RelayId, reason: String) {
         self.health()
             .on_forward_failed(relay, reason, Instant::now());
@@ -251,8 +417,22 @@ impl Relays {
         self.apply_events();
     }
 
-    /// Applies health changes: a relay declared dead loses its connection and its requests
-    /// in flight. Returns the events for logging and metrics.
+    /// Takes `relay` out of the rotation at once (see [`Health::on_passive_failure`]).
+    pub fn passive_failure(&self, relay: RelayId, failure: PassiveFailure, reason: String) {
+        let ejected = self
+            .health()
+            .on_passive_failure(relay, failure, reason, Instant::now());
+        if ejected {
+            self.metrics
+                .relay_ejections
+                .with_label_values(&[self.name(relay), failure.label()])
+                .inc();
+        }
+        self.apply_events();
+    }
+
+    /// Applies health changes: logs them, sets the relay gauges, and ends the connection and
+    /// the requests in flight of a relay declared dead. Returns the events.
     pub fn apply_events(&self) -> Vec<HealthEvent> {
         let events: Vec<HealthEvent> = {
             let mut health = self.health();
@@ -262,6 +442,7 @@ impl Relays {
             match event {
                 HealthEvent::Down { relay, reason } => {
                     tracing::warn!(relay = self.name(*relay), %reason, "relay down");
+                    self.set_healthy_gauge(*relay, 0);
                 }
                 HealthEvent::Lost { relay } => {
                     tracing::warn!(
@@ -276,6 +457,7 @@ impl Relays {
                 }
                 HealthEvent::Up { relay } => {
                     tracing::info!(relay = self.name(*relay), "relay up");
+                    self.set_healthy_gauge(*relay, 1);
                 }
             }
         }
@@ -308,25 +490,134 @@ impl Relays {
         self.links.len()
     }
 
+    fn set_healthy_gauge(&self, relay: RelayId, value: i64) {
+        self.metrics
+            .relay_healthy
+            .with_label_values(&[self.name(relay)])
+            .set(value);
+    }
+
+    /// The relay the balancer picks among the healthy ones not in `tried`, with one request
+    /// counted against it.
+    fn claim(&self, tried: &[RelayId]) -> Option<(RelayId, RelayLoad)> {
+        let health = self.health();
+        let relay = self.balancer.choose(
+            health
+                .ids()
+                .filter(|relay| !tried.contains(relay) && health.is_healthy(*relay)),
+        )?;
+        // Claimed under the health lock, so requests picking together see each other's claims.
+        let claim = self.balancer.claim(relay)?;
+        drop(health);
+        let gauge = self.links[relay.index()].outstanding.clone();
+        gauge.inc();
+        Some((
+            relay,
+            RelayLoad {
+                _claim: claim,
+                gauge,
+            },
+        ))
+    }
+
+    /// One try on one connection: a request hyper hands back unsent is returned with
+    /// [`SendError::NotSent`], so the caller can take it elsewhere.
+    async fn send_once(
+        &self,
+        relay: RelayId,
+        mut sender: http2::SendRequest<ForwardBody>,
+        mut request: Request<ForwardBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let link = &self.links[relay.index()];
+        *request.uri_mut() = absolute_uri(link.target.service_addr, request.uri());
+        let death = self.death_of(relay);
+        tokio::select! {
+            response = sender.try_send_request(request) => match response {
+                Ok(response) => Ok(response),
+                Err(mut error) => match error.take_message() {
+                    Some(request) => Err(SendError::NotSent {
+                        request: Box::new(request),
+                        reason: error.into_error().to_string(),
+                    }),
+                    None => Err(SendError::Failed(error.into_error())),
+                },
+            },
+            () = death => Err(SendError::Lost),
+        }
+    }
+
+    /// Files what a failed request says about its relay: a reset before any answer is a
+    /// passive failure; other errors count like a failed probe (a broken connection is also
+    /// reported by its own task when it ends).
+    fn report_send_failure(&self, relay: RelayId, error: &hyper::Error, connection_closed: bool) {
+        match passive_failure_of(error, connection_closed) {
+            Some(failure) => {
+                self.passive_failure(relay, failure, xpart_daemon::error_chain::one_line(error))
+            }
+            None => self.report_failure(relay, error.to_string()),
+        }
+    }
+
+    /// A connection to `relay` ended. One that ends with an error (a PING unanswered, a
+    /// reset, a protocol error) takes the relay out, unless a newer connection is already up.
+    fn connection_ended(&self, relay: RelayId, attempt: u64, outcome: Result<(), hyper::Error>) {
+        let Some(link) = self.links.get(relay.index()) else {
+            return;
+        };
+        let newer_is_up = {
+            let mut slot = link.lock_slot();
+            match &*slot {
+                Slot::Ready { id, .. } if *id == attempt => {
+                    *slot = Slot::Idle;
+                    false
+                }
+                Slot::Ready { .. } => true,
+                Slot::Connecting { .. } | Slot::Idle => false,
+            }
+        };
+        match outcome {
+            Ok(()) => tracing::debug!(relay = self.name(relay), "relay connection closed"),
+            Err(error) if newer_is_up => {
+                tracing::debug!(relay = self.name(relay), %error, "earlier relay connection ended");
+            }
+            Err(error) => self.passive_failure(
+                relay,
+                PassiveFailure::ConnectionLost,
+                format!(
+                    "HTTP/2 connection lost: {}",
+                    xpart_daemon::error_chain::one_line(&error)
+                ),
+            ),
+        }
+    }
+
     /// A live cached connection, or the (possibly new) shared attempt to open one with its id.
     fn join_or_start_attempt(
         &self,
+        relay: RelayId,
         link: &Link,
     ) -> Result<http2::SendRequest<ForwardBody>, (u64, PendingConnect)> {
         let mut slot = link.lock_slot();
         match &*slot {
-            Slot::Ready(sender) if !sender.is_closed() => return Ok(sender.clone()),
+            Slot::Ready { sender, .. } if !sender.is_closed() => return Ok(sender.clone()),
             Slot::Connecting { id, pending } => return Err((*id, pending.clone())),
-            Slot::Ready(_) | Slot::Idle => {}
+            Slot::Ready { .. } | Slot::Idle => {}
         }
         let id = link.attempts.fetch_add(1, Ordering::Relaxed);
+        let relays = self.me.clone();
+        let on_end = move |outcome| {
+            if let Some(relays) = relays.upgrade() {
+                relays.connection_ended(relay, id, outcome);
+            }
+        };
         // Spawned so the attempt runs to its end even if every waiter goes away, and so that
         // no waiter's lock is held while it runs.
         let task = tokio::spawn(connect(
             self.network.clone(),
             link.target.clone(),
-            self.connect_timeout,
+            self.connection,
             self.inner_tls.get().cloned(),
+            on_end,
         ));
         let pending = async move {
             task.await
@@ -351,14 +642,38 @@ impl Link {
     }
 }
 
-/// Opens a connection to `target` and completes the HTTP/2 handshake, all within `timeout`.
+/// What a request's error says about the relay, when it says something for sure: the relay
+/// reset the stream before answering (it answers refusals with a status, never a reset), or
+/// the connection under it broke (`connection_closed`: it is gone after the error).
+fn passive_failure_of(error: &hyper::Error, connection_closed: bool) -> Option<PassiveFailure> {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            match (h2.is_reset(), h2.is_go_away(), h2.is_remote(), h2.reason()) {
+                (true, _, true, _) => return Some(PassiveFailure::StreamReset),
+                // A GOAWAY without error: the relay is shutting down cleanly.
+                (_, true, true, Some(h2::Reason::NO_ERROR)) => return None,
+                (_, true, true, _) => return Some(PassiveFailure::ConnectionLost),
+                _ if h2.is_io() => return Some(PassiveFailure::ConnectionLost),
+                _ => break,
+            }
+        }
+        source = cause.source();
+    }
+    connection_closed.then_some(PassiveFailure::ConnectionLost)
+}
+
+/// Opens a connection to `target` and completes the HTTP/2 handshake, all within
+/// `settings.connect_timeout`; `on_end` hears how the connection ended.
 async fn connect(
     network: Network,
     target: RelayTarget,
-    timeout: Duration,
+    settings: ConnectionSettings,
     inner_tls: Option<Arc<InnerTls>>,
+    on_end: impl FnOnce(Result<(), hyper::Error>) + Send + 'static,
 ) -> Result<http2::SendRequest<ForwardBody>, ConnectError> {
-    let open = open_http2(&network, &target, inner_tls.as_deref());
+    let timeout = settings.connect_timeout;
+    let open = open_http2(&network, &target, settings, inner_tls.as_deref(), on_end);
     tokio::time::timeout(timeout, open)
         .await
         .unwrap_or(Err(ConnectError::TimedOut(timeout)))
@@ -367,7 +682,9 @@ async fn connect(
 async fn open_http2(
     network: &Network,
     target: &RelayTarget,
+    settings: ConnectionSettings,
     inner_tls: Option<&InnerTls>,
+    on_end: impl FnOnce(Result<(), hyper::Error>) + Send + 'static,
 ) -> Result<http2::SendRequest<ForwardBody>, ConnectError> {
     let conn = network
         .connect(target.service_addr)
@@ -380,18 +697,14 @@ async fn open_http2(
         .timer(TokioTimer::new())
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
-        .keep_alive_interval(Some(Duration::from_secs(5)))
-        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_interval(Some(settings.ping_interval))
+        .keep_alive_timeout(settings.ping_timeout)
+        // Probes keep every connection busy anyway; PINGs fill the gaps between them.
         .keep_alive_while_idle(true)
         .handshake(TokioIo::new(conn))
         .await
         .map_err(|e| ConnectError::Handshake(Arc::new(e)))?;
-    let name = target.name.clone();
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(relay = %name, %error, "relay connection ended");
-        }
-    });
+    tokio::spawn(async move { on_end(connection.await) });
     sender
         .ready()
         .await
@@ -458,17 +771,22 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn waiters_for_a_connection_all_give_up_when_the_relay_is_declared_dead() {
         let (hole, _filler) = blackhole().await;
-        let relays = std::sync::Arc::new(Relays::new(
+        let relays = Relays::new(
             vec![RelayTarget {
                 name: "relay-a".into(),
                 service_addr: hole.local_addr().expect("addr"),
                 public_key: None,
+                share: Share::default(),
             }],
             HealthSettings::default(),
+            ConnectionSettings {
+                // Far longer than the test may take: only the death can end the waits.
+                connect_timeout: Duration::from_secs(30),
+                ..ConnectionSettings::default()
+            },
             Network::host(),
-            // Far longer than the test may take: only the death can end the waits.
-            Duration::from_secs(30),
-        ));
+            Metrics::new(),
+        );
         let relay = relays.health().ids().next().expect("one relay");
         relays.health().on_probe(
             relay,

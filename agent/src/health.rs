@@ -1,16 +1,22 @@
 //! Which relays may take traffic.
 //!
 //! A sans-IO core: [`Health`] is told the outcome of each probe (the relay's
-//! `GET /_xpart/health` through the tunnel plus the WireGuard handshake age) and of each
-//! failed forward, and the current `Instant`; it says which relay to probe next, when to
-//! wake, which relay takes the next request (the first healthy one in priority order) and
-//! which relays just went up or down. The tokio driver that sends the probes lives in
-//! `monitor`.
+//! `GET /_xpart/health` through the tunnel plus the WireGuard handshake age), of each
+//! failed forward and of each passive failure seen while carrying requests, and the current
+//! `Instant`; it says which relay to probe next, when to wake, which relays may take
+//! requests (which of them takes the next one is `balance`'s choice) and which relays just
+//! went up or down. The tokio driver that sends the probes lives in `monitor`.
 //!
-//! A healthy relay that fails once is probed again at once rather than at the next tick, so
-//! a dead relay is declared down after `fail_after` failures within about
-//! `interval + fail_after × probe_timeout` (2.6 s with the defaults), inside the 3 s failover
-//! budget, while a single slow probe under load does not move traffic.
+//! Two ways out of the rotation. Passive: a failed connect, an HTTP/2 connection that breaks
+//! or stops answering its PINGs, or a stream the relay resets before answering takes the
+//! relay out at once ([`Health::on_passive_failure`]); the PING deadline bounds how long a
+//! relay that vanished without a word (frozen, powered off, cut off) goes unnoticed while
+//! its connection is open, which it always is, since probes and PINGs keep it busy. Active:
+//! a healthy relay that fails a probe is probed again at once rather than at the next tick,
+//! so a relay that still holds its connection but answers nothing is declared down after
+//! `fail_after` failures within about `interval + fail_after × probe_timeout` (2.6 s with the
+//! defaults), while a single slow probe under load does not move traffic. Either way a relay
+//! comes back only after `rise_after` good probes.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -43,7 +49,7 @@ impl Default for HealthSettings {
     }
 }
 
-/// A relay by its place in `[[relay]]` order (priority): the one identity the health core,
+/// A relay by its place in `[[relay]]` order: the one identity the health core, the balancer,
 /// forwarding, the monitor and the metrics share. Only [`Health`] makes them, so each names
 /// a configured relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -66,6 +72,37 @@ pub enum ProbeOutcome {
     NotReady(String),
     /// No answer: connect failure, timeout, reset.
     Failed(String),
+}
+
+/// A sign, seen while carrying requests, that a relay cannot take more of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassiveFailure {
+    /// No connection could be opened: refused, timed out, or the HTTP/2 handshake failed.
+    ConnectFailed,
+    /// The HTTP/2 connection broke, or did not answer a PING within its deadline.
+    ConnectionLost,
+    /// The relay reset a request's stream before answering it. The relay still answers, so
+    /// what else it is serving goes on.
+    StreamReset,
+}
+
+impl PassiveFailure {
+    /// The `reason` label of `xpart_agent_relay_ejections_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            PassiveFailure::ConnectFailed => "connect_failed",
+            PassiveFailure::ConnectionLost => "connection_lost",
+            PassiveFailure::StreamReset => "stream_reset",
+        }
+    }
+
+    fn relay_answers(self) -> bool {
+        match self {
+            PassiveFailure::ConnectFailed => false,
+            PassiveFailure::ConnectionLost => false,
+            PassiveFailure::StreamReset => true,
+        }
+    }
 }
 
 /// A relay's place in the rotation.
@@ -110,7 +147,7 @@ pub struct RelayReport {
     pub last_success_age_seconds: Option<f64>,
 }
 
-/// Health of every relay, in priority order (index 0 first).
+/// Health of every relay, in `[[relay]]` order (index 0 first).
 #[derive(Debug)]
 pub struct Health {
     settings: HealthSettings,
@@ -161,15 +198,7 @@ impl Health {
         self.settings
     }
 
-    /// The relay that should take the next request: the first healthy one by priority.
-    pub fn pick(&self) -> Option<RelayId> {
-        self.relays
-            .iter()
-            .position(|r| r.state == State::Healthy)
-            .map(RelayId)
-    }
-
-    /// Every relay, in priority order.
+    /// Every relay, in `[[relay]]` order.
     pub fn ids(&self) -> impl Iterator<Item = RelayId> {
         (0..self.relays.len()).map(RelayId)
     }
@@ -182,7 +211,7 @@ impl Health {
 
     #[cfg(test)]
     pub fn any_healthy(&self) -> bool {
-        self.pick().is_some()
+        self.ids().any(|relay| self.is_healthy(relay))
     }
 
     /// A relay whose probe is due; the caller sends it and reports back with [`Health::on_probe`].
@@ -239,6 +268,37 @@ impl Health {
         if relay.0 < self.relays.len() {
             self.record_failure(relay, reason, false, now);
         }
+    }
+
+    /// A passive failure of `relay`: out of the rotation at once, whatever `fail_after` says,
+    /// and back after `rise_after` good probes like any relay that was down. Returns whether
+    /// this took the relay out (it was healthy or not yet probed).
+    pub fn on_passive_failure(
+        &mut self,
+        relay: RelayId,
+        failure: PassiveFailure,
+        reason: String,
+        now: Instant,
+    ) -> bool {
+        let interval = self.settings.interval;
+        let Some(r) = self.relays.get_mut(relay.0) else {
+            return false;
+        };
+        r.successes = 0;
+        r.failures = r.failures.saturating_add(1);
+        r.last_error = Some(reason.clone());
+        let ejected = r.state != State::Down;
+        if ejected {
+            r.state = State::Down;
+            r.state_since = now;
+            r.next_probe = r.next_probe.max(now + interval);
+            self.events.push_back(HealthEvent::Down { relay, reason });
+        }
+        if !failure.relay_answers() && !r.lost {
+            r.lost = true;
+            self.events.push_back(HealthEvent::Lost { relay });
+        }
+        ejected
     }
 
     pub fn report(&self, now: Instant) -> Vec<RelayReport> {
@@ -329,6 +389,15 @@ mod tests {
         )
     }
 
+    /// The indices of the relays that may take requests.
+    fn healthy(health: &Health) -> Vec<usize> {
+        health
+            .ids()
+            .filter(|relay| health.is_healthy(*relay))
+            .map(RelayId::index)
+            .collect()
+    }
+
     /// Answers every due probe with `outcome(relay)` at `now`.
     fn probe_all(health: &mut Health, now: Instant, outcome: impl Fn(RelayId) -> ProbeOutcome) {
         while let Some(relay) = health.poll_probe(now) {
@@ -340,14 +409,14 @@ mod tests {
     fn relays_take_no_traffic_until_a_probe_succeeds() {
         let start = Instant::now();
         let mut health = two_relays(start);
-        assert_eq!(health.pick(), None);
+        assert!(healthy(&health).is_empty());
         assert_eq!(health.poll_probe(start), Some(RelayId(0)));
         assert_eq!(health.poll_probe(start), Some(RelayId(1)));
         assert_eq!(health.poll_probe(start), None, "both probes are out");
         health.on_probe(RelayId(1), READY, start);
-        assert_eq!(health.pick(), Some(RelayId(1)));
+        assert_eq!(healthy(&health), [1]);
         health.on_probe(RelayId(0), READY, start);
-        assert_eq!(health.pick(), Some(RelayId(0)), "priority order wins");
+        assert_eq!(healthy(&health), [0, 1]);
         assert_eq!(
             health.poll_event(),
             Some(HealthEvent::Up { relay: RelayId(1) })
@@ -386,7 +455,7 @@ mod tests {
         assert_eq!(health.poll_probe(first), Some(RelayId(0)));
         let first_fails = first + settings.probe_timeout;
         health.on_probe(RelayId(0), failed(), first_fails);
-        assert_eq!(health.pick(), Some(RelayId(0)), "one failure is not enough");
+        assert_eq!(healthy(&health), [0, 1], "one failure is not enough");
         assert_eq!(
             health.poll_probe(first_fails),
             Some(RelayId(0)),
@@ -395,7 +464,7 @@ mod tests {
         let second_fails = first_fails + settings.probe_timeout;
         health.on_probe(RelayId(0), failed(), second_fails);
 
-        assert_eq!(health.pick(), Some(RelayId(1)));
+        assert_eq!(healthy(&health), [1]);
         assert!(second_fails - start <= Duration::from_secs(3));
         assert_eq!(
             health.poll_event(),
@@ -428,7 +497,7 @@ mod tests {
             0 => ProbeOutcome::NotReady("draining".into()),
             _ => READY,
         });
-        assert_eq!(health.pick(), Some(RelayId(1)));
+        assert_eq!(healthy(&health), [1]);
         assert!(matches!(
             health.poll_event(),
             Some(HealthEvent::Down {
@@ -461,7 +530,111 @@ mod tests {
         health.on_forward_failed(RelayId(0), "connection refused".into(), later);
         assert_eq!(health.poll_probe(later), Some(RelayId(0)));
         health.on_probe(RelayId(0), failed(), later);
-        assert_eq!(health.pick(), Some(RelayId(1)));
+        assert_eq!(healthy(&health), [1]);
+    }
+
+    #[test]
+    fn a_lost_connection_takes_the_relay_out_at_once_and_probes_bring_it_back() {
+        let settings = HealthSettings::default();
+        let start = Instant::now();
+        let mut health = two_relays(start);
+        probe_all(&mut health, start, |_| READY);
+        while health.poll_event().is_some() {}
+
+        let lost_at = start + Duration::from_millis(400);
+        let ejected = health.on_passive_failure(
+            RelayId(0),
+            PassiveFailure::ConnectionLost,
+            "keep-alive timed out".into(),
+            lost_at,
+        );
+        assert!(ejected);
+        assert_eq!(healthy(&health), [1], "no probe needed");
+        assert_eq!(
+            health.poll_event(),
+            Some(HealthEvent::Down {
+                relay: RelayId(0),
+                reason: "keep-alive timed out".into()
+            })
+        );
+        assert_eq!(
+            health.poll_event(),
+            Some(HealthEvent::Lost { relay: RelayId(0) }),
+            "its requests in flight are ended"
+        );
+        assert_eq!(health.poll_event(), None);
+
+        // The same loss seen again by other requests changes nothing.
+        let again = health.on_passive_failure(
+            RelayId(0),
+            PassiveFailure::ConnectFailed,
+            "connection refused".into(),
+            lost_at,
+        );
+        assert!(!again);
+        assert_eq!(health.poll_event(), None);
+
+        // Back after rise_after good probes, at the usual interval.
+        assert_eq!(
+            health.poll_probe(lost_at),
+            None,
+            "not probed before the interval"
+        );
+        let mut t = lost_at + settings.interval;
+        for round in 1..=settings.rise_after {
+            probe_all(&mut health, t, |_| READY);
+            let expected: &[usize] = match round == settings.rise_after {
+                true => &[0, 1],
+                false => &[1],
+            };
+            assert_eq!(healthy(&health), expected, "after {round} good probe(s)");
+            t += settings.interval;
+        }
+        assert_eq!(
+            health.poll_event(),
+            Some(HealthEvent::Up { relay: RelayId(0) })
+        );
+    }
+
+    #[test]
+    fn a_stream_reset_takes_the_relay_out_but_lets_its_other_requests_finish() {
+        let start = Instant::now();
+        let mut health = two_relays(start);
+        probe_all(&mut health, start, |_| READY);
+        while health.poll_event().is_some() {}
+        let t = start + Duration::from_millis(100);
+        let ejected = health.on_passive_failure(
+            RelayId(1),
+            PassiveFailure::StreamReset,
+            "stream reset by the relay: INTERNAL_ERROR".into(),
+            t,
+        );
+        assert!(ejected);
+        assert_eq!(healthy(&health), [0]);
+        assert!(matches!(
+            health.poll_event(),
+            Some(HealthEvent::Down {
+                relay: RelayId(1),
+                ..
+            })
+        ));
+        assert_eq!(health.poll_event(), None, "not lost: it still answers");
+        assert_eq!(health.report(t)[1].state, State::Down);
+    }
+
+    #[test]
+    fn a_failed_connect_to_a_relay_not_yet_probed_keeps_it_out() {
+        let start = Instant::now();
+        let mut health = two_relays(start);
+        assert!(health.on_passive_failure(
+            RelayId(0),
+            PassiveFailure::ConnectFailed,
+            "connection refused".into(),
+            start,
+        ));
+        assert_eq!(health.report(start)[0].state, State::Down);
+        probe_all(&mut health, start, |_| READY);
+        assert_eq!(healthy(&health), [1], "relay-a needs rise_after probes");
     }
 
     #[test]
@@ -474,7 +647,7 @@ mod tests {
         health.on_probe(RelayId(0), failed(), t);
         assert_eq!(health.poll_probe(t), Some(RelayId(0)));
         health.on_probe(RelayId(0), READY, t);
-        assert_eq!(health.pick(), Some(RelayId(0)));
+        assert_eq!(healthy(&health), [0, 1]);
         health.poll_event();
         health.poll_event();
         assert_eq!(health.poll_event(), None, "no down/up churn");
@@ -496,7 +669,7 @@ mod tests {
         probe_all(&mut health, t, |_| ProbeOutcome::Ready {
             handshake_age: Some(Duration::from_secs(181)),
         });
-        assert_eq!(health.pick(), None);
+        assert!(healthy(&health).is_empty());
         let report = health.report(t);
         assert_eq!(report[0].state, State::Down);
         assert!(report[0]
@@ -515,14 +688,14 @@ mod tests {
             0 => ProbeOutcome::NotReady("draining".into()),
             _ => READY,
         });
-        assert_eq!(health.pick(), Some(RelayId(1)));
+        assert_eq!(healthy(&health), [1]);
 
         t += Duration::from_secs(1);
         probe_all(&mut health, t, |_| READY);
-        assert_eq!(health.pick(), Some(RelayId(1)), "one success is not enough");
+        assert_eq!(healthy(&health), [1], "one success is not enough");
         t += Duration::from_secs(1);
         probe_all(&mut health, t, |_| READY);
-        assert_eq!(health.pick(), Some(RelayId(0)), "back in priority order");
+        assert_eq!(healthy(&health), [0, 1], "back in the rotation");
     }
 
     #[test]
@@ -530,7 +703,7 @@ mod tests {
         let start = Instant::now();
         let mut health = two_relays(start);
         probe_all(&mut health, start, |_| failed());
-        assert_eq!(health.pick(), None);
+        assert!(healthy(&health).is_empty());
         assert_eq!(health.poll_timeout(), Some(start + Duration::from_secs(1)));
         assert!(!health.any_healthy());
     }

@@ -7,12 +7,14 @@
 //! [`tls`], HTTP/1.1 or HTTP/2), where each request runs through [`pipeline`]:
 //! [`auth`] finds the principal (bearer token and/or source address) and checks its model
 //! allowlist, [`limits`] applies its rate and concurrency limits, and [`forward`] sends the
-//! request over HTTP/2 through the WireGuard tunnel (`xpart-tunnel`) to the first healthy
-//! relay, without the caller's credentials and with `x-xpart-*` headers naming the principal,
-//! request id and source. The response streams back frame by frame ([`streaming`]); when it
-//! ends, the audit line is written (`xpart_daemon::audit`). Relay health comes from the
-//! sans-IO [`health`] core, driven by [`monitor`], which probes each relay through the tunnel
-//! every second. The admin port ([`admin`]) serves `/metrics` ([`metrics`]), `/healthz`,
+//! request over HTTP/2 through the WireGuard tunnel (`xpart-tunnel`) to a healthy relay
+//! chosen by [`balance`] (fewest requests outstanding in the preferred group), without the
+//! caller's credentials and with `x-xpart-*` headers naming the principal, request id and
+//! source. The response streams back frame by frame ([`streaming`]); when it ends, the audit
+//! line is written (`xpart_daemon::audit`). Relay health comes from the sans-IO [`health`]
+//! core, driven by [`monitor`], which probes each relay through the tunnel every second, and
+//! from what the connections show (a failed connect, an unanswered PING, a reset). The admin
+//! port ([`admin`]) serves `/metrics` ([`metrics`]), `/healthz`,
 //! `/readyz`, `/status`, and `/`, the HTML status page ([`status_page`]).
 //!
 //! Entry points: [`AgentConfig::load`] and [`start`] (which brings up the tunnel),
@@ -20,6 +22,7 @@
 
 mod admin;
 mod auth;
+mod balance;
 mod budget;
 mod config;
 mod destination;
@@ -366,21 +369,24 @@ async fn start_inner(
     let targets = config
         .relays
         .iter()
-        .map(|r| RelayTarget {
+        .zip(config.relay_shares())
+        .map(|(r, share)| RelayTarget {
             name: r.name.clone(),
             service_addr: SocketAddr::new(r.tunnel_address, r.service_port()),
             public_key: r
                 .public_key
                 .as_deref()
                 .and_then(|key| xpart_tunnel::PublicKey::from_base64(key).ok()),
+            share,
         })
         .collect();
-    let relays = Arc::new(Relays::new(
+    let relays = Relays::new(
         targets,
         config.health_settings(),
+        config.connection_settings(),
         network,
-        config.connect_timeout(),
-    ));
+        metrics.clone(),
+    );
     let usage = match &config.audit.path {
         Some(path) => {
             let path = config.resolve(path);

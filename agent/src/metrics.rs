@@ -15,8 +15,6 @@ const LATENCY_BUCKETS: &[f64] = &[
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
-    /// Request and error totals and the last failed requests, for the status page.
-    pub activity: Arc<Activity>,
     /// Requests by principal, operation, model and HTTP status (refusals included). Every
     /// label comes from the config or the code, never from the caller: `model` is the
     /// principal's allowlist entry that matched, `denied` for requests refused before or at
@@ -34,6 +32,13 @@ pub struct Metrics {
     /// a bounded set, see `usage::model_family`) and kind: input, output, cache_read,
     /// cache_write.
     pub tokens: IntCounterVec,
+    /// Requests counted against each relay by the balancer, until their answer ends.
+    pub relay_outstanding: IntGaugeVec,
+    /// Relays taken out at once by a passive failure, by reason: connect_failed,
+    /// connection_lost, stream_reset.
+    pub relay_ejections: IntCounterVec,
+    /// Request and error totals and the last failed requests, for the status page.
+    pub activity: Arc<Activity>,
 }
 
 impl Metrics {
@@ -75,6 +80,22 @@ impl Metrics {
             &["relay"],
         )
         .expect("static metric definition");
+        let relay_outstanding = IntGaugeVec::new(
+            Opts::new(
+                "xpart_agent_relay_outstanding",
+                "Requests sent or being sent to the relay whose answer has not ended",
+            ),
+            &["relay"],
+        )
+        .expect("static metric definition");
+        let relay_ejections = IntCounterVec::new(
+            Opts::new(
+                "xpart_agent_relay_ejections_total",
+                "Relays taken out of the rotation at once by a failed connect, a lost connection or a reset stream",
+            ),
+            &["relay", "reason"],
+        )
+        .expect("static metric definition");
         let tokens = IntCounterVec::new(
             Opts::new(
                 "xpart_agent_tokens_total",
@@ -86,13 +107,15 @@ impl Metrics {
 
         let metrics = Metrics {
             registry,
-            activity: Arc::new(Activity::new()),
             requests,
             request_seconds,
             upstream_seconds,
             dns_answers,
             relay_healthy,
             tokens,
+            relay_outstanding,
+            relay_ejections,
+            activity: Arc::new(Activity::new()),
         };
         metrics.register_all();
         metrics
@@ -106,6 +129,8 @@ impl Metrics {
             Box::new(self.dns_answers.clone()),
             Box::new(self.relay_healthy.clone()),
             Box::new(self.tokens.clone()),
+            Box::new(self.relay_outstanding.clone()),
+            Box::new(self.relay_ejections.clone()),
         ];
         for collector in collectors {
             // Names are distinct constants above, so registration cannot collide.

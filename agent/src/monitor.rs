@@ -1,6 +1,7 @@
 //! The health core's driver: sends each due probe through the tunnel, feeds the outcomes
-//! back and applies the resulting up/down events to the relay gauges. A relay's tunnel
-//! statistics are found by its WireGuard key, the peer's identity in the tunnel.
+//! back and applies the resulting up/down events ([`Relays::apply_events`]: logs, relay
+//! gauges, requests in flight on a dead relay). A relay's tunnel statistics are found by its
+//! WireGuard key, the peer's identity in the tunnel.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -12,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 use xpart_tunnel::{PeerStats, PublicKey};
 
 use crate::forward::{ForwardError, Relays};
-use crate::health::{HealthEvent, ProbeOutcome, RelayId};
+use crate::health::{ProbeOutcome, RelayId};
 use crate::metrics::Metrics;
 
 /// Reads the tunnel's per-peer counters; absent when the host network carries the traffic.
@@ -54,11 +55,7 @@ pub async fn run(
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
         tokio::select! {
             Some((relay, outcome)) = results.recv() => {
-                let failed = !matches!(outcome, ProbeOutcome::Ready { .. });
                 relays.health().on_probe(relay, outcome, Instant::now());
-                if failed {
-                    relays.forget_connection(relay);
-                }
             }
             () = tokio::time::sleep_until(wake.into()) => {}
             () = relays.probe_requested().notified() => {}
@@ -68,17 +65,7 @@ pub async fn run(
                 }
             }
         }
-        for event in relays.apply_events() {
-            let (relay, up) = match event {
-                HealthEvent::Up { relay } => (relay, 1),
-                HealthEvent::Down { relay, .. } => (relay, 0),
-                HealthEvent::Lost { .. } => continue,
-            };
-            metrics
-                .relay_healthy
-                .with_label_values(&[relays.name(relay)])
-                .set(up);
-        }
+        relays.apply_events();
     }
 }
 

@@ -29,7 +29,7 @@ use xpart_daemon::request_id;
 
 use crate::auth::{Denial, Grant, Principal, Principals};
 use crate::error::RequestError;
-use crate::forward::{ForwardBody, ForwardError, Relays};
+use crate::forward::{DispatchError, Dispatched, ForwardBody, ForwardError, Relays};
 use crate::health::RelayId;
 use crate::limits::{SharedLimits, Slot};
 use crate::metrics::Metrics;
@@ -406,63 +406,63 @@ where
     B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let (relay, sender) = connect_to_healthy_relay(&agent.relays).await?;
-    exchange.record.relay = Some(agent.relays.name(relay).to_owned());
     let meter = Arc::new(RequestMeter::default());
     let outgoing = outgoing_request(request, principal, exchange, meter.clone());
-    let response = send(agent, relay, sender, outgoing, principal, exchange, &meter).await?;
-    let response = answer(agent, relay, response, exchange, meter, slot).await?;
+    let sent = send(agent, outgoing, principal, exchange, &meter).await?;
+    let response = answer(agent, sent, exchange, meter, slot).await?;
     Ok(response)
 }
 
-/// Sends the request and waits for the relay's response headers.
+/// Sends the request to the relay the balancer picks (moving on to the next while nothing
+/// has been sent) and waits for the relay's response headers.
 async fn send(
     agent: &Agent,
-    relay: RelayId,
-    sender: hyper::client::conn::http2::SendRequest<ForwardBody>,
     outgoing: Request<ForwardBody>,
     principal: &Principal,
     exchange: &mut Recorder,
     meter: &RequestMeter,
-) -> Result<Response<Incoming>, RequestError> {
+) -> Result<Dispatched, RequestError> {
     let relays = &agent.relays;
-    let sent_at = Instant::now();
-    let result = relays.send(relay, sender, outgoing).await;
+    // A caller that broke off its upload says nothing about the relay.
+    let caller_failed = || meter.caller_failed.load(Ordering::Relaxed);
+    let result = relays.dispatch(outgoing, caller_failed).await;
     exchange.record.bytes_in = meter.bytes.load(Ordering::Relaxed);
-    let response = match result {
-        Ok(response) => response,
-        Err(_) if meter.over_limit.load(Ordering::Relaxed) => {
-            return Err(RequestError::BodyTooLarge {
-                principal: principal.name.clone(),
-                limit: principal.max_body_bytes,
-                length: None,
+    let sent = match result {
+        Ok(sent) => sent,
+        Err(error) => {
+            if let DispatchError::Failed { relay, .. } = &error {
+                exchange.record.relay = Some(relays.name(*relay).to_owned());
+            }
+            if meter.over_limit.load(Ordering::Relaxed) {
+                return Err(RequestError::BodyTooLarge {
+                    principal: principal.name.clone(),
+                    limit: principal.max_body_bytes,
+                    length: None,
+                });
+            }
+            return Err(match error {
+                DispatchError::NotSent(None) => RequestError::NoHealthyRelay,
+                DispatchError::NotSent(Some(error)) => RequestError::Forward(error),
+                DispatchError::Failed { error, .. } => RequestError::Forward(error),
             });
         }
-        Err(error) => {
-            // A caller that broke off its upload says nothing about the relay.
-            let caller_failed = meter.caller_failed.load(Ordering::Relaxed);
-            if let (ForwardError::Failed { reason, .. }, false) = (&error, caller_failed) {
-                relays.report_failure(relay, reason.clone());
-            }
-            return Err(RequestError::Forward(error));
-        }
     };
-    let upstream = sent_at.elapsed();
+    exchange.record.relay = Some(relays.name(sent.relay).to_owned());
+    let upstream = sent.sent_at.elapsed();
     agent
         .metrics
         .upstream_seconds
-        .with_label_values(&[relays.name(relay)])
+        .with_label_values(&[relays.name(sent.relay)])
         .observe(upstream.as_secs_f64());
     exchange.record.upstream_latency_ms = Some(upstream.as_secs_f64() * 1000.0);
-    Ok(response)
+    Ok(sent)
 }
 
 /// The relay's answer as the caller receives it: hop-by-hop headers removed, the request id
 /// added, the body streamed (or, for non-streaming operations, read first) and watched.
 async fn answer(
     agent: &Arc<Agent>,
-    relay: RelayId,
-    response: Response<Incoming>,
+    sent: Dispatched,
     exchange: &mut Recorder,
     meter: Arc<RequestMeter>,
     slot: Slot,
@@ -556,36 +556,6 @@ async fn prefetch(
 
 /// How much of a non-streaming answer is read before its headers go to the caller.
 const PREFETCH_LIMIT: usize = 1 << 20;
-
-/// Tries each healthy relay once, in priority order, until one gives a connection; a relay
-/// that fails is reported to the health core, so later picks skip it. Waiting is bounded by
-/// the relays' `connect_timeout` for each relay tried (see [`Relays::ready_sender`]).
-async fn connect_to_healthy_relay(
-    relays: &Relays,
-) -> Result<
-    (
-        RelayId,
-        hyper::client::conn::http2::SendRequest<ForwardBody>,
-    ),
-    RequestError,
-> {
-    let mut tried = Vec::new();
-    let mut last_error = None;
-    while let Some(relay) = relays.pick_excluding(&tried) {
-        tried.push(relay);
-        match relays.ready_sender(relay).await {
-            Ok(sender) => return Ok((relay, sender)),
-            Err(error) => {
-                relays.report_failure(relay, error.to_string());
-                last_error = Some(error);
-            }
-        }
-    }
-    Err(match last_error {
-        Some(error) => RequestError::Forward(error),
-        None => RequestError::NoHealthyRelay,
-    })
-}
 
 /// The request as it crosses the tunnel: same method, path and body; the caller's
 /// credentials and hop-by-hop headers removed; principal, request id and source added.
@@ -768,3 +738,14 @@ mod tests {
         assert_eq!(without_presigning(&only).to_string(), "/model/m/invoke");
     }
 }
+    let Dispatched {
+        relay,
+        load,
+        response,
+        ..
+    } = sent;
+    // The relay's count of outstanding requests falls when the answer ends.
+    let audit = move |end, bytes_out| {
+        drop(load);
+        audit(end, bytes_out)
+    };

@@ -122,8 +122,8 @@ async fn start(upstream: &Upstream, allow: &[&str]) -> DnsServer {
     let settings = DnsSettings {
         listen: "127.0.0.1:0".parse().expect("address"),
         names: [BEDROCK, FIPS, CONTROL].map(String::from).to_vec(),
-        answer_v4: Ipv4Addr::LOCALHOST,
-        answer_v6: None,
+        answer_v4: vec![Ipv4Addr::LOCALHOST],
+        answer_v6: Vec::new(),
         ttl: 30,
         upstream: vec![upstream.addr],
         allow_cidrs: allow

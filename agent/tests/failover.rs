@@ -1,5 +1,7 @@
-//! Relay failover: traffic moves to the next healthy relay within 3 s of one dying; requests
-//! in flight on a dead relay end promptly with a 503, never hang.
+//! Relay failover and balancing: overlapping requests spread over the relays of the best
+//! group; traffic moves off a relay within 3 s of it dying, and within a second of it
+//! vanishing without a word (its HTTP/2 connection stops answering PINGs); requests in
+//! flight on a dead relay end promptly with a 503, never hang.
 
 mod fixture;
 
@@ -242,9 +244,8 @@ async fn concurrent_requests_to_an_unreachable_relay_do_not_queue_for_connects()
     agent.shutdown().await;
 }
 
-/// An agent in front of two fake relays, `relay-a` first in priority order, once both are
-/// healthy, so that traffic goes to `relay-a`.
-/// A caller whose first request relay-a, the primary, answered.
+/// A caller whose first request relay-a answered: one request at a time goes to the first
+/// relay of the group.
 async fn caller_served_by_primary(scratch: &Scratch, agent: &AgentHandle) -> Caller {
     let mut caller = Caller::connect(scratch, agent.front_addr(), false).await;
     let answer = caller.post(CONVERSE, Some(TOKEN), b"{}").await;
@@ -265,4 +266,428 @@ async fn agent_with_two_healthy_relays(test: &str) -> (Scratch, FakeRelay, FakeR
     // Ready means one relay is healthy; give the other its first probe too.
     tokio::time::sleep(Duration::from_millis(300)).await;
     (scratch, a, b, agent)
+}
+
+const HANG: &str = "/model/anthropic.claude-hang/converse";
+
+/// Six requests that the relays never answer, held open together: two on each of three
+/// relays of one group, counted on `/status` and in `xpart_agent_relay_outstanding` until the
+/// callers go away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_requests_spread_over_every_relay_and_count_until_they_end() {
+    let scratch = Arc::new(Scratch::new("balance-spread"));
+    let relays = [
+        FakeRelay::start("relay-a").await,
+        FakeRelay::start("relay-b").await,
+        FakeRelay::start("relay-c").await,
+    ];
+    let agent = start_agent(
+        &scratch,
+        &agent_toml(
+            &scratch,
+            &relays.iter().collect::<Vec<_>>(),
+            &token_principal(""),
+        ),
+    )
+    .await;
+    wait_all_healthy(&agent, 3).await;
+
+    let front = agent.front_addr();
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        let scratch = scratch.clone();
+        held.push(tokio::spawn(async move {
+            let mut caller = Caller::connect(&scratch, front, false).await;
+            caller.post(HANG, Some(TOKEN), b"{}").await
+        }));
+        // One at a time, so each request sees the ones before it counted.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let outstanding = wait_for_outstanding(&agent, &[2, 2, 2]).await;
+    assert_eq!(outstanding, [2, 2, 2]);
+    let metrics = admin_get(agent.admin_addr(), "/metrics").await.1;
+    for relay in ["relay-a", "relay-b", "relay-c"] {
+        assert!(
+            metrics.contains(&format!(
+                "xpart_agent_relay_outstanding{{relay=\"{relay}\"}} 2"
+            )),
+            "{metrics}"
+        );
+    }
+    for relay in &relays {
+        assert_eq!(
+            relay.seen().len(),
+            2,
+            "{} saw {:?}",
+            relay.name,
+            relay.seen()
+        );
+    }
+
+    // Callers that go away give their relays' counts back.
+    for caller in held {
+        caller.abort();
+    }
+    assert_eq!(wait_for_outstanding(&agent, &[0, 0, 0]).await, [0, 0, 0]);
+    agent.shutdown().await;
+}
+
+/// relay-a and relay-b form the preferred group (priority 0, weights 1 and 2); relay-c
+/// (priority 1) takes requests only once neither of them can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lower_priority_group_waits_until_the_preferred_one_is_down() {
+    let scratch = Arc::new(Scratch::new("balance-groups"));
+    let a = FakeRelay::start("relay-a").await;
+    let b = FakeRelay::start("relay-b").await;
+    let c = FakeRelay::start("relay-c").await;
+    let toml = agent_toml(&scratch, &[&a, &b, &c], &token_principal(""));
+    let toml = with_relay_fields(&toml, &b, "weight = 2\n");
+    let toml = with_relay_fields(&toml, &c, "priority = 1\n");
+    let agent = start_agent(&scratch, &toml).await;
+    wait_all_healthy(&agent, 3).await;
+
+    let front = agent.front_addr();
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        let scratch = scratch.clone();
+        held.push(tokio::spawn(async move {
+            let mut caller = Caller::connect(&scratch, front, false).await;
+            caller.post(HANG, Some(TOKEN), b"{}").await
+        }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(wait_for_outstanding(&agent, &[2, 4, 0]).await, [2, 4, 0]);
+    let (_, status) = admin_get(agent.admin_addr(), "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status json");
+    assert_eq!(
+        status["active_relays"],
+        serde_json::json!(["relay-a", "relay-b"])
+    );
+    assert_eq!(status["relays"][2]["priority"], 1);
+    assert_eq!(status["relays"][1]["weight"], 2);
+    for caller in held {
+        caller.abort();
+    }
+
+    a.kill();
+    b.kill();
+    let mut caller = Caller::connect(&scratch, front, false).await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let answer = loop {
+        let answer = caller.post(CONVERSE, Some(TOKEN), b"{}").await;
+        if answer.status == 200 || Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(relay_of(&answer), "relay-c");
+    agent.shutdown().await;
+}
+
+/// relay-a freezes under load: its host stops answering anything, without closing a
+/// connection (no FIN, no RST), as a frozen, powered-off or cut-off host does. Its HTTP/2
+/// connection misses a PING and the relay is out well within a second; from 1 s after the
+/// freeze every request succeeds at once on relay-b or relay-c, and every request is
+/// accounted for (an answer or a prompt 503, none silent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_relay_under_load_is_out_within_a_second() {
+    let scratch = Arc::new(Scratch::new("balance-frozen"));
+    let a = FakeRelay::start("relay-a").await;
+    let b = FakeRelay::start("relay-b").await;
+    let c = FakeRelay::start("relay-c").await;
+    let freezer = Freezer::start(a.addr).await;
+    let toml = agent_toml(&scratch, &[&a, &b, &c], &token_principal("")).replace(
+        &format!("service_port = {}\n", a.addr.port()),
+        &format!("service_port = {}\n", freezer.addr.port()),
+    );
+    let agent = start_agent(&scratch, &toml).await;
+    wait_all_healthy(&agent, 3).await;
+
+    let front = agent.front_addr();
+    let start = Instant::now();
+    let freeze_at = Duration::from_millis(1000);
+    let run_for = Duration::from_millis(3500);
+    let mut workers = Vec::new();
+    for _ in 0..6 {
+        let scratch = scratch.clone();
+        workers.push(tokio::spawn(async move {
+            let mut results = Vec::new();
+            let mut caller = Caller::connect(&scratch, front, false).await;
+            while start.elapsed() < run_for {
+                let sent = start.elapsed();
+                let answer = caller.post(CONVERSE, Some(TOKEN), b"{}").await;
+                results.push(Call {
+                    sent,
+                    took: start.elapsed() - sent,
+                    status: answer.status,
+                    error_type: answer.error_type().to_owned(),
+                    relay: relay_of(&answer),
+                });
+            }
+            results
+        }));
+    }
+    tokio::time::sleep(freeze_at).await;
+    freezer.freeze();
+    let frozen = start.elapsed();
+
+    let mut calls = Vec::new();
+    for worker in workers {
+        calls.extend(worker.await.expect("worker"));
+    }
+    let before: Vec<&Call> = calls.iter().filter(|c| c.sent + c.took < frozen).collect();
+    for relay in ["relay-a", "relay-b", "relay-c"] {
+        assert!(
+            before.iter().any(|c| c.relay == relay),
+            "{relay} took no request before the freeze"
+        );
+    }
+    for call in &calls {
+        match call.status {
+            200 => {}
+            503 => assert_eq!(call.error_type, "ServiceUnavailableException", "{call:?}"),
+            _ => panic!("unexpected answer {call:?}"),
+        }
+        assert!(
+            call.took < Duration::from_millis(1200),
+            "a call hung: {call:?}"
+        );
+    }
+    let settled = frozen + Duration::from_secs(1);
+    let after: Vec<&Call> = calls.iter().filter(|c| c.sent >= settled).collect();
+    assert!(after.len() > 20, "load went on: {} calls", after.len());
+    for call in &after {
+        assert_eq!(call.status, 200, "failed 1 s after the freeze: {call:?}");
+        assert_ne!(call.relay, "relay-a", "{call:?}");
+        assert!(
+            call.took < Duration::from_millis(300),
+            "waited 1 s after the freeze: {call:?}"
+        );
+    }
+    let failed = calls.iter().filter(|c| c.status != 200).count();
+    let last_failure = calls
+        .iter()
+        .filter(|c| c.status != 200)
+        .map(|c| c.sent + c.took - frozen)
+        .max();
+    eprintln!(
+        "frozen relay: {} calls, {} failed with 503, last failure answered {:?} after the freeze",
+        calls.len(),
+        failed,
+        last_failure
+    );
+    let metrics = admin_get(agent.admin_addr(), "/metrics").await.1;
+    assert!(
+        metrics.contains(
+            "xpart_agent_relay_ejections_total{reason=\"connection_lost\",relay=\"relay-a\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("xpart_agent_relay_healthy{relay=\"relay-a\"} 0"));
+    agent.shutdown().await;
+}
+
+#[derive(Debug)]
+struct Call {
+    sent: Duration,
+    took: Duration,
+    status: u16,
+    error_type: String,
+    relay: String,
+}
+
+/// Adds `fields` to the `[[relay]]` table of `relay` in `toml`.
+fn with_relay_fields(toml: &str, relay: &FakeRelay, fields: &str) -> String {
+    let port = format!("service_port = {}\n", relay.addr.port());
+    assert!(toml.contains(&port));
+    toml.replace(&port, &format!("{port}{fields}"))
+}
+
+async fn wait_all_healthy(agent: &AgentHandle, count: usize) {
+    wait_ready(agent).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, status) = admin_get(agent.admin_addr(), "/status").await;
+        let status: serde_json::Value = serde_json::from_str(&status).expect("status json");
+        let healthy = status["relays"]
+            .as_array()
+            .map_or(0, |r| r.iter().filter(|r| r["state"] == "healthy").count());
+        if healthy == count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relays never all healthy: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Each relay's outstanding count on `/status`, once it equals `expected` (or after 3 s).
+async fn wait_for_outstanding(agent: &AgentHandle, expected: &[u64]) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (_, status) = admin_get(agent.admin_addr(), "/status").await;
+        let status: serde_json::Value = serde_json::from_str(&status).expect("status json");
+        let counts: Vec<u64> = status["relays"]
+            .as_array()
+            .map(|relays| {
+                relays
+                    .iter()
+                    .map(|r| r["outstanding"].as_u64().unwrap_or(u64::MAX))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if counts == expected || Instant::now() > deadline {
+            return counts;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A TCP relay in front of a fake relay that can freeze: from then on it moves no byte in
+/// either direction and closes nothing, and holds new connections unanswered.
+struct Freezer {
+    addr: std::net::SocketAddr,
+    frozen: tokio::sync::watch::Sender<bool>,
+}
+
+impl Freezer {
+    async fn start(target: std::net::SocketAddr) -> Freezer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind freezer");
+        let addr = listener.local_addr().expect("freezer addr");
+        let (frozen, watching) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                let watching = watching.clone();
+                tokio::spawn(async move {
+                    let mut held = watching.clone();
+                    if *held.borrow() {
+                        // Accepted by the kernel, never answered: kept open until the test ends.
+                        let _ = held.wait_for(|frozen| !*frozen).await;
+                        std::future::pending::<()>().await;
+                    }
+                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (in_read, in_write) = inbound.into_split();
+                    let (out_read, out_write) = outbound.into_split();
+                    tokio::join!(
+                        pipe(in_read, out_write, watching.clone()),
+                        pipe(out_read, in_write, watching)
+                    );
+                });
+            }
+        });
+        Freezer { addr, frozen }
+    }
+
+    fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+}
+
+/// Copies `from` to `to` until either closes; once frozen, reads what arrives and drops it,
+/// as a network that lost its far end does, and never closes `to`.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) if *frozen.borrow() => {
+                std::future::pending::<()>().await;
+                return;
+            }
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        if *frozen.borrow() {
+            continue;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A relay that resets every stream but its health check: the first request it resets ends
+/// with a 503 and takes it out at once, without waiting for a probe to fail (its probes still
+/// pass); the next request goes to relay-b.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_resets_a_request_is_taken_out_at_once() {
+    let scratch = Scratch::new("balance-reset");
+    let a = FakeRelay::start("relay-a").await;
+    let b = FakeRelay::start("relay-b").await;
+    let resetting = resetting_relay().await;
+    let toml = agent_toml(&scratch, &[&a, &b], &token_principal("")).replace(
+        &format!("service_port = {}\n", a.addr.port()),
+        &format!("service_port = {}\n", resetting.port()),
+    );
+    let agent = start_agent(&scratch, &toml).await;
+    wait_all_healthy(&agent, 2).await;
+
+    let mut caller = Caller::connect(&scratch, agent.front_addr(), false).await;
+    let reset = caller.post(CONVERSE, Some(TOKEN), b"{}").await;
+    assert_eq!(reset.status, 503, "{:?}", reset.body);
+    assert_eq!(reset.error_type(), "ServiceUnavailableException");
+    let next = caller.post(CONVERSE, Some(TOKEN), b"{}").await;
+    assert_eq!(next.status, 200);
+    assert_eq!(relay_of(&next), "relay-b");
+
+    let (_, status) = admin_get(agent.admin_addr(), "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status json");
+    assert_eq!(status["relays"][0]["state"], "down", "{status}");
+    let metrics = admin_get(agent.admin_addr(), "/metrics").await.1;
+    assert!(
+        metrics.contains(
+            "xpart_agent_relay_ejections_total{reason=\"stream_reset\",relay=\"relay-a\"} 1"
+        ),
+        "{metrics}"
+    );
+    agent.shutdown().await;
+}
+
+/// An HTTP/2 relay that answers its health check and resets every other stream.
+async fn resetting_relay() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind resetting relay");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    if request.uri().path() != "/_xpart/health" {
+                        respond.send_reset(h2::Reason::INTERNAL_ERROR);
+                        continue;
+                    }
+                    let head = http::Response::builder()
+                        .status(200)
+                        .body(())
+                        .expect("static response");
+                    if let Ok(mut body) = respond.send_response(head, false) {
+                        let _ =
+                            body.send_data(bytes::Bytes::from_static(b"{\"ready\":true}"), true);
+                    }
+                }
+            });
+        }
+    });
+    addr
 }

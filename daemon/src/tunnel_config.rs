@@ -167,6 +167,11 @@ pub struct PeerSection {
     pub preshared_key_file: Option<PathBuf>,
     /// Agent side only: the relay's `[service]` port on its tunnel address.
     pub service_port: Option<u16>,
+    /// Agent side only: the relay's group; requests go to the lowest group with a healthy
+    /// relay.
+    pub priority: Option<u32>,
+    /// Agent side only: the relay's share of requests within its group.
+    pub weight: Option<u32>,
 }
 
 impl PeerSection {
@@ -185,8 +190,9 @@ impl PeerSection {
 
 /// Adds the problems both sides check the same way to `diagnostics`: the UDP address given
 /// twice, an MTU below IPv6's minimum, a preshared key file that cannot be used, and a
-/// `service_port` in the relay's `[[agent]]` tables. `peer_field` names a field of the `i`th
-/// peer table in the daemon's style; `resolve` takes a path relative to the config file.
+/// `service_port`, `priority` or `weight` in the relay's `[[agent]]` tables. `peer_field`
+/// names a field of the `i`th peer table in the daemon's style; `resolve` takes a path
+/// relative to the config file.
 pub fn check(
     side: Side,
     tunnel: &TunnelSection,
@@ -226,6 +232,18 @@ pub fn check(
                 "is the port an agent reaches a relay on, and an [[agent]] serves none",
                 "remove it; the relay's port is its [service].listen",
             );
+        }
+        for (field, given) in [
+            ("priority", peer.priority.is_some()),
+            ("weight", peer.weight.is_some()),
+        ] {
+            if side == Side::Relay && given {
+                diagnostics.push(
+                    peer_field(i, peer, field),
+                    "is how an agent shares requests among its relays, and a relay sends none to its agents",
+                    "remove it; set it on the agent's [[relay]] tables",
+                );
+            }
         }
     }
 }

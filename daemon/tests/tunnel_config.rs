@@ -141,6 +141,8 @@ name = "a"
 tunnel_address = "100.64.0.2"
 preshared_key_file = "open.psk"
 service_port = 8080
+priority = 1
+weight = 2
 "#,
     );
     let problems = |side| {
@@ -165,7 +167,9 @@ service_port = 8080
             "[tunnel].listen",
             "[tunnel].mtu",
             "[[peer]][0] (a).preshared_key_file",
-            "[[peer]][0] (a).service_port"
+            "[[peer]][0] (a).service_port",
+            "[[peer]][0] (a).priority",
+            "[[peer]][0] (a).weight"
         ]
     );
     assert_eq!(
@@ -175,7 +179,7 @@ service_port = 8080
             "[tunnel].mtu",
             "[[peer]][0] (a).preshared_key_file"
         ],
-        "service_port belongs in the agent's [[relay]]"
+        "service_port, priority and weight belong in the agent's [[relay]]"
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
