@@ -437,6 +437,66 @@ def test_the_active_agent_watches_the_standby_only_once_tagged_standby(tmp_path)
     assert ["restart", "xpart-failover-watch.service"] in appliance.recorded("systemctl")
 
 
+MULTI_AZ = {"DeploymentMode": "multi-az", "FloatingAddress": "", "AgentBPrivateAddress": "10.0.2.12",
+            "NlbAddresses": "10.0.1.20,10.0.2.20"}
+
+
+def multi_az_appliance(tmp_path):
+    both_active = {eni: {"status": "available", "attached_to": None, "role": "active"}
+                   for eni in (AGENT_A_ENI, AGENT_B_ENI)}
+    return Appliance(tmp_path, AGENT_SECRETS, interfaces=both_active)
+
+
+def test_a_multi_az_agent_serves_on_its_own_address_and_answers_every_balancer_address(tmp_path):
+    appliance = multi_az_appliance(tmp_path)
+    with FakeImds({"xpart:name": "agent-b"}) as imds:
+        result = appliance.boot(agent_user_data(**MULTI_AZ), imds)
+    assert result.returncode == 0, result.stderr
+    config = tomllib.loads((appliance.conf / "agent.toml").read_text())
+    # The balancer's targets and the Resolver rules name the member's own address.
+    assert config["dns"]["listen"] == "10.0.2.12:53"
+    assert config["dns"]["answer"] == ["10.0.1.20", "10.0.2.20"], "every zone's address in each answer"
+    assert config["front"]["listen"] == "10.0.2.12:443"
+    assert config["admin"]["listen"] == "10.0.2.12:9100", "the balancer's health check reads /readyz here"
+    # No floating address and no failover watch: both agents serve.
+    assert not (appliance.conf / "floating-address").exists()
+    assert not (appliance.conf / "failover-watch.env").exists()
+    assert ["ec2", "create-tags", "--resources", INSTANCE_ID, "--tags", "Key=xpart:role,Value=active"] in appliance.recorded("aws")
+
+
+def test_rotating_a_multi_az_agent_restarts_only_the_agent(tmp_path):
+    appliance = multi_az_appliance(tmp_path)
+    # A pair member's files from before a switch to multi-az must not start its units again.
+    (appliance.conf / "floating-address").write_text("XPART_FLOATING_ADDRESS=10.0.1.10\n")
+    (appliance.conf / "failover-watch.env").write_text("XPART_PAIR=xpart\n")
+    with FakeImds({"xpart:name": "agent-a"}) as imds:
+        result = appliance.boot(agent_user_data(**MULTI_AZ), imds, args=[])
+    assert result.returncode == 0, result.stderr
+    assert [c[1] for c in appliance.recorded("systemctl") if c[0] == "restart"] == ["xpart-agent.service"]
+    assert not (appliance.conf / "floating-address").exists()
+    assert not (appliance.conf / "failover-watch.env").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({**MULTI_AZ, "NlbAddresses": ""}, "XPART_NLB_ADDRESSES \"\" must list"),
+        ({**MULTI_AZ, "NlbAddresses": "10.0.1.20"}, "XPART_NLB_ADDRESSES \"10.0.1.20\" must list"),
+        ({**MULTI_AZ, "NlbAddresses": "10.0.1.20,10.0.2"}, 'XPART_NLB_ADDRESSES: "10.0.2" is not an IPv4 address'),
+        ({**MULTI_AZ, "FloatingAddress": "10.0.1.10"}, "multi-az has no floating address"),
+        ({"FloatingAddress": ""}, "DeploymentMode pair needs FloatingAddress"),
+        ({"DeploymentMode": "active-active"}, 'XPART_DEPLOYMENT_MODE must be "pair" or "multi-az"'),
+    ],
+)
+def test_each_deployment_mode_checks_its_addresses_before_anything_is_fetched(tmp_path, overrides, message):
+    appliance = multi_az_appliance(tmp_path)
+    with FakeImds({"xpart:name": "agent-a"}) as imds:
+        result = appliance.boot(agent_user_data(**overrides), imds)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert appliance.installed() == [] and appliance.recorded("aws") == []
+
+
 def test_a_member_interface_without_a_role_tag_is_an_error_never_active(tmp_path):
     interfaces = {AGENT_A_ENI: {"status": "available", "attached_to": None, "role": None}}
     appliance = Appliance(tmp_path, AGENT_SECRETS, interfaces=interfaces)
@@ -732,9 +792,10 @@ def test_a_signal_the_stack_does_not_wait_for_is_no_failure(tmp_path):
     "role, name, user_data, secrets",
     [
         ("agent", "agent-a", agent_user_data, AGENT_SECRETS),
+        ("agent", "agent-a", lambda: agent_user_data(**MULTI_AZ), AGENT_SECRETS),
         ("relay", "relay-b", relay_user_data, RELAY_SECRETS),
     ],
-    ids=["agent", "relay"],
+    ids=["agent", "agent-multi-az", "relay"],
 )
 def test_the_daemon_accepts_the_configuration_first_boot_writes(tmp_path, role, name, user_data, secrets):
     daemon = BIN_DIR / f"xpart-{role}"

@@ -44,6 +44,35 @@ def load_stack(path):
     return template
 
 
+MODE_CONDITIONS = {"pair": {"IsPair": True, "IsMultiAz": False},
+                   "multi-az": {"IsPair": False, "IsMultiAz": True}}
+
+
+def _choose(node, conditions):
+    """`node` with every Fn::If on a deployment-mode condition replaced by its chosen branch."""
+    if isinstance(node, dict):
+        if set(node) == {"Fn::If"} and node["Fn::If"][0] in conditions:
+            name, yes, no = node["Fn::If"]
+            return _choose(yes if conditions[name] else no, conditions)
+        return {k: _choose(v, conditions) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_choose(item, conditions) for item in node]
+    return node
+
+
+def govcloud_in_mode(mode):
+    """The GovCloud stack as CloudFormation sees it with DeploymentMode `mode`: the mode's
+    branches chosen, the other mode's resources and outputs gone."""
+    conditions = MODE_CONDITIONS[mode]
+    template = load_stack(GOVCLOUD)
+    for section in ("Resources", "Outputs"):
+        template[section] = {
+            name: _choose(res, conditions) for name, res in template[section].items()
+            if conditions.get(res.get("Condition"), True)
+        }
+    return template
+
+
 def resources(template, kind):
     return {
         name: res.get("Properties", {})
@@ -181,7 +210,7 @@ def test_an_update_replaces_one_member_at_a_time_and_waits_until_it_serves(stack
 
 
 def test_the_agents_member_interfaces_carry_the_role_and_the_floating_address():
-    template = load_stack(GOVCLOUD)
+    template = govcloud_in_mode("pair")
     roles = {}
     for name in ("AgentANetworkInterface", "AgentBNetworkInterface"):
         props = template["Resources"][name]["Properties"]
@@ -240,7 +269,7 @@ def test_no_security_group_admits_the_whole_internet():
 
 
 def test_agents_admit_https_from_callers_and_dns_only_from_the_resolver_endpoint():
-    template = load_stack(GOVCLOUD)
+    template = govcloud_in_mode("pair")
     rules = _ingress(template, "AgentSecurityGroup")
     summary = sorted(
         (r["IpProtocol"], r["FromPort"], r["ToPort"], str(r.get("CidrIp") or r.get("SourceSecurityGroupId")))
@@ -557,7 +586,7 @@ BEDROCK_PREFIXES = ["bedrock-runtime", "bedrock", "bedrock-runtime-fips", "bedro
 
 
 def test_resolver_rules_forward_every_bedrock_name_to_the_floating_address():
-    template = load_stack(GOVCLOUD)
+    template = govcloud_in_mode("pair")
     (endpoint,) = resources(template, "AWS::Route53Resolver::ResolverEndpoint").values()
     assert endpoint["Direction"] == "OUTBOUND"
     rules = {name: res for name, res in template["Resources"].items()
@@ -574,7 +603,7 @@ def test_resolver_rules_forward_every_bedrock_name_to_the_floating_address():
 
 
 def test_hosted_zone_mode_points_every_bedrock_name_at_the_floating_address_instead():
-    template = load_stack(GOVCLOUD)
+    template = govcloud_in_mode("pair")
     assert template["Parameters"]["DnsMode"]["AllowedValues"] == ["resolver-rule", "hosted-zone"]
     zones = {name: res for name, res in template["Resources"].items() if res["Type"] == "AWS::Route53::HostedZone"}
     records = [res for res in template["Resources"].values() if res["Type"] == "AWS::Route53::RecordSet"]
@@ -602,6 +631,106 @@ def test_the_agents_answer_and_the_certificate_covers_every_name_the_rules_forwa
     ca = (REPO / "cli" / "src" / "ca.rs").read_text()
     for prefix in BEDROCK_PREFIXES:
         assert f'"{prefix}",' in ca, f"xpart ca issue --region does not name {prefix}"
+
+
+# What each DeploymentMode needs besides the defaults, as an operator would pass it.
+MODE_PARAMETERS = {
+    "pair": {"FloatingAddress": "10.0.1.10"},
+    "multi-az": {"DeploymentMode": "multi-az", "AgentBSubnetId": "subnet-0123456789abcdef1",
+                 "NlbAddresses": "10.0.1.20,10.0.2.20"},
+}
+
+
+@pytest.mark.parametrize("mode", ["pair", "multi-az"])
+def test_govcloud_stack_passes_cfn_lint_in_each_deployment_mode(tmp_path, mode):
+    """cfn-lint resolves parameters to their defaults; each mode is linted with its own values
+    as defaults, in both GovCloud regions."""
+    need("cfn-lint", "pip install cfn-lint")
+    text = GOVCLOUD.read_text()
+    for name, value in MODE_PARAMETERS[mode].items():
+        block = re.search(rf"\n  {name}:\n    Type: String\n    Default: (\S+)\n", text)
+        assert block, f"{name} has no default to replace"
+        text = text.replace(block.group(0), block.group(0).replace(f"Default: {block.group(1)}", f'Default: "{value}"'))
+    variant = tmp_path / f"govcloud-{mode}.yaml"
+    variant.write_text(text)
+    result = run(["cfn-lint", "--regions", "us-gov-west-1", "us-gov-east-1", "--", str(variant)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_pair_mode_has_no_load_balancer_and_multi_az_has_no_floating_address():
+    pair, multi = govcloud_in_mode("pair"), govcloud_in_mode("multi-az")
+    assert not [n for n, r in pair["Resources"].items() if r["Type"].startswith("AWS::ElasticLoadBalancingV2::")]
+    assert "FloatingAddress" in pair["Outputs"] and "LoadBalancerAddresses" not in pair["Outputs"]
+    eni = multi["Resources"]["AgentANetworkInterface"]["Properties"]["PrivateIpAddresses"]
+    assert eni == [{"PrivateIpAddress": {"Ref": "AgentAPrivateAddress"}, "Primary": True}]
+    assert "FloatingAddress" not in multi["Outputs"]
+    assert multi["Outputs"]["LoadBalancerAddresses"]["Value"] == {"Ref": "NlbAddresses"}
+    # Each mode refuses to start without what it needs (CloudFormation Rules).
+    rules = load_stack(GOVCLOUD)["Rules"]
+    assert rules["PairHasAFloatingAddress"]["RuleCondition"] == {"Fn::Equals": [{"Ref": "DeploymentMode"}, "pair"]}
+    asserted = str(rules["MultiAzHasTwoZonesAndTheBalancersAddresses"]["Assertions"])
+    assert "AgentBSubnetId" in asserted and "NlbAddresses" in asserted and "FloatingAddress" in asserted
+
+
+def test_multi_az_agents_are_both_active_in_two_zones():
+    template = govcloud_in_mode("multi-az")
+    res = template["Resources"]
+    roles = {}
+    for member, subnet in (("A", "AgentSubnetId"), ("B", "AgentBSubnetId")):
+        props = res[f"Agent{member}NetworkInterface"]["Properties"]
+        assert props["SubnetId"] == {"Ref": subnet}
+        tags = {t["Key"]: t["Value"] for t in props["Tags"]}
+        roles[tags["xpart:name"]] = tags["xpart:role"]
+        assert res[f"Agent{member}Group"]["Properties"]["VPCZoneIdentifier"] == [{"Ref": subnet}]
+    assert roles == {"agent-a": "active", "agent-b": "active"}
+
+
+def test_multi_az_puts_the_agents_behind_an_internal_network_load_balancer():
+    template = govcloud_in_mode("multi-az")
+    (lb,) = resources(template, "AWS::ElasticLoadBalancingV2::LoadBalancer").values()
+    assert lb["Type"] == "network" and lb["Scheme"] == "internal"
+    # One fixed address per agent's zone: what the agents' DNS answers.
+    assert lb["SubnetMappings"] == [
+        {"SubnetId": {"Ref": "AgentSubnetId"},
+         "PrivateIPv4Address": {"Fn::Select": [0, {"Fn::Split": [",", {"Ref": "NlbAddresses"}]}]}},
+        {"SubnetId": {"Ref": "AgentBSubnetId"},
+         "PrivateIPv4Address": {"Fn::Select": [1, {"Fn::Split": [",", {"Ref": "NlbAddresses"}]}]}},
+    ]
+    assert {"Key": "load_balancing.cross_zone.enabled", "Value": "true"} in lb["LoadBalancerAttributes"]
+    (listener,) = resources(template, "AWS::ElasticLoadBalancingV2::Listener").values()
+    assert listener["Protocol"] == "TCP" and listener["Port"] == 443
+    assert listener["LoadBalancerArn"] == {"Ref": "AgentLoadBalancer"}
+    assert listener["DefaultActions"] == [{"Type": "forward", "TargetGroupArn": {"Ref": "AgentTargetGroup"}}]
+    (group,) = resources(template, "AWS::ElasticLoadBalancingV2::TargetGroup").values()
+    assert (group["Protocol"], group["Port"], group["TargetType"]) == ("TCP", 443, "ip")
+    assert group["Targets"] == [{"Id": {"Ref": "AgentAPrivateAddress"}, "Port": 443},
+                                {"Id": {"Ref": "AgentBPrivateAddress"}, "Port": 443}]
+    assert (group["HealthCheckProtocol"], group["HealthCheckPort"], group["HealthCheckPath"]) == ("HTTP", "9100", "/readyz")
+    assert {"Key": "preserve_client_ip.enabled", "Value": "true"} in group["TargetGroupAttributes"]
+    # The balancer reaches the front and the admin port; the agents admit its health checks.
+    lb_egress = {(r["FromPort"], str(r["DestinationSecurityGroupId"]))
+                 for r in template["Resources"]["LoadBalancerSecurityGroup"]["Properties"]["SecurityGroupEgress"]}
+    assert lb_egress == {(443, "{'Ref': 'AgentSecurityGroup'}"), (9100, "{'Ref': 'AgentSecurityGroup'}")}
+    admitted = {(r["FromPort"], str(r.get("SourceSecurityGroupId") or r.get("CidrIp")))
+                for r in _ingress(template, "AgentSecurityGroup")}
+    assert (9100, "{'Ref': 'LoadBalancerSecurityGroup'}") in admitted
+    assert (443, "{'Ref': 'CallerCidr'}") in admitted, "client addresses are preserved, so callers are admitted"
+
+
+def test_multi_az_resolver_rules_target_every_agents_dns_and_zones_answer_the_balancer():
+    template = govcloud_in_mode("multi-az")
+    rules = resources(template, "AWS::Route53Resolver::ResolverRule")
+    assert len(rules) == 4
+    for rule in rules.values():
+        assert rule["TargetIps"] == [{"Ip": {"Ref": "AgentAPrivateAddress"}, "Port": "53"},
+                                     {"Ip": {"Ref": "AgentBPrivateAddress"}, "Port": "53"}]
+    egress = template["Resources"]["ResolverEndpointSecurityGroup"]["Properties"]["SecurityGroupEgress"]
+    assert sorted((r["IpProtocol"], r["CidrIp"]["Fn::Sub"]) for r in egress) == [
+        ("tcp", "${AgentAPrivateAddress}/32"), ("tcp", "${AgentBPrivateAddress}/32"),
+        ("udp", "${AgentAPrivateAddress}/32"), ("udp", "${AgentBPrivateAddress}/32")]
+    records = resources(template, "AWS::Route53::RecordSet").values()
+    assert len(records) == 4
+    assert all(r["ResourceRecords"] == {"Fn::Split": [",", {"Ref": "NlbAddresses"}]} for r in records)
 
 
 def test_both_stacks_agree_on_the_tunnel_plan():
