@@ -166,14 +166,10 @@ mod tests {
     type Seen = Arc<Mutex<Option<(Ending, Option<Reading>)>>>;
 
     /// A ConverseStream body from `frames`, reading its usage, and what its hook saw.
-    fn relayed(
-        frames: Vec<Result<Frame<Bytes>, Reset>>,
-    ) -> (
-        Relayed<
-            StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Reset>>>>,
-        >,
-        Seen,
-    ) {
+    type Frames =
+        StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Reset>>>>;
+
+    fn relayed(frames: Vec<Result<Frame<Bytes>, Reset>>) -> (Relayed<Frames>, Seen) {
         let seen: Seen = Arc::new(Mutex::new(None));
         let slot = UsageSlot::default();
         let (hook_seen, hook_slot) = (seen.clone(), slot.clone());
