@@ -20,6 +20,7 @@ PRINCIPAL = "topology-lambda"
 RELAY_KEYS = {
     "relay-a": ("AKIATOPOLOGYRELAYA01", "topology-relay-a-secret"),
     "relay-b": ("AKIATOPOLOGYRELAYB02", "topology-relay-b-secret"),
+    "relay-c": ("AKIATOPOLOGYRELAYC03", "topology-relay-c-secret"),
 }
 AGENT_ADMIN = ("127.0.0.1", 9100)
 RELAY_ADMIN = ("127.0.0.1", 9101)
@@ -45,10 +46,11 @@ def xpart(*args):
 class Secrets:
     """Everything generated for one run, under `directory`."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, topo=None):
         self.dir = Path(directory)
         self.public_keys = {}
-        for name in ("agent-a", "agent-b", "relay-a", "relay-b"):
+        members = (*topo.agents, *topo.relays) if topo else ("agent-a", "agent-b", "relay-a", "relay-b")
+        for name in members:
             self.public_keys[name] = xpart("keygen", "--out", str(self.dir / f"{name}.key")).strip()
         xpart("ca", "init", "--dir", str(self.dir / "ca"), "--name", "xpart topology test CA")
         xpart("ca", "issue", "--ca-dir", str(self.dir / "ca"), "--region", REGION,
@@ -66,8 +68,15 @@ class Secrets:
         self.standin_credentials.write_text(json.dumps(dict(RELAY_KEYS.values())))
 
 
-def agent_config(secrets, agent):
+def agent_config(secrets, agent, topo=None):
+    """pair: DNS and front on the floating address; zones (`topo.zones`): on the agent's own
+    address, answering the balancer's addresses, admin reachable by the balancer's checks."""
     path = secrets.dir / f"{agent}.toml"
+    relay_names = topo.relays if topo else ("relay-a", "relay-b")
+    zones = topo is not None and topo.zones
+    service = net.AGENT_LAN[agent] if zones else net.FLOATING
+    answer = json.dumps(list(net.BALANCER)) if zones else f'"{net.FLOATING}"'
+    admin = f"0.0.0.0:{AGENT_ADMIN[1]}" if zones else f"{AGENT_ADMIN[0]}:{AGENT_ADMIN[1]}"
     relays = "".join(f"""
 [[relay]]
 name = "{relay}"
@@ -75,7 +84,7 @@ public_key = "{secrets.public_keys[relay]}"
 endpoint = "{net.RELAY_WAN[relay][1]}:{net.WG_PORT}"
 tunnel_address = "{net.RELAY_TUNNEL[relay]}"
 service_port = {SERVICE_PORT}
-""" for relay in ("relay-a", "relay-b"))
+""" for relay in relay_names)
     path.write_text(f"""
 [tunnel]
 mode = "kernel"
@@ -84,13 +93,13 @@ address = "{net.AGENT_TUNNEL[agent]}/{net.TUNNEL_PREFIX}"
 interface_name = "xpart0"
 {relays}
 [dns]
-listen = "{net.FLOATING}:53"
-answer = "{net.FLOATING}"
+listen = "{service}:53"
+answer = {answer}
 names = ["{BEDROCK_NAME}"]
 upstream = []
 
 [front]
-listen = "{net.FLOATING}:443"
+listen = "{service}:443"
 cert_file = "{secrets.dir / 'front.pem'}"
 key_file = "{secrets.dir / 'front.key'}"
 
@@ -101,7 +110,7 @@ source_cidrs = ["{net.LAN}"]
 models = ["anthropic.*"]
 
 [admin]
-listen = "{AGENT_ADMIN[0]}:{AGENT_ADMIN[1]}"
+listen = "{admin}"
 
 [audit]
 path = "{secrets.dir / (agent + '-audit.jsonl')}"
@@ -109,14 +118,14 @@ path = "{secrets.dir / (agent + '-audit.jsonl')}"
     return path
 
 
-def relay_config(secrets, relay, dns):
+def relay_config(secrets, relay, dns, agents=("agent-a", "agent-b")):
     path = secrets.dir / f"{relay}.toml"
     agents = "".join(f"""
 [[agent]]
 name = "{agent}"
 public_key = "{secrets.public_keys[agent]}"
 tunnel_address = "{net.AGENT_TUNNEL[agent]}"
-""" for agent in ("agent-a", "agent-b"))
+""" for agent in agents)
     path.write_text(f"""
 [tunnel]
 mode = "kernel"
@@ -183,7 +192,7 @@ def standin_records(vpc):
 
 
 def start_relay(topo, secrets, relay, dns):
-    config = relay_config(secrets, relay, dns)
+    config = relay_config(secrets, relay, dns, topo.agents)
     proc = topo.spawn(relay, [str(bin_dir() / "xpart-relay"), "--config", str(config)], name=relay,
                       env=daemon_env(secrets.dir, RELAY_KEYS[relay]))
     _expect_listening(proc, relay)
@@ -191,7 +200,7 @@ def start_relay(topo, secrets, relay, dns):
 
 
 def start_agent(topo, secrets, agent):
-    config = agent_config(secrets, agent)
+    config = agent_config(secrets, agent, topo)
     proc = topo.spawn(agent, [str(bin_dir() / "xpart-agent"), "--config", str(config)], name=agent,
                       env=daemon_env(secrets.dir))
     _expect_listening(proc, agent)
@@ -203,6 +212,22 @@ def _expect_listening(proc, name):
     event = json.loads(line)
     if event.get("event") != "listening":
         raise AssertionError(f"{name} printed {line!r} instead of its listening line")
+
+
+def start_balancer(topo):
+    """The NLB's stand-in (topology_balancer.py) in the lb namespace, in front of every agent."""
+    targets = [f"--target={net.AGENT_LAN[a]}:443:{AGENT_ADMIN[1]}" for a in topo.agents]
+    proc = topo.spawn("lb", [sys.executable, str(Path(__file__).with_name("topology_balancer.py")),
+                             *(f"--listen={address}" for address in net.BALANCER), *targets],
+                      name="lb", stdin=True)
+    _expect_listening(proc, "lb")
+    return proc
+
+
+def balancer_status(lb):
+    lb.stdin.write("status\n")
+    lb.stdin.flush()
+    return json.loads(net.read_line(lb, 10, "the balancer's status"))["targets"]
 
 
 def agent_status(topo, agent):

@@ -12,6 +12,10 @@ the host). The caller has no route beyond its subnet: it reaches Bedrock only th
 The floating service address moves between the agents' LAN interfaces as an EC2 secondary
 private IP would; the agents bind it before they hold it (`ip_nonlocal_bind`).
 
+`Topology(zones=True)` builds the multi-az variant: agent-c and relay-c besides, no floating
+address, and a namespace "lb" on the agents' subnet holding the balancer's two addresses
+(BALANCER), where test_topology_zones.py runs topology_balancer.py.
+
 `Topology` is a context manager that removes every namespace, its `/etc/netns/<ns>` directory
 and every process it started, on success and on failure.
 """
@@ -33,17 +37,23 @@ from pathlib import Path
 LAN = "192.0.2.0/24"
 ROUTER_LAN = "192.0.2.1"
 CALLER = "192.0.2.10"
-AGENT_LAN = {"agent-a": "192.0.2.11", "agent-b": "192.0.2.12"}
+AGENT_LAN = {"agent-a": "192.0.2.11", "agent-b": "192.0.2.12", "agent-c": "192.0.2.13"}
 FLOATING = "192.0.2.100"
-RELAY_WAN = {"relay-a": ("203.0.113.1", "203.0.113.2"), "relay-b": ("203.0.113.5", "203.0.113.6")}
+# The zones topology's load balancer: one address per "zone", as the NLB has (NlbAddresses).
+BALANCER = ("192.0.2.201", "192.0.2.202")
+RELAY_WAN = {"relay-a": ("203.0.113.1", "203.0.113.2"), "relay-b": ("203.0.113.5", "203.0.113.6"),
+             "relay-c": ("203.0.113.9", "203.0.113.10")}
 VPC_HOST = "198.51.100.10"
-RELAY_VPC = {"relay-a": "198.51.100.11", "relay-b": "198.51.100.12"}
+RELAY_VPC = {"relay-a": "198.51.100.11", "relay-b": "198.51.100.12", "relay-c": "198.51.100.13"}
 TUNNEL_PREFIX = 24
-AGENT_TUNNEL = {"agent-a": "100.64.0.1", "agent-b": "100.64.0.2"}
-RELAY_TUNNEL = {"relay-a": "100.64.0.11", "relay-b": "100.64.0.12"}
+AGENT_TUNNEL = {"agent-a": "100.64.0.1", "agent-b": "100.64.0.2", "agent-c": "100.64.0.3"}
+RELAY_TUNNEL = {"relay-a": "100.64.0.11", "relay-b": "100.64.0.12", "relay-c": "100.64.0.13"}
 WG_PORT = 51820
 
-ROLES = ("caller", "agent-a", "agent-b", "inet", "relay-a", "relay-b", "vpc")
+# The pair: two agents sharing the floating address, two relays. The zones: three agents all
+# serving behind the balancer ("lb"), three relays; a zone is one agent and one relay.
+PAIR = {"agents": ("agent-a", "agent-b"), "relays": ("relay-a", "relay-b")}
+ZONES = {"agents": ("agent-a", "agent-b", "agent-c"), "relays": ("relay-a", "relay-b", "relay-c")}
 TOOLS = ("ip", "tc")
 CLONE_NEWNET = 0x40000000
 
@@ -68,11 +78,16 @@ def run(*args, check=True, timeout=20, **kwargs):
 
 
 class Topology:
-    """Seven namespaces wired as in the module docstring; use as a context manager."""
+    """The namespaces wired as in the module docstring (`zones`: three agents behind the balancer
+    and three relays instead of the pair); use as a context manager."""
 
-    def __init__(self):
-        self.tag = f"{os.getpid() % 100000}"
-        self.ns = {role: f"xtp{self.tag}-{role}" for role in ROLES}
+    def __init__(self, zones=False):
+        self.zones = zones
+        plan = ZONES if zones else PAIR
+        self.agents, self.relays = plan["agents"], plan["relays"]
+        roles = ("caller", *self.agents, *(("lb",) if zones else ()), "inet", *self.relays, "vpc")
+        self.tag = f"{os.getpid() % 100000}{'z' if zones else ''}"
+        self.ns = {role: f"xtp{self.tag}-{role}" for role in roles}
         self.tmp = Path(tempfile.mkdtemp(prefix="xtp-"))
         self.procs = []
         self.floating_holder = None
@@ -111,13 +126,15 @@ class Topology:
             self.ip(role, "link", "set", "lo", "up")
         self._bridge("inet", "br-lan", f"{ROUTER_LAN}/24")
         self._port("caller", "inet", "br-lan", f"{CALLER}/24")
-        for agent, address in AGENT_LAN.items():
+        for agent in self.agents:
+            address = AGENT_LAN[agent]
             self._port(agent, "inet", "br-lan", f"{address}/24")
             self.ip(agent, "route", "add", "default", "via", ROUTER_LAN)
             # Lets the standby's agent bind the floating address before it holds it.
             self.sysctl(agent, "net.ipv4.ip_nonlocal_bind", 1)
         self._bridge("vpc", "br-vpc", f"{VPC_HOST}/24")
-        for relay, (router_side, relay_side) in RELAY_WAN.items():
+        for relay in self.relays:
+            router_side, relay_side = RELAY_WAN[relay]
             router_dev = f"wan-{relay[-1]}"
             self._veth("inet", router_dev, relay, "wan0")
             self.ip("inet", "addr", "add", f"{router_side}/30", "dev", router_dev)
@@ -125,7 +142,12 @@ class Topology:
             self.ip(relay, "route", "add", LAN, "via", router_side)
             self._port(relay, "vpc", "br-vpc", f"{RELAY_VPC[relay]}/24", dev="vpc0")
         self.sysctl("inet", "net.ipv4.ip_forward", 1)
-        self.move_floating("agent-a")
+        if self.zones:
+            self._port("lb", "inet", "br-lan", f"{BALANCER[0]}/24")
+            for address in BALANCER[1:]:
+                self.ip("lb", "addr", "add", f"{address}/24", "dev", "lan0")
+        else:
+            self.move_floating("agent-a")
         self._write_caller_resolver()
 
     def _bridge(self, role, name, address):
@@ -149,10 +171,13 @@ class Topology:
     def _write_caller_resolver(self):
         """`ip netns exec` bind-mounts /etc/netns/<ns>/resolv.conf over /etc/resolv.conf, so the
         caller's SDK resolves through the agent's DNS on the floating address, like a Lambda
-        function behind a Route 53 Resolver rule."""
+        function behind a Route 53 Resolver rule (zones: every agent's DNS, as the multi-az
+        stack's rules target every agent)."""
         directory = Path(f"/etc/netns/{self.ns['caller']}")
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "resolv.conf").write_text(f"nameserver {FLOATING}\noptions timeout:1 attempts:2\n")
+        servers = [AGENT_LAN[a] for a in self.agents] if self.zones else [FLOATING]
+        (directory / "resolv.conf").write_text(
+            "".join(f"nameserver {s}\n" for s in servers) + "options timeout:1 attempts:2\n")
         (directory / "hosts").write_text("127.0.0.1 localhost\n")
 
     def move_floating(self, agent):
@@ -164,6 +189,12 @@ class Topology:
         self.floating_holder = agent
         for _ in range(3):
             send_gratuitous_arp(self.ns[agent], "lan0", FLOATING)
+
+    def cut(self, role, *devs):
+        """`role` vanishes without a word: its links go down, so nothing it sent ends a
+        connection (no FIN, no RST, no ICMP) and nothing reaches it; its processes live on."""
+        for dev in devs:
+            self.ip(role, "link", "set", dev, "down")
 
     def mac(self, role, dev):
         return json.loads(self.ip(role, "-j", "link", "show", "dev", dev).stdout)[0]["address"]
