@@ -299,6 +299,12 @@ async fn discover(
             "{operation} is a read and carries no body"
         )));
     }
+    // The echo model too is answered only where the caller's region and FIPS name are served.
+    let selected = match relay.upstreams.select(&admitted.destination) {
+        Err(error @ RequestError::RegionNotServed { .. }) => return Err(error),
+        Err(error @ RequestError::NoFipsUpstream { .. }) => return Err(error),
+        other => other,
+    };
     if admitted.target == Target::Echo {
         let requested = admitted.route.model.as_ref().map_or("", ModelId::as_str);
         let answer = echo_discovery::answer(operation, requested).map_err(RequestError::Route)?;
@@ -315,7 +321,7 @@ async fn discover(
         _ => None,
     };
     let echo = relay.echo_model.as_deref();
-    let to = match relay.upstreams.select(&admitted.destination) {
+    let to = match selected {
         Ok(to) => to,
         Err(RequestError::ServiceNotServed { service, region }) => {
             return echo_alone(echo).ok_or(RequestError::ServiceNotServed { service, region });
