@@ -4,19 +4,16 @@
 //! (`xpart config check` does that).
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Args;
 use ipnet::IpNet;
 use serde::Deserialize;
+use xpart_daemon::tunnel_config::{PeerSection, Side, TunnelSection};
 use xpart_tunnel::PublicKey;
 
 use crate::{files, Error};
-
-const AGENT_DEFAULT_KEEPALIVE: u16 = 25;
-const RELAY_DEFAULT_LISTEN_PORT: u16 = 51820;
 
 #[derive(Debug, Args)]
 #[command(after_help = "\
@@ -35,42 +32,15 @@ pub struct WgConfigArgs {
     include_private_key: bool,
 }
 
-/// The tunnel-related parts of either daemon's file; other sections are ignored.
+/// The tunnel-related parts of either daemon's file, in the daemons' own schema; other
+/// sections are ignored.
 #[derive(Debug, Deserialize)]
 struct TunnelFile {
-    tunnel: TunnelView,
+    tunnel: TunnelSection,
     #[serde(default)]
-    relay: Vec<PeerView>,
+    relay: Vec<PeerSection>,
     #[serde(default)]
-    agent: Vec<PeerView>,
-}
-
-#[derive(Debug, Deserialize)]
-struct TunnelView {
-    mode: Option<String>,
-    private_key_file: Option<PathBuf>,
-    address: Option<IpNet>,
-    /// Agent: the UDP bind address.
-    listen: Option<SocketAddr>,
-    /// Relay: the UDP port.
-    listen_port: Option<u16>,
-    mtu: Option<u16>,
-}
-
-#[derive(Debug, Deserialize)]
-struct PeerView {
-    name: String,
-    public_key: Option<String>,
-    endpoint: Option<SocketAddr>,
-    tunnel_address: IpAddr,
-    persistent_keepalive: Option<u16>,
-    preshared_key_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Agent,
-    Relay,
+    agent: Vec<PeerSection>,
 }
 
 pub fn run(args: WgConfigArgs) -> Result<ExitCode, Error> {
@@ -98,7 +68,7 @@ fn render(file: &TunnelFile, path: &Path, include_private_key: bool) -> Result<S
         }
     };
     let tunnel = &file.tunnel;
-    if tunnel.mode.as_deref() == Some("host") {
+    if tunnel.mode.wireguard().is_none() {
         return Err(Error::file(
             path,
             "[tunnel].mode = \"host\" runs without WireGuard; there is no tunnel to render",
@@ -128,16 +98,11 @@ fn render(file: &TunnelFile, path: &Path, include_private_key: bool) -> Result<S
     );
     let _ = writeln!(out, "[Interface]");
     let _ = writeln!(out, "Address = {address}");
-    let listen_port = match side {
-        Side::Agent => tunnel.listen.map(|listen| listen.port()),
-        Side::Relay => Some(tunnel.listen_port.unwrap_or(RELAY_DEFAULT_LISTEN_PORT)),
-    };
+    let listen_port = tunnel.udp_listen(side).map(|listen| listen.port());
     if let Some(port) = listen_port.filter(|port| *port != 0) {
         let _ = writeln!(out, "ListenPort = {port}");
     }
-    if let Some(mtu) = tunnel.mtu {
-        let _ = writeln!(out, "MTU = {mtu}");
-    }
+    let _ = writeln!(out, "MTU = {}", tunnel.mtu);
     if include_private_key {
         let key = xpart_tunnel::keys::read_private_key_file(&key_file)?;
         let _ = writeln!(out, "PrivateKey = {}", key.to_base64());
@@ -152,10 +117,7 @@ fn render(file: &TunnelFile, path: &Path, include_private_key: bool) -> Result<S
         Side::Relay => &file.agent,
     };
     for (index, peer) in peers.iter().enumerate() {
-        let section = match side {
-            Side::Agent => format!("[[relay]][{index}]"),
-            Side::Relay => format!("[[agent]][{index}]"),
-        };
+        let section = format!("{}[{index}]", side.peer_table());
         let Some(public_key) = &peer.public_key else {
             return Err(Error::file(
                 path,
@@ -180,11 +142,7 @@ fn render(file: &TunnelFile, path: &Path, include_private_key: bool) -> Result<S
         if let Some(endpoint) = peer.endpoint {
             let _ = writeln!(peer_blocks, "Endpoint = {endpoint}");
         }
-        let keepalive = match side {
-            Side::Agent => Some(peer.persistent_keepalive.unwrap_or(AGENT_DEFAULT_KEEPALIVE)),
-            Side::Relay => peer.persistent_keepalive,
-        };
-        if let Some(keepalive) = keepalive.filter(|seconds| *seconds > 0) {
+        if let Some(keepalive) = peer.keepalive(side) {
             let _ = writeln!(peer_blocks, "PersistentKeepalive = {keepalive}");
         }
         if let Some(psk) = &peer.preshared_key_file {

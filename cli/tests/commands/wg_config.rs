@@ -97,6 +97,23 @@ fn relay_side_with_the_private_key_inlined() {
 }
 
 #[test]
+fn the_listen_port_and_mtu_are_the_ones_the_daemon_uses() {
+    let dir = Scratch::new();
+    let agent = public_key(&dir, "agent.key");
+    public_key(&dir, "relay.key");
+    let toml = relay_toml("kernel", "relay.key", &agent).replacen(
+        "address = \"100.64.0.2/30\"\n",
+        "address = \"100.64.0.2/30\"\nbind_address = \"0.0.0.0\"\nlisten_port = 51999\n",
+        1,
+    );
+    dir.write("relay.toml", &toml);
+    let out = xpart(&["wg-config", &dir.arg("relay.toml")]).ok().stdout;
+    assert!(out.contains("ListenPort = 51999\n"), "{out}");
+    // No `mtu` in the file: the daemon's default, which wg-quick would not guess.
+    assert!(out.contains("MTU = 1420\n"), "{out}");
+}
+
+#[test]
 fn output_is_accepted_by_wg_quick() {
     if !tool_available("wg-quick") || !tool_available("wg") {
         eprintln!("skipped: wg-quick/wg (wireguard-tools) not installed");
