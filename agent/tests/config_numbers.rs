@@ -101,3 +101,40 @@ fn health_durations_beyond_any_use_are_refused() {
     problem(&error, "[health].interval_ms");
     problem(&error, "[health].handshake_max_age_secs");
 }
+
+#[test]
+fn token_budgets_of_zero_are_refused_and_others_apply_to_their_principal() {
+    let scratch = Scratch::new("token-budgets");
+    let error = check(
+        &scratch,
+        "",
+        "tokens_per_minute = 0\ntokens_per_day = 0",
+        "",
+    )
+    .expect_err("a budget of 0 refuses everything");
+    for field in ["tokens_per_minute", "tokens_per_day"] {
+        let p = problem(&error, &format!("[[principal]] #1 (lambda).{field}"));
+        assert!(
+            p.message.contains("0 refuses every request"),
+            "{}",
+            p.message
+        );
+        assert!(p.fix.contains("leave it out"), "{}", p.fix);
+    }
+    let config = check(
+        &scratch,
+        "",
+        "tokens_per_minute = 500\ntokens_per_day = 90000",
+        "",
+    )
+    .unwrap_or_else(|e| panic!("usable budgets: {e}"));
+    let lambda = config
+        .principals()
+        .into_iter()
+        .find(|p| p.name == "lambda")
+        .expect("the principal");
+    assert_eq!(lambda.budget.tokens_per_minute, Some(500));
+    assert_eq!(lambda.budget.tokens_per_day, Some(90000));
+    let error = check(&scratch, "", "tokens_per_day = -1", "").expect_err("not a count");
+    assert!(error.to_string().contains("tokens_per_day"), "{error}");
+}
