@@ -53,20 +53,31 @@ struct Args {
     reverses: Vec<(u16, SocketAddr)>,
 }
 
-fn parse_mode(text: &str) -> Result<Mode, String> {
+/// A command-line value this example cannot use.
+#[derive(Debug, thiserror::Error)]
+enum ArgError {
+    #[error("{0:?}: expected kernel or userspace")]
+    Mode(String),
+    #[error("{0:?}: expected LEFT=RIGHT")]
+    NotAPair(String),
+    #[error("{0:?}: not valid here")]
+    Invalid(String),
+}
+
+fn parse_mode(text: &str) -> Result<Mode, ArgError> {
     match text {
         "kernel" => Ok(Mode::Kernel),
         "userspace" => Ok(Mode::Userspace),
-        other => Err(format!("{other:?}: expected kernel or userspace")),
+        other => Err(ArgError::Mode(other.to_string())),
     }
 }
 
-fn parse_pair<A: std::str::FromStr, B: std::str::FromStr>(text: &str) -> Result<(A, B), String> {
+fn parse_pair<A: std::str::FromStr, B: std::str::FromStr>(text: &str) -> Result<(A, B), ArgError> {
     let (a, b) = text
         .split_once('=')
-        .ok_or_else(|| format!("{text:?}: expected LEFT=RIGHT"))?;
-    let a = a.parse().map_err(|_| format!("{a:?}: not valid here"))?;
-    let b = b.parse().map_err(|_| format!("{b:?}: not valid here"))?;
+        .ok_or_else(|| ArgError::NotAPair(text.to_string()))?;
+    let a = a.parse().map_err(|_| ArgError::Invalid(a.to_string()))?;
+    let b = b.parse().map_err(|_| ArgError::Invalid(b.to_string()))?;
     Ok((a, b))
 }
 
