@@ -97,8 +97,15 @@ async fn steps(
 ) -> Result<Response<CallerBody>, RequestError> {
     let principal = authenticate(agent, &request, exchange)?;
     if let Some(endpoint) = openai::Endpoint::of(request.method(), request.uri().path()) {
-        endpoint.map_err(RequestError::OpenAi)?;
-        return openai_chat(agent, request, &principal, exchange).await;
+        return match endpoint.map_err(RequestError::OpenAi)? {
+            openai::Endpoint::ChatCompletions => {
+                openai_chat(agent, request, &principal, exchange).await
+            }
+            openai::Endpoint::Embeddings => {
+                openai_embeddings(agent, request, &principal, exchange).await
+            }
+            openai::Endpoint::Models => openai_models(agent, &request, &principal, exchange).await,
+        };
     }
     let (route, destination) = route(&request, exchange)?;
     // Carried to the tunnel hop, which turns it into the x-xpart-service/-region/-fips headers.
@@ -153,6 +160,367 @@ async fn openai_chat(
     let response = forward(agent, outgoing, principal, exchange, slot).await?;
     let relay = exchange.record.relay.clone().unwrap_or_default();
     openai_answer(response, &call, exchange.request_id(), relay).await
+}
+
+/// OpenAI embeddings: the body read and translated to InvokeModel bodies (one per input for
+/// Titan, one per batch for Cohere), authorized and limited once as the InvokeModel call on
+/// the model, the calls sent to the relay side by side (at most [`EMBEDDING_CALLS_IN_FLIGHT`]
+/// at a time), and the answers joined into one list. One audit line covers the request; the
+/// relay writes one per InvokeModel, all with this request's id.
+async fn openai_embeddings(
+    agent: &Arc<Agent>,
+    request: Request<Incoming>,
+    principal: &Principal,
+    exchange: &mut Recorder,
+) -> Result<Response<CallerBody>, RequestError> {
+    check_declared_length(principal, &request)?;
+    let body = read_whole_body(request.into_body(), principal).await?;
+    let call = openai::embeddings::translate_request(&body).map_err(RequestError::OpenAi)?;
+    exchange.record.end_user = call
+        .user
+        .as_deref()
+        .map(|user| user.chars().take(MAX_MESSAGE_CHARS).collect());
+    let model = ModelId::parse(&call.model).map_err(RequestError::Route)?;
+    let route = Route {
+        operation: Operation::InvokeModel,
+        model: Some(model),
+        guardrail: None,
+        invocation_arn: None,
+    };
+    exchange.record.operation = Some(Operation::InvokeModel);
+    exchange.record.model = route.model.clone();
+    authorize(principal, &route, exchange)?;
+    let slot = limit(agent, principal)?;
+    let path = route.path().ok_or_else(|| {
+        RequestError::Route(BedrockError::validation(format!(
+            "model {:?} cannot be sent as a Bedrock path",
+            call.model
+        )))
+    })?;
+    let sent_at = Instant::now();
+    let shared: &Recorder = exchange;
+    let bodies: Vec<String> = call.invocations.iter().map(|b| b.to_string()).collect();
+    let answers: Vec<Result<Invoked, RequestError>> = futures_util::stream::iter(bodies)
+        .map(|body| invoke_once(agent, &path, body, principal, shared))
+        .buffered(EMBEDDING_CALLS_IN_FLIGHT)
+        .collect()
+        .await;
+    exchange.record.upstream_latency_ms = Some(sent_at.elapsed().as_secs_f64() * 1000.0);
+    let mut translated = Vec::with_capacity(answers.len());
+    for answer in answers {
+        let answer = answer?;
+        exchange.record.relay = Some(answer.relay.clone());
+        exchange.record.bytes_in += answer.bytes_in;
+        if !answer.status.is_success() {
+            return Ok(refused_answer(exchange, slot, answer));
+        }
+        let input_tokens = answer
+            .headers
+            .get(openai::embeddings::INPUT_TOKEN_COUNT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let body = serde_json::from_slice(&answer.body).unwrap_or(serde_json::Value::Null);
+        translated.push(openai::embeddings::Invoked { body, input_tokens });
+    }
+    match openai::embeddings::translate_response(&call, &translated) {
+        Ok(list) => {
+            // The tokens count against the principal's budgets like any InvokeModel's.
+            exchange.record.input_tokens = list["usage"]["prompt_tokens"].as_u64();
+            exchange.record.output_tokens = Some(0);
+            exchange.record.usage_complete = Some(true);
+            Ok(finish_openai(
+                exchange,
+                slot,
+                http::StatusCode::OK,
+                None,
+                None,
+                list,
+            ))
+        }
+        Err(unexpected) => {
+            let message =
+                format!("The model's answer could not be read as embeddings: {unexpected}.");
+            let error = openai::errors::from_bedrock_answer(
+                http::StatusCode::BAD_GATEWAY,
+                None,
+                serde_json::json!({"message": message})
+                    .to_string()
+                    .as_bytes(),
+            );
+            Ok(finish_openai(
+                exchange,
+                slot,
+                error.status,
+                None,
+                Some(message),
+                error.body(),
+            ))
+        }
+    }
+}
+
+/// OpenAI model listing (`GET /v1/models`) and retrieval (`GET /v1/models/{id}`): the bedrock
+/// control plane's ListFoundationModels and ListInferenceProfiles (every page) sent to the
+/// relay as the native reads, each answer (already filtered by the relay's policy) filtered to
+/// the principal's `models`, joined into one OpenAI list. Authorized as ListFoundationModels;
+/// profiles are left out for a principal not allowed ListInferenceProfiles.
+async fn openai_models(
+    agent: &Arc<Agent>,
+    request: &Request<Incoming>,
+    principal: &Principal,
+    exchange: &mut Recorder,
+) -> Result<Response<CallerBody>, RequestError> {
+    let wanted = openai::models::id_in_path(request.uri().path());
+    exchange.record.model = wanted.as_deref().and_then(|id| ModelId::parse(id).ok());
+    let route = |operation| Route {
+        operation,
+        model: None,
+        guardrail: None,
+        invocation_arn: None,
+    };
+    exchange.record.operation = Some(Operation::ListFoundationModels);
+    authorize(principal, &route(Operation::ListFoundationModels), exchange)?;
+    let with_profiles = principal
+        .authorize(Operation::ListInferenceProfiles, None)
+        .is_ok();
+    let slot = limit(agent, principal)?;
+    let foundation = match list_once(
+        agent,
+        Operation::ListFoundationModels,
+        None,
+        principal,
+        exchange,
+    )
+    .await?
+    {
+        Ok(list) => list,
+        Err(answer) => return Ok(refused_answer(exchange, slot, answer)),
+    };
+    let mut profiles = Vec::new();
+    let mut next_token: Option<String> = None;
+    while with_profiles {
+        let page = match list_once(
+            agent,
+            Operation::ListInferenceProfiles,
+            next_token.as_deref(),
+            principal,
+            exchange,
+        )
+        .await?
+        {
+            Ok(page) => page,
+            Err(answer) => return Ok(refused_answer(exchange, slot, answer)),
+        };
+        next_token = page["nextToken"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned);
+        profiles.push(page);
+        if next_token.is_none() || profiles.len() >= MAX_PROFILE_PAGES {
+            break;
+        }
+    }
+    let list = openai::models::list(&foundation, &profiles);
+    let Some(id) = wanted else {
+        return Ok(finish_openai(
+            exchange,
+            slot,
+            http::StatusCode::OK,
+            None,
+            None,
+            list,
+        ));
+    };
+    match openai::models::find(&list, &id) {
+        Some(model) => Ok(finish_openai(
+            exchange,
+            slot,
+            http::StatusCode::OK,
+            None,
+            None,
+            model,
+        )),
+        None => Err(RequestError::OpenAi(openai::Invalid::model_not_found(&id))),
+    }
+}
+
+/// ListInferenceProfiles pages read for one model listing, at most.
+const MAX_PROFILE_PAGES: usize = 20;
+
+/// One discovery list read through the relay: its list filtered to the principal's models,
+/// or the relay's (or Bedrock's) error answer as it came.
+async fn list_once(
+    agent: &Arc<Agent>,
+    operation: Operation,
+    next_token: Option<&str>,
+    principal: &Principal,
+    exchange: &mut Recorder,
+) -> Result<Result<serde_json::Value, Invoked>, RequestError> {
+    let path = match (operation, next_token) {
+        (Operation::ListInferenceProfiles, Some(token)) => format!(
+            "/inference-profiles?maxResults=1000&nextToken={}",
+            openai::models::query_value(token)
+        ),
+        (Operation::ListInferenceProfiles, None) => {
+            "/inference-profiles?maxResults=1000".to_owned()
+        }
+        _ => "/foundation-models".to_owned(),
+    };
+    let mut request = Request::new(Full::new(Bytes::new()));
+    *request.uri_mut() = path.parse().map_err(|_| {
+        RequestError::Route(BedrockError::internal(format!(
+            "{path:?} is not a valid Bedrock path"
+        )))
+    })?;
+    request
+        .headers_mut()
+        .insert(ACCEPT, HeaderValue::from_static(JSON));
+    request.extensions_mut().insert(Destination {
+        service: bedrock::Service::Bedrock,
+        region: None,
+        fips: false,
+    });
+    let answer = send_whole(agent, request, principal, exchange).await?;
+    exchange.record.relay = Some(answer.relay.clone());
+    if !answer.status.is_success() {
+        return Ok(Err(answer));
+    }
+    let allowed = |id: &str| {
+        principal
+            .models
+            .iter()
+            .any(|glob| bedrock::glob_match(glob, id))
+    };
+    let unreadable = |reason: String| {
+        RequestError::Route(BedrockError::internal(format!(
+            "the {operation} answer could not be filtered for principal {}: {reason}",
+            principal.name
+        )))
+    };
+    let kept = bedrock::discovery::filter_list(operation, &answer.body, allowed)
+        .map_err(|error| unreadable(error.to_string()))?;
+    let list = serde_json::from_slice(&kept).map_err(|error| unreadable(error.to_string()))?;
+    Ok(Ok(list))
+}
+
+/// A relay's (or Bedrock's) error answer to a call the agent composed, in OpenAI's shape.
+fn refused_answer(exchange: &mut Recorder, slot: Slot, answer: Invoked) -> Response<CallerBody> {
+    let code = bedrock::error_code(&answer.headers).map(str::to_owned);
+    let error = openai::errors::from_bedrock_answer(answer.status, code.as_deref(), &answer.body);
+    let message = Some(error.message.clone());
+    finish_openai(exchange, slot, error.status, code, message, error.body())
+}
+
+/// How many of one embeddings request's InvokeModel calls are in flight at once.
+const EMBEDDING_CALLS_IN_FLIGHT: usize = 8;
+
+/// One InvokeModel call's answer, read whole.
+struct Invoked {
+    relay: String,
+    status: http::StatusCode,
+    headers: http::HeaderMap,
+    body: Bytes,
+    bytes_in: u64,
+}
+
+/// One InvokeModel call of a translated request, sent with [`send_whole`].
+async fn invoke_once(
+    agent: &Arc<Agent>,
+    path: &str,
+    body: String,
+    principal: &Principal,
+    exchange: &Recorder,
+) -> Result<Invoked, RequestError> {
+    let mut request = Request::new(Full::new(Bytes::from(body)));
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = path.parse().map_err(|_| {
+        RequestError::Route(BedrockError::validation(format!(
+            "{path:?} is not a valid Bedrock path"
+        )))
+    })?;
+    let headers = request.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+    headers.insert(ACCEPT, HeaderValue::from_static(JSON));
+    send_whole(agent, request, principal, exchange).await
+}
+
+/// Sends one native call that the agent composed to a healthy relay and reads its whole
+/// answer; the request's audit line is written by the caller, once for all its calls.
+async fn send_whole(
+    agent: &Arc<Agent>,
+    request: Request<Full<Bytes>>,
+    principal: &Principal,
+    exchange: &Recorder,
+) -> Result<Invoked, RequestError> {
+    let relays = &agent.relays;
+    let meter = Arc::new(RequestMeter::default());
+    let outgoing = outgoing_request(request, principal, exchange, meter.clone());
+    let sent = relays
+        .dispatch(outgoing, || false)
+        .await
+        .map_err(|error| match error {
+            DispatchError::NotSent(None) => RequestError::NoHealthyRelay,
+            DispatchError::NotSent(Some(error)) => RequestError::Forward(error),
+            DispatchError::Failed { error, .. } => RequestError::Forward(error),
+        })?;
+    agent
+        .metrics
+        .upstream_seconds
+        .with_label_values(&[relays.name(sent.relay)])
+        .observe(sent.sent_at.elapsed().as_secs_f64());
+    let (parts, body) = sent.response.into_parts();
+    let name = relays.name(sent.relay).to_owned();
+    let body = prefetch(relays, sent.relay, body)
+        .await?
+        .collect()
+        .await
+        .map_err(|error| {
+            RequestError::Forward(ForwardError::Failed {
+                relay: name.clone(),
+                reason: error.to_string(),
+            })
+        })?
+        .to_bytes();
+    // The relay's count of outstanding requests falls once its answer is read.
+    drop(sent.load);
+    Ok(Invoked {
+        relay: name,
+        status: parts.status,
+        headers: parts.headers,
+        body,
+        bytes_in: meter.bytes.load(Ordering::Relaxed),
+    })
+}
+
+/// A whole OpenAI answer (a JSON document) that the agent composed itself: its audit line is
+/// written here, and the concurrency slot freed.
+fn finish_openai(
+    exchange: &mut Recorder,
+    slot: Slot,
+    status: http::StatusCode,
+    error_type: Option<String>,
+    message: Option<String>,
+    body: serde_json::Value,
+) -> Response<CallerBody> {
+    drop(slot);
+    let body = Bytes::from(body.to_string());
+    let bytes_out = body.len() as u64;
+    let mut response = Response::new(
+        Full::new(body)
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+    if let Ok(id) = HeaderValue::from_str(exchange.request_id()) {
+        headers.insert(HeaderName::from_static("x-request-id"), id.clone());
+        headers.insert(REQUEST_ID_HEADER, id);
+    }
+    exchange
+        .take()
+        .finish(status.as_u16(), error_type, message, bytes_out);
+    response
 }
 
 /// The caller's whole body (a translation needs all of it), within the principal's limit.
@@ -467,6 +835,12 @@ async fn answer(
     meter: Arc<RequestMeter>,
     slot: Slot,
 ) -> Result<Response<CallerBody>, RequestError> {
+    let Dispatched {
+        relay,
+        load,
+        response,
+        ..
+    } = sent;
     let relays = &agent.relays;
     let streams = exchange
         .record
@@ -494,6 +868,11 @@ async fn answer(
         .and_then(|op| UsageReader::for_answer(op, parts.status, &parts.headers));
     let slot_for_usage = UsageSlot::default();
     let audit = audit_on_end(exchange, &parts, meter, slot, slot_for_usage.clone());
+    // The relay's count of outstanding requests falls when the answer ends.
+    let audit = move |end, bytes_out| {
+        drop(load);
+        audit(end, bytes_out)
+    };
     let length = parts
         .headers
         .get(CONTENT_LENGTH)
@@ -738,14 +1117,3 @@ mod tests {
         assert_eq!(without_presigning(&only).to_string(), "/model/m/invoke");
     }
 }
-    let Dispatched {
-        relay,
-        load,
-        response,
-        ..
-    } = sent;
-    // The relay's count of outstanding requests falls when the answer ends.
-    let audit = move |end, bytes_out| {
-        drop(load);
-        audit(end, bytes_out)
-    };

@@ -291,6 +291,7 @@ def test_titan_fans_out_one_invoke_model_per_input(stack):
     assert answer.usage.prompt_tokens == EMBED_TOKENS * len(texts)
     [line] = stack.audit(1)
     assert (line["operation"], line["model"], line["status"]) == ("InvokeModel", TITAN, 200)
+    assert line["input_tokens"] == EMBED_TOKENS * len(texts), "counted against the principal's budgets"
 
 
 def test_cohere_batches_inputs_with_its_input_type(stack):
@@ -395,3 +396,62 @@ def test_openai_npm_package_streams_chat_and_embeds(stack, node_openai):
         ("openai /v1/chat/completions", "ConverseStream"),
         ("openai /v1/embeddings", "InvokeModel"),
     ]
+
+
+# --- models -----------------------------------------------------------------------------------
+
+# The relay signs the control plane's discovery reads only when [policy].operations lists them,
+# for a [[upstream]] of service bedrock.
+DISCOVERY_OPERATIONS = ("InvokeModel", "InvokeModelWithResponseStream", "Converse", "ConverseStream", "CountTokens",
+                        "ListFoundationModels", "GetFoundationModel", "ListInferenceProfiles", "GetInferenceProfile")
+UPSTREAMS = [{"service": service, "region": h.REGION, "host_header": f"{service}.{h.REGION}.amazonaws.com"}
+             for service in ("bedrock-runtime", "bedrock")]
+HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
+
+
+@pytest.fixture
+def discovery_stack(start_stack):  # noqa: F811
+    tokens = {"lambda": a.new_token(), "haiku": a.new_token()}
+    principals = a.principal("lambda", token=tokens["lambda"], models=[ECHO, "amazon.titan-embed-*", *a.DEFAULT_MODELS]) \
+        + a.principal("haiku", token=tokens["haiku"], models=["anthropic.claude-3-haiku-*", "us.anthropic.claude-3-haiku-*"])
+    relay = {"models": (*RELAY_MODELS, "us.anthropic.*"), "upstreams": UPSTREAMS, "operations": DISCOVERY_OPERATIONS}
+    return start_stack(principals=principals, tokens=tokens, relay_options=relay)
+
+
+def test_models_list_what_the_principal_may_call(discovery_stack):
+    stack = discovery_stack
+    models = client(stack).models.list()
+    ids = [m.id for m in models.data]
+    assert HAIKU in ids and "amazon.titan-embed-text-v2:0" in ids, ids
+    assert f"us.{HAIKU}" in ids, "inference profiles are listed too"
+    # Listed by the stand-in but refused by the relay's policy or the principal's models.
+    for refused in ("meta.llama3-8b-instruct-v1:0", "amazon.nova-lite-v1:0", "cohere.command-r-v1:0"):
+        assert refused not in ids, ids
+    assert len(ids) == len(set(ids))
+    haiku = next(m for m in models.data if m.id == HAIKU)
+    assert (haiku.object, haiku.owned_by, haiku.created) == ("model", "Anthropic", 0)
+    profile = next(m for m in models.data if m.id == f"us.{HAIKU}")
+    assert profile.owned_by == "aws" and profile.created == 1724976000  # 2024-08-30T00:00:00Z
+
+    narrow = [m.id for m in client(stack, token=stack.tokens["haiku"]).models.list().data]
+    assert sorted(narrow) == sorted([HAIKU, f"us.{HAIKU}"]), narrow
+
+    lines = stack.audit(2)
+    assert [(l["endpoint"], l["operation"], l["status"]) for l in lines] == [("openai /v1/models", "ListFoundationModels", 200)] * 2
+    relay_ops = sorted(l["operation"] for l in h.read_audit(stack.relays[0].audit_path, 4))
+    assert relay_ops == ["ListFoundationModels"] * 2 + ["ListInferenceProfiles"] * 2
+
+
+def test_model_retrieval_and_404_for_unknown_or_unallowed(discovery_stack):
+    stack = discovery_stack
+    model = client(stack).models.retrieve(HAIKU)
+    assert (model.id, model.object, model.owned_by) == (HAIKU, "model", "Anthropic")
+    with pytest.raises(openai.NotFoundError) as raised:
+        client(stack).models.retrieve("meta.llama3-8b-instruct-v1:0")
+    assert raised.value.body["code"] == "model_not_found"
+    assert raised.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError):
+        client(stack, token=stack.tokens["haiku"]).models.retrieve("amazon.titan-embed-text-v2:0")
+    lines = stack.audit(3)
+    assert [(l["endpoint"], l["status"]) for l in lines] == [("openai /v1/models", 200), ("openai /v1/models", 404),
+                                                             ("openai /v1/models", 404)]

@@ -7,12 +7,14 @@
 //! [`errors`] gives every refusal the OpenAI error shape and status, in one match; [`body`]
 //! applies [`stream`] to a response body frame by frame as it arrives. [`embeddings`] turns a
 //! `POST /v1/embeddings` body into InvokeModel bodies for Titan or Cohere Embed and their
-//! answers into OpenAI's embedding list. None of them does IO.
+//! answers into OpenAI's embedding list; [`models`] joins the discovery reads' lists into
+//! OpenAI's model list. None of them does IO.
 
 pub mod body;
 pub mod chat;
 pub mod embeddings;
 pub mod errors;
+pub mod models;
 pub mod stream;
 
 use http::Method;
@@ -28,6 +30,8 @@ pub const EMBEDDINGS_PATH: &str = "/v1/embeddings";
 pub enum Endpoint {
     ChatCompletions,
     Embeddings,
+    /// `GET /v1/models` and `GET /v1/models/{id}`.
+    Models,
 }
 
 impl Endpoint {
@@ -42,8 +46,12 @@ impl Endpoint {
         let endpoint = match (method, path) {
             (&Method::POST, CHAT_COMPLETIONS_PATH) => Ok(Endpoint::ChatCompletions),
             (&Method::POST, EMBEDDINGS_PATH) => Ok(Endpoint::Embeddings),
+            (&Method::GET, models::MODELS_PATH) => Ok(Endpoint::Models),
+            (&Method::GET, _) if models::id_in_path(path).is_some() => Ok(Endpoint::Models),
             _ => Err(Invalid::not_found(format!(
-                "This xpart agent serves POST {CHAT_COMPLETIONS_PATH} and POST {EMBEDDINGS_PATH} of the OpenAI API; {method} {} is not served.",
+                "This xpart agent serves POST {CHAT_COMPLETIONS_PATH}, POST {EMBEDDINGS_PATH}, GET {} and GET {}/{{id}} of the OpenAI API; {method} {} is not served.",
+                models::MODELS_PATH,
+                models::MODELS_PATH,
                 shown(path)
             ))),
         };
@@ -55,6 +63,7 @@ impl Endpoint {
         match self {
             Endpoint::ChatCompletions => "openai /v1/chat/completions",
             Endpoint::Embeddings => "openai /v1/embeddings",
+            Endpoint::Models => "openai /v1/models",
         }
     }
 }
@@ -95,6 +104,19 @@ impl Invalid {
     pub fn with_code(mut self, code: &'static str) -> Invalid {
         self.code = Some(code);
         self
+    }
+
+    /// A model id that is not in the principal's model list: 404 `model_not_found`.
+    pub fn model_not_found(id: &str) -> Invalid {
+        Invalid {
+            message: format!(
+                "The model `{}` does not exist or you do not have access to it.",
+                shown(id)
+            ),
+            param: Some("model".to_owned()),
+            code: Some("model_not_found"),
+            not_found: true,
+        }
     }
 
     fn not_found(message: String) -> Invalid {
