@@ -162,7 +162,7 @@ def main():
     print()
     print(table)
     if args.write:
-        write_section(table)
+        bench.write_section(table, SECTION_START, SECTION_END, "Soak")
     flat = judged is None or all(ok for _, _, ok in judged.values())
     sys.exit(0 if errors == 0 and flat else 1)
 
@@ -218,20 +218,6 @@ def bin_dir_shown():
         return str(directory.relative_to(REPO))
     except ValueError:
         return str(directory)
-
-
-def write_section(table):
-    path = REPO / "docs" / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{SECTION_START}\n{table}\n{SECTION_END}"
-    if SECTION_START in text and SECTION_END in text:
-        before, rest = text.split(SECTION_START, 1)
-        _, after = rest.split(SECTION_END, 1)
-        text = before + section + after
-    else:
-        text = text.rstrip("\n") + "\n\n## Soak\n\n" + section + "\n"
-    path.write_text(text)
-    print(f"\nwrote {path.relative_to(REPO)}")
 
 
 if __name__ == "__main__":
