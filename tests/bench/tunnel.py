@@ -12,6 +12,11 @@ Cases (each with 1 and 4 parallel streams):
   userspace: xpart userspace mode (TCP forward) -> wireguard-go  vs  onetun -> wireguard-go
              (iperf3 connects to a forwarded port on the left; the server sits behind wireguard-go)
 --write replaces the tunnel section of docs/BENCHMARKS.md with the table.
+
+With --tls it measures instead what TLS inside the tunnel costs in bulk (the inner TLS's
+price for large bodies): one TCP stream through a wireguard-go pair, plain against TLS 1.3
+(AES-GCM, P-256), the same Python sender and sink at both ends (1 MiB writes and reads, so
+OpenSSL does the per-byte work; --seconds × 40 MiB per transfer), alternating; --write then replaces the "Tunnel + TLS" section.
 """
 
 import argparse
@@ -34,6 +39,58 @@ IPERF_PORT = 5201
 FORWARD_PORT = 7000
 SECTION_START = "<!-- tunnel-benchmark:start -->"
 SECTION_END = "<!-- tunnel-benchmark:end -->"
+TLS_SECTION_START = "<!-- tunnel-tls-benchmark:start -->"
+TLS_SECTION_END = "<!-- tunnel-tls-benchmark:end -->"
+BULK_PORT = 7443
+# Bytes per transfer: about --seconds at 0.3 Gbit/s (wireguard-go on a small machine).
+BULK_MIB_PER_SECOND = 40
+# One bulk transfer of a given number of MiB: `send` writes them, `sink` times their arrival,
+# answers one byte and prints bits/s. TLS 1.3 only when the mode is "tls".
+BULK = r'''
+import socket, ssl, sys, time
+role, mode, host, port, mib, cert, key = sys.argv[1:8]
+port, mib = int(port), int(mib)
+def tls_context(server):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_ecdh_curve("prime256v1")
+    if server:
+        ctx.load_cert_chain(cert, key)
+    else:
+        ctx.load_verify_locations(cert)
+        ctx.check_hostname = False
+    return ctx
+if role == "sink":
+    listener = socket.create_server((host, port))
+    print("listening", flush=True)
+    conn, _ = listener.accept()
+    if mode == "tls":
+        conn = tls_context(True).wrap_socket(conn, server_side=True)
+    buf = bytearray(1 << 20)
+    expected = mib << 20
+    total, start = 0, None
+    while total < expected:
+        n = conn.recv_into(buf)
+        if not n:
+            break
+        if start is None:
+            start = time.monotonic()
+        total += n
+    elapsed = time.monotonic() - start
+    conn.sendall(b"k")
+    cipher = conn.cipher()[0] if mode == "tls" else "-"
+    print(f"{total * 8 / elapsed} {cipher}", flush=True)
+    conn.recv(1)
+else:
+    conn = socket.create_connection((host, port))
+    if mode == "tls":
+        conn = tls_context(False).wrap_socket(conn)
+    chunk = bytes(1 << 20)
+    for _ in range(mib):
+        conn.sendall(chunk)
+    conn.recv(1)
+    conn.close()
+'''
 
 
 def main():
@@ -42,8 +99,11 @@ def main():
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--write", action="store_true", help="update docs/BENCHMARKS.md")
     parser.add_argument("--skip-userspace", action="store_true")
+    parser.add_argument("--tls", action="store_true", help="bulk through WireGuard + TLS 1.3 vs WireGuard alone")
     args = parser.parse_args()
     args.load_at_start = os.getloadavg()[0]
+    if args.tls:
+        return tls_main(args)
 
     problem = tn.missing_prerequisite()
     if problem is None and shutil.which("iperf3") is None:
@@ -79,7 +139,80 @@ def main():
     print()
     print(table)
     if args.write:
-        write_section(table)
+        write_section(table, SECTION_START, SECTION_END, "Tunnel throughput")
+
+
+def tls_main(args):
+    problem = tn.missing_prerequisite()
+    if problem:
+        sys.exit(f"tunnel benchmark: {problem}")
+    results = {"plain": [], "tls": []}
+    cipher = "-"
+    for round_no in range(1, args.rounds + 1):
+        for mode in ("plain", "tls"):
+            with tn.Topology() as topo:
+                setup_wg_pair(topo)
+                cert, key = bulk_certificate(topo.tmp)
+                mib = str(args.seconds * BULK_MIB_PER_SECOND)
+                sink = topo.spawn(topo.right, sys.executable, "-c", BULK, "sink", mode, RIGHT_TUNNEL,
+                                  str(BULK_PORT), mib, cert, key, name="bulk-sink")
+                tn.wait_for(lambda: sink.stdout.readline().startswith("listening"), "bulk sink", sink)
+                topo.exec(topo.left, sys.executable, "-c", BULK, "send", mode, RIGHT_TUNNEL, str(BULK_PORT),
+                          mib, cert, key, timeout=args.seconds * 20 + 60)
+                bps, shown_cipher = sink.stdout.readline().split()
+                sink.wait(timeout=30)
+            results[mode].append(float(bps))
+            if mode == "tls":
+                cipher = shown_cipher
+            print(f"round {round_no}  wireguard-go pair, {mode:5s}  {float(bps) / 1e9:6.3f} Gbit/s", flush=True)
+    plain, tls = statistics.median(results["plain"]) / 1e9, statistics.median(results["tls"]) / 1e9
+    runs = {m: ", ".join(f"{v / 1e9:.3f}" for v in values) for m, values in results.items()}
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    table = "\n".join([
+        f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on "
+        f"`nproc` = {os.cpu_count()}, {cpu}; wireguard-go {wg_go_version()}; "
+        f"1-minute load average {args.load_at_start:.2f} at the start.",
+        "",
+        f"Command: `python3 tests/bench/tunnel.py --tls --rounds {args.rounds} --seconds {args.seconds}` (root; "
+        "two namespaces joined by veth, a wireguard-go pair, one TCP stream, the same Python sender and "
+        f"sink with 1 MiB writes and reads, {args.seconds * BULK_MIB_PER_SECOND} MiB per transfer; "
+        f"TLS 1.3 negotiated {cipher} over P-256).",
+        "",
+        "| one TCP stream through WireGuard | median Gbit/s | runs |",
+        "| --- | ---: | --- |",
+        f"| WireGuard alone | {plain:.3f} | {runs['plain']} |",
+        f"| WireGuard + TLS 1.3 | {tls:.3f} | {runs['tls']} |",
+        "",
+        f"- WireGuard + TLS / WireGuard alone: **{tls / plain:.2f}x**",
+    ])
+    print()
+    print(table)
+    if args.write:
+        write_section(table, TLS_SECTION_START, TLS_SECTION_END, "Tunnel + TLS (bulk)")
+
+
+def bulk_certificate(directory):
+    """A self-signed P-256 certificate for the bulk sink (the client trusts exactly it)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bulk")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    cert_file, key_file = Path(directory) / "bulk.pem", Path(directory) / "bulk.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_file), str(key_file)
 
 
 def setup_wg_pair(topo):
@@ -242,16 +375,16 @@ def wg_go_version():
     return match.group(0) if match else "unknown"
 
 
-def write_section(table):
+def write_section(table, start, end, heading):
     path = tn.REPO / "docs" / "BENCHMARKS.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{SECTION_START}\n{table}\n{SECTION_END}"
-    if SECTION_START in text and SECTION_END in text:
-        before = text.split(SECTION_START)[0]
-        after = text.split(SECTION_END, 1)[1]
+    section = f"{start}\n{table}\n{end}"
+    if start in text and end in text:
+        before = text.split(start)[0]
+        after = text.split(end, 1)[1]
         text = before + section + after
     else:
-        text = text.rstrip() + "\n\n## Tunnel throughput\n\n" + section + "\n"
+        text = text.rstrip() + f"\n\n## {heading}\n\n" + section + "\n"
     path.write_text(text)
     print(f"wrote {path}")
 
