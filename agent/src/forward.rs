@@ -417,6 +417,30 @@ impl Relays {
         self.apply_events();
     }
 
+    /// An answer's body from `relay` failed. When its connection broke with it, the relay is
+    /// lost at once, before the body's error reaches the caller, so a stream ends as a loss.
+    /// A reset of the one stream is the relay passing on a failed upstream stream and says
+    /// nothing about the relay.
+    pub fn body_failed(&self, relay: RelayId, error: &hyper::Error) {
+        let Some(link) = self.links.get(relay.index()) else {
+            return;
+        };
+        if passive_failure_of(error, false) == Some(PassiveFailure::StreamReset) {
+            return;
+        }
+        let connection_gone = match &*link.lock_slot() {
+            Slot::Ready { sender, .. } => sender.is_closed(),
+            Slot::Connecting { .. } | Slot::Idle => true,
+        };
+        if connection_gone {
+            self.passive_failure(
+                relay,
+                PassiveFailure::ConnectionLost,
+                xpart_daemon::error_chain::one_line(error),
+            );
+        }
+    }
+
     /// Takes `relay` out of the rotation at once (see [`Health::on_passive_failure`]).
     pub fn passive_failure(&self, relay: RelayId, failure: PassiveFailure, reason: String) {
         let ejected = self

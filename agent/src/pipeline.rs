@@ -848,7 +848,14 @@ async fn answer(
         .is_some_and(|op| op.streams_response());
     let (mut parts, body) = response.into_parts();
     let body = match streams {
-        true => body.boxed_unsync(),
+        true => {
+            let relays = agent.relays.clone();
+            body.map_err(move |error| {
+                relays.body_failed(relay, &error);
+                error
+            })
+            .boxed_unsync()
+        }
         false => prefetch(relays, relay, body).await?,
     };
     bedrock::strip_hop_by_hop(&mut parts.headers);

@@ -162,6 +162,13 @@ impl<B> ResponseBody<B> {
         self
     }
 
+    /// Whether the relay carrying this response has been declared dead.
+    fn relay_lost(&mut self, cx: &mut Context<'_>) -> bool {
+        self.abort
+            .as_mut()
+            .is_some_and(|abort| abort.as_mut().poll(cx).is_ready())
+    }
+
     fn finish(&mut self, end: Ending) {
         if let Some((reader, slot)) = self.usage.take() {
             slot.put(reader.finish());
@@ -186,7 +193,7 @@ where
         if self.on_end.has_ended() {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut self.inner).poll_frame(cx) {
+        let lost = match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     self.bytes += data.len() as u64;
@@ -202,20 +209,21 @@ where
                 }
                 return Poll::Ready(Some(Ok(frame)));
             }
+            // A relay connection that breaks fails its streams as the relay is declared
+            // lost: such a failure ends like the loss, farewell event included.
             Poll::Ready(Some(Err(error))) => {
-                self.finish(Ending::Failed(error.to_string()));
-                return Poll::Ready(Some(Err(error.to_string().into())));
+                if !self.relay_lost(cx) {
+                    self.finish(Ending::Failed(error.to_string()));
+                    return Poll::Ready(Some(Err(error.to_string().into())));
+                }
+                true
             }
             Poll::Ready(None) => {
                 self.finish(Ending::Complete);
                 return Poll::Ready(None);
             }
-            Poll::Pending => {}
-        }
-        let lost = self
-            .abort
-            .as_mut()
-            .is_some_and(|abort| abort.as_mut().poll(cx).is_ready());
+            Poll::Pending => self.relay_lost(cx),
+        };
         if lost {
             let farewell = self
                 .frames

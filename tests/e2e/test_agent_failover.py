@@ -1,7 +1,8 @@
-"""Relay failover through the real tunnel: two relays in userspace mode, one killed (SIGKILL,
-so its tunnel just goes silent) while boto3 callers keep the agent busy. Every request either
-succeeds or ends with a clear 503 (both counted); from 3 s after the kill every request
-succeeds through the other relay. A drained relay hands over without failing anything."""
+"""Relay failover through the real tunnel: two relays in userspace mode sharing the load, one
+killed (SIGKILL, so its tunnel just goes silent) while boto3 callers keep the agent busy.
+Every request either succeeds or ends with a clear 503 (both counted); from 3 s after the
+kill every request succeeds through the other relay (test_balance.py holds three relays to
+the 1 s rule). A drained relay hands over without failing anything."""
 
 import os
 import threading
@@ -72,7 +73,7 @@ class Load:
 def test_killed_relay_under_load_fails_over_within_three_seconds(start_stack, env_session):  # noqa: F811
     stack = start_stack(relays=2)
     session = env_session(stack.env())
-    # Both relays healthy; priority sends everything to relay-a.
+    # Both relays healthy, in one group: they share the load, relay-a first when idle.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         _, status = stack.agent.admin_json("/status")
@@ -102,7 +103,7 @@ def test_killed_relay_under_load_fails_over_within_three_seconds(start_stack, en
 
     lines = {line["request_id"]: line for line in stack.audit(len(results), timeout=10)}
     assert all(lines[r[2][1]]["relay"] == "relay-b" for r in late)
-    assert all(lines[r[2][1]]["relay"] == "relay-a" for r in before)
+    assert {lines[r[2][1]]["relay"] for r in before} == {"relay-a", "relay-b"}
     _, status = stack.agent.admin_json("/status")
     assert status["active_relay"] == "relay-b"
     assert [r["state"] for r in status["relays"]] == ["down", "healthy"]
