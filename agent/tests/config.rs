@@ -145,31 +145,27 @@ key_file = "/nonexistent/key.pem"
 
 #[test]
 fn operations_are_names_of_bedrock_operations() {
-    let text = format!(
-        r#"{FRONT_AND_RELAY}
-[[principal]]
-name = "typo"
-source_cidrs = ["10.0.0.0/8"]
-models = ["*"]
-operations = ["Converse", "converse-stream", "DeleteModel"]
-
-[[principal]]
-name = "none"
-source_cidrs = ["10.1.0.0/16"]
-models = ["*"]
-operations = []
-
-[[principal]]
-name = "guardrails-only"
-source_cidrs = ["10.2.0.0/16"]
-operations = ["ApplyGuardrail"]
-
-[[principal]]
-name = "converse-without-models"
-source_cidrs = ["10.3.0.0/16"]
-operations = ["ApplyGuardrail", "Converse"]
-"#
-    );
+    let text = [
+        FRONT_AND_RELAY.to_string(),
+        principal(
+            "typo",
+            "10.0.0.0/8",
+            r#"models = ["*"]
+operations = ["Converse", "converse-stream", "DeleteModel"]"#,
+        ),
+        principal("none", "10.1.0.0/16", "models = [\"*\"]\noperations = []"),
+        principal(
+            "guardrails-only",
+            "10.2.0.0/16",
+            r#"operations = ["ApplyGuardrail"]"#,
+        ),
+        principal(
+            "converse-without-models",
+            "10.3.0.0/16",
+            r#"operations = ["ApplyGuardrail", "Converse"]"#,
+        ),
+    ]
+    .concat();
     let error = AgentConfig::from_toml_str(&text, "agent.toml").expect_err("invalid");
     assert_reported(
         &error,
@@ -200,20 +196,16 @@ operations = ["ApplyGuardrail", "Converse"]
 #[test]
 fn principals_default_to_the_invoke_converse_count_and_discovery_operations() {
     use xpart_bedrock::Operation;
-    let config = parse(&format!(
-        r#"{FRONT_AND_RELAY}
-[[principal]]
-name = "default"
-source_cidrs = ["10.0.0.0/8"]
-models = ["*"]
-
-[[principal]]
-name = "listed"
-source_cidrs = ["10.1.0.0/16"]
-models = ["*"]
-operations = ["ConverseStream", "ApplyGuardrail"]
-"#
-    ));
+    let listed = r#"models = ["*"]
+operations = ["ConverseStream", "ApplyGuardrail"]"#;
+    let config = parse(
+        &[
+            FRONT_AND_RELAY.to_string(),
+            principal("default", "10.0.0.0/8", r#"models = ["*"]"#),
+            principal("listed", "10.1.0.0/16", listed),
+        ]
+        .concat(),
+    );
     let principals = config.principals();
     assert_eq!(
         principals[0].operations.iter().copied().collect::<Vec<_>>(),
@@ -347,6 +339,11 @@ fn the_example_names_every_bedrock_endpoint_of_its_region() {
     ] {
         assert!(example.contains(&format!("\"{name}\"")), "{name}");
     }
+}
+
+/// A `[[principal]]` table for callers from `cidr`, with `rest` (TOML lines) added.
+fn principal(name: &str, cidr: &str, rest: &str) -> String {
+    format!("\n[[principal]]\nname = \"{name}\"\nsource_cidrs = [\"{cidr}\"]\n{rest}\n")
 }
 
 /// Parses without the checks that need files (the certificate here does not exist).
