@@ -122,6 +122,15 @@ class Phase:
             return float("inf")
         return max(0.0, resumed[0]["sent"] - self.fault_at)
 
+    def one_second_rule(self):
+        """Calls sent from 1 s after the fault: (how many, how many failed, the slowest success
+        in seconds). The rule: none fails and none waits on what was lost."""
+        if self.fault_at is None:
+            return None
+        late = [r for r in self.results if r["sent"] >= self.fault_at + 1.0]
+        slowest = max((r["done"] - r["sent"] for r in late if r["ok"]), default=0.0)
+        return len(late), sum(not r["ok"] for r in late), slowest
+
     def longest_failure_seconds(self):
         """How long the slowest failed call took to fail: a hang shows here."""
         return max((r["done"] - r["sent"] for r in self.failures), default=0.0)
@@ -149,13 +158,15 @@ def at_least(count):
 
 def table(phases):
     header = ("phase", "fault", "sent", "succeeded", "failed (error: count)", "silent", "recovery s",
-              "slowest failure s")
+              "slowest failure s", "from +1 s: sent / failed / slowest ok s")
     rows = [header]
     for p in phases:
         errors = ", ".join(f"{name}: {n}" for name, n in sorted(p.errors().items())) or "-"
+        rule = p.one_second_rule()
         rows.append((p.name, p.fault, str(p.sent), str(p.succeeded), f"{len(p.failures)} ({errors})"
                      if p.failures else "0", str(len(p.silent)), f"{p.recovery_seconds():.1f}",
-                     f"{p.longest_failure_seconds():.1f}"))
+                     f"{p.longest_failure_seconds():.1f}",
+                     f"{rule[0]} / {rule[1]} / {rule[2]:.2f}" if rule else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
