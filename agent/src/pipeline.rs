@@ -298,7 +298,7 @@ async fn openai_models(
     };
     let mut profiles = Vec::new();
     let mut next_token: Option<String> = None;
-    while with_profiles {
+    while with_profiles && profiles.len() < MAX_PROFILE_PAGES {
         let page = match list_once(
             agent,
             Operation::ListInferenceProfiles,
@@ -316,7 +316,7 @@ async fn openai_models(
             .filter(|t| !t.is_empty())
             .map(str::to_owned);
         profiles.push(page);
-        if next_token.is_none() || profiles.len() >= MAX_PROFILE_PAGES {
+        if next_token.is_none() {
             break;
         }
     }
