@@ -27,29 +27,29 @@ impl Pki {
     fn new(tag: &str) -> Pki {
         let dir =
             std::env::temp_dir().join(format!("xpart-inner-tls-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ca = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        std::fs::create_dir_all(&dir).expect("test setup");
+        let ca = KeyPair::generate().expect("test setup");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("test setup");
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         ca_params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        let cert = ca_params.self_signed(&ca).unwrap();
-        std::fs::write(dir.join("ca.pem"), cert.pem()).unwrap();
+        let cert = ca_params.self_signed(&ca).expect("test setup");
+        std::fs::write(dir.join("ca.pem"), cert.pem()).expect("test setup");
         Pki { dir, ca, ca_params }
     }
 
     /// Files for a leaf named `dns` with `usage`, issued by this CA.
     fn issue(&self, file: &str, dns: &str, usage: ExtendedKeyUsagePurpose) -> InnerTlsFiles {
         let issuer = Issuer::from_params(&self.ca_params, &self.ca);
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec![dns.to_string()]).unwrap();
+        let key = KeyPair::generate().expect("test setup");
+        let mut params = CertificateParams::new(vec![dns.to_string()]).expect("test setup");
         params.extended_key_usages = vec![usage];
-        let cert = params.signed_by(&key, &issuer).unwrap();
+        let cert = params.signed_by(&key, &issuer).expect("test setup");
         let cert_file = self.dir.join(format!("{file}.pem"));
         let key_file = self.dir.join(format!("{file}.key"));
-        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&cert_file, cert.pem()).expect("test setup");
         write_private(&key_file, &key.serialize_pem());
         InnerTlsFiles {
             cert_file,
@@ -68,8 +68,8 @@ fn write_private(path: &Path, text: &str) {
         .truncate(true)
         .mode(0o600)
         .open(path)
-        .unwrap();
-    file.write_all(text.as_bytes()).unwrap();
+        .expect("test setup");
+    file.write_all(text.as_bytes()).expect("test setup");
 }
 
 /// Runs both handshakes; the server's outcome carries whether the client's certificate names
@@ -83,10 +83,10 @@ async fn handshake(
     Result<(CipherSuite, ProtocolVersion), String>,
     Result<bool, String>,
 ) {
-    let connector = TlsConnector::from(client_config(agent).unwrap());
-    let acceptor = TlsAcceptor::from(server_config(relay).unwrap());
+    let connector = TlsConnector::from(client_config(agent).expect("test setup"));
+    let acceptor = TlsAcceptor::from(server_config(relay).expect("test setup"));
     let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-    let name = ServerName::try_from(relay_name(relay_called)).unwrap();
+    let name = ServerName::try_from(relay_name(relay_called)).expect("test setup");
     let expected = agent_name(expected_agent);
     let server = async move {
         let stream = acceptor
@@ -108,8 +108,13 @@ async fn handshake(
             .map_err(|e| e.to_string())?;
         let connection = stream.get_ref().1;
         let negotiated = (
-            connection.negotiated_cipher_suite().unwrap().suite(),
-            connection.protocol_version().unwrap(),
+            connection
+                .negotiated_cipher_suite()
+                .expect("a finished handshake has a suite")
+                .suite(),
+            connection
+                .protocol_version()
+                .expect("a finished handshake has a version"),
         );
         let _ = closed_rx.await;
         Ok(negotiated)
@@ -277,7 +282,7 @@ struct File {
 
 /// The fields `check` reports for `text` (a `[tunnel]` and `[[peer]]` tables).
 fn check_problems(side: Side, text: &str) -> Vec<String> {
-    let file: File = toml::from_str(text).unwrap();
+    let file: File = toml::from_str(text).expect("test TOML");
     let mut diagnostics = Diagnostics::new("x.toml");
     check(
         side,
