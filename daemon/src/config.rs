@@ -809,6 +809,27 @@ mod tests {
         token: Option<String>,
     }
 
+    /// The one problem `text` has.
+    fn sole_problem(text: &str, file: &str) -> Problem {
+        let err = parse_toml::<Loose>(text, file).unwrap_err();
+        assert_eq!(err.len(), 1, "{err}");
+        err.problems()[0].clone()
+    }
+
+    /// The first problem in agent.toml `text` is `field`: `message`, with `fix`.
+    #[track_caller]
+    fn assert_explained(text: &str, field: &str, message: &str, fix: &str) {
+        let problem = first_problem(text, "agent.toml");
+        let got = (problem.field.as_str(), problem.message.as_str());
+        assert_eq!((got, problem.fix.as_str()), ((field, message), fix));
+    }
+
+    /// The first problem `text` has.
+    fn first_problem(text: &str, file: &str) -> Problem {
+        let err = parse_toml::<Loose>(text, file).unwrap_err();
+        err.problems()[0].clone()
+    }
+
     #[test]
     fn valid_file_parses() {
         let text = "[tunnel]\naddress = \"100.64.0.1/30\"\nmtu = 1420\n\n[[relay]]\nname = \"a\"\nservice_port = 8080\n";
@@ -820,9 +841,7 @@ mod tests {
     #[test]
     fn type_error_names_field_line_and_column() {
         let text = "[tunnel]\naddress = \"x\"\nmtu = \"big\"\n";
-        let err = parse_toml::<Loose>(text, "agent.toml").unwrap_err();
-        assert_eq!(err.len(), 1);
-        let problem = &err.problems()[0];
+        let problem = sole_problem(text, "agent.toml");
         assert_eq!(problem.field, "[tunnel].mtu");
         assert_eq!(problem.location, Some(Location { line: 3, column: 7 }));
         assert_eq!(
@@ -831,9 +850,10 @@ mod tests {
         );
         assert_eq!(problem.fix, "give a whole number from 0 to 65535");
         assert!(
-            err.to_string()
+            problem
+                .to_string()
                 .starts_with("agent.toml:3:7: [tunnel].mtu: wrong type"),
-            "{err}"
+            "{problem}"
         );
     }
 
@@ -858,9 +878,7 @@ mod tests {
     #[test]
     fn unknown_operation_gets_the_list_of_operations_as_fix() {
         let text = "[tunnel]\naddress = \"x\"\n[policy]\noperations = [\"Converse\", \"InvokeModel\", \"Invoke\"]\n";
-        let err = parse_toml::<Loose>(text, "relay.toml").unwrap_err();
-        assert_eq!(err.len(), 1);
-        let problem = &err.problems()[0];
+        let problem = sole_problem(text, "relay.toml");
         assert_eq!(problem.field, "[policy].operations[2]");
         assert_eq!(problem.message, "unknown operation \"Invoke\"");
         assert!(
@@ -876,23 +894,22 @@ mod tests {
     #[test]
     fn unknown_enum_value_lists_the_choices() {
         let text = "[tunnel]\naddress = \"x\"\nmode = \"kernal\"\n";
-        let err = parse_toml::<Loose>(text, "agent.toml").unwrap_err();
-        let problem = &err.problems()[0];
-        assert_eq!(problem.field, "[tunnel].mode");
-        assert_eq!(problem.message, "unknown value \"kernal\"");
-        assert_eq!(problem.fix, "use one of: kernel, userspace");
+        assert_explained(
+            text,
+            "[tunnel].mode",
+            "unknown value \"kernal\"",
+            "use one of: kernel, userspace",
+        );
     }
 
     #[test]
     fn missing_field_names_the_field_to_add() {
         let text = "[tunnel]\nmtu = 1400\n";
-        let err = parse_toml::<Loose>(text, "agent.toml").unwrap_err();
-        let problem = &err.problems()[0];
-        assert_eq!(problem.field, "[tunnel].address");
-        assert_eq!(problem.message, "required field is missing");
-        assert_eq!(
-            problem.fix,
-            "add `address = …` to [tunnel] (see the example config)"
+        assert_explained(
+            text,
+            "[tunnel].address",
+            "required field is missing",
+            "add `address = …` to [tunnel] (see the example config)",
         );
     }
 
@@ -909,8 +926,7 @@ mod tests {
             "agent.toml:1:10: tunnel: wrong type: found integer `3`, expected a table — fix: give a table"
         );
         let text = "[tunnel]\naddress = \"x\"\n[policy]\noperations = \"Converse\"\n";
-        let err = parse_toml::<Loose>(text, "relay.toml").unwrap_err();
-        let problem = &err.problems()[0];
+        let problem = first_problem(text, "relay.toml");
         assert_eq!(
             problem.message,
             "wrong type: found string \"Converse\", expected a list"
@@ -933,9 +949,7 @@ mod tests {
     #[test]
     fn syntax_error_has_position_and_no_field() {
         let text = "[tunnel]\naddress = \"x\nmtu = 3\n";
-        let err = parse_toml::<Loose>(text, "agent.toml").unwrap_err();
-        assert_eq!(err.len(), 1);
-        let problem = &err.problems()[0];
+        let problem = sole_problem(text, "agent.toml");
         assert_eq!(problem.field, "");
         assert_eq!(problem.location.map(|l| l.line), Some(2));
         assert_eq!(problem.fix, "correct the TOML syntax there");
