@@ -540,6 +540,50 @@ mod tests {
         assert_eq!(ends.lock().expect("test lock")[0].1, Ending::Lost);
     }
 
+    /// The relay's connection breaks: the body's error and the relay's death come together
+    /// (the death filed just before the error surfaces), and the stream ends as a loss.
+    #[tokio::test]
+    async fn event_stream_whose_connection_breaks_ends_with_an_exception_event() {
+        let (ends, hook) = recorder();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let tx = std::sync::Mutex::new(Some(tx));
+        let first = Bytes::from(event("messageStart"));
+        let chunks = futures_util::stream::iter([Ok(Frame::data(first.clone()))]).chain(
+            futures_util::stream::once(async move {
+                if let Some(tx) = tx.lock().expect("test lock").take() {
+                    let _ = tx.send(());
+                }
+                Err::<Frame<Bytes>, _>("connection closed".to_owned())
+            }),
+        );
+        let mut body = ResponseBody::new(
+            StreamBody::new(Box::pin(chunks)),
+            async move {
+                let _ = rx.await;
+            },
+            hook,
+        )
+        .with_event_stream();
+        let got = body.frame().await.expect("frame").expect("ok");
+        assert_eq!(got.into_data().expect("data"), first);
+        let last = body
+            .frame()
+            .await
+            .expect("farewell")
+            .expect("an event, not an error");
+        let message =
+            aws_smithy_eventstream::frame::read_message_from(last.into_data().expect("data"))
+                .expect("a valid frame");
+        assert!(message
+            .headers()
+            .iter()
+            .any(|h| h.value().as_string().ok().map(|s| s.as_str())
+                == Some("serviceUnavailableException")));
+        assert!(body.frame().await.is_none(), "the stream ends after it");
+        drop(body);
+        assert_eq!(ends.lock().expect("test lock")[0].1, Ending::Lost);
+    }
+
     fn metadata(input: u64, output: u64) -> Vec<u8> {
         use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
         let payload = format!(r#"{{"usage":{{"inputTokens":{input},"outputTokens":{output}}}}}"#);
