@@ -81,7 +81,7 @@ async fn clients_outside_allow_cidrs_get_refused_but_still_the_bedrock_names() {
 
 #[tokio::test]
 async fn udp_answers_fit_512_bytes_without_edns_and_the_advertised_size_with_it() {
-    let (upstream, dns) = serving(&["127.0.0.0/8"]).await;
+    let (_upstream, dns) = serving(&["127.0.0.0/8"]).await;
 
     let (reply, wire) = ask_raw(&dns, BIG, None).await;
     assert!(wire <= 512, "{wire} bytes over UDP without EDNS");

@@ -26,7 +26,7 @@ fn builds_one_peer_per_table_routing_its_tunnel_address() {
     let dir = scratch_dir("peers");
     let key = PrivateKey::generate();
     keys::write_private_key_file(dir.join("self.key"), &key).unwrap();
-    let psk = write_file(&dir, "relay-a.psk", PSK, 0o600);
+    write_file(&dir, "relay-a.psk", PSK, 0o600);
     let peer_key = PrivateKey::generate().public_key().to_base64();
     let file = parse(&format!(
         r#"
@@ -128,7 +128,7 @@ persistent_keepalive = 0
 #[test]
 fn shared_checks_name_the_field_in_the_daemons_style() {
     let dir = scratch_dir("checks");
-    let psk = write_file(&dir, "open.psk", PSK, 0o644);
+    write_file(&dir, "open.psk", PSK, 0o644);
     let file = parse(
         r#"
 [tunnel]
@@ -289,8 +289,8 @@ const PSK: &str = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\n";
 /// Writes `contents` to `dir/name` with permissions `mode`.
 fn write_file(dir: &Path, name: &str, contents: &str, mode: u32) -> PathBuf {
     let path = dir.join(name);
-    std::fs::write(&path, contents).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    std::fs::write(&path, contents).expect("write the file");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
     path
 }
 

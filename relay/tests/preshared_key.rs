@@ -66,7 +66,7 @@ impl Pair {
         let relay_psk = write_psk(&dir, "relay.psk", &relay_psk);
         let agent_psk = write_psk(&dir, "agent.psk", &agent_psk);
         let config = relay_config(&dir, &relay_key, &agent_key, &relay_psk);
-        let relay = xpart_relay::start(config).await.unwrap();
+        let relay = xpart_relay::start(config).await.expect("the relay starts");
         let relay_udp = relay.udp_addr().expect("userspace mode has a UDP socket");
         let agent = start_agent_side(&dir, &agent_key, &relay_key, relay_udp, &agent_psk).await;
         Pair { dir, relay, agent }

@@ -83,11 +83,13 @@ pub async fn echo(sender: &mut SendRequest<Full<Bytes>>, text: &str) -> http::He
         .header("x-xpart-principal", "tester")
         .body(Full::new(Bytes::from(body.to_string())))
         .expect("Converse request");
-    let response = within(sender.send_request(converse)).await.unwrap();
+    let response = within(sender.send_request(converse))
+        .await
+        .expect("the relay answers");
     assert_eq!(response.status(), 200);
     let (parts, body) = response.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let body = body.collect().await.expect("the answer body").to_bytes();
+    let answer: serde_json::Value = serde_json::from_slice(&body).expect("a JSON answer");
     assert_eq!(answer["output"]["message"]["content"][0]["text"], text);
     parts.headers
 }
