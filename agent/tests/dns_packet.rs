@@ -173,7 +173,9 @@ async fn udp_formerr_for_an_oversize_query_is_no_larger_than_the_query() {
 async fn a_question_name_pointing_into_the_header_is_echoed_as_the_name_it_named() {
     // Byte 3 of the query header is 0 (no flags, RCODE 0), so the pointer 0xC003 names the
     // root. In a REFUSED reply that byte is 5, which would read as a five-byte label.
-    let mut query = vec![0x43, 0x21, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00];
+    let mut query = vec![
+        0x43, 0x21, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    ];
     query.extend_from_slice(&[0xC0, 0x03, 0x00, 0x01, 0x00, 0x01]);
     let parsed = Message::from_vec(&query).expect("the query itself decodes");
     assert_eq!(parsed.queries()[0].name(), &Name::root());
