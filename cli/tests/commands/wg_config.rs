@@ -68,16 +68,35 @@ fn agent_side_renders_interface_and_every_relay_peer() {
     );
 }
 
-#[test]
-fn relay_side_with_the_private_key_inlined() {
-    let dir = Scratch::new();
-    let agent = public_key(&dir, "agent.key");
-    public_key(&dir, "relay.key");
-    let toml = relay_toml("kernel", "relay.key", &agent);
+/// Writes keys and a kernel-mode relay.toml with `tunnel` added to its [tunnel] section into
+/// `dir`; returns the agent's public key.
+fn write_relay(dir: &Scratch, tunnel: &str) -> String {
+    let agent = public_key(dir, "agent.key");
+    public_key(dir, "relay.key");
+    let address = "address = \"100.64.0.2/30\"\n";
+    let toml = relay_toml("kernel", "relay.key", &agent).replacen(
+        address,
+        &format!("{address}{tunnel}"),
+        1,
+    );
     dir.write("relay.toml", &toml);
+    agent
+}
+
+/// A relay.toml in `dir` rendered with `--include-private-key`: the agent's public key and
+/// the output.
+fn relay_with_key_inlined(dir: &Scratch) -> (String, String) {
+    let agent = write_relay(dir, "");
     let out = xpart(&["wg-config", &dir.arg("relay.toml"), "--include-private-key"])
         .ok()
         .stdout;
+    (agent, out)
+}
+
+#[test]
+fn relay_side_with_the_private_key_inlined() {
+    let dir = Scratch::new();
+    let (agent, out) = relay_with_key_inlined(&dir);
     let key = std::fs::read_to_string(dir.path("relay.key")).unwrap();
     assert!(
         out.contains(&format!("PrivateKey = {}\n", key.trim())),
@@ -97,23 +116,6 @@ fn relay_side_with_the_private_key_inlined() {
 }
 
 #[test]
-fn the_listen_port_and_mtu_are_the_ones_the_daemon_uses() {
-    let dir = Scratch::new();
-    let agent = public_key(&dir, "agent.key");
-    public_key(&dir, "relay.key");
-    let toml = relay_toml("kernel", "relay.key", &agent).replacen(
-        "address = \"100.64.0.2/30\"\n",
-        "address = \"100.64.0.2/30\"\nbind_address = \"0.0.0.0\"\nlisten_port = 51999\n",
-        1,
-    );
-    dir.write("relay.toml", &toml);
-    let out = xpart(&["wg-config", &dir.arg("relay.toml")]).ok().stdout;
-    assert!(out.contains("ListenPort = 51999\n"), "{out}");
-    // No `mtu` in the file: the daemon's default, which wg-quick would not guess.
-    assert!(out.contains("MTU = 1420\n"), "{out}");
-}
-
-#[test]
 fn output_is_accepted_by_wg_quick() {
     if !tool_available("wg-quick") || !tool_available("wg") {
         eprintln!("skipped: wg-quick/wg (wireguard-tools) not installed");
@@ -125,12 +127,7 @@ fn output_is_accepted_by_wg_quick() {
         return;
     }
     let dir = Scratch::new();
-    let agent = public_key(&dir, "agent.key");
-    public_key(&dir, "relay.key");
-    dir.write("relay.toml", &relay_toml("kernel", "relay.key", &agent));
-    let out = xpart(&["wg-config", &dir.arg("relay.toml"), "--include-private-key"])
-        .ok()
-        .stdout;
+    let (agent, out) = relay_with_key_inlined(&dir);
     let conf = dir.write("xpt0.conf", &out);
     let conf = conf.display().to_string();
     let stripped = run(Command::new("wg-quick"), &["strip", &conf], "")
@@ -172,4 +169,14 @@ fn bad_files_are_refused_with_the_reason() {
 
     dir.write("syntax.toml", "[tunnel\n");
     xpart(&["wg-config", &dir.arg("syntax.toml")]).fails_with(2);
+}
+
+#[test]
+fn the_listen_port_and_mtu_are_the_ones_the_daemon_uses() {
+    let dir = Scratch::new();
+    write_relay(&dir, "bind_address = \"0.0.0.0\"\nlisten_port = 51999\n");
+    let out = xpart(&["wg-config", &dir.arg("relay.toml")]).ok().stdout;
+    assert!(out.contains("ListenPort = 51999\n"), "{out}");
+    // No `mtu` in the file: the daemon's default, which wg-quick would not guess.
+    assert!(out.contains("MTU = 1420\n"), "{out}");
 }
