@@ -105,13 +105,8 @@ fn health_durations_beyond_any_use_are_refused() {
 #[test]
 fn token_budgets_of_zero_are_refused_and_others_apply_to_their_principal() {
     let scratch = Scratch::new("token-budgets");
-    let error = check(
-        &scratch,
-        "",
-        "tokens_per_minute = 0\ntokens_per_day = 0",
-        "",
-    )
-    .expect_err("a budget of 0 refuses everything");
+    let zero = "tokens_per_minute = 0\ntokens_per_day = 0";
+    let error = check(&scratch, "", zero, "").expect_err("a budget of 0 refuses everything");
     for field in ["tokens_per_minute", "tokens_per_day"] {
         let p = problem(&error, &format!("[[principal]] #1 (lambda).{field}"));
         assert!(
