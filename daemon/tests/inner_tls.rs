@@ -40,6 +40,24 @@ impl Pki {
         Pki { dir, ca, ca_params }
     }
 
+    /// An agent's client certificate for `name`, as the deployment CA issues it.
+    fn agent(&self, name: &str) -> InnerTlsFiles {
+        self.issue(
+            "agent",
+            &format!("{name}.agent.xpart"),
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )
+    }
+
+    /// A relay's server certificate for `name`, as the deployment CA issues it.
+    fn relay(&self, name: &str) -> InnerTlsFiles {
+        self.issue(
+            "relay",
+            &format!("{name}.relay.xpart"),
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )
+    }
+
     /// Files for a leaf named `dns` with `usage`, issued by this CA.
     fn issue(&self, file: &str, dns: &str, usage: ExtendedKeyUsagePurpose) -> InnerTlsFiles {
         let issuer = Issuer::from_params(&self.ca_params, &self.ca);
@@ -130,16 +148,8 @@ async fn handshake(
 #[tokio::test]
 async fn agent_and_relay_agree_on_tls13_aes_gcm_and_each_names_the_other() {
     let pki = Pki::new("ok");
-    let agent = pki.issue(
-        "agent",
-        "agent-a.agent.xpart",
-        ExtendedKeyUsagePurpose::ClientAuth,
-    );
-    let relay = pki.issue(
-        "relay",
-        "relay-a.relay.xpart",
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
+    let agent = pki.agent("agent-a");
+    let relay = pki.relay("relay-a");
     let (client, server) = handshake(&agent, &relay, "relay-a", "agent-a").await;
     let (suite, version) = client.unwrap();
     assert_eq!(version, ProtocolVersion::TLSv1_3);
@@ -157,16 +167,8 @@ async fn agent_and_relay_agree_on_tls13_aes_gcm_and_each_names_the_other() {
 #[tokio::test]
 async fn another_agents_certificate_is_told_apart_after_the_handshake() {
     let pki = Pki::new("other-agent");
-    let agent = pki.issue(
-        "agent",
-        "agent-b.agent.xpart",
-        ExtendedKeyUsagePurpose::ClientAuth,
-    );
-    let relay = pki.issue(
-        "relay",
-        "relay-a.relay.xpart",
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
+    let agent = pki.agent("agent-b");
+    let relay = pki.relay("relay-a");
     let (_, server) = handshake(&agent, &relay, "relay-a", "agent-a").await;
     assert_eq!(server, Ok(false));
 }
@@ -174,16 +176,8 @@ async fn another_agents_certificate_is_told_apart_after_the_handshake() {
 #[tokio::test]
 async fn the_agent_refuses_a_relay_certificate_for_another_relay() {
     let pki = Pki::new("other-relay");
-    let agent = pki.issue(
-        "agent",
-        "agent-a.agent.xpart",
-        ExtendedKeyUsagePurpose::ClientAuth,
-    );
-    let relay = pki.issue(
-        "relay",
-        "relay-b.relay.xpart",
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
+    let agent = pki.agent("agent-a");
+    let relay = pki.relay("relay-b");
     let (client, _) = handshake(&agent, &relay, "relay-a", "agent-a").await;
     let err = client.unwrap_err();
     assert!(err.contains("not valid for name"), "{err}");
@@ -192,11 +186,7 @@ async fn the_agent_refuses_a_relay_certificate_for_another_relay() {
 #[tokio::test]
 async fn an_agent_certificate_cannot_serve_as_a_relay() {
     let pki = Pki::new("role");
-    let agent = pki.issue(
-        "agent",
-        "agent-a.agent.xpart",
-        ExtendedKeyUsagePurpose::ClientAuth,
-    );
+    let agent = pki.agent("agent-a");
     // A client-auth certificate carrying a relay's name: the role is checked, not only the name.
     let relay = pki.issue(
         "relay",
@@ -211,18 +201,10 @@ async fn an_agent_certificate_cannot_serve_as_a_relay() {
 async fn a_certificate_from_another_ca_is_refused_by_the_relay() {
     let pki = Pki::new("ca-a");
     let stranger = Pki::new("ca-b");
-    let mut agent = stranger.issue(
-        "agent",
-        "agent-a.agent.xpart",
-        ExtendedKeyUsagePurpose::ClientAuth,
-    );
+    let mut agent = stranger.agent("agent-a");
     // The agent trusts the right CA for the relay, but its own certificate is a stranger's.
     agent.ca_file = pki.dir.join("ca.pem");
-    let relay = pki.issue(
-        "relay",
-        "relay-a.relay.xpart",
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
+    let relay = pki.relay("relay-a");
     let (_, server) = handshake(&agent, &relay, "relay-a", "agent-a").await;
     assert!(server.is_err(), "{server:?}");
 }
