@@ -289,27 +289,20 @@ impl FrameBoundary {
 /// The event that ends a stream whose relay stopped answering: an exception both
 /// ConverseStream and InvokeModelWithResponseStream model, so the SDK raises it by name.
 fn relay_lost_event() -> Option<Bytes> {
-    use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
     let payload = serde_json::json!({
         "message": "The relay stopped answering while the response was streaming; the rest of the response is lost."
     })
     .to_string();
-    let message = Message::new(payload)
-        .add_header(Header::new(
-            ":message-type",
-            HeaderValue::String("exception".into()),
-        ))
-        .add_header(Header::new(
-            ":exception-type",
-            HeaderValue::String("serviceUnavailableException".into()),
-        ))
-        .add_header(Header::new(
-            ":content-type",
-            HeaderValue::String("application/json".into()),
-        ));
-    let mut buffer = Vec::new();
-    aws_smithy_eventstream::frame::write_message_to(&message, &mut buffer).ok()?;
-    Some(Bytes::from(buffer))
+    let frame = xpart_bedrock::event_stream_frame(
+        &[
+            (":message-type", "exception"),
+            (":exception-type", "serviceUnavailableException"),
+            (":content-type", "application/json"),
+        ],
+        payload,
+    )
+    .ok()?;
+    Some(Bytes::from(frame))
 }
 
 impl<B: Body> ResponseBody<B> {
@@ -379,35 +372,42 @@ mod tests {
         })
     }
 
-    #[tokio::test]
-    async fn response_body_reports_completion_once() {
-        let (ends, hook) = recorder();
-        let body = ResponseBody::new(
+    /// `abc` in one frame, with nothing to abort it.
+    fn abc(hook: impl FnOnce(Ending, u64) + Send + 'static) -> ResponseBody<Full<Bytes>> {
+        ResponseBody::new(
             Full::new(Bytes::from_static(b"abc")),
             std::future::pending(),
             hook,
-        );
+        )
+    }
+
+    /// `abc` then `def` in two frames, declared six bytes long.
+    fn abc_def(
+        hook: impl FnOnce(Ending, u64) + Send + 'static,
+    ) -> ResponseBody<impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin> {
+        let chunks = futures_util::stream::iter(vec![
+            Ok(Frame::data(Bytes::from_static(b"abc"))),
+            Ok(Frame::data(Bytes::from_static(b"def"))),
+        ]);
+        ResponseBody::new(StreamBody::new(chunks), std::future::pending(), hook)
+            .with_length(Some(6))
+    }
+
+    #[tokio::test]
+    async fn response_body_reports_completion_once() {
+        let (ends, hook) = recorder();
+        let body = abc(hook);
         let collected = body.collect().await.expect("complete").to_bytes();
         assert_eq!(collected, Bytes::from_static(b"abc"));
-        assert_eq!(
-            *ends.lock().expect("test lock"),
-            vec![(3, Ending::Complete)]
-        );
+        assert_eq!(*ends.lock().expect("test lock"), [(3, Ending::Complete)]);
     }
 
     #[tokio::test]
     async fn response_body_dropped_early_reports_caller_gone() {
         let (ends, hook) = recorder();
-        let body = ResponseBody::new(
-            Full::new(Bytes::from_static(b"abc")),
-            std::future::pending(),
-            hook,
-        );
+        let body = abc(hook);
         drop(body);
-        assert_eq!(
-            *ends.lock().expect("test lock"),
-            vec![(0, Ending::Abandoned)]
-        );
+        assert_eq!(*ends.lock().expect("test lock"), [(0, Ending::Abandoned)]);
     }
 
     /// hyper writes the frame that fills `Content-Length` (or ends the stream) and drops the
@@ -415,68 +415,42 @@ mod tests {
     #[tokio::test]
     async fn response_body_dropped_after_its_last_frame_is_complete() {
         let (ends, hook) = recorder();
-        let chunks = futures_util::stream::iter(vec![
-            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"abc"))),
-            Ok(Frame::data(Bytes::from_static(b"def"))),
-        ]);
-        let mut body = ResponseBody::new(StreamBody::new(chunks), std::future::pending(), hook)
-            .with_length(Some(6));
+        let mut body = abc_def(hook);
         body.frame().await.expect("first").expect("ok");
         assert!(!body.is_end_stream());
         body.frame().await.expect("second").expect("ok");
         assert!(body.is_end_stream());
         drop(body);
-        assert_eq!(
-            *ends.lock().expect("test lock"),
-            vec![(6, Ending::Complete)]
-        );
+        assert_eq!(*ends.lock().expect("test lock"), [(6, Ending::Complete)]);
 
         let (ends, hook) = recorder();
-        let mut body = ResponseBody::new(
-            Full::new(Bytes::from_static(b"abc")),
-            std::future::pending(),
-            hook,
-        );
+        let mut body = abc(hook);
         body.frame().await.expect("the only frame").expect("ok");
         assert!(body.is_end_stream(), "the inner stream has ended");
         drop(body);
-        assert_eq!(
-            *ends.lock().expect("test lock"),
-            vec![(3, Ending::Complete)]
-        );
+        assert_eq!(*ends.lock().expect("test lock"), [(3, Ending::Complete)]);
     }
 
     #[tokio::test]
     async fn response_body_dropped_before_its_length_is_caller_gone() {
         let (ends, hook) = recorder();
-        let chunks = futures_util::stream::iter(vec![
-            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"abc"))),
-            Ok(Frame::data(Bytes::from_static(b"def"))),
-        ]);
-        let mut body = ResponseBody::new(StreamBody::new(chunks), std::future::pending(), hook)
-            .with_length(Some(6));
+        let mut body = abc_def(hook);
         body.frame().await.expect("first").expect("ok");
         drop(body);
-        assert_eq!(
-            *ends.lock().expect("test lock"),
-            vec![(3, Ending::Abandoned)]
-        );
+        assert_eq!(*ends.lock().expect("test lock"), [(3, Ending::Abandoned)]);
+    }
+
+    /// An event of `kind` with `payload`, as a relay streams it.
+    fn event_with(kind: &str, payload: impl Into<Bytes>) -> Vec<u8> {
+        xpart_bedrock::event_stream_frame(
+            &[(":message-type", "event"), (":event-type", kind)],
+            payload,
+        )
+        .expect("encode")
     }
 
     fn event(kind: &str) -> Vec<u8> {
-        use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
-        let message = Message::new(Bytes::from_static(b"{}"))
-            .add_header(Header::new(
-                ":message-type",
-                HeaderValue::String("event".into()),
-            ))
-            .add_header(Header::new(
-                ":event-type",
-                HeaderValue::String(kind.to_owned().into()),
-            ));
-        let mut out = Vec::new();
-        aws_smithy_eventstream::frame::write_message_to(&message, &mut out).expect("encode");
-        out
+        event_with(kind, Bytes::from_static(b"{}"))
     }
 
     #[test]
@@ -585,20 +559,8 @@ mod tests {
     }
 
     fn metadata(input: u64, output: u64) -> Vec<u8> {
-        use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
         let payload = format!(r#"{{"usage":{{"inputTokens":{input},"outputTokens":{output}}}}}"#);
-        let message = Message::new(payload)
-            .add_header(Header::new(
-                ":message-type",
-                HeaderValue::String("event".into()),
-            ))
-            .add_header(Header::new(
-                ":event-type",
-                HeaderValue::String("metadata".into()),
-            ));
-        let mut out = Vec::new();
-        aws_smithy_eventstream::frame::write_message_to(&message, &mut out).expect("encode");
-        out
+        event_with("metadata", payload)
     }
 
     /// The usage is in the slot when the hook runs, and every byte went through unchanged.

@@ -1142,6 +1142,26 @@ pub fn strip_caller_credentials(headers: &mut HeaderMap) {
     }
 }
 
+/// One event-stream frame, the binary framing of Bedrock's streaming answers: `payload` under
+/// the string-valued `headers`, written in the order given.
+pub fn event_stream_frame(
+    headers: &[(&str, &str)],
+    payload: impl Into<Bytes>,
+) -> Result<Vec<u8>, aws_smithy_eventstream::error::Error> {
+    use aws_smithy_types::event_stream::{Header, HeaderValue as FrameValue, Message};
+    let message = headers
+        .iter()
+        .fold(Message::new(payload), |message, (name, value)| {
+            message.add_header(Header::new(
+                (*name).to_owned(),
+                FrameValue::String((*value).to_owned().into()),
+            ))
+        });
+    let mut out = Vec::new();
+    aws_smithy_eventstream::frame::write_message_to(&message, &mut out)?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

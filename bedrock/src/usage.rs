@@ -288,23 +288,15 @@ fn event_usage(message: &Message, invoke: bool) -> Option<Usage> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aws_smithy_types::event_stream::{Header, HeaderValue};
     use http::HeaderValue as HttpValue;
     use serde_json::json;
 
     fn event(kind: &str, payload: &Value) -> Vec<u8> {
-        let message = Message::new(payload.to_string())
-            .add_header(Header::new(
-                ":message-type",
-                HeaderValue::String("event".into()),
-            ))
-            .add_header(Header::new(
-                ":event-type",
-                HeaderValue::String(kind.to_owned().into()),
-            ));
-        let mut out = Vec::new();
-        aws_smithy_eventstream::frame::write_message_to(&message, &mut out).expect("encode");
-        out
+        crate::event_stream_frame(
+            &[(":message-type", "event"), (":event-type", kind)],
+            payload.to_string(),
+        )
+        .expect("encode")
     }
 
     fn full(input: u64, output: u64, read: u64, write: u64) -> Usage {

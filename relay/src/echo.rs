@@ -10,7 +10,6 @@
 //! `dimensions` (default 1024) derived from a hash of `inputText`, so equal texts get equal
 //! vectors, and a token count in the body and in `X-Amzn-Bedrock-Input-Token-Count`.
 
-use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
 use base64::Engine;
 use bytes::{Bytes, BytesMut};
 use http_body_util::Full;
@@ -405,21 +404,16 @@ fn pieces(text: &str) -> Vec<String> {
 fn frames(events: Vec<(&'static str, Value)>) -> Result<Bytes, RequestError> {
     let mut buf = BytesMut::new();
     for (event_type, payload) in events {
-        let message = Message::new(Bytes::from(payload.to_string()))
-            .add_header(Header::new(
-                ":event-type",
-                HeaderValue::String(event_type.into()),
-            ))
-            .add_header(Header::new(
-                ":content-type",
-                HeaderValue::String(JSON.into()),
-            ))
-            .add_header(Header::new(
-                ":message-type",
-                HeaderValue::String("event".into()),
-            ));
-        aws_smithy_eventstream::frame::write_message_to(&message, &mut buf)
-            .map_err(|e| RequestError::EchoInput(format!("event frame ({e})")))?;
+        let frame = xpart_bedrock::event_stream_frame(
+            &[
+                (":event-type", event_type),
+                (":content-type", JSON),
+                (":message-type", "event"),
+            ],
+            payload.to_string(),
+        )
+        .map_err(|e| RequestError::EchoInput(format!("event frame ({e})")))?;
+        buf.extend_from_slice(&frame);
     }
     Ok(buf.freeze())
 }
@@ -450,6 +444,7 @@ fn stream_response(frames: Bytes) -> http::Response<Full<Bytes>> {
 mod tests {
     use super::*;
     use aws_smithy_eventstream::frame::{DecodedFrame, MessageFrameDecoder};
+    use aws_smithy_types::event_stream::Message;
     use http_body_util::BodyExt;
 
     async fn body(r: http::Response<Full<Bytes>>) -> Bytes {

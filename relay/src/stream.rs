@@ -138,7 +138,6 @@ impl<B: Body> Drop for Relayed<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
     use http_body_util::{BodyExt, StreamBody};
     use std::sync::{Arc, Mutex};
     use xpart_bedrock::usage::Reading;
@@ -149,18 +148,12 @@ mod tests {
     struct Reset;
 
     fn event(kind: &str, payload: &str) -> Bytes {
-        let message = Message::new(payload.to_owned())
-            .add_header(Header::new(
-                ":message-type",
-                HeaderValue::String("event".into()),
-            ))
-            .add_header(Header::new(
-                ":event-type",
-                HeaderValue::String(kind.to_owned().into()),
-            ));
-        let mut out = Vec::new();
-        aws_smithy_eventstream::frame::write_message_to(&message, &mut out).expect("encode");
-        Bytes::from(out)
+        xpart_bedrock::event_stream_frame(
+            &[(":message-type", "event"), (":event-type", kind)],
+            payload.to_owned(),
+        )
+        .expect("encode")
+        .into()
     }
 
     type Seen = Arc<Mutex<Option<(Ending, Option<Reading>)>>>;

@@ -128,22 +128,14 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aws_smithy_types::event_stream::{Header, HeaderValue};
     use http_body_util::{BodyExt, StreamBody};
 
     fn frame(event_type: &str, payload: &str) -> Vec<u8> {
-        let message = Message::new(Bytes::from(payload.to_owned()))
-            .add_header(Header::new(
-                ":event-type",
-                HeaderValue::String(event_type.to_owned().into()),
-            ))
-            .add_header(Header::new(
-                ":message-type",
-                HeaderValue::String("event".into()),
-            ));
-        let mut out = Vec::new();
-        aws_smithy_eventstream::frame::write_message_to(&message, &mut out).expect("encodes");
-        out
+        xpart_bedrock::event_stream_frame(
+            &[(":event-type", event_type), (":message-type", "event")],
+            payload.to_owned(),
+        )
+        .expect("encodes")
     }
 
     #[tokio::test]
