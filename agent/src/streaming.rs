@@ -497,16 +497,10 @@ mod tests {
         let message =
             aws_smithy_eventstream::frame::read_message_from(last.into_data().expect("data"))
                 .expect("a valid frame");
-        let header = |name: &str| {
-            message
-                .headers()
-                .iter()
-                .find(|h| h.name().as_str() == name)
-                .and_then(|h| h.value().as_string().ok().map(|s| s.as_str().to_owned()))
-        };
-        assert_eq!(header(":message-type").as_deref(), Some("exception"));
+        let header = |name: &str| xpart_bedrock::event_stream_header(&message, name);
+        assert_eq!(header(":message-type"), Some("exception"));
         assert_eq!(
-            header(":exception-type").as_deref(),
+            header(":exception-type"),
             Some("serviceUnavailableException")
         );
         assert!(body.frame().await.is_none(), "the stream ends after it");

@@ -1162,6 +1162,20 @@ pub fn event_stream_frame(
     Ok(out)
 }
 
+/// The value of an event-stream frame's string header `name`: `None` when the frame has no
+/// such header or its value is not a string.
+pub fn event_stream_header<'m>(
+    message: &'m aws_smithy_types::event_stream::Message,
+    name: &str,
+) -> Option<&'m str> {
+    message
+        .headers()
+        .iter()
+        .find(|h| h.name().as_str() == name)
+        .and_then(|h| h.value().as_string().ok())
+        .map(|s| s.as_str())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

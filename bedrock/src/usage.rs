@@ -257,14 +257,7 @@ impl UsageReader {
 /// The usage an event carries: ConverseStream's `metadata`, or an InvokeModelWithResponseStream
 /// `chunk` whose decoded bytes hold the invocation metrics.
 fn event_usage(message: &Message, invoke: bool) -> Option<Usage> {
-    let header = |name: &str| {
-        message
-            .headers()
-            .iter()
-            .find(|h| h.name().as_str() == name)
-            .and_then(|h| h.value().as_string().ok())
-            .map(|s| s.as_str())
-    };
+    let header = |name: &str| crate::event_stream_header(message, name);
     if header(":message-type") != Some("event") {
         return None;
     }

@@ -461,12 +461,9 @@ mod tests {
     }
 
     fn header(m: &Message, name: &str) -> String {
-        let h = m
-            .headers()
-            .iter()
-            .find(|h| h.name().as_str() == name)
-            .unwrap();
-        h.value().as_string().unwrap().as_str().to_string()
+        xpart_bedrock::event_stream_header(m, name)
+            .unwrap()
+            .to_string()
     }
 
     const CONVERSE: &str = r#"{"messages":[{"role":"user","content":[{"text":"first"}]},

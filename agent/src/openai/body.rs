@@ -49,13 +49,9 @@ impl<B> SseBody<B> {
 
 fn translate(translator: &mut StreamTranslator, message: &Message) -> Vec<Bytes> {
     let header = |name: &str| {
-        message
-            .headers()
-            .iter()
-            .find(|h| h.name().as_str() == name)
-            .and_then(|h| h.value().as_string().ok())
-            .map(|s| s.as_str().to_owned())
+        xpart_bedrock::event_stream_header(message, name)
             .unwrap_or_default()
+            .to_owned()
     };
     let message_type = header(":message-type");
     let kind = match message_type.as_str() {
