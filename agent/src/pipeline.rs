@@ -137,15 +137,35 @@ async fn openai_chat(
     check_declared_length(principal, &request)?;
     let body = read_whole_body(request.into_body(), principal).await?;
     let call = openai::chat::translate_request(&body).map_err(RequestError::OpenAi)?;
-    exchange.record.end_user = call
-        .user
-        .as_deref()
-        .map(|user| user.chars().take(MAX_MESSAGE_CHARS).collect());
     let operation = match call.stream {
         true => Operation::ConverseStream,
         false => Operation::Converse,
     };
-    let model = ModelId::parse(&call.model).map_err(RequestError::Route)?;
+    let route = openai_route(
+        operation,
+        &call.model,
+        call.user.as_deref(),
+        principal,
+        exchange,
+    )?;
+    let slot = limit(agent, principal)?;
+    let outgoing = converse_request(&route, &call)?;
+    let response = forward(agent, outgoing, principal, exchange, slot).await?;
+    let relay = exchange.record.relay.clone().unwrap_or_default();
+    openai_answer(response, &call, exchange.request_id(), relay).await
+}
+
+/// The native call an OpenAI request is made as: the end user and the call recorded, the model
+/// held to Bedrock's grammar, and the caller authorized for it.
+fn openai_route(
+    operation: Operation,
+    model: &str,
+    user: Option<&str>,
+    principal: &Principal,
+    exchange: &mut Recorder,
+) -> Result<Route, RequestError> {
+    exchange.record.end_user = user.map(|user| user.chars().take(MAX_MESSAGE_CHARS).collect());
+    let model = ModelId::parse(model).map_err(RequestError::Route)?;
     let route = Route {
         operation,
         model: Some(model),
@@ -155,11 +175,7 @@ async fn openai_chat(
     exchange.record.operation = Some(operation);
     exchange.record.model = route.model.clone();
     authorize(principal, &route, exchange)?;
-    let slot = limit(agent, principal)?;
-    let outgoing = converse_request(&route, &call)?;
-    let response = forward(agent, outgoing, principal, exchange, slot).await?;
-    let relay = exchange.record.relay.clone().unwrap_or_default();
-    openai_answer(response, &call, exchange.request_id(), relay).await
+    Ok(route)
 }
 
 /// OpenAI embeddings: the body read and translated to InvokeModel bodies (one per input for
@@ -176,20 +192,13 @@ async fn openai_embeddings(
     check_declared_length(principal, &request)?;
     let body = read_whole_body(request.into_body(), principal).await?;
     let call = openai::embeddings::translate_request(&body).map_err(RequestError::OpenAi)?;
-    exchange.record.end_user = call
-        .user
-        .as_deref()
-        .map(|user| user.chars().take(MAX_MESSAGE_CHARS).collect());
-    let model = ModelId::parse(&call.model).map_err(RequestError::Route)?;
-    let route = Route {
-        operation: Operation::InvokeModel,
-        model: Some(model),
-        guardrail: None,
-        invocation_arn: None,
-    };
-    exchange.record.operation = Some(Operation::InvokeModel);
-    exchange.record.model = route.model.clone();
-    authorize(principal, &route, exchange)?;
+    let route = openai_route(
+        Operation::InvokeModel,
+        &call.model,
+        call.user.as_deref(),
+        principal,
+        exchange,
+    )?;
     let slot = limit(agent, principal)?;
     let path = route.path().ok_or_else(|| {
         RequestError::Route(BedrockError::validation(format!(

@@ -15,7 +15,7 @@
 use base64::Engine;
 use serde_json::{json, Map, Value};
 
-use super::{shown, Invalid};
+use super::{optional_user, request_object, required_model, shown, Invalid};
 
 /// Parameters accepted and dropped: they do not change the answer.
 pub const IGNORED: [&str; 6] = [
@@ -76,19 +76,12 @@ pub struct ChatCall {
 
 /// Translates a chat completion request body.
 pub fn translate_request(body: &[u8]) -> Result<ChatCall, Invalid> {
-    let request: Value = serde_json::from_slice(body)
-        .map_err(|e| Invalid::body(format!("The request body is not valid JSON ({e}).")))?;
-    let Some(request) = request.as_object() else {
-        return Err(Invalid::body("The request body must be a JSON object."));
-    };
+    let request = &request_object(body)?;
     check_parameters(request)?;
-    let model = match request.get("model") {
-        Some(Value::String(model)) if !model.is_empty() => model.clone(),
-        _ => return Err(Invalid::new(
-            "model",
-            "`model` must be a non-empty string naming a Bedrock model or inference profile id.",
-        )),
-    };
+    let model = required_model(
+        request,
+        "`model` must be a non-empty string naming a Bedrock model or inference profile id.",
+    )?;
     let stream = optional_bool(request, "stream")?.unwrap_or(false);
     let include_usage = match request.get("stream_options") {
         None | Some(Value::Null) => false,
@@ -103,11 +96,7 @@ pub fn translate_request(body: &[u8]) -> Result<ChatCall, Invalid> {
         }
     };
     let single_tool_call = optional_bool(request, "parallel_tool_calls")? == Some(false);
-    let user = match request.get("user") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(user)) => Some(user.clone()),
-        Some(_) => return Err(Invalid::new("user", "`user` must be a string.")),
-    };
+    let user = optional_user(request)?;
 
     let (mut system, messages) = messages(request.get("messages"))?;
     if let Some(instruction) = response_format_instruction(request.get("response_format"))? {

@@ -19,7 +19,7 @@
 use base64::Engine;
 use serde_json::{json, Map, Value};
 
-use super::{shown, Invalid};
+use super::{optional_user, request_object, required_model, shown, Invalid};
 
 /// Parameters translated into the InvokeModel bodies (`input_type` and `normalize` are
 /// xpart extensions, sent by OpenAI SDKs through `extra_body`).
@@ -117,21 +117,12 @@ pub struct EmbeddingsCall {
 
 /// Translates an embeddings request body.
 pub fn translate_request(body: &[u8]) -> Result<EmbeddingsCall, Invalid> {
-    let request: Value = serde_json::from_slice(body)
-        .map_err(|e| Invalid::body(format!("The request body is not valid JSON ({e}).")))?;
-    let Some(request) = request.as_object() else {
-        return Err(Invalid::body("The request body must be a JSON object."));
-    };
+    let request = &request_object(body)?;
     check_parameters(request)?;
-    let model = match request.get("model") {
-        Some(Value::String(model)) if !model.is_empty() => model.clone(),
-        _ => {
-            return Err(Invalid::new(
-                "model",
-                "`model` must be a non-empty string naming a Bedrock embedding model id.",
-            ))
-        }
-    };
+    let model = required_model(
+        request,
+        "`model` must be a non-empty string naming a Bedrock embedding model id.",
+    )?;
     let Some(family) = Family::of(&model) else {
         return Err(Invalid::new(
             "model",
@@ -153,11 +144,7 @@ pub fn translate_request(body: &[u8]) -> Result<EmbeddingsCall, Invalid> {
             ))
         }
     };
-    let user = match request.get("user") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(user)) => Some(user.clone()),
-        Some(_) => return Err(Invalid::new("user", "`user` must be a string.")),
-    };
+    let user = optional_user(request)?;
     let dimensions = dimensions(request.get("dimensions"), family)?;
     let invocations = match family.is_cohere() {
         true => cohere_bodies(request, family, &texts, dimensions)?,

@@ -18,6 +18,7 @@ pub mod models;
 pub mod stream;
 
 use http::Method;
+use serde_json::{Map, Value};
 
 /// `POST /v1/chat/completions`.
 pub const CHAT_COMPLETIONS_PATH: &str = "/v1/chat/completions";
@@ -65,6 +66,33 @@ impl Endpoint {
             Endpoint::Embeddings => "openai /v1/embeddings",
             Endpoint::Models => "openai /v1/models",
         }
+    }
+}
+
+/// A request body as the JSON object every OpenAI request is.
+fn request_object(body: &[u8]) -> Result<Map<String, Value>, Invalid> {
+    let request: Value = serde_json::from_slice(body)
+        .map_err(|e| Invalid::body(format!("The request body is not valid JSON ({e}).")))?;
+    match request {
+        Value::Object(request) => Ok(request),
+        _ => Err(Invalid::body("The request body must be a JSON object.")),
+    }
+}
+
+/// The request's `model`, a non-empty string; `message` says what it must name.
+fn required_model(request: &Map<String, Value>, message: &str) -> Result<String, Invalid> {
+    match request.get("model") {
+        Some(Value::String(model)) if !model.is_empty() => Ok(model.clone()),
+        _ => Err(Invalid::new("model", message)),
+    }
+}
+
+/// OpenAI's optional `user`, kept for the audit line.
+fn optional_user(request: &Map<String, Value>) -> Result<Option<String>, Invalid> {
+    match request.get("user") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(user)) => Ok(Some(user.clone())),
+        Some(_) => Err(Invalid::new("user", "`user` must be a string.")),
     }
 }
 
