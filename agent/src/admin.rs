@@ -77,6 +77,7 @@ impl AdminHandler for AdminView {
                     "name": report.name,
                     "service_addr": target.service_addr.to_string(),
                     "state": report.state,
+                    "suspect": report.suspect,
                     "active": active.contains(&id),
                     "priority": share.priority,
                     "weight": share.weight,

@@ -242,6 +242,37 @@ mod tests {
         assert_eq!(balancer.choose(ids.iter().copied()), Some(ids[1]));
     }
 
+    #[test]
+    fn a_suspect_relay_gets_no_new_request_while_another_answers_however_idle_it_is() {
+        use crate::health::ProbeOutcome;
+        let start = Instant::now();
+        let settings = HealthSettings::default();
+        let mut health = Health::new(vec!["relay-a".into(), "relay-b".into()], settings, start);
+        let ids: Vec<RelayId> = health.ids().collect();
+        let ready = || ProbeOutcome::Ready {
+            handshake_age: None,
+        };
+        for relay in &ids {
+            assert!(health.poll_probe(start).is_some());
+            health.on_probe(*relay, ready(), start);
+        }
+        let balancer = Balancer::new([Share::default(), Share::default()]);
+        let _busy: Vec<Outstanding> = (0..3).filter_map(|_| balancer.claim(ids[1])).collect();
+        assert_eq!(balancer.choose(health.eligible(&[])), Some(ids[0]), "idle");
+
+        let missed = start + settings.interval;
+        assert_eq!(health.poll_probe(missed), Some(ids[0]));
+        health.on_probe(ids[0], ProbeOutcome::Failed("timed out".into()), missed);
+        assert_eq!(balancer.choose(health.eligible(&[])), Some(ids[1]));
+        assert_eq!(balancer.active(health.eligible(&[])), [ids[1]]);
+        // relay-b already tried: the suspect relay is better than none.
+        assert_eq!(balancer.choose(health.eligible(&[ids[1]])), Some(ids[0]));
+
+        assert_eq!(health.poll_probe(missed), Some(ids[0]));
+        health.on_probe(ids[0], ready(), missed);
+        assert_eq!(balancer.choose(health.eligible(&[])), Some(ids[0]));
+    }
+
     /// Relay ids (made by the health core, their one maker) and a balancer for `shares`
     /// given as (priority, weight).
     fn relays(shares: &[(u32, u32)]) -> (Vec<RelayId>, Balancer) {

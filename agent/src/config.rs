@@ -860,13 +860,13 @@ fn default_admin_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9100))
 }
 fn default_interval_ms() -> u64 {
-    1000
+    millis(HealthSettings::default().interval)
 }
 fn default_probe_timeout_ms() -> u64 {
-    800
+    millis(HealthSettings::default().probe_timeout)
 }
 fn default_fail_after() -> u32 {
-    2
+    HealthSettings::default().fail_after
 }
 fn default_rise_after() -> u32 {
     2

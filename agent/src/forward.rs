@@ -10,8 +10,10 @@
 //! agent sends an HTTP/2 PING, and a PING unanswered within `ping_timeout` ends the
 //! connection. A connection that ends with an error, a connect that fails and a stream the
 //! relay resets before answering are passive failures: the relay leaves the rotation at once
-//! rather than after `fail_after` failed probes, so a relay that vanished without a word stops
-//! taking requests within `ping_interval + ping_timeout`.
+//! rather than after `fail_after` failed probes. The PING deadline is the hard one, which ends
+//! the requests in flight, so it is set for a lossy WAN (1 s + 2 s); a relay that vanished
+//! without a word stops taking new requests sooner, when it misses one probe and becomes
+//! suspect (see [`crate::health`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,7 +58,9 @@ pub struct ConnectionSettings {
     pub connect_timeout: Duration,
     /// Silence on a connection after which the agent sends a PING.
     pub ping_interval: Duration,
-    /// A PING unanswered this long ends the connection and takes the relay out.
+    /// A PING unanswered this long ends the connection, its requests in flight and the relay's
+    /// place in the rotation: long enough that a healthy relay over a lossy link, whose
+    /// answers a TCP retransmission or two delays, keeps what it is serving.
     pub ping_timeout: Duration,
 }
 
@@ -64,8 +68,8 @@ impl Default for ConnectionSettings {
     fn default() -> ConnectionSettings {
         ConnectionSettings {
             connect_timeout: Duration::from_millis(1000),
-            ping_interval: Duration::from_millis(250),
-            ping_timeout: Duration::from_millis(500),
+            ping_interval: Duration::from_millis(1000),
+            ping_timeout: Duration::from_millis(2000),
         }
     }
 }
@@ -278,11 +282,11 @@ impl Relays {
         Err(DispatchError::NotSent(last_error))
     }
 
-    /// The healthy relays of the best group: those sharing new requests.
+    /// The relays of the best group among those that may take a new request (healthy, and
+    /// not suspect while a relay that answered exists): those sharing new requests.
     pub fn active(&self) -> Vec<RelayId> {
-        let health = self.health();
-        self.balancer
-            .active(health.ids().filter(|relay| health.is_healthy(*relay)))
+        let eligible = self.health().eligible(&[]);
+        self.balancer.active(eligible)
     }
 
     /// Requests counted against `relay` now.
@@ -521,15 +525,11 @@ impl Relays {
             .set(value);
     }
 
-    /// The relay the balancer picks among the healthy ones not in `tried`, with one request
-    /// counted against it.
+    /// The relay the balancer picks among those not in `tried` that may take a new request
+    /// ([`Health::eligible`]), with one request counted against it.
     fn claim(&self, tried: &[RelayId]) -> Option<(RelayId, RelayLoad)> {
         let health = self.health();
-        let relay = self.balancer.choose(
-            health
-                .ids()
-                .filter(|relay| !tried.contains(relay) && health.is_healthy(*relay)),
-        )?;
+        let relay = self.balancer.choose(health.eligible(tried))?;
         // Claimed under the health lock, so requests picking together see each other's claims.
         let claim = self.balancer.claim(relay)?;
         drop(health);
@@ -828,8 +828,9 @@ mod tests {
             .collect();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let declared = Instant::now();
-        relays.report_failure(relay, "probe timed out".into());
-        relays.report_failure(relay, "probe timed out".into());
+        for _ in 0..HealthSettings::default().fail_after {
+            relays.report_failure(relay, "probe timed out".into());
+        }
         for waiter in waiters {
             let outcome = tokio::time::timeout(Duration::from_secs(2), waiter)
                 .await

@@ -7,16 +7,21 @@
 //! requests (which of them takes the next one is `balance`'s choice) and which relays just
 //! went up or down. The tokio driver that sends the probes lives in `monitor`.
 //!
-//! Two ways out of the rotation. Passive: a failed connect, an HTTP/2 connection that breaks
-//! or stops answering its PINGs, or a stream the relay resets before answering takes the
-//! relay out at once ([`Health::on_passive_failure`]); the PING deadline bounds how long a
-//! relay that vanished without a word (frozen, powered off, cut off) goes unnoticed while
-//! its connection is open, which it always is, since probes and PINGs keep it busy. Active:
-//! a healthy relay that fails a probe is probed again at once rather than at the next tick,
-//! so a relay that still holds its connection but answers nothing is declared down after
-//! `fail_after` failures within about `interval + fail_after × probe_timeout` (2.6 s with the
-//! defaults), while a single slow probe under load does not move traffic. Either way a relay
-//! comes back only after `rise_after` good probes.
+//! Being wrong about a relay costs differently in each direction, so there are two judgements.
+//! Soft: a healthy relay that misses one probe (`probe_timeout`, 500 ms, every `interval`,
+//! 250 ms) is `suspect`: new requests go to the relays that answered while there is one, and
+//! the next good probe clears it. Nothing is closed, so a relay that only lost a packet or two
+//! on a lossy link keeps what it is serving, and a relay that vanished (frozen, powered off,
+//! cut off, no FIN) takes no new request within `interval + probe_timeout`, 750 ms.
+//! Hard: the relay leaves the rotation and, when it does not answer at all, its requests in
+//! flight are ended ([`HealthEvent::Lost`]). Passive signals do it at once
+//! ([`Health::on_passive_failure`]): a failed connect, an HTTP/2 connection that breaks or
+//! leaves a PING unanswered past its deadline, a stream the relay resets before answering.
+//! Probes do it after `fail_after` failures in a row; a healthy relay that fails a probe is
+//! probed again at once, so that takes `fail_after × probe_timeout` of silence (2 s with
+//! the defaults), long enough that a TCP retransmission or two inside the tunnel does not
+//! end requests that would have completed. Either way a relay comes back only after
+//! `rise_after` good probes.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -40,9 +45,9 @@ pub struct HealthSettings {
 impl Default for HealthSettings {
     fn default() -> HealthSettings {
         HealthSettings {
-            interval: Duration::from_secs(1),
-            probe_timeout: Duration::from_millis(800),
-            fail_after: 2,
+            interval: Duration::from_millis(250),
+            probe_timeout: Duration::from_millis(500),
+            fail_after: 4,
             rise_after: 2,
             handshake_max_age: Duration::from_secs(180),
         }
@@ -139,6 +144,8 @@ pub enum HealthEvent {
 pub struct RelayReport {
     pub name: String,
     pub state: State,
+    /// Healthy but missed its last probe: takes new requests only when no other relay can.
+    pub suspect: bool,
     pub consecutive_failures: u32,
     pub last_error: Option<String>,
     /// Seconds since the state last changed.
@@ -160,6 +167,9 @@ struct RelayHealth {
     name: String,
     state: State,
     state_since: Instant,
+    /// Missed its last probe: still in the rotation, but new requests go to a relay that
+    /// answered while there is one. Cleared by the next good probe.
+    suspect: bool,
     failures: u32,
     successes: u32,
     next_probe: Instant,
@@ -178,6 +188,7 @@ impl Health {
                 name,
                 state: State::Unknown,
                 state_since: now,
+                suspect: false,
                 failures: 0,
                 successes: 0,
                 next_probe: now,
@@ -207,6 +218,33 @@ impl Health {
         self.relays
             .get(relay.0)
             .is_some_and(|r| r.state == State::Healthy)
+    }
+
+    /// Healthy, but its last probe went unanswered.
+    pub fn is_suspect(&self, relay: RelayId) -> bool {
+        self.relays
+            .get(relay.0)
+            .is_some_and(|r| r.state == State::Healthy && r.suspect)
+    }
+
+    /// The healthy relays outside `exclude` that may take a new request: those not suspect
+    /// when there is one, else the suspect ones, since a relay that missed a probe is a better
+    /// bet than no relay at all.
+    pub fn eligible(&self, exclude: &[RelayId]) -> Vec<RelayId> {
+        let healthy: Vec<RelayId> = self
+            .ids()
+            .filter(|relay| !exclude.contains(relay) && self.is_healthy(*relay))
+            .collect();
+        let answering: Vec<RelayId> = healthy
+            .iter()
+            .copied()
+            .filter(|relay| !self.is_suspect(*relay))
+            .collect();
+        if answering.is_empty() {
+            healthy
+        } else {
+            answering
+        }
     }
 
     #[cfg(test)]
@@ -256,7 +294,10 @@ impl Health {
             ),
             ProbeOutcome::Ready { .. } => return self.record_success(relay, now),
             ProbeOutcome::NotReady(reason) => (format!("relay not ready: {reason}"), true),
-            ProbeOutcome::Failed(reason) => (reason, false),
+            ProbeOutcome::Failed(reason) => {
+                r.suspect = true;
+                (reason, false)
+            }
         };
         self.record_failure(relay, reason, answered, now);
     }
@@ -265,7 +306,8 @@ impl Health {
     /// Counts as a failed probe and asks for a probe at once, so a relay that died between
     /// probes leaves the rotation without waiting for the next tick.
     pub fn on_forward_failed(&mut self, relay: RelayId, reason: String, now: Instant) {
-        if relay.0 < self.relays.len() {
+        if let Some(r) = self.relays.get_mut(relay.0) {
+            r.suspect = true;
             self.record_failure(relay, reason, false, now);
         }
     }
@@ -307,6 +349,7 @@ impl Health {
             .map(|r| RelayReport {
                 name: r.name.clone(),
                 state: r.state,
+                suspect: r.state == State::Healthy && r.suspect,
                 consecutive_failures: r.failures,
                 last_error: r.last_error.clone(),
                 state_age_seconds: now.saturating_duration_since(r.state_since).as_secs_f64(),
@@ -322,6 +365,7 @@ impl Health {
         let rise_after = self.settings.rise_after.max(1);
         let r = &mut self.relays[relay.0];
         r.failures = 0;
+        r.suspect = false;
         r.lost = false;
         r.last_success = Some(now);
         r.successes = r.successes.saturating_add(1);
@@ -430,15 +474,16 @@ mod tests {
 
     #[test]
     fn probes_follow_the_interval() {
+        let interval = HealthSettings::default().interval;
         let start = Instant::now();
         let mut health = two_relays(start);
         probe_all(&mut health, start, |_| READY);
-        assert_eq!(health.poll_timeout(), Some(start + Duration::from_secs(1)));
-        assert_eq!(health.poll_probe(start + Duration::from_millis(999)), None);
+        assert_eq!(health.poll_timeout(), Some(start + interval));
         assert_eq!(
-            health.poll_probe(start + Duration::from_secs(1)),
-            Some(RelayId(0))
+            health.poll_probe(start + interval - Duration::from_millis(1)),
+            None
         );
+        assert_eq!(health.poll_probe(start + interval), Some(RelayId(0)));
     }
 
     #[test]
@@ -449,23 +494,25 @@ mod tests {
         probe_all(&mut health, start, |_| READY);
         while health.poll_event().is_some() {}
 
-        // relay-a dies just after answering at `start`. Its next probe goes out at +1 s and
-        // times out; the immediate re-probe times out too.
-        let first = start + settings.interval;
-        assert_eq!(health.poll_probe(first), Some(RelayId(0)));
-        let first_fails = first + settings.probe_timeout;
-        health.on_probe(RelayId(0), failed(), first_fails);
-        assert_eq!(healthy(&health), [0, 1], "one failure is not enough");
-        assert_eq!(
-            health.poll_probe(first_fails),
-            Some(RelayId(0)),
-            "re-probed at once"
-        );
-        let second_fails = first_fails + settings.probe_timeout;
-        health.on_probe(RelayId(0), failed(), second_fails);
+        // relay-a dies just after answering at `start`. Its next probe goes out one interval
+        // later and times out; each immediate re-probe times out too.
+        let mut t = start + settings.interval;
+        for failure in 1..settings.fail_after {
+            assert_eq!(health.poll_probe(t), Some(RelayId(0)), "re-probed at once");
+            t += settings.probe_timeout;
+            health.on_probe(RelayId(0), failed(), t);
+            assert_eq!(
+                healthy(&health),
+                [0, 1],
+                "{failure} failure(s) are not enough"
+            );
+        }
+        assert_eq!(health.poll_probe(t), Some(RelayId(0)));
+        let last_fails = t + settings.probe_timeout;
+        health.on_probe(RelayId(0), failed(), last_fails);
 
         assert_eq!(healthy(&health), [1]);
-        assert!(second_fails - start <= Duration::from_secs(3));
+        assert!(last_fails - start <= Duration::from_secs(3));
         assert_eq!(
             health.poll_event(),
             Some(HealthEvent::Down {
@@ -480,7 +527,7 @@ mod tests {
         assert_eq!(health.poll_event(), None);
 
         // Further failures do not repeat the loss; an answer re-arms it.
-        let later = second_fails + settings.interval;
+        let later = last_fails + settings.interval;
         assert_eq!(health.poll_probe(later), Some(RelayId(0)));
         health.on_probe(RelayId(0), failed(), later);
         assert_eq!(health.poll_event(), None);
@@ -526,10 +573,16 @@ mod tests {
         let start = Instant::now();
         let mut health = two_relays(start);
         probe_all(&mut health, start, |_| READY);
-        let later = start + Duration::from_millis(300);
+        let later = start + Duration::from_millis(100);
         health.on_forward_failed(RelayId(0), "connection refused".into(), later);
-        assert_eq!(health.poll_probe(later), Some(RelayId(0)));
-        health.on_probe(RelayId(0), failed(), later);
+        assert!(
+            health.is_suspect(RelayId(0)),
+            "new requests go elsewhere at once"
+        );
+        for _ in 1..HealthSettings::default().fail_after {
+            assert_eq!(health.poll_probe(later), Some(RelayId(0)));
+            health.on_probe(RelayId(0), failed(), later);
+        }
         assert_eq!(healthy(&health), [1]);
     }
 
@@ -541,7 +594,7 @@ mod tests {
         probe_all(&mut health, start, |_| READY);
         while health.poll_event().is_some() {}
 
-        let lost_at = start + Duration::from_millis(400);
+        let lost_at = start + settings.interval / 2;
         let ejected = health.on_passive_failure(
             RelayId(0),
             PassiveFailure::ConnectionLost,
@@ -654,6 +707,109 @@ mod tests {
     }
 
     #[test]
+    fn a_missed_probe_makes_a_relay_suspect_and_new_requests_avoid_it_until_it_answers() {
+        let settings = HealthSettings::default();
+        let start = Instant::now();
+        let mut health = Health::new(
+            vec!["relay-a".into(), "relay-b".into(), "relay-c".into()],
+            settings,
+            start,
+        );
+        probe_all(&mut health, start, |_| READY);
+        while health.poll_event().is_some() {}
+        assert_eq!(ids(&health.eligible(&[])), [0, 1, 2]);
+
+        // relay-a misses one probe: still healthy, nothing closed, no new request.
+        let t = start + settings.interval;
+        assert_eq!(health.poll_probe(t), Some(RelayId(0)));
+        health.on_probe(RelayId(0), failed(), t + settings.probe_timeout);
+        assert!(health.is_healthy(RelayId(0)));
+        assert!(health.is_suspect(RelayId(0)));
+        assert_eq!(health.poll_event(), None, "soft: no down, no loss");
+        assert_eq!(ids(&health.eligible(&[])), [1, 2]);
+        assert_eq!(ids(&health.eligible(&[RelayId(1)])), [2]);
+        let report = health.report(t);
+        assert!(report[0].suspect && !report[1].suspect);
+
+        // With every relay that answered already tried, the suspect one still takes it.
+        assert_eq!(ids(&health.eligible(&[RelayId(1), RelayId(2)])), [0]);
+
+        // The next good probe clears it at once, with no rise_after wait.
+        let back = t + settings.probe_timeout;
+        assert_eq!(
+            health.poll_probe(back),
+            Some(RelayId(0)),
+            "re-probed at once"
+        );
+        health.on_probe(RelayId(0), READY, back);
+        assert!(!health.is_suspect(RelayId(0)));
+        assert_eq!(ids(&health.eligible(&[])), [0, 1, 2]);
+        assert_eq!(health.poll_event(), None, "no down/up churn");
+    }
+
+    #[test]
+    fn a_lone_suspect_relay_still_takes_requests() {
+        let settings = HealthSettings::default();
+        let start = Instant::now();
+        let mut health = two_relays(start);
+        probe_all(&mut health, start, |relay| match relay.index() {
+            0 => READY,
+            _ => ProbeOutcome::NotReady("drained".into()),
+        });
+        assert_eq!(healthy(&health), [0]);
+        let t = start + settings.interval;
+        assert_eq!(health.poll_probe(t), Some(RelayId(0)));
+        health.on_probe(RelayId(0), failed(), t);
+        assert!(health.is_suspect(RelayId(0)));
+        assert_eq!(
+            ids(&health.eligible(&[])),
+            [0],
+            "better than no relay at all"
+        );
+    }
+
+    #[test]
+    fn a_relay_silent_for_fail_after_probes_is_lost_but_a_shorter_stall_is_not() {
+        let settings = HealthSettings::default();
+        let start = Instant::now();
+        let mut health = two_relays(start);
+        probe_all(&mut health, start, |_| READY);
+        while health.poll_event().is_some() {}
+
+        // A stall shorter than fail_after probe deadlines (a retransmission or two on a lossy
+        // link): suspect, but the requests in flight are left to finish.
+        let mut t = start + settings.interval;
+        for _ in 1..settings.fail_after {
+            assert_eq!(health.poll_probe(t), Some(RelayId(0)));
+            t += settings.probe_timeout;
+            health.on_probe(RelayId(0), failed(), t);
+        }
+        assert!(health.is_healthy(RelayId(0)) && health.is_suspect(RelayId(0)));
+        assert_eq!(health.poll_event(), None);
+        assert!(t - start >= Duration::from_millis(1500), "{:?}", t - start);
+
+        // One more: silent for fail_after × probe_timeout, it is down and lost.
+        assert_eq!(health.poll_probe(t), Some(RelayId(0)));
+        t += settings.probe_timeout;
+        health.on_probe(RelayId(0), failed(), t);
+        assert_eq!(healthy(&health), [1]);
+        assert!(!health.is_suspect(RelayId(0)), "down, not suspect");
+        assert!(matches!(
+            health.poll_event(),
+            Some(HealthEvent::Down { .. })
+        ));
+        assert_eq!(
+            health.poll_event(),
+            Some(HealthEvent::Lost { relay: RelayId(0) })
+        );
+        assert!(t - start <= Duration::from_millis(2500), "{:?}", t - start);
+    }
+
+    fn ids(relays: &[RelayId]) -> Vec<usize> {
+        relays.iter().map(|relay| relay.index()).collect()
+    }
+
+    #[test]
     fn stale_handshake_takes_relay_down_even_if_probe_answered() {
         let start = Instant::now();
         let mut health = Health::new(
@@ -704,7 +860,10 @@ mod tests {
         let mut health = two_relays(start);
         probe_all(&mut health, start, |_| failed());
         assert!(healthy(&health).is_empty());
-        assert_eq!(health.poll_timeout(), Some(start + Duration::from_secs(1)));
+        assert_eq!(
+            health.poll_timeout(),
+            Some(start + HealthSettings::default().interval)
+        );
         assert!(!health.any_healthy());
     }
 

@@ -12,7 +12,7 @@
 //! caller's credentials and with `x-xpart-*` headers naming the principal, request id and
 //! source. The response streams back frame by frame ([`streaming`]); when it ends, the audit
 //! line is written (`xpart_daemon::audit`). Relay health comes from the sans-IO [`health`]
-//! core, driven by [`monitor`], which probes each relay through the tunnel every second, and
+//! core, driven by [`monitor`], which probes each relay through the tunnel every 250 ms, and
 //! from what the connections show (a failed connect, an unanswered PING, a reset). The admin
 //! port ([`admin`]) serves `/metrics` ([`metrics`]), `/healthz`,
 //! `/readyz`, `/status`, and `/`, the HTML status page ([`status_page`]).

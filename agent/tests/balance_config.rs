@@ -44,12 +44,17 @@ fn a_relay_weight_outside_its_range_is_refused_with_its_field() {
 }
 
 #[test]
-fn ping_settings_have_sub_second_defaults_and_refuse_zero() {
+fn health_settings_have_their_defaults_and_refuse_zero() {
     let scratch = Scratch::new("config-ping");
     let text = relay_fields("");
     let loaded = load(&scratch, &text).expect("loads");
-    assert_eq!(loaded.health.ping_interval_ms, 250);
-    assert_eq!(loaded.health.ping_timeout_ms, 500);
+    // Sub-second probes mark a silent relay suspect; the PING deadline, which ends requests in
+    // flight, leaves room for retransmissions on a lossy link.
+    assert_eq!(loaded.health.interval_ms, 250);
+    assert_eq!(loaded.health.probe_timeout_ms, 500);
+    assert_eq!(loaded.health.fail_after, 4);
+    assert_eq!(loaded.health.ping_interval_ms, 1000);
+    assert_eq!(loaded.health.ping_timeout_ms, 2000);
     assert_eq!(loaded.health.connect_timeout_ms, 1000);
 
     let error = load(

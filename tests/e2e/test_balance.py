@@ -3,9 +3,11 @@ WireGuard mode, all in one group, under steady concurrent load from boto3 caller
 
 Requests spread over the three relays. Then one relay is lost without a word, SIGKILLed (its
 tunnel goes silent: no FIN reaches the agent through WireGuard) or SIGSTOPped (frozen). The
-agent notices when the relay's HTTP/2 connection misses a PING, well within a second, so:
-from 1 s after the loss every call succeeds and none waits on the lost relay; calls in
-flight at the loss end with a 503 or succeed; every call is accounted for (sent = ok + 503).
+agent notices when the relay misses one probe (every 250 ms, 500 ms to answer) and sends it no
+new call, well within a second, so: from 1 s after the loss every call succeeds and none waits
+on the lost relay. Calls in flight there end with a 503 once the silence outlasts the hard
+deadline (4 missed probes, or the 1 s + 2 s PING deadline), or succeed; every call is
+accounted for (sent = ok + 503).
 Each test prints its figures (calls, failures, time from the loss to the last failure)."""
 
 import os
@@ -25,11 +27,15 @@ MESSAGES = [{"role": "user", "content": [{"text": "balance"}]}]
 WORKERS = 8
 # How long the agent may take over a call from 1 s after the loss (its audit line's
 # latency_ms, from the request to the end of the answer). Waiting on the lost relay costs more
-# (a connect timeout, 1 s; a probe timeout, 800 ms); a call to the stand-in takes tens of
+# (a connect timeout, 1 s; a probe timeout, 500 ms); a call to the stand-in takes tens of
 # milliseconds, a few hundred on a test machine busy with builds.
 SETTLED_CALL_BOUND = 0.5
 # The same call as the caller times it, boto3 and a busy test machine included.
 SETTLED_CALLER_BOUND = 1.0
+# How long a call in flight on the lost relay may take to end: sent up to 750 ms after the loss
+# (until the missed probe), ended by the hard deadline about 2 s into the silence, with room for
+# a busy machine. A hang shows as a call reaching the caller's own timeout instead.
+IN_FLIGHT_BOUND = 3.0
 
 
 class Load:
@@ -123,8 +129,8 @@ def check_loss(stack, results, lost_at, lost_name, label):
     assert all(r[2][0] == "ServiceUnavailableException" for r in failed), failed
     assert all(lost_name in r[2][1] for r in failed), failed
     assert all(r[0] < lost_at + 1.0 for r in failed), "a call failed 1 s after the loss"
-    # No call is silent: those in flight at the loss end promptly too.
-    assert all(r[1] - r[0] < 1.5 for r in results), max(r[1] - r[0] for r in results)
+    # No call is silent: those in flight at the loss end within the hard deadline too.
+    assert all(r[1] - r[0] < IN_FLIGHT_BOUND for r in results), max(r[1] - r[0] for r in results)
 
     assert len(settled) > 50, f"load went on after the loss: {len(settled)} calls"
     slow = [(_s(s), lines[r[2][1]]) for r, s in zip(settled, agent_seconds) if s > SETTLED_CALL_BOUND]
@@ -142,7 +148,6 @@ def check_loss(stack, results, lost_at, lost_name, label):
     states = {r["name"]: r["state"] for r in status["relays"]}
     assert states[lost_name] == "down", states
     metrics = stack.agent.metrics()
-    assert f'xpart_agent_relay_ejections_total{{reason="connection_lost",relay="{lost_name}"}} 1' in metrics
     assert f'xpart_agent_relay_healthy{{relay="{lost_name}"}} 0' in metrics
 
 
@@ -177,12 +182,12 @@ def test_a_frozen_relay_returns_after_good_probes(start_stack):  # noqa: F811
     pid = frozen.process.proc.pid
     os.kill(pid, signal.SIGSTOP)
     try:
-        deadline = time.monotonic() + 2
-        while time.monotonic() < deadline:
-            _, status = stack.agent.admin_json("/status")
-            if status["relays"][2]["state"] == "down":
-                break
-            time.sleep(0.05)
+        frozen_at = time.monotonic()
+        # Soft first: one missed probe and it takes no new call, though still healthy.
+        status = wait_status(stack, lambda st: st["active_relays"] == ["relay-a", "relay-b"], frozen_at + 1)
+        assert status["active_relays"] == ["relay-a", "relay-b"], status
+        # Hard once the silence outlasts fail_after probes: down.
+        status = wait_status(stack, lambda st: st["relays"][2]["state"] == "down", frozen_at + 3)
         assert status["relays"][2]["state"] == "down", status
         assert status["active_relays"] == ["relay-a", "relay-b"], status
     finally:
@@ -190,3 +195,11 @@ def test_a_frozen_relay_returns_after_good_probes(start_stack):  # noqa: F811
     status = wait_all_healthy(stack)
     assert status["active_relays"] == ["relay-a", "relay-b", "relay-c"], status
 
+
+def wait_status(stack, condition, deadline):
+    """The agent's /status once `condition` holds of it, or the last one at `deadline`."""
+    while True:
+        _, status = stack.agent.admin_json("/status")
+        if condition(status) or time.monotonic() >= deadline:
+            return status
+        time.sleep(0.05)
