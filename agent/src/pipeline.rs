@@ -134,8 +134,7 @@ async fn openai_chat(
     principal: &Principal,
     exchange: &mut Recorder,
 ) -> Result<Response<CallerBody>, RequestError> {
-    check_declared_length(principal, &request)?;
-    let body = read_whole_body(request.into_body(), principal).await?;
+    let body = read_whole_body(request, principal).await?;
     let call = openai::chat::translate_request(&body).map_err(RequestError::OpenAi)?;
     let operation = match call.stream {
         true => Operation::ConverseStream,
@@ -189,8 +188,7 @@ async fn openai_embeddings(
     principal: &Principal,
     exchange: &mut Recorder,
 ) -> Result<Response<CallerBody>, RequestError> {
-    check_declared_length(principal, &request)?;
-    let body = read_whole_body(request.into_body(), principal).await?;
+    let body = read_whole_body(request, principal).await?;
     let call = openai::embeddings::translate_request(&body).map_err(RequestError::OpenAi)?;
     let route = openai_route(
         Operation::InvokeModel,
@@ -368,7 +366,7 @@ async fn list_once(
     let path = match (operation, next_token) {
         (Operation::ListInferenceProfiles, Some(token)) => format!(
             "/inference-profiles?maxResults=1000&nextToken={}",
-            openai::models::query_value(token)
+            xpart_bedrock::encode_unreserved(token)
         ),
         (Operation::ListInferenceProfiles, None) => {
             "/inference-profiles?maxResults=1000".to_owned()
@@ -532,10 +530,15 @@ fn finish_openai(
     response
 }
 
-/// The caller's whole body (a translation needs all of it), within the principal's limit.
-async fn read_whole_body(body: Incoming, principal: &Principal) -> Result<Bytes, RequestError> {
+/// The caller's whole body (a translation needs all of it), within the principal's limit: a
+/// declared length over it is refused before any of the body is read.
+async fn read_whole_body(
+    request: Request<Incoming>,
+    principal: &Principal,
+) -> Result<Bytes, RequestError> {
+    check_declared_length(principal, &request)?;
     let meter = Arc::new(RequestMeter::default());
-    let limited = RequestBody::new(body, principal.max_body_bytes, meter.clone());
+    let limited = RequestBody::new(request.into_body(), principal.max_body_bytes, meter.clone());
     match limited.collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(_) if meter.over_limit.load(Ordering::Relaxed) => Err(RequestError::BodyTooLarge {

@@ -511,7 +511,7 @@ impl ModelId {
 
     /// The id as one percent-encoded path segment.
     pub fn path_segment(&self) -> String {
-        encode_label(&self.0)
+        encode_unreserved(&self.0)
     }
 }
 
@@ -616,7 +616,9 @@ const PATH_LABEL: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-fn encode_label(value: &str) -> String {
+/// `value` percent-encoded as the AWS SDKs encode a path label or a query value: every byte
+/// but RFC 3986's unreserved characters.
+pub fn encode_unreserved(value: &str) -> String {
     utf8_percent_encode(value, PATH_LABEL).to_string()
 }
 
@@ -850,15 +852,15 @@ impl Route {
                 let guardrail = self.guardrail.as_ref()?;
                 Some(format!(
                     "/guardrail/{}/version/{}/apply",
-                    encode_label(&guardrail.identifier),
-                    encode_label(&guardrail.version)
+                    encode_unreserved(&guardrail.identifier),
+                    encode_unreserved(&guardrail.version)
                 ))
             }
             Operation::StartAsyncInvoke => Some("/async-invoke".to_string()),
             Operation::ListAsyncInvokes => Some("/async-invoke".to_string()),
             Operation::GetAsyncInvoke => Some(format!(
                 "/async-invoke/{}",
-                encode_label(self.invocation_arn.as_deref()?)
+                encode_unreserved(self.invocation_arn.as_deref()?)
             )),
             Operation::ListFoundationModels => Some("/foundation-models".to_string()),
             Operation::ListInferenceProfiles => Some("/inference-profiles".to_string()),
@@ -1376,6 +1378,18 @@ mod tests {
             ModelId::parse(&long_arn).unwrap_err().kind,
             ErrorType::Validation
         );
+    }
+
+    #[test]
+    fn values_are_encoded_like_the_sdks_do() {
+        assert_eq!(encode_unreserved("xpart.echo"), "xpart.echo");
+        assert_eq!(
+            encode_unreserved("anthropic.claude-3-haiku-20240307-v1:0"),
+            "anthropic.claude-3-haiku-20240307-v1%3A0"
+        );
+        assert_eq!(encode_unreserved("a/b c"), "a%2Fb%20c");
+        assert_eq!(encode_unreserved("a+b/c=="), "a%2Bb%2Fc%3D%3D");
+        assert_eq!(encode_unreserved("é~"), "%C3%A9~");
     }
 
     #[test]

@@ -203,7 +203,10 @@ impl Prober {
             connect: target.connect.clone(),
             tls,
             token: target.token.clone(),
-            path: format!("/model/{}/converse", encode_path_segment(&target.model)),
+            path: format!(
+                "/model/{}/converse",
+                xpart_bedrock::encode_unreserved(&target.model)
+            ),
             body: Bytes::from(body.to_string()),
             timeout: target.timeout,
         })
@@ -428,20 +431,6 @@ fn tls_connector(ca_bundle: &std::path::Path) -> Result<tokio_rustls::TlsConnect
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
-/// Model IDs carry `:` (e.g. `…-v1:0`); the SDKs percent-encode everything but the RFC 3986
-/// unreserved set in the path segment, and the agent routes on the encoded form.
-fn encode_path_segment(segment: &str) -> String {
-    segment
-        .bytes()
-        .map(|byte| match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (byte as char).to_string()
-            }
-            _ => format!("%{byte:02X}"),
-        })
-        .collect()
-}
-
 fn millis(duration: Duration) -> f64 {
     (duration.as_secs_f64() * 1000.0 * 100.0).round() / 100.0
 }
@@ -497,16 +486,6 @@ fn phase_ms(value: Option<f64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn model_ids_are_encoded_like_the_sdks_do() {
-        assert_eq!(encode_path_segment("xpart.echo"), "xpart.echo");
-        assert_eq!(
-            encode_path_segment("anthropic.claude-3-haiku-20240307-v1:0"),
-            "anthropic.claude-3-haiku-20240307-v1%3A0"
-        );
-        assert_eq!(encode_path_segment("a/b c"), "a%2Fb%20c");
-    }
 
     #[test]
     fn converse_text_joins_the_text_blocks() {

@@ -74,19 +74,6 @@ pub fn id_in_path(path: &str) -> Option<String> {
     String::from_utf8(decoded).ok()
 }
 
-/// `value` percent-encoded for a query string: every byte but RFC 3986's unreserved ones.
-pub fn query_value(value: &str) -> String {
-    value
-        .bytes()
-        .map(|byte| match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (byte as char).to_string()
-            }
-            _ => format!("%{byte:02X}"),
-        })
-        .collect()
-}
-
 fn foundation_model(summary: &Value) -> Option<Value> {
     let id = summary["modelId"].as_str()?;
     let owner = summary["providerName"].as_str().unwrap_or("aws");
@@ -189,6 +176,5 @@ mod tests {
         assert_eq!(id_in_path("/v1/models"), None);
         assert_eq!(id_in_path("/v1/models/"), None);
         assert_eq!(id_in_path("/v1/models/a%2"), Some("a%2".to_owned()));
-        assert_eq!(query_value("a+b/c=="), "a%2Bb%2Fc%3D%3D");
     }
 }
