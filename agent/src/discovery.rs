@@ -14,6 +14,7 @@ use xpart_bedrock::{glob_match, BedrockError, Operation};
 use crate::auth::Principal;
 use crate::error::RequestError;
 use crate::pipeline::CallerBody;
+use crate::streaming::BoxError;
 
 /// `response` to `operation`, its list filtered to `principal`'s `models` when it is a
 /// successful list answer; any other answer unchanged.
@@ -26,7 +27,7 @@ pub async fn filtered(
         return Ok(response);
     }
     let (mut head, body) = response.into_parts();
-    let unfilterable = |reason: String| {
+    let unfilterable = |reason: &dyn std::fmt::Display| {
         RequestError::Route(BedrockError::internal(format!(
             "the {operation} answer could not be filtered for principal {}: {reason}",
             principal.name
@@ -34,11 +35,10 @@ pub async fn filtered(
     };
     let list = match read_list(body).await {
         Ok(list) => list,
-        Err(reason) => return Err(unfilterable(reason)),
+        Err(reason) => return Err(unfilterable(&reason)),
     };
     let allowed = |id: &str| principal.models.iter().any(|glob| glob_match(glob, id));
-    let kept =
-        filter_list(operation, &list, allowed).map_err(|err| unfilterable(err.to_string()))?;
+    let kept = filter_list(operation, &list, allowed).map_err(|err| unfilterable(&err))?;
     head.headers
         .insert(CONTENT_LENGTH, HeaderValue::from(kept.len()));
     let body = Full::new(Bytes::from(kept))
@@ -47,19 +47,26 @@ pub async fn filtered(
     Ok(Response::from_parts(head, body))
 }
 
+/// Why a list answer could not be read whole.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    /// The body failed on its way from the relay; its own message.
+    #[error("{0}")]
+    Body(BoxError),
+    #[error("the answer is over {MAX_LIST_BYTES} bytes")]
+    TooLarge,
+}
+
 /// The whole answer, up to [`MAX_LIST_BYTES`].
-async fn read_list(mut body: CallerBody) -> Result<Vec<u8>, String> {
+async fn read_list(mut body: CallerBody) -> Result<Vec<u8>, ReadError> {
     let mut list = Vec::new();
     while let Some(frame) = body.frame().await {
-        let frame = match frame {
-            Ok(frame) => frame,
-            Err(error) => return Err(error.to_string()),
-        };
+        let frame = frame.map_err(ReadError::Body)?;
         let Ok(data) = frame.into_data() else {
             continue;
         };
         if list.len() + data.len() > MAX_LIST_BYTES {
-            return Err(format!("the answer is over {MAX_LIST_BYTES} bytes"));
+            return Err(ReadError::TooLarge);
         }
         list.extend_from_slice(&data);
     }

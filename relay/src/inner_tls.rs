@@ -73,22 +73,28 @@ impl InnerTls {
 
     /// The agent certificate name the connection from `peer` must carry, and whether the
     /// handshake's end-entity certificate carries it.
-    fn admits(&self, peer: SocketAddr, stream: &TlsStream<impl Sized>) -> Result<(), String> {
+    fn admits(&self, peer: SocketAddr, stream: &TlsStream<impl Sized>) -> Result<(), Refusal> {
         let Some(expected) = self.agents.get(&peer.ip()) else {
-            return Err(format!(
-                "no [[agent]] has tunnel_address {}, so no agent certificate can match it",
-                peer.ip()
-            ));
+            return Err(Refusal::UnknownAgent(peer.ip()));
         };
         let (_, connection) = stream.get_ref();
         if inner_tls::peer_certificate_names(connection.peer_certificates(), expected) {
             return Ok(());
         }
-        Err(format!(
-            "the certificate does not name {expected}, the agent whose tunnel address {} carried the connection",
-            peer.ip()
-        ))
+        Err(Refusal::OtherAgent {
+            expected: expected.clone(),
+            peer: peer.ip(),
+        })
     }
+}
+
+/// Why a connection is closed after its handshake.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("no [[agent]] has tunnel_address {0}, so no agent certificate can match it")]
+    UnknownAgent(IpAddr),
+    #[error("the certificate does not name {expected}, the agent whose tunnel address {peer} carried the connection")]
+    OtherAgent { expected: String, peer: IpAddr },
 }
 
 /// A listener whose connections run the inner TLS before HTTP.
