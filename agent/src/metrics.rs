@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec, Registry};
+use xpart_daemon::metrics;
 use xpart_daemon::status_page::Activity;
 
 /// Latency buckets (seconds) from sub-millisecond proxy overhead to long generations.
@@ -44,99 +45,70 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new("xpart_agent_requests_total", "Bedrock requests handled"),
+        let r = &registry;
+        let requests = metrics::counters(
+            r,
+            "xpart_agent_requests_total",
+            "Bedrock requests handled",
             &["principal", "operation", "model", "status"],
-        )
-        .expect("static metric definition");
-        let request_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "xpart_agent_request_duration_seconds",
-                "Time from request to end of response body",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+        );
+        let request_seconds = metrics::histograms(
+            r,
+            "xpart_agent_request_duration_seconds",
+            "Time from request to end of response body",
+            LATENCY_BUCKETS,
             &["operation"],
-        )
-        .expect("static metric definition");
-        let upstream_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "xpart_agent_upstream_duration_seconds",
-                "Time from forwarding to the relay's response headers",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+        );
+        let upstream_seconds = metrics::histograms(
+            r,
+            "xpart_agent_upstream_duration_seconds",
+            "Time from forwarding to the relay's response headers",
+            LATENCY_BUCKETS,
             &["relay"],
-        )
-        .expect("static metric definition");
-        let dns_answers = IntCounterVec::new(
-            Opts::new("xpart_agent_dns_answers_total", "DNS answers by outcome"),
+        );
+        let dns_answers = metrics::counters(
+            r,
+            "xpart_agent_dns_answers_total",
+            "DNS answers by outcome",
             &["outcome"],
-        )
-        .expect("static metric definition");
-        let relay_healthy = IntGaugeVec::new(
-            Opts::new(
-                "xpart_agent_relay_healthy",
-                "1 while the relay takes traffic",
-            ),
+        );
+        let relay_healthy = metrics::gauges(
+            r,
+            "xpart_agent_relay_healthy",
+            "1 while the relay takes traffic",
             &["relay"],
-        )
-        .expect("static metric definition");
-        let relay_outstanding = IntGaugeVec::new(
-            Opts::new(
-                "xpart_agent_relay_outstanding",
-                "Requests sent or being sent to the relay whose answer has not ended",
-            ),
-            &["relay"],
-        )
-        .expect("static metric definition");
-        let relay_ejections = IntCounterVec::new(
-            Opts::new(
-                "xpart_agent_relay_ejections_total",
-                "Relays taken out of the rotation at once by a failed connect, a lost connection or a reset stream",
-            ),
-            &["relay", "reason"],
-        )
-        .expect("static metric definition");
-        let tokens = IntCounterVec::new(
-            Opts::new(
-                "xpart_agent_tokens_total",
-                "Model tokens the answers reported, by principal, model family and kind",
-            ),
+        );
+        let tokens = metrics::counters(
+            r,
+            "xpart_agent_tokens_total",
+            "Model tokens the answers reported, by principal, model family and kind",
             &["principal", "model_family", "kind"],
-        )
-        .expect("static metric definition");
-
-        let metrics = Metrics {
+        );
+        let relay_outstanding = metrics::gauges(
+            r,
+            "xpart_agent_relay_outstanding",
+            "Requests sent or being sent to the relay whose answer has not ended",
+            &["relay"],
+        );
+        let relay_ejections = metrics::counters(
+            r,
+            "xpart_agent_relay_ejections_total",
+            "Relays taken out of the rotation at once by a failed connect, a lost connection or a reset stream",
+            &["relay", "reason"],
+        );
+        // Names are distinct constants above, so definition and registration cannot fail.
+        let defined = "static, distinct metric definitions";
+        Metrics {
+            requests: requests.expect(defined),
+            request_seconds: request_seconds.expect(defined),
+            upstream_seconds: upstream_seconds.expect(defined),
+            dns_answers: dns_answers.expect(defined),
+            relay_healthy: relay_healthy.expect(defined),
+            tokens: tokens.expect(defined),
+            relay_outstanding: relay_outstanding.expect(defined),
+            relay_ejections: relay_ejections.expect(defined),
             registry,
-            requests,
-            request_seconds,
-            upstream_seconds,
-            dns_answers,
-            relay_healthy,
-            tokens,
-            relay_outstanding,
-            relay_ejections,
             activity: Arc::new(Activity::new()),
-        };
-        metrics.register_all();
-        metrics
-    }
-
-    fn register_all(&self) {
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
-            Box::new(self.requests.clone()),
-            Box::new(self.request_seconds.clone()),
-            Box::new(self.upstream_seconds.clone()),
-            Box::new(self.dns_answers.clone()),
-            Box::new(self.relay_healthy.clone()),
-            Box::new(self.tokens.clone()),
-            Box::new(self.relay_outstanding.clone()),
-            Box::new(self.relay_ejections.clone()),
-        ];
-        for collector in collectors {
-            // Names are distinct constants above, so registration cannot collide.
-            self.registry
-                .register(collector)
-                .expect("distinct metric names");
         }
     }
 }

@@ -28,6 +28,7 @@
 //! - [`admin::json`] and [`admin::text`] build responses for `AdminHandler::extra`;
 //!   [`status_page::respond`] builds the admin port's `GET /` page from a daemon's `/status`,
 //!   and [`status_page::Activity`] counts finished requests and keeps the last failures;
+//! - [`metrics`] defines and registers a Prometheus metric in one call;
 //! - [`audit::AuditLog`] has `flush`, `reopen` (call it on SIGHUP), `close` (call it on
 //!   shutdown) and `register` (its written/dropped counters);
 //! - the shutdown future is [`shutdown::signal`] ([`shutdown::stop_signals`] listens from a
@@ -45,6 +46,7 @@ pub mod crypto;
 pub mod error_chain;
 pub mod inner_tls;
 pub mod logging;
+pub mod metrics;
 pub mod record;
 pub mod reload;
 pub mod request_id;

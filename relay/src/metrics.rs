@@ -5,10 +5,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use prometheus::{
-    Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-};
+use prometheus::{Gauge, HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry};
 
+use xpart_daemon::metrics;
 use xpart_daemon::status_page::Activity;
 
 use crate::credentials::Status;
@@ -37,70 +36,60 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "xpart_relay_requests_total",
-                "Requests by operation, model and status",
-            ),
+        let r = &registry;
+        let tokens = metrics::counters(
+            r,
+            "xpart_relay_tokens_total",
+            "Model tokens Bedrock's answers reported, by model and kind (input, output, cache_read, cache_write)",
+            &["model", "kind"],
+        )?;
+        let requests = metrics::counters(
+            r,
+            "xpart_relay_requests_total",
+            "Requests by operation, model and status",
             &["operation", "model", "status"],
         )?;
-        let latency = HistogramVec::new(
-            HistogramOpts::new(
-                "xpart_relay_request_duration_seconds",
-                "Time from request arrival to the last response byte",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+        let latency = metrics::histograms(
+            r,
+            "xpart_relay_request_duration_seconds",
+            "Time from request arrival to the last response byte",
+            &LATENCY_BUCKETS,
             &["operation"],
         )?;
-        let upstream_latency = HistogramVec::new(
-            HistogramOpts::new(
-                "xpart_relay_upstream_first_byte_seconds",
-                "Time from sending upstream to the response head",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+        let upstream_latency = metrics::histograms(
+            r,
+            "xpart_relay_upstream_first_byte_seconds",
+            "Time from sending upstream to the response head",
+            &LATENCY_BUCKETS,
             &["operation"],
         )?;
-        let upstream_errors = IntCounterVec::new(
-            Opts::new(
-                "xpart_relay_upstream_errors_total",
-                "Upstream failures: unavailable, timeout, stream_error, idle_timeout",
-            ),
+        let upstream_errors = metrics::counters(
+            r,
+            "xpart_relay_upstream_errors_total",
+            "Upstream failures: unavailable, timeout, stream_error, idle_timeout",
             &["kind"],
         )?;
-        let in_flight = IntGauge::new("xpart_relay_in_flight", "Requests being handled")?;
-        let body_budget_refused = IntCounter::new(
+        let in_flight = metrics::gauge(r, "xpart_relay_in_flight", "Requests being handled")?;
+        let body_budget_refused = metrics::counter(
+            r,
             "xpart_relay_body_budget_refused_total",
             "Requests refused (503) because [limits] max_buffered_body_bytes was in use",
         )?;
-        let buffered_body_bytes = IntGauge::new(
+        let buffered_body_bytes = metrics::gauge(
+            r,
             "xpart_relay_buffered_body_bytes",
             "Request-body bytes reserved or buffered right now",
         )?;
-        let credentials_available = IntGauge::new(
+        let credentials_available = metrics::gauge(
+            r,
             "xpart_relay_credentials_available",
             "1 when the relay holds AWS credentials",
         )?;
-        let credentials_expiry = Gauge::new(
+        let credentials_expiry = metrics::float_gauge(
+            r,
             "xpart_relay_credentials_expiry_timestamp_seconds",
             "Unix time the current AWS credentials expire (0: none or no expiry)",
         )?;
-        let tokens = IntCounterVec::new(
-            Opts::new(
-                "xpart_relay_tokens_total",
-                "Model tokens Bedrock's answers reported, by model and kind (input, output, cache_read, cache_write)",
-            ),
-            &["model", "kind"],
-        )?;
-        registry.register(Box::new(tokens.clone()))?;
-        registry.register(Box::new(requests.clone()))?;
-        registry.register(Box::new(latency.clone()))?;
-        registry.register(Box::new(upstream_latency.clone()))?;
-        registry.register(Box::new(upstream_errors.clone()))?;
-        registry.register(Box::new(in_flight.clone()))?;
-        registry.register(Box::new(body_budget_refused.clone()))?;
-        registry.register(Box::new(buffered_body_bytes.clone()))?;
-        registry.register(Box::new(credentials_available.clone()))?;
-        registry.register(Box::new(credentials_expiry.clone()))?;
         Ok(Metrics {
             registry,
             requests,
