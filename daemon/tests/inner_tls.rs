@@ -1,5 +1,6 @@
 //! The inner TLS's two configurations against each other over an in-memory pipe: mutual TLS
-//! 1.3 with the deployment CA, each side pinned by name and role.
+//! 1.3 with the deployment CA, each side pinned by name and role. (Its `[tunnel]` settings are
+//! checked with the rest of the section, in `tunnel_config.rs`.)
 
 use std::path::{Path, PathBuf};
 
@@ -9,13 +10,10 @@ use rcgen::{
 };
 use rustls::pki_types::ServerName;
 use rustls::{CipherSuite, ProtocolVersion};
-use serde::Deserialize;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
-use xpart_daemon::config::Diagnostics;
 use xpart_daemon::inner_tls::{
     agent_name, client_config, peer_certificate_names, relay_name, server_config, InnerTlsFiles,
 };
-use xpart_daemon::tunnel_config::{check, PeerSection, Side, TunnelSection};
 
 struct Pki {
     dir: PathBuf,
@@ -207,76 +205,4 @@ async fn a_certificate_from_another_ca_is_refused_by_the_relay() {
     let relay = pki.relay("relay-a");
     let (_, server) = handshake(&agent, &relay, "relay-a", "agent-a").await;
     assert!(server.is_err(), "{server:?}");
-}
-
-#[test]
-fn inner_tls_needs_its_three_files_and_peer_names_that_fit_a_certificate() {
-    let problems = check_problems(
-        Side::Agent,
-        r#"
-[tunnel]
-inner_tls = true
-
-[[peer]]
-name = "Relay.A"
-tunnel_address = "100.64.0.2"
-"#,
-    );
-    assert_eq!(
-        problems,
-        [
-            "[tunnel].inner_tls_cert_file",
-            "[tunnel].inner_tls_key_file",
-            "[tunnel].inner_tls_ca_file",
-            "[[peer]][0] (Relay.A).name",
-        ]
-    );
-}
-
-#[test]
-fn inner_tls_files_without_inner_tls_are_refused_rather_than_ignored() {
-    let problems = check_problems(
-        Side::Relay,
-        r#"
-[tunnel]
-inner_tls_cert_file = "relay.pem"
-"#,
-    );
-    assert!(
-        problems.contains(&"[tunnel].inner_tls".to_string()),
-        "{problems:?}"
-    );
-}
-
-#[test]
-fn inner_tls_is_required_exactly_in_a_fips_build() {
-    let problems = check_problems(Side::Relay, "[tunnel]\n");
-    let required = problems.contains(&"[tunnel].inner_tls".to_string());
-    assert_eq!(required, xpart_daemon::crypto::FIPS_MODE, "{problems:?}");
-}
-
-#[derive(Deserialize)]
-struct File {
-    tunnel: TunnelSection,
-    #[serde(default)]
-    peer: Vec<PeerSection>,
-}
-
-/// The fields `check` reports for `text` (a `[tunnel]` and `[[peer]]` tables).
-fn check_problems(side: Side, text: &str) -> Vec<String> {
-    let file: File = toml::from_str(text).expect("test TOML");
-    let mut diagnostics = Diagnostics::new("x.toml");
-    check(
-        side,
-        &file.tunnel,
-        &file.peer,
-        |i, peer, field| format!("[[peer]][{i}] ({}).{field}", peer.name),
-        |path| path.to_path_buf(),
-        &mut diagnostics,
-    );
-    diagnostics
-        .problems()
-        .iter()
-        .map(|p| p.field.clone())
-        .collect()
 }

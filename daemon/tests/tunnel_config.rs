@@ -145,22 +145,7 @@ priority = 1
 weight = 2
 "#,
     );
-    let problems = |side| {
-        let mut diagnostics = Diagnostics::new("x.toml");
-        check(
-            side,
-            &file.tunnel,
-            &file.peer,
-            |i, peer, field| format!("[[peer]][{i}] ({}).{field}", peer.name),
-            |p| dir.join(p),
-            &mut diagnostics,
-        );
-        diagnostics
-            .problems()
-            .iter()
-            .map(|p| p.field.clone())
-            .collect::<Vec<_>>()
-    };
+    let problems = |side| check_problems(side, &file, |p| dir.join(p));
     assert_eq!(
         problems(Side::Relay),
         [
@@ -269,6 +254,75 @@ fn malformed_preshared_key_names_the_file_and_the_fix() {
         assert!(error.contains("wg genpsk"), "{error}");
     }
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn inner_tls_needs_its_three_files_and_peer_names_that_fit_a_certificate() {
+    let problems = problems_in(
+        Side::Agent,
+        r#"
+[tunnel]
+inner_tls = true
+
+[[peer]]
+name = "Relay.A"
+tunnel_address = "100.64.0.2"
+"#,
+    );
+    assert_eq!(
+        problems,
+        [
+            "[tunnel].inner_tls_cert_file",
+            "[tunnel].inner_tls_key_file",
+            "[tunnel].inner_tls_ca_file",
+            "[[peer]][0] (Relay.A).name",
+        ]
+    );
+}
+
+#[test]
+fn inner_tls_files_without_inner_tls_are_refused_rather_than_ignored() {
+    let problems = problems_in(
+        Side::Relay,
+        r#"
+[tunnel]
+inner_tls_cert_file = "relay.pem"
+"#,
+    );
+    assert!(
+        problems.contains(&"[tunnel].inner_tls".to_string()),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn inner_tls_is_required_exactly_in_a_fips_build() {
+    let problems = problems_in(Side::Relay, "[tunnel]\n");
+    let required = problems.contains(&"[tunnel].inner_tls".to_string());
+    assert_eq!(required, xpart_daemon::crypto::FIPS_MODE, "{problems:?}");
+}
+
+/// The fields `check` reports for `file` on `side`, its files resolved with `resolve`.
+fn check_problems(side: Side, file: &File, resolve: impl Fn(&Path) -> PathBuf) -> Vec<String> {
+    let mut diagnostics = Diagnostics::new("x.toml");
+    check(
+        side,
+        &file.tunnel,
+        &file.peer,
+        |i, peer, field| format!("[[peer]][{i}] ({}).{field}", peer.name),
+        resolve,
+        &mut diagnostics,
+    );
+    diagnostics
+        .problems()
+        .iter()
+        .map(|p| p.field.clone())
+        .collect()
+}
+
+/// The fields `check` reports for the tables in `text`, its files taken as named.
+fn problems_in(side: Side, text: &str) -> Vec<String> {
+    check_problems(side, &parse(text), |path| path.to_path_buf())
 }
 
 /// A daemon's tunnel tables; `[[peer]]` stands for `[[relay]]` or `[[agent]]`.
