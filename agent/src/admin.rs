@@ -133,8 +133,9 @@ impl AdminHandler for AdminView {
         _body: Bytes,
     ) -> Option<Response<Full<Bytes>>> {
         match (method, path) {
-            (&Method::GET, "/") => Some(crate::status_page::respond(&self.status().await)),
-            (&Method::HEAD, "/") => Some(crate::status_page::respond(&self.status().await)),
+            (&Method::GET | &Method::HEAD, "/") => {
+                Some(crate::status_page::respond(&self.status().await))
+            }
             _ => None,
         }
     }

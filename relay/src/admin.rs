@@ -106,10 +106,7 @@ impl AdminHandler for AdminApi {
         _body: Bytes,
     ) -> Option<Response<Full<Bytes>>> {
         let draining = match (method, path) {
-            (&Method::GET, "/") => {
-                return Some(crate::status_page::respond(&self.status().await));
-            }
-            (&Method::HEAD, "/") => {
+            (&Method::GET | &Method::HEAD, "/") => {
                 return Some(crate::status_page::respond(&self.status().await));
             }
             (&Method::POST, "/drain") => true,
