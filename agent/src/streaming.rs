@@ -440,6 +440,29 @@ mod tests {
         assert_eq!(*ends.lock().expect("test lock"), [(3, Ending::Abandoned)]);
     }
 
+    /// The body's next frame is the exception event that says the relay was lost, and its last.
+    async fn ends_with_the_relay_lost_event<B>(body: &mut ResponseBody<B>)
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let last = body
+            .frame()
+            .await
+            .expect("farewell")
+            .expect("an event, not an error");
+        let message =
+            aws_smithy_eventstream::frame::read_message_from(last.into_data().expect("data"))
+                .expect("a valid frame");
+        let header = |name: &str| xpart_bedrock::event_stream_header(&message, name);
+        assert_eq!(header(":message-type"), Some("exception"));
+        assert_eq!(
+            header(":exception-type"),
+            Some("serviceUnavailableException")
+        );
+        assert!(body.frame().await.is_none(), "the stream ends after it");
+    }
+
     /// An event of `kind` with `payload`, as a relay streams it.
     fn event_with(kind: &str, payload: impl Into<Bytes>) -> Vec<u8> {
         xpart_bedrock::event_stream_frame(
@@ -489,21 +512,7 @@ mod tests {
         let got = body.frame().await.expect("frame").expect("ok");
         assert_eq!(got.into_data().expect("data"), first);
         tx.send(()).expect("receiver alive");
-        let last = body
-            .frame()
-            .await
-            .expect("farewell")
-            .expect("an event, not an error");
-        let message =
-            aws_smithy_eventstream::frame::read_message_from(last.into_data().expect("data"))
-                .expect("a valid frame");
-        let header = |name: &str| xpart_bedrock::event_stream_header(&message, name);
-        assert_eq!(header(":message-type"), Some("exception"));
-        assert_eq!(
-            header(":exception-type"),
-            Some("serviceUnavailableException")
-        );
-        assert!(body.frame().await.is_none(), "the stream ends after it");
+        ends_with_the_relay_lost_event(&mut body).await;
         drop(body);
         assert_eq!(ends.lock().expect("test lock")[0].1, Ending::Lost);
     }
@@ -534,20 +543,7 @@ mod tests {
         .with_event_stream();
         let got = body.frame().await.expect("frame").expect("ok");
         assert_eq!(got.into_data().expect("data"), first);
-        let last = body
-            .frame()
-            .await
-            .expect("farewell")
-            .expect("an event, not an error");
-        let message =
-            aws_smithy_eventstream::frame::read_message_from(last.into_data().expect("data"))
-                .expect("a valid frame");
-        assert!(message
-            .headers()
-            .iter()
-            .any(|h| h.value().as_string().ok().map(|s| s.as_str())
-                == Some("serviceUnavailableException")));
-        assert!(body.frame().await.is_none(), "the stream ends after it");
+        ends_with_the_relay_lost_event(&mut body).await;
         drop(body);
         assert_eq!(ends.lock().expect("test lock")[0].1, Ending::Lost);
     }
