@@ -364,42 +364,52 @@ pub fn check_body(operation: Operation, body: &[u8], policy: &Policy) -> Result<
             // The body spells the trace setting in lower case, the header in upper case;
             // `[policy] trace` lists the header's spelling.
             let as_header = trace.to_ascii_uppercase();
-            if !policy.allows(GatedHeader::Trace, &as_header) {
-                return Err(body_field_refused(
-                    "guardrailConfig.trace",
-                    trace,
-                    GatedHeader::Trace,
-                ));
-            }
+            gate_body_field(
+                policy,
+                GatedHeader::Trace,
+                "guardrailConfig.trace",
+                &trace,
+                &as_header,
+            )?;
         }
     }
-    if let Some(latency) = controls.performance_config.and_then(|p| p.latency) {
-        if !policy.allows(GatedHeader::PerformanceLatency, &latency) {
-            return Err(body_field_refused(
-                "performanceConfig.latency",
-                latency,
-                GatedHeader::PerformanceLatency,
-            ));
-        }
-    }
-    if let Some(tier) = controls.service_tier.and_then(|t| t.tier) {
-        if !policy.allows(GatedHeader::ServiceTier, &tier) {
-            return Err(body_field_refused(
-                "serviceTier.type",
-                tier,
-                GatedHeader::ServiceTier,
-            ));
+    let spelled_as_the_header = [
+        (
+            GatedHeader::PerformanceLatency,
+            "performanceConfig.latency",
+            controls.performance_config.and_then(|p| p.latency),
+        ),
+        (
+            GatedHeader::ServiceTier,
+            "serviceTier.type",
+            controls.service_tier.and_then(|t| t.tier),
+        ),
+    ];
+    for (setting, field, value) in spelled_as_the_header {
+        if let Some(value) = value {
+            gate_body_field(policy, setting, field, &value, &value)?;
         }
     }
     Ok(())
 }
 
-fn body_field_refused(field: &'static str, value: String, setting: GatedHeader) -> RequestError {
-    RequestError::BodyFieldNotAllowed {
-        field,
-        value,
-        policy_field: setting.field(),
+/// Refuses the body's `field`, set to `value`, unless `[policy]` allows `as_header` (the value
+/// in the header's spelling) for `setting`.
+fn gate_body_field(
+    policy: &Policy,
+    setting: GatedHeader,
+    field: &'static str,
+    value: &str,
+    as_header: &str,
+) -> Result<(), RequestError> {
+    if policy.allows(setting, as_header) {
+        return Ok(());
     }
+    Err(RequestError::BodyFieldNotAllowed {
+        field,
+        value: value.to_owned(),
+        policy_field: setting.field(),
+    })
 }
 
 /// The members of a Converse request that the policy governs; the rest is Bedrock's to
