@@ -212,27 +212,21 @@ mod tests {
 
     #[test]
     fn the_summary_lists_what_the_policy_allows() {
+        use serde_json::json;
         let summary = policy().summary();
-        assert_eq!(
-            summary["agents"],
-            serde_json::json!([{"name": "agent-a", "tunnel_address": "100.64.0.1"}])
-        );
-        assert_eq!(
-            summary["operations"],
-            serde_json::json!(["InvokeModel", "Converse"])
-        );
-        assert_eq!(
-            summary["models"],
-            serde_json::json!(["anthropic.claude-*", "us.anthropic.*"])
-        );
-        assert_eq!(
-            summary["guardrails"],
-            serde_json::json!(["gr-abc123:1", "gr-any:*"])
-        );
-        assert_eq!(
-            summary["service_tiers"],
-            serde_json::json!(["default", "flex"])
-        );
+        let expected = [
+            (
+                "agents",
+                json!([{"name": "agent-a", "tunnel_address": "100.64.0.1"}]),
+            ),
+            ("operations", json!(["InvokeModel", "Converse"])),
+            ("models", json!(["anthropic.claude-*", "us.anthropic.*"])),
+            ("guardrails", json!(["gr-abc123:1", "gr-any:*"])),
+            ("service_tiers", json!(["default", "flex"])),
+        ];
+        for (field, value) in expected {
+            assert_eq!(summary[field], value, "{field}");
+        }
     }
 
     #[test]
