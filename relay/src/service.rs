@@ -134,14 +134,8 @@ async fn forward(
         Target::Echo => return answer_echo(relay, &admitted.route, &body.bytes),
         Target::NoModel => {
             let credentials = relay.credentials.current().await?;
-            let upstream = Upstream {
-                method: &parts.method,
-                path_and_query: &admitted.path_and_query,
-                headers: &admitted.headers,
-                body: &body.bytes,
-                credentials: &credentials,
-                to,
-            };
+            let upstream =
+                Upstream::admitted(&parts.method, &admitted, &body.bytes, &credentials, to);
             let response = send_signed(&upstream, exchange).await?;
             return Ok(Answer::Upstream(response));
         }
@@ -155,12 +149,8 @@ async fn forward(
     let credentials = relay.credentials.current().await?;
     let path = model_path(&admitted, &invoked)?;
     let upstream = Upstream {
-        method: &parts.method,
         path_and_query: &path,
-        headers: &admitted.headers,
-        body: &body.bytes,
-        credentials: &credentials,
-        to,
+        ..Upstream::admitted(&parts.method, &admitted, &body.bytes, &credentials, to)
     };
     let response = send_signed(&upstream, exchange).await?;
     let retry = Retry {
@@ -335,14 +325,7 @@ async fn discover(
         }
         Err(error) => return Err(error),
     };
-    let upstream = Upstream {
-        method: &parts.method,
-        path_and_query: &admitted.path_and_query,
-        headers: &admitted.headers,
-        body: &body.bytes,
-        credentials: &credentials,
-        to,
-    };
+    let upstream = Upstream::admitted(&parts.method, admitted, &body.bytes, &credentials, to);
     let response = send_signed(&upstream, exchange).await?;
     if !response.status().is_success() || operation.listed().is_none() {
         return Ok(Answer::Upstream(response));
@@ -516,6 +499,27 @@ struct Upstream<'a> {
     credentials: &'a aws_credential_types::Credentials,
     /// The upstream chosen for the caller's service, region and FIPS.
     to: &'a upstream::Upstream,
+}
+
+impl<'a> Upstream<'a> {
+    /// The admitted request with `method` and `body`, to be signed with `credentials` and sent
+    /// to `to`.
+    fn admitted(
+        method: &'a Method,
+        admitted: &'a Admitted,
+        body: &'a Bytes,
+        credentials: &'a aws_credential_types::Credentials,
+        to: &'a upstream::Upstream,
+    ) -> Upstream<'a> {
+        Upstream {
+            method,
+            path_and_query: &admitted.path_and_query,
+            headers: &admitted.headers,
+            body,
+            credentials,
+            to,
+        }
+    }
 }
 
 /// Build the upstream request (fixed endpoint, admitted path and headers), sign it and send it.
