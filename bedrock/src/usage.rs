@@ -166,16 +166,9 @@ impl UsageReader {
         let (source, usage) = match operation {
             Operation::Converse => (Source::Json(Some(BytesMut::new())), Usage::default()),
             Operation::InvokeModel => (Source::Headers, Usage::from_headers(headers)),
-            Operation::ConverseStream => (
+            Operation::ConverseStream | Operation::InvokeModelWithResponseStream => (
                 Source::Events {
-                    invoke: false,
-                    decoder: Some((MessageFrameDecoder::new(), BytesMut::new())),
-                },
-                Usage::default(),
-            ),
-            Operation::InvokeModelWithResponseStream => (
-                Source::Events {
-                    invoke: true,
+                    invoke: operation == Operation::InvokeModelWithResponseStream,
                     decoder: Some((MessageFrameDecoder::new(), BytesMut::new())),
                 },
                 Usage::default(),
