@@ -70,25 +70,11 @@ def stack():
         for agent in ("agent-a", "agent-b"):
             net.wait_for(lambda: xd.relay_states(topo, agent) == {"relay-a": "healthy", "relay-b": "healthy"},
                          f"{agent} to see both relays healthy through the tunnel", timeout=20, procs=daemons)
-        s.load = tl.Load(topo, caller_env(secrets))
+        s.load = tl.Load(topo, xd.caller_env(secrets))
         try:
             yield s
         finally:
             s.load.close()
-
-
-def caller_env(secrets):
-    """What a Lambda function is given: a CA bundle, a bearer token, a region. No endpoint."""
-    return {
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(secrets.dir),
-        "AWS_REGION": xd.REGION,
-        "AWS_CA_BUNDLE": str(secrets.caller_ca),
-        "AWS_BEARER_TOKEN_BEDROCK": secrets.token,
-        "AWS_CONFIG_FILE": "/nonexistent/config",
-        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/credentials",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
 
 
 def test_caller_reaches_bedrock_through_private_dns_tunnel_and_relay(stack):

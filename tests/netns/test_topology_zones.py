@@ -70,24 +70,11 @@ def zones():
         z.procs["lb"] = xd.start_balancer(topo)
         net.wait_for(lambda: all(t["healthy"] for t in xd.balancer_status(z.procs["lb"]).values()),
                      "the balancer to find every agent ready", timeout=15, procs=[*daemons, z.procs["lb"]])
-        z.load = tl.Load(topo, caller_env(secrets))
+        z.load = tl.Load(topo, xd.caller_env(secrets))
         try:
             yield z
         finally:
             z.load.close()
-
-
-def caller_env(secrets):
-    return {
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(secrets.dir),
-        "AWS_REGION": xd.REGION,
-        "AWS_CA_BUNDLE": str(secrets.caller_ca),
-        "AWS_BEARER_TOKEN_BEDROCK": secrets.token,
-        "AWS_CONFIG_FILE": "/nonexistent/config",
-        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/credentials",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
 
 
 def test_every_agent_serves_behind_the_balancer_and_every_relay_carries(zones):

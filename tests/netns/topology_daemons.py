@@ -43,6 +43,20 @@ def xpart(*args):
     return net.run(str(bin_dir() / "xpart"), *args).stdout
 
 
+def caller_env(secrets):
+    """What a Lambda function is given: a CA bundle, a bearer token, a region. No endpoint."""
+    return {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(secrets.dir),
+        "AWS_REGION": REGION,
+        "AWS_CA_BUNDLE": str(secrets.caller_ca),
+        "AWS_BEARER_TOKEN_BEDROCK": secrets.token,
+        "AWS_CONFIG_FILE": "/nonexistent/config",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/credentials",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
 class Secrets:
     """Everything generated for one run, under `directory`."""
 
