@@ -9,15 +9,13 @@ import threading
 import time
 
 import boto3
-import botocore.config
-import botocore.exceptions
 import pytest
 
 import agent_harness as a
 import relay_harness as h
 from agent_harness import start_stack  # noqa: F401  (pytest fixture)
+from converse_load import Load
 
-MESSAGES = [{"role": "user", "content": [{"text": "keep going"}]}]
 
 
 @pytest.fixture
@@ -34,42 +32,6 @@ def env_session(monkeypatch):
     return make
 
 
-class Load:
-    """`workers` threads calling Converse in a loop, recording (start, end, outcome, request id)."""
-
-    def __init__(self, session, workers):
-        self.results = []
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        # The default 60 s read timeout stays: a hang would show up as a slow request.
-        config = botocore.config.Config(max_pool_connections=workers)
-        self.clients = [session.client("bedrock-runtime", config=config) for _ in range(workers)]
-        self.threads = [threading.Thread(target=self.run, args=(c,)) for c in self.clients]
-
-    def run(self, client):
-        while not self.stop.is_set():
-            started = time.monotonic()
-            try:
-                out = client.converse(modelId=a.CLAUDE, messages=MESSAGES)
-                outcome = ("ok", out["ResponseMetadata"]["HTTPHeaders"].get("x-xpart-request-id"))
-            except botocore.exceptions.ClientError as e:
-                outcome = (e.response["Error"]["Code"], e.response["Error"]["Message"])
-            except Exception as e:  # connection-level failure: counted as unclear
-                outcome = ("exception", repr(e))
-            with self.lock:
-                self.results.append((started, time.monotonic(), outcome))
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
-
-
 def test_killed_relay_under_load_fails_over_within_three_seconds(start_stack, env_session):  # noqa: F811
     stack = start_stack(relays=2)
     session = env_session(stack.env())
@@ -82,7 +44,7 @@ def test_killed_relay_under_load_fails_over_within_three_seconds(start_stack, en
         time.sleep(0.1)
     assert status["active_relay"] == "relay-a", status
 
-    with Load(session, workers=4) as load:
+    with Load(session, workers=4, text="keep going") as load:
         time.sleep(1.5)
         killed_at = time.monotonic()
         stack.relays[0].kill()
@@ -113,7 +75,7 @@ def test_killed_relay_under_load_fails_over_within_three_seconds(start_stack, en
 def test_drained_relay_hands_over_without_failures(start_stack, env_session):  # noqa: F811
     stack = start_stack(relays=2)
     session = env_session(stack.env())
-    with Load(session, workers=2) as load:
+    with Load(session, workers=2, text="keep going") as load:
         time.sleep(1.0)
         status, _, _ = h.post(stack.relays[0].process.admin, "/drain")
         assert status == 200

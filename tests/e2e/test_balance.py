@@ -12,18 +12,14 @@ Each test prints its figures (calls, failures, time from the loss to the last fa
 
 import os
 import signal
-import threading
 import time
 
 import boto3
-import botocore.config
-import botocore.exceptions
 import pytest
 
-import agent_harness as a
 from agent_harness import start_stack  # noqa: F401  (pytest fixture)
+from converse_load import Load
 
-MESSAGES = [{"role": "user", "content": [{"text": "balance"}]}]
 WORKERS = 8
 # How long the agent may take over a call from 1 s after the loss (its audit line's
 # latency_ms, from the request to the end of the answer). Waiting on the lost relay costs more
@@ -36,44 +32,6 @@ SETTLED_CALLER_BOUND = 1.0
 # (until the missed probe), ended by the hard deadline about 2 s into the silence, with room for
 # a busy machine. A hang shows as a call reaching the caller's own timeout instead.
 IN_FLIGHT_BOUND = 3.0
-
-
-class Load:
-    """`workers` threads calling Converse in a loop; each call recorded as
-    (started, ended, outcome, request id or message)."""
-
-    def __init__(self, workers):
-        self.results = []
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        session = boto3.session.Session()
-        # No retries (AWS_MAX_ATTEMPTS=1 in the caller's environment): each call is one request.
-        config = botocore.config.Config(max_pool_connections=workers)
-        self.clients = [session.client("bedrock-runtime", config=config) for _ in range(workers)]
-        self.threads = [threading.Thread(target=self.run, args=(c,)) for c in self.clients]
-
-    def run(self, client):
-        while not self.stop.is_set():
-            started = time.monotonic()
-            try:
-                out = client.converse(modelId=a.CLAUDE, messages=MESSAGES)
-                outcome = ("ok", out["ResponseMetadata"]["RequestId"])
-            except botocore.exceptions.ClientError as e:
-                outcome = (e.response["Error"]["Code"], e.response["Error"].get("Message", ""))
-            except Exception as e:  # a connection-level failure: neither an answer nor a 503
-                outcome = ("exception", repr(e))
-            with self.lock:
-                self.results.append((started, time.monotonic(), outcome))
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
 
 
 @pytest.fixture
@@ -102,7 +60,7 @@ def wait_all_healthy(stack, timeout=10):
 def run_loss(stack, lose, before=2.0, after=4.0):
     """Load for `before` seconds, `lose()`, load for `after` more; returns (results, lost_at)."""
     wait_all_healthy(stack)
-    with Load(WORKERS) as load:
+    with Load(boto3.session.Session(), WORKERS, text="balance") as load:
         time.sleep(before)
         lost_at = time.monotonic()
         lose()
