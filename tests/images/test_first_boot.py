@@ -27,7 +27,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.x509.oid import NameOID
 
-decode = pytest.importorskip("cfnlint.decode", reason="cfn-lint not installed (pip install -r tests/requirements.txt)").decode
+pytest.importorskip("cfnlint.decode", reason="cfn-lint not installed (pip install -r tests/requirements.txt)")
+
+from stack_model import evaluate_conditions, load, parameter_values, resolve  # noqa: E402 (needs cfn-lint)
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "images"
@@ -101,23 +103,19 @@ INSTANCE_ID = "i-0123456789abcdef0"
 
 
 def render_user_data(stack_file, region, overrides=()):
-    """The launch template's user data with Fn::Sub applied as CloudFormation would."""
-    template, problems = decode(str(stack_file))
-    assert not problems
-    texts = {r["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Sub"]
-             for r in template["Resources"].values() if r["Type"] == "AWS::EC2::LaunchTemplate"}
-    (text,) = texts
-    values = {name: str(p["Default"]) for name, p in template["Parameters"].items() if "Default" in p}
+    """The launch templates' user data with Fn::Sub applied as CloudFormation would: the
+    placeholders from the parameters (the stack's defaults, STACK_VALUES, `overrides`) and the
+    stand-in IDs of the stack's resources, its variables (the rows of the members that exist
+    only with a larger AgentCount) from the conditions those values decide."""
+    template = load(stack_file)
+    user_data = [r["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"]
+                 for r in template["Resources"].values() if r["Type"] == "AWS::EC2::LaunchTemplate"]
+    assert all(u == user_data[0] for u in user_data), "every member gets the same user data"
+    values = parameter_values(template, {})
     values.update({k: v for k, v in STACK_VALUES.items() if v is not None})
     values["AWS::Region"] = region
     values.update(dict(overrides))
-
-    def substitute(match):
-        name = match.group(1)
-        assert name in values, f"no value for placeholder {name}"
-        return values[name]
-
-    return re.sub(r"\$\{([^}!]+)\}", substitute, text)
+    return resolve(user_data[0], values, evaluate_conditions(template, values))
 
 
 def deployment_env(user_data):

@@ -16,6 +16,8 @@ import pytest
 
 decode = pytest.importorskip("cfnlint.decode", reason="cfn-lint not installed (pip install -r tests/requirements.txt)").decode
 
+from stack_model import evaluate_conditions, parameter_values, resolve, stack_for  # noqa: E402 (needs cfn-lint)
+
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "images"
 PACKER_DIR = IMAGES / "packer"
@@ -44,33 +46,11 @@ def load_stack(path):
     return template
 
 
-MODE_CONDITIONS = {"pair": {"IsPair": True, "IsMultiAz": False},
-                   "multi-az": {"IsPair": False, "IsMultiAz": True}}
-
-
-def _choose(node, conditions):
-    """`node` with every Fn::If on a deployment-mode condition replaced by its chosen branch."""
-    if isinstance(node, dict):
-        if set(node) == {"Fn::If"} and node["Fn::If"][0] in conditions:
-            name, yes, no = node["Fn::If"]
-            return _choose(yes if conditions[name] else no, conditions)
-        return {k: _choose(v, conditions) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_choose(item, conditions) for item in node]
-    return node
-
-
-def govcloud_in_mode(mode):
-    """The GovCloud stack as CloudFormation sees it with DeploymentMode `mode`: the mode's
-    branches chosen, the other mode's resources and outputs gone."""
-    conditions = MODE_CONDITIONS[mode]
-    template = load_stack(GOVCLOUD)
-    for section in ("Resources", "Outputs"):
-        template[section] = {
-            name: _choose(res, conditions) for name, res in template[section].items()
-            if conditions.get(res.get("Condition"), True)
-        }
-    return template
+def govcloud_in_mode(mode, **parameters):
+    """The GovCloud stack as CloudFormation sees it with DeploymentMode `mode` (and AgentCount
+    and the other `parameters` given): the branches they decide chosen, the resources and
+    outputs they rule out gone."""
+    return stack_for(GOVCLOUD, DeploymentMode=mode, **parameters)[0]
 
 
 def resources(template, kind):
@@ -143,13 +123,21 @@ def test_every_arn_in_the_stacks_takes_the_partition_from_the_stack(stack):
 MEMBERS = {GOVCLOUD: ("Agent", "agent"), COMMERCIAL: ("Relay", "relay")}
 
 
+def every_member(stack):
+    """The stack with every member it can have, and their letters: the GovCloud stack's agents
+    c to f exist in multi-az with AgentCount 3 to 6."""
+    if stack == GOVCLOUD:
+        return govcloud_in_mode("multi-az", AgentCount="6"), "ABCDEF"
+    return load_stack(stack), "AB"
+
+
 @pytest.mark.parametrize("stack", [GOVCLOUD, COMMERCIAL], ids=["govcloud", "commercial"])
 def test_each_member_launches_from_its_own_template_with_imdsv2_only_and_encrypted_volumes(stack):
-    template = load_stack(stack)
+    template, members = every_member(stack)
     prefix, kind = MEMBERS[stack]
     templates = resources(template, "AWS::EC2::LaunchTemplate")
-    assert sorted(templates) == [f"{prefix}ALaunchTemplate", f"{prefix}BLaunchTemplate"]
-    for member in "AB":
+    assert sorted(templates) == [f"{prefix}{member}LaunchTemplate" for member in members]
+    for member in members:
         data = templates[f"{prefix}{member}LaunchTemplate"]["LaunchTemplateData"]
         assert data["MetadataOptions"]["HttpTokens"] == "required"
         assert data["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
@@ -168,12 +156,12 @@ def test_an_update_replaces_one_member_at_a_time_and_waits_until_it_serves(stack
     """The order of operations of a rolling upgrade, as CloudFormation derives it from the
     template: member a's group first (terminate, launch, boot takes the member's interface or
     Elastic IP, signal when /readyz answers), member b's only after a's signal (DependsOn)."""
-    template = load_stack(stack)
+    template, members = every_member(stack)
     prefix, kind = MEMBERS[stack]
     groups = {name: res for name, res in template["Resources"].items()
               if res["Type"] == "AWS::AutoScaling::AutoScalingGroup"}
-    assert sorted(groups) == [f"{prefix}AGroup", f"{prefix}BGroup"]
-    for member in "AB":
+    assert sorted(groups) == [f"{prefix}{member}Group" for member in members]
+    for member in members:
         group = groups[f"{prefix}{member}Group"]
         props = group["Properties"]
         assert (props["MinSize"], props["MaxSize"], props["DesiredCapacity"]) == ("1", "1", "1")
@@ -193,17 +181,25 @@ def test_an_update_replaces_one_member_at_a_time_and_waits_until_it_serves(stack
         assert tags["xpart:name"] == (f"{kind}-{member.lower()}", True)
         assert tags["xpart:pair"] == ({"Ref": "DeploymentName"}, True)
         assert "xpart:role" not in tags, "the role lives on the member interface, not in the group"
-    b_depends = groups[f"{prefix}BGroup"]["DependsOn"]
-    assert f"{prefix}AGroup" in ([b_depends] if isinstance(b_depends, str) else b_depends)
-    assert f"{prefix}BGroup" not in groups[f"{prefix}AGroup"].get("DependsOn", [])
+    # Each member after the first waits for the one before it: one member at a time.
+    for before, member in zip(members, members[1:]):
+        depends = groups[f"{prefix}{member}Group"]["DependsOn"]
+        assert f"{prefix}{before}Group" in ([depends] if isinstance(depends, str) else depends)
+    assert not [d for d in groups[f"{prefix}AGroup"].get("DependsOn", []) if d.endswith("Group")]
 
     # The member signals the logical ID the user data names for it.
     user_data = (IMAGES / "cloud-init" / f"{kind}-user-data.yaml").read_text()
     for member in "ab":
         assert re.search(rf"XPART_PAIR_\d={kind}-{member},.*,{prefix}{member.upper()}Group\n", user_data)
+    # Agents c to f: their rows are Fn::Sub variables of the same user data.
+    (launch, *_) = resources(template, "AWS::EC2::LaunchTemplate").values()
+    sub = launch["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Sub"]
+    for member in members[2:]:
+        row = sub[1][f"Agent{member}PairRow"]["Fn::Sub"]
+        assert re.fullmatch(rf"XPART_PAIR_\d={kind}-{member.lower()},.*,{prefix}{member}Group", row)
     signal = (UNITS / "xpart-signal.service").read_text()
     assert "ExecStart=/usr/local/libexec/xpart/xpart-boot --signal-when-ready" in signal
-    for member in "AB":
+    for member in members:
         role = template["Resources"][f"{prefix}{member}Role"]["Properties"]
         signals = [s for s in _statements(role) if "cloudformation:SignalResource" in _actions(s)]
         assert [s["Resource"] for s in signals] == [{"Ref": "AWS::StackId"}]
@@ -239,13 +235,17 @@ def test_the_agents_member_interfaces_carry_the_role_and_the_floating_address():
 def test_stack_user_data_is_the_cloud_init_file_verbatim(stack, user_data):
     template = load_stack(stack)
     launch_templates = resources(template, "AWS::EC2::LaunchTemplate").values()
-    assert len(launch_templates) == 2
+    assert len(launch_templates) == len(every_member(stack)[1])
+    variables = set()
     for lt in launch_templates:
-        embedded = lt["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Sub"]
+        # [text, variables]: the rows of the members that exist only with a larger AgentCount.
+        embedded, local = lt["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Sub"]
         assert embedded == user_data.read_text(), (
-            f"{stack.name} and {user_data.name} drifted apart; copy the file into both launch templates"
+            f"{stack.name} and {user_data.name} drifted apart; copy the file into every launch template"
         )
-    known = (set(template["Parameters"]) | set(template["Resources"])
+        variables.add(str(local))
+    assert len(variables) == 1, "every member's launch template fills the placeholders alike"
+    known = (set(template["Parameters"]) | set(template["Resources"]) | set(local)
              | {"AWS::Region", "AWS::Partition", "AWS::AccountId", "AWS::StackName"})
     placeholders = set(re.findall(r"\$\{([^}!]+)\}", embedded))
     assert placeholders <= known, f"unknown placeholders {placeholders - known}"
@@ -294,7 +294,7 @@ def test_agents_admit_https_from_callers_and_dns_only_from_the_resolver_endpoint
 
 
 def test_relays_admit_wireguard_only_from_the_two_agent_addresses():
-    template = load_stack(COMMERCIAL)
+    template = stack_for(COMMERCIAL, AgentCount="2")[0]
     rules = _ingress(template, "RelaySecurityGroup")
     assert sorted(str(r["CidrIp"]) for r in rules) == [
         "{'Fn::Sub': '${AgentAPublicIp}/32'}",
@@ -522,7 +522,7 @@ def test_each_relay_reads_only_its_own_key_and_takes_only_its_own_elastic_ip(mem
 
 @pytest.mark.parametrize("stack, members", [(GOVCLOUD, "Agent"), (COMMERCIAL, "Relay")], ids=["govcloud", "commercial"])
 def test_session_manager_grants_only_what_the_ssm_agent_needs(stack, members):
-    template = load_stack(stack)
+    template = stack_for(stack, AgentCount="2")[0]
     policy = template["Resources"]["SessionManagerPolicy"]
     assert policy["Condition"] == "UseSessionManager"
     assert policy["Properties"]["Roles"] == [{"Ref": f"{members}ARole"}, {"Ref": f"{members}BRole"}]
@@ -664,7 +664,8 @@ def test_pair_mode_has_no_load_balancer_and_multi_az_has_no_floating_address():
     eni = multi["Resources"]["AgentANetworkInterface"]["Properties"]["PrivateIpAddresses"]
     assert eni == [{"PrivateIpAddress": {"Ref": "AgentAPrivateAddress"}, "Primary": True}]
     assert "FloatingAddress" not in multi["Outputs"]
-    assert multi["Outputs"]["LoadBalancerAddresses"]["Value"] == {"Ref": "NlbAddresses"}
+    assert resolve(multi["Outputs"]["LoadBalancerAddresses"]["Value"], {"NlbAddresses": "10.0.1.20,10.0.2.20"}, {}) == \
+        "10.0.1.20,10.0.2.20"
     # Each mode refuses to start without what it needs (CloudFormation Rules).
     rules = load_stack(GOVCLOUD)["Rules"]
     assert rules["PairHasAFloatingAddress"]["RuleCondition"] == {"Fn::Equals": [{"Ref": "DeploymentMode"}, "pair"]}
@@ -730,7 +731,9 @@ def test_multi_az_resolver_rules_target_every_agents_dns_and_zones_answer_the_ba
         ("udp", "${AgentAPrivateAddress}/32"), ("udp", "${AgentBPrivateAddress}/32")]
     records = resources(template, "AWS::Route53::RecordSet").values()
     assert len(records) == 4
-    assert all(r["ResourceRecords"] == {"Fn::Split": [",", {"Ref": "NlbAddresses"}]} for r in records)
+    for record in records:
+        answers = resolve(record["ResourceRecords"], {"NlbAddresses": "10.0.1.20,10.0.2.20"}, {})
+        assert answers == ["10.0.1.20", "10.0.2.20"]
 
 
 def test_both_stacks_agree_on_the_tunnel_plan():
