@@ -52,8 +52,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn ids(body: &[u8], list: &str, id: &str) -> Vec<String> {
-        let value: Value = serde_json::from_slice(body).unwrap();
+    fn ids(value: &Value, list: &str, id: &str) -> Vec<String> {
         value[list]
             .as_array()
             .unwrap()
@@ -72,12 +71,8 @@ mod tests {
                 {"modelId": 7},
                 {"modelId": "anthropic.claude-3-haiku", "providerName": "Anthropic"}
             ]
-        })
-        .to_string();
-        let out = filter_list(Operation::ListFoundationModels, body.as_bytes(), |id| {
-            id.starts_with("anthropic.")
-        })
-        .unwrap();
+        });
+        let out = kept_by_prefix(Operation::ListFoundationModels, &body, "anthropic.");
         assert_eq!(
             ids(&out, "modelSummaries", "modelId"),
             ["anthropic.claude-v2:1", "anthropic.claude-3-haiku"]
@@ -92,23 +87,30 @@ mod tests {
                 {"inferenceProfileId": "eu.anthropic.x", "models": []}
             ],
             "nextToken": "page-2"
-        })
-        .to_string();
-        let out = filter_list(Operation::ListInferenceProfiles, body.as_bytes(), |id| {
-            id.starts_with("us.")
-        })
-        .unwrap();
+        });
+        let out = kept_by_prefix(Operation::ListInferenceProfiles, &body, "us.");
         assert_eq!(
             ids(&out, "inferenceProfileSummaries", "inferenceProfileId"),
             ["us.anthropic.x"]
         );
-        let value: Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(value["nextToken"], "page-2");
-        let none =
-            filter_list(Operation::ListInferenceProfiles, body.as_bytes(), |_| false).unwrap();
-        let value: Value = serde_json::from_slice(&none).unwrap();
-        assert_eq!(value["inferenceProfileSummaries"], json!([]));
-        assert_eq!(value["nextToken"], "page-2");
+        assert_eq!(out["nextToken"], "page-2");
+        let none = filter_list(
+            Operation::ListInferenceProfiles,
+            body.to_string().as_bytes(),
+            |_| false,
+        )
+        .unwrap();
+        let none: Value = serde_json::from_slice(&none).unwrap();
+        assert_eq!(none["inferenceProfileSummaries"], json!([]));
+        assert_eq!(none["nextToken"], "page-2");
+    }
+
+    /// `body` filtered as the answer of `op`, keeping the entries whose id starts with
+    /// `prefix`.
+    fn kept_by_prefix(op: Operation, body: &Value, prefix: &str) -> Value {
+        let out =
+            filter_list(op, body.to_string().as_bytes(), |id| id.starts_with(prefix)).unwrap();
+        serde_json::from_slice(&out).unwrap()
     }
 
     #[test]

@@ -822,9 +822,33 @@ impl Route {
     /// as the AWS SDKs encode a path label; `None` when a parameter the operation needs is
     /// missing.
     pub fn path(&self) -> Option<String> {
-        match self.path_without_model() {
-            Some(path) => Some(path),
-            None => self.path_with_model(self.model.as_ref()?),
+        let with_model = || self.path_with_model(self.model.as_ref()?);
+        match self.operation {
+            Operation::ApplyGuardrail => {
+                let guardrail = self.guardrail.as_ref()?;
+                Some(format!(
+                    "/guardrail/{}/version/{}/apply",
+                    encode_unreserved(&guardrail.identifier),
+                    encode_unreserved(&guardrail.version)
+                ))
+            }
+            Operation::StartAsyncInvoke => Some("/async-invoke".to_string()),
+            Operation::ListAsyncInvokes => Some("/async-invoke".to_string()),
+            Operation::GetAsyncInvoke => Some(format!(
+                "/async-invoke/{}",
+                encode_unreserved(self.invocation_arn.as_deref()?)
+            )),
+            Operation::ListFoundationModels => Some("/foundation-models".to_string()),
+            Operation::ListInferenceProfiles => Some("/inference-profiles".to_string()),
+            Operation::GetFoundationModel => with_model(),
+            Operation::GetInferenceProfile => with_model(),
+            Operation::GetFoundationModelAvailability => with_model(),
+            Operation::InvokeModel => with_model(),
+            Operation::InvokeModelWithResponseStream => with_model(),
+            Operation::Converse => with_model(),
+            Operation::ConverseStream => with_model(),
+            Operation::CountTokens => with_model(),
+            Operation::InvokeModelWithBidirectionalStream => with_model(),
         }
     }
 
@@ -843,36 +867,6 @@ impl Route {
                 Some(format!("/foundation-model-availability/{segment}"))
             }
             _ => None,
-        }
-    }
-
-    fn path_without_model(&self) -> Option<String> {
-        match self.operation {
-            Operation::ApplyGuardrail => {
-                let guardrail = self.guardrail.as_ref()?;
-                Some(format!(
-                    "/guardrail/{}/version/{}/apply",
-                    encode_unreserved(&guardrail.identifier),
-                    encode_unreserved(&guardrail.version)
-                ))
-            }
-            Operation::StartAsyncInvoke => Some("/async-invoke".to_string()),
-            Operation::ListAsyncInvokes => Some("/async-invoke".to_string()),
-            Operation::GetAsyncInvoke => Some(format!(
-                "/async-invoke/{}",
-                encode_unreserved(self.invocation_arn.as_deref()?)
-            )),
-            Operation::ListFoundationModels => Some("/foundation-models".to_string()),
-            Operation::ListInferenceProfiles => Some("/inference-profiles".to_string()),
-            Operation::GetFoundationModel => None,
-            Operation::GetInferenceProfile => None,
-            Operation::GetFoundationModelAvailability => None,
-            Operation::InvokeModel => None,
-            Operation::InvokeModelWithResponseStream => None,
-            Operation::Converse => None,
-            Operation::ConverseStream => None,
-            Operation::CountTokens => None,
-            Operation::InvokeModelWithBidirectionalStream => None,
         }
     }
 }
@@ -1134,12 +1128,17 @@ pub fn strip_caller_credentials(headers: &mut HeaderMap) {
     for name in CALLER_CREDENTIALS {
         headers.remove(name);
     }
-    let signatures: Vec<HeaderName> = headers
+    remove_headers_starting_with(headers, "x-amz-signature");
+}
+
+/// Remove every header whose name begins with `prefix` (lower case, as `http` keeps names).
+pub(crate) fn remove_headers_starting_with(headers: &mut HeaderMap, prefix: &str) {
+    let names: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| name.as_str().starts_with("x-amz-signature"))
+        .filter(|name| name.as_str().starts_with(prefix))
         .cloned()
         .collect();
-    for name in signatures {
+    for name in names {
         headers.remove(name);
     }
 }
@@ -1281,7 +1280,7 @@ mod tests {
     }
 
     #[test]
-    fn unknown_paths_and_wrong_methods_are_unknown_operation_404() {
+    fn unknown_paths_wrong_methods_and_control_plane_calls_are_unknown_operation_404() {
         let cases = [
             (Method::POST, "/"),
             (Method::POST, ""),
@@ -1297,6 +1296,24 @@ mod tests {
             (Method::POST, "/async-invoke/x"),
             (Method::POST, "/guardrail/g/version/1"),
             (Method::POST, "/foundation-models"),
+            // Control-plane writes and shapes the discovery reads do not have.
+            (Method::POST, "/inference-profiles"),
+            (Method::DELETE, "/inference-profiles/us.x"),
+            (Method::PATCH, "/inference-profiles/us.x"),
+            (Method::PUT, "/foundation-models/m"),
+            (Method::DELETE, "/guardrails/gr1"),
+            (Method::GET, "/guardrails"),
+            (Method::POST, "/guardrails"),
+            (Method::GET, "/foundation-models/a/b"),
+            (Method::GET, "/inference-profiles/x/tags"),
+            (Method::GET, "/foundation-models%2Fx"),
+            (Method::HEAD, "/foundation-models"),
+            (Method::OPTIONS, "/foundation-models"),
+            (Method::GET, "/custom-models"),
+            (Method::GET, "/model-customization-jobs"),
+            (Method::POST, "/model-invocation-job"),
+            (Method::GET, "//foundation-models"),
+            (Method::GET, "/Foundation-Models"),
         ];
         for (method, path) in cases {
             let err = Route::parse(&method, path).unwrap_err();
@@ -1519,37 +1536,15 @@ mod tests {
     }
 
     #[test]
-    fn control_plane_writes_and_odd_shapes_are_no_operation() {
-        let cases = [
-            (Method::POST, "/inference-profiles"),
-            (Method::DELETE, "/inference-profiles/us.x"),
-            (Method::PATCH, "/inference-profiles/us.x"),
-            (Method::PUT, "/foundation-models/m"),
-            (Method::DELETE, "/guardrails/gr1"),
-            (Method::GET, "/guardrails"),
-            (Method::POST, "/guardrails"),
-            (Method::GET, "/foundation-models/a/b"),
-            (Method::GET, "/inference-profiles/x/tags"),
-            (Method::GET, "/foundation-models%2Fx"),
-            (Method::HEAD, "/foundation-models"),
-            (Method::OPTIONS, "/foundation-models"),
-            (Method::GET, "/custom-models"),
-            (Method::GET, "/model-customization-jobs"),
-            (Method::POST, "/model-invocation-job"),
-            (Method::GET, "//foundation-models"),
-            (Method::GET, "/Foundation-Models"),
-        ];
-        for (method, path) in cases {
-            let err = Route::parse(&method, path).unwrap_err();
-            assert_eq!(err.kind, ErrorType::UnknownOperation, "{method} {path}");
+    fn discovery_parameters_hiding_a_path_or_empty_are_validation_errors() {
+        for path in [
+            "/foundation-models/..%2Fguardrails",
+            "/inference-profiles/a%2F..%2Fb",
+            "/foundation-models/",
+        ] {
+            let err = Route::parse(&Method::GET, path).unwrap_err();
+            assert_eq!(err.kind, ErrorType::Validation, "{path}");
         }
-        let traversal =
-            Route::parse(&Method::GET, "/foundation-models/..%2Fguardrails").unwrap_err();
-        assert_eq!(traversal.kind, ErrorType::Validation);
-        let encoded = Route::parse(&Method::GET, "/inference-profiles/a%2F..%2Fb").unwrap_err();
-        assert_eq!(encoded.kind, ErrorType::Validation);
-        let empty = Route::parse(&Method::GET, "/foundation-models/").unwrap_err();
-        assert_eq!(empty.kind, ErrorType::Validation);
     }
 
     #[test]
@@ -1643,47 +1638,41 @@ mod tests {
 
     #[test]
     fn glob_matching() {
-        let yes = [
-            ("*", ""),
-            ("*", "anything:at/all"),
+        let cases = [
+            ("*", "", true),
+            ("*", "anything:at/all", true),
             (
                 "anthropic.claude-*",
                 "anthropic.claude-3-haiku-20240307-v1:0",
+                true,
             ),
-            ("anthropic.claude-*", "anthropic.claude-"),
-            ("*.anthropic.*", "us.anthropic.claude"),
-            ("*-v1:0", "anthropic.claude-v1:0"),
-            ("a*b*c", "abc"),
-            ("a*b*c", "aXbYbZc"),
-            ("a**c", "ac"),
-            ("a*a", "aa"),
-            ("a*a*a", "aaa"),
-            ("exact", "exact"),
-            ("", ""),
+            ("anthropic.claude-*", "anthropic.claude-", true),
+            ("*.anthropic.*", "us.anthropic.claude", true),
+            ("*-v1:0", "anthropic.claude-v1:0", true),
+            ("a*b*c", "abc", true),
+            ("a*b*c", "aXbYbZc", true),
+            ("a**c", "ac", true),
+            ("a*a", "aa", true),
+            ("a*a*a", "aaa", true),
+            ("exact", "exact", true),
+            ("", "", true),
+            ("anthropic.claude-*", "Anthropic.claude-3", false),
+            ("anthropic.claude-*", "us.anthropic.claude-3", false),
+            ("anthropic.claude-*", "anthropic.claude", false),
+            ("exact", "exactly", false),
+            ("exact", "inexact", false),
+            ("a*b*c", "acb", false),
+            ("a*a", "a", false),
+            ("a*a*a", "aa", false),
+            ("*-v1:0", "x-v1:0:extra", false),
+            ("", "x", false),
+            ("?", "x", false),
         ];
-        for (pattern, text) in yes {
-            assert!(
+        for (pattern, text, matches) in cases {
+            assert_eq!(
                 glob_match(pattern, text),
-                "{pattern:?} should match {text:?}"
-            );
-        }
-        let no = [
-            ("anthropic.claude-*", "Anthropic.claude-3"),
-            ("anthropic.claude-*", "us.anthropic.claude-3"),
-            ("anthropic.claude-*", "anthropic.claude"),
-            ("exact", "exactly"),
-            ("exact", "inexact"),
-            ("a*b*c", "acb"),
-            ("a*a", "a"),
-            ("a*a*a", "aa"),
-            ("*-v1:0", "x-v1:0:extra"),
-            ("", "x"),
-            ("?", "x"),
-        ];
-        for (pattern, text) in no {
-            assert!(
-                !glob_match(pattern, text),
-                "{pattern:?} should not match {text:?}"
+                matches,
+                "{pattern:?} against {text:?}"
             );
         }
         assert!(ModelId::new("us.anthropic.claude-3").matches("us.anthropic.*"));
@@ -1691,53 +1680,26 @@ mod tests {
 
     #[test]
     fn error_status_and_codes_follow_bedrock() {
+        // One row per kind, in the order of `ErrorType::ALL`.
         let expected = [
-            (ErrorType::AccessDenied, 403, "AccessDeniedException"),
-            (ErrorType::Validation, 400, "ValidationException"),
-            (
-                ErrorType::ServiceQuotaExceeded,
-                400,
-                "ServiceQuotaExceededException",
-            ),
-            (ErrorType::Conflict, 400, "ConflictException"),
-            (
-                ErrorType::ResourceNotFound,
-                404,
-                "ResourceNotFoundException",
-            ),
-            (ErrorType::ModelTimeout, 408, "ModelTimeoutException"),
-            (ErrorType::ModelError, 424, "ModelErrorException"),
-            (
-                ErrorType::ModelStreamError,
-                424,
-                "ModelStreamErrorException",
-            ),
-            (ErrorType::Throttling, 429, "ThrottlingException"),
-            (ErrorType::ModelNotReady, 429, "ModelNotReadyException"),
-            (ErrorType::InternalServer, 500, "InternalServerException"),
-            (
-                ErrorType::ServiceUnavailable,
-                503,
-                "ServiceUnavailableException",
-            ),
-            (
-                ErrorType::UnrecognizedClient,
-                403,
-                "UnrecognizedClientException",
-            ),
-            (
-                ErrorType::InvalidSignature,
-                403,
-                "InvalidSignatureException",
-            ),
-            (
-                ErrorType::UnknownOperation,
-                404,
-                "UnknownOperationException",
-            ),
+            (403, "AccessDeniedException"),
+            (400, "ValidationException"),
+            (400, "ServiceQuotaExceededException"),
+            (400, "ConflictException"),
+            (404, "ResourceNotFoundException"),
+            (408, "ModelTimeoutException"),
+            (424, "ModelErrorException"),
+            (424, "ModelStreamErrorException"),
+            (429, "ThrottlingException"),
+            (429, "ModelNotReadyException"),
+            (500, "InternalServerException"),
+            (503, "ServiceUnavailableException"),
+            (403, "UnrecognizedClientException"),
+            (403, "InvalidSignatureException"),
+            (404, "UnknownOperationException"),
         ];
         assert_eq!(expected.len(), ErrorType::ALL.len());
-        for (kind, status, code) in expected {
+        for (kind, (status, code)) in ErrorType::ALL.into_iter().zip(expected) {
             assert_eq!(kind.status().as_u16(), status, "{code}");
             assert_eq!(kind.code(), code);
             assert_eq!(ErrorType::from_code(code), Some(kind));
@@ -1772,8 +1734,7 @@ mod tests {
 
     #[test]
     fn hop_by_hop_headers_and_connection_listed_ones_are_removed() {
-        let mut headers = HeaderMap::new();
-        for (name, value) in [
+        let mut headers = header_map(&[
             ("connection", "keep-alive, x-custom-hop"),
             ("keep-alive", "timeout=5"),
             ("transfer-encoding", "chunked"),
@@ -1783,18 +1744,14 @@ mod tests {
             ("x-custom-hop", "1"),
             ("content-type", "application/json"),
             ("x-amzn-bedrock-trace", "ENABLED"),
-        ] {
-            headers.insert(name, HeaderValue::from_static(value));
-        }
+        ]);
         strip_hop_by_hop(&mut headers);
-        let left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
-        assert_eq!(left, ["content-type", "x-amzn-bedrock-trace"]);
+        assert_eq!(names(&headers), ["content-type", "x-amzn-bedrock-trace"]);
     }
 
     #[test]
     fn caller_credentials_are_removed_and_bedrock_headers_kept() {
-        let mut headers = HeaderMap::new();
-        for (name, value) in [
+        let mut headers = header_map(&[
             ("authorization", "Bearer bedrock-api-key-secret"),
             ("x-amz-security-token", "token"),
             ("x-amz-date", "20250101T000000Z"),
@@ -1806,14 +1763,10 @@ mod tests {
             ("accept", "application/json"),
             ("x-amzn-bedrock-guardrailidentifier", "gr"),
             ("x-amz-user-agent", "boto3"),
-        ] {
-            headers.insert(name, HeaderValue::from_static(value));
-        }
+        ]);
         strip_caller_credentials(&mut headers);
-        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
-        left.sort();
         assert_eq!(
-            left,
+            names(&headers),
             [
                 "accept",
                 "content-type",
@@ -1821,6 +1774,26 @@ mod tests {
                 "x-amzn-bedrock-guardrailidentifier"
             ]
         );
+    }
+
+    /// A header map of `pairs`, for the tests of this crate's modules too.
+    pub(crate) fn header_map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|&(name, value)| {
+                (
+                    HeaderName::from_static(name),
+                    HeaderValue::from_static(value),
+                )
+            })
+            .collect()
+    }
+
+    /// The names in `headers`, sorted.
+    pub(crate) fn names(headers: &HeaderMap) -> Vec<&str> {
+        let mut names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        names
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use http::{HeaderMap, HeaderValue};
 
-use crate::{is_region_name, BedrockError, DialledName, Service};
+use crate::{is_region_name, remove_headers_starting_with, BedrockError, DialledName, Service};
 
 /// The authenticated principal the agent forwards for (`x-xpart-principal`).
 pub const PRINCIPAL_HEADER: &str = "x-xpart-principal";
@@ -127,19 +127,13 @@ pub const HEALTH_PATH: &str = "/_xpart/health";
 /// adding its own, so a caller cannot claim another principal; the relay calls it before
 /// sending upstream, so nothing of the tunnel protocol reaches Bedrock.
 pub fn strip_xpart_headers(headers: &mut HeaderMap) {
-    let names: Vec<_> = headers
-        .keys()
-        .filter(|name| name.as_str().starts_with("x-xpart-"))
-        .cloned()
-        .collect();
-    for name in names {
-        headers.remove(name);
-    }
+    remove_headers_starting_with(headers, "x-xpart-");
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tests::{header_map, names};
 
     #[test]
     fn destination_round_trips_and_defaults_to_the_runtime() {
@@ -172,9 +166,7 @@ mod tests {
             (REGION_HEADER, "US-EAST-1"),
             (FIPS_HEADER, "yes"),
         ] {
-            let mut headers = HeaderMap::new();
-            headers.insert(name, HeaderValue::from_static(value));
-            let err = Destination::from_headers(&headers).unwrap_err();
+            let err = Destination::from_headers(&header_map(&[(name, value)])).unwrap_err();
             assert_eq!(err.kind, crate::ErrorType::Validation, "{name}: {value}");
         }
         let mut twice = HeaderMap::new();
@@ -185,16 +177,15 @@ mod tests {
 
     #[test]
     fn xpart_headers_are_removed_and_others_kept() {
-        let mut headers = HeaderMap::new();
-        headers.insert(PRINCIPAL_HEADER, HeaderValue::from_static("admin"));
-        headers.insert(REQUEST_ID_HEADER, HeaderValue::from_static("spoof"));
-        headers.insert(SOURCE_HEADER, HeaderValue::from_static("10.0.0.1"));
-        headers.insert("x-xpart-anything", HeaderValue::from_static("x"));
-        headers.insert("x-xpartner", HeaderValue::from_static("kept"));
-        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        let mut headers = header_map(&[
+            (PRINCIPAL_HEADER, "admin"),
+            (REQUEST_ID_HEADER, "spoof"),
+            (SOURCE_HEADER, "10.0.0.1"),
+            ("x-xpart-anything", "x"),
+            ("x-xpartner", "kept"),
+            ("content-type", "application/json"),
+        ]);
         strip_xpart_headers(&mut headers);
-        let mut left: Vec<&str> = headers.keys().map(|name| name.as_str()).collect();
-        left.sort();
-        assert_eq!(left, ["content-type", "x-xpartner"]);
+        assert_eq!(names(&headers), ["content-type", "x-xpartner"]);
     }
 }

@@ -274,7 +274,7 @@ fn event_usage(message: &Message, invoke: bool) -> Option<Usage> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue as HttpValue;
+    use crate::tests::header_map;
     use serde_json::json;
 
     fn event(kind: &str, payload: &Value) -> Vec<u8> {
@@ -337,10 +337,11 @@ mod tests {
 
     #[test]
     fn invoke_model_usage_comes_from_its_headers() {
-        let mut headers = HeaderMap::new();
-        headers.insert(INPUT_TOKENS_HEADER, HttpValue::from_static("120"));
-        headers.insert(OUTPUT_TOKENS_HEADER, HttpValue::from_static("45"));
-        headers.insert(CACHE_READ_TOKENS_HEADER, HttpValue::from_static("6"));
+        let headers = header_map(&[
+            (INPUT_TOKENS_HEADER, "120"),
+            (OUTPUT_TOKENS_HEADER, "45"),
+            (CACHE_READ_TOKENS_HEADER, "6"),
+        ]);
         let mut usage = reader(Operation::InvokeModel, &headers);
         usage.feed(br#"{"completion": "x"}"#);
         let reading = usage.finish();
