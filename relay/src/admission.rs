@@ -449,19 +449,20 @@ mod tests {
     fn policy(models: &[&str]) -> Policy {
         Policy::new(
             [],
-            &PolicySection {
-                operations: vec![
-                    "Converse".into(),
-                    "InvokeModel".into(),
-                    "ApplyGuardrail".into(),
-                ],
-                models: models.iter().map(|m| m.to_string()).collect(),
-                guardrails: vec!["gr-abc123:1".into()],
-                service_tiers: vec!["default".into()],
-                performance_latency: vec!["standard".into()],
-                trace: vec!["DISABLED".into(), "ENABLED".into()],
-            },
+            &section(&["Converse", "InvokeModel", "ApplyGuardrail"], models),
         )
+    }
+
+    fn section(operations: &[&str], models: &[&str]) -> PolicySection {
+        let owned = |names: &[&str]| names.iter().map(|name| name.to_string()).collect();
+        PolicySection {
+            operations: owned(operations),
+            models: owned(models),
+            guardrails: vec!["gr-abc123:1".into()],
+            service_tiers: vec!["default".into()],
+            performance_latency: vec!["standard".into()],
+            trace: vec!["DISABLED".into(), "ENABLED".into()],
+        }
     }
 
     fn rewriter() -> Rewriter {
@@ -479,21 +480,8 @@ mod tests {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<Admitted, Rejected> {
-        let policy = policy(models);
-        let rewriter = rewriter();
-        let rules = Rules {
-            policy: &policy,
-            rewriter: &rewriter,
-            echo_model: Some("xpart.echo"),
-        };
-        let mut map = HeaderMap::new();
-        for (name, value) in headers {
-            map.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_str(value).unwrap(),
-            );
-        }
-        admit(&Method::POST, path, &map, &rules)
+        let map = appended(HeaderMap::new(), headers);
+        admit_under(&policy(models), &Method::POST, path, &map)
     }
 
     fn code(result: Result<Admitted, Rejected>) -> (&'static str, String) {
@@ -515,37 +503,46 @@ mod tests {
         path: &str,
         extra: &[(&str, &str)],
     ) -> Result<Admitted, Rejected> {
-        let mut operations: Vec<String> = vec!["Converse".into()];
-        operations.extend(Operation::DISCOVERY.iter().map(|op| op.name().to_string()));
+        let mut operations = vec!["Converse"];
+        operations.extend(Operation::DISCOVERY.iter().map(|op| op.name()));
         let policy = Policy::new(
             [],
             &PolicySection {
-                operations,
-                models: vec!["anthropic.*".into(), "us.anthropic.*".into()],
-                guardrails: vec!["gr-abc123:1".into()],
-                service_tiers: vec!["default".into()],
-                performance_latency: vec!["standard".into()],
                 trace: vec![],
+                ..section(&operations, &["anthropic.*", "us.anthropic.*"])
             },
         );
-        let rewriter = rewriter();
-        let rules = Rules {
-            policy: &policy,
-            rewriter: &rewriter,
-            echo_model: Some("xpart.echo"),
-        };
         let mut map = HeaderMap::new();
         map.insert(
             xpart_bedrock::protocol::SERVICE_HEADER,
             HeaderValue::from_str(service).unwrap(),
         );
-        for (name, value) in extra {
+        admit_under(&policy, &method, path, &appended(map, extra))
+    }
+
+    fn admit_under(
+        policy: &Policy,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Result<Admitted, Rejected> {
+        let rewriter = rewriter();
+        let rules = Rules {
+            policy,
+            rewriter: &rewriter,
+            echo_model: Some("xpart.echo"),
+        };
+        admit(method, path, headers, &rules)
+    }
+
+    fn appended(mut map: HeaderMap, headers: &[(&str, &str)]) -> HeaderMap {
+        for (name, value) in headers {
             map.append(
                 HeaderName::from_bytes(name.as_bytes()).unwrap(),
                 HeaderValue::from_str(value).unwrap(),
             );
         }
-        admit(&method, path, &map, &rules)
+        map
     }
 
     #[test]
@@ -758,25 +755,29 @@ mod tests {
 
     #[test]
     fn the_upstream_path_is_built_from_the_validated_id() {
-        let admitted = admit_with(
-            &["anthropic.claude-*"],
-            "/model/%61nthropic.claude-v2%3a1/converse",
-            &[],
-        )
-        .unwrap();
-        assert_eq!(
-            admitted.path_and_query,
-            "/model/anthropic.claude-v2%3A1/converse"
-        );
+        let cases = [
+            (
+                "anthropic.claude-*",
+                "/model/%61nthropic.claude-v2%3a1/converse",
+                "/model/anthropic.claude-v2%3A1/converse",
+            ),
+            (
+                "us.anthropic.*",
+                "/model/us-gov.anthropic.x/converse",
+                "/model/us.anthropic.x/converse",
+            ),
+        ];
+        for (models, path, upstream) in cases {
+            let admitted = admit_with(&[models], path, &[]).unwrap();
+            assert_eq!(admitted.path_and_query, upstream, "{path}");
+        }
         let rewritten = admit_with(
             &["us.anthropic.*"],
             "/model/us-gov.anthropic.x/converse",
             &[],
-        )
-        .unwrap();
-        assert_eq!(rewritten.path_and_query, "/model/us.anthropic.x/converse");
+        );
         assert_eq!(
-            rewritten.target,
+            rewritten.unwrap().target,
             Target::Model {
                 requested: ModelId::parse("us-gov.anthropic.x").unwrap(),
                 commercial: ModelId::parse("us.anthropic.x").unwrap(),
