@@ -148,3 +148,17 @@ def resolve(node, values, conditions):
         index, items = node["Fn::Select"]
         return resolve(items, values, conditions)[int(index)]
     return {k: resolve(v, values, conditions) for k, v in node.items()}
+
+
+def rule_failures(template, values):
+    """The AssertDescription of every assertion in the stack's Rules that fails for `values`
+    (a rule applies where its RuleCondition holds), as CloudFormation checks them before it
+    creates or changes anything."""
+    failed = []
+    for name, rule in template.get("Rules", {}).items():
+        checks = {"applies": rule.get("RuleCondition", {"Fn::Equals": ["x", "x"]})}
+        checks.update({str(i): a["Assert"] for i, a in enumerate(rule["Assertions"])})
+        truth = evaluate_conditions({"Conditions": checks}, values)
+        if truth["applies"]:
+            failed += [a["AssertDescription"] for i, a in enumerate(rule["Assertions"]) if not truth[str(i)]]
+    return failed

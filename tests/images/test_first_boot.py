@@ -69,7 +69,8 @@ def front_certificate(name):
     return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem
 
 
-KEYS = {name: wireguard_keypair() for name in ["agent-a", "agent-b", "relay-a", "relay-b"]}
+AGENT_NAMES = [f"agent-{m}" for m in "abcdef"]
+KEYS = {name: wireguard_keypair() for name in [*AGENT_NAMES, "relay-a", "relay-b"]}
 CERT_PEM, CERT_KEY_PEM = front_certificate("bedrock-runtime.us-east-1.amazonaws.com")
 PRINCIPALS = """[[principal]]
 name = "summarizer-lambda"
@@ -205,6 +206,8 @@ class Appliance:
             interfaces = {
                 STACK_VALUES["AgentANetworkInterface"]: {"status": "available", "attached_to": None, "role": "active"},
                 STACK_VALUES["AgentBNetworkInterface"]: {"status": "available", "attached_to": None, "role": "standby"},
+                # Agents c to f exist in multi-az only, where every agent is active.
+                **{f"eni-0{m * 16}": {"status": "available", "attached_to": None, "role": "active"} for m in "cdef"},
             }
         self.state.write_text(json.dumps(interfaces))
         aws = self.bin / "aws"
@@ -460,6 +463,118 @@ def test_a_multi_az_agent_serves_on_its_own_address_and_answers_every_balancer_a
     assert not (appliance.conf / "floating-address").exists()
     assert not (appliance.conf / "failover-watch.env").exists()
     assert ["ec2", "create-tags", "--resources", INSTANCE_ID, "--tags", "Key=xpart:role,Value=active"] in appliance.recorded("aws")
+
+
+def agents_of(count):
+    """The stack's values for AgentCount `count` in multi-az: agent k's private address in zone
+    k mod 3, the balancer's address in each zone's first agent, its member interface's ID."""
+    values = dict(MULTI_AZ, AgentCount=str(count))
+    for k, member in enumerate("CDEF", start=2):
+        if k >= count:
+            break
+        values[f"Agent{member}PrivateAddress"] = f"10.0.{k % 3 + 1}.{11 + k}"
+        values[f"Agent{member}NetworkInterface"] = f"eni-0{member.lower() * 16}"
+        if k < 3:
+            values[f"Agent{member}NlbAddress"] = f"10.0.{k % 3 + 1}.20"
+    return values
+
+
+def member_interfaces(values):
+    return [values.get(f"Agent{m}NetworkInterface") or STACK_VALUES[f"Agent{m}NetworkInterface"] for m in "ABCDEF"
+            if f"Agent{m}NetworkInterface" in values or f"Agent{m}NetworkInterface" in STACK_VALUES]
+
+
+@pytest.mark.parametrize("count", [3, 4, 6])
+def test_every_agent_of_the_count_boots_on_its_own_address_with_every_balancer_address(tmp_path, count):
+    values = agents_of(count)
+    user_data = agent_user_data(**values)
+    private = ["10.0.1.11", "10.0.2.12"] + [values[f"Agent{m}PrivateAddress"] for m in "CDEF"[:count - 2]]
+    interfaces = member_interfaces(values)
+    assert len(interfaces) == count
+    secrets = dict(AGENT_SECRETS, **{ssm(f"{name}/wireguard-private-key"): KEYS[name][0] for name in AGENT_NAMES})
+    for k, name in enumerate(AGENT_NAMES[:count]):
+        root = tmp_path / name
+        root.mkdir()
+        appliance = Appliance(root, secrets, interfaces={
+            eni: {"status": "available", "attached_to": None, "role": "active"} for eni in interfaces})
+        with FakeImds({"xpart:name": name}) as imds:
+            result = appliance.boot(user_data, imds)
+        assert result.returncode == 0, result.stderr
+        config = tomllib.loads((appliance.conf / "agent.toml").read_text())
+        assert config["tunnel"]["address"] == f"100.64.0.{k + 1}/24"
+        assert config["tunnel"]["listen"] == f"{private[k]}:51820", "from the member interface and its Elastic IP"
+        assert (appliance.conf / "agent.key").read_text().strip() == KEYS[name][0]
+        read = sorted(c[c.index("--name") + 1] for c in appliance.recorded("aws") if c[0] == "ssm")
+        assert [r for r in read if "wireguard" in r] == [ssm(f"{name}/wireguard-private-key")], "its own key only"
+        assert [r["name"] for r in config["relay"]] == ["relay-a", "relay-b"], "every agent peers with every relay"
+        # The balancer's targets and the Resolver rules name the member's own address; DNS
+        # answers one balancer address per zone (agents after the third share those zones).
+        assert config["dns"]["listen"] == f"{private[k]}:53"
+        assert config["dns"]["answer"] == ["10.0.1.20", "10.0.2.20", "10.0.3.20"]
+        assert config["front"]["listen"] == f"{private[k]}:443"
+        assert config["admin"]["listen"] == f"{private[k]}:9100"
+        assert ["ec2", "attach-network-interface", "--network-interface-id", interfaces[k],
+                "--instance-id", INSTANCE_ID, "--device-index", "1"] in appliance.recorded("aws")
+        assert not (appliance.conf / "failover-watch.env").exists()
+        assert [c[1] for c in appliance.recorded("systemctl") if c[0] == "restart"] == ["xpart-agent.service"]
+
+
+@pytest.mark.parametrize("count", [3, 4, 5, 6])
+def test_a_relay_peers_with_every_agent_of_the_count(tmp_path, count):
+    values = {"AgentCount": str(count)}
+    for k, member in enumerate("CDEF", start=2):
+        if k < count:
+            values[f"Agent{member}PublicIp"] = f"192.0.2.{20 + k}"
+            values[f"Agent{member}PublicKey"] = KEYS[f"agent-{member.lower()}"][1]
+    appliance = Appliance(tmp_path, RELAY_SECRETS)
+    with FakeImds({"xpart:name": "relay-b"}) as imds:
+        result = appliance.boot(relay_user_data(**values), imds)
+    assert result.returncode == 0, result.stderr
+    config = tomllib.loads((appliance.conf / "relay.toml").read_text())
+    assert config["agent"] == [
+        {"name": name, "public_key": KEYS[name][1], "tunnel_address": f"100.64.0.{k + 1}"}
+        for k, name in enumerate(AGENT_NAMES[:count])
+    ]
+
+
+def _with_line(user_data, after, line):
+    """The user data with `line` added to deployment.env after the line starting with `after`."""
+    return re.sub(rf"(\n( *){re.escape(after)}[^\n]*\n)", lambda m: f"{m.group(1)}{m.group(2)}{line}\n", user_data, count=1)
+
+
+@pytest.mark.parametrize(
+    "role, user_data, message",
+    [
+        ("agent-a", lambda: _with_line(agent_user_data(), "XPART_PAIR_2=",
+                                       f"XPART_PAIR_3=agent-c,100.64.0.3,10.0.1.13,eni-0{'c' * 16},AgentCGroup"),
+         "DeploymentMode pair is two agents, XPART_PAIR_1 and XPART_PAIR_2, not 3"),
+        ("agent-a", lambda: _with_line(agent_user_data(**agents_of(3)), "XPART_PAIR_3=",
+                                       f"XPART_PAIR_5=agent-e,100.64.0.5,10.0.2.15,eni-0{'e' * 16},AgentEGroup"),
+         "XPART_PAIR_5 is set but XPART_PAIR_4 is not"),
+        ("agent-a", lambda: agent_user_data(**dict(agents_of(3), AgentCTunnelAddress="100.64.0.2")),
+         'two XPART_PAIR_n rows have the tunnel address "100.64.0.2"'),
+        ("agent-a", lambda: agent_user_data(**dict(agents_of(2), NlbAddresses="10.0.1.20,10.0.2.20,10.0.3.20")),
+         "XPART_NLB_ADDRESSES lists 3 balancer addresses for 2 agents"),
+        ("relay-a", lambda: _with_line(relay_user_data(), "XPART_AGENT_2=",
+                                       f"XPART_AGENT_4=agent-d,100.64.0.4,{KEYS['agent-d'][1]}"),
+         "XPART_AGENT_4 is set but XPART_AGENT_3 is not"),
+        ("relay-a", lambda: relay_user_data(AgentCount="3", AgentCPublicIp="192.0.2.22", AgentCPublicKey=KEYS["agent-c"][1],
+                                            AgentCTunnelAddress="100.64.0.1"),
+         'two XPART_AGENT_n rows have the tunnel address "100.64.0.1"'),
+    ],
+    ids=["pair-with-three-agents", "agent-row-gap", "agent-tunnel-twice", "more-balancer-addresses-than-agents",
+         "peer-row-gap", "peer-tunnel-twice"],
+)
+def test_the_members_rows_are_checked_before_anything_is_fetched(tmp_path, role, user_data, message):
+    """A member or peer left out, or two with one tunnel address, would leave a caller or a relay
+    without a route: first boot refuses before it fetches or writes anything."""
+    secrets = AGENT_SECRETS if role.startswith("agent") else RELAY_SECRETS
+    appliance = Appliance(tmp_path, secrets)
+    with FakeImds({"xpart:name": role}) as imds:
+        result = appliance.boot(user_data(), imds)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert appliance.installed() == [] and appliance.recorded("aws") == []
 
 
 def test_rotating_a_multi_az_agent_restarts_only_the_agent(tmp_path):
@@ -791,9 +906,14 @@ def test_a_signal_the_stack_does_not_wait_for_is_no_failure(tmp_path):
     [
         ("agent", "agent-a", agent_user_data, AGENT_SECRETS),
         ("agent", "agent-a", lambda: agent_user_data(**MULTI_AZ), AGENT_SECRETS),
+        ("agent", "agent-f", lambda: agent_user_data(**agents_of(6)),
+         dict(AGENT_SECRETS, **{ssm("agent-f/wireguard-private-key"): KEYS["agent-f"][0]})),
         ("relay", "relay-b", relay_user_data, RELAY_SECRETS),
+        ("relay", "relay-b", lambda: relay_user_data(AgentCount="6", **{
+            f"Agent{m}{field}": value for m in "CDEF" for field, value in (
+                ("PublicIp", f"192.0.2.{ord(m)}"), ("PublicKey", KEYS[f"agent-{m.lower()}"][1]))}), RELAY_SECRETS),
     ],
-    ids=["agent", "agent-multi-az", "relay"],
+    ids=["agent", "agent-multi-az", "agent-f-of-six", "relay", "relay-of-six-agents"],
 )
 def test_the_daemon_accepts_the_configuration_first_boot_writes(tmp_path, role, name, user_data, secrets):
     daemon = BIN_DIR / f"xpart-{role}"

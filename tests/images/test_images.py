@@ -16,7 +16,7 @@ import pytest
 
 decode = pytest.importorskip("cfnlint.decode", reason="cfn-lint not installed (pip install -r tests/requirements.txt)").decode
 
-from stack_model import evaluate_conditions, parameter_values, resolve, stack_for  # noqa: E402 (needs cfn-lint)
+from stack_model import evaluate_conditions, parameter_values, resolve, rule_failures, stack_for  # noqa: E402 (needs cfn-lint)
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "images"
@@ -50,7 +50,7 @@ def govcloud_in_mode(mode, **parameters):
     """The GovCloud stack as CloudFormation sees it with DeploymentMode `mode` (and AgentCount
     and the other `parameters` given): the branches they decide chosen, the resources and
     outputs they rule out gone."""
-    return stack_for(GOVCLOUD, DeploymentMode=mode, **parameters)[0]
+    return stack_for(GOVCLOUD, **dict(parameters, DeploymentMode=mode))[0]
 
 
 def resources(template, kind):
@@ -633,27 +633,72 @@ def test_the_agents_answer_and_the_certificate_covers_every_name_the_rules_forwa
         assert f'"{prefix}",' in ca, f"xpart ca issue --region does not name {prefix}"
 
 
-# What each DeploymentMode needs besides the defaults, as an operator would pass it.
+def multi_az_parameters(count, zones=3):
+    """What an operator passes for `count` multi-az agents spread over `zones` zones (each
+    GovCloud region has three): agent k in zone k mod `zones`, the balancer's address in the
+    subnet of each agent that opens a zone. Only parameters that have a default, so the lint
+    below can pass them as defaults."""
+    values = {"DeploymentMode": "multi-az", "AgentCount": str(count),
+              "AgentBSubnetId": "subnet-01000000000000000", "NlbAddresses": "10.0.1.20,10.0.2.20"}
+    for k, member in enumerate("CDEF", start=2):
+        if k >= count:
+            break
+        zone = k % zones
+        values[f"Agent{member}SubnetId"] = f"subnet-0{zone}{k}00000000000000"
+        values[f"Agent{member}PrivateAddress"] = f"10.0.{zone + 1}.{11 + k}"
+        values[f"Agent{member}EipAllocationId"] = f"eipalloc-0{k}00000000000000"
+        if k < zones:
+            values[f"Agent{member}NlbAddress"] = f"10.0.{zone + 1}.20"
+    return values
+
+
+# What each DeploymentMode (and AgentCount) needs besides the defaults, as an operator passes it.
 MODE_PARAMETERS = {
-    "pair": {"FloatingAddress": "10.0.1.10"},
-    "multi-az": {"DeploymentMode": "multi-az", "AgentBSubnetId": "subnet-0123456789abcdef1",
-                 "NlbAddresses": "10.0.1.20,10.0.2.20"},
+    "pair": {"FloatingAddress": "10.0.1.10", "AgentCount": "2"},
+    "multi-az": multi_az_parameters(2),
+    "multi-az-3": multi_az_parameters(3),
+    "multi-az-6": multi_az_parameters(6),
 }
 
 
-@pytest.mark.parametrize("mode", ["pair", "multi-az"])
-def test_govcloud_stack_passes_cfn_lint_in_each_deployment_mode(tmp_path, mode):
-    """cfn-lint resolves parameters to their defaults; each mode is linted with its own values
-    as defaults, in both GovCloud regions."""
-    need("cfn-lint", "pip install cfn-lint")
-    text = GOVCLOUD.read_text()
-    for name, value in MODE_PARAMETERS[mode].items():
+def with_defaults(path, values):
+    """The stack's text with `values` as the defaults of those parameters: cfn-lint resolves
+    parameters to their defaults."""
+    text = path.read_text()
+    for name, value in values.items():
         block = re.search(rf"\n  {name}:\n    Type: String\n    Default: (\S+)\n", text)
         assert block, f"{name} has no default to replace"
         text = text.replace(block.group(0), block.group(0).replace(f"Default: {block.group(1)}", f'Default: "{value}"'))
+    return text
+
+
+@pytest.mark.parametrize("mode", list(MODE_PARAMETERS))
+def test_govcloud_stack_passes_cfn_lint_in_each_deployment_mode(tmp_path, mode):
+    """Each mode, and multi-az with AgentCount 2, 3 and 6, is linted with its own values as
+    defaults, in both GovCloud regions."""
+    need("cfn-lint", "pip install cfn-lint")
     variant = tmp_path / f"govcloud-{mode}.yaml"
-    variant.write_text(text)
+    variant.write_text(with_defaults(GOVCLOUD, MODE_PARAMETERS[mode]))
     result = run(["cfn-lint", "--regions", "us-gov-west-1", "us-gov-east-1", "--", str(variant)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def commercial_parameters(count):
+    """The Commercial stack's agents c to f as an operator passes them for AgentCount `count`."""
+    values = {"AgentCount": str(count)}
+    for k, member in enumerate("CDEF", start=2):
+        if k < count:
+            values[f"Agent{member}PublicIp"] = f"192.0.2.{20 + k}"
+            values[f"Agent{member}PublicKey"] = f"{member * 42}A="
+    return values
+
+
+@pytest.mark.parametrize("count", [2, 3, 6])
+def test_commercial_stack_passes_cfn_lint_with_each_agent_count(tmp_path, count):
+    need("cfn-lint", "pip install cfn-lint")
+    variant = tmp_path / f"commercial-{count}.yaml"
+    variant.write_text(with_defaults(COMMERCIAL, commercial_parameters(count)))
+    result = run(["cfn-lint", "--regions", "us-east-1", "--", str(variant)])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -736,6 +781,149 @@ def test_multi_az_resolver_rules_target_every_agents_dns_and_zones_answer_the_ba
         assert answers == ["10.0.1.20", "10.0.2.20"]
 
 
+AGENTS = "ABCDEF"
+
+
+def test_agent_count_is_two_to_six_on_both_stacks():
+    for stack in (GOVCLOUD, COMMERCIAL):
+        count = load_stack(stack)["Parameters"]["AgentCount"]
+        assert (count["AllowedValues"], count["Default"]) == (["2", "3", "4", "5", "6"], "2"), stack.name
+
+
+@pytest.mark.parametrize("count", [2, 3, 4, 5, 6])
+def test_multi_az_with_agent_count_n_has_n_agents_each_a_target_of_the_balancer_and_the_rules(count):
+    """After CloudFormation resolves the conditions for AgentCount N: N agents (interface,
+    Elastic IP, role, launch template, group, each in its own subnet), N balancer targets, N
+    target IPs in every Resolver rule, and the balancer's address in each zone's first agent."""
+    values = multi_az_parameters(count)
+    template = govcloud_in_mode("multi-az", **values)
+    members = AGENTS[:count]
+    res = template["Resources"]
+    for kind, suffix in [("AWS::EC2::NetworkInterface", "NetworkInterface"), ("AWS::EC2::EIPAssociation", "ElasticIp"),
+                         ("AWS::IAM::Role", "Role"), ("AWS::IAM::InstanceProfile", "InstanceProfile"),
+                         ("AWS::EC2::LaunchTemplate", "LaunchTemplate"),
+                         ("AWS::AutoScaling::AutoScalingGroup", "Group")]:
+        assert sorted(resources(template, kind)) == [f"Agent{m}{suffix}" for m in members], kind
+    subnets = ["AgentSubnetId", "AgentBSubnetId"] + [f"Agent{m}SubnetId" for m in members[2:]]
+    for member, subnet in zip(members, subnets):
+        interface = res[f"Agent{member}NetworkInterface"]["Properties"]
+        assert interface["SubnetId"] == {"Ref": subnet}
+        assert interface["PrivateIpAddresses"] == [{"PrivateIpAddress": {"Ref": f"Agent{member}PrivateAddress"}, "Primary": True}]
+        tags = {t["Key"]: t["Value"] for t in interface["Tags"]}
+        assert (tags["xpart:name"], tags["xpart:role"]) == (f"agent-{member.lower()}", "active")
+        assert res[f"Agent{member}Group"]["Properties"]["VPCZoneIdentifier"] == [{"Ref": subnet}]
+        association = res[f"Agent{member}ElasticIp"]["Properties"]
+        assert association["NetworkInterfaceId"] == {"Ref": f"Agent{member}NetworkInterface"}
+        assert association["AllocationId"] == {"Ref": f"Agent{member}EipAllocationId"}
+    addresses = [{"Ref": f"Agent{m}PrivateAddress"} for m in members]
+
+    (group,) = resources(template, "AWS::ElasticLoadBalancingV2::TargetGroup").values()
+    assert group["Targets"] == [{"Id": a, "Port": 443} for a in addresses]
+    rules = resources(template, "AWS::Route53Resolver::ResolverRule")
+    assert len(rules) == 4
+    for rule in rules.values():
+        assert rule["TargetIps"] == [{"Ip": a, "Port": "53"} for a in addresses]
+    egress = template["Resources"]["ResolverEndpointSecurityGroup"]["Properties"]["SecurityGroupEgress"]
+    assert sorted((r["IpProtocol"], r["CidrIp"]["Fn::Sub"]) for r in egress) == sorted(
+        (protocol, f"${{Agent{m}PrivateAddress}}/32") for m in members for protocol in ("tcp", "udp"))
+
+    # One balancer address per zone: agents a, b and c open the three zones, d to f share them.
+    (lb,) = resources(template, "AWS::ElasticLoadBalancingV2::LoadBalancer").values()
+    zones = min(count, 3)
+    assert [m["SubnetId"] for m in lb["SubnetMappings"]] == [{"Ref": s} for s in subnets[:zones]]
+    every = parameter_values(template, dict(values, AgentSubnetId="subnet-00000000000000000"))
+    conditions = evaluate_conditions(load_stack(GOVCLOUD), every)
+    balancer = resolve(lb["SubnetMappings"], every, conditions)
+    assert [m["PrivateIPv4Address"] for m in balancer] == ["10.0.1.20", "10.0.2.20", "10.0.3.20"][:zones]
+    answered = ",".join(m["PrivateIPv4Address"] for m in balancer)
+    assert resolve(template["Outputs"]["LoadBalancerAddresses"]["Value"], every, conditions) == answered
+    hosted = govcloud_in_mode("multi-az", DnsMode="hosted-zone", **values)
+    for record in resources(hosted, "AWS::Route53::RecordSet").values():
+        assert resolve(record["ResourceRecords"], every, conditions) == answered.split(",")
+
+    # Every agent's role is in the shared policies (tags, CloudWatch, Session Manager).
+    roles = [{"Ref": f"Agent{m}Role"} for m in members]
+    for policy in ("AgentFailoverPolicy", "CloudWatchAgentPolicy", "SessionManagerPolicy"):
+        assert template["Resources"][policy]["Properties"]["Roles"] == roles, policy
+    for member in members[2:]:
+        reads = [s for s in _all_statements(template, f"Agent{member}Role")
+                 if "ssm:GetParameter" in _plain_actions(s)]
+        arns = [r["Fn::Sub"] for s in reads for r in s["Resource"]]
+        assert any(a.endswith(f"/agent-{member.lower()}/*") for a in arns)
+        assert not any(f"/agent-{other.lower()}/" in a for a in arns for other in AGENTS if other != member)
+
+    # The outputs give the Commercial stack its AgentCount and every agent's tunnel address.
+    assert resolve(template["Outputs"]["AgentCount"]["Value"], every, conditions) == str(count)
+    tunnels = resolve(template["Outputs"]["AgentTunnelAddresses"]["Value"], every, conditions).split(",")
+    commercial = load_stack(COMMERCIAL)["Parameters"]
+    assert tunnels == [commercial[f"Agent{m}TunnelAddress"]["Default"] for m in members]
+    assert sorted(n for n in template["Outputs"] if re.fullmatch(r"Agent[A-F]GroupName", n)) == [
+        f"Agent{m}GroupName" for m in members]
+
+
+def test_pair_mode_stays_two_agents_whatever_the_count_says():
+    template = govcloud_in_mode("pair", AgentCount="6")
+    assert sorted(resources(template, "AWS::AutoScaling::AutoScalingGroup")) == ["AgentAGroup", "AgentBGroup"]
+    values = parameter_values(template, {"FloatingAddress": "10.0.1.10", "AgentCount": "3"})
+    assert rule_failures(load_stack(GOVCLOUD), values) == [
+        "DeploymentMode pair is agent-a and agent-b; AgentCount 3 to 6 needs DeploymentMode multi-az."]
+    assert rule_failures(load_stack(GOVCLOUD), dict(values, AgentCount="2")) == []
+
+
+@pytest.mark.parametrize("count", [2, 3, 4, 5, 6])
+def test_the_rules_take_exactly_the_agents_the_count_asks_for(count):
+    template = load_stack(GOVCLOUD)
+    values = parameter_values(template, multi_az_parameters(count))
+    assert rule_failures(template, values) == []
+    if count < 6:
+        # An agent's values beyond the count: the stack refuses rather than leave it out.
+        extra = AGENTS[count]
+        more = dict(values, **{f"Agent{extra}SubnetId": "subnet-09000000000000000"})
+        assert rule_failures(template, more) == [
+            f"agent-{extra.lower()} exists only in multi-az with AgentCount {count + 1}"
+            + ("" if count + 1 == 6 else " or more")
+            + f"; raise AgentCount or leave Agent{extra}SubnetId, Agent{extra}PrivateAddress, "
+            f"Agent{extra}NlbAddress and Agent{extra}EipAllocationId empty."]
+    if count > 2:
+        last = AGENTS[count - 1]
+        fewer = dict(values, **{f"Agent{last}PrivateAddress": ""})
+        failures = rule_failures(template, fewer)
+        assert len(failures) == 1 and f"needs Agent{last}PrivateAddress" in failures[0]
+    commercial = load_stack(COMMERCIAL)
+    peers = parameter_values(commercial, commercial_parameters(count))
+    assert rule_failures(commercial, peers) == []
+    if count > 2:
+        last = AGENTS[count - 1]
+        assert [f for f in rule_failures(commercial, dict(peers, **{f"Agent{last}PublicKey": ""}))] == [
+            f"AgentCount {count}{'' if count == 6 else ' or more'} needs Agent{last}PublicKey, "
+            f"agent-{last.lower()}'s WireGuard public key."]
+
+
+@pytest.mark.parametrize("count", [2, 3, 4, 5, 6])
+def test_the_relays_peer_with_every_agent_the_count_asks_for(count):
+    values = commercial_parameters(count)
+    template = stack_for(COMMERCIAL, **values)[0]
+    assert str(count) in template["Parameters"]["AgentCount"]["AllowedValues"]
+    members = AGENTS[:count]
+    group = template["Resources"]["RelaySecurityGroup"]["Properties"]
+    sources = [{"Fn::Sub": f"${{Agent{m}PublicIp}}/32"} for m in members]
+    assert [r["CidrIp"] for r in group["SecurityGroupIngress"]] == sources
+    assert all(r["IpProtocol"] == "udp" and r["FromPort"] == {"Ref": "WireGuardPort"} for r in group["SecurityGroupIngress"])
+    assert [r["CidrIp"] for r in group["SecurityGroupEgress"] if r["IpProtocol"] == "udp"] == sources
+    # The relays' user data lists XPART_AGENT_1 to XPART_AGENT_N and no more.
+    every = parameter_values(template, dict(values, AgentAPublicKey="A" * 43 + "=", AgentBPublicKey="B" * 43 + "="))
+    every.update({"AWS::Region": "us-east-1", "AWS::StackName": "xpart-commercial"})
+    every.update({k: "x" for k in ("VpcId", "RelayAmiId", "RelayASubnetId", "RelayBSubnetId",
+                                   "RelayAEipAllocationId", "RelayBEipAllocationId",
+                                   "AgentAPublicIp", "AgentBPublicIp")})
+    conditions = evaluate_conditions(load_stack(COMMERCIAL), every)
+    for launch in resources(template, "AWS::EC2::LaunchTemplate").values():
+        user_data = resolve(launch["LaunchTemplateData"]["UserData"]["Fn::Base64"], every, conditions)
+        rows = re.findall(r"XPART_AGENT_(\d)=([^,\n]+),([^,\n]+),", user_data)
+        assert rows == [(str(i), f"agent-{m.lower()}", every[f"Agent{m}TunnelAddress"])
+                        for i, m in enumerate(members, start=1)]
+
+
 def test_both_stacks_agree_on_the_tunnel_plan():
     gov = load_stack(GOVCLOUD)["Parameters"]
     com = load_stack(COMMERCIAL)["Parameters"]
@@ -743,6 +931,11 @@ def test_both_stacks_agree_on_the_tunnel_plan():
         "TunnelPrefixLength",
         "AgentATunnelAddress",
         "AgentBTunnelAddress",
+        "AgentCTunnelAddress",
+        "AgentDTunnelAddress",
+        "AgentETunnelAddress",
+        "AgentFTunnelAddress",
+        "AgentCount",
         "RelayATunnelAddress",
         "RelayBTunnelAddress",
         "WireGuardPort",
