@@ -405,6 +405,7 @@ impl RelayConfig {
     }
 
     fn validate_agents(&self, found: &mut Vec<Problem>) {
+        let needs_key = self.tunnel.mode != TunnelMode::Host;
         if self.agents.is_empty() {
             found.push(Problem::new(
                 "[[agent]]",
@@ -413,7 +414,6 @@ impl RelayConfig {
             ));
         }
         for (i, agent) in self.agents.iter().enumerate() {
-            let needs_key = self.tunnel.mode != TunnelMode::Host;
             if needs_key && agent.public_key.is_none() {
                 found.push(Problem::new(
                     &format!("[[agent]][{i}].public_key"),
@@ -1091,23 +1091,19 @@ inference_profile_prefix = "none"
 
     #[test]
     fn upstream_tables_are_checked_each_by_its_index() {
-        let out = problems_of(&several(
-            r#"
-[[upstream]]
-region = "us-east-1"
-endpoint = "https://a.example"
+        let first = "[[upstream]]\nregion = \"us-east-1\"\nendpoint = \"https://a.example\"\n";
+        let cases: [(&str, &[&str]); 3] = [
+            (
+                r#"
 [[upstream]]
 service = "s3"
 region = "us-east-1"
 endpoint = "https://b.example"
 "#,
-        ));
-        assert!(out.contains("unknown service \"s3\""), "{out}");
-        let out = problems_of(&several(
-            r#"
-[[upstream]]
-region = "us-east-1"
-endpoint = "https://a.example"
+                &["unknown service \"s3\""],
+            ),
+            (
+                r#"
 [[upstream]]
 region = "us-east-1"
 endpoint = "https://b.example"
@@ -1117,20 +1113,23 @@ endpoint = "http://c.example"
 idle_timeout_secs = 10
 inference_profile_prefix = "us"
 "#,
-        ));
-        for expected in [
-            "[[upstream]][1].region: a second bedrock-runtime upstream for us-east-1",
-            "[[upstream]][2].region: \"US East\" is not an AWS region name",
-            "[[upstream]][2].endpoint",
-            "[[upstream]][2].idle_timeout_secs",
-            "[[upstream]][2].inference_profile_prefix",
-        ] {
-            assert!(out.contains(expected), "{expected}: {out}");
+                &[
+                    "[[upstream]][1].region: a second bedrock-runtime upstream for us-east-1",
+                    "[[upstream]][2].region: \"US East\" is not an AWS region name",
+                    "[[upstream]][2].endpoint",
+                    "[[upstream]][2].idle_timeout_secs",
+                    "[[upstream]][2].inference_profile_prefix",
+                ],
+            ),
+            // An unknown key in the first table.
+            ("bogus = 1\n", &["bogus"]),
+        ];
+        for (rest, expected) in cases {
+            let out = problems_of(&several(&format!("{first}{rest}")));
+            for expected in expected {
+                assert!(out.contains(expected), "{expected}: {out}");
+            }
         }
-        let out = problems_of(&several(
-            "[[upstream]]\nregion = \"us-east-1\"\nendpoint = \"https://a.example\"\nbogus = 1\n",
-        ));
-        assert!(out.contains("bogus"), "{out}");
     }
 
     #[test]
