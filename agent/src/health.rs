@@ -421,38 +421,11 @@ mod tests {
         handshake_age: Some(Duration::from_secs(5)),
     };
 
-    fn failed() -> ProbeOutcome {
-        ProbeOutcome::Failed("timed out".into())
-    }
-
-    fn two_relays(now: Instant) -> Health {
-        Health::new(
-            vec!["relay-a".into(), "relay-b".into()],
-            HealthSettings::default(),
-            now,
-        )
-    }
-
-    /// The indices of the relays that may take requests.
-    fn healthy(health: &Health) -> Vec<usize> {
-        health
-            .ids()
-            .filter(|relay| health.is_healthy(*relay))
-            .map(RelayId::index)
-            .collect()
-    }
-
-    /// Answers every due probe with `outcome(relay)` at `now`.
-    fn probe_all(health: &mut Health, now: Instant, outcome: impl Fn(RelayId) -> ProbeOutcome) {
-        while let Some(relay) = health.poll_probe(now) {
-            health.on_probe(relay, outcome(relay), now);
-        }
-    }
+    const RESET: &str = "stream reset by the relay: INTERNAL_ERROR";
 
     #[test]
     fn relays_take_no_traffic_until_a_probe_succeeds() {
-        let start = Instant::now();
-        let mut health = two_relays(start);
+        let (mut health, start) = relays(2);
         assert!(healthy(&health).is_empty());
         assert_eq!(health.poll_probe(start), Some(RelayId(0)));
         assert_eq!(health.poll_probe(start), Some(RelayId(1)));
@@ -461,23 +434,13 @@ mod tests {
         assert_eq!(healthy(&health), [1]);
         health.on_probe(RelayId(0), READY, start);
         assert_eq!(healthy(&health), [0, 1]);
-        assert_eq!(
-            health.poll_event(),
-            Some(HealthEvent::Up { relay: RelayId(1) })
-        );
-        assert_eq!(
-            health.poll_event(),
-            Some(HealthEvent::Up { relay: RelayId(0) })
-        );
-        assert_eq!(health.poll_event(), None);
+        assert_eq!(events(&mut health), [up(1), up(0)]);
     }
 
     #[test]
     fn probes_follow_the_interval() {
         let interval = HealthSettings::default().interval;
-        let start = Instant::now();
-        let mut health = two_relays(start);
-        probe_all(&mut health, start, |_| READY);
+        let (mut health, start) = healthy_relays(2);
         assert_eq!(health.poll_timeout(), Some(start + interval));
         assert_eq!(
             health.poll_probe(start + interval - Duration::from_millis(1)),
@@ -489,90 +452,63 @@ mod tests {
     #[test]
     fn dead_primary_fails_over_within_three_seconds() {
         let settings = HealthSettings::default();
-        let start = Instant::now();
-        let mut health = two_relays(start);
-        probe_all(&mut health, start, |_| READY);
-        while health.poll_event().is_some() {}
+        let (mut health, start) = healthy_relays(2);
 
         // relay-a dies just after answering at `start`. Its next probe goes out one interval
         // later and times out; each immediate re-probe times out too.
         let mut t = start + settings.interval;
         for failure in 1..settings.fail_after {
-            assert_eq!(health.poll_probe(t), Some(RelayId(0)), "re-probed at once");
-            t += settings.probe_timeout;
-            health.on_probe(RelayId(0), failed(), t);
+            t = probe_times_out(&mut health, RelayId(0), t);
             assert_eq!(
                 healthy(&health),
                 [0, 1],
                 "{failure} failure(s) are not enough"
             );
         }
-        assert_eq!(health.poll_probe(t), Some(RelayId(0)));
-        let last_fails = t + settings.probe_timeout;
-        health.on_probe(RelayId(0), failed(), last_fails);
+        let last_fails = probe_times_out(&mut health, RelayId(0), t);
 
         assert_eq!(healthy(&health), [1]);
         assert!(last_fails - start <= Duration::from_secs(3));
-        assert_eq!(
-            health.poll_event(),
-            Some(HealthEvent::Down {
-                relay: RelayId(0),
-                reason: "timed out".into()
-            })
-        );
-        assert_eq!(
-            health.poll_event(),
-            Some(HealthEvent::Lost { relay: RelayId(0) })
-        );
-        assert_eq!(health.poll_event(), None);
+        assert_eq!(events(&mut health), [down(0, "timed out"), lost(0)]);
 
         // Further failures do not repeat the loss; an answer re-arms it.
-        let later = last_fails + settings.interval;
-        assert_eq!(health.poll_probe(later), Some(RelayId(0)));
-        health.on_probe(RelayId(0), failed(), later);
+        probe(
+            &mut health,
+            RelayId(0),
+            last_fails + settings.interval,
+            failed(),
+        );
         assert_eq!(health.poll_event(), None);
     }
 
     #[test]
     fn drained_relay_leaves_the_rotation_but_is_not_lost() {
-        let start = Instant::now();
-        let mut health = two_relays(start);
-        probe_all(&mut health, start, |_| READY);
-        while health.poll_event().is_some() {}
+        let (mut health, start) = healthy_relays(2);
         let t = start + Duration::from_secs(1);
         probe_all(&mut health, t, |relay| match relay.index() {
             0 => ProbeOutcome::NotReady("draining".into()),
             _ => READY,
         });
         assert_eq!(healthy(&health), [1]);
-        assert!(matches!(
-            health.poll_event(),
-            Some(HealthEvent::Down {
-                relay: RelayId(0),
-                ..
-            })
-        ));
         assert_eq!(
-            health.poll_event(),
-            None,
+            events(&mut health),
+            [down(0, "relay not ready: draining")],
             "requests in flight on a drained relay finish"
         );
 
         // If the drained relay then stops answering, what it still holds is ended.
-        let t = t + Duration::from_secs(1);
-        assert_eq!(health.poll_probe(t), Some(RelayId(0)));
-        health.on_probe(RelayId(0), failed(), t);
-        assert_eq!(
-            health.poll_event(),
-            Some(HealthEvent::Lost { relay: RelayId(0) })
+        probe(
+            &mut health,
+            RelayId(0),
+            t + Duration::from_secs(1),
+            failed(),
         );
+        assert_eq!(events(&mut health), [lost(0)]);
     }
 
     #[test]
     fn forward_failure_counts_and_triggers_an_immediate_probe() {
-        let start = Instant::now();
-        let mut health = two_relays(start);
-        probe_all(&mut health, start, |_| READY);
+        let (mut health, start) = healthy_relays(2);
         let later = start + Duration::from_millis(100);
         health.on_forward_failed(RelayId(0), "connection refused".into(), later);
         assert!(
@@ -580,8 +516,7 @@ mod tests {
             "new requests go elsewhere at once"
         );
         for _ in 1..HealthSettings::default().fail_after {
-            assert_eq!(health.poll_probe(later), Some(RelayId(0)));
-            health.on_probe(RelayId(0), failed(), later);
+            probe(&mut health, RelayId(0), later, failed());
         }
         assert_eq!(healthy(&health), [1]);
     }
@@ -589,10 +524,7 @@ mod tests {
     #[test]
     fn a_lost_connection_takes_the_relay_out_at_once_and_probes_bring_it_back() {
         let settings = HealthSettings::default();
-        let start = Instant::now();
-        let mut health = two_relays(start);
-        probe_all(&mut health, start, |_| READY);
-        while health.poll_event().is_some() {}
+        let (mut health, start) = healthy_relays(2);
 
         let lost_at = start + settings.interval / 2;
         let ejected = health.on_passive_failure(
@@ -604,18 +536,10 @@ mod tests {
         assert!(ejected);
         assert_eq!(healthy(&health), [1], "no probe needed");
         assert_eq!(
-            health.poll_event(),
-            Some(HealthEvent::Down {
-                relay: RelayId(0),
-                reason: "keep-alive timed out".into()
-            })
-        );
-        assert_eq!(
-            health.poll_event(),
-            Some(HealthEvent::Lost { relay: RelayId(0) }),
+            events(&mut health),
+            [down(0, "keep-alive timed out"), lost(0)],
             "its requests in flight are ended"
         );
-        assert_eq!(health.poll_event(), None);
 
         // The same loss seen again by other requests changes nothing.
         let again = health.on_passive_failure(
@@ -643,42 +567,28 @@ mod tests {
             assert_eq!(healthy(&health), expected, "after {round} good probe(s)");
             t += settings.interval;
         }
-        assert_eq!(
-            health.poll_event(),
-            Some(HealthEvent::Up { relay: RelayId(0) })
-        );
+        assert_eq!(events(&mut health), [up(0)]);
     }
 
     #[test]
     fn a_stream_reset_takes_the_relay_out_but_lets_its_other_requests_finish() {
-        let start = Instant::now();
-        let mut health = two_relays(start);
-        probe_all(&mut health, start, |_| READY);
-        while health.poll_event().is_some() {}
+        let (mut health, start) = healthy_relays(2);
         let t = start + Duration::from_millis(100);
-        let ejected = health.on_passive_failure(
-            RelayId(1),
-            PassiveFailure::StreamReset,
-            "stream reset by the relay: INTERNAL_ERROR".into(),
-            t,
-        );
+        let ejected =
+            health.on_passive_failure(RelayId(1), PassiveFailure::StreamReset, RESET.into(), t);
         assert!(ejected);
         assert_eq!(healthy(&health), [0]);
-        assert!(matches!(
-            health.poll_event(),
-            Some(HealthEvent::Down {
-                relay: RelayId(1),
-                ..
-            })
-        ));
-        assert_eq!(health.poll_event(), None, "not lost: it still answers");
+        assert_eq!(
+            events(&mut health),
+            [down(1, RESET)],
+            "not lost: it still answers"
+        );
         assert_eq!(health.report(t)[1].state, State::Down);
     }
 
     #[test]
     fn a_failed_connect_to_a_relay_not_yet_probed_keeps_it_out() {
-        let start = Instant::now();
-        let mut health = two_relays(start);
+        let (mut health, start) = relays(2);
         assert!(health.on_passive_failure(
             RelayId(0),
             PassiveFailure::ConnectFailed,
@@ -692,37 +602,23 @@ mod tests {
 
     #[test]
     fn one_slow_probe_does_not_move_traffic() {
-        let start = Instant::now();
-        let mut health = two_relays(start);
-        probe_all(&mut health, start, |_| READY);
+        let (mut health, start) = healthy_relays(2);
         let t = start + Duration::from_secs(1);
-        assert_eq!(health.poll_probe(t), Some(RelayId(0)));
-        health.on_probe(RelayId(0), failed(), t);
-        assert_eq!(health.poll_probe(t), Some(RelayId(0)));
-        health.on_probe(RelayId(0), READY, t);
+        probe(&mut health, RelayId(0), t, failed());
+        probe(&mut health, RelayId(0), t, READY);
         assert_eq!(healthy(&health), [0, 1]);
-        health.poll_event();
-        health.poll_event();
         assert_eq!(health.poll_event(), None, "no down/up churn");
     }
 
     #[test]
     fn a_missed_probe_makes_a_relay_suspect_and_new_requests_avoid_it_until_it_answers() {
         let settings = HealthSettings::default();
-        let start = Instant::now();
-        let mut health = Health::new(
-            vec!["relay-a".into(), "relay-b".into(), "relay-c".into()],
-            settings,
-            start,
-        );
-        probe_all(&mut health, start, |_| READY);
-        while health.poll_event().is_some() {}
+        let (mut health, start) = healthy_relays(3);
         assert_eq!(ids(&health.eligible(&[])), [0, 1, 2]);
 
         // relay-a misses one probe: still healthy, nothing closed, no new request.
         let t = start + settings.interval;
-        assert_eq!(health.poll_probe(t), Some(RelayId(0)));
-        health.on_probe(RelayId(0), failed(), t + settings.probe_timeout);
+        let missed = probe_times_out(&mut health, RelayId(0), t);
         assert!(health.is_healthy(RelayId(0)));
         assert!(health.is_suspect(RelayId(0)));
         assert_eq!(health.poll_event(), None, "soft: no down, no loss");
@@ -734,14 +630,8 @@ mod tests {
         // With every relay that answered already tried, the suspect one still takes it.
         assert_eq!(ids(&health.eligible(&[RelayId(1), RelayId(2)])), [0]);
 
-        // The next good probe clears it at once, with no rise_after wait.
-        let back = t + settings.probe_timeout;
-        assert_eq!(
-            health.poll_probe(back),
-            Some(RelayId(0)),
-            "re-probed at once"
-        );
-        health.on_probe(RelayId(0), READY, back);
+        // The next good probe, sent at once, clears it with no rise_after wait.
+        probe(&mut health, RelayId(0), missed, READY);
         assert!(!health.is_suspect(RelayId(0)));
         assert_eq!(ids(&health.eligible(&[])), [0, 1, 2]);
         assert_eq!(health.poll_event(), None, "no down/up churn");
@@ -750,16 +640,13 @@ mod tests {
     #[test]
     fn a_lone_suspect_relay_still_takes_requests() {
         let settings = HealthSettings::default();
-        let start = Instant::now();
-        let mut health = two_relays(start);
+        let (mut health, start) = relays(2);
         probe_all(&mut health, start, |relay| match relay.index() {
             0 => READY,
             _ => ProbeOutcome::NotReady("drained".into()),
         });
         assert_eq!(healthy(&health), [0]);
-        let t = start + settings.interval;
-        assert_eq!(health.poll_probe(t), Some(RelayId(0)));
-        health.on_probe(RelayId(0), failed(), t);
+        probe(&mut health, RelayId(0), start + settings.interval, failed());
         assert!(health.is_suspect(RelayId(0)));
         assert_eq!(
             ids(&health.eligible(&[])),
@@ -771,42 +658,24 @@ mod tests {
     #[test]
     fn a_relay_silent_for_fail_after_probes_is_lost_but_a_shorter_stall_is_not() {
         let settings = HealthSettings::default();
-        let start = Instant::now();
-        let mut health = two_relays(start);
-        probe_all(&mut health, start, |_| READY);
-        while health.poll_event().is_some() {}
+        let (mut health, start) = healthy_relays(2);
 
         // A stall shorter than fail_after probe deadlines (a retransmission or two on a lossy
         // link): suspect, but the requests in flight are left to finish.
-        let mut t = start + settings.interval;
-        for _ in 1..settings.fail_after {
-            assert_eq!(health.poll_probe(t), Some(RelayId(0)));
-            t += settings.probe_timeout;
-            health.on_probe(RelayId(0), failed(), t);
-        }
+        let stalled = (1..settings.fail_after).fold(start + settings.interval, |t, _| {
+            probe_times_out(&mut health, RelayId(0), t)
+        });
         assert!(health.is_healthy(RelayId(0)) && health.is_suspect(RelayId(0)));
         assert_eq!(health.poll_event(), None);
-        assert!(t - start >= Duration::from_millis(1500), "{:?}", t - start);
+        let stall = stalled - start;
+        assert!(stall >= Duration::from_millis(1500), "{stall:?}");
 
         // One more: silent for fail_after × probe_timeout, it is down and lost.
-        assert_eq!(health.poll_probe(t), Some(RelayId(0)));
-        t += settings.probe_timeout;
-        health.on_probe(RelayId(0), failed(), t);
+        let silence = probe_times_out(&mut health, RelayId(0), stalled) - start;
         assert_eq!(healthy(&health), [1]);
         assert!(!health.is_suspect(RelayId(0)), "down, not suspect");
-        assert!(matches!(
-            health.poll_event(),
-            Some(HealthEvent::Down { .. })
-        ));
-        assert_eq!(
-            health.poll_event(),
-            Some(HealthEvent::Lost { relay: RelayId(0) })
-        );
-        assert!(t - start <= Duration::from_millis(2500), "{:?}", t - start);
-    }
-
-    fn ids(relays: &[RelayId]) -> Vec<usize> {
-        relays.iter().map(|relay| relay.index()).collect()
+        assert_eq!(events(&mut health), [down(0, "timed out"), lost(0)]);
+        assert!(silence <= Duration::from_millis(2500), "{silence:?}");
     }
 
     #[test]
@@ -836,9 +705,7 @@ mod tests {
 
     #[test]
     fn drained_relay_goes_down_and_needs_two_successes_to_return() {
-        let start = Instant::now();
-        let mut health = two_relays(start);
-        probe_all(&mut health, start, |_| READY);
+        let (mut health, start) = healthy_relays(2);
         let mut t = start + Duration::from_secs(1);
         probe_all(&mut health, t, |relay| match relay.index() {
             0 => ProbeOutcome::NotReady("draining".into()),
@@ -856,8 +723,7 @@ mod tests {
 
     #[test]
     fn unknown_relay_that_fails_is_down_and_probed_on_interval() {
-        let start = Instant::now();
-        let mut health = two_relays(start);
+        let (mut health, start) = relays(2);
         probe_all(&mut health, start, |_| failed());
         assert!(healthy(&health).is_empty());
         assert_eq!(
@@ -869,8 +735,7 @@ mod tests {
 
     #[test]
     fn the_report_says_how_long_ago_each_relay_last_passed_a_probe() {
-        let start = Instant::now();
-        let mut health = two_relays(start);
+        let (mut health, start) = relays(2);
         assert_eq!(health.report(start)[0].last_success_age_seconds, None);
         probe_all(&mut health, start, |relay| match relay.index() {
             0 => READY,
@@ -881,5 +746,93 @@ mod tests {
         assert_eq!(report[0].last_success_age_seconds, Some(7.0));
         assert_eq!(report[1].last_success_age_seconds, None);
         assert_eq!(report[1].last_error.as_deref(), Some("timed out"));
+    }
+
+    fn failed() -> ProbeOutcome {
+        ProbeOutcome::Failed("timed out".into())
+    }
+
+    /// `count` relays named relay-a, relay-b, ... with the default settings, none probed yet,
+    /// and the moment they were set up.
+    fn relays(count: usize) -> (Health, Instant) {
+        let start = Instant::now();
+        let names = (b'a'..).take(count).map(|c| format!("relay-{}", c as char));
+        let health = Health::new(names.collect(), HealthSettings::default(), start);
+        (health, start)
+    }
+
+    /// `count` relays that each answered their first probe when set up, their `Up` events read.
+    fn healthy_relays(count: usize) -> (Health, Instant) {
+        let (mut health, start) = relays(count);
+        probe_all(&mut health, start, |_| READY);
+        events(&mut health);
+        (health, start)
+    }
+
+    /// Answers every due probe with `outcome(relay)` at `now`.
+    fn probe_all(health: &mut Health, now: Instant, outcome: impl Fn(RelayId) -> ProbeOutcome) {
+        while let Some(relay) = health.poll_probe(now) {
+            health.on_probe(relay, outcome(relay), now);
+        }
+    }
+
+    /// Sends `relay`'s probe, which must be the one due at `at`, and answers it at once.
+    fn probe(health: &mut Health, relay: RelayId, at: Instant, outcome: ProbeOutcome) {
+        assert_eq!(
+            health.poll_probe(at),
+            Some(relay),
+            "the probe due at {at:?}"
+        );
+        health.on_probe(relay, outcome, at);
+    }
+
+    /// Sends `relay`'s probe, which must be the one due at `sent`, and fails it when its
+    /// deadline passes unanswered; returns that deadline.
+    fn probe_times_out(health: &mut Health, relay: RelayId, sent: Instant) -> Instant {
+        assert_eq!(
+            health.poll_probe(sent),
+            Some(relay),
+            "the probe due at {sent:?}"
+        );
+        let deadline = sent + health.settings().probe_timeout;
+        health.on_probe(relay, failed(), deadline);
+        deadline
+    }
+
+    /// Every event not read yet, oldest first.
+    fn events(health: &mut Health) -> Vec<HealthEvent> {
+        std::iter::from_fn(|| health.poll_event()).collect()
+    }
+
+    fn up(index: usize) -> HealthEvent {
+        HealthEvent::Up {
+            relay: RelayId(index),
+        }
+    }
+
+    fn down(index: usize, reason: &str) -> HealthEvent {
+        HealthEvent::Down {
+            relay: RelayId(index),
+            reason: reason.into(),
+        }
+    }
+
+    fn lost(index: usize) -> HealthEvent {
+        HealthEvent::Lost {
+            relay: RelayId(index),
+        }
+    }
+
+    /// The indices of the relays that may take requests.
+    fn healthy(health: &Health) -> Vec<usize> {
+        health
+            .ids()
+            .filter(|relay| health.is_healthy(*relay))
+            .map(RelayId::index)
+            .collect()
+    }
+
+    fn ids(relays: &[RelayId]) -> Vec<usize> {
+        relays.iter().map(|relay| relay.index()).collect()
     }
 }
