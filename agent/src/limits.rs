@@ -6,7 +6,7 @@
 //! streaming; [`SharedLimits`] wraps the core in a mutex and does that with a drop guard.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// What one principal may do, as configured.
@@ -50,15 +50,8 @@ impl Limits {
 
     /// Registers a principal with a full bucket.
     pub fn add_principal(&mut self, name: &str, settings: LimitSettings, now: Instant) {
-        self.principals.insert(
-            name.to_owned(),
-            PrincipalState {
-                settings,
-                tokens: f64::from(settings.burst.max(1)),
-                refilled_at: now,
-                in_flight: 0,
-            },
-        );
+        self.principals
+            .insert(name.to_owned(), PrincipalState::new(settings, now));
     }
 
     /// Admits one request for `principal` or says which limit it hit. Concurrency is checked
@@ -104,12 +97,7 @@ impl Limits {
                     state.settings = settings;
                     state
                 }
-                None => PrincipalState {
-                    settings,
-                    tokens: f64::from(settings.burst.max(1)),
-                    refilled_at: now,
-                    in_flight: 0,
-                },
+                None => PrincipalState::new(settings, now),
             };
             kept.insert(name.to_owned(), state);
         }
@@ -130,6 +118,16 @@ impl Limits {
 }
 
 impl PrincipalState {
+    /// A principal with a full bucket and nothing in flight.
+    fn new(settings: LimitSettings, now: Instant) -> PrincipalState {
+        PrincipalState {
+            settings,
+            tokens: f64::from(settings.burst.max(1)),
+            refilled_at: now,
+            in_flight: 0,
+        }
+    }
+
     /// When the bucket holds a whole token again. Any `rate` gives an answer: one too slow
     /// (or not a number) for a `Duration` waits the longest a `Duration` can say.
     fn time_to_next_token(&self, rate: f64) -> Duration {
@@ -159,6 +157,12 @@ pub struct Slot {
     principal: String,
 }
 
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.limits.lock().release(&self.principal);
+    }
+}
+
 impl SharedLimits {
     pub fn new(limits: Limits) -> SharedLimits {
         SharedLimits {
@@ -183,18 +187,10 @@ impl SharedLimits {
         self.lock().reconfigure(principals, Instant::now());
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Limits> {
+    fn lock(&self) -> MutexGuard<'_, Limits> {
         // A panic while holding this lock cannot leave the counters inconsistent in a way
         // that matters more than refusing all traffic would, so keep using the data.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.limits.lock().release(&self.principal);
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -220,23 +216,15 @@ mod tests {
     fn bucket_admits_burst_then_refuses_until_refilled() {
         let start = Instant::now();
         let mut limits = limits(Some(2.0), 3, None, start);
-        for _ in 0..3 {
-            assert_eq!(limits.admit("lambda", start), Ok(()));
-            limits.release("lambda");
-        }
-        let Err(Refusal::Rate { limit, retry_after }) = limits.admit("lambda", start) else {
-            panic!("fourth request in the same instant must be rate-limited");
+        let empty = Refusal::Rate {
+            limit: 2.0,
+            retry_after: Duration::from_millis(500),
         };
-        assert_eq!(limit, 2.0);
-        assert_eq!(retry_after, Duration::from_millis(500));
+        assert_eq!(admit_until_refused(&mut limits, start), (3, empty));
 
         // Half a second at 2/s refills exactly one token.
         let later = start + Duration::from_millis(500);
-        assert_eq!(limits.admit("lambda", later), Ok(()));
-        assert!(matches!(
-            limits.admit("lambda", later),
-            Err(Refusal::Rate { .. })
-        ));
+        assert_eq!(admit_until_refused(&mut limits, later), (1, empty));
     }
 
     #[test]
@@ -244,12 +232,9 @@ mod tests {
         let start = Instant::now();
         let mut limits = limits(Some(10.0), 2, None, start);
         let much_later = start + Duration::from_secs(3600);
-        assert_eq!(limits.admit("lambda", much_later), Ok(()));
-        assert_eq!(limits.admit("lambda", much_later), Ok(()));
-        assert!(matches!(
-            limits.admit("lambda", much_later),
-            Err(Refusal::Rate { .. })
-        ));
+        let (admitted, refusal) = admit_until_refused(&mut limits, much_later);
+        assert_eq!(admitted, 2);
+        assert!(matches!(refusal, Refusal::Rate { .. }));
     }
 
     #[test]
@@ -338,5 +323,17 @@ mod tests {
         drop(slot);
         assert_eq!(shared.in_flight("lambda"), 0);
         assert!(shared.admit("lambda").is_ok());
+    }
+
+    /// Admits requests at `now`, each released at once, until one is refused; returns how
+    /// many were admitted and the refusal.
+    fn admit_until_refused(limits: &mut Limits, now: Instant) -> (u32, Refusal) {
+        for admitted in 0..1000 {
+            if let Err(refusal) = limits.admit("lambda", now) {
+                return (admitted, refusal);
+            }
+            limits.release("lambda");
+        }
+        panic!("1000 requests in the same instant were all admitted");
     }
 }
