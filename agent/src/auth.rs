@@ -290,10 +290,15 @@ mod tests {
     }
 
     fn bearer(token: &str) -> HeaderMap {
+        authorization(&format!("Bearer {token}"))
+    }
+
+    /// Headers carrying only `Authorization: {value}`.
+    fn authorization(value: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();
         headers.insert(
             http::header::AUTHORIZATION,
-            HeaderValue::from_str(&format!("Bearer {token}")).expect("ascii"),
+            HeaderValue::from_str(value).expect("ascii"),
         );
         headers
     }
@@ -358,12 +363,8 @@ mod tests {
                 .expect_err("nothing presented"),
             Denial::MissingCredentials
         );
-        let mut signed = HeaderMap::new();
-        signed.insert(
-            http::header::AUTHORIZATION,
-            HeaderValue::from_static(
-                "AWS4-HMAC-SHA256 Credential=AKIA/20260101/us-gov-west-1/bedrock/aws4_request, SignedHeaders=host, Signature=00",
-            ),
+        let signed = authorization(
+            "AWS4-HMAC-SHA256 Credential=AKIA/20260101/us-gov-west-1/bedrock/aws4_request, SignedHeaders=host, Signature=00",
         );
         assert_eq!(
             t.authenticate(&signed, None, ip("198.51.100.1"))
@@ -383,11 +384,7 @@ mod tests {
 
     #[test]
     fn sigv4_from_a_trusted_cidr_is_accepted_by_address() {
-        let mut signed = HeaderMap::new();
-        signed.insert(
-            http::header::AUTHORIZATION,
-            HeaderValue::from_static("AWS4-HMAC-SHA256 Credential=x"),
-        );
+        let signed = authorization("AWS4-HMAC-SHA256 Credential=x");
         let p = table()
             .authenticate(&signed, None, ip("192.0.2.9"))
             .expect("address identifies");
@@ -396,14 +393,9 @@ mod tests {
 
     #[test]
     fn empty_bearer_is_missing_credentials() {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            http::header::AUTHORIZATION,
-            HeaderValue::from_static("Bearer "),
-        );
         assert_eq!(
             table()
-                .authenticate(&headers, None, ip("198.51.100.1"))
+                .authenticate(&bearer(""), None, ip("198.51.100.1"))
                 .expect_err("empty token"),
             Denial::MissingCredentials
         );

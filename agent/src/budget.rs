@@ -375,7 +375,7 @@ mod tests {
         let mut ledger = Ledger::new();
         let budget = Budget {
             tokens_per_minute: Some(10),
-            tokens_per_day: Some(50),
+            ..per_day(50)
         };
         ledger.record("batch", at(NOON_ISH), 200, &tokens(30, 30));
         let refusal = ledger

@@ -113,41 +113,27 @@ mod tests {
     use super::*;
     use http::HeaderValue;
 
-    fn routed(
-        method: Method,
-        host: &str,
-        path: &str,
-    ) -> Result<(Route, Destination), BedrockError> {
-        let mut headers = HeaderMap::new();
-        headers.insert(HOST, HeaderValue::from_str(host).unwrap());
-        let uri: Uri = path.parse().unwrap();
-        route(&method, &uri, &headers)
-    }
-
     #[test]
     fn the_dialled_name_gives_service_region_and_fips() {
-        let (route, to) = routed(
+        let runtime = routed(
             Method::POST,
             "bedrock-runtime-fips.us-west-2.amazonaws.com:8443",
             "/model/anthropic.x/converse",
-        )
-        .unwrap();
-        assert_eq!(route.operation, Operation::Converse);
-        assert_eq!(
-            to,
-            Destination {
-                service: Service::BedrockRuntime,
-                region: Some("us-west-2".into()),
-                fips: true
-            }
         );
-        let (route, to) = routed(
+        let fips_runtime = Destination {
+            service: Service::BedrockRuntime,
+            region: Some("us-west-2".into()),
+            fips: true,
+        };
+        assert_eq!(runtime, Ok((Operation::Converse, fips_runtime)));
+
+        let control_plane = routed(
             Method::GET,
             "bedrock.eu-west-1.amazonaws.com",
             "/foundation-models?byProvider=Anthropic",
-        )
-        .unwrap();
-        assert_eq!(route.operation, Operation::ListFoundationModels);
+        );
+        let (operation, to) = control_plane.unwrap();
+        assert_eq!(operation, Operation::ListFoundationModels);
         assert_eq!(
             (to.service, to.region.as_deref(), to.fips),
             (Service::Bedrock, Some("eu-west-1"), false)
@@ -174,15 +160,13 @@ mod tests {
     #[test]
     fn a_name_that_says_nothing_takes_the_operations_service_and_no_region() {
         for host in ["127.0.0.1:8443", "localhost", "agent.internal.example"] {
+            let control_plane = Destination {
+                service: Service::Bedrock,
+                region: None,
+                fips: false,
+            };
             let (_, to) = routed(Method::GET, host, "/foundation-models").unwrap();
-            assert_eq!(
-                to,
-                Destination {
-                    service: Service::Bedrock,
-                    region: None,
-                    fips: false
-                }
-            );
+            assert_eq!(to, control_plane);
             let (_, to) = routed(Method::POST, host, "/model/m/converse").unwrap();
             assert_eq!(to, Destination::default());
         }
@@ -233,36 +217,54 @@ mod tests {
 
     #[test]
     fn other_names_and_services_are_404() {
-        let err = routed(
-            Method::POST,
-            "bedrock-agent-runtime.us-east-1.amazonaws.com",
-            "/agents/a/agentAliases/b/sessions/c/text",
-        )
-        .unwrap_err();
-        assert_eq!(err.kind, ErrorType::UnknownOperation);
-        assert!(
-            err.message.contains("bedrock-agent-runtime"),
-            "{}",
-            err.message
-        );
-        let runtime_read = routed(
-            Method::GET,
-            "bedrock-runtime.us-east-1.amazonaws.com",
-            "/foundation-models",
-        )
-        .unwrap_err();
-        assert_eq!(runtime_read.kind, ErrorType::UnknownOperation);
-        assert!(runtime_read
-            .message
-            .contains("bedrock.us-east-1.amazonaws.com"));
-        let unknown = routed(Method::POST, "127.0.0.1", "/model/x/explode").unwrap_err();
-        assert_eq!(unknown.kind, ErrorType::UnknownOperation);
-        let invalid = routed(
-            Method::GET,
-            "bedrock.us-east-1.amazonaws.com",
-            "/foundation-models/a%20b",
-        )
-        .unwrap_err();
-        assert_eq!(invalid.kind, ErrorType::Validation);
+        let cases = [
+            (
+                Method::POST,
+                "bedrock-agent-runtime.us-east-1.amazonaws.com",
+                "/agents/a/agentAliases/b/sessions/c/text",
+                ErrorType::UnknownOperation,
+                "bedrock-agent-runtime",
+            ),
+            // A control-plane read sent to the runtime's name: told where it belongs.
+            (
+                Method::GET,
+                "bedrock-runtime.us-east-1.amazonaws.com",
+                "/foundation-models",
+                ErrorType::UnknownOperation,
+                "bedrock.us-east-1.amazonaws.com",
+            ),
+            (
+                Method::POST,
+                "127.0.0.1",
+                "/model/x/explode",
+                ErrorType::UnknownOperation,
+                "",
+            ),
+            (
+                Method::GET,
+                "bedrock.us-east-1.amazonaws.com",
+                "/foundation-models/a%20b",
+                ErrorType::Validation,
+                "",
+            ),
+        ];
+        for (method, host, path, kind, says) in cases {
+            let err = routed(method.clone(), host, path).unwrap_err();
+            assert_eq!(err.kind, kind, "{method} {host} {path}");
+            assert!(err.message.contains(says), "{}", err.message);
+        }
+    }
+
+    /// The operation and destination of a request for `path` sent to the name `host`.
+    fn routed(
+        method: Method,
+        host: &str,
+        path: &str,
+    ) -> Result<(Operation, Destination), BedrockError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(HOST, HeaderValue::from_str(host).unwrap());
+        let uri: Uri = path.parse().unwrap();
+        let (route, destination) = route(&method, &uri, &headers)?;
+        Ok((route.operation, destination))
     }
 }
