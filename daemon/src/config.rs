@@ -86,13 +86,7 @@ impl Diagnostics {
         message: impl Into<String>,
         fix: impl Into<String>,
     ) {
-        self.problems.push(Problem {
-            file: self.file.clone(),
-            field: field.into(),
-            message: message.into(),
-            fix: fix.into(),
-            location: None,
-        });
+        self.problems.push(self.problem(field, message, fix));
     }
 
     /// Record a problem built elsewhere (it keeps its own file name).
@@ -107,13 +101,22 @@ impl Diagnostics {
         message: impl Into<String>,
         fix: impl Into<String>,
     ) {
-        self.warnings.push(Problem {
+        self.warnings.push(self.problem(field, message, fix));
+    }
+
+    fn problem(
+        &self,
+        field: impl Into<String>,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Problem {
+        Problem {
             file: self.file.clone(),
             field: field.into(),
             message: message.into(),
             fix: fix.into(),
             location: None,
-        });
+        }
     }
 
     /// Take over every problem and warning of `other`.
@@ -487,32 +490,23 @@ fn explain(raw: &str) -> Explanation {
             fix: Some(format!("use one of: {}", expected.join(", "))),
         };
     }
-    if let Some((found, expected)) = flat
-        .strip_prefix("invalid type: ")
-        .and_then(|rest| rest.split_once(", expected "))
-    {
-        let expected = toml_terms(expected);
-        return Explanation {
-            kind: Explained::Other,
-            field: None,
-            message: format!("wrong type: found {found}, expected {}", short(&expected)),
-            fix: Some(format!("give {expected}")),
-        };
-    }
-    if let Some((found, expected)) = flat
-        .strip_prefix("invalid value: ")
-        .and_then(|rest| rest.split_once(", expected "))
-    {
-        let expected = toml_terms(expected);
-        return Explanation {
-            kind: Explained::Other,
-            field: None,
-            message: format!(
-                "invalid value: found {found}, expected {}",
-                short(&expected)
-            ),
-            fix: Some(format!("give {expected}")),
-        };
+    // serde's `invalid type: FOUND, expected EXPECTED` and its `invalid value: …` twin.
+    for (prefix, problem) in [
+        ("invalid type: ", "wrong type"),
+        ("invalid value: ", "invalid value"),
+    ] {
+        if let Some((found, expected)) = flat
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split_once(", expected "))
+        {
+            let expected = toml_terms(expected);
+            return Explanation {
+                kind: Explained::Other,
+                field: None,
+                message: format!("{problem}: found {found}, expected {}", short(&expected)),
+                fix: Some(format!("give {expected}")),
+            };
+        }
     }
     Explanation {
         kind: Explained::Other,
