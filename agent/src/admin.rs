@@ -9,12 +9,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use http::{Method, Response};
-use http_body_util::Full;
 use prometheus::Registry;
 use serde_json::{json, Value};
 use xpart_daemon::admin::{tunnel_dropped_json, tunnel_peers_json, AdminHandler, DropSource};
+use xpart_daemon::status_page::StatusPage;
 
 use crate::monitor::PeerSource;
 use crate::pipeline::Agent;
@@ -126,17 +124,7 @@ impl AdminHandler for AdminView {
         })
     }
 
-    async fn extra(
-        &self,
-        method: &Method,
-        path: &str,
-        _body: Bytes,
-    ) -> Option<Response<Full<Bytes>>> {
-        match (method, path) {
-            (&Method::GET | &Method::HEAD, "/") => {
-                Some(crate::status_page::respond(&self.status().await))
-            }
-            _ => None,
-        }
+    fn status_page(&self) -> Option<&StatusPage> {
+        Some(&crate::status_page::PAGE)
     }
 }

@@ -3,21 +3,11 @@
 //! and the last failed requests. Served and secured by `xpart_daemon::status_page`; this
 //! module only says what to show.
 
-use bytes::Bytes;
-use http::Response;
-use http_body_util::Full;
 use serde_json::Value;
-use xpart_daemon::status_page::{self, StatusPage};
+use xpart_daemon::status_page::StatusPage;
 
-/// The page for `status`, the agent's `/status` JSON.
-pub fn respond(status: &Value) -> Response<Full<Bytes>> {
-    status_page::respond(&StatusPage {
-        title: "xpart agent",
-        summary: summary(status),
-        status,
-        script: SCRIPT,
-    })
-}
+/// The page for the agent's `/status` JSON.
+pub const PAGE: StatusPage = StatusPage::new("xpart agent", summary, SCRIPT);
 
 /// What the page says before its script runs: readiness and each relay's state.
 fn summary(status: &Value) -> Vec<(String, String)> {
@@ -135,7 +125,7 @@ mod tests {
                 {"principal": "</script><script>alert(1)</script>", "status": 403}
             ]},
         });
-        let response = respond(&status);
+        let response = xpart_daemon::status_page::respond(&PAGE, &status);
         assert_eq!(response.headers()[CONTENT_TYPE], "text/html; charset=utf-8");
         let policy = response.headers()["content-security-policy"]
             .to_str()

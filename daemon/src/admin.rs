@@ -1,7 +1,7 @@
 //! The admin HTTP server each daemon runs on a local port: `GET /metrics` (Prometheus
 //! text), `GET /healthz` (the process answers), `GET /readyz` (200 or 503 with the reason),
-//! `GET /status` (JSON), and whatever else the daemon adds through
-//! [`AdminHandler::extra`] (the relay's `POST /drain`, for instance).
+//! `GET /status` (JSON), `GET /` (the daemon's [`StatusPage`] of that JSON), and whatever else
+//! the daemon adds through [`AdminHandler::extra`] (the relay's `POST /drain`, for instance).
 //!
 //! The daemon supplies the content through an [`AdminHandler`]; this module owns the
 //! listener, routing and the response shapes, served by [`crate::serve`] with
@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use xpart_tunnel::PeerStats;
 
 use crate::serve::Limits;
+use crate::status_page::StatusPage;
 
 /// Largest request body an admin route accepts.
 pub const MAX_ADMIN_BODY_BYTES: usize = 64 * 1024;
@@ -72,14 +73,15 @@ pub trait AdminHandler: Send + Sync + 'static {
     /// The daemon's state for `/status` and `xpart status`.
     async fn status(&self) -> serde_json::Value;
 
-    /// Answer a route the built-in ones do not cover; `None` gives 404.
-    async fn extra(
-        &self,
-        method: &Method,
-        path: &str,
-        body: Bytes,
-    ) -> Option<Response<Full<Bytes>>> {
-        let _ = (method, path, body);
+    /// The page `GET /` renders `/status` with; `None` leaves `/` to [`AdminHandler::extra`].
+    fn status_page(&self) -> Option<&StatusPage> {
+        None
+    }
+
+    /// Answer a route the built-in ones do not cover (the body read whole, at most
+    /// [`MAX_ADMIN_BODY_BYTES`]); `None` gives 404.
+    async fn extra(&self, request: Request<Bytes>) -> Option<Response<Full<Bytes>>> {
+        let _ = request;
         None
     }
 }
@@ -233,16 +235,25 @@ impl TunnelPeers {
     fn fresh(&self) -> prometheus::Result<TunnelPeers> {
         TunnelPeers::new(self.source.clone())
     }
+
+    /// Every family, in the order `/metrics` lists them.
+    fn families(&self) -> [&dyn Collector; 5] {
+        [
+            &self.bytes,
+            &self.packets,
+            &self.dropped,
+            &self.handshake_age,
+            &self.up,
+        ]
+    }
 }
 
 impl Collector for TunnelPeers {
     fn desc(&self) -> Vec<&Desc> {
-        let mut descs = self.bytes.desc();
-        descs.extend(self.packets.desc());
-        descs.extend(self.dropped.desc());
-        descs.extend(self.handshake_age.desc());
-        descs.extend(self.up.desc());
-        descs
+        self.families()
+            .into_iter()
+            .flat_map(|family| family.desc())
+            .collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
@@ -279,12 +290,11 @@ impl Collector for TunnelPeers {
             let up = age.is_some_and(|age| age < SESSION_LIFETIME);
             fresh.up.with_label_values(&[name]).set(i64::from(up));
         }
-        let mut families = fresh.bytes.collect();
-        families.extend(fresh.packets.collect());
-        families.extend(fresh.dropped.collect());
-        families.extend(fresh.handshake_age.collect());
-        families.extend(fresh.up.collect());
-        families
+        fresh
+            .families()
+            .into_iter()
+            .flat_map(|family| family.collect())
+            .collect()
     }
 }
 
@@ -356,8 +366,9 @@ pub fn serve(listen: SocketAddr, handler: Arc<dyn AdminHandler>) -> io::Result<A
 
 /// Dispatch one admin request.
 async fn route(handler: &dyn AdminHandler, request: Request<Incoming>) -> Response<Full<Bytes>> {
-    let method = request.method().clone();
-    let path = request.uri().path().to_string();
+    let (head, body) = request.into_parts();
+    let method = head.method.clone();
+    let path = head.uri.path().to_string();
     let builtin = matches!(
         path.as_str(),
         "/metrics" | "/healthz" | "/readyz" | "/status"
@@ -370,10 +381,7 @@ async fn route(handler: &dyn AdminHandler, request: Request<Incoming>) -> Respon
             _ => json(StatusCode::OK, &handler.status().await),
         };
     }
-    let body = match Limited::new(request.into_body(), MAX_ADMIN_BODY_BYTES)
-        .collect()
-        .await
-    {
+    let body = match Limited::new(body, MAX_ADMIN_BODY_BYTES).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(_) => {
             return error(
@@ -382,7 +390,12 @@ async fn route(handler: &dyn AdminHandler, request: Request<Incoming>) -> Respon
             )
         }
     };
-    if let Some(response) = handler.extra(&method, &path, body).await {
+    if path == "/" && (method == Method::GET || method == Method::HEAD) {
+        if let Some(page) = handler.status_page() {
+            return crate::status_page::respond(page, &handler.status().await);
+        }
+    }
+    if let Some(response) = handler.extra(Request::from_parts(head, body)).await {
         return response;
     }
     if builtin {

@@ -37,22 +37,36 @@ pub const RECENT_FAILURES: usize = 20;
 /// Seconds between two fetches of `/status` by the page.
 pub const REFRESH_SECONDS: u32 = 5;
 
-/// A status page to answer `GET /` with.
-pub struct StatusPage<'a> {
+/// What a daemon's `GET /` page shows of its `/status`.
+pub struct StatusPage {
     /// The document's title and heading (`xpart agent`).
-    pub title: &'a str,
-    /// A few `name: value` lines rendered on the server, shown even with script off.
-    pub summary: Vec<(String, String)>,
-    /// The daemon's `/status`, rendered at once by `script`.
-    pub status: &'a Value,
+    pub title: &'static str,
+    /// A few `name: value` lines drawn from `/status` on the server, shown even with script
+    /// off.
+    pub summary: fn(&Value) -> Vec<(String, String)>,
     /// Defines `render(status, rates)` for this daemon's `/status` (see [`COMMON_SCRIPT`]).
-    pub script: &'a str,
+    pub script: &'static str,
 }
 
-/// The `GET /` response: `text/html`, the page's security headers, never cached.
-pub fn respond(page: &StatusPage<'_>) -> Response<Full<Bytes>> {
+impl StatusPage {
+    pub const fn new(
+        title: &'static str,
+        summary: fn(&Value) -> Vec<(String, String)>,
+        script: &'static str,
+    ) -> StatusPage {
+        StatusPage {
+            title,
+            summary,
+            script,
+        }
+    }
+}
+
+/// The `GET /` response for `status` (the daemon's `/status`, embedded so the page renders it
+/// at once): `text/html`, the page's security headers, never cached.
+pub fn respond(page: &StatusPage, status: &Value) -> Response<Full<Bytes>> {
     let nonce = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 18]>());
-    let body = render(page, &nonce);
+    let body = render(page, status, &nonce);
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = StatusCode::OK;
     let headers = response.headers_mut();
@@ -102,28 +116,26 @@ pub fn escape_html(text: &str) -> String {
 }
 
 /// `value` as JSON that can sit inside a `<script>` element: no `<`, `>` or `&` (so no
-/// `</script>` or `<!--` can end or change the element), and no U+2028/U+2029. The escapes
-/// are JSON's own, so `JSON.parse` reads the same value back.
+/// `</script>` or `<!--` can end or change the element), and no U+2028/U+2029. Each becomes
+/// JSON's own `\uXXXX` escape (the five occur only inside strings, where the escape is valid),
+/// so `JSON.parse` reads the same value back.
 pub fn script_json(value: &Value) -> String {
     let text = value.to_string();
     let mut escaped = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
-            '<' => escaped.push_str("\\u003c"),
-            '>' => escaped.push_str("\\u003e"),
-            '&' => escaped.push_str("\\u0026"),
-            '\u{2028}' => escaped.push_str("\\u2028"),
-            '\u{2029}' => escaped.push_str("\\u2029"),
+            '<' | '>' | '&' | '\u{2028}' | '\u{2029}' => {
+                escaped.push_str(&format!("\\u{:04x}", u32::from(c)));
+            }
             other => escaped.push(other),
         }
     }
     escaped
 }
 
-fn render(page: &StatusPage<'_>, nonce: &str) -> String {
+fn render(page: &StatusPage, status: &Value, nonce: &str) -> String {
     let title = escape_html(page.title);
-    let summary: String = page
-        .summary
+    let summary: String = (page.summary)(status)
         .iter()
         .map(|(name, value)| {
             format!(
@@ -146,7 +158,7 @@ fn render(page: &StatusPage<'_>, nonce: &str) -> String {
          <script type=\"application/json\" id=\"initial-status\">{initial}</script>\
          <script nonce=\"{nonce}\">const REFRESH_MS = {refresh};\n{COMMON_SCRIPT}\n{script}\nstart();</script>\
          </body></html>\n",
-        initial = script_json(page.status),
+        initial = script_json(status),
         refresh = REFRESH_SECONDS * 1000,
         script = page.script,
     )
@@ -373,11 +385,10 @@ mod tests {
         let status = json!({"principal": "<b>mallory</b>"});
         let page = StatusPage {
             title: "xpart agent",
-            summary: vec![("relay <a>".to_owned(), "down & \"out\"".to_owned())],
-            status: &status,
+            summary: |_| vec![("relay <a>".to_owned(), "down & \"out\"".to_owned())],
             script: "function render() { return []; }",
         };
-        let response = respond(&page);
+        let response = respond(&page, &status);
         let headers = response.headers();
         assert_eq!(headers[CONTENT_TYPE], "text/html; charset=utf-8");
         assert_eq!(headers[X_CONTENT_TYPE_OPTIONS], "nosniff");
@@ -418,7 +429,7 @@ mod tests {
         assert_eq!(html.matches("<script").count(), 2, "{html}");
         assert_eq!(html.matches("<script nonce=").count(), 1, "{html}");
 
-        let again = respond(&page);
+        let again = respond(&page, &status);
         assert_ne!(
             again.headers()[CONTENT_SECURITY_POLICY].to_str().unwrap(),
             policy,

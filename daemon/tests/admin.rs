@@ -11,6 +11,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use prometheus::{IntCounter, Registry};
 use xpart_daemon::admin::{self, AdminHandler};
+use xpart_daemon::status_page::StatusPage;
 
 struct Daemon {
     registry: Registry,
@@ -52,13 +53,12 @@ impl AdminHandler for Daemon {
         serde_json::json!({"service": "test", "requests": self.requests.get()})
     }
 
-    async fn extra(
-        &self,
-        method: &Method,
-        path: &str,
-        body: Bytes,
-    ) -> Option<Response<Full<Bytes>>> {
-        match (method, path) {
+    fn status_page(&self) -> Option<&StatusPage> {
+        Some(&PAGE)
+    }
+
+    async fn extra(&self, request: Request<Bytes>) -> Option<Response<Full<Bytes>>> {
+        match (request.method(), request.uri().path()) {
             (&Method::POST, "/drain") => {
                 self.drained.store(true, Ordering::SeqCst);
                 Some(admin::json(
@@ -66,13 +66,20 @@ impl AdminHandler for Daemon {
                     &serde_json::json!({"drained": true}),
                 ))
             }
-            (&Method::POST, "/echo") => {
-                Some(admin::text(StatusCode::OK, &String::from_utf8_lossy(&body)))
-            }
+            (&Method::POST, "/echo") => Some(admin::text(
+                StatusCode::OK,
+                &String::from_utf8_lossy(request.body()),
+            )),
             _ => None,
         }
     }
 }
+
+const PAGE: StatusPage = StatusPage {
+    title: "xpart test",
+    summary: |status| vec![("requests".to_owned(), status["requests"].to_string())],
+    script: "function render() { return []; }",
+};
 
 async fn call(
     addr: SocketAddr,
@@ -141,6 +148,12 @@ async fn builtin_routes_answer() {
     let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(ready, serde_json::json!({"ready": true, "relays_up": 1}));
 
+    let (status, headers, body) = call(addr, Method::GET, "/", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-type"], "text/html; charset=utf-8");
+    assert!(body.contains("<title>xpart test</title>"), "{body}");
+    assert!(body.contains("requests</span> 7</li>"), "{body}");
+
     server.shutdown().await;
 }
 
@@ -184,6 +197,10 @@ async fn unknown_routes_and_methods_are_refused() {
     assert_eq!(headers["allow"], "GET, HEAD");
 
     let (status, _, _) = call(addr, Method::GET, "/drain", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // The status page answers GET and HEAD; other methods on `/` are left to `extra`.
+    let (status, _, _) = call(addr, Method::POST, "/", "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     server.shutdown().await;
 }

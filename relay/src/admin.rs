@@ -8,11 +8,12 @@ use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::{Method, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use prometheus::Registry;
 use serde_json::{json, Value};
 use xpart_daemon::admin::{self, tunnel_peers_json, AdminHandler};
+use xpart_daemon::status_page::StatusPage;
 
 use crate::credentials::Status;
 use crate::metrics::unix_seconds;
@@ -99,16 +100,12 @@ impl AdminHandler for AdminApi {
         })
     }
 
-    async fn extra(
-        &self,
-        method: &Method,
-        path: &str,
-        _body: Bytes,
-    ) -> Option<Response<Full<Bytes>>> {
-        let draining = match (method, path) {
-            (&Method::GET | &Method::HEAD, "/") => {
-                return Some(crate::status_page::respond(&self.status().await));
-            }
+    fn status_page(&self) -> Option<&StatusPage> {
+        Some(&crate::status_page::PAGE)
+    }
+
+    async fn extra(&self, request: Request<Bytes>) -> Option<Response<Full<Bytes>>> {
+        let draining = match (request.method(), request.uri().path()) {
             (&Method::POST, "/drain") => true,
             (&Method::POST, "/undrain") => false,
             _ => return None,

@@ -3,21 +3,11 @@
 //! the last failed requests, Bedrock's answers and the relay's own refusals. Served and
 //! secured by `xpart_daemon::status_page`; this module only says what to show.
 
-use bytes::Bytes;
-use http::Response;
-use http_body_util::Full;
 use serde_json::Value;
-use xpart_daemon::status_page::{self, StatusPage};
+use xpart_daemon::status_page::StatusPage;
 
-/// The page for `status`, the relay's `/status` JSON.
-pub fn respond(status: &Value) -> Response<Full<Bytes>> {
-    status_page::respond(&StatusPage {
-        title: "xpart relay",
-        summary: summary(status),
-        status,
-        script: SCRIPT,
-    })
-}
+/// The page for the relay's `/status` JSON.
+pub const PAGE: StatusPage = StatusPage::new("xpart relay", summary, SCRIPT);
 
 /// What the page says before its script runs.
 fn summary(status: &Value) -> Vec<(String, String)> {
@@ -110,7 +100,7 @@ mod tests {
             "region": "us-east-1",
             "credentials": {"available": false, "reason": "<imds> timed out"},
         });
-        let response = respond(&status);
+        let response = xpart_daemon::status_page::respond(&PAGE, &status);
         assert_eq!(response.headers()[CONTENT_TYPE], "text/html; charset=utf-8");
         assert_eq!(response.headers()["x-content-type-options"], "nosniff");
         let policy = response.headers()["content-security-policy"]

@@ -480,8 +480,9 @@ def agents_of(count):
 
 
 def member_interfaces(values):
-    return [values.get(f"Agent{m}NetworkInterface") or STACK_VALUES[f"Agent{m}NetworkInterface"] for m in "ABCDEF"
-            if f"Agent{m}NetworkInterface" in values or f"Agent{m}NetworkInterface" in STACK_VALUES]
+    """The member interface IDs, agent-a's first, of the agents `values` (from agents_of) has."""
+    every = dict(STACK_VALUES, **values)
+    return [every[f"Agent{m}NetworkInterface"] for m in "ABCDEF" if f"Agent{m}NetworkInterface" in every]
 
 
 @pytest.mark.parametrize("count", [3, 4, 6])
