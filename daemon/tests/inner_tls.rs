@@ -88,6 +88,13 @@ fn write_private(path: &Path, text: &str) {
     file.write_all(text.as_bytes()).expect("test setup");
 }
 
+/// The client's negotiated suite and version, and whether the server found the client's
+/// certificate naming the agent it expected; each an error message when its handshake failed.
+type Outcomes = (
+    Result<(CipherSuite, ProtocolVersion), String>,
+    Result<bool, String>,
+);
+
 /// Runs both handshakes; the server's outcome carries whether the client's certificate names
 /// `expected_agent`.
 async fn handshake(
@@ -95,10 +102,7 @@ async fn handshake(
     relay: &InnerTlsFiles,
     relay_called: &str,
     expected_agent: &str,
-) -> (
-    Result<(CipherSuite, ProtocolVersion), String>,
-    Result<bool, String>,
-) {
+) -> Outcomes {
     let connector = TlsConnector::from(client_config(agent).expect("test setup"));
     let acceptor = TlsAcceptor::from(server_config(relay).expect("test setup"));
     let (client_io, server_io) = tokio::io::duplex(64 * 1024);
@@ -143,12 +147,16 @@ async fn handshake(
     tokio::join!(client, server)
 }
 
+/// Agent `agent` dials relay `relay-a`, which expects agent `agent-a`; both certificates are
+/// issued as they should be by a fresh deployment CA (`tag` names its directory).
+async fn handshake_as(tag: &str, agent: &str, relay: &str) -> Outcomes {
+    let pki = Pki::new(tag);
+    handshake(&pki.agent(agent), &pki.relay(relay), "relay-a", "agent-a").await
+}
+
 #[tokio::test]
 async fn agent_and_relay_agree_on_tls13_aes_gcm_and_each_names_the_other() {
-    let pki = Pki::new("ok");
-    let agent = pki.agent("agent-a");
-    let relay = pki.relay("relay-a");
-    let (client, server) = handshake(&agent, &relay, "relay-a", "agent-a").await;
+    let (client, server) = handshake_as("ok", "agent-a", "relay-a").await;
     let (suite, version) = client.unwrap();
     assert_eq!(version, ProtocolVersion::TLSv1_3);
     assert!(
@@ -164,19 +172,13 @@ async fn agent_and_relay_agree_on_tls13_aes_gcm_and_each_names_the_other() {
 
 #[tokio::test]
 async fn another_agents_certificate_is_told_apart_after_the_handshake() {
-    let pki = Pki::new("other-agent");
-    let agent = pki.agent("agent-b");
-    let relay = pki.relay("relay-a");
-    let (_, server) = handshake(&agent, &relay, "relay-a", "agent-a").await;
+    let (_, server) = handshake_as("other-agent", "agent-b", "relay-a").await;
     assert_eq!(server, Ok(false));
 }
 
 #[tokio::test]
 async fn the_agent_refuses_a_relay_certificate_for_another_relay() {
-    let pki = Pki::new("other-relay");
-    let agent = pki.agent("agent-a");
-    let relay = pki.relay("relay-b");
-    let (client, _) = handshake(&agent, &relay, "relay-a", "agent-a").await;
+    let (client, _) = handshake_as("other-relay", "agent-a", "relay-b").await;
     let err = client.unwrap_err();
     assert!(err.contains("not valid for name"), "{err}");
 }
