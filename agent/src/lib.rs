@@ -136,7 +136,7 @@ impl AgentHandle {
 impl Reloadable for AgentHandle {
     type Config = AgentConfig;
 
-    fn load(&self, file: &std::path::Path) -> Result<AgentConfig, Diagnostics> {
+    fn load(file: &std::path::Path) -> Result<AgentConfig, Diagnostics> {
         AgentConfig::load(file)
     }
 
@@ -231,10 +231,6 @@ impl xpart_daemon::startup::Daemon for AgentHandle {
     const PROGRAM: &'static str = "xpart-agent";
 
     type StartError = StartError;
-
-    fn load_file(file: &std::path::Path) -> Result<AgentConfig, Diagnostics> {
-        AgentConfig::load(file)
-    }
 
     async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
         start(config).await

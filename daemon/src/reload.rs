@@ -56,8 +56,8 @@ impl<T: std::fmt::Debug> std::fmt::Debug for Live<T> {
 pub trait Reloadable {
     type Config: Warned;
 
-    /// Read and validate the configuration file.
-    fn load(&self, file: &Path) -> Result<Self::Config, Diagnostics>;
+    /// Read and validate the configuration file, at start and on every reload.
+    fn load(file: &Path) -> Result<Self::Config, Diagnostics>;
 
     /// Check what `config` needs beyond the file itself and, only when all of it is usable,
     /// swap it in. On `Err` nothing has changed.
@@ -106,7 +106,7 @@ pub async fn reload<D: Reloadable>(daemon: &D, file: &Path) -> Result<Applied, D
     if let Err(error) = daemon.audit().reopen().await {
         tracing::error!(%error, "cannot reopen the audit log; records go to the file already open");
     }
-    let applied = daemon.load(file).and_then(|config| {
+    let applied = D::load(file).and_then(|config| {
         crate::config::log_warnings(config.warnings());
         daemon.apply(config)
     });
@@ -147,7 +147,6 @@ pub async fn reload<D: Reloadable>(daemon: &D, file: &Path) -> Result<Applied, D
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
 
     #[test]
     fn a_loaded_value_outlives_the_store_that_replaces_it() {
@@ -166,11 +165,10 @@ mod tests {
         assert_eq!(applied.restart_needed, ["[tunnel]"]);
     }
 
-    /// A daemon whose configuration is one number; odd numbers are refused by `apply`.
+    /// A daemon whose configuration file holds one number; odd numbers are refused by `apply`.
     struct Counter {
         value: Live<u32>,
         audit: AuditLog,
-        next: Mutex<Result<u32, Diagnostics>>,
     }
 
     impl crate::config::Warned for u32 {
@@ -182,8 +180,13 @@ mod tests {
     impl Reloadable for Counter {
         type Config = u32;
 
-        fn load(&self, _file: &Path) -> Result<u32, Diagnostics> {
-            self.next.lock().expect("test lock").clone()
+        fn load(file: &Path) -> Result<u32, Diagnostics> {
+            let text = crate::config::read_text(file)?;
+            text.trim().parse().map_err(|_| {
+                let mut problems = Diagnostics::new("counter.toml");
+                problems.push("", "not a number", "write a number");
+                problems
+            })
         }
 
         fn apply(&self, config: u32) -> Result<Applied, Diagnostics> {
@@ -209,21 +212,21 @@ mod tests {
         let counter = Counter {
             value: Live::new(2),
             audit: AuditLog::disabled(),
-            next: Mutex::new(Ok(4)),
         };
-        let file = Path::new("counter.toml");
-        assert!(reload(&counter, file).await.is_ok());
+        let file = std::env::temp_dir().join(format!("xpart-counter-{}.toml", std::process::id()));
+        let write = |text: &str| std::fs::write(&file, text).expect("test setup");
+        write("4");
+        assert!(reload(&counter, &file).await.is_ok());
         assert_eq!(*counter.value.load(), 4);
 
-        *counter.next.lock().expect("test lock") = Ok(5);
-        let refused = reload(&counter, file).await.expect_err("odd is refused");
+        write("5");
+        let refused = reload(&counter, &file).await.expect_err("odd is refused");
         assert_eq!(refused.problems()[0].field, "value");
         assert_eq!(*counter.value.load(), 4);
 
-        let mut unreadable = Diagnostics::new("counter.toml");
-        unreadable.push("", "not TOML", "fix the syntax");
-        *counter.next.lock().expect("test lock") = Err(unreadable);
-        assert!(reload(&counter, file).await.is_err());
+        write("four");
+        assert!(reload(&counter, &file).await.is_err());
         assert_eq!(*counter.value.load(), 4);
+        let _ = std::fs::remove_file(&file);
     }
 }

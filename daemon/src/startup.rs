@@ -55,9 +55,6 @@ pub trait Daemon: Reloadable + Sized {
 
     type StartError: std::fmt::Display;
 
-    /// Read and validate the configuration file.
-    fn load_file(file: &Path) -> Result<Self::Config, Diagnostics>;
-
     /// Bring the daemon up: bind its listeners, start its tasks.
     fn start(config: Self::Config) -> impl Future<Output = Result<Self, Self::StartError>>;
 
@@ -92,7 +89,7 @@ pub fn main<D: Daemon>(about: &'static str) -> ExitCode {
 /// process's exit code: 0 after a stop signal or a passing check, 2 for a file with problems,
 /// 1 when the daemon cannot start.
 pub fn run<D: Daemon>(config_file: &Path, check: bool) -> ExitCode {
-    let config = match load_config(D::SERVICE, config_file, check, D::load_file) {
+    let config = match load_config(D::SERVICE, config_file, check, D::load) {
         ControlFlow::Continue(config) => config,
         ControlFlow::Break(exit) => return exit,
     };

@@ -245,7 +245,7 @@ impl RelayHandle {
 impl Reloadable for RelayHandle {
     type Config = RelayConfig;
 
-    fn load(&self, file: &std::path::Path) -> Result<RelayConfig, Diagnostics> {
+    fn load(file: &std::path::Path) -> Result<RelayConfig, Diagnostics> {
         RelayConfig::load(file)
     }
 
@@ -300,10 +300,6 @@ impl xpart_daemon::startup::Daemon for RelayHandle {
     const PROGRAM: &'static str = "xpart-relay";
 
     type StartError = StartError;
-
-    fn load_file(file: &std::path::Path) -> Result<RelayConfig, Diagnostics> {
-        RelayConfig::load(file)
-    }
 
     async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         start(config).await
