@@ -12,8 +12,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use xpart_daemon::pem;
 
 use crate::error::StartError;
 
@@ -86,35 +85,18 @@ pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, StartEr
 }
 
 fn read_certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, StartError> {
-    let cert_error = |reason: String| StartError::Certificate {
-        file: cert_file.to_owned(),
+    let error = |file: &Path, reason: String| StartError::Certificate {
+        file: file.to_owned(),
         reason,
     };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
-        .map_err(|e| cert_error(e.to_string()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| cert_error(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(cert_error("no PEM certificate in the file".into()));
-    }
-    let key_error = |reason: String| StartError::Certificate {
-        file: key_file.to_owned(),
-        reason,
-    };
-    let key_pem = xpart_tunnel::keys::read_owner_only_file(key_file).map_err(|e| {
-        // The key error names the file itself; `StartError::Certificate` adds it back, so the
-        // message reads exactly as it does for a WireGuard key.
-        let message = e.to_string();
-        let prefix = format!("{}: ", key_file.display());
-        key_error(message.strip_prefix(&prefix).unwrap_or(&message).to_owned())
-    })?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| key_error(e.to_string()))?;
+    let certs = pem::read_chain(cert_file).map_err(|e| error(cert_file, e.to_string()))?;
+    let key = pem::read_private_key(key_file).map_err(|e| error(key_file, e.to_string()))?;
     let provider: Arc<CryptoProvider> = xpart_daemon::crypto::provider();
-    CertifiedKey::from_der(certs, key, &provider).map_err(|e| StartError::Certificate {
-        file: key_file.to_owned(),
-        reason: format!(
+    CertifiedKey::from_der(certs, key, &provider).map_err(|e| {
+        let reason = format!(
             "key does not fit the certificate in {}: {e}",
             cert_file.display()
-        ),
+        );
+        error(key_file, reason)
     })
 }

@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{CipherSuite, ClientConfig, NamedGroup, RootCertStore, ServerConfig};
@@ -155,19 +154,11 @@ fn restricted_provider() -> Result<Arc<CryptoProvider>, InnerTlsError> {
 }
 
 fn read_roots(ca_file: &Path) -> Result<RootCertStore, InnerTlsError> {
-    let error = |reason: String| InnerTlsError::File {
-        field: "inner_tls_ca_file",
-        path: ca_file.to_owned(),
-        reason,
-        fix: CA_FIX,
-    };
+    let error =
+        |reason: &dyn std::fmt::Display| file_error("inner_tls_ca_file", ca_file, reason, CA_FIX);
     let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_file).map_err(|e| error(e.to_string()))? {
-        let cert = cert.map_err(|e| error(e.to_string()))?;
-        roots.add(cert).map_err(|e| error(e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(error("holds no PEM certificate".into()));
+    for cert in crate::pem::read_chain(ca_file).map_err(|e| error(&e))? {
+        roots.add(cert).map_err(|e| error(&e))?;
     }
     Ok(roots)
 }
@@ -175,32 +166,25 @@ fn read_roots(ca_file: &Path) -> Result<RootCertStore, InnerTlsError> {
 fn read_identity(
     files: &InnerTlsFiles,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), InnerTlsError> {
-    let cert_error = |reason: String| InnerTlsError::File {
-        field: "inner_tls_cert_file",
-        path: files.cert_file.clone(),
-        reason,
-        fix: ISSUE_FIX,
-    };
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert_file)
-        .map_err(|e| cert_error(e.to_string()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| cert_error(e.to_string()))?;
-    if chain.is_empty() {
-        return Err(cert_error("holds no PEM certificate".into()));
-    }
-    let key_error = |reason: String| InnerTlsError::File {
-        field: "inner_tls_key_file",
-        path: files.key_file.clone(),
-        reason,
-        fix: KEY_FIX,
-    };
-    let pem = xpart_tunnel::keys::read_owner_only_file(&files.key_file).map_err(|e| {
-        let message = e.to_string();
-        let prefix = format!("{}: ", files.key_file.display());
-        key_error(message.strip_prefix(&prefix).unwrap_or(&message).to_owned())
-    })?;
-    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| key_error(e.to_string()))?;
+    let chain = crate::pem::read_chain(&files.cert_file)
+        .map_err(|e| file_error("inner_tls_cert_file", &files.cert_file, &e, ISSUE_FIX))?;
+    let key = crate::pem::read_private_key(&files.key_file)
+        .map_err(|e| file_error("inner_tls_key_file", &files.key_file, &e, KEY_FIX))?;
     Ok((chain, key))
+}
+
+fn file_error(
+    field: &'static str,
+    path: &Path,
+    reason: &dyn std::fmt::Display,
+    fix: &'static str,
+) -> InnerTlsError {
+    InnerTlsError::File {
+        field,
+        path: path.to_owned(),
+        reason: reason.to_string(),
+        fix,
+    }
 }
 
 #[cfg(test)]

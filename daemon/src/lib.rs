@@ -25,9 +25,11 @@
 //! - [`config::Problem`] has a `location` (line, column); [`config::parse_toml`] parses
 //!   text (for `from_toml_str`); [`config::Diagnostics::locate_in`] adds line numbers to
 //!   validation problems;
-//! - [`admin::json`] and [`admin::text`] build responses for `AdminHandler::extra`;
-//!   [`status_page::respond`] builds the admin port's `GET /` page from a daemon's `/status`,
-//!   and [`status_page::Activity`] counts finished requests and keeps the last failures;
+//! - [`admin::json`] and [`admin::text`] build responses for `AdminHandler::extra`; a daemon's
+//!   [`status_page::StatusPage`] (from `AdminHandler::status_page`) is the admin port's `GET /`
+//!   page of its `/status`, and [`status_page::Activity`] counts finished requests and keeps
+//!   the last failures;
+//! - [`pem`] reads a TLS certificate chain and an owner-only private key;
 //! - [`metrics`] defines and registers a Prometheus metric in one call;
 //! - [`audit::AuditLog`] has `flush`, `reopen` (call it on SIGHUP), `close` (call it on
 //!   shutdown) and `register` (its written/dropped counters);
@@ -47,6 +49,7 @@ pub mod error_chain;
 pub mod inner_tls;
 pub mod logging;
 pub mod metrics;
+pub mod pem;
 pub mod record;
 pub mod reload;
 pub mod request_id;
