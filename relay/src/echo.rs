@@ -161,42 +161,50 @@ fn converse_stream(request: &Value) -> Result<Bytes, RequestError> {
     if let Some(call) = tool_call(request, &text) {
         return converse_stream_tool_call(request, call);
     }
-    let usage = usage(request, &text);
     // Bedrock sends contentBlockStart only for tool-use blocks; a text block starts with its
     // first delta.
-    let mut events = vec![("messageStart", json!({"role": "assistant"}))];
-    for piece in pieces(&text) {
-        events.push((
-            "contentBlockDelta",
-            json!({"contentBlockIndex": 0, "delta": {"text": piece}}),
-        ));
-    }
-    events.push(("contentBlockStop", json!({"contentBlockIndex": 0})));
-    events.push(("messageStop", json!({"stopReason": "end_turn"})));
-    events.push((
-        "metadata",
-        json!({"usage": usage, "metrics": {"latencyMs": 0}}),
-    ));
-    frames(events)
+    let deltas = pieces(&text)
+        .into_iter()
+        .map(|piece| json!({"text": piece}));
+    one_block_stream(None, deltas, "end_turn", usage(request, &text))
 }
 
 fn converse_stream_tool_call(request: &Value, call: ToolCall) -> Result<Bytes, RequestError> {
-    let usage = usage(request, &call.arguments);
-    let mut events = vec![
-        ("messageStart", json!({"role": "assistant"})),
-        (
+    let start = json!({"toolUse": {"toolUseId": call.id, "name": call.name}});
+    let deltas = fragments(&call.arguments)
+        .into_iter()
+        .map(|fragment| json!({"toolUse": {"input": fragment}}));
+    one_block_stream(
+        Some(start),
+        deltas,
+        "tool_use",
+        usage(request, &call.arguments),
+    )
+}
+
+/// The ConverseStream events of an answer with one content block: its `start` (if the block
+/// kind has one), its `deltas`, then the message's stop and metadata.
+fn one_block_stream(
+    start: Option<Value>,
+    deltas: impl Iterator<Item = Value>,
+    stop_reason: &str,
+    usage: Value,
+) -> Result<Bytes, RequestError> {
+    let mut events = vec![("messageStart", json!({"role": "assistant"}))];
+    if let Some(start) = start {
+        events.push((
             "contentBlockStart",
-            json!({"contentBlockIndex": 0, "start": {"toolUse": {"toolUseId": call.id, "name": call.name}}}),
-        ),
-    ];
-    for fragment in fragments(&call.arguments) {
+            json!({"contentBlockIndex": 0, "start": start}),
+        ));
+    }
+    for delta in deltas {
         events.push((
             "contentBlockDelta",
-            json!({"contentBlockIndex": 0, "delta": {"toolUse": {"input": fragment}}}),
+            json!({"contentBlockIndex": 0, "delta": delta}),
         ));
     }
     events.push(("contentBlockStop", json!({"contentBlockIndex": 0})));
-    events.push(("messageStop", json!({"stopReason": "tool_use"})));
+    events.push(("messageStop", json!({"stopReason": stop_reason})));
     events.push((
         "metadata",
         json!({"usage": usage, "metrics": {"latencyMs": 0}}),
@@ -451,6 +459,18 @@ mod tests {
         r.into_body().collect().await.unwrap().to_bytes()
     }
 
+    /// The echo model's answer to `request`, which it must answer.
+    fn echo(operation: Operation, request: &str) -> http::Response<Full<Bytes>> {
+        answer(operation, "xpart.echo", request.as_bytes())
+            .unwrap()
+            .unwrap()
+    }
+
+    /// The JSON body of the echo model's answer to `request`.
+    async fn echo_json(operation: Operation, request: &str) -> Value {
+        serde_json::from_slice(&body(echo(operation, request)).await).unwrap()
+    }
+
     fn decode_all(mut bytes: Bytes) -> Vec<Message> {
         let mut decoder = MessageFrameDecoder::new();
         let mut out = Vec::new();
@@ -471,19 +491,14 @@ mod tests {
 
     #[tokio::test]
     async fn converse_echoes_last_user_text() {
-        let r = answer(Operation::Converse, "xpart.echo", CONVERSE.as_bytes())
-            .unwrap()
-            .unwrap();
-        let v: Value = serde_json::from_slice(&body(r).await).unwrap();
+        let v = echo_json(Operation::Converse, CONVERSE).await;
         assert_eq!(v["output"]["message"]["content"][0]["text"], "hello echo");
         assert_eq!(v["stopReason"], "end_turn");
     }
 
     #[tokio::test]
     async fn converse_stream_is_real_event_stream_frames() {
-        let r = answer(Operation::ConverseStream, "xpart.echo", CONVERSE.as_bytes())
-            .unwrap()
-            .unwrap();
+        let r = echo(Operation::ConverseStream, CONVERSE);
         assert_eq!(r.headers()["content-type"], EVENT_STREAM);
         let messages = decode_all(body(r).await);
         let types: Vec<String> = messages.iter().map(|m| header(m, ":event-type")).collect();
@@ -503,13 +518,7 @@ mod tests {
     #[tokio::test]
     async fn invoke_stream_chunks_carry_base64_json() {
         let req = r#"{"anthropic_version":"bedrock-2023-05-31","max_tokens":10,"messages":[{"role":"user","content":"hi there"}]}"#;
-        let r = answer(
-            Operation::InvokeModelWithResponseStream,
-            "xpart.echo",
-            req.as_bytes(),
-        )
-        .unwrap()
-        .unwrap();
+        let r = echo(Operation::InvokeModelWithResponseStream, req);
         let messages = decode_all(body(r).await);
         let mut text = String::new();
         for m in &messages {
@@ -531,10 +540,7 @@ mod tests {
 
     #[tokio::test]
     async fn call_name_json_with_tools_answers_with_that_tool_call() {
-        let r = answer(Operation::Converse, "xpart.echo", TOOLS.as_bytes())
-            .unwrap()
-            .unwrap();
-        let v: Value = serde_json::from_slice(&body(r).await).unwrap();
+        let v = echo_json(Operation::Converse, TOOLS).await;
         assert_eq!(v["stopReason"], "tool_use");
         let tool = &v["output"]["message"]["content"][0]["toolUse"];
         assert_eq!(tool["name"], "get_weather");
@@ -542,10 +548,7 @@ mod tests {
         assert!(v["usage"]["outputTokens"].as_u64().unwrap() > 0);
 
         let untooled = TOOLS.replace("get_weather\",\"inputSchema", "other\",\"inputSchema");
-        let r = answer(Operation::Converse, "xpart.echo", untooled.as_bytes())
-            .unwrap()
-            .unwrap();
-        let v: Value = serde_json::from_slice(&body(r).await).unwrap();
+        let v = echo_json(Operation::Converse, &untooled).await;
         assert_eq!(
             v["stopReason"], "end_turn",
             "a tool the request does not offer is echoed"
@@ -554,9 +557,7 @@ mod tests {
 
     #[tokio::test]
     async fn streamed_tool_call_arrives_as_argument_fragments() {
-        let r = answer(Operation::ConverseStream, "xpart.echo", TOOLS.as_bytes())
-            .unwrap()
-            .unwrap();
+        let r = echo(Operation::ConverseStream, TOOLS);
         let messages = decode_all(body(r).await);
         let payloads: Vec<(String, Value)> = messages
             .iter()
@@ -587,10 +588,7 @@ mod tests {
             {"text":"see "},
             {"image":{"format":"png","source":{"bytes":"AAECAw=="}}},
             {"document":{"format":"pdf","name":"d","source":{"bytes":"AAE="}}}]}]}"#;
-        let r = answer(Operation::Converse, "xpart.echo", req.as_bytes())
-            .unwrap()
-            .unwrap();
-        let v: Value = serde_json::from_slice(&body(r).await).unwrap();
+        let v = echo_json(Operation::Converse, req).await;
         assert_eq!(
             v["output"]["message"]["content"][0]["text"],
             "[tool result t1: 18C]see [image: png, 4 bytes][document: pdf, 2 bytes]"
@@ -651,10 +649,7 @@ mod tests {
     #[tokio::test]
     async fn count_tokens_and_bad_json() {
         let req = r#"{"input":{"converse":{"messages":[{"role":"user","content":[{"text":"12345678"}]}]}}}"#;
-        let r = answer(Operation::CountTokens, "xpart.echo", req.as_bytes())
-            .unwrap()
-            .unwrap();
-        let v: Value = serde_json::from_slice(&body(r).await).unwrap();
+        let v = echo_json(Operation::CountTokens, req).await;
         assert_eq!(v["inputTokens"], 2);
         let err = answer(Operation::Converse, "xpart.echo", b"not json").unwrap_err();
         assert_eq!(err.to_bedrock().kind.status().as_u16(), 400);
