@@ -5,10 +5,12 @@
 
 mod fixture;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fixture::*;
+use tokio::task::JoinHandle;
 use xpart_agent::AgentHandle;
 
 const CONVERSE: &str = "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse";
@@ -20,72 +22,41 @@ fn relay_of(answer: &Answer) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_primary_under_load_moves_traffic_within_three_seconds() {
-    let (scratch, a, _b, agent) = agent_with_two_healthy_relays("failover-kill").await;
+    let (scratch, [a, _b], agent) = agent_with_healthy_relays("failover-kill").await;
     let _probe = caller_served_by_primary(&scratch, &agent).await;
 
-    let front = agent.front_addr();
-    let scratch = Arc::new(scratch);
-    let start = Instant::now();
-    let kill_at = Duration::from_millis(800);
-    let run_for = Duration::from_secs(5);
-    let mut workers = Vec::new();
-    for _ in 0..4 {
-        let scratch = scratch.clone();
-        workers.push(tokio::spawn(async move {
-            let mut results = Vec::new();
-            let mut caller = Caller::connect(&scratch, front, false).await;
-            while start.elapsed() < run_for {
-                let answer = caller.post(CONVERSE, Some(TOKEN), b"{}").await;
-                results.push((
-                    start.elapsed(),
-                    answer.status,
-                    answer.error_type().to_owned(),
-                    relay_of(&answer),
-                ));
-                if answer.status != 200 {
-                    // hyper keeps the HTTP/1.1 connection; pace failures a little.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-            results
-        }));
-    }
-    tokio::time::sleep(kill_at).await;
+    let load = Load::start(&scratch, agent.front_addr(), 4, Duration::from_secs(5));
+    tokio::time::sleep(Duration::from_millis(800)).await;
     a.kill();
-    let killed = start.elapsed();
+    let killed = load.elapsed();
 
-    let mut results = Vec::new();
-    for worker in workers {
-        results.extend(worker.await.expect("worker"));
-    }
-    let succeeded = results.iter().filter(|r| r.1 == 200).count();
-    let failed: Vec<_> = results.iter().filter(|r| r.1 != 200).collect();
-    for (_, status, error_type, _) in &failed {
-        assert_eq!(*status, 503, "failures are 503-class: {failed:?}");
-        assert_eq!(error_type, "ServiceUnavailableException");
-    }
-    let recovered = results
+    let calls = load.calls().await;
+    calls.iter().for_each(assert_answered_or_unavailable);
+    let failed = calls.iter().filter(|c| c.status != 200).count();
+    let recovered: Vec<&Call> = calls
         .iter()
-        .filter(|r| r.0 > killed + Duration::from_secs(3))
-        .collect::<Vec<_>>();
+        .filter(|c| c.ended() > killed + Duration::from_secs(3))
+        .collect();
     assert!(!recovered.is_empty(), "requests kept flowing");
     assert!(
-        recovered.iter().all(|r| r.1 == 200 && r.3 == "relay-b"),
+        recovered
+            .iter()
+            .all(|c| c.status == 200 && c.relay == "relay-b"),
         "3 s after the kill every request succeeds through relay-b"
     );
-    assert!(succeeded > 0);
+    assert!(failed < calls.len(), "no request succeeded");
     eprintln!(
         "failover: {} requests, {} succeeded, {} failed with 503",
-        results.len(),
-        succeeded,
-        failed.len()
+        calls.len(),
+        calls.len() - failed,
+        failed
     );
     agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_in_flight_on_a_silent_relay_ends_with_503_promptly() {
-    let (scratch, a, _b, agent) = agent_with_two_healthy_relays("failover-silent").await;
+    let (scratch, [a, _b], agent) = agent_with_healthy_relays("failover-silent").await;
 
     // relay-a keeps its connections open but answers nothing: a tunnel gone quiet.
     a.set(Behaviour::Silent);
@@ -126,7 +97,7 @@ async fn request_in_flight_on_a_silent_relay_ends_with_503_promptly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_lost_in_the_middle_of_an_answer_is_a_503_not_a_truncated_200() {
-    let (scratch, a, _b, agent) = agent_with_two_healthy_relays("failover-partial").await;
+    let (scratch, [a, _b], agent) = agent_with_healthy_relays("failover-partial").await;
 
     let mut caller = Caller::connect(&scratch, agent.front_addr(), false).await;
     let request = caller.post(
@@ -205,13 +176,12 @@ async fn blackhole(port: u16) -> (tokio::net::TcpListener, Vec<tokio::net::TcpSt
 /// attempt each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_to_an_unreachable_relay_do_not_queue_for_connects() {
-    let (scratch, a, _b, agent) = agent_with_two_healthy_relays("failover-blackhole").await;
+    let (scratch, [a, _b], agent) = agent_with_healthy_relays("failover-blackhole").await;
     let mut first = caller_served_by_primary(&scratch, &agent).await;
 
     a.kill();
     let _hole = blackhole(a.addr.port()).await;
     let front = agent.front_addr();
-    let scratch = Arc::new(scratch);
     let start = Instant::now();
     let mut requests = Vec::new();
     for _ in 0..24 {
@@ -253,19 +223,38 @@ async fn caller_served_by_primary(scratch: &Scratch, agent: &AgentHandle) -> Cal
     caller
 }
 
-async fn agent_with_two_healthy_relays(test: &str) -> (Scratch, FakeRelay, FakeRelay, AgentHandle) {
-    let scratch = Scratch::new(test);
-    let a = FakeRelay::start("relay-a").await;
-    let b = FakeRelay::start("relay-b").await;
-    let agent = start_agent(
+/// An agent in front of `N` fake relays of one group, once every one of them is healthy.
+async fn agent_with_healthy_relays<const N: usize>(
+    test: &str,
+) -> (Arc<Scratch>, [FakeRelay; N], AgentHandle) {
+    let scratch = Arc::new(Scratch::new(test));
+    let relays = fake_relays::<N>().await;
+    let toml = agent_toml(
         &scratch,
-        &agent_toml(&scratch, &[&a, &b], &token_principal("")),
-    )
-    .await;
-    wait_ready(&agent).await;
-    // Ready means one relay is healthy; give the other its first probe too.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    (scratch, a, b, agent)
+        &relays.iter().collect::<Vec<_>>(),
+        &token_principal(""),
+    );
+    let agent = start_healthy(&scratch, &toml, N).await;
+    (scratch, relays, agent)
+}
+
+/// `relay-a`, `relay-b`, … up to `relay-c`.
+async fn fake_relays<const N: usize>() -> [FakeRelay; N] {
+    let mut relays = Vec::with_capacity(N);
+    for name in ["relay-a", "relay-b", "relay-c"].into_iter().take(N) {
+        relays.push(FakeRelay::start(name).await);
+    }
+    let Ok(relays) = relays.try_into() else {
+        panic!("the tests name at most three relays, not {N}");
+    };
+    relays
+}
+
+/// Starts the agent and waits until `relays` relays are healthy.
+async fn start_healthy(scratch: &Scratch, toml: &str, relays: usize) -> AgentHandle {
+    let agent = start_agent(scratch, toml).await;
+    wait_all_healthy(&agent, relays).await;
+    agent
 }
 
 const HANG: &str = "/model/anthropic.claude-hang/converse";
@@ -275,34 +264,9 @@ const HANG: &str = "/model/anthropic.claude-hang/converse";
 /// callers go away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlapping_requests_spread_over_every_relay_and_count_until_they_end() {
-    let scratch = Arc::new(Scratch::new("balance-spread"));
-    let relays = [
-        FakeRelay::start("relay-a").await,
-        FakeRelay::start("relay-b").await,
-        FakeRelay::start("relay-c").await,
-    ];
-    let agent = start_agent(
-        &scratch,
-        &agent_toml(
-            &scratch,
-            &relays.iter().collect::<Vec<_>>(),
-            &token_principal(""),
-        ),
-    )
-    .await;
-    wait_all_healthy(&agent, 3).await;
+    let (scratch, relays, agent) = agent_with_healthy_relays::<3>("balance-spread").await;
 
-    let front = agent.front_addr();
-    let mut held = Vec::new();
-    for _ in 0..6 {
-        let scratch = scratch.clone();
-        held.push(tokio::spawn(async move {
-            let mut caller = Caller::connect(&scratch, front, false).await;
-            caller.post(HANG, Some(TOKEN), b"{}").await
-        }));
-        // One at a time, so each request sees the ones before it counted.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let held = hold(&scratch, agent.front_addr(), 6).await;
     let outstanding = wait_for_outstanding(&agent, &[2, 2, 2]).await;
     assert_eq!(outstanding, [2, 2, 2]);
     let metrics = admin_get(agent.admin_addr(), "/metrics").await.1;
@@ -337,28 +301,15 @@ async fn overlapping_requests_spread_over_every_relay_and_count_until_they_end()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lower_priority_group_waits_until_the_preferred_one_is_down() {
     let scratch = Arc::new(Scratch::new("balance-groups"));
-    let a = FakeRelay::start("relay-a").await;
-    let b = FakeRelay::start("relay-b").await;
-    let c = FakeRelay::start("relay-c").await;
+    let [a, b, c] = fake_relays().await;
     let toml = agent_toml(&scratch, &[&a, &b, &c], &token_principal(""));
     let toml = with_relay_fields(&toml, &b, "weight = 2\n");
     let toml = with_relay_fields(&toml, &c, "priority = 1\n");
-    let agent = start_agent(&scratch, &toml).await;
-    wait_all_healthy(&agent, 3).await;
+    let agent = start_healthy(&scratch, &toml, 3).await;
 
-    let front = agent.front_addr();
-    let mut held = Vec::new();
-    for _ in 0..6 {
-        let scratch = scratch.clone();
-        held.push(tokio::spawn(async move {
-            let mut caller = Caller::connect(&scratch, front, false).await;
-            caller.post(HANG, Some(TOKEN), b"{}").await
-        }));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let held = hold(&scratch, agent.front_addr(), 6).await;
     assert_eq!(wait_for_outstanding(&agent, &[2, 4, 0]).await, [2, 4, 0]);
-    let (_, status) = admin_get(agent.admin_addr(), "/status").await;
-    let status: serde_json::Value = serde_json::from_str(&status).expect("status json");
+    let status = status(&agent).await;
     assert_eq!(
         status["active_relays"],
         serde_json::json!(["relay-a", "relay-b"])
@@ -371,7 +322,7 @@ async fn a_lower_priority_group_waits_until_the_preferred_one_is_down() {
 
     a.kill();
     b.kill();
-    let mut caller = Caller::connect(&scratch, front, false).await;
+    let mut caller = Caller::connect(&scratch, agent.front_addr(), false).await;
     let deadline = Instant::now() + Duration::from_secs(3);
     let answer = loop {
         let answer = caller.post(CONVERSE, Some(TOKEN), b"{}").await;
@@ -385,6 +336,21 @@ async fn a_lower_priority_group_waits_until_the_preferred_one_is_down() {
     agent.shutdown().await;
 }
 
+/// Sends `count` requests that the relays never answer, one at a time, so that each sees the
+/// ones before it counted. They stay open until aborted.
+async fn hold(scratch: &Arc<Scratch>, front: SocketAddr, count: usize) -> Vec<JoinHandle<Answer>> {
+    let mut held = Vec::new();
+    for _ in 0..count {
+        let scratch = scratch.clone();
+        held.push(tokio::spawn(async move {
+            let mut caller = Caller::connect(&scratch, front, false).await;
+            caller.post(HANG, Some(TOKEN), b"{}").await
+        }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    held
+}
+
 /// relay-a freezes under load: its host stops answering anything, without closing a
 /// connection (no FIN, no RST), as a frozen, powered-off or cut-off host does. It misses a
 /// probe and, suspect, takes no new request well within a second; from 1 s after the freeze
@@ -394,50 +360,18 @@ async fn a_lower_priority_group_waits_until_the_preferred_one_is_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_relay_under_load_is_out_within_a_second() {
     let scratch = Arc::new(Scratch::new("balance-frozen"));
-    let a = FakeRelay::start("relay-a").await;
-    let b = FakeRelay::start("relay-b").await;
-    let c = FakeRelay::start("relay-c").await;
+    let [a, b, c] = fake_relays().await;
     let freezer = Freezer::start(a.addr).await;
-    let toml = agent_toml(&scratch, &[&a, &b, &c], &token_principal("")).replace(
-        &format!("service_port = {}\n", a.addr.port()),
-        &format!("service_port = {}\n", freezer.addr.port()),
-    );
-    let agent = start_agent(&scratch, &toml).await;
-    wait_all_healthy(&agent, 3).await;
+    let toml = agent_toml(&scratch, &[&a, &b, &c], &token_principal(""));
+    let agent = start_healthy(&scratch, &served_at(&toml, &a, freezer.addr), 3).await;
 
-    let front = agent.front_addr();
-    let start = Instant::now();
-    let freeze_at = Duration::from_millis(1000);
-    let run_for = Duration::from_millis(4500);
-    let mut workers = Vec::new();
-    for _ in 0..6 {
-        let scratch = scratch.clone();
-        workers.push(tokio::spawn(async move {
-            let mut results = Vec::new();
-            let mut caller = Caller::connect(&scratch, front, false).await;
-            while start.elapsed() < run_for {
-                let sent = start.elapsed();
-                let answer = caller.post(CONVERSE, Some(TOKEN), b"{}").await;
-                results.push(Call {
-                    sent,
-                    took: start.elapsed() - sent,
-                    status: answer.status,
-                    error_type: answer.error_type().to_owned(),
-                    relay: relay_of(&answer),
-                });
-            }
-            results
-        }));
-    }
-    tokio::time::sleep(freeze_at).await;
+    let load = Load::start(&scratch, agent.front_addr(), 6, Duration::from_millis(4500));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     freezer.freeze();
-    let frozen = start.elapsed();
+    let frozen = load.elapsed();
 
-    let mut calls = Vec::new();
-    for worker in workers {
-        calls.extend(worker.await.expect("worker"));
-    }
-    let before: Vec<&Call> = calls.iter().filter(|c| c.sent + c.took < frozen).collect();
+    let calls = load.calls().await;
+    let before: Vec<&Call> = calls.iter().filter(|c| c.ended() < frozen).collect();
     for relay in ["relay-a", "relay-b", "relay-c"] {
         assert!(
             before.iter().any(|c| c.relay == relay),
@@ -445,11 +379,7 @@ async fn frozen_relay_under_load_is_out_within_a_second() {
         );
     }
     for call in &calls {
-        match call.status {
-            200 => {}
-            503 => assert_eq!(call.error_type, "ServiceUnavailableException", "{call:?}"),
-            _ => panic!("unexpected answer {call:?}"),
-        }
+        assert_answered_or_unavailable(call);
         // Sent up to 750 ms after the freeze, ended by the 2 s hard deadline, with room for a
         // loaded machine.
         assert!(
@@ -472,7 +402,7 @@ async fn frozen_relay_under_load_is_out_within_a_second() {
     let last_failure = calls
         .iter()
         .filter(|c| c.status != 200)
-        .map(|c| c.sent + c.took - frozen)
+        .map(|c| c.ended() - frozen)
         .max();
     eprintln!(
         "frozen relay: {} calls, {} failed with 503, last failure answered {:?} after the freeze",
@@ -497,58 +427,26 @@ async fn frozen_relay_under_load_is_out_within_a_second() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_stalls_briefly_keeps_the_requests_in_flight_there() {
     let scratch = Arc::new(Scratch::new("balance-stall"));
-    let a = FakeRelay::start("relay-a").await;
-    let b = FakeRelay::start("relay-b").await;
+    let [a, b] = fake_relays().await;
     let freezer = Freezer::start(a.addr).await;
-    let toml = agent_toml(&scratch, &[&a, &b], &token_principal("")).replace(
-        &format!("service_port = {}\n", a.addr.port()),
-        &format!("service_port = {}\n", freezer.addr.port()),
-    );
-    let agent = start_agent(&scratch, &toml).await;
-    wait_all_healthy(&agent, 2).await;
+    let toml = agent_toml(&scratch, &[&a, &b], &token_principal(""));
+    let agent = start_healthy(&scratch, &served_at(&toml, &a, freezer.addr), 2).await;
 
-    let front = agent.front_addr();
-    let start = Instant::now();
-    let stall_at = Duration::from_millis(800);
-    let stall_for = Duration::from_millis(1200);
-    let run_for = Duration::from_millis(3500);
-    let mut workers = Vec::new();
-    for _ in 0..4 {
-        let scratch = scratch.clone();
-        workers.push(tokio::spawn(async move {
-            let mut results = Vec::new();
-            let mut caller = Caller::connect(&scratch, front, false).await;
-            while start.elapsed() < run_for {
-                let sent = start.elapsed();
-                let answer = caller.post(CONVERSE, Some(TOKEN), b"{}").await;
-                results.push(Call {
-                    sent,
-                    took: start.elapsed() - sent,
-                    status: answer.status,
-                    error_type: answer.error_type().to_owned(),
-                    relay: relay_of(&answer),
-                });
-            }
-            results
-        }));
-    }
-    tokio::time::sleep(stall_at).await;
+    let load = Load::start(&scratch, agent.front_addr(), 4, Duration::from_millis(3500));
+    tokio::time::sleep(Duration::from_millis(800)).await;
     freezer.stall();
-    let stalled = start.elapsed();
-    tokio::time::sleep(stall_for).await;
+    let stalled = load.elapsed();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     freezer.resume();
-    let resumed = start.elapsed();
+    let resumed = load.elapsed();
 
-    let mut calls = Vec::new();
-    for worker in workers {
-        calls.extend(worker.await.expect("worker"));
-    }
+    let calls = load.calls().await;
     let failed: Vec<&Call> = calls.iter().filter(|c| c.status != 200).collect();
     assert!(failed.is_empty(), "a stall lost requests: {failed:?}");
     let held = calls
         .iter()
         .filter(|c| c.relay == "relay-a" && c.sent < stalled + Duration::from_millis(300))
-        .filter(|c| c.sent + c.took > resumed)
+        .filter(|c| c.ended() > resumed)
         .count();
     assert!(
         held > 0,
@@ -584,6 +482,60 @@ async fn a_relay_that_stalls_briefly_keeps_the_requests_in_flight_there() {
     agent.shutdown().await;
 }
 
+/// Callers that each post Converse requests back to back until `run_for` has passed,
+/// recording every call.
+struct Load {
+    start: Instant,
+    callers: Vec<JoinHandle<Vec<Call>>>,
+}
+
+impl Load {
+    fn start(scratch: &Arc<Scratch>, front: SocketAddr, callers: usize, run_for: Duration) -> Load {
+        let start = Instant::now();
+        let callers = (0..callers)
+            .map(|_| {
+                let scratch = scratch.clone();
+                tokio::spawn(async move {
+                    let mut calls = Vec::new();
+                    let mut caller = Caller::connect(&scratch, front, false).await;
+                    while start.elapsed() < run_for {
+                        let sent = start.elapsed();
+                        let answer = caller.post(CONVERSE, Some(TOKEN), b"{}").await;
+                        calls.push(Call {
+                            sent,
+                            took: start.elapsed() - sent,
+                            status: answer.status,
+                            error_type: answer.error_type().to_owned(),
+                            relay: relay_of(&answer),
+                        });
+                        if answer.status != 200 {
+                            // hyper keeps the HTTP/1.1 connection; pace failures a little.
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                    calls
+                })
+            })
+            .collect();
+        Load { start, callers }
+    }
+
+    /// Time since the load started.
+    fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// Every caller's calls, once their time is up.
+    async fn calls(self) -> Vec<Call> {
+        let mut calls = Vec::new();
+        for caller in self.callers {
+            calls.extend(caller.await.expect("caller"));
+        }
+        calls
+    }
+}
+
+/// One request of a [`Load`], its times counted from the start of the load.
 #[derive(Debug)]
 struct Call {
     sent: Duration,
@@ -593,19 +545,44 @@ struct Call {
     relay: String,
 }
 
+impl Call {
+    fn ended(&self) -> Duration {
+        self.sent + self.took
+    }
+}
+
+/// A request through a relay that fails is a 503 ServiceUnavailableException, nothing else.
+fn assert_answered_or_unavailable(call: &Call) {
+    match call.status {
+        200 => {}
+        503 => assert_eq!(call.error_type, "ServiceUnavailableException", "{call:?}"),
+        _ => panic!("unexpected answer {call:?}"),
+    }
+}
+
 /// Adds `fields` to the `[[relay]]` table of `relay` in `toml`.
 fn with_relay_fields(toml: &str, relay: &FakeRelay, fields: &str) -> String {
-    let port = format!("service_port = {}\n", relay.addr.port());
+    let port = service_port(relay.addr);
     assert!(toml.contains(&port));
     toml.replace(&port, &format!("{port}{fields}"))
+}
+
+/// Points the `[[relay]]` table of `relay` in `toml` at `stand_in` (on loopback too).
+fn served_at(toml: &str, relay: &FakeRelay, stand_in: SocketAddr) -> String {
+    let port = service_port(relay.addr);
+    assert!(toml.contains(&port));
+    toml.replace(&port, &service_port(stand_in))
+}
+
+fn service_port(addr: SocketAddr) -> String {
+    format!("service_port = {}\n", addr.port())
 }
 
 async fn wait_all_healthy(agent: &AgentHandle, count: usize) {
     wait_ready(agent).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let (_, status) = admin_get(agent.admin_addr(), "/status").await;
-        let status: serde_json::Value = serde_json::from_str(&status).expect("status json");
+        let status = status(agent).await;
         let healthy = status["relays"]
             .as_array()
             .map_or(0, |r| r.iter().filter(|r| r["state"] == "healthy").count());
@@ -624,9 +601,7 @@ async fn wait_all_healthy(agent: &AgentHandle, count: usize) {
 async fn wait_for_outstanding(agent: &AgentHandle, expected: &[u64]) -> Vec<u64> {
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let (_, status) = admin_get(agent.admin_addr(), "/status").await;
-        let status: serde_json::Value = serde_json::from_str(&status).expect("status json");
-        let counts: Vec<u64> = status["relays"]
+        let counts: Vec<u64> = status(agent).await["relays"]
             .as_array()
             .map(|relays| {
                 relays
@@ -640,6 +615,12 @@ async fn wait_for_outstanding(agent: &AgentHandle, expected: &[u64]) -> Vec<u64>
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The agent's `/status` document.
+async fn status(agent: &AgentHandle) -> serde_json::Value {
+    let (_, status) = admin_get(agent.admin_addr(), "/status").await;
+    serde_json::from_str(&status).expect("status json")
 }
 
 /// A TCP relay in front of a fake relay that can freeze: from then on it moves no byte in
@@ -742,15 +723,9 @@ async fn pipe(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_resets_a_request_is_taken_out_at_once() {
     let scratch = Scratch::new("balance-reset");
-    let a = FakeRelay::start("relay-a").await;
-    let b = FakeRelay::start("relay-b").await;
-    let resetting = resetting_relay().await;
-    let toml = agent_toml(&scratch, &[&a, &b], &token_principal("")).replace(
-        &format!("service_port = {}\n", a.addr.port()),
-        &format!("service_port = {}\n", resetting.port()),
-    );
-    let agent = start_agent(&scratch, &toml).await;
-    wait_all_healthy(&agent, 2).await;
+    let [a, b] = fake_relays().await;
+    let toml = agent_toml(&scratch, &[&a, &b], &token_principal(""));
+    let agent = start_healthy(&scratch, &served_at(&toml, &a, resetting_relay().await), 2).await;
 
     let mut caller = Caller::connect(&scratch, agent.front_addr(), false).await;
     let reset = caller.post(CONVERSE, Some(TOKEN), b"{}").await;
@@ -760,8 +735,7 @@ async fn a_relay_that_resets_a_request_is_taken_out_at_once() {
     assert_eq!(next.status, 200);
     assert_eq!(relay_of(&next), "relay-b");
 
-    let (_, status) = admin_get(agent.admin_addr(), "/status").await;
-    let status: serde_json::Value = serde_json::from_str(&status).expect("status json");
+    let status = status(&agent).await;
     assert_eq!(status["relays"][0]["state"], "down", "{status}");
     let metrics = admin_get(agent.admin_addr(), "/metrics").await.1;
     assert!(
