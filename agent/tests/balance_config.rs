@@ -184,11 +184,3 @@ fn load_with_answer(
         &scratch.path("agent.toml"),
     )
 }
-
-fn fields(diagnostics: &Diagnostics) -> Vec<String> {
-    diagnostics
-        .problems()
-        .iter()
-        .map(|p| p.field.clone())
-        .collect()
-}

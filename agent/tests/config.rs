@@ -1,20 +1,15 @@
 //! Configuration checks: the example file is valid apart from the files it names, and bad
 //! values are all reported at once, each with its field and a fix.
 
+mod fixture;
+
+use fixture::fields;
 use xpart_agent::AgentConfig;
 use xpart_daemon::config::Diagnostics;
 
 fn example() -> String {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/agent.example.toml");
     std::fs::read_to_string(path).expect("config/agent.example.toml")
-}
-
-fn fields(diagnostics: &Diagnostics) -> Vec<String> {
-    diagnostics
-        .problems()
-        .iter()
-        .map(|p| p.field.clone())
-        .collect()
 }
 
 #[test]
@@ -207,20 +202,16 @@ operations = ["ConverseStream", "ApplyGuardrail"]"#;
         .concat(),
     );
     let principals = config.principals();
+    let generation = [
+        Operation::InvokeModel,
+        Operation::InvokeModelWithResponseStream,
+        Operation::Converse,
+        Operation::ConverseStream,
+        Operation::CountTokens,
+    ];
     assert_eq!(
         principals[0].operations.iter().copied().collect::<Vec<_>>(),
-        [
-            Operation::InvokeModel,
-            Operation::InvokeModelWithResponseStream,
-            Operation::Converse,
-            Operation::ConverseStream,
-            Operation::CountTokens,
-            Operation::ListFoundationModels,
-            Operation::GetFoundationModel,
-            Operation::ListInferenceProfiles,
-            Operation::GetInferenceProfile,
-            Operation::GetFoundationModelAvailability,
-        ]
+        [generation.as_slice(), &Operation::DISCOVERY].concat()
     );
     assert_eq!(
         principals[1].operations.iter().copied().collect::<Vec<_>>(),

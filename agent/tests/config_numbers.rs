@@ -24,14 +24,6 @@ fn check_front(scratch: &Scratch, front: &str) -> Result<AgentConfig, Diagnostic
     check(scratch, front, "", "")
 }
 
-fn problem<'a>(error: &'a Diagnostics, field: &str) -> &'a xpart_daemon::config::Problem {
-    error
-        .problems()
-        .iter()
-        .find(|p| p.field == field)
-        .unwrap_or_else(|| panic!("no {field} in {error}"))
-}
-
 #[test]
 fn a_rate_too_small_for_a_duration_is_refused() {
     let scratch = Scratch::new("rate-tiny");

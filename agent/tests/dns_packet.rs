@@ -17,12 +17,8 @@ const ANSWER: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 10);
 async fn own_name_is_answered_with_the_agent_address_and_the_query_id() {
     let query = query(0x1234, &[NAME], RecordType::A);
 
-    let reply = answerer()
-        .answer_packet(&query, caller(), Protocol::Udp)
-        .await
-        .expect("a reply");
+    let reply = decoded(&answer(&answerer(), &query, Protocol::Udp).await);
 
-    let reply = Message::from_vec(&reply).expect("the reply decodes");
     assert_eq!(reply.id(), 0x1234);
     assert_eq!(reply.message_type(), MessageType::Response);
     assert_eq!(reply.response_code(), ResponseCode::NoError);
@@ -55,25 +51,21 @@ async fn undecodable_packets_and_responses_get_no_reply() {
 
 #[tokio::test]
 async fn tcp_reply_to_several_questions_is_a_whole_formerr() {
-    let names: Vec<String> = ["a", "b", "c"]
-        .iter()
-        .map(|label| format!("{}.", [label.repeat(60).as_str(); 4].join(".")))
-        .collect();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let query = query(0x4322, &names, RecordType::A);
+    let query = oversize_query(0x4322);
 
-    let reply = answerer()
-        .answer_packet(&query, caller(), Protocol::Tcp)
-        .await
-        .expect("a reply");
+    let reply = decoded(&answer(&answerer(), &query, Protocol::Tcp).await);
 
-    let reply = Message::from_vec(&reply).expect("the reply decodes");
     assert_eq!(reply.id(), 0x4322);
     assert_eq!(reply.response_code(), ResponseCode::FormErr);
 }
 
+/// An answerer for [`NAME`] alone, with [`ANSWER`], over IPv4 only.
 fn answerer() -> Answerer {
-    let settings = DnsSettings {
+    Answerer::new(&settings(), Metrics::new()).expect("settings load")
+}
+
+fn settings() -> DnsSettings {
+    DnsSettings {
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         names: vec![NAME.trim_end_matches('.').to_string()],
         answer_v4: vec![ANSWER],
@@ -81,8 +73,19 @@ fn answerer() -> Answerer {
         ttl: 60,
         upstream: Vec::new(),
         allow_cidrs: Vec::new(),
-    };
-    Answerer::new(&settings, Metrics::new()).expect("settings load")
+    }
+}
+
+/// The reply `answerer` sends to `packet` from [`caller`].
+async fn answer(answerer: &Answerer, packet: &[u8], protocol: Protocol) -> Vec<u8> {
+    answerer
+        .answer_packet(packet, caller(), protocol)
+        .await
+        .expect("a reply")
+}
+
+fn decoded(reply: &[u8]) -> Message {
+    Message::from_vec(reply).expect("the reply decodes")
 }
 
 fn caller() -> SocketAddr {
@@ -105,6 +108,16 @@ fn query(id: u16, names: &[&str], record_type: RecordType) -> Vec<u8> {
     message.to_vec().expect("encode the query")
 }
 
+/// A query with three questions of 240-odd bytes each: more than 512 bytes.
+fn oversize_query(id: u16) -> Vec<u8> {
+    let names: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|label| format!("{}.", [label.repeat(60).as_str(); 4].join(".")))
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    query(id, &names, RecordType::A)
+}
+
 /// Found by the `dns` fuzz target: a question for the root name with an unknown type and
 /// class, over TCP, with bytes after the message.
 #[tokio::test]
@@ -113,24 +126,14 @@ async fn a_question_of_unknown_type_and_class_gets_a_reply_that_decodes() {
         0x01, 0x00, 0x05, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xc0, 0x00,
         0x10, 0xea, 0xcb, 0xdc, 0x0a, 0x20, 0x00, 0x00, 0x00,
     ];
-    let settings = DnsSettings {
-        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        names: vec![
-            NAME.trim_end_matches('.').to_string(),
-            "bedrock-runtime-fips.us-east-1.amazonaws.com".to_string(),
-        ],
-        answer_v4: vec![ANSWER],
-        answer_v6: vec!["fd00::10".parse().expect("an IPv6 address")],
-        ttl: 60,
-        upstream: Vec::new(),
-        allow_cidrs: Vec::new(),
-    };
+    let mut settings = settings();
+    settings
+        .names
+        .push("bedrock-runtime-fips.us-east-1.amazonaws.com".to_string());
+    settings.answer_v6 = vec!["fd00::10".parse().expect("an IPv6 address")];
     let answerer = Answerer::new(&settings, Metrics::new()).expect("settings load");
     for protocol in [Protocol::Tcp, Protocol::Udp] {
-        let reply = answerer
-            .answer_packet(&packet, caller(), protocol)
-            .await
-            .expect("a reply");
+        let reply = answer(&answerer, &packet, protocol).await;
         let reply =
             Message::from_vec(&reply).unwrap_or_else(|e| panic!("{protocol:?}: {e}: {reply:02x?}"));
         assert_eq!(reply.id(), 0x0100);
@@ -141,18 +144,10 @@ async fn a_question_of_unknown_type_and_class_gets_a_reply_that_decodes() {
 /// question section as received, so it is never larger than the query (no amplification).
 #[tokio::test]
 async fn udp_formerr_for_an_oversize_query_is_no_larger_than_the_query() {
-    let names: Vec<String> = ["a", "b", "c"]
-        .iter()
-        .map(|label| format!("{}.", [label.repeat(60).as_str(); 4].join(".")))
-        .collect();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let query = query(0x4321, &names, RecordType::A);
+    let query = oversize_query(0x4321);
     assert!(query.len() > 512);
 
-    let reply = answerer()
-        .answer_packet(&query, caller(), Protocol::Udp)
-        .await
-        .expect("a reply");
+    let reply = answer(&answerer(), &query, Protocol::Udp).await;
 
     assert!(
         reply.len() <= query.len(),
@@ -160,7 +155,7 @@ async fn udp_formerr_for_an_oversize_query_is_no_larger_than_the_query() {
         reply.len(),
         query.len()
     );
-    let reply = Message::from_vec(&reply).expect("the reply decodes");
+    let reply = decoded(&reply);
     assert_eq!(reply.id(), 0x4321);
     assert_eq!(reply.response_code(), ResponseCode::FormErr);
 }
@@ -181,12 +176,8 @@ async fn a_question_name_pointing_into_the_header_is_echoed_as_the_name_it_named
     assert_eq!(parsed.queries()[0].name(), &Name::root());
 
     for protocol in [Protocol::Udp, Protocol::Tcp] {
-        let reply = answerer()
-            .answer_packet(&query, caller(), protocol)
-            .await
-            .expect("a reply");
+        let reply = decoded(&answer(&answerer(), &query, protocol).await);
 
-        let reply = Message::from_vec(&reply).expect("the reply decodes");
         assert_eq!(reply.id(), 0x4321);
         assert_eq!(reply.response_code(), ResponseCode::Refused);
         let names: Vec<&Name> = reply.queries().iter().map(|q| q.name()).collect();

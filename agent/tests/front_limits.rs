@@ -141,7 +141,7 @@ async fn a_response_still_streaming_keeps_its_connection_past_the_idle_timeout()
     for h2 in [false, true] {
         let mut caller = Caller::connect(&s.scratch, s.agent.front_addr(), h2).await;
         // Headers and half a document, then nothing for longer than the idle timeout.
-        let response = caller.send(STALLED_STREAM, Some(TOKEN), b"{}").await;
+        let response = caller.send(STALLED_STREAM, Some(TOKEN), &[], b"{}").await;
         assert_eq!(response.status(), 200);
         let mut body = response.into_body();
         let first = body.frame().await.expect("a frame").expect("data");
@@ -228,16 +228,7 @@ fn a_front_key_readable_by_group_or_others_is_refused_like_a_wireguard_key() {
 
     let error = AgentConfig::from_toml_str(&toml, &scratch.path("agent.toml"))
         .expect_err("world-readable keys are refused");
-    let message = |field: &str| {
-        error
-            .problems()
-            .iter()
-            .find(|p| p.field == field)
-            .unwrap_or_else(|| panic!("no {field} in {error}"))
-            .message
-            .clone()
-    };
-    let front = message("[front].key_file");
+    let front = problem(&error, "[front].key_file").message.as_str();
     assert_eq!(
         front,
         format!(
@@ -247,7 +238,9 @@ fn a_front_key_readable_by_group_or_others_is_refused_like_a_wireguard_key() {
     );
     assert_eq!(
         front.replace(&front_key.display().to_string(), "KEY"),
-        message("[tunnel].private_key_file").replace(&tunnel_key.display().to_string(), "KEY"),
+        problem(&error, "[tunnel].private_key_file")
+            .message
+            .replace(&tunnel_key.display().to_string(), "KEY"),
     );
 }
 

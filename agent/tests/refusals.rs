@@ -82,11 +82,9 @@ async fn wrong_token_is_refused() {
 async fn sigv4_signed_request_is_told_to_use_a_token() {
     let s = setup("sigv4", &token_principal("")).await;
     let signature = "AWS4-HMAC-SHA256 Credential=AKIAEXAMPLE/20260101/us-gov-west-1/bedrock/aws4_request, SignedHeaders=host;x-amz-date, Signature=abcd";
-    let answer = s
-        .caller()
-        .await
-        .post_with(CONVERSE, None, &[("authorization", signature)], b"{}")
-        .await;
+    let mut caller = s.caller().await;
+    let signed = [("authorization", signature)];
+    let answer = Answer::read(caller.send(CONVERSE, None, &signed, b"{}").await).await;
     assert_refused(&answer, UNRECOGNIZED, "SigV4 signatures are not accepted");
     s.finish_unforwarded().await;
 }
@@ -171,6 +169,7 @@ async fn over_concurrency_is_throttled_and_the_slot_returns() {
         .send(
             "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse-stream",
             Some(TOKEN),
+            &[],
             b"{}",
         )
         .await;
