@@ -58,15 +58,6 @@ impl PrivateKey {
         PrivateKey(x25519::StaticSecret::from(bytes))
     }
 
-    pub fn from_base64(text: &str) -> Result<PrivateKey, KeyError> {
-        let bytes = decode_key(text, "private key")?;
-        Ok(PrivateKey::from_bytes(bytes))
-    }
-
-    pub fn to_base64(&self) -> String {
-        STANDARD.encode(self.0.as_bytes())
-    }
-
     pub fn public_key(&self) -> PublicKey {
         PublicKey(x25519::PublicKey::from(&self.0))
     }
@@ -82,15 +73,6 @@ impl PublicKey {
         PublicKey(x25519::PublicKey::from(bytes))
     }
 
-    pub fn from_base64(text: &str) -> Result<PublicKey, KeyError> {
-        let bytes = decode_key(text, "public key")?;
-        Ok(PublicKey::from_bytes(bytes))
-    }
-
-    pub fn to_base64(&self) -> String {
-        STANDARD.encode(self.0.as_bytes())
-    }
-
     pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
         self.0.as_bytes()
     }
@@ -100,6 +82,34 @@ impl PublicKey {
         &self.0
     }
 }
+
+/// The text form both kinds of key share: standard base64 of the 32 bytes, as `wg genkey`
+/// and `wg pubkey` print it. A macro because the two are inherent methods and a `FromStr`
+/// impl on each type, which no generic function can provide.
+macro_rules! base64_text {
+    ($key:ident, $what:literal) => {
+        impl $key {
+            pub fn from_base64(text: &str) -> Result<$key, KeyError> {
+                let bytes = decode_key(text, $what)?;
+                Ok($key::from_bytes(bytes))
+            }
+
+            pub fn to_base64(&self) -> String {
+                STANDARD.encode(self.0.as_bytes())
+            }
+        }
+
+        impl FromStr for $key {
+            type Err = KeyError;
+            fn from_str(text: &str) -> Result<$key, KeyError> {
+                $key::from_base64(text)
+            }
+        }
+    };
+}
+
+base64_text!(PrivateKey, "private key");
+base64_text!(PublicKey, "public key");
 
 /// Reads a private key file written by `wg genkey > FILE` or `xpart keygen`, refusing one that
 /// group or others can access: a leaked static key lets anyone impersonate this side.
@@ -214,13 +224,6 @@ impl fmt::Debug for PrivateKey {
     }
 }
 
-impl FromStr for PrivateKey {
-    type Err = KeyError;
-    fn from_str(text: &str) -> Result<PrivateKey, KeyError> {
-        PrivateKey::from_base64(text)
-    }
-}
-
 impl fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "PublicKey({})", self.to_base64())
@@ -230,13 +233,6 @@ impl fmt::Debug for PublicKey {
 impl fmt::Display for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_base64())
-    }
-}
-
-impl FromStr for PublicKey {
-    type Err = KeyError;
-    fn from_str(text: &str) -> Result<PublicKey, KeyError> {
-        PublicKey::from_base64(text)
     }
 }
 
@@ -313,9 +309,7 @@ mod tests {
     #[test]
     fn key_file_is_written_0600_and_read_back() {
         let dir = TempDir::new();
-        let path = dir.path().join("agent.key");
-        let key = PrivateKey::generate();
-        write_private_key_file(&path, &key).unwrap();
+        let (path, key) = dir.key_file("agent.key");
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(
@@ -329,9 +323,7 @@ mod tests {
     #[test]
     fn existing_key_file_is_not_overwritten() {
         let dir = TempDir::new();
-        let path = dir.path().join("agent.key");
-        let first = PrivateKey::generate();
-        write_private_key_file(&path, &first).unwrap();
+        let (path, first) = dir.key_file("agent.key");
         let err = write_private_key_file(&path, &PrivateKey::generate()).unwrap_err();
         assert!(err.to_string().contains("already exists"), "{err}");
         assert_eq!(
@@ -343,9 +335,7 @@ mod tests {
     #[test]
     fn group_readable_key_file_is_refused_naming_the_file_and_fix() {
         let dir = TempDir::new();
-        let path = dir.path().join("relay.key");
-        fs::write(&path, format!("{WG_PRIVATE}\n")).unwrap();
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+        let path = dir.file("relay.key", &format!("{WG_PRIVATE}\n"), 0o640);
         let err = read_private_key_file(&path).unwrap_err();
         let message = err.to_string();
         assert!(
@@ -392,9 +382,7 @@ mod tests {
     #[test]
     fn wg_genkey_output_is_accepted_from_a_0600_file() {
         let dir = TempDir::new();
-        let path = dir.path().join("wg.key");
-        fs::write(&path, format!("{WG_PRIVATE}\n")).unwrap();
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        let path = dir.file("wg.key", &format!("{WG_PRIVATE}\n"), 0o600);
         let key = read_private_key_file(&path).unwrap();
         assert_eq!(key.public_key().to_base64(), WG_PUBLIC);
     }
@@ -402,9 +390,7 @@ mod tests {
     #[test]
     fn malformed_and_missing_key_files_name_the_file() {
         let dir = TempDir::new();
-        let path = dir.path().join("bad.key");
-        fs::write(&path, "hello\n").unwrap();
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        let path = dir.file("bad.key", "hello\n", 0o600);
         let message = read_private_key_file(&path).unwrap_err().to_string();
         assert!(
             message.starts_with(&path.display().to_string()),
@@ -466,6 +452,22 @@ mod tests {
 
         fn path(&self) -> &Path {
             &self.0
+        }
+
+        /// `name` in the directory, holding `contents`, with permission bits `mode`.
+        fn file(&self, name: &str, contents: &str, mode: u32) -> PathBuf {
+            let path = self.0.join(name);
+            fs::write(&path, contents).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            path
+        }
+
+        /// `name` in the directory, holding a fresh key written as `xpart keygen` writes it.
+        fn key_file(&self, name: &str) -> (PathBuf, PrivateKey) {
+            let path = self.0.join(name);
+            let key = PrivateKey::generate();
+            write_private_key_file(&path, &key).unwrap();
+            (path, key)
         }
     }
 
