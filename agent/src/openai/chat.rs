@@ -15,7 +15,7 @@
 use base64::Engine;
 use serde_json::{json, Map, Value};
 
-use super::{optional_user, request_object, required_model, shown, Invalid};
+use super::{optional_bool, optional_user, request_object, required_model, shown, Invalid};
 
 /// Parameters accepted and dropped: they do not change the answer.
 pub const IGNORED: [&str; 6] = [
@@ -164,17 +164,6 @@ fn is_no_op(name: &str, value: &Value) -> bool {
         (_, Value::Number(n)) => n.as_f64() == Some(0.0),
         ("logit_bias", Value::Object(map)) => map.is_empty(),
         _ => false,
-    }
-}
-
-fn optional_bool(map: &Map<String, Value>, name: &str) -> Result<Option<bool>, Invalid> {
-    match map.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(value)) => Ok(Some(*value)),
-        Some(_) => Err(Invalid::new(
-            name,
-            format!("`{name}` must be true or false."),
-        )),
     }
 }
 
@@ -848,11 +837,7 @@ mod tests {
             error.param.as_deref(),
             Some("messages[0].content[0].image_url")
         );
-        assert!(
-            error.message.contains("never fetches URLs"),
-            "{}",
-            error.message
-        );
+        assert!(error.message.contains("never fetches URLs"), "{error}");
     }
 
     #[test]

@@ -19,7 +19,7 @@
 use base64::Engine;
 use serde_json::{json, Map, Value};
 
-use super::{optional_user, request_object, required_model, shown, Invalid};
+use super::{optional_bool, optional_user, request_object, required_model, shown, Invalid};
 
 /// Parameters translated into the InvokeModel bodies (`input_type` and `normalize` are
 /// xpart extensions, sent by OpenAI SDKs through `extra_body`).
@@ -105,9 +105,13 @@ pub enum Encoding {
 /// An embeddings request, translated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EmbeddingsCall {
+    /// The model id as the caller named it.
     pub model: String,
+    /// The model's family, which decides the shape of its bodies and answers.
     pub family: Family,
+    /// `encoding_format`.
     pub encoding: Encoding,
+    /// OpenAI's `user`, for the audit line.
     pub user: Option<String>,
     /// The InvokeModel bodies, in input order: one per input (Titan) or per batch (Cohere).
     pub invocations: Vec<Value>,
@@ -135,19 +139,17 @@ pub fn translate_request(body: &[u8]) -> Result<EmbeddingsCall, Invalid> {
         Some(Value::String(format)) if format == "float" => Encoding::Float,
         Some(Value::String(format)) if format == "base64" => Encoding::Base64,
         Some(other) => {
-            return Err(Invalid::new(
+            return Err(not_one_of(
                 "encoding_format",
-                format!(
-                    "`encoding_format` must be \"float\" or \"base64\", not {}.",
-                    shown(&other.to_string())
-                ),
+                r#""float" or "base64""#,
+                other,
             ))
         }
     };
     let user = optional_user(request)?;
     let dimensions = dimensions(request.get("dimensions"), family)?;
     let invocations = match family.is_cohere() {
-        true => cohere_bodies(request, family, &texts, dimensions)?,
+        true => cohere_bodies(request, &texts, dimensions)?,
         false => titan_bodies(request, family, &texts, dimensions)?,
     };
     Ok(EmbeddingsCall {
@@ -168,6 +170,12 @@ fn check_parameters(request: &Map<String, Value>) -> Result<(), Invalid> {
             format!("Unrecognized request argument supplied: {name}. This xpart agent translates embeddings to Bedrock's InvokeModel and refuses parameters it cannot honour."),
         ).with_code("unsupported_parameter")),
     }
+}
+
+/// A parameter whose value is not one the model takes; `allowed` says which are.
+fn not_one_of(param: &str, allowed: &str, value: &Value) -> Invalid {
+    let value = shown(&value.to_string());
+    Invalid::new(param, format!("`{param}` must be {allowed}, not {value}."))
 }
 
 fn inputs(input: Option<&Value>) -> Result<Vec<&str>, Invalid> {
@@ -260,16 +268,7 @@ fn titan_bodies(
     texts: &[&str],
     dimensions: Option<u64>,
 ) -> Result<Vec<Value>, Invalid> {
-    let normalize = match request.get("normalize") {
-        None | Some(Value::Null) => true,
-        Some(Value::Bool(normalize)) => *normalize,
-        Some(_) => {
-            return Err(Invalid::new(
-                "normalize",
-                "`normalize` must be true or false.",
-            ))
-        }
-    };
+    let normalize = optional_bool(request, "normalize")?.unwrap_or(true);
     if request.get("input_type").is_some_and(|v| !v.is_null()) {
         return Err(Invalid::new(
             "input_type",
@@ -300,9 +299,9 @@ fn titan_bodies(
     }
 }
 
+/// `dimensions` is only ever set for Cohere Embed v4: v3 has one fixed size.
 fn cohere_bodies(
     request: &Map<String, Value>,
-    family: Family,
     texts: &[&str],
     dimensions: Option<u64>,
 ) -> Result<Vec<Value>, Invalid> {
@@ -310,13 +309,8 @@ fn cohere_bodies(
         None | Some(Value::Null) => "search_document",
         Some(Value::String(kind)) if COHERE_INPUT_TYPES.contains(&kind.as_str()) => kind,
         Some(other) => {
-            return Err(Invalid::new(
-                "input_type",
-                format!(
-                    "`input_type` must be one of {COHERE_INPUT_TYPES:?}, not {}.",
-                    shown(&other.to_string())
-                ),
-            ))
+            let allowed = format!("one of {COHERE_INPUT_TYPES:?}");
+            return Err(not_one_of("input_type", &allowed, other));
         }
     };
     match request.get("normalize") {
@@ -335,7 +329,7 @@ fn cohere_bodies(
             body.insert("texts".into(), json!(batch));
             body.insert("input_type".into(), json!(input_type));
             body.insert("embedding_types".into(), json!(["float"]));
-            if let (Family::CohereV4, Some(dimensions)) = (family, dimensions) {
+            if let Some(dimensions) = dimensions {
                 body.insert("output_dimension".into(), json!(dimensions));
             }
             Value::Object(body)

@@ -96,6 +96,18 @@ fn optional_user(request: &Map<String, Value>) -> Result<Option<String>, Invalid
     }
 }
 
+/// An optional boolean parameter.
+fn optional_bool(map: &Map<String, Value>, name: &str) -> Result<Option<bool>, Invalid> {
+    match map.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(value)) => Ok(Some(*value)),
+        Some(_) => Err(Invalid::new(
+            name,
+            format!("`{name}` must be true or false."),
+        )),
+    }
+}
+
 /// A request the OpenAI translation refuses: 400 `invalid_request_error` (or 404 for a path
 /// not served), naming the parameter at fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -204,7 +204,15 @@ mod tests {
             .collect()
     }
 
-    fn run(translator: &mut StreamTranslator, events: &[(&str, &str)]) -> Vec<Value> {
+    /// ConverseStream events as `(kind, payload)`.
+    type Events = [(&'static str, String)];
+
+    /// A translator for a plain stream: no usage chunk asked for, parallel tool calls.
+    fn translator() -> StreamTranslator {
+        StreamTranslator::new("c", 7, "m", false, false)
+    }
+
+    fn run(mut translator: StreamTranslator, events: &Events) -> Vec<Value> {
         let mut chunks = Vec::new();
         for (kind, payload) in events {
             chunks.extend(translator.event(event(kind, payload)));
@@ -213,27 +221,57 @@ mod tests {
         parse(&chunks)
     }
 
+    fn message_start() -> (&'static str, String) {
+        ("messageStart", r#"{"role":"assistant"}"#.to_owned())
+    }
+
+    fn delta(block: u64, delta: Value) -> (&'static str, String) {
+        let payload = json!({"contentBlockIndex": block, "delta": delta});
+        ("contentBlockDelta", payload.to_string())
+    }
+
+    fn text(block: u64, text: &str) -> (&'static str, String) {
+        delta(block, json!({"text": text}))
+    }
+
+    fn tool_start(block: u64, id: &str, name: &str) -> (&'static str, String) {
+        let start = json!({"toolUse": {"toolUseId": id, "name": name}});
+        let payload = json!({"contentBlockIndex": block, "start": start});
+        ("contentBlockStart", payload.to_string())
+    }
+
+    fn tool_input(block: u64, input: &str) -> (&'static str, String) {
+        delta(block, json!({"toolUse": {"input": input}}))
+    }
+
+    fn block_stop(block: u64) -> (&'static str, String) {
+        let payload = json!({"contentBlockIndex": block});
+        ("contentBlockStop", payload.to_string())
+    }
+
+    fn message_stop(reason: &str) -> (&'static str, String) {
+        ("messageStop", json!({"stopReason": reason}).to_string())
+    }
+
+    fn metadata(payload: Value) -> (&'static str, String) {
+        ("metadata", payload.to_string())
+    }
+
     #[test]
     fn text_stream_has_role_deltas_finish_usage_and_done() {
-        let mut translator = StreamTranslator::new("chatcmpl-1", 7, "m", true, false);
+        let with_usage = StreamTranslator::new("chatcmpl-1", 7, "m", true, false);
         let chunks = run(
-            &mut translator,
+            with_usage,
             &[
-                ("messageStart", r#"{"role":"assistant"}"#),
-                (
-                    "contentBlockDelta",
-                    r#"{"contentBlockIndex":0,"delta":{"text":"Hel"}}"#,
-                ),
-                (
-                    "contentBlockDelta",
-                    r#"{"contentBlockIndex":0,"delta":{"text":"lo"}}"#,
-                ),
-                ("contentBlockStop", r#"{"contentBlockIndex":0}"#),
-                ("messageStop", r#"{"stopReason":"max_tokens"}"#),
-                (
-                    "metadata",
-                    r#"{"usage":{"inputTokens":3,"outputTokens":2,"totalTokens":5},"metrics":{"latencyMs":1}}"#,
-                ),
+                message_start(),
+                text(0, "Hel"),
+                text(0, "lo"),
+                block_stop(0),
+                message_stop("max_tokens"),
+                metadata(json!({
+                    "usage": {"inputTokens": 3, "outputTokens": 2, "totalTokens": 5},
+                    "metrics": {"latencyMs": 1},
+                })),
             ],
         );
         let deltas: Vec<&Value> = chunks
@@ -261,16 +299,12 @@ mod tests {
 
     #[test]
     fn without_include_usage_no_usage_chunk_and_no_usage_field() {
-        let mut translator = StreamTranslator::new("c", 7, "m", false, false);
         let chunks = run(
-            &mut translator,
+            translator(),
             &[
-                ("messageStart", r#"{"role":"assistant"}"#),
-                ("messageStop", r#"{"stopReason":"end_turn"}"#),
-                (
-                    "metadata",
-                    r#"{"usage":{"inputTokens":3,"outputTokens":2}}"#,
-                ),
+                message_start(),
+                message_stop("end_turn"),
+                metadata(json!({"usage": {"inputTokens": 3, "outputTokens": 2}})),
             ],
         );
         assert_eq!(chunks.len(), 3);
@@ -280,37 +314,18 @@ mod tests {
 
     #[test]
     fn tool_use_streams_as_openai_tool_call_deltas() {
-        let mut translator = StreamTranslator::new("c", 7, "m", false, false);
         let chunks = run(
-            &mut translator,
+            translator(),
             &[
-                ("messageStart", r#"{"role":"assistant"}"#),
-                (
-                    "contentBlockDelta",
-                    r#"{"contentBlockIndex":0,"delta":{"text":"Let me check."}}"#,
-                ),
-                (
-                    "contentBlockStart",
-                    r#"{"contentBlockIndex":1,"start":{"toolUse":{"toolUseId":"t1","name":"get_weather"}}}"#,
-                ),
-                (
-                    "contentBlockDelta",
-                    r#"{"contentBlockIndex":1,"delta":{"toolUse":{"input":"{\"city\":"}}}"#,
-                ),
-                (
-                    "contentBlockDelta",
-                    r#"{"contentBlockIndex":1,"delta":{"toolUse":{"input":"\"Paris\"}"}}}"#,
-                ),
-                ("contentBlockStop", r#"{"contentBlockIndex":1}"#),
-                (
-                    "contentBlockStart",
-                    r#"{"contentBlockIndex":2,"start":{"toolUse":{"toolUseId":"t2","name":"get_time"}}}"#,
-                ),
-                (
-                    "contentBlockDelta",
-                    r#"{"contentBlockIndex":2,"delta":{"toolUse":{"input":"{}"}}}"#,
-                ),
-                ("messageStop", r#"{"stopReason":"tool_use"}"#),
+                message_start(),
+                text(0, "Let me check."),
+                tool_start(1, "t1", "get_weather"),
+                tool_input(1, r#"{"city":"#),
+                tool_input(1, r#""Paris"}"#),
+                block_stop(1),
+                tool_start(2, "t2", "get_time"),
+                tool_input(2, "{}"),
+                message_stop("tool_use"),
             ],
         );
         let calls: Vec<&Value> = chunks
@@ -332,22 +347,13 @@ mod tests {
             "tool_calls"
         );
 
-        let mut single = StreamTranslator::new("c", 7, "m", false, true);
+        let single = StreamTranslator::new("c", 7, "m", false, true);
         let chunks = run(
-            &mut single,
+            single,
             &[
-                (
-                    "contentBlockStart",
-                    r#"{"contentBlockIndex":0,"start":{"toolUse":{"toolUseId":"t1","name":"a"}}}"#,
-                ),
-                (
-                    "contentBlockStart",
-                    r#"{"contentBlockIndex":1,"start":{"toolUse":{"toolUseId":"t2","name":"b"}}}"#,
-                ),
-                (
-                    "contentBlockDelta",
-                    r#"{"contentBlockIndex":1,"delta":{"toolUse":{"input":"{}"}}}"#,
-                ),
+                tool_start(0, "t1", "a"),
+                tool_start(1, "t2", "b"),
+                tool_input(1, "{}"),
             ],
         );
         let calls = chunks
@@ -362,18 +368,11 @@ mod tests {
 
     #[test]
     fn reasoning_deltas_become_reasoning_content() {
-        let mut translator = StreamTranslator::new("c", 7, "m", false, false);
         let chunks = run(
-            &mut translator,
+            translator(),
             &[
-                (
-                    "contentBlockDelta",
-                    r#"{"contentBlockIndex":0,"delta":{"reasoningContent":{"text":"hmm"}}}"#,
-                ),
-                (
-                    "contentBlockDelta",
-                    r#"{"contentBlockIndex":0,"delta":{"reasoningContent":{"signature":"sig"}}}"#,
-                ),
+                delta(0, json!({"reasoningContent": {"text": "hmm"}})),
+                delta(0, json!({"reasoningContent": {"signature": "sig"}})),
             ],
         );
         assert_eq!(
@@ -389,7 +388,7 @@ mod tests {
 
     #[test]
     fn an_exception_ends_the_stream_with_an_error_event_and_no_done() {
-        let mut translator = StreamTranslator::new("c", 7, "m", false, false);
+        let mut translator = translator();
         let mut chunks = translator.event(event("messageStart", r#"{"role":"assistant"}"#));
         chunks.extend(translator.event(Event {
             message_type: "exception",
