@@ -33,8 +33,8 @@ use crate::forward::{DispatchError, Dispatched, ForwardBody, ForwardError, Relay
 use crate::health::RelayId;
 use crate::limits::{SharedLimits, Slot};
 use crate::metrics::Metrics;
-use crate::openai::{self, body::SseBody, chat::ChatCall, stream::StreamTranslator};
-use crate::streaming::{BoxError, RequestBody, RequestMeter, ResponseBody};
+use crate::openai::{self, body::sse_body, chat::ChatCall, stream::StreamTranslator};
+use crate::streaming::{BodyLimit, BoxError, RelayWatch, RequestBody, RequestMeter, ResponseBody};
 use crate::usage::UsageBook;
 use crate::{destination, discovery};
 
@@ -538,7 +538,8 @@ async fn read_whole_body(
 ) -> Result<Bytes, RequestError> {
     check_declared_length(principal, &request)?;
     let meter = Arc::new(RequestMeter::default());
-    let limited = RequestBody::new(request.into_body(), principal.max_body_bytes, meter.clone());
+    let limit = BodyLimit::new(principal.max_body_bytes, meter.clone());
+    let limited = RequestBody::new(request.into_body(), limit);
     match limited.collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(_) if meter.over_limit.load(Ordering::Relaxed) => Err(RequestError::BodyTooLarge {
@@ -615,7 +616,7 @@ async fn openai_answer(
             .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         return Ok(Response::from_parts(
             parts,
-            SseBody::new(body, translator).boxed_unsync(),
+            sse_body(body, translator).boxed_unsync(),
         ));
     }
     let bytes = body
@@ -897,13 +898,14 @@ async fn answer(
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let mut body = ResponseBody::new(body, relays.death_of(relay), audit).with_length(length);
+    let mut watch = RelayWatch::new(relays.death_of(relay), audit).with_length(length);
     if is_event_stream {
-        body = body.with_event_stream();
+        watch = watch.with_event_stream();
     }
     if let Some(usage) = usage {
-        body = body.with_usage(usage, slot_for_usage);
+        watch = watch.with_usage(usage, slot_for_usage);
     }
+    let body = ResponseBody::new(body, watch);
     Ok(Response::from_parts(parts, body.boxed_unsync()))
 }
 
@@ -992,7 +994,8 @@ where
     }
     parts.uri = without_presigning(&parts.uri);
     parts.version = http::Version::HTTP_2;
-    let body = RequestBody::new(body, principal.max_body_bytes, meter).boxed_unsync();
+    let limit = BodyLimit::new(principal.max_body_bytes, meter);
+    let body = RequestBody::new(body, limit).boxed_unsync();
     Request::from_parts(parts, body)
 }
 

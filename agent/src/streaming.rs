@@ -1,17 +1,13 @@
-//! Bodies that stream through the agent frame by frame, never buffered whole.
+//! Bodies that stream through the agent frame by frame, never buffered whole: each is an
+//! `xpart_daemon::body::Watched` body under one of the watches here.
 //!
-//! [`RequestBody`] carries the caller's body to the relay, counting bytes and cutting the
-//! request off at the principal's body limit. [`ResponseBody`] carries the relay's answer
-//! back, counting bytes, ending with an error if the relay is declared dead mid-stream, and
-//! calling its `on_end` hook exactly once with the [`Ending`] when the body finishes, fails or
-//! is dropped (the caller went away): that is where the audit line is written and the
-//! concurrency slot freed.
-//! A body is complete when its last byte has been handed to the server: hyper stops polling a
-//! body once it has written `Content-Length` bytes or seen the end-of-stream flag, and drops it
-//! without asking for the `None` that would otherwise mark the end, so both are checked after
-//! every frame and again on drop.
-//! A body given a [`UsageReader`] shows it a copy of each frame as it passes (nothing is held
-//! back) and leaves the reading in its [`UsageSlot`] just before calling `on_end`.
+//! [`BodyLimit`] watches the caller's body on its way to the relay, counting bytes and cutting
+//! the request off at the principal's body limit. [`RelayWatch`] watches the relay's answer on
+//! its way back, counting bytes, ending with an error if the relay is declared dead mid-stream,
+//! and calling its `on_end` hook exactly once with the [`Ending`] when the body finishes, fails
+//! or is dropped (the caller went away): that is where the audit line is written and the
+//! concurrency slot freed. A body declared `Content-Length` long is complete once that many
+//! bytes have gone out.
 //! For event streams it tracks frame boundaries, so that a relay lost between frames ends the
 //! stream with a `serviceUnavailableException` event the SDK raises as such, rather than with a
 //! bare transport error.
@@ -20,14 +16,14 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Context;
 
 use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
+use http_body::Frame;
 use xpart_bedrock::usage::{UsageReader, UsageSlot};
+pub use xpart_daemon::body::BoxError;
+use xpart_daemon::body::{StreamEnd, Watch, Watched};
 use xpart_daemon::record::{Ending, OnEnd};
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Counters a request body fills while it streams.
 #[derive(Debug, Default)]
@@ -40,8 +36,10 @@ pub struct RequestMeter {
 }
 
 /// The caller's body on its way to the relay.
-pub struct RequestBody<B> {
-    inner: B,
+pub type RequestBody<B> = Watched<B, BodyLimit>;
+
+/// Counts a request body into its [`RequestMeter`] and fails it past `limit` bytes.
+pub struct BodyLimit {
     limit: u64,
     meter: Arc<RequestMeter>,
 }
@@ -52,112 +50,79 @@ pub struct BodyTooLarge {
     pub limit: u64,
 }
 
-impl<B> RequestBody<B> {
-    pub fn new(inner: B, limit: u64, meter: Arc<RequestMeter>) -> RequestBody<B> {
-        RequestBody {
-            inner,
-            limit,
-            meter,
-        }
+impl BodyLimit {
+    pub fn new(limit: u64, meter: Arc<RequestMeter>) -> BodyLimit {
+        BodyLimit { limit, meter }
     }
 }
 
-impl<B> Body for RequestBody<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Ready(Some(Err(error))) => {
-                self.meter.caller_failed.store(true, Ordering::Relaxed);
-                return Poll::Ready(Some(Err(error.into())));
-            }
-            Poll::Ready(Some(Ok(frame))) => frame,
+impl<E: Into<BoxError>> Watch<E> for BodyLimit {
+    fn frame(&mut self, frame: &Frame<Bytes>, _inner_ended: bool) -> Result<(), BoxError> {
+        let Some(data) = frame.data_ref() else {
+            return Ok(());
         };
-        if let Some(data) = frame.data_ref() {
-            let len = data.len() as u64;
-            let total = self.meter.bytes.fetch_add(len, Ordering::Relaxed) + len;
-            if total > self.limit {
-                self.meter.over_limit.store(true, Ordering::Relaxed);
-                return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit: self.limit }))));
-            }
+        let len = data.len() as u64;
+        let total = self.meter.bytes.fetch_add(len, Ordering::Relaxed) + len;
+        if total > self.limit {
+            self.meter.over_limit.store(true, Ordering::Relaxed);
+            return Err(Box::new(BodyTooLarge { limit: self.limit }));
         }
-        Poll::Ready(Some(Ok(frame)))
+        Ok(())
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    fn failed(&mut self, error: E, _cx: &mut Context<'_>) -> Result<Frame<Bytes>, BoxError> {
+        self.meter.caller_failed.store(true, Ordering::Relaxed);
+        Err(error.into())
     }
 }
+
+/// The relay's response body on its way to the caller.
+pub type ResponseBody<B> = Watched<B, RelayWatch>;
 
 type AbortSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// The relay's response body on its way to the caller.
-pub struct ResponseBody<B> {
-    inner: B,
-    bytes: u64,
+/// Watches the relay's answer: its end, its usage, and the relay carrying it.
+pub struct RelayWatch {
+    end: StreamEnd,
     /// The response's `Content-Length`, when it has one.
     length: Option<u64>,
-    /// The relay's stream has said it has ended (noted by `is_end_stream`, which the server
-    /// asks before deciding not to poll again).
-    ended: AtomicBool,
     abort: Option<AbortSignal>,
-    on_end: OnEnd,
     frames: Option<FrameBoundary>,
-    usage: Option<(UsageReader, UsageSlot)>,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("the relay stopped answering while the response was streaming")]
 pub struct RelayLostMidStream;
 
-impl<B> ResponseBody<B> {
+impl RelayWatch {
     /// `abort` resolves when the relay carrying this response is declared dead.
     pub fn new(
-        inner: B,
         abort: impl Future<Output = ()> + Send + 'static,
         on_end: impl FnOnce(Ending, u64) + Send + 'static,
-    ) -> ResponseBody<B> {
-        ResponseBody {
-            inner,
-            bytes: 0,
+    ) -> RelayWatch {
+        RelayWatch {
+            end: StreamEnd::new(OnEnd::new(on_end)),
             length: None,
-            ended: AtomicBool::new(false),
             abort: Some(Box::pin(abort)),
-            on_end: OnEnd::new(on_end),
             frames: None,
-            usage: None,
         }
     }
 
     /// Reads the answer's token usage as it passes, into `slot`.
-    pub fn with_usage(mut self, reader: UsageReader, slot: UsageSlot) -> ResponseBody<B> {
-        self.usage = Some((reader, slot));
+    pub fn with_usage(mut self, reader: UsageReader, slot: UsageSlot) -> RelayWatch {
+        self.end = self.end.with_usage(reader, slot);
         self
     }
 
     /// Marks the body as an `application/vnd.amazon.eventstream`.
-    pub fn with_event_stream(mut self) -> ResponseBody<B> {
+    pub fn with_event_stream(mut self) -> RelayWatch {
         self.frames = Some(FrameBoundary::default());
         self
     }
 
     /// The `Content-Length` the response declares: the body is complete once that many bytes
     /// have gone out.
-    pub fn with_length(mut self, length: Option<u64>) -> ResponseBody<B> {
+    pub fn with_length(mut self, length: Option<u64>) -> RelayWatch {
         self.length = length;
         self
     }
@@ -169,82 +134,70 @@ impl<B> ResponseBody<B> {
             .is_some_and(|abort| abort.as_mut().poll(cx).is_ready())
     }
 
-    fn finish(&mut self, end: Ending) {
-        if let Some((reader, slot)) = self.usage.take() {
-            slot.put(reader.finish());
+    /// Ends the stream as lost: with the farewell event if the stream is between events.
+    fn lost(&mut self) -> Result<Frame<Bytes>, BoxError> {
+        let farewell = self
+            .frames
+            .as_ref()
+            .filter(|frames| frames.at_boundary())
+            .and_then(|_| relay_lost_event());
+        self.finish(Ending::Lost);
+        match farewell {
+            Some(event) => Ok(Frame::data(event)),
+            None => Err(Box::new(RelayLostMidStream)),
         }
-        self.on_end.end(end, self.bytes);
+    }
+
+    fn finish(&mut self, ending: Ending) {
+        self.end.end(ending);
         self.abort = None;
+    }
+
+    fn length_sent(&self) -> bool {
+        self.length.is_some_and(|length| self.end.bytes() >= length)
     }
 }
 
-impl<B> Body for ResponseBody<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.on_end.has_ended() {
-            return Poll::Ready(None);
+impl<E: std::fmt::Display> Watch<E> for RelayWatch {
+    fn frame(&mut self, frame: &Frame<Bytes>, inner_ended: bool) -> Result<(), BoxError> {
+        if let Some(data) = frame.data_ref() {
+            self.end.pass(data);
+            if let Some(frames) = self.frames.as_mut() {
+                frames.feed(data);
+            }
         }
-        let lost = match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    self.bytes += data.len() as u64;
-                    if let Some(frames) = self.frames.as_mut() {
-                        frames.feed(data);
-                    }
-                    if let Some((reader, _)) = self.usage.as_mut() {
-                        reader.feed(data);
-                    }
-                }
-                if self.all_sent() {
-                    self.finish(Ending::Complete);
-                }
-                return Poll::Ready(Some(Ok(frame)));
-            }
-            // A relay connection that breaks fails its streams as the relay is declared
-            // lost: such a failure ends like the loss, farewell event included.
-            Poll::Ready(Some(Err(error))) => {
-                if !self.relay_lost(cx) {
-                    self.finish(Ending::Failed(error.to_string()));
-                    return Poll::Ready(Some(Err(error.to_string().into())));
-                }
-                true
-            }
-            Poll::Ready(None) => {
-                self.finish(Ending::Complete);
-                return Poll::Ready(None);
-            }
-            Poll::Pending => self.relay_lost(cx),
-        };
-        if lost {
-            let farewell = self
-                .frames
-                .as_ref()
-                .filter(|frames| frames.at_boundary())
-                .and_then(|_| relay_lost_event());
-            self.finish(Ending::Lost);
-            return match farewell {
-                Some(event) => Poll::Ready(Some(Ok(Frame::data(event)))),
-                None => Poll::Ready(Some(Err(Box::new(RelayLostMidStream)))),
-            };
+        if inner_ended || self.length_sent() {
+            self.finish(Ending::Complete);
         }
-        Poll::Pending
+        Ok(())
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.on_end.has_ended() || self.all_sent()
+    /// A relay connection that breaks fails its streams as the relay is declared lost: such a
+    /// failure ends like the loss, farewell event included.
+    fn failed(&mut self, error: E, cx: &mut Context<'_>) -> Result<Frame<Bytes>, BoxError> {
+        if self.relay_lost(cx) {
+            return self.lost();
+        }
+        let reason = error.to_string();
+        self.finish(Ending::Failed(reason.clone()));
+        Err(reason.into())
     }
 
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    fn ended(&mut self) {
+        self.finish(Ending::Complete);
+    }
+
+    fn waiting(&mut self, cx: &mut Context<'_>) -> Option<Result<Frame<Bytes>, BoxError>> {
+        self.relay_lost(cx).then(|| self.lost())
+    }
+
+    fn has_ended(&self) -> bool {
+        self.end.has_ended()
+    }
+
+    fn dropped(&mut self, inner_ended: bool) {
+        let all_sent = inner_ended || self.length_sent();
+        self.end.dropped(all_sent);
     }
 }
 
@@ -305,43 +258,23 @@ fn relay_lost_event() -> Option<Bytes> {
     Some(Bytes::from(frame))
 }
 
-impl<B: Body> ResponseBody<B> {
-    /// Everything the relay sent has been handed on: its stream says it has ended, or the
-    /// declared length has gone out.
-    fn all_sent(&self) -> bool {
-        if self.inner.is_end_stream() {
-            self.ended.store(true, Ordering::Relaxed);
-        }
-        self.sent_to_the_end()
-    }
-}
-
-impl<B> ResponseBody<B> {
-    fn sent_to_the_end(&self) -> bool {
-        self.ended.load(Ordering::Relaxed) || self.length.is_some_and(|length| self.bytes >= length)
-    }
-}
-
-impl<B> Drop for ResponseBody<B> {
-    fn drop(&mut self) {
-        match self.sent_to_the_end() {
-            true => self.finish(Ending::Complete),
-            false => self.finish(Ending::Abandoned),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use futures_util::StreamExt;
+    use http_body::Body;
+    use http_body_util::combinators::UnsyncBoxBody;
     use http_body_util::{BodyExt, Full, StreamBody};
+    use std::convert::Infallible;
     use std::sync::Mutex;
 
     #[tokio::test]
     async fn request_body_passes_frames_and_counts_bytes() {
         let meter = Arc::new(RequestMeter::default());
-        let body = RequestBody::new(Full::new(Bytes::from_static(b"hello")), 5, meter.clone());
+        let body = RequestBody::new(
+            Full::new(Bytes::from_static(b"hello")),
+            BodyLimit::new(5, meter.clone()),
+        );
         let collected = body.collect().await.expect("within limit").to_bytes();
         assert_eq!(collected, Bytes::from_static(b"hello"));
         assert_eq!(meter.bytes.load(Ordering::Relaxed), 5);
@@ -352,10 +285,10 @@ mod tests {
     async fn request_body_over_limit_fails_and_flags() {
         let meter = Arc::new(RequestMeter::default());
         let chunks = futures_util::stream::iter(vec![
-            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"1234"))),
+            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"1234"))),
             Ok(Frame::data(Bytes::from_static(b"5678"))),
         ]);
-        let body = RequestBody::new(StreamBody::new(chunks), 6, meter.clone());
+        let body = RequestBody::new(StreamBody::new(chunks), BodyLimit::new(6, meter.clone()));
         let error = body.collect().await.expect_err("over the limit");
         assert!(error.to_string().contains("exceeds 6 bytes"));
         assert!(meter.over_limit.load(Ordering::Relaxed));
@@ -364,80 +297,87 @@ mod tests {
     /// How each test body ended: bytes sent and the kind of end.
     type Ends = Arc<Mutex<Vec<(u64, Ending)>>>;
 
-    fn recorder() -> (Ends, impl FnOnce(Ending, u64) + Send) {
+    type Hook = Box<dyn FnOnce(Ending, u64) + Send>;
+
+    fn recorder() -> (Ends, Hook) {
         let ends = Arc::new(Mutex::new(Vec::new()));
         let sink = ends.clone();
-        (ends, move |end, bytes| {
-            sink.lock().expect("test lock").push((bytes, end))
-        })
+        let hook = move |end, bytes| sink.lock().expect("test lock").push((bytes, end));
+        (ends, Box::new(hook))
     }
 
+    type TestBody = ResponseBody<UnsyncBoxBody<Bytes, Infallible>>;
+
     /// `abc` in one frame, with nothing to abort it.
-    fn abc(hook: impl FnOnce(Ending, u64) + Send + 'static) -> ResponseBody<Full<Bytes>> {
-        ResponseBody::new(
-            Full::new(Bytes::from_static(b"abc")),
-            std::future::pending(),
-            hook,
-        )
+    fn abc(hook: Hook) -> TestBody {
+        let inner = Full::new(Bytes::from_static(b"abc")).boxed_unsync();
+        ResponseBody::new(inner, RelayWatch::new(std::future::pending(), hook))
     }
 
     /// `abc` then `def` in two frames, declared six bytes long.
-    fn abc_def(
-        hook: impl FnOnce(Ending, u64) + Send + 'static,
-    ) -> ResponseBody<impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin> {
+    fn abc_def(hook: Hook) -> TestBody {
         let chunks = futures_util::stream::iter(vec![
             Ok(Frame::data(Bytes::from_static(b"abc"))),
             Ok(Frame::data(Bytes::from_static(b"def"))),
         ]);
-        ResponseBody::new(StreamBody::new(chunks), std::future::pending(), hook)
-            .with_length(Some(6))
+        let watch = RelayWatch::new(std::future::pending(), hook).with_length(Some(6));
+        ResponseBody::new(StreamBody::new(chunks).boxed_unsync(), watch)
     }
 
-    #[tokio::test]
-    async fn response_body_reports_completion_once() {
-        let (ends, hook) = recorder();
-        let body = abc(hook);
-        let collected = body.collect().await.expect("complete").to_bytes();
-        assert_eq!(collected, Bytes::from_static(b"abc"));
-        assert_eq!(*ends.lock().expect("test lock"), [(3, Ending::Complete)]);
-    }
+    /// What the body is, how many frames are read from it before it is dropped, whether it
+    /// then says it has ended, and how it ends.
+    type Case = (
+        &'static str,
+        fn(Hook) -> TestBody,
+        usize,
+        bool,
+        (u64, Ending),
+    );
 
+    /// A body is complete once the frame that fills `Content-Length` (or ends the stream) is
+    /// out: hyper writes that frame and drops the body without polling it again. Dropped before
+    /// that, the caller went away. Either way the hook is called once.
     #[tokio::test]
-    async fn response_body_dropped_early_reports_caller_gone() {
-        let (ends, hook) = recorder();
-        let body = abc(hook);
-        drop(body);
-        assert_eq!(*ends.lock().expect("test lock"), [(0, Ending::Abandoned)]);
-    }
-
-    /// hyper writes the frame that fills `Content-Length` (or ends the stream) and drops the
-    /// body without polling it again: that is a complete response.
-    #[tokio::test]
-    async fn response_body_dropped_after_its_last_frame_is_complete() {
-        let (ends, hook) = recorder();
-        let mut body = abc_def(hook);
-        body.frame().await.expect("first").expect("ok");
-        assert!(!body.is_end_stream());
-        body.frame().await.expect("second").expect("ok");
-        assert!(body.is_end_stream());
-        drop(body);
-        assert_eq!(*ends.lock().expect("test lock"), [(6, Ending::Complete)]);
-
-        let (ends, hook) = recorder();
-        let mut body = abc(hook);
-        body.frame().await.expect("the only frame").expect("ok");
-        assert!(body.is_end_stream(), "the inner stream has ended");
-        drop(body);
-        assert_eq!(*ends.lock().expect("test lock"), [(3, Ending::Complete)]);
-    }
-
-    #[tokio::test]
-    async fn response_body_dropped_before_its_length_is_caller_gone() {
-        let (ends, hook) = recorder();
-        let mut body = abc_def(hook);
-        body.frame().await.expect("first").expect("ok");
-        drop(body);
-        assert_eq!(*ends.lock().expect("test lock"), [(3, Ending::Abandoned)]);
+    async fn response_body_ends_by_how_far_it_was_read_before_it_was_dropped() {
+        let cases: [Case; 5] = [
+            ("abc, read to its end", abc, 2, true, (3, Ending::Complete)),
+            ("abc, never read", abc, 0, false, (0, Ending::Abandoned)),
+            (
+                "abc, its only frame read",
+                abc,
+                1,
+                true,
+                (3, Ending::Complete),
+            ),
+            (
+                "abc|def, first frame read",
+                abc_def,
+                1,
+                false,
+                (3, Ending::Abandoned),
+            ),
+            (
+                "abc|def, both frames read",
+                abc_def,
+                2,
+                true,
+                (6, Ending::Complete),
+            ),
+        ];
+        for (case, body, reads, end_stream, end) in cases {
+            let (ends, hook) = recorder();
+            let mut body = body(hook);
+            let mut read = Vec::new();
+            for _ in 0..reads {
+                if let Some(frame) = body.frame().await {
+                    read.extend(frame.expect("ok").into_data().expect("data"));
+                }
+            }
+            assert_eq!(read, b"abcdef"[..end.0 as usize], "{case}");
+            assert_eq!(body.is_end_stream(), end_stream, "{case}");
+            drop(body);
+            assert_eq!(*ends.lock().expect("test lock"), [end], "{case}");
+        }
     }
 
     /// The body's next frame is the exception event that says the relay was lost, and its last.
@@ -491,24 +431,36 @@ mod tests {
         }
     }
 
+    /// A relay that is declared dead when `death` fires (or its sender is dropped).
+    async fn dies_on(death: tokio::sync::oneshot::Receiver<()>) {
+        let _ = death.await;
+    }
+
+    /// An event stream whose first frame is one `messageStart` event (returned too), then
+    /// whatever `rest` yields, carried by a relay that dies on `death`.
+    fn event_stream<S>(
+        rest: S,
+        death: tokio::sync::oneshot::Receiver<()>,
+        hook: Hook,
+    ) -> (
+        ResponseBody<impl Body<Data = Bytes, Error = String> + Unpin>,
+        Bytes,
+    )
+    where
+        S: futures_util::Stream<Item = Result<Frame<Bytes>, String>> + Send + 'static,
+    {
+        let first = Bytes::from(event("messageStart"));
+        let chunks = futures_util::stream::iter([Ok(Frame::data(first.clone()))]).chain(rest);
+        let watch = RelayWatch::new(dies_on(death), hook).with_event_stream();
+        let body = ResponseBody::new(StreamBody::new(Box::pin(chunks)), watch);
+        (body, first)
+    }
+
     #[tokio::test]
     async fn event_stream_lost_between_frames_ends_with_an_exception_event() {
         let (ends, hook) = recorder();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let first = Bytes::from(event("messageStart"));
-        let chunks = futures_util::stream::once({
-            let first = first.clone();
-            async move { Ok::<_, std::convert::Infallible>(Frame::data(first)) }
-        })
-        .chain(futures_util::stream::pending());
-        let mut body = ResponseBody::new(
-            StreamBody::new(Box::pin(chunks)),
-            async move {
-                let _ = rx.await;
-            },
-            hook,
-        )
-        .with_event_stream();
+        let (mut body, first) = event_stream(futures_util::stream::pending(), rx, hook);
         let got = body.frame().await.expect("frame").expect("ok");
         assert_eq!(got.into_data().expect("data"), first);
         tx.send(()).expect("receiver alive");
@@ -523,24 +475,14 @@ mod tests {
     async fn event_stream_whose_connection_breaks_ends_with_an_exception_event() {
         let (ends, hook) = recorder();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let tx = std::sync::Mutex::new(Some(tx));
-        let first = Bytes::from(event("messageStart"));
-        let chunks = futures_util::stream::iter([Ok(Frame::data(first.clone()))]).chain(
-            futures_util::stream::once(async move {
-                if let Some(tx) = tx.lock().expect("test lock").take() {
-                    let _ = tx.send(());
-                }
-                Err::<Frame<Bytes>, _>("connection closed".to_owned())
-            }),
-        );
-        let mut body = ResponseBody::new(
-            StreamBody::new(Box::pin(chunks)),
-            async move {
-                let _ = rx.await;
-            },
-            hook,
-        )
-        .with_event_stream();
+        let tx = Mutex::new(Some(tx));
+        let breaks = futures_util::stream::once(async move {
+            if let Some(tx) = tx.lock().expect("test lock").take() {
+                let _ = tx.send(());
+            }
+            Err("connection closed".to_owned())
+        });
+        let (mut body, first) = event_stream(breaks, rx, hook);
         let got = body.frame().await.expect("frame").expect("ok");
         assert_eq!(got.into_data().expect("data"), first);
         ends_with_the_relay_lost_event(&mut body).await;
@@ -553,32 +495,38 @@ mod tests {
         event_with("metadata", payload)
     }
 
+    /// A ConverseStream answer's usage reader.
+    fn converse_stream_usage() -> UsageReader {
+        UsageReader::for_answer(
+            xpart_bedrock::Operation::ConverseStream,
+            http::StatusCode::OK,
+            &http::HeaderMap::new(),
+        )
+        .expect("a reader")
+    }
+
     /// The usage is in the slot when the hook runs, and every byte went through unchanged.
     #[tokio::test]
     async fn response_body_reads_usage_as_it_passes_and_hands_it_to_the_hook() {
         let mut stream = event("messageStart");
         stream.extend(metadata(12, 5));
-        let chunks: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = stream
+        let chunks: Vec<Result<Frame<Bytes>, Infallible>> = stream
             .chunks(7)
             .map(|piece| Ok(Frame::data(Bytes::copy_from_slice(piece))))
             .collect();
         let slot = UsageSlot::default();
         let seen = Arc::new(Mutex::new(None));
         let (hook_slot, hook_seen) = (slot.clone(), seen.clone());
-        let reader = UsageReader::for_answer(
-            xpart_bedrock::Operation::ConverseStream,
-            http::StatusCode::OK,
-            &http::HeaderMap::new(),
-        )
-        .expect("a reader");
-        let body = ResponseBody::new(
-            StreamBody::new(futures_util::stream::iter(chunks)),
-            std::future::pending(),
-            move |_, _| *hook_seen.lock().expect("test lock") = hook_slot.take(),
-        )
-        .with_event_stream()
-        .with_usage(reader, slot);
-        let collected = body.collect().await.expect("complete").to_bytes();
+        let hook = move |_, _| *hook_seen.lock().expect("test lock") = hook_slot.take();
+        let watch = RelayWatch::new(std::future::pending(), hook)
+            .with_event_stream()
+            .with_usage(converse_stream_usage(), slot);
+        let inner = StreamBody::new(futures_util::stream::iter(chunks));
+        let collected = ResponseBody::new(inner, watch)
+            .collect()
+            .await
+            .expect("complete")
+            .to_bytes();
         assert_eq!(collected.as_ref(), stream.as_slice());
         let reading = seen.lock().expect("test lock").expect("a reading");
         assert!(reading.complete);
@@ -592,25 +540,17 @@ mod tests {
     #[tokio::test]
     async fn response_body_dropped_before_the_metadata_reports_incomplete_usage() {
         let first = Bytes::from(event("messageStart"));
-        let chunks = futures_util::stream::once(async move {
-            Ok::<_, std::convert::Infallible>(Frame::data(first))
-        })
-        .chain(futures_util::stream::pending());
+        let chunks =
+            futures_util::stream::once(async move { Ok::<_, Infallible>(Frame::data(first)) })
+                .chain(futures_util::stream::pending());
         let slot = UsageSlot::default();
         let seen = Arc::new(Mutex::new(None));
         let (hook_slot, hook_seen) = (slot.clone(), seen.clone());
-        let reader = UsageReader::for_answer(
-            xpart_bedrock::Operation::ConverseStream,
-            http::StatusCode::OK,
-            &http::HeaderMap::new(),
-        )
-        .expect("a reader");
-        let mut body = ResponseBody::new(
-            StreamBody::new(Box::pin(chunks)),
-            std::future::pending(),
-            move |end, _| *hook_seen.lock().expect("test lock") = Some((end, hook_slot.take())),
-        )
-        .with_usage(reader, slot);
+        let hook =
+            move |end, _| *hook_seen.lock().expect("test lock") = Some((end, hook_slot.take()));
+        let watch =
+            RelayWatch::new(std::future::pending(), hook).with_usage(converse_stream_usage(), slot);
+        let mut body = ResponseBody::new(StreamBody::new(Box::pin(chunks)), watch);
         body.frame().await.expect("first").expect("ok");
         drop(body);
         let (end, reading) = seen.lock().expect("test lock").take().expect("ended");
@@ -625,7 +565,7 @@ mod tests {
         let (ends, hook) = recorder();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (chunks_tx, chunks_rx) =
-            tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(4);
+            tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
         chunks_tx
             .try_send(Ok(Frame::data(Bytes::from_static(b"first"))))
             .expect("room in channel");
@@ -634,10 +574,7 @@ mod tests {
         });
         let mut body = ResponseBody::new(
             StreamBody::new(Box::pin(chunks_rx)),
-            async move {
-                let _ = rx.await;
-            },
-            hook,
+            RelayWatch::new(dies_on(rx), hook),
         );
         let first = body.frame().await.expect("a frame").expect("ok frame");
         assert_eq!(

@@ -43,6 +43,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod body;
 pub mod config;
 pub mod crypto;
 pub mod error_chain;

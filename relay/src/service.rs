@@ -29,7 +29,7 @@ use crate::admission::{self, Admitted, Policy, Rewriter, Rules, Target};
 use crate::audit::{Exchange, CLIENT_CLOSED};
 use crate::credentials::Status;
 use crate::error::RequestError;
-use crate::stream::{BoxError, Relayed};
+use crate::stream::{BoxError, Relayed, UpstreamWatch};
 use crate::{echo, echo_discovery, rewrite, signer, upstream, Relay};
 
 pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -603,10 +603,11 @@ fn stream(
         }
         finish_stream(exchange, &metrics, ending, status, error_type, bytes);
     });
-    let mut body = Relayed::new(body, relay.idle_timeout, on_end);
+    let mut watch = UpstreamWatch::new(relay.idle_timeout, on_end);
     if let Some(reader) = usage {
-        body = body.with_usage(reader, slot);
+        watch = watch.with_usage(reader, slot);
     }
+    let body = Relayed::new(body, watch);
     Response::from_parts(head, body.boxed_unsync())
 }
 

@@ -1,63 +1,54 @@
 //! Pass an upstream response body to the agent frame by frame as it arrives (event-stream
 //! responses included: nothing is gathered first), count its bytes, stop it when upstream goes
-//! quiet for longer than the idle timeout, and report how it ended exactly once.
+//! quiet for longer than the idle timeout, and report how it ended exactly once: a
+//! [`Relayed`] body is an `xpart_daemon::body::Watched` body under an [`UpstreamWatch`].
 //!
 //! The body is complete once its last frame is handed to the server. hyper does not poll a
 //! body again after its frame that ends the stream (or fills the `Content-Length`): it drops
 //! it. So the end is recorded as soon as the upstream stream says it has ended, after a frame
 //! or on drop; a drop before that is an abandoned body.
 //!
-//! A body given a [`UsageReader`] shows it a copy of each frame as it passes (nothing is held
+//! A watch given a [`UsageReader`] shows it a copy of each frame as it passes (nothing is held
 //! back) and leaves the reading in its [`UsageSlot`] just before reporting how it ended.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::Context;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
+use http_body::Frame;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 use xpart_bedrock::usage::{UsageReader, UsageSlot};
+pub use xpart_daemon::body::BoxError;
+use xpart_daemon::body::{StreamEnd, Watch, Watched};
 use xpart_daemon::error_chain;
 use xpart_daemon::record::{Ending, OnEnd};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
 /// The upstream body (hyper's `Incoming` in the service; any body in tests) on its way out.
-pub struct Relayed<B: Body = Incoming> {
-    inner: B,
+pub type Relayed<B = Incoming> = Watched<B, UpstreamWatch>;
+
+/// Watches upstream's answer: its end, its usage, and how long upstream has been quiet.
+pub struct UpstreamWatch {
+    end: StreamEnd,
     idle: Duration,
     timer: Pin<Box<Sleep>>,
-    bytes: u64,
-    on_end: OnEnd,
-    usage: Option<(UsageReader, UsageSlot)>,
 }
 
-impl<B: Body> Relayed<B> {
-    pub fn new(inner: B, idle: Duration, on_end: OnEnd) -> Relayed<B> {
-        Relayed {
-            inner,
+impl UpstreamWatch {
+    pub fn new(idle: Duration, on_end: OnEnd) -> UpstreamWatch {
+        UpstreamWatch {
+            end: StreamEnd::new(on_end),
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
-            bytes: 0,
-            on_end,
-            usage: None,
         }
     }
 
     /// Reads the answer's token usage as it passes, into `slot`.
-    pub fn with_usage(mut self, reader: UsageReader, slot: UsageSlot) -> Relayed<B> {
-        self.usage = Some((reader, slot));
+    pub fn with_usage(mut self, reader: UsageReader, slot: UsageSlot) -> UpstreamWatch {
+        self.end = self.end.with_usage(reader, slot);
         self
-    }
-
-    fn end(&mut self, ending: Ending) {
-        if let Some((reader, slot)) = self.usage.take() {
-            slot.put(reader.finish());
-        }
-        self.on_end.end(ending, self.bytes);
     }
 }
 
@@ -65,73 +56,49 @@ impl<B: Body> Relayed<B> {
 #[error("upstream sent nothing for {0:?}; stream stopped")]
 struct IdleTimeout(Duration);
 
-impl<B> Body for Relayed<B>
+impl<E> Watch<E> for UpstreamWatch
 where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: std::error::Error + Send + Sync + 'static,
+    E: std::error::Error + Send + Sync + 'static,
 {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.bytes += data.len() as u64;
-                    if let Some((reader, _)) = this.usage.as_mut() {
-                        reader.feed(data);
-                    }
-                }
-                // An idle limit past the clock's range never fires.
-                let now = Instant::now();
-                let deadline = now
-                    .checked_add(this.idle)
-                    .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30));
-                this.timer.as_mut().reset(deadline);
-                if this.inner.is_end_stream() {
-                    this.end(Ending::Complete);
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(err))) => {
-                this.end(Ending::Failed(error_chain::one_line(&err)));
-                Poll::Ready(Some(Err(Box::new(err))))
-            }
-            Poll::Ready(None) => {
-                this.end(Ending::Complete);
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                if this.timer.as_mut().poll(cx).is_ready() {
-                    let idle = this.idle;
-                    this.end(Ending::IdleTimeout(idle));
-                    return Poll::Ready(Some(Err(Box::new(IdleTimeout(idle)))));
-                }
-                Poll::Pending
-            }
+    fn frame(&mut self, frame: &Frame<Bytes>, inner_ended: bool) -> Result<(), BoxError> {
+        if let Some(data) = frame.data_ref() {
+            self.end.pass(data);
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.on_end.has_ended() || self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl<B: Body> Drop for Relayed<B> {
-    fn drop(&mut self) {
-        if self.inner.is_end_stream() {
-            self.end(Ending::Complete);
-        } else {
-            self.end(Ending::Abandoned);
+        // An idle limit past the clock's range never fires.
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(self.idle)
+            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30));
+        self.timer.as_mut().reset(deadline);
+        if inner_ended {
+            self.end.end(Ending::Complete);
         }
+        Ok(())
+    }
+
+    fn failed(&mut self, error: E, _cx: &mut Context<'_>) -> Result<Frame<Bytes>, BoxError> {
+        self.end.end(Ending::Failed(error_chain::one_line(&error)));
+        Err(Box::new(error))
+    }
+
+    fn ended(&mut self) {
+        self.end.end(Ending::Complete);
+    }
+
+    fn waiting(&mut self, cx: &mut Context<'_>) -> Option<Result<Frame<Bytes>, BoxError>> {
+        if self.timer.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        self.end.end(Ending::IdleTimeout(self.idle));
+        Some(Err(Box::new(IdleTimeout(self.idle))))
+    }
+
+    fn has_ended(&self) -> bool {
+        self.end.has_ended()
+    }
+
+    fn dropped(&mut self, inner_ended: bool) {
+        self.end.dropped(inner_ended);
     }
 }
 
@@ -175,12 +142,8 @@ mod tests {
             &http::HeaderMap::new(),
         )
         .expect("a reader");
-        let body = Relayed::new(
-            StreamBody::new(futures_util::stream::iter(frames)),
-            Duration::from_secs(30),
-            on_end,
-        )
-        .with_usage(reader, slot);
+        let watch = UpstreamWatch::new(Duration::from_secs(30), on_end).with_usage(reader, slot);
+        let body = Relayed::new(StreamBody::new(futures_util::stream::iter(frames)), watch);
         (body, seen)
     }
 

@@ -2,35 +2,70 @@
 //! frame by frame as the relay's frames arrive: each event-stream message is handed to the
 //! [`StreamTranslator`] as soon as its last byte is in, and its chunks go out at once.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
 use aws_smithy_eventstream::frame::{DecodedFrame, MessageFrameDecoder};
 use aws_smithy_types::event_stream::Message;
 use bytes::{Bytes, BytesMut};
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, StreamBody};
 
 use super::stream::{Event, StreamTranslator};
 use crate::streaming::BoxError;
 
-/// The relay's event stream on the way in, server-sent events on the way out.
-pub struct SseBody<B> {
+/// The relay's event stream `inner` on the way in, server-sent events on the way out. The
+/// body ends after the translator's last chunks, or with the first error.
+pub fn sse_body<B>(
+    inner: B,
+    translator: StreamTranslator,
+) -> impl Body<Data = Bytes, Error = BoxError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let sse = Sse {
+        inner,
+        translator,
+        decoder: MessageFrameDecoder::new(),
+        pending: BytesMut::new(),
+    };
+    let chunks = futures_util::stream::unfold(Some(sse), |sse| async move {
+        let mut sse = sse?;
+        match sse.next_chunks().await {
+            Ok(Some(chunks)) => Some((Ok(Frame::data(chunks)), Some(sse))),
+            Ok(None) => {
+                let last = sse.translator.end();
+                (!last.is_empty()).then(|| (Ok(Frame::data(last.concat().into())), None))
+            }
+            Err(error) => Some((Err(error), None)),
+        }
+    });
+    StreamBody::new(chunks)
+}
+
+struct Sse<B> {
     inner: B,
     translator: StreamTranslator,
     decoder: MessageFrameDecoder,
     pending: BytesMut,
-    done: bool,
 }
 
-impl<B> SseBody<B> {
-    pub fn new(inner: B, translator: StreamTranslator) -> SseBody<B> {
-        SseBody {
-            inner,
-            translator,
-            decoder: MessageFrameDecoder::new(),
-            pending: BytesMut::new(),
-            done: false,
+impl<B> Sse<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// The chunks for the next complete messages the relay sends; `None` once it has ended.
+    async fn next_chunks(&mut self) -> Result<Option<Bytes>, BoxError> {
+        while let Some(frame) = self.inner.frame().await {
+            let Ok(data) = frame.map_err(Into::into)?.into_data() else {
+                continue;
+            };
+            self.pending.extend_from_slice(&data);
+            let chunks = self.translate_buffered()?;
+            if !chunks.is_empty() {
+                return Ok(Some(chunks.concat().into()));
+            }
         }
+        Ok(None)
     }
 
     /// Chunks for every complete message now buffered.
@@ -65,66 +100,9 @@ fn translate(translator: &mut StreamTranslator, message: &Message) -> Vec<Bytes>
     })
 }
 
-impl<B> Body for SseBody<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        loop {
-            if self.done {
-                return Poll::Ready(None);
-            }
-            let chunks = match Pin::new(&mut self.inner).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Err(error))) => {
-                    self.done = true;
-                    return Poll::Ready(Some(Err(error.into())));
-                }
-                Poll::Ready(Some(Ok(frame))) => {
-                    let Ok(data) = frame.into_data() else {
-                        continue;
-                    };
-                    self.pending.extend_from_slice(&data);
-                    match self.translate_buffered() {
-                        Ok(chunks) => chunks,
-                        Err(error) => {
-                            self.done = true;
-                            return Poll::Ready(Some(Err(error)));
-                        }
-                    }
-                }
-                Poll::Ready(None) => {
-                    self.done = true;
-                    self.translator.end()
-                }
-            };
-            if chunks.is_empty() {
-                continue;
-            }
-            return Poll::Ready(Some(Ok(Frame::data(chunks.concat().into()))));
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::{BodyExt, StreamBody};
 
     fn frame(event_type: &str, payload: &str) -> Vec<u8> {
         xpart_bedrock::event_stream_frame(
@@ -149,10 +127,10 @@ mod tests {
             Ok(Frame::data(Bytes::copy_from_slice(&wire[cut..]))),
         ];
         let translator = StreamTranslator::new("c", 1, "m", false, false);
-        let mut body = SseBody::new(
+        let mut body = std::pin::pin!(sse_body(
             StreamBody::new(futures_util::stream::iter(pieces)),
             translator,
-        );
+        ));
         let mut frames = Vec::new();
         while let Some(frame) = body.frame().await {
             frames.push(
