@@ -392,23 +392,14 @@ impl AgentConfig {
     }
 
     fn check_relays(&self, check: &mut Checker) {
-        if self.relays.is_empty() {
-            check.problem(
-                "[[relay]]",
-                "no relay configured",
-                "add a [[relay]] with the relay's name, public_key, endpoint and tunnel_address",
-            );
-        }
-        let mut names = HashSet::new();
+        let mut list = check.list(
+            "relay",
+            self.relays.len(),
+            "no relay configured",
+            "add a [[relay]] with the relay's name, public_key, endpoint and tunnel_address",
+        );
         for (i, relay) in self.relays.iter().enumerate() {
-            let field = |f: &str| format!("[[relay]] #{} ({}).{f}", i + 1, relay.name);
-            if !names.insert(relay.name.as_str()) {
-                check.problem(
-                    field("name"),
-                    "duplicate relay name",
-                    "give each relay its own name",
-                );
-            }
+            let field = check.entry(&mut list, i, &relay.name);
             let wireguard = self.tunnel.mode != TunnelMode::Host;
             match &relay.public_key {
                 Some(key) if PublicKey::from_base64(key).is_err() => check.problem(
@@ -593,24 +584,15 @@ impl AgentConfig {
     }
 
     fn check_principals(&self, check: &mut Checker) {
-        if self.principals.is_empty() {
-            check.problem(
-                "[[principal]]",
-                "no principal configured, so every request would be refused",
-                "add a [[principal]] with a token_sha256 from `xpart token new --principal NAME`, source_cidrs, or both",
-            );
-        }
-        let mut names = HashSet::new();
+        let mut list = check.list(
+            "principal",
+            self.principals.len(),
+            "no principal configured, so every request would be refused",
+            "add a [[principal]] with a token_sha256 from `xpart token new --principal NAME`, source_cidrs, or both",
+        );
         let mut hashes = HashSet::new();
         for (i, p) in self.principals.iter().enumerate() {
-            let field = |f: &str| format!("[[principal]] #{} ({}).{f}", i + 1, p.name);
-            if !names.insert(p.name.as_str()) {
-                check.problem(
-                    field("name"),
-                    "duplicate principal name",
-                    "give each principal its own name",
-                );
-            }
+            let field = check.entry(&mut list, i, &p.name);
             match p.token_sha256.as_deref() {
                 Some(hex) if decode_sha256(hex).is_none() => check.problem(
                     field("token_sha256"),
@@ -908,7 +890,46 @@ impl Checker {
         self.diagnostics.push(field, message, fix);
     }
 
+    /// Starts checking a `[[table]]` list of `len` entries: a problem when it has none
+    /// (`none`, fixed by `fix`).
+    fn list<'a>(&mut self, table: &'static str, len: usize, none: &str, fix: &str) -> List<'a> {
+        if len == 0 {
+            self.problem(format!("[[{table}]]"), none, fix);
+        }
+        List {
+            table,
+            names: HashSet::new(),
+        }
+    }
+
+    /// Starts checking entry `index` of `list`, called `name`: a problem when an earlier
+    /// entry has that name. Returns how the entry's fields are named in problems,
+    /// `[[relay]] #2 (relay-b).public_key`.
+    fn entry<'a>(
+        &mut self,
+        list: &mut List<'a>,
+        index: usize,
+        name: &'a str,
+    ) -> impl Fn(&str) -> String + 'a {
+        let table = list.table;
+        let field = move |f: &str| format!("[[{table}]] #{} ({name}).{f}", index + 1);
+        if !list.names.insert(name) {
+            self.problem(
+                field("name"),
+                format!("duplicate {table} name"),
+                format!("give each {table} its own name"),
+            );
+        }
+        field
+    }
+
     fn finish(self) -> Result<(), Diagnostics> {
         self.diagnostics.into_result(())
     }
+}
+
+/// A `[[table]]` list being checked: the names its entries have taken so far.
+struct List<'a> {
+    table: &'static str,
+    names: HashSet<&'a str>,
 }

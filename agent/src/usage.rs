@@ -296,23 +296,28 @@ mod tests {
 
     #[test]
     fn families_come_from_the_provider_and_the_first_word_of_the_name() {
-        let cases = [
-            ("anthropic.claude-3-haiku-20240307-v1:0", Some("anthropic.claude")),
-            ("us.anthropic.claude-sonnet-4-20250514-v1:0", Some("anthropic.claude")),
-            ("us-gov.anthropic.claude-3-5-sonnet-20240620-v1:0", Some("anthropic.claude")),
-            ("global.amazon.nova-pro-v1:0", Some("amazon.nova")),
-            ("amazon.titan-text-express-v1", Some("amazon.titan")),
-            ("meta.llama3-1-70b-instruct-v1:0", Some("meta.llama3")),
-            ("arn:aws:bedrock:us-east-1::foundation-model/cohere.command-r-v1:0", Some("cohere.command")),
-            ("arn:aws:bedrock:us-east-1:123456789012:inference-profile/eu.mistral.mistral-large-2407-v1:0", Some("mistral.mistral")),
-            ("arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/a1b2c3", None),
-            ("example.echo", None),
-            ("anthropic.", None),
-            ("anthropic", None),
-            ("us.nobody.model", None),
+        let known = [
+            ("anthropic.claude-3-haiku-20240307-v1:0", "anthropic.claude"),
+            ("us.anthropic.claude-sonnet-4-20250514-v1:0", "anthropic.claude"),
+            ("us-gov.anthropic.claude-3-5-sonnet-20240620-v1:0", "anthropic.claude"),
+            ("global.amazon.nova-pro-v1:0", "amazon.nova"),
+            ("amazon.titan-text-express-v1", "amazon.titan"),
+            ("meta.llama3-1-70b-instruct-v1:0", "meta.llama3"),
+            ("arn:aws:bedrock:us-east-1::foundation-model/cohere.command-r-v1:0", "cohere.command"),
+            ("arn:aws:bedrock:us-east-1:123456789012:inference-profile/eu.mistral.mistral-large-2407-v1:0", "mistral.mistral"),
         ];
-        for (model, family) in cases {
-            assert_eq!(model_family(model).as_deref(), family, "{model}");
+        for (model, family) in known {
+            assert_eq!(model_family(model).as_deref(), Some(family), "{model}");
+        }
+        let unknown = [
+            "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/a1b2c3",
+            "example.echo",
+            "anthropic.",
+            "anthropic",
+            "us.nobody.model",
+        ];
+        for model in unknown {
+            assert_eq!(model_family(model), None, "{model}");
         }
     }
 
@@ -368,14 +373,6 @@ mod tests {
         assert_eq!(refusal.used, 28);
     }
 
-    fn scratch(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("xpart-agent-usage-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        dir
-    }
-
     fn line(time: &str, principal: &str, status: u16, tokens: Option<(u64, u64)>) -> String {
         let mut record = AuditRecord::new(Service::Agent, "r");
         record.time = time.into();
@@ -391,7 +388,9 @@ mod tests {
 
     #[test]
     fn replay_counts_todays_agent_lines_from_the_live_and_rotated_files() {
-        let dir = scratch("replay");
+        let dir = std::env::temp_dir().join(format!("xpart-agent-replay-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
         let now = budget::parse_audit_time("2026-11-30T10:20:30.000Z").expect("time");
         let live = dir.join("audit.jsonl");
         let rotated = dir.join("audit.jsonl-20261130-1796020000");
