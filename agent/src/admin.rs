@@ -101,6 +101,7 @@ impl AdminHandler for AdminView {
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": self.started.elapsed().as_secs_f64(),
             "fips_mode": xpart_daemon::crypto::FIPS_MODE,
+            "fips_module": xpart_daemon::crypto::fips_module_json(),
             "ready": !active.is_empty(),
             "active_relay": active_names.first(),
             "active_relays": active_names,

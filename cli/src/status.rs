@@ -247,17 +247,29 @@ fn peer_reports(status: &Value) -> Vec<PeerReport> {
         .collect()
 }
 
-/// `fips_mode` and `tunnel.inner_tls` in either daemon's `/status`, in one line; `None` from a
-/// daemon that reports neither.
+/// `fips_mode`, `fips_module` and `tunnel.inner_tls` in either daemon's `/status`, in one line;
+/// `None` from a daemon that reports none of them.
 fn crypto_line(status: &Value) -> Option<String> {
     let fips = status.get("fips_mode").and_then(Value::as_bool);
     let inner_tls = status.pointer("/tunnel/inner_tls").and_then(Value::as_bool);
     if fips.is_none() && inner_tls.is_none() {
         return None;
     }
-    let fips = match fips {
-        Some(true) => "FIPS mode (AWS-LC FIPS module on every TLS hop)",
-        Some(false) | None => "not FIPS mode",
+    let module = status
+        .pointer("/fips_module/version")
+        .and_then(Value::as_str);
+    let certificate = status
+        .pointer("/fips_module/certificate")
+        .and_then(Value::as_str);
+    let fips = match (fips, module, certificate) {
+        (Some(true), Some(module), Some(certificate)) => {
+            format!("FIPS mode ({module}, FIPS 140-3 certificate {certificate}, on every TLS hop)")
+        }
+        (Some(true), Some(module), None) => format!(
+            "FIPS mode ({module} on every TLS hop; no FIPS 140-3 certificate names this version)"
+        ),
+        (Some(true), None, _) => "FIPS mode (AWS-LC FIPS module on every TLS hop)".to_string(),
+        (Some(false) | None, _, _) => "not FIPS mode".to_string(),
     };
     let inner_tls = match inner_tls {
         Some(true) => "inner TLS on",
@@ -498,6 +510,28 @@ mod tests {
             Some("crypto: not FIPS mode, inner TLS off")
         );
         assert_eq!(crypto_line(&serde_json::json!({ "tunnel": {} })), None);
+    }
+
+    #[test]
+    fn the_crypto_line_names_the_module_and_its_certificate_or_says_it_has_none() {
+        let certified = serde_json::json!({
+            "fips_mode": true,
+            "fips_module": { "version": "AWS-LC FIPS 3.1.0", "certificate": "#5314" },
+            "tunnel": { "inner_tls": true },
+        });
+        assert_eq!(
+            crypto_line(&certified).as_deref(),
+            Some("crypto: FIPS mode (AWS-LC FIPS 3.1.0, FIPS 140-3 certificate #5314, on every TLS hop), inner TLS on")
+        );
+        let uncertified = serde_json::json!({
+            "fips_mode": true,
+            "fips_module": { "version": "AWS-LC FIPS 4.2.0", "certificate": null },
+            "tunnel": { "inner_tls": true },
+        });
+        assert_eq!(
+            crypto_line(&uncertified).as_deref(),
+            Some("crypto: FIPS mode (AWS-LC FIPS 4.2.0 on every TLS hop; no FIPS 140-3 certificate names this version), inner TLS on")
+        );
     }
 
     const METRICS: &str = "\

@@ -53,6 +53,65 @@ fn require(fips_mode: bool, configs: &[(&'static str, bool)]) -> Result<(), NotF
     }
 }
 
+/// AWS-LC FIPS module versions, as the module names itself, whose static library holds a
+/// FIPS 140-3 certificate from NIST's CMVP: the version and the certificate number. A version
+/// goes here only once its certificate is issued (AWS-LC's `crypto/fipsmodule/FIPS.md` lists
+/// them); one that is only submitted ("Modules In Process") has no certificate to name.
+pub const CERTIFIED_MODULES: &[(&str, &str)] = &[("AWS-LC FIPS 3.1.0", "#5314")];
+
+/// The FIPS module linked into this binary, as `/status` and `xpart status` show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FipsModule {
+    /// The version the module reports at run time, e.g. `AWS-LC FIPS 3.1.0`.
+    pub version: String,
+    /// The FIPS 140-3 certificate that names this version, from [`CERTIFIED_MODULES`].
+    pub certificate: Option<&'static str>,
+}
+
+impl FipsModule {
+    /// The module of this version, with the certificate from [`CERTIFIED_MODULES`] that names
+    /// it, if any.
+    pub fn of(version: String) -> Self {
+        let certificate = CERTIFIED_MODULES
+            .iter()
+            .find(|(certified, _)| *certified == version)
+            .map(|(_, certificate)| *certificate);
+        Self {
+            version,
+            certificate,
+        }
+    }
+
+    /// `/status`'s `fips_module`: `{"version", "certificate"}`, the certificate null when
+    /// this version has none.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({ "version": self.version, "certificate": self.certificate })
+    }
+}
+
+/// The FIPS module of a FIPS build, read from the module itself rather than from the crate
+/// version this was compiled against, so that what `/status` shows is what runs; `None`
+/// outside FIPS mode.
+#[cfg(feature = "fips")]
+pub fn fips_module() -> Option<FipsModule> {
+    // SAFETY: `awslc_version_string` takes no arguments and returns a pointer to a static,
+    // NUL-terminated string inside the module (`AWSLC_VERSION_STRING`), valid for the life of
+    // the process.
+    let version = unsafe { std::ffi::CStr::from_ptr(aws_lc_fips_sys::awslc_version_string()) };
+    Some(FipsModule::of(version.to_string_lossy().into_owned()))
+}
+
+/// The FIPS module of a FIPS build; `None` outside FIPS mode.
+#[cfg(not(feature = "fips"))]
+pub fn fips_module() -> Option<FipsModule> {
+    None
+}
+
+/// `/status`'s `fips_module`: the module's version and certificate, null outside FIPS mode.
+pub fn fips_module_json() -> serde_json::Value {
+    fips_module().map_or(serde_json::Value::Null, |module| module.json())
+}
+
 /// What `/metrics` and `/status` report: `xpart_fips_mode` is 1 in FIPS mode.
 pub fn register_metrics(registry: &prometheus::Registry) -> prometheus::Result<()> {
     let gauge = prometheus::IntGauge::new(
@@ -83,6 +142,28 @@ mod tests {
     #[test]
     fn the_provider_of_this_build_reports_fips_exactly_in_fips_mode() {
         assert_eq!(provider().fips(), FIPS_MODE);
+    }
+
+    #[test]
+    fn a_module_version_names_its_certificate_only_when_it_has_one() {
+        let certified = FipsModule::of("AWS-LC FIPS 3.1.0".to_string());
+        assert_eq!(certified.certificate, Some("#5314"));
+        assert_eq!(
+            certified.json(),
+            serde_json::json!({ "version": "AWS-LC FIPS 3.1.0", "certificate": "#5314" })
+        );
+        // Later releases of the same line and the submitted 4.x line are not what #5314 names.
+        for version in ["AWS-LC FIPS 3.6.0", "AWS-LC FIPS 4.2.0"] {
+            let module = FipsModule::of(version.to_string());
+            assert_eq!(module.certificate, None, "{version}");
+            assert_eq!(module.json()["certificate"], serde_json::Value::Null);
+        }
+    }
+
+    #[test]
+    fn the_module_is_reported_exactly_in_fips_mode() {
+        assert_eq!(fips_module().is_some(), FIPS_MODE);
+        assert_eq!(fips_module_json().is_null(), !FIPS_MODE);
     }
 
     #[test]

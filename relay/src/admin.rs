@@ -84,6 +84,7 @@ impl AdminHandler for AdminApi {
             "policy": relay.policy.load().summary(),
             "activity": relay.metrics.activity.json(),
             "fips_mode": xpart_daemon::crypto::FIPS_MODE,
+            "fips_module": xpart_daemon::crypto::fips_module_json(),
             "service_addr": relay.service_addr.to_string(),
             "draining": relay.draining.load(Ordering::Relaxed),
             "region": relay.region,

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import time
+import tomllib
 
 import pytest
 
@@ -20,6 +21,13 @@ import relay_harness as h
 
 STANDIN_MODEL = "standin.echo-v1"
 FIPS_HOST = "bedrock-runtime-fips.us-east-1.amazonaws.com"
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+# aws-lc-fips-sys releases whose AWS-LC FIPS module is a version with a FIPS 140-3 certificate
+# (docs/FIPS.md): the module version the crate's sources carry (AWSLC_VERSION_NUMBER_STRING)
+# and the certificate that names it. 0.13.12 and later 0.13.x carry 3.2.0 to 3.6.0, which
+# #5314 does not name; 0.14.x carries the 4.x line, which has no certificate yet.
+CERTIFIED_FIPS_SYS = {"0.13.11": ("AWS-LC FIPS 3.1.0", "#5314")}
 
 
 def cli():
@@ -170,6 +178,7 @@ def test_inner_tls_carries_converse_and_converse_stream_through_the_tunnel(start
     _, status = stack.agent.admin_json("/status")
     assert status["tunnel"]["inner_tls"] is True
     assert status["fips_mode"] is False
+    assert status["fips_module"] is None
     _, _, body = h.get(stack.relay.process.admin, "/status")
     relay_status = json.loads(body)
     assert relay_status["tunnel"]["inner_tls"] is True
@@ -221,18 +230,64 @@ def test_inner_tls_without_its_files_is_refused_with_the_fields_named(tmp_path, 
 FIPS_UPSTREAM = [{"service": "bedrock-runtime", "region": h.REGION, "fips": True, "host_header": FIPS_HOST}]
 
 
+def locked_packages(name):
+    with open(os.path.join(ROOT, "Cargo.lock"), "rb") as f:
+        return [p for p in tomllib.load(f)["package"] if p["name"] == name]
+
+
+def certified_module():
+    """(module version, certificate) of the one aws-lc-fips-sys in Cargo.lock."""
+    (fips_sys,) = locked_packages("aws-lc-fips-sys")
+    return CERTIFIED_FIPS_SYS[fips_sys["version"]]
+
+
+def test_the_lock_holds_the_fips_build_on_a_module_with_a_certificate():
+    # A `cargo update` that moves aws-lc-rs to 1.18+ brings aws-lc-fips-sys 0.14 (the 4.x
+    # module, no certificate) in beside or instead of 0.13.11; one that moves 0.13.x brings a
+    # 3.x version the certificate does not name. Either fails here, on every build.
+    fips_sys = locked_packages("aws-lc-fips-sys")
+    assert [p["version"] for p in fips_sys] == list(CERTIFIED_FIPS_SYS), \
+        f"Cargo.lock has aws-lc-fips-sys {[p['version'] for p in fips_sys]}; the FIPS build must link exactly " \
+        f"one, from {sorted(CERTIFIED_FIPS_SYS)} (docs/FIPS.md, 'The module and its certificate')"
+    (aws_lc_rs,) = locked_packages("aws-lc-rs")
+    assert "aws-lc-fips-sys" in aws_lc_rs["dependencies"], aws_lc_rs
+    assert tuple(int(n) for n in aws_lc_rs["version"].split(".")[:2]) < (1, 18), aws_lc_rs["version"]
+    rustls = [p for p in locked_packages("rustls") if p["version"].startswith("0.23.")]
+    assert len(rustls) == 1 and "aws-lc-rs" in rustls[0]["dependencies"], rustls
+    # The daemons name the certificate from their own table; it must say the same.
+    version, certificate = certified_module()
+    with open(os.path.join(ROOT, "daemon", "src", "crypto.rs")) as f:
+        assert f'("{version}", "{certificate}")' in f.read()
+
+
+def test_the_fips_binaries_link_one_aws_lc_fips_module_the_certified_one(fips_bins):
+    # Each aws-lc-fips-sys release prefixes the module's symbols with its own version
+    # (aws_lc_fips_0_13_11_...), so the symbol table says which modules a binary links.
+    (certified,) = CERTIFIED_FIPS_SYS
+    for name in ("xpart-agent", "xpart-relay"):
+        with open(os.path.join(fips_bins, name), "rb") as f:
+            linked = {m.decode().replace("_", ".") for m in re.findall(rb"aws_lc_fips_(\d+_\d+_\d+)_", f.read())}
+        assert linked == {certified}, f"{name} links aws-lc-fips-sys {sorted(linked)}"
+
+
 def test_fips_mode_carries_converse_and_converse_stream_end_to_end(fips_bins, start_inner_tls, test_pki):
     stack = start_inner_tls(relay_options={"upstreams": FIPS_UPSTREAM})
     converse_and_stream(stack, test_pki)
+    version, certificate = certified_module()
     _, status = stack.agent.admin_json("/status")
     assert status["fips_mode"] is True and status["tunnel"]["inner_tls"] is True
+    # What the module reports about itself at run time, not the crate it was built from.
+    assert status["fips_module"] == {"version": version, "certificate": certificate}, status["fips_module"]
+    _, _, body = h.get(stack.relay.process.admin, "/status")
+    assert json.loads(body)["fips_module"] == {"version": version, "certificate": certificate}
     assert metric(stack.agent.metrics(), "xpart_fips_mode") == 1
     _, _, metrics = h.get(stack.relay.process.admin, "/metrics")
     assert metric(metrics.decode(), "xpart_fips_mode") == 1
     admin = f"{stack.agent.admin[0]}:{stack.agent.admin[1]}"
     shown = subprocess.run([cli(), "status", "--agent", admin, "--window", "0s"],
                            capture_output=True, text=True, timeout=30)
-    assert "crypto: FIPS mode" in shown.stdout and "inner TLS on" in shown.stdout, shown.stdout
+    assert f"crypto: FIPS mode ({version}, FIPS 140-3 certificate {certificate}, on every TLS hop)" \
+        in shown.stdout and "inner TLS on" in shown.stdout, shown.stdout
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
