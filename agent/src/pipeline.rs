@@ -99,10 +99,14 @@ async fn steps(
     if let Some(endpoint) = openai::Endpoint::of(request.method(), request.uri().path()) {
         return match endpoint.map_err(RequestError::OpenAi)? {
             openai::Endpoint::ChatCompletions => {
-                openai_chat(agent, request, &principal, exchange).await
+                let translate = openai::chat::translate_request;
+                let admitted = admit(agent, request, &principal, exchange, translate).await?;
+                openai_chat(agent, admitted, &principal, exchange).await
             }
             openai::Endpoint::Embeddings => {
-                openai_embeddings(agent, request, &principal, exchange).await
+                let translate = openai::embeddings::translate_request;
+                let admitted = admit(agent, request, &principal, exchange, translate).await?;
+                openai_embeddings(agent, admitted, &principal, exchange).await
             }
             openai::Endpoint::Models => openai_models(agent, &request, &principal, exchange).await,
         };
@@ -125,44 +129,50 @@ enum Api {
     OpenAi,
 }
 
-/// An OpenAI chat completion: the same steps, with the body read and translated to a Converse
-/// call first (the body names the model), sent to the relay as that native call, and the
-/// answer translated back (a stream event by event, as it arrives).
-async fn openai_chat(
+/// An OpenAI request translated to native calls on one model (chat completions, embeddings).
+trait Translated {
+    /// What the call is authorized as: the native operation, the model as the caller named
+    /// it, and OpenAI's `user`.
+    fn native(&self) -> (Operation, &str, Option<&str>);
+}
+
+impl Translated for ChatCall {
+    fn native(&self) -> (Operation, &str, Option<&str>) {
+        let operation = match self.stream {
+            true => Operation::ConverseStream,
+            false => Operation::Converse,
+        };
+        (operation, &self.model, self.user.as_deref())
+    }
+}
+
+impl Translated for openai::embeddings::EmbeddingsCall {
+    fn native(&self) -> (Operation, &str, Option<&str>) {
+        (Operation::InvokeModel, &self.model, self.user.as_deref())
+    }
+}
+
+/// A translated OpenAI request that passed the steps before forwarding: the call, the native
+/// route it was authorized as, and its concurrency slot.
+struct Admitted<C> {
+    call: C,
+    route: Route,
+    slot: Slot,
+}
+
+/// The steps of a Bedrock request for a translated OpenAI one: the body read and translated
+/// (the body names the model), the end user and the native call recorded, the model held to
+/// Bedrock's grammar, the caller authorized for it and limited.
+async fn admit<C: Translated>(
     agent: &Arc<Agent>,
     request: Request<Incoming>,
     principal: &Principal,
     exchange: &mut Recorder,
-) -> Result<Response<CallerBody>, RequestError> {
+    translate: fn(&[u8]) -> Result<C, openai::Invalid>,
+) -> Result<Admitted<C>, RequestError> {
     let body = read_whole_body(request, principal).await?;
-    let call = openai::chat::translate_request(&body).map_err(RequestError::OpenAi)?;
-    let operation = match call.stream {
-        true => Operation::ConverseStream,
-        false => Operation::Converse,
-    };
-    let route = openai_route(
-        operation,
-        &call.model,
-        call.user.as_deref(),
-        principal,
-        exchange,
-    )?;
-    let slot = limit(agent, principal)?;
-    let outgoing = converse_request(&route, &call)?;
-    let response = forward(agent, outgoing, principal, exchange, slot).await?;
-    let relay = exchange.record.relay.clone().unwrap_or_default();
-    openai_answer(response, &call, exchange.request_id(), relay).await
-}
-
-/// The native call an OpenAI request is made as: the end user and the call recorded, the model
-/// held to Bedrock's grammar, and the caller authorized for it.
-fn openai_route(
-    operation: Operation,
-    model: &str,
-    user: Option<&str>,
-    principal: &Principal,
-    exchange: &mut Recorder,
-) -> Result<Route, RequestError> {
+    let call = translate(&body).map_err(RequestError::OpenAi)?;
+    let (operation, model, user) = call.native();
     exchange.record.end_user = user.map(|user| user.chars().take(MAX_MESSAGE_CHARS).collect());
     let model = ModelId::parse(model).map_err(RequestError::Route)?;
     let route = Route {
@@ -174,30 +184,35 @@ fn openai_route(
     exchange.record.operation = Some(operation);
     exchange.record.model = route.model.clone();
     authorize(principal, &route, exchange)?;
-    Ok(route)
+    let slot = limit(agent, principal)?;
+    Ok(Admitted { call, route, slot })
 }
 
-/// OpenAI embeddings: the body read and translated to InvokeModel bodies (one per input for
-/// Titan, one per batch for Cohere), authorized and limited once as the InvokeModel call on
-/// the model, the calls sent to the relay side by side (at most [`EMBEDDING_CALLS_IN_FLIGHT`]
-/// at a time), and the answers joined into one list. One audit line covers the request; the
-/// relay writes one per InvokeModel, all with this request's id.
-async fn openai_embeddings(
+/// An OpenAI chat completion, admitted as a Converse call: sent to the relay as that native
+/// call, and the answer translated back (a stream event by event, as it arrives).
+async fn openai_chat(
     agent: &Arc<Agent>,
-    request: Request<Incoming>,
+    Admitted { call, route, slot }: Admitted<ChatCall>,
     principal: &Principal,
     exchange: &mut Recorder,
 ) -> Result<Response<CallerBody>, RequestError> {
-    let body = read_whole_body(request, principal).await?;
-    let call = openai::embeddings::translate_request(&body).map_err(RequestError::OpenAi)?;
-    let route = openai_route(
-        Operation::InvokeModel,
-        &call.model,
-        call.user.as_deref(),
-        principal,
-        exchange,
-    )?;
-    let slot = limit(agent, principal)?;
+    let outgoing = converse_request(&route, &call)?;
+    let response = forward(agent, outgoing, principal, exchange, slot).await?;
+    let relay = exchange.record.relay.clone().unwrap_or_default();
+    openai_answer(response, &call, exchange.request_id(), relay).await
+}
+
+/// OpenAI embeddings, translated to InvokeModel bodies (one per input for Titan, one per
+/// batch for Cohere) and admitted once as the InvokeModel call on the model: the calls sent to
+/// the relay side by side (at most [`EMBEDDING_CALLS_IN_FLIGHT`] at a time), and the answers
+/// joined into one list. One audit line covers the request; the relay writes one per
+/// InvokeModel, all with this request's id.
+async fn openai_embeddings(
+    agent: &Arc<Agent>,
+    Admitted { call, route, slot }: Admitted<openai::embeddings::EmbeddingsCall>,
+    principal: &Principal,
+    exchange: &mut Recorder,
+) -> Result<Response<CallerBody>, RequestError> {
     let path = route.path().ok_or_else(|| {
         RequestError::Route(BedrockError::validation(format!(
             "model {:?} cannot be sent as a Bedrock path",
@@ -235,14 +250,7 @@ async fn openai_embeddings(
             exchange.record.input_tokens = list["usage"]["prompt_tokens"].as_u64();
             exchange.record.output_tokens = Some(0);
             exchange.record.usage_complete = Some(true);
-            Ok(finish_openai(
-                exchange,
-                slot,
-                http::StatusCode::OK,
-                None,
-                None,
-                list,
-            ))
+            Ok(finish_ok(exchange, slot, list))
         }
         Err(unexpected) => {
             let message =
@@ -329,24 +337,10 @@ async fn openai_models(
     }
     let list = openai::models::list(&foundation, &profiles);
     let Some(id) = wanted else {
-        return Ok(finish_openai(
-            exchange,
-            slot,
-            http::StatusCode::OK,
-            None,
-            None,
-            list,
-        ));
+        return Ok(finish_ok(exchange, slot, list));
     };
     match openai::models::find(&list, &id) {
-        Some(model) => Ok(finish_openai(
-            exchange,
-            slot,
-            http::StatusCode::OK,
-            None,
-            None,
-            model,
-        )),
+        Some(model) => Ok(finish_ok(exchange, slot, model)),
         None => Err(RequestError::OpenAi(openai::Invalid::model_not_found(&id))),
     }
 }
@@ -497,6 +491,11 @@ async fn send_whole(
         body,
         bytes_in: meter.bytes.load(Ordering::Relaxed),
     })
+}
+
+/// A whole OpenAI 200 answer that the agent composed itself; see [`finish_openai`].
+fn finish_ok(exchange: &mut Recorder, slot: Slot, body: serde_json::Value) -> Response<CallerBody> {
+    finish_openai(exchange, slot, http::StatusCode::OK, None, None, body)
 }
 
 /// A whole OpenAI answer (a JSON document) that the agent composed itself: its audit line is
