@@ -8,7 +8,9 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_ec2::types::{AttributeBooleanValue, Filter, Instance, Tag};
+use aws_sdk_ec2::operation::describe_instances::builders::DescribeInstancesFluentBuilder;
+use aws_sdk_ec2::operation::describe_network_interfaces::builders::DescribeNetworkInterfacesFluentBuilder;
+use aws_sdk_ec2::types::{AttributeBooleanValue, Filter, Instance, NetworkInterface, Tag};
 use aws_sdk_ec2::Client;
 use xpart_daemon::error_chain;
 
@@ -95,21 +97,11 @@ impl Ec2 {
     }
 
     async fn standby_from_interface(&self, eni: &str) -> Result<Standby, Error> {
-        let output = self
-            .client
-            .describe_network_interfaces()
-            .network_interface_ids(eni)
-            .send()
-            .await
-            .map_err(|err| aws_error("DescribeNetworkInterfaces", err))?;
-        let Some(interface) = output.network_interfaces().first() else {
+        let Some(interface) = self.interface(eni).await? else {
             return Err(not_found("network interface", eni));
         };
         Ok(Standby {
-            instance_id: interface
-                .attachment()
-                .and_then(|attachment| attachment.instance_id())
-                .map(str::to_string),
+            instance_id: attached_instance(&interface).map(str::to_string),
             network_interface_id: eni.to_string(),
             vpc_id: interface.vpc_id().map(str::to_string),
         })
@@ -152,40 +144,23 @@ impl Ec2 {
 
     /// One instance by id; `not_found` when EC2 knows none.
     async fn describe_instance(&self, instance_id: &str) -> Result<Instance, Error> {
-        let output = self
-            .client
-            .describe_instances()
-            .instance_ids(instance_id)
-            .send()
-            .await
-            .map_err(|err| aws_error("DescribeInstances", err))?;
-        output
-            .reservations()
-            .iter()
-            .flat_map(|reservation| reservation.instances())
+        let request = self.client.describe_instances().instance_ids(instance_id);
+        let instances = instances_of(request).await?;
+        instances
+            .into_iter()
             .next()
-            .cloned()
             .ok_or_else(|| not_found("instance", instance_id))
     }
 
     async fn member_interface(&self, instance_id: &str) -> Result<Option<String>, Error> {
-        let output = self
-            .client
-            .describe_network_interfaces()
-            .filters(filter("attachment.instance-id", instance_id))
-            .filters(filter("tag-key", PAIR_TAG))
-            .send()
-            .await
-            .map_err(|err| aws_error("DescribeNetworkInterfaces", err))?;
-        let mut members: Vec<&str> = output
-            .network_interfaces()
+        let filters = vec![
+            filter("attachment.instance-id", instance_id),
+            filter("tag-key", PAIR_TAG),
+        ];
+        let interfaces = self.interfaces_matching(filters).await?;
+        let mut members: Vec<&str> = interfaces
             .iter()
-            .filter(|interface| {
-                interface
-                    .attachment()
-                    .and_then(|attachment| attachment.instance_id())
-                    == Some(instance_id)
-            })
+            .filter(|interface| attached_instance(interface) == Some(instance_id))
             .filter_map(|interface| interface.network_interface_id())
             .collect();
         members.sort_unstable();
@@ -195,12 +170,7 @@ impl Ec2 {
     /// The `xpart:role` tag of one instance, `None` when it carries none.
     pub async fn instance_role(&self, instance_id: &str) -> Result<Option<String>, Error> {
         let instance = self.describe_instance(instance_id).await?;
-        Ok(instance
-            .tags()
-            .iter()
-            .find(|tag| tag.key() == Some(ROLE_TAG))
-            .and_then(|tag| tag.value())
-            .map(str::to_string))
+        Ok(role_tag(instance.tags()))
     }
 
     /// After traffic moved to `active_instance`: tags it and its member interface
@@ -209,62 +179,24 @@ impl Ec2 {
     /// which part it plays. Returns the tag changes made.
     pub async fn set_roles(&self, pair: &str, active_instance: &str) -> Result<Vec<String>, Error> {
         let mut wanted: Vec<(String, Option<String>, &'static str)> = Vec::new();
-        let instances = self
-            .client
-            .describe_instances()
-            .filters(filter(&format!("tag:{PAIR_TAG}"), pair))
-            .filters(not_terminated())
-            .send()
-            .await
-            .map_err(|err| aws_error("DescribeInstances", err))?;
-        for instance in instances
-            .reservations()
-            .iter()
-            .flat_map(|reservation| reservation.instances())
-        {
+        let instances = self.instances_in_pair(pair, None).await?;
+        for instance in &instances {
             let Some(id) = instance.instance_id() else {
                 continue;
             };
-            let current = instance
-                .tags()
-                .iter()
-                .find(|tag| tag.key() == Some(ROLE_TAG))
-                .and_then(|tag| tag.value())
-                .map(str::to_string);
-            let role = if id == active_instance {
-                "active"
-            } else {
-                "standby"
-            };
-            wanted.push((id.to_string(), current, role));
+            let role = role_name(id == active_instance);
+            wanted.push((id.to_string(), role_tag(instance.tags()), role));
         }
+        let in_pair = filter(&format!("tag:{PAIR_TAG}"), pair);
         let interfaces = self
-            .client
-            .describe_network_interfaces()
-            .filters(filter(&format!("tag:{PAIR_TAG}"), pair))
-            .filters(filter("tag-key", ROLE_TAG))
-            .send()
-            .await
-            .map_err(|err| aws_error("DescribeNetworkInterfaces", err))?;
-        for interface in interfaces.network_interfaces() {
+            .interfaces_matching(vec![in_pair, filter("tag-key", ROLE_TAG)])
+            .await?;
+        for interface in &interfaces {
             let Some(id) = interface.network_interface_id() else {
                 continue;
             };
-            let current = interface
-                .tag_set()
-                .iter()
-                .find(|tag| tag.key() == Some(ROLE_TAG))
-                .and_then(|tag| tag.value())
-                .map(str::to_string);
-            let attached_to = interface
-                .attachment()
-                .and_then(|attachment| attachment.instance_id());
-            let role = if attached_to == Some(active_instance) {
-                "active"
-            } else {
-                "standby"
-            };
-            wanted.push((id.to_string(), current, role));
+            let role = role_name(attached_instance(interface) == Some(active_instance));
+            wanted.push((id.to_string(), role_tag(interface.tag_set()), role));
         }
         let mut changes = Vec::new();
         for (resource, current, role) in wanted {
@@ -277,7 +209,7 @@ impl Ec2 {
                 .tags(Tag::builder().key(ROLE_TAG).value(role).build())
                 .send()
                 .await
-                .map_err(|err| aws_error("CreateTags", err))?;
+                .for_operation("CreateTags")?;
             changes.push(format!(
                 "aws ec2 create-tags --resources {resource} --tags Key={ROLE_TAG},Value={role}"
             ));
@@ -312,22 +244,9 @@ impl Ec2 {
         pair: &str,
         role: Option<&str>,
     ) -> Result<Vec<String>, Error> {
-        let mut request = self
-            .client
-            .describe_instances()
-            .filters(filter(&format!("tag:{PAIR_TAG}"), pair))
-            .filters(not_terminated());
-        if let Some(role) = role {
-            request = request.filters(filter(&format!("tag:{ROLE_TAG}"), role));
-        }
-        let output = request
-            .send()
-            .await
-            .map_err(|err| aws_error("DescribeInstances", err))?;
-        let mut ids: Vec<String> = output
-            .reservations()
+        let instances = self.instances_in_pair(pair, role).await?;
+        let mut ids: Vec<String> = instances
             .iter()
-            .flat_map(|reservation| reservation.instances())
             .filter_map(|instance| instance.instance_id().map(str::to_string))
             .collect();
         ids.sort();
@@ -346,10 +265,7 @@ impl Ec2 {
         if let Some((key, value)) = tag {
             request = request.filters(filter(&format!("tag:{key}"), value));
         }
-        let output = request
-            .send()
-            .await
-            .map_err(|err| aws_error("DescribeRouteTables", err))?;
+        let output = request.send().await.for_operation("DescribeRouteTables")?;
         let tables = output
             .route_tables()
             .iter()
@@ -375,18 +291,14 @@ impl Ec2 {
         &self,
         vpc_id: Option<&str>,
     ) -> Result<Vec<InterfaceState>, Error> {
-        let mut request = self.client.describe_network_interfaces();
-        if let Some(vpc_id) = vpc_id {
-            request = request.filters(filter("vpc-id", vpc_id));
-        }
+        let filters = vpc_id
+            .map(|vpc_id| filter("vpc-id", vpc_id))
+            .into_iter()
+            .collect();
         // Scanned here rather than filtered by `addresses.private-ip-address`: the filter
         // is not applied to secondary addresses by every EC2 implementation.
-        let output = request
-            .send()
-            .await
-            .map_err(|err| aws_error("DescribeNetworkInterfaces", err))?;
-        let interfaces = output
-            .network_interfaces()
+        let interfaces = self.interfaces_matching(filters).await?;
+        let interfaces = interfaces
             .iter()
             .map(|interface| InterfaceState {
                 id: interface
@@ -420,10 +332,7 @@ impl Ec2 {
         for ip in public_ips {
             request = request.public_ips(ip);
         }
-        let output = request
-            .send()
-            .await
-            .map_err(|err| aws_error("DescribeAddresses", err))?;
+        let output = request.send().await.for_operation("DescribeAddresses")?;
         let addresses: Vec<AddressState> = output
             .addresses()
             .iter()
@@ -448,17 +357,10 @@ impl Ec2 {
     }
 
     pub async fn instances(&self, ids: &[String]) -> Result<Vec<InstanceState>, Error> {
-        let output = self
-            .client
-            .describe_instances()
-            .set_instance_ids(Some(ids.to_vec()))
-            .send()
-            .await
-            .map_err(|err| aws_error("DescribeInstances", err))?;
-        let instances: Vec<InstanceState> = output
-            .reservations()
+        let request = self.client.describe_instances();
+        let instances = instances_of(request.set_instance_ids(Some(ids.to_vec()))).await?;
+        let instances: Vec<InstanceState> = instances
             .iter()
-            .flat_map(|reservation| reservation.instances())
             .map(|instance| InstanceState {
                 id: instance.instance_id().unwrap_or_default().to_string(),
                 source_dest_check: instance.source_dest_check(),
@@ -503,7 +405,7 @@ impl Ec2 {
                     .network_interface_id(network_interface_id)
                     .send()
                     .await
-                    .map_err(|err| aws_error("ReplaceRoute", err))?;
+                    .for_operation("ReplaceRoute")?;
             }
             Action::CreateRoute {
                 route_table_id,
@@ -517,7 +419,7 @@ impl Ec2 {
                     .network_interface_id(network_interface_id)
                     .send()
                     .await
-                    .map_err(|err| aws_error("CreateRoute", err))?;
+                    .for_operation("CreateRoute")?;
             }
             Action::AssignPrivateIp {
                 network_interface_id,
@@ -531,7 +433,7 @@ impl Ec2 {
                     .allow_reassignment(true)
                     .send()
                     .await
-                    .map_err(|err| aws_error("AssignPrivateIpAddresses", err))?;
+                    .for_operation("AssignPrivateIpAddresses")?;
             }
             Action::UnassignPrivateIp {
                 network_interface_id,
@@ -549,7 +451,7 @@ impl Ec2 {
                     .private_ip_addresses(private_ip)
                     .send()
                     .await
-                    .map_err(|err| aws_error("UnassignPrivateIpAddresses", err))?;
+                    .for_operation("UnassignPrivateIpAddresses")?;
             }
             Action::AssociateAddress {
                 allocation_id,
@@ -565,7 +467,7 @@ impl Ec2 {
                     .allow_reassociation(true)
                     .send()
                     .await
-                    .map_err(|err| aws_error("AssociateAddress", err))?;
+                    .for_operation("AssociateAddress")?;
             }
             Action::SetSourceDestCheck {
                 instance_id,
@@ -577,25 +479,48 @@ impl Ec2 {
                     .source_dest_check(AttributeBooleanValue::builder().value(*enabled).build())
                     .send()
                     .await
-                    .map_err(|err| aws_error("ModifyInstanceAttribute", err))?;
+                    .for_operation("ModifyInstanceAttribute")?;
             }
         }
         Ok(true)
     }
 
     async fn interface_holds(&self, eni: &str, ip: &str) -> Result<bool, Error> {
-        let output = self
-            .client
-            .describe_network_interfaces()
-            .network_interface_ids(eni)
-            .send()
-            .await
-            .map_err(|err| aws_error("DescribeNetworkInterfaces", err))?;
-        Ok(output
-            .network_interfaces()
+        let Some(interface) = self.interface(eni).await? else {
+            return Ok(false);
+        };
+        Ok(interface
+            .private_ip_addresses()
             .iter()
-            .flat_map(|interface| interface.private_ip_addresses())
             .any(|held| held.private_ip_address() == Some(ip)))
+    }
+
+    /// The members of `pair` that still exist, those with `role` only when one is given.
+    async fn instances_in_pair(
+        &self,
+        pair: &str,
+        role: Option<&str>,
+    ) -> Result<Vec<Instance>, Error> {
+        let mut filters = vec![filter(&format!("tag:{PAIR_TAG}"), pair), not_terminated()];
+        if let Some(role) = role {
+            filters.push(filter(&format!("tag:{ROLE_TAG}"), role));
+        }
+        instances_of(self.client.describe_instances().set_filters(Some(filters))).await
+    }
+
+    /// One network interface by id; an id EC2 does not know fails the call.
+    async fn interface(&self, eni: &str) -> Result<Option<NetworkInterface>, Error> {
+        let request = self.client.describe_network_interfaces();
+        let interfaces = interfaces_of(request.network_interface_ids(eni)).await?;
+        Ok(interfaces.into_iter().next())
+    }
+
+    async fn interfaces_matching(
+        &self,
+        filters: Vec<Filter>,
+    ) -> Result<Vec<NetworkInterface>, Error> {
+        let request = self.client.describe_network_interfaces();
+        interfaces_of(request.set_filters(Some(filters))).await
     }
 }
 
@@ -612,6 +537,49 @@ fn not_terminated() -> Filter {
 
 fn filter(name: &str, value: &str) -> Filter {
     Filter::builder().name(name).values(value).build()
+}
+
+/// Sends a DescribeInstances request; the instances it answers with, out of their
+/// reservations.
+async fn instances_of(request: DescribeInstancesFluentBuilder) -> Result<Vec<Instance>, Error> {
+    let output = request.send().await.for_operation("DescribeInstances")?;
+    let reservations = output.reservations.unwrap_or_default();
+    Ok(reservations
+        .into_iter()
+        .flat_map(|reservation| reservation.instances.unwrap_or_default())
+        .collect())
+}
+
+async fn interfaces_of(
+    request: DescribeNetworkInterfacesFluentBuilder,
+) -> Result<Vec<NetworkInterface>, Error> {
+    let output = request
+        .send()
+        .await
+        .for_operation("DescribeNetworkInterfaces")?;
+    Ok(output.network_interfaces.unwrap_or_default())
+}
+
+fn attached_instance(interface: &NetworkInterface) -> Option<&str> {
+    interface
+        .attachment()
+        .and_then(|attachment| attachment.instance_id())
+}
+
+/// The value of the `xpart:role` tag among `tags`.
+fn role_tag(tags: &[Tag]) -> Option<String> {
+    tags.iter()
+        .find(|tag| tag.key() == Some(ROLE_TAG))
+        .and_then(|tag| tag.value())
+        .map(str::to_string)
+}
+
+fn role_name(active: bool) -> &'static str {
+    if active {
+        "active"
+    } else {
+        "standby"
+    }
 }
 
 fn route_target(route: &aws_sdk_ec2::types::Route) -> String {
@@ -635,6 +603,21 @@ fn not_found(what: &str, id: &str) -> Error {
     Error::Aws {
         operation: "lookup".into(),
         message: format!("{what} {id} not found; check the ID and the --region"),
+    }
+}
+
+/// Puts a failed EC2 call in the operator's terms, naming its operation (see [`aws_error`]).
+trait ForOperation<T> {
+    fn for_operation(self, operation: &str) -> Result<T, Error>;
+}
+
+impl<T, E, R> ForOperation<T> for Result<T, SdkError<E, R>>
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + 'static,
+{
+    fn for_operation(self, operation: &str) -> Result<T, Error> {
+        self.map_err(|err| aws_error(operation, err))
     }
 }
 
