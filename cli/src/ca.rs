@@ -124,13 +124,13 @@ pub fn run(command: CaCommand, json: bool) -> Result<ExitCode, Error> {
         } => {
             if let Some(peer) = inner_tls_peer(relay, agent)? {
                 let out = out.unwrap_or_else(|| PathBuf::from(peer.default_out()));
-                let report = issue_inner_tls(&ca_dir, &peer, &out, days, force)?;
+                let report = issue(&ca_dir, Leaf::inner_tls(&peer), &out, days, force)?;
                 print_inner_tls(&report, &peer, json);
                 return Ok(ExitCode::SUCCESS);
             }
             let out = out.unwrap_or_else(|| PathBuf::from("front"));
             let dns_names = leaf_dns_names(&regions, &names)?;
-            let report = issue(&ca_dir, dns_names, ips, &out, days, force)?;
+            let report = issue(&ca_dir, Leaf::front(dns_names, ips), &out, days, force)?;
             print_issue(&report, json);
         }
     }
@@ -209,23 +209,31 @@ fn leaf_dns_names(regions: &[String], names: &[String]) -> Result<Vec<String>, E
     Ok(dns_names)
 }
 
-pub(crate) fn issue(
-    ca_dir: &Path,
+/// What a leaf certificate names and what it may be used for.
+pub(crate) struct Leaf {
     dns_names: Vec<String>,
     ips: Vec<IpAddr>,
-    out: &Path,
-    days: i64,
-    force: bool,
-) -> Result<IssueReport, Error> {
-    issue_leaf(
-        ca_dir,
-        dns_names,
-        ips,
-        ExtendedKeyUsagePurpose::ServerAuth,
-        out,
-        days,
-        force,
-    )
+    usage: ExtendedKeyUsagePurpose,
+}
+
+impl Leaf {
+    /// The agent front's server certificate, for the names and addresses callers dial.
+    pub(crate) fn front(dns_names: Vec<String>, ips: Vec<IpAddr>) -> Leaf {
+        Leaf {
+            dns_names,
+            ips,
+            usage: ExtendedKeyUsagePurpose::ServerAuth,
+        }
+    }
+
+    /// The inner-TLS certificate of one relay or agent, from the same CA as the front's.
+    fn inner_tls(peer: &InnerTlsPeer) -> Leaf {
+        Leaf {
+            dns_names: vec![peer.dns_name()],
+            ips: Vec::new(),
+            usage: peer.usage(),
+        }
+    }
 }
 
 /// Which side of the inner TLS a certificate is for, and the peer's name.
@@ -283,34 +291,18 @@ fn inner_tls_peer(
     Ok(Some(peer))
 }
 
-/// The inner-TLS certificate of one relay or agent, from the same CA as the front's.
-pub(crate) fn issue_inner_tls(
+pub(crate) fn issue(
     ca_dir: &Path,
-    peer: &InnerTlsPeer,
+    leaf: Leaf,
     out: &Path,
     days: i64,
     force: bool,
 ) -> Result<IssueReport, Error> {
-    issue_leaf(
-        ca_dir,
-        vec![peer.dns_name()],
-        Vec::new(),
-        peer.usage(),
-        out,
-        days,
-        force,
-    )
-}
-
-fn issue_leaf(
-    ca_dir: &Path,
-    dns_names: Vec<String>,
-    ips: Vec<IpAddr>,
-    usage: ExtendedKeyUsagePurpose,
-    out: &Path,
-    days: i64,
-    force: bool,
-) -> Result<IssueReport, Error> {
+    let Leaf {
+        dns_names,
+        ips,
+        usage,
+    } = leaf;
     check_days(days)?;
     let ca_cert_path = ca_dir.join(CA_CERT_FILE);
     let ca_key_path = ca_dir.join(CA_KEY_FILE);

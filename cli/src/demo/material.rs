@@ -190,17 +190,14 @@ pub fn generate(dir: &Path) -> Result<Material, Error> {
 
     let ca_dir = dir.join("ca");
     ca::init(&ca_dir, "xpart demo CA", CERTIFICATE_DAYS, false)?;
-    ca::issue(
-        &ca_dir,
+    let front = ca::Leaf::front(
         vec![
             "localhost".into(),
             format!("bedrock-runtime.{REGION}.amazonaws.com"),
         ],
         vec![Ipv4Addr::LOCALHOST.into()],
-        &dir.join("front"),
-        CERTIFICATE_DAYS,
-        false,
-    )?;
+    );
+    ca::issue(&ca_dir, front, &dir.join("front"), CERTIFICATE_DAYS, false)?;
 
     Ok(Material {
         dir: dir.to_path_buf(),
