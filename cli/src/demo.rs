@@ -156,7 +156,7 @@ async fn serve(
     }
 
     let outcome = self_probe(material, ports).await;
-    let echoed = outcome.ok && outcome.reply.as_deref() == Some(PROBE_MESSAGE);
+    let echoed = outcome.verdict.ok && outcome.reply.as_deref() == Some(PROBE_MESSAGE);
     if json {
         println!("{}", guide.to_json(&outcome, echoed));
     } else {
@@ -272,16 +272,7 @@ async fn self_probe(material: &Material, ports: &Ports) -> ProbeOutcome {
     };
     match Prober::new(&target) {
         Ok(prober) => prober.probe().await,
-        Err(err) => ProbeOutcome {
-            ok: false,
-            failed_phase: Some("setup"),
-            status: None,
-            error_type: None,
-            message: Some(err.to_string()),
-            reply: None,
-            request_id: None,
-            timings: Default::default(),
-        },
+        Err(err) => ProbeOutcome::failed("setup", err.to_string(), Default::default()),
     }
 }
 

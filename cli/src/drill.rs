@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::admin::{AdminError, AdminUrl, AdminUrlError};
 use crate::failover::{self, EipArgs, MoveArgs, MoveSpec, MoveTarget, Moves, RouteArgs, VipArgs};
-use crate::probe::{describe_failure, ProbeOutcome, Prober, TargetArgs};
+use crate::probe::{Prober, TargetArgs, Verdict};
 use crate::{duration, Error};
 
 /// Failures listed in the report; the counts cover all of them.
@@ -106,11 +106,8 @@ struct Sample {
     sent_s: f64,
     /// Seconds since the drill started, when it finished.
     done_s: f64,
-    ok: bool,
-    failed_phase: Option<&'static str>,
-    status: Option<u16>,
-    error_type: Option<String>,
-    message: Option<String>,
+    #[serde(flatten)]
+    verdict: Verdict,
 }
 
 #[derive(Debug, Serialize)]
@@ -262,12 +259,12 @@ async fn probe_loop(
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let sent = Instant::now();
-        let outcome = prober.probe().await;
-        samples.push(sample(
-            outcome,
-            seconds(sent - started),
-            seconds(started.elapsed()),
-        ));
+        let verdict = prober.probe().await.verdict;
+        samples.push(Sample {
+            sent_s: seconds(sent - started),
+            done_s: seconds(started.elapsed()),
+            verdict,
+        });
         next += interval;
         let now = Instant::now();
         if next < now {
@@ -276,18 +273,6 @@ async fn probe_loop(
         tokio::time::sleep_until(next.into()).await;
     }
     samples
-}
-
-fn sample(outcome: ProbeOutcome, sent_s: f64, done_s: f64) -> Sample {
-    Sample {
-        sent_s,
-        done_s,
-        ok: outcome.ok,
-        failed_phase: outcome.failed_phase,
-        status: outcome.status,
-        error_type: outcome.error_type,
-        message: outcome.message,
-    }
 }
 
 /// Why the cut, or the restore after it, did not happen.
@@ -390,32 +375,32 @@ fn analyse(
     let after_cut: Vec<&Sample> = samples.iter().filter(|s| s.done_s > cut_at_s).collect();
     let failed_before_cut = samples
         .iter()
-        .filter(|s| s.done_s <= cut_at_s && !s.ok)
+        .filter(|s| s.done_s <= cut_at_s && !s.verdict.ok)
         .count();
-    let failed_after_cut = after_cut.iter().filter(|s| !s.ok).count();
-    let first_failure = after_cut.iter().find(|s| !s.ok);
-    let first_success = after_cut.iter().find(|s| s.ok);
+    let failed_after_cut = after_cut.iter().filter(|s| !s.verdict.ok).count();
+    let first_failure = after_cut.iter().find(|s| !s.verdict.ok);
+    let first_success = after_cut.iter().find(|s| s.verdict.ok);
     let recovery_s = match first_failure {
         None => first_success.map(|_| 0.0),
         Some(failure) => after_cut
             .iter()
-            .find(|s| s.ok && s.sent_s > failure.sent_s)
+            .find(|s| s.verdict.ok && s.sent_s > failure.sent_s)
             .map(|s| round3(s.done_s - cut_at_s)),
     };
     let mut longest_failure_streak = 0;
     let mut streak = 0;
     for sample in &samples {
-        streak = if sample.ok { 0 } else { streak + 1 };
+        streak = if sample.verdict.ok { 0 } else { streak + 1 };
         longest_failure_streak = longest_failure_streak.max(streak);
     }
-    let recovered = samples.last().is_some_and(|s| s.ok);
+    let recovered = samples.last().is_some_and(|s| s.verdict.ok);
     Report {
         cut,
         cut_detail,
         cut_at_s: round3(cut_at_s),
         cut_took_ms,
         probes_sent: samples.len(),
-        probes_failed: samples.iter().filter(|s| !s.ok).count(),
+        probes_failed: samples.iter().filter(|s| !s.verdict.ok).count(),
         failed_before_cut,
         failed_after_cut,
         first_failure_after_cut_s: first_failure.map(|s| round3((s.sent_s - cut_at_s).max(0.0))),
@@ -425,7 +410,7 @@ fn analyse(
         recovered,
         failures: samples
             .iter()
-            .filter(|s| !s.ok)
+            .filter(|s| !s.verdict.ok)
             .take(MAX_LISTED_FAILURES)
             .cloned()
             .collect(),
@@ -462,15 +447,12 @@ fn print_report(report: &Report) {
         _ => println!("NOT RECOVERED when the drill ended"),
     }
     for failure in report.failures.iter().take(10) {
-        let what = describe_failure(
-            failure.status,
-            failure.error_type.as_deref(),
-            failure.failed_phase,
-        );
+        let verdict = &failure.verdict;
         println!(
-            "  +{:.3}s {what}: {}",
+            "  +{:.3}s {}: {}",
             failure.sent_s,
-            failure.message.as_deref().unwrap_or("")
+            verdict.failure(),
+            verdict.message.as_deref().unwrap_or("")
         );
     }
 }
@@ -513,11 +495,13 @@ mod tests {
         Sample {
             sent_s,
             done_s: sent_s + 0.05,
-            ok,
-            failed_phase: (!ok).then_some("response"),
-            status: Some(if ok { 200 } else { 503 }),
-            error_type: None,
-            message: None,
+            verdict: Verdict {
+                ok,
+                failed_phase: (!ok).then_some("response"),
+                status: Some(if ok { 200 } else { 503 }),
+                error_type: None,
+                message: None,
+            },
         }
     }
 

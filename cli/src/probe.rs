@@ -83,36 +83,53 @@ pub struct Timings {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ProbeOutcome {
-    pub ok: bool,
-    /// Where it failed: dns, connect, tls, request, response.
-    pub failed_phase: Option<&'static str>,
-    pub status: Option<u16>,
-    /// The code from `x-amzn-ErrorType`, e.g. `AccessDeniedException`.
-    pub error_type: Option<String>,
-    pub message: Option<String>,
+    #[serde(flatten)]
+    pub verdict: Verdict,
     pub reply: Option<String>,
     pub request_id: Option<String>,
     pub timings: Timings,
 }
 
 impl ProbeOutcome {
-    /// What went wrong, in a few words: `HTTP 403 AccessDeniedException`, `tls failed`.
-    pub fn failure(&self) -> String {
-        describe_failure(self.status, self.error_type.as_deref(), self.failed_phase)
+    /// A probe that failed before an answer came.
+    pub fn failed(phase: &'static str, message: String, timings: Timings) -> ProbeOutcome {
+        ProbeOutcome {
+            verdict: Verdict {
+                ok: false,
+                failed_phase: Some(phase),
+                status: None,
+                error_type: None,
+                message: Some(message),
+            },
+            reply: None,
+            request_id: None,
+            timings,
+        }
     }
 }
 
-/// A failed probe in a few words: the status and error code when an answer came, else the
-/// phase that failed.
-pub fn describe_failure(
-    status: Option<u16>,
-    error_type: Option<&str>,
-    failed_phase: Option<&str>,
-) -> String {
-    match (status, error_type) {
-        (Some(status), Some(error_type)) => format!("HTTP {status} {error_type}"),
-        (Some(status), None) => format!("HTTP {status}"),
-        (None, _) => format!("{} failed", failed_phase.unwrap_or("request")),
+/// Whether a probe succeeded, and if not, where and with what answer: the part of an outcome
+/// that `drill` keeps for each probe.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    pub ok: bool,
+    /// Where it failed: setup, dns, connect, tls, request, response.
+    pub failed_phase: Option<&'static str>,
+    pub status: Option<u16>,
+    /// The code from `x-amzn-ErrorType`, e.g. `AccessDeniedException`.
+    pub error_type: Option<String>,
+    pub message: Option<String>,
+}
+
+impl Verdict {
+    /// What went wrong, in a few words: the status and error code when an answer came
+    /// (`HTTP 403 AccessDeniedException`), else the phase that failed (`tls failed`).
+    pub fn failure(&self) -> String {
+        match (self.status, self.error_type.as_deref()) {
+            (Some(status), Some(error_type)) => format!("HTTP {status} {error_type}"),
+            (Some(status), None) => format!("HTTP {status}"),
+            (None, _) => format!("{} failed", self.failed_phase.unwrap_or("request")),
+        }
     }
 }
 
@@ -145,7 +162,10 @@ pub async fn run(args: ProbeArgs, json: bool) -> Result<ExitCode, Error> {
         }
         outcomes.push(outcome);
     }
-    let failed = outcomes.iter().filter(|outcome| !outcome.ok).count();
+    let failed = outcomes
+        .iter()
+        .filter(|outcome| !outcome.verdict.ok)
+        .count();
     if json {
         let report = serde_json::json!({
             "endpoint": args.target.endpoint,
@@ -220,16 +240,7 @@ impl Prober {
         timings.total_ms = millis(started.elapsed());
         match result {
             Ok(answer) => answer.into_outcome(timings),
-            Err(failure) => ProbeOutcome {
-                ok: false,
-                failed_phase: Some(failure.phase),
-                status: None,
-                error_type: None,
-                message: Some(failure.message),
-                reply: None,
-                request_id: None,
-                timings,
-            },
+            Err(failure) => ProbeOutcome::failed(failure.phase, failure.message, timings),
         }
     }
 
@@ -361,11 +372,13 @@ impl Answer {
                 })
         };
         ProbeOutcome {
-            ok,
-            failed_phase: (!ok).then_some("response"),
-            status: Some(self.status),
-            error_type: self.error_type,
-            message,
+            verdict: Verdict {
+                ok,
+                failed_phase: (!ok).then_some("response"),
+                status: Some(self.status),
+                error_type: self.error_type,
+                message,
+            },
             reply,
             request_id: self.request_id,
             timings,
@@ -445,16 +458,17 @@ fn print_outcome(index: u32, model: &str, outcome: &ProbeOutcome) {
         phase_ms(t.first_byte_ms),
         t.total_ms
     );
-    if outcome.ok {
+    let verdict = &outcome.verdict;
+    if verdict.ok {
         println!(
             "probe {index}: ok {model} replied {:?}",
             outcome.reply.as_deref().unwrap_or("")
         );
     } else {
-        let what = outcome.failure();
+        let what = verdict.failure();
         println!(
             "probe {index}: FAILED {what}: {}",
-            outcome.message.as_deref().unwrap_or("")
+            verdict.message.as_deref().unwrap_or("")
         );
     }
     println!("  {phases}");
@@ -466,7 +480,7 @@ fn print_outcome(index: u32, model: &str, outcome: &ProbeOutcome) {
 fn print_summary(outcomes: &[ProbeOutcome]) {
     let mut totals: Vec<f64> = outcomes
         .iter()
-        .filter(|outcome| outcome.ok)
+        .filter(|outcome| outcome.verdict.ok)
         .map(|outcome| outcome.timings.total_ms)
         .collect();
     totals.sort_by(f64::total_cmp);

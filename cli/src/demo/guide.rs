@@ -230,16 +230,16 @@ pub fn print_probe(outcome: &ProbeOutcome, echoed: bool) {
             outcome.reply.as_deref().unwrap_or_default(),
             t.total_ms
         );
-    } else if outcome.ok {
+    } else if outcome.verdict.ok {
         println!(
             "Self-probe: FAILED, {ECHO_MODEL} answered {:?}, not the message sent",
             outcome.reply.as_deref().unwrap_or_default()
         );
     } else {
-        let what = outcome.failure();
+        let what = outcome.verdict.failure();
         println!(
             "Self-probe: FAILED, {what}: {}",
-            outcome.message.as_deref().unwrap_or_default()
+            outcome.verdict.message.as_deref().unwrap_or_default()
         );
     }
     println!();

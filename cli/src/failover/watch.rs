@@ -533,11 +533,11 @@ impl Checks {
             }
         }
         if let Some(prober) = &self.prober {
-            let outcome = prober.probe().await;
-            if !outcome.ok {
+            let verdict = prober.probe().await.verdict;
+            if !verdict.ok {
                 return Err(CheckFailure::Probe {
-                    phase: outcome.failed_phase.unwrap_or("request"),
-                    message: outcome.message.unwrap_or_default(),
+                    phase: verdict.failed_phase.unwrap_or("request"),
+                    message: verdict.message.unwrap_or_default(),
                 });
             }
         }
