@@ -27,15 +27,15 @@ async fn converse(client: &aws_sdk_bedrockruntime::Client, model: &str) -> Resul
         .messages(user_message("hello from rust")?)
         .send()
         .await?;
-    let mut text = String::new();
-    if let Some(ConverseOutput::Message(message)) = out.output() {
-        for block in message.content() {
-            if let ContentBlock::Text(t) = block {
-                text.push_str(t);
-            }
-        }
-    }
-    Ok(text)
+    let Some(ConverseOutput::Message(message)) = out.output() else {
+        return Ok(String::new());
+    };
+    Ok(message
+        .content()
+        .iter()
+        .filter_map(|block| block.as_text().ok())
+        .map(String::as_str)
+        .collect())
 }
 
 async fn converse_stream(client: &aws_sdk_bedrockruntime::Client, model: &str) -> Result<String> {
