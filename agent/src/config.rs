@@ -228,13 +228,18 @@ impl AgentConfig {
     /// Checks everything that can be checked without binding sockets: values, key and
     /// certificate files, principals.
     pub fn validate(&self) -> Result<(), Diagnostics> {
+        let sections = [
+            AgentConfig::check_tunnel,
+            AgentConfig::check_relays,
+            AgentConfig::check_dns,
+            AgentConfig::check_front,
+            AgentConfig::check_principals,
+            AgentConfig::check_health,
+        ];
         let mut check = Checker::new(&self.file);
-        self.check_tunnel(&mut check);
-        self.check_relays(&mut check);
-        self.check_dns(&mut check);
-        self.check_front(&mut check);
-        self.check_principals(&mut check);
-        self.check_health(&mut check);
+        for check_section in sections {
+            check_section(self, &mut check);
+        }
         check.finish()
     }
 
