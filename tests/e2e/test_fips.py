@@ -230,34 +230,90 @@ def test_inner_tls_without_its_files_is_refused_with_the_fields_named(tmp_path, 
 FIPS_UPSTREAM = [{"service": "bedrock-runtime", "region": h.REGION, "fips": True, "host_header": FIPS_HOST}]
 
 
-def locked_packages(name):
-    with open(os.path.join(ROOT, "Cargo.lock"), "rb") as f:
+# What fips/build pins in the FIPS build's lock, and which releases those pins leave behind:
+# the default lock must stay past them (docs/FIPS.md, "Two lock files").
+HELD_BACK = {"rustls": "0.23.43", "rustls-webpki": "0.103.13", "aws-lc-rs": "1.17.0"}
+# The first releases with the fixes for RUSTSEC-2026-0285/-0349 (rustls) and -0382 (rustls-webpki).
+FIXED = {"rustls": (0, 23, 46), "rustls-webpki": (0, 103, 16)}
+
+
+def locked_packages(name, lock="fips/Cargo.lock"):
+    with open(os.path.join(ROOT, lock), "rb") as f:
         return [p for p in tomllib.load(f)["package"] if p["name"] == name]
 
 
+def version_tuple(version):
+    return tuple(int(n) for n in version.split("."))
+
+
 def certified_module():
-    """(module version, certificate) of the one aws-lc-fips-sys in Cargo.lock."""
+    """(module version, certificate) of the one aws-lc-fips-sys in fips/Cargo.lock."""
     (fips_sys,) = locked_packages("aws-lc-fips-sys")
     return CERTIFIED_FIPS_SYS[fips_sys["version"]]
 
 
 def test_the_lock_holds_the_fips_build_on_a_module_with_a_certificate():
-    # A `cargo update` that moves aws-lc-rs to 1.18+ brings aws-lc-fips-sys 0.14 (the 4.x
-    # module, no certificate) in beside or instead of 0.13.11; one that moves 0.13.x brings a
-    # 3.x version the certificate does not name. Either fails here, on every build.
+    # fips/Cargo.lock is what fips/build builds with --locked. A regeneration that lets aws-lc-rs
+    # reach 1.18+ brings aws-lc-fips-sys 0.14 (the 4.x module, no certificate) in beside or
+    # instead of 0.13.11; one that moves 0.13.x brings a 3.x version the certificate does not
+    # name. Either fails here, on every build.
     fips_sys = locked_packages("aws-lc-fips-sys")
     assert [p["version"] for p in fips_sys] == list(CERTIFIED_FIPS_SYS), \
-        f"Cargo.lock has aws-lc-fips-sys {[p['version'] for p in fips_sys]}; the FIPS build must link exactly " \
-        f"one, from {sorted(CERTIFIED_FIPS_SYS)} (docs/FIPS.md, 'The module and its certificate')"
+        f"fips/Cargo.lock has aws-lc-fips-sys {[p['version'] for p in fips_sys]}; the FIPS build must link " \
+        f"exactly one, from {sorted(CERTIFIED_FIPS_SYS)} (docs/FIPS.md, 'The module and its certificate')"
     (aws_lc_rs,) = locked_packages("aws-lc-rs")
     assert "aws-lc-fips-sys" in aws_lc_rs["dependencies"], aws_lc_rs
-    assert tuple(int(n) for n in aws_lc_rs["version"].split(".")[:2]) < (1, 18), aws_lc_rs["version"]
+    assert version_tuple(aws_lc_rs["version"])[:2] < (1, 18), aws_lc_rs["version"]
     rustls = [p for p in locked_packages("rustls") if p["version"].startswith("0.23.")]
     assert len(rustls) == 1 and "aws-lc-rs" in rustls[0]["dependencies"], rustls
     # The daemons name the certificate from their own table; it must say the same.
     version, certificate = certified_module()
     with open(os.path.join(ROOT, "daemon", "src", "crypto.rs")) as f:
         assert f'("{version}", "{certificate}")' in f.read()
+
+
+def test_the_default_lock_is_past_the_releases_the_fips_lock_holds_back():
+    # Only the FIPS build is held on the certified module: a pin in a Cargo.toml, or the FIPS
+    # lock copied over Cargo.lock, would put the default build back on releases with open
+    # advisories, and would fail here.
+    for name, fixed in FIXED.items():
+        locked = [p["version"] for p in locked_packages(name, "Cargo.lock")
+                  if version_tuple(p["version"])[:2] == fixed[:2]]
+        assert locked and all(version_tuple(v) >= fixed for v in locked), \
+            f"Cargo.lock has {name} {locked}: the default build must be on {'.'.join(map(str, fixed))} or later " \
+            f"(docs/FIPS.md, 'Two lock files'); only fips/Cargo.lock holds {HELD_BACK[name]}"
+    for name, held in HELD_BACK.items():
+        assert held not in [p["version"] for p in locked_packages(name, "Cargo.lock")], name
+
+
+def test_the_fips_lock_is_the_default_lock_with_only_the_pins_applied():
+    # fips/build --update-lock makes fips/Cargo.lock from Cargo.lock; a dependency moved in
+    # Cargo.lock and not in the FIPS lock (cargo update without --update-lock) fails here. Only
+    # the pinned crates and what they depend on may differ.
+    def versions(lock):
+        with open(os.path.join(ROOT, lock), "rb") as f:
+            packages = tomllib.load(f)["package"]
+        return packages, {(p["name"], p["version"]) for p in packages}
+
+    fips_packages, fips = versions("fips/Cargo.lock")
+    default_packages, default = versions("Cargo.lock")
+    # The pins' dependency closure, in either lock (entries name "crate" or "crate version").
+    reachable = set(HELD_BACK) | {"aws-lc-fips-sys", "aws-lc-sys", "bindgen"}
+    for packages in (fips_packages, default_packages):
+        changed = True
+        while changed:
+            changed = False
+            for p in packages:
+                if p["name"] in reachable:
+                    for dep in p.get("dependencies", []):
+                        name = dep.split(" ")[0]
+                        if name not in reachable:
+                            reachable.add(name)
+                            changed = True
+    differing = {name for name, _ in fips ^ default}
+    assert differing <= reachable, \
+        f"fips/Cargo.lock and Cargo.lock differ in {sorted(differing - reachable)}, which fips/build does not pin: " \
+        "regenerate the FIPS lock with `fips/build --update-lock` and commit it"
 
 
 def test_the_fips_binaries_link_one_aws_lc_fips_module_the_certified_one(fips_bins):
