@@ -65,9 +65,17 @@ pub trait Daemon: Reloadable + Sized {
     fn shutdown(self) -> impl Future<Output = ()>;
 }
 
+/// `--version`: `(fips)` after the version in a FIPS build, which the AMI build checks
+/// (images/packer/check-fips.sh) and first boot compares with the stack's FipsMode.
+const VERSION: &str = if crate::crypto::FIPS_MODE {
+    concat!(env!("CARGO_PKG_VERSION"), " (fips)")
+} else {
+    env!("CARGO_PKG_VERSION")
+};
+
 /// The command line both daemons take.
 #[derive(clap::Parser)]
-#[command(version)]
+#[command(version = VERSION)]
 struct Args {
     /// The TOML configuration; config/agent.example.toml and config/relay.example.toml
     /// describe every field.

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Runs as root on the Packer build instance. Installs what the file provisioners staged in
 # /tmp/xpart-staging for XPART_ROLE (agent or relay) and enables the units without starting
-# them. No key, token or deployment value goes into the image: at first boot the user data
+# them, once the daemon has shown it is the build XPART_FIPS (Packer's fips) asks for. No key, token or deployment value goes into the image: at first boot the user data
 # writes /etc/xpart/deployment.env and xpart-boot fetches the secrets with the instance role.
 set -eu
 role="${XPART_ROLE:-}"
@@ -11,6 +11,10 @@ case "$role" in
 esac
 staging=/tmp/xpart-staging
 images="$staging/images"
+
+# Before anything is installed: a FIPS image carries a FIPS build of the daemon, which says so
+# itself, and runs it here, on the image's own OS and architecture.
+sh "$images/packer/check-fips.sh" "${XPART_FIPS:-}" "$staging/bin/xpart-$role"
 
 # Part of the standard AL2023 image already; listed because xpart-boot and the units use them.
 dnf install -y --setopt=install_weak_deps=False awscli-2 iproute logrotate

@@ -5,8 +5,8 @@
 source "amazon-ebs" "relay" {
   region          = local.region
   instance_type   = local.instance_type
-  ami_name        = "xpart-relay-${var.xpart_version}-${var.arch}-${local.build_time}"
-  ami_description = "xpart relay ${var.xpart_version} (${var.arch}) on Amazon Linux 2023"
+  ami_name        = "xpart-relay-${var.xpart_version}${local.fips_suffix}-${var.arch}-${local.build_time}"
+  ami_description = "xpart relay ${var.xpart_version}${local.fips_suffix} (${var.arch}) on Amazon Linux 2023"
 
   source_ami_filter {
     filters = {
@@ -46,7 +46,7 @@ source "amazon-ebs" "relay" {
   ssh_username                          = "ec2-user"
   ssh_clear_authorized_keys             = true
 
-  tags          = merge(local.tags, { Name = "xpart-relay-${var.xpart_version}-${var.arch}", "xpart:image" = "relay" })
+  tags          = merge(local.tags, { Name = "xpart-relay-${var.xpart_version}${local.fips_suffix}-${var.arch}", "xpart:image" = "relay" })
   snapshot_tags = merge(local.tags, { "xpart:image" = "relay" })
   run_tags      = { Name = "packer-xpart-relay" }
 }
@@ -86,7 +86,7 @@ build {
 
   provisioner "shell" {
     script           = "${path.root}/install.sh"
-    environment_vars = ["XPART_ROLE=relay"]
+    environment_vars = ["XPART_ROLE=relay", "XPART_FIPS=${var.fips}"]
     execute_command  = "chmod +x {{ .Path }}; sudo env {{ .Vars }} {{ .Path }}"
   }
 }

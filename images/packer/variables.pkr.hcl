@@ -86,7 +86,13 @@ variable "xpart_version" {
 variable "binary_dir" {
   type        = string
   default     = ""
-  description = "Directory holding the Linux release binaries for arch (xpart-agent, xpart-relay, xpart); empty means target/release of this repository."
+  description = "Directory holding the Linux release binaries for arch (xpart-agent, xpart-relay, xpart), the daemons built with --features fips unless fips = false; empty means target/release of this repository."
+}
+
+variable "fips" {
+  type        = bool
+  default     = true
+  description = "Whether the image carries FIPS builds of the daemon (cargo --features fips, docs/FIPS.md); the build stops on a daemon that is not (images/packer/check-fips.sh). false builds a non-FIPS image for stacks with FipsMode false."
 }
 
 variable "objcopy" {
@@ -106,6 +112,7 @@ locals {
   region        = var.region != "" ? var.region : (var.partition == "aws-us-gov" ? "us-gov-west-1" : "us-east-1")
   instance_type = var.instance_type != "" ? var.instance_type : (var.arch == "arm64" ? "t4g.small" : "t3.small")
   build_time    = formatdate("YYYYMMDD-hhmm", timestamp())
+  fips_suffix   = var.fips ? "-fips" : ""
 
   # Owned by Amazon in every partition; "al2023-ami-minimal-*" would match too without the
   # name's "ami-2023" prefix, and the minimal image lacks the aws CLI that xpart-boot uses.
@@ -115,6 +122,7 @@ locals {
     "xpart:version"   = var.xpart_version
     "xpart:partition" = var.partition
     "xpart:arch"      = var.arch
+    "xpart:fips"      = var.fips ? "true" : "false"
     "xpart:base-ami"  = "{{ .SourceAMI }}"
   }
 }

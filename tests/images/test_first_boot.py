@@ -6,6 +6,10 @@ the real JMESPath, as the AWS CLI does), has a stand-in daemon `--check` the sta
 configuration, installs it and starts the units (a stand-in `systemctl` records what it was
 asked). When the daemons are built, their own `--check` accepts the configuration the script
 wrote.
+
+The tests run with the stacks' FipsMode false (what first boot wrote before FipsMode) unless
+they say FipsMode="true": the FIPS tests at the end, whose stand-in daemon says it is a FIPS
+build, and whose real-daemon check runs the FIPS build (tests/fips/build) when it is there.
 """
 
 import base64
@@ -35,6 +39,8 @@ REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "images"
 BOOT = IMAGES / "cloud-init" / "xpart-boot"
 BIN_DIR = Path(os.environ.get("XPART_BIN_DIR", REPO / "target" / "debug"))
+# The FIPS build of the daemons, as tests/run exports it, or where tests/fips/build writes it.
+FIPS_BIN_DIR = Path(os.environ.get("XPART_FIPS_BIN_DIR") or REPO / "target" / "fips" / "debug")
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed (apt-get install curl)")
 
@@ -83,6 +89,7 @@ max_concurrent = 20"""
 # What an operator passes to the stacks (documentation addresses only; nothing is contacted).
 STACK_VALUES = {
     "AWS::Region": None,
+    "FipsMode": "false",
     "ParameterPrefix": "xpart/prod",
     "SecretStore": "ssm",
     "AgentAPublicKey": KEYS["agent-a"][1],
@@ -112,10 +119,12 @@ def render_user_data(stack_file, region, overrides=()):
     user_data = [r["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"]
                  for r in template["Resources"].values() if r["Type"] == "AWS::EC2::LaunchTemplate"]
     assert all(u == user_data[0] for u in user_data), "every member gets the same user data"
-    values = parameter_values(template, {})
+    defaults = parameter_values(template, {})
+    values = dict(defaults)
     values.update({k: v for k, v in STACK_VALUES.items() if v is not None})
     values["AWS::Region"] = region
-    values.update(dict(overrides))
+    # An override of None is the stack's own default.
+    values.update({k: defaults[k] if v is None else v for k, v in overrides})
     return resolve(user_data[0], values, evaluate_conditions(template, values))
 
 
@@ -190,9 +199,10 @@ class Appliance:
 
     `interfaces` is the EC2 state of the agents' member interfaces: {eni: {"status",
     "attached_to", "role"}} (role None: no tag). `check_fails` makes the stand-in daemon's
-    `--check` refuse the configuration."""
+    `--check` refuse the configuration; `fips_build` makes its `--version` say it is a FIPS
+    build, as a daemon built with --features fips does."""
 
-    def __init__(self, root, secrets, interfaces=None, check_fails=False, refused=()):
+    def __init__(self, root, secrets, interfaces=None, check_fails=False, refused=(), fips_build=False):
         self.conf = root / "etc-xpart"
         self.conf.mkdir()
         self.bin = root / "bin"
@@ -281,6 +291,9 @@ with open({str(self.calls)!r}, "a") as log:
 import json, sys, tomllib
 with open({str(self.calls)!r}, "a") as log:
     log.write(json.dumps(["xpart-{role}"] + sys.argv[1:]) + "\\n")
+if sys.argv[1:] == ["--version"]:
+    print("xpart-{role} 0.1.0" + (" (fips)" if {fips_build!r} else ""))
+    sys.exit(0)
 config = tomllib.load(open(sys.argv[sys.argv.index("--config") + 1], "rb"))
 open(config["tunnel"]["private_key_file"]).read()
 if {check_fails!r}:
@@ -357,6 +370,18 @@ DNS_NAMES = [
 ]
 
 
+def agent_b_tunnel(conf, **inner_tls):
+    """agent-b's [tunnel] as first boot writes it, with `inner_tls` fields in FIPS mode."""
+    return {
+        "private_key_file": str(conf / "agent.key"),
+        "address": "100.64.0.2/24",
+        # From the member interface, whose Elastic IP the relays admit.
+        "listen": "10.0.1.12:51820",
+        "mode": "kernel",
+        **inner_tls,
+    }
+
+
 def test_agent_first_boot_writes_keys_and_config_and_starts_the_agent(tmp_path):
     appliance = Appliance(tmp_path, AGENT_SECRETS)
     with FakeImds({"xpart:name": "agent-b"}, local_ipv4="10.0.1.99") as imds:
@@ -372,13 +397,7 @@ def test_agent_first_boot_writes_keys_and_config_and_starts_the_agent(tmp_path):
     assert (appliance.conf / "floating-address").read_text() == "XPART_FLOATING_ADDRESS=10.0.1.10\n"
 
     config = tomllib.loads((appliance.conf / "agent.toml").read_text())
-    assert config["tunnel"] == {
-        "private_key_file": str(appliance.conf / "agent.key"),
-        "address": "100.64.0.2/24",
-        # From the member interface, whose Elastic IP the relays admit.
-        "listen": "10.0.1.12:51820",
-        "mode": "kernel",
-    }
+    assert config["tunnel"] == agent_b_tunnel(appliance.conf)
     assert config["relay"] == [
         {"name": "relay-a", "public_key": KEYS["relay-a"][1], "endpoint": "198.51.100.10:51820",
          "tunnel_address": "100.64.0.11", "service_port": 8080},
@@ -418,9 +437,11 @@ def test_agent_first_boot_writes_keys_and_config_and_starts_the_agent(tmp_path):
         f"XPART_MEMBER_ENI={AGENT_B_ENI}",
         "XPART_FLOATING_ADDRESS=10.0.1.10",
     ]
-    checked = appliance.recorded("xpart-agent")
-    assert len(checked) == 1 and checked[0][-1] == "--check"
-    assert ".staging." in checked[0][1], "the daemon checks the staged file before it is installed"
+    # First its build (FIPS or not, against the stack's FipsMode), then the staged file.
+    version, checked = appliance.recorded("xpart-agent")
+    assert version == ["--version"]
+    assert checked[-1] == "--check"
+    assert ".staging." in checked[1], "the daemon checks the staged file before it is installed"
     assert [p.name for p in appliance.conf.iterdir() if p.name.startswith(".")] == [], "staging removed"
 
     for secret in (KEYS["agent-b"][0], CERT_KEY_PEM.splitlines()[1]):
@@ -927,6 +948,264 @@ def test_the_daemon_accepts_the_configuration_first_boot_writes(tmp_path, role, 
     assert result.returncode == 0, result.stderr
     check = subprocess.run(
         [str(daemon), "--config", str(appliance.conf / f"{role}.toml"), "--check"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# FIPS mode (the stacks' FipsMode true): the inner TLS and the FIPS endpoints
+
+
+def inner_tls_ca():
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "xpart test CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def inner_tls_leaf(ca, dns_name, usage):
+    """What `xpart ca issue --agent NAME` / `--relay NAME` writes: ECDSA P-256, the one DNS
+    name the other side pins, client or server authentication."""
+    ca_cert, ca_key = ca
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    chain = cert.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    return chain.decode().strip(), key_pem.strip()
+
+
+INNER_CA = inner_tls_ca()
+INNER_CA_PEM = INNER_CA[0].public_bytes(serialization.Encoding.PEM).decode().strip()
+INNER_LEAVES = {
+    name: inner_tls_leaf(INNER_CA, f"{name}.{name.split('-')[0]}.xpart",
+                         x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH if name.startswith("agent")
+                         else x509.oid.ExtendedKeyUsageOID.SERVER_AUTH)
+    for name in [*AGENT_NAMES, "relay-a", "relay-b"]
+}
+
+
+def inner_tls_secrets(*members):
+    secrets = {}
+    for member in members:
+        cert, key = INNER_LEAVES[member]
+        secrets[ssm(f"{member}/inner-tls-certificate")] = cert
+        secrets[ssm(f"{member}/inner-tls-private-key")] = key
+        secrets[ssm(f"{member}/inner-tls-ca-certificate")] = INNER_CA_PEM
+    return secrets
+
+
+FIPS_AGENT_SECRETS = dict(AGENT_SECRETS, **inner_tls_secrets("agent-a", "agent-b"))
+FIPS_RELAY_SECRETS = dict(RELAY_SECRETS, **inner_tls_secrets("relay-a", "relay-b"))
+INNER_TLS_FILES = {"inner-tls.crt": 0o640, "inner-tls.key": 0o600, "inner-tls-ca.crt": 0o640}
+
+
+def test_the_stacks_default_to_fips_mode_and_carry_it_to_first_boot():
+    for user_data in (agent_user_data(FipsMode=None), relay_user_data(FipsMode=None)):
+        assert "XPART_FIPS_MODE=true\n" in deployment_env(user_data)
+    assert "XPART_FIPS_MODE=false\n" in deployment_env(relay_user_data())
+
+
+def test_fips_mode_agent_first_boot_installs_its_inner_tls_files_and_turns_the_inner_tls_on(tmp_path):
+    appliance = Appliance(tmp_path, FIPS_AGENT_SECRETS, fips_build=True)
+    with FakeImds({"xpart:name": "agent-b"}) as imds:
+        result = appliance.boot(agent_user_data(FipsMode="true"), imds)
+    assert result.returncode == 0, result.stderr
+    cert, key = INNER_LEAVES["agent-b"]
+    assert (appliance.conf / "inner-tls.crt").read_text().strip() == cert
+    assert (appliance.conf / "inner-tls.key").read_text().strip() == key
+    assert (appliance.conf / "inner-tls-ca.crt").read_text().strip() == INNER_CA_PEM
+    for name, mode in INNER_TLS_FILES.items():
+        assert appliance.mode(name) == mode, name
+    config = tomllib.loads((appliance.conf / "agent.toml").read_text())
+    assert config["tunnel"] == agent_b_tunnel(
+        appliance.conf,
+        inner_tls=True,
+        inner_tls_cert_file=str(appliance.conf / "inner-tls.crt"),
+        inner_tls_key_file=str(appliance.conf / "inner-tls.key"),
+        inner_tls_ca_file=str(appliance.conf / "inner-tls-ca.crt"),
+    )
+    # The relays' names are the names their inner-TLS certificates carry (relay-a.relay.xpart).
+    assert [r["name"] for r in config["relay"]] == ["relay-a", "relay-b"]
+    fetched = sorted(c[c.index("--name") + 1] for c in appliance.recorded("aws") if c[0] == "ssm")
+    assert fetched == sorted(k for k in FIPS_AGENT_SECRETS if "agent-a" not in k), "agent-b reads its own only"
+    assert key not in result.stdout + result.stderr
+
+
+def test_fips_mode_relay_first_boot_turns_the_inner_tls_on_and_sends_to_the_fips_endpoints(tmp_path):
+    appliance = Appliance(tmp_path, FIPS_RELAY_SECRETS, fips_build=True)
+    with FakeImds({"xpart:name": "relay-a"}) as imds:
+        result = appliance.boot(relay_user_data(FipsMode="true"), imds)
+    assert result.returncode == 0, result.stderr
+    for name, mode in INNER_TLS_FILES.items():
+        assert appliance.mode(name) == mode, name
+    assert (appliance.conf / "inner-tls.crt").read_text().strip() == INNER_LEAVES["relay-a"][0]
+    config = tomllib.loads((appliance.conf / "relay.toml").read_text())
+    assert config["tunnel"]["inner_tls"] is True
+    assert config["tunnel"]["inner_tls_key_file"] == str(appliance.conf / "inner-tls.key")
+    assert config["tunnel"]["inner_tls_ca_file"] == str(appliance.conf / "inner-tls-ca.crt")
+    assert [a["name"] for a in config["agent"]] == ["agent-a", "agent-b"]
+    # The FIPS interface endpoints' private DNS answers these names inside the VPC.
+    assert [(u["service"], u["region"], u.get("fips"), u["endpoint"]) for u in config["upstream"]] == [
+        ("bedrock-runtime", "us-east-1", True, "https://bedrock-runtime-fips.us-east-1.amazonaws.com"),
+        ("bedrock", "us-east-1", True, "https://bedrock-fips.us-east-1.amazonaws.com"),
+    ]
+    assert all(u["resolver"] == ["169.254.169.253:53"] for u in config["upstream"])
+
+
+def test_fips_mode_off_writes_no_inner_tls_and_removes_the_files_of_an_earlier_fips_boot(tmp_path):
+    appliance = Appliance(tmp_path, RELAY_SECRETS)
+    for name in INNER_TLS_FILES:
+        (appliance.conf / name).write_text("from an earlier FIPS boot\n")
+    with FakeImds({"xpart:name": "relay-b"}) as imds:
+        result = appliance.boot(relay_user_data(FipsMode="false"), imds)
+    assert result.returncode == 0, result.stderr
+    config = tomllib.loads((appliance.conf / "relay.toml").read_text())
+    assert not any(key.startswith("inner_tls") for key in config["tunnel"])
+    assert [u["endpoint"] for u in config["upstream"]] == [
+        "https://bedrock-runtime.us-east-1.amazonaws.com", "https://bedrock.us-east-1.amazonaws.com"]
+    assert all("fips" not in u for u in config["upstream"])
+    assert appliance.installed() == ["relay.key", "relay.toml"]
+    assert not any("inner-tls" in c[c.index("--name") + 1] for c in appliance.recorded("aws") if c[0] == "ssm")
+
+
+@pytest.mark.parametrize("role, member", [("agent", "agent-a"), ("relay", "relay-b")])
+@pytest.mark.parametrize("parameter", ["inner-tls-certificate", "inner-tls-private-key", "inner-tls-ca-certificate"])
+def test_a_missing_inner_tls_parameter_stops_first_boot_and_names_it(tmp_path, role, member, parameter):
+    secrets = FIPS_AGENT_SECRETS if role == "agent" else FIPS_RELAY_SECRETS
+    secrets = {k: v for k, v in secrets.items() if k != ssm(f"{member}/{parameter}")}
+    appliance = Appliance(tmp_path, secrets, fips_build=True)
+    user_data = agent_user_data(FipsMode="true") if role == "agent" else relay_user_data(FipsMode="true")
+    with FakeImds({"xpart:name": member}) as imds:
+        result = appliance.boot(user_data, imds)
+    assert result.returncode != 0
+    assert f"cannot read SSM parameter /xpart/prod/{member}/{parameter}" in result.stderr, result.stderr
+    assert appliance.installed() == [] and appliance.recorded("systemctl") == []
+    # Fetched before anything is taken: the interface and the Elastic IP stay where they were.
+    assert not {"attach-network-interface", "associate-address"} & set(appliance.aws_operations())
+
+
+@pytest.mark.parametrize(
+    "replace, message",
+    [
+        ({"relay-a/inner-tls-certificate": INNER_LEAVES["relay-b"][0]},
+         "/xpart/prod/relay-a/inner-tls-certificate does not name relay-a.relay.xpart"),
+        ({"relay-a/inner-tls-certificate": INNER_LEAVES["agent-a"][0]},
+         "/xpart/prod/relay-a/inner-tls-certificate does not name relay-a.relay.xpart"),
+        ({"relay-a/inner-tls-private-key": INNER_LEAVES["relay-b"][1]},
+         "/xpart/prod/relay-a/inner-tls-private-key is not the key of /xpart/prod/relay-a/inner-tls-certificate"),
+        ({"relay-a/inner-tls-private-key": KEYS["relay-a"][0]},
+         "/xpart/prod/relay-a/inner-tls-private-key holds no PEM private key"),
+        ({"relay-a/inner-tls-ca-certificate": "ca.key by mistake"},
+         "/xpart/prod/relay-a/inner-tls-ca-certificate holds no PEM certificate"),
+    ],
+    ids=["another-relays-certificate", "an-agents-certificate", "another-key", "not-pem", "no-ca"],
+)
+def test_an_inner_tls_parameter_of_another_member_or_shape_stops_first_boot(tmp_path, replace, message):
+    """The daemon reads the inner-TLS files only when it starts, so its --check would pass
+    them and every connection would fail after."""
+    if "does not name" in message or "is not the key" in message:
+        if shutil.which("openssl") is None:
+            pytest.skip("openssl not installed (apt-get install openssl); Amazon Linux 2023 has it")
+    secrets = dict(FIPS_RELAY_SECRETS, **{ssm(k): v for k, v in replace.items()})
+    appliance = Appliance(tmp_path, secrets, fips_build=True)
+    with FakeImds({"xpart:name": "relay-a"}) as imds:
+        result = appliance.boot(relay_user_data(FipsMode="true"), imds)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert appliance.installed() == []
+    assert "associate-address" not in appliance.aws_operations()
+
+
+@pytest.mark.parametrize(
+    "fips_mode, fips_build, message",
+    [
+        ("true", False, "the stack's FipsMode is true (XPART_FIPS_MODE in "),
+        ("false", True, "is a FIPS build (\"xpart-relay 0.1.0 (fips)\"), but "),
+    ],
+    ids=["fips-stack-plain-binary", "plain-stack-fips-binary"],
+)
+def test_a_stack_and_a_daemon_that_disagree_on_fips_stop_first_boot_before_anything_is_fetched(
+        tmp_path, fips_mode, fips_build, message):
+    appliance = Appliance(tmp_path, FIPS_RELAY_SECRETS, fips_build=fips_build)
+    with FakeImds({"xpart:name": "relay-a"}) as imds:
+        result = appliance.boot(relay_user_data(FipsMode=fips_mode), imds)
+    assert result.returncode != 0
+    assert message in result.stderr and "FipsMode" in result.stderr, result.stderr
+    assert appliance.recorded("aws") == [] and appliance.installed() == []
+
+
+def test_the_default_build_is_refused_by_a_fips_stack(tmp_path):
+    """What a stack with FipsMode true says of a real daemon built without --features fips."""
+    daemon = BIN_DIR / "xpart-relay"
+    if not daemon.is_file():
+        pytest.skip(f"{daemon} not built (cargo build --bins; XPART_BIN_DIR points elsewhere)")
+    if "(fips)" in subprocess.run([str(daemon), "--version"], capture_output=True, text=True).stdout:
+        pytest.skip(f"{daemon} is a FIPS build; this test needs the default one")
+    appliance = Appliance(tmp_path, FIPS_RELAY_SECRETS)
+    with FakeImds({"xpart:name": "relay-a"}) as imds:
+        result = appliance.boot(relay_user_data(FipsMode="true"), imds, extra_env={"XPART_BIN_DIR": str(BIN_DIR)})
+    assert result.returncode != 0
+    assert f"{daemon} is not a FIPS build" in result.stderr, result.stderr
+    assert appliance.recorded("aws") == []
+
+
+def fips_build_present():
+    return all((FIPS_BIN_DIR / f"xpart-{role}").is_file() for role in ("agent", "relay"))
+
+
+@pytest.mark.parametrize(
+    "role, name, user_data, secrets",
+    [
+        ("agent", "agent-a", lambda: agent_user_data(FipsMode="true"), FIPS_AGENT_SECRETS),
+        ("agent", "agent-f", lambda: agent_user_data(FipsMode="true", **agents_of(6)),
+         dict(FIPS_AGENT_SECRETS, **{ssm("agent-f/wireguard-private-key"): KEYS["agent-f"][0]},
+              **inner_tls_secrets("agent-f"))),
+        ("relay", "relay-b", lambda: relay_user_data(FipsMode="true"), FIPS_RELAY_SECRETS),
+    ],
+    ids=["agent", "agent-f-of-six", "relay"],
+)
+def test_the_daemon_accepts_the_fips_configuration_first_boot_writes(tmp_path, record_property, role, name,
+                                                                    user_data, secrets):
+    """With the FIPS build (tests/fips/build; XPART_FIPS_BIN_DIR): first boot runs it, so its
+    --version passes the mode check and its --check, which requires the inner TLS and FIPS
+    upstreams, accepts the staged file. Without it: first boot runs the stand-in FIPS daemon,
+    and the default build's --check reads what was installed (every field and file the same;
+    only the FIPS-build rules are not applied). The test records which it ran."""
+    appliance = Appliance(tmp_path, secrets, fips_build=True)
+    extra_env = {}
+    if fips_build_present():
+        checker, extra_env = FIPS_BIN_DIR, {"XPART_BIN_DIR": str(FIPS_BIN_DIR)}
+    else:
+        checker = BIN_DIR
+        if not (checker / f"xpart-{role}").is_file():
+            pytest.skip(f"neither {FIPS_BIN_DIR} (tests/fips/build) nor {BIN_DIR} (cargo build --bins) has xpart-{role}")
+    record_property("checked_by", str(checker / f"xpart-{role}"))
+    with FakeImds({"xpart:name": name}) as imds:
+        result = appliance.boot(user_data(), imds, extra_env=extra_env)
+    assert result.returncode == 0, result.stderr
+    check = subprocess.run(
+        [str(checker / f"xpart-{role}"), "--config", str(appliance.conf / f"{role}.toml"), "--check"],
         capture_output=True, text=True, timeout=60,
     )
     assert check.returncode == 0, check.stdout + check.stderr

@@ -409,7 +409,7 @@ def test_the_operations_parameter_drives_the_role_and_the_endpoint_policy_togeth
 
 
 def test_bedrock_endpoint_is_private_dns_and_admits_only_the_relay_roles():
-    template = load_stack(COMMERCIAL)
+    template = stack_for(COMMERCIAL, FipsMode="false")[0]
     endpoint = template["Resources"]["BedrockRuntimeEndpoint"]["Properties"]
     assert endpoint["ServiceName"] == {"Fn::Sub": "com.amazonaws.${AWS::Region}.bedrock-runtime"}
     assert endpoint["VpcEndpointType"] == "Interface"
@@ -424,7 +424,7 @@ def test_bedrock_endpoint_is_private_dns_and_admits_only_the_relay_roles():
 
 
 def test_control_plane_endpoint_is_private_dns_and_admits_only_the_relays_catalogue_reads():
-    template = load_stack(COMMERCIAL)
+    template = stack_for(COMMERCIAL, FipsMode="false")[0]
     endpoints = resources(template, "AWS::EC2::VPCEndpoint")
     assert sorted(endpoints) == ["BedrockEndpoint", "BedrockRuntimeEndpoint"]
     control = endpoints["BedrockEndpoint"]
@@ -448,6 +448,53 @@ def test_control_plane_endpoint_is_private_dns_and_admits_only_the_relays_catalo
     # The relays start only once both endpoints (and their private DNS) exist.
     assert template["Resources"]["RelayAGroup"]["DependsOn"] == ["BedrockRuntimeEndpoint", "BedrockEndpoint"]
     assert template["Outputs"]["BedrockEndpointId"]["Value"] == {"Ref": "BedrockEndpoint"}
+
+
+def test_the_fips_endpoints_exist_exactly_when_fips_mode_is_on():
+    """FipsMode true: the interface endpoints are the FIPS services' (whose private DNS answers
+    bedrock-runtime-fips and bedrock-fips .<region>.amazonaws.com, the relays' upstreams then),
+    with the policies, subnets and group of the plain ones; false: the plain services only."""
+    plain = stack_for(COMMERCIAL, FipsMode="false")[0]
+    for fips_mode in ("true", "false"):
+        _check_endpoints(stack_for(COMMERCIAL, FipsMode=fips_mode)[0], plain, fips_mode)
+
+
+def _check_endpoints(template, plain, fips_mode):
+    endpoints = resources(template, "AWS::EC2::VPCEndpoint")
+    suffix = "-fips" if fips_mode == "true" else ""
+    assert {name: e["ServiceName"] for name, e in endpoints.items()} == {
+        "BedrockRuntimeEndpoint": {"Fn::Sub": f"com.amazonaws.${{AWS::Region}}.bedrock-runtime{suffix}"},
+        "BedrockEndpoint": {"Fn::Sub": f"com.amazonaws.${{AWS::Region}}.bedrock{suffix}"},
+    }
+    services = [s for s in strings_in(template["Resources"]) if ".bedrock" in s and "com.amazonaws" in s]
+    assert all(s.endswith("-fips") == (fips_mode == "true") for s in services), services
+    for name, endpoint in endpoints.items():
+        assert endpoint["PrivateDnsEnabled"] is True and endpoint["VpcEndpointType"] == "Interface"
+        same = {k: v for k, v in endpoint.items() if k != "ServiceName"}
+        assert same == {k: v for k, v in plain["Resources"][name]["Properties"].items() if k != "ServiceName"}
+    assert template["Resources"]["RelayAGroup"]["DependsOn"] == ["BedrockRuntimeEndpoint", "BedrockEndpoint"]
+    assert template["Outputs"]["UpstreamEndpoint"]["Value"] == {
+        "Fn::Sub": f"https://bedrock-runtime{suffix}.${{AWS::Region}}.amazonaws.com"}
+
+
+@pytest.mark.parametrize("fips_mode", ["true", "false"])
+def test_commercial_stack_passes_cfn_lint_with_fips_mode_on_and_off(tmp_path, fips_mode):
+    need("cfn-lint", "pip install cfn-lint")
+    variant = tmp_path / f"commercial-fips-{fips_mode}.yaml"
+    variant.write_text(with_defaults(COMMERCIAL, {"FipsMode": fips_mode}))
+    result = run(["cfn-lint", "--regions", "us-east-1", "us-west-2", "--", str(variant)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_both_stacks_default_to_fips_mode_and_pass_it_to_first_boot():
+    """The AMIs are FIPS builds, so the stacks are in FIPS mode unless told otherwise; the
+    agents and the relays must agree (inner TLS on both sides or neither)."""
+    for stack, user_data in ((GOVCLOUD, "agent-user-data.yaml"), (COMMERCIAL, "relay-user-data.yaml")):
+        parameter = load_stack(stack)["Parameters"]["FipsMode"]
+        assert parameter["Default"] == "true" and parameter["AllowedValues"] == ["true", "false"], stack.name
+        for name in ("inner-tls-certificate", "inner-tls-private-key", "inner-tls-ca-certificate"):
+            assert name in load_stack(stack)["Parameters"]["ParameterPrefix"]["Description"], (stack.name, name)
+        assert "XPART_FIPS_MODE=${FipsMode}\n" in (IMAGES / "cloud-init" / user_data).read_text()
 
 
 def test_relay_roles_read_the_catalogue_the_control_plane_endpoint_admits():
@@ -1095,7 +1142,7 @@ def test_packer_template_requires_imdsv2_encryption_and_clears_keys(role):
         r"ssh_clear_authorized_keys += true",
         r'owners += \["amazon"\]',
         r"name += local.base_ami_name",
-        rf'environment_vars += \["XPART_ROLE={role}"\]',
+        rf'environment_vars += \["XPART_ROLE={role}", "XPART_FIPS=\$\{{var.fips\}}"\]',
     ]:
         assert re.search(pattern, text, flags=re.S), f"{role}.pkr.hcl lacks {pattern}"
     variables = (PACKER_DIR / "variables.pkr.hcl").read_text()
@@ -1172,6 +1219,110 @@ def test_the_split_step_refuses_an_unknown_objcopy(tmp_path):
                  env={**os.environ, "OBJCOPY": "no-such-objcopy"})
     assert result.returncode != 0
     assert "no-such-objcopy not found" in result.stderr and "-var objcopy=" in result.stderr
+
+
+CHECK_FIPS = PACKER_DIR / "check-fips.sh"
+
+
+def _daemon_saying(tmp_path, version):
+    """A program that answers --version as a daemon does (the real ones are tested below)."""
+    program = tmp_path / "xpart-relay"
+    program.write_text(f"#!/bin/sh\n[ \"$1\" = --version ] && echo '{version}'\n")
+    program.chmod(0o755)
+    return program
+
+
+@pytest.mark.parametrize(
+    "want, version, refused",
+    [
+        ("true", "xpart-relay 0.1.0", "is not a FIPS build (its --version says \"xpart-relay 0.1.0\")"),
+        ("true", "xpart-relay 0.1.0 (fips)", None),
+        ("false", "xpart-relay 0.1.0 (fips)", "is a FIPS build (\"xpart-relay 0.1.0 (fips)\") but the image is built with -var fips=false"),
+        ("false", "xpart-relay 0.1.0", None),
+    ],
+    ids=["fips-image-plain-binary", "fips-image-fips-binary", "plain-image-fips-binary", "plain-image-plain-binary"],
+)
+def test_the_image_build_refuses_a_daemon_that_is_not_the_build_it_asks_for(tmp_path, want, version, refused):
+    need("sh", "dash")
+    daemon = _daemon_saying(tmp_path, version)
+    result = run(["sh", str(CHECK_FIPS), want, str(daemon)])
+    if refused:
+        assert result.returncode != 0
+        assert refused in result.stderr, result.stderr
+        if want == "true":
+            assert "--features fips" in result.stderr and "-var fips=false" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert version in result.stdout
+
+
+def test_the_image_build_refuses_a_binary_that_does_not_run_here(tmp_path):
+    need("sh", "dash")
+    foreign = tmp_path / "xpart-agent"
+    foreign.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(57))
+    foreign.chmod(0o755)
+    result = run(["sh", str(CHECK_FIPS), "true", str(foreign)])
+    assert result.returncode != 0
+    assert f"{foreign} --version failed" in result.stderr and "architecture" in result.stderr
+
+
+def _built(directory, name):
+    binary = Path(directory) / name
+    if not binary.is_file():
+        pytest.skip(f"{binary} not built")
+    return binary
+
+
+@pytest.mark.parametrize("role", ["agent", "relay"])
+def test_the_real_daemons_say_which_build_they_are_and_the_check_believes_them(role):
+    """The default build (cargo build --bins) is refused for a FIPS image; the FIPS build
+    (tests/fips/build, XPART_FIPS_BIN_DIR) passes, and is refused for a non-FIPS image."""
+    need("sh", "dash")
+    default = _built(os.environ.get("XPART_BIN_DIR", REPO / "target" / "debug"), f"xpart-{role}")
+    result = run(["sh", str(CHECK_FIPS), "true", str(default)])
+    assert result.returncode != 0 and f"{default} is not a FIPS build" in result.stderr, result.stderr
+    assert run(["sh", str(CHECK_FIPS), "false", str(default)]).returncode == 0
+    fips = _built(os.environ.get("XPART_FIPS_BIN_DIR") or REPO / "target" / "fips" / "debug", f"xpart-{role}")
+    result = run(["sh", str(CHECK_FIPS), "true", str(fips)])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith(f"xpart-{role} {result.stdout.split()[-2]} (fips)")
+    assert run(["sh", str(CHECK_FIPS), "false", str(fips)]).returncode != 0
+
+
+def test_the_image_is_checked_before_anything_is_installed_and_named_for_its_build():
+    script = (PACKER_DIR / "install.sh").read_text()
+    check = 'sh "$images/packer/check-fips.sh" "${XPART_FIPS:-}" "$staging/bin/xpart-$role"'
+    assert check in script
+    assert script.index(check) < script.index("dnf install"), "checked before the image is changed"
+    variables = (PACKER_DIR / "variables.pkr.hcl").read_text()
+    assert re.search(r'variable "fips" \{\n  type        = bool\n  default     = true\n', variables)
+    assert 'fips_suffix   = var.fips ? "-fips" : ""' in variables
+    assert '"xpart:fips"      = var.fips ? "true" : "false"' in variables
+    for role in ("agent", "relay"):
+        text = (PACKER_DIR / f"{role}.pkr.hcl").read_text()
+        assert f'ami_name        = "xpart-{role}-${{var.xpart_version}}${{local.fips_suffix}}-' in text
+
+
+def test_the_documented_image_build_builds_the_daemons_with_fips():
+    guide = GUIDE.read_text()
+    section = guide[guide.index("## 3. Build the AMIs"):guide.index("## 4.")]
+    commands = re.findall(r"^cargo build .*$", section, flags=re.M)
+    assert any(c.startswith("cargo build --release --features fips -p xpart-agent -p xpart-relay") for c in commands), commands
+    daemons = [c for c in commands if "xpart-agent" in c or "xpart-relay" in c or "--bins" in c or "-p" not in c]
+    assert all("--features fips" in c for c in daemons), f"a daemon built without the feature: {daemons}"
+    variables = (PACKER_DIR / "variables.pkr.hcl").read_text()
+    assert "built with --features fips unless fips = false" in variables
+
+
+@pytest.mark.parametrize("fips", ["true", "false"])
+def test_packer_validates_a_fips_and_a_plain_image(tmp_path, fips):
+    need("packer", "packer")
+    _need_example_configs()
+    mirror = _packer_mirror(tmp_path)
+    bin_dir = _release_binaries(tmp_path)
+    result = run(["packer", "validate", "-var", "partition=aws", "-var", f"fips={fips}",
+                  "-var", f"binary_dir={bin_dir}", str(mirror)], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_required_plugins_block_lives_alone_in_versions_file():
