@@ -165,10 +165,8 @@ fuzz_target!(|data: &[u8]| {
 impl Pair {
     fn new() -> Pair {
         let now = Instant::now();
-        let keys = keys();
-        let a = Engine::new(&keys.a, vec![keys.a_peer.clone()], now);
         Pair {
-            a,
+            a: sides().0.engine(now),
             b: None,
             now,
             sent_by_b: Vec::new(),
@@ -177,10 +175,7 @@ impl Pair {
 
     fn b(&mut self) -> &mut Engine {
         let now = self.now;
-        self.b.get_or_insert_with(|| {
-            let keys = keys();
-            Engine::new(&keys.b, vec![keys.b_peer.clone()], now)
-        })
+        self.b.get_or_insert_with(|| sides().1.engine(now))
     }
 
     /// One datagram into A; what A decrypts is checked, what A answers goes to B (when it is
@@ -258,28 +253,37 @@ impl Pair {
     }
 }
 
-/// Both engines' keys and peer entries, derived once: deriving a public key is a scalar
-/// multiplication per execution otherwise.
-struct Keys {
-    a: PrivateKey,
-    b: PrivateKey,
-    a_peer: PeerConfig,
-    b_peer: PeerConfig,
+/// One engine's private key and its one peer, the other engine.
+struct Side {
+    key: PrivateKey,
+    peer: PeerConfig,
 }
 
-fn keys() -> &'static Keys {
-    static KEYS: OnceLock<Keys> = OnceLock::new();
-    KEYS.get_or_init(|| {
+impl Side {
+    fn engine(&self, now: Instant) -> Engine {
+        Engine::new(&self.key, vec![self.peer.clone()], now)
+    }
+}
+
+/// A's side and B's, derived once: deriving a public key is a scalar multiplication per
+/// execution otherwise.
+fn sides() -> &'static (Side, Side) {
+    static SIDES: OnceLock<(Side, Side)> = OnceLock::new();
+    SIDES.get_or_init(|| {
         let a = PrivateKey::from_bytes([1; 32]);
         let b = PrivateKey::from_bytes([2; 32]);
-        let a_peer = peer("b", &b, B_ADDR, B_TUN);
-        let b_peer = peer("a", &a, A_ADDR, A_TUN);
-        Keys {
-            a,
-            b,
-            a_peer,
-            b_peer,
-        }
+        let peer_b = peer("b", &b, B_ADDR, B_TUN);
+        let peer_a = peer("a", &a, A_ADDR, A_TUN);
+        (
+            Side {
+                key: a,
+                peer: peer_b,
+            },
+            Side {
+                key: b,
+                peer: peer_a,
+            },
+        )
     })
 }
 
@@ -294,16 +298,19 @@ fn peer(name: &str, key: &PrivateKey, addr: ([u8; 4], u16), tunnel: Ipv4Addr) ->
     }
 }
 
-/// An IPv4 header with `payload` zero bytes after it.
+/// An IPv4 header (UDP, TTL 64, no checksum) with `payload` zero bytes after it.
 fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, payload: usize) -> Vec<u8> {
     let total = 20 + payload;
-    let mut packet = vec![0u8; total];
-    packet[0] = 0x45;
-    packet[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    packet[8] = 64;
-    packet[9] = 17;
-    packet[12..16].copy_from_slice(&src.octets());
-    packet[16..20].copy_from_slice(&dst.octets());
+    let length = (total as u16).to_be_bytes();
+    let mut packet = [
+        [0x45, 0, length[0], length[1]],
+        [0; 4],
+        [64, 17, 0, 0],
+        src.octets(),
+        dst.octets(),
+    ]
+    .concat();
+    packet.resize(total, 0);
     packet
 }
 
