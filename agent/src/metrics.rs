@@ -44,72 +44,66 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let registry = Registry::new();
+        // Names are distinct constants, so definition and registration cannot fail.
+        Metrics::registered(Registry::new()).expect("static, distinct metric definitions")
+    }
+
+    fn registered(registry: Registry) -> prometheus::Result<Metrics> {
         let r = &registry;
-        let requests = metrics::counters(
-            r,
-            "xpart_agent_requests_total",
-            "Bedrock requests handled",
-            &["principal", "operation", "model", "status"],
-        );
-        let request_seconds = metrics::histograms(
-            r,
-            "xpart_agent_request_duration_seconds",
-            "Time from request to end of response body",
-            LATENCY_BUCKETS,
-            &["operation"],
-        );
-        let upstream_seconds = metrics::histograms(
-            r,
-            "xpart_agent_upstream_duration_seconds",
-            "Time from forwarding to the relay's response headers",
-            LATENCY_BUCKETS,
-            &["relay"],
-        );
-        let dns_answers = metrics::counters(
-            r,
-            "xpart_agent_dns_answers_total",
-            "DNS answers by outcome",
-            &["outcome"],
-        );
-        let relay_healthy = metrics::gauges(
-            r,
-            "xpart_agent_relay_healthy",
-            "1 while the relay takes traffic",
-            &["relay"],
-        );
-        let tokens = metrics::counters(
-            r,
-            "xpart_agent_tokens_total",
-            "Model tokens the answers reported, by principal, model family and kind",
-            &["principal", "model_family", "kind"],
-        );
-        let relay_outstanding = metrics::gauges(
-            r,
-            "xpart_agent_relay_outstanding",
-            "Requests sent or being sent to the relay whose answer has not ended",
-            &["relay"],
-        );
-        let relay_ejections = metrics::counters(
-            r,
-            "xpart_agent_relay_ejections_total",
-            "Relays taken out of the rotation at once by a failed connect, a lost connection or a reset stream",
-            &["relay", "reason"],
-        );
-        // Names are distinct constants above, so definition and registration cannot fail.
-        let defined = "static, distinct metric definitions";
-        Metrics {
-            requests: requests.expect(defined),
-            request_seconds: request_seconds.expect(defined),
-            upstream_seconds: upstream_seconds.expect(defined),
-            dns_answers: dns_answers.expect(defined),
-            relay_healthy: relay_healthy.expect(defined),
-            tokens: tokens.expect(defined),
-            relay_outstanding: relay_outstanding.expect(defined),
-            relay_ejections: relay_ejections.expect(defined),
+        Ok(Metrics {
+            requests: metrics::counters(
+                r,
+                "xpart_agent_requests_total",
+                "Bedrock requests handled",
+                &["principal", "operation", "model", "status"],
+            )?,
+            request_seconds: metrics::histograms(
+                r,
+                "xpart_agent_request_duration_seconds",
+                "Time from request to end of response body",
+                LATENCY_BUCKETS,
+                &["operation"],
+            )?,
+            upstream_seconds: metrics::histograms(
+                r,
+                "xpart_agent_upstream_duration_seconds",
+                "Time from forwarding to the relay's response headers",
+                LATENCY_BUCKETS,
+                &["relay"],
+            )?,
+            dns_answers: metrics::counters(
+                r,
+                "xpart_agent_dns_answers_total",
+                "DNS answers by outcome",
+                &["outcome"],
+            )?,
+            relay_healthy: metrics::gauges(
+                r,
+                "xpart_agent_relay_healthy",
+                "1 while the relay takes traffic",
+                &["relay"],
+            )?,
+            tokens: metrics::counters(
+                r,
+                "xpart_agent_tokens_total",
+                "Model tokens the answers reported, by principal, model family and kind",
+                &["principal", "model_family", "kind"],
+            )?,
+            relay_outstanding: metrics::gauges(
+                r,
+                "xpart_agent_relay_outstanding",
+                "Requests sent or being sent to the relay whose answer has not ended",
+                &["relay"],
+            )?,
+            relay_ejections: metrics::counters(
+                r,
+                "xpart_agent_relay_ejections_total",
+                "Relays taken out of the rotation at once by a failed connect, a lost connection or a reset stream",
+                &["relay", "reason"],
+            )?,
             registry,
             activity: Arc::new(Activity::new()),
-        }
+        })
     }
 }
 
