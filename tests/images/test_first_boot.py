@@ -1209,3 +1209,27 @@ def test_the_daemon_accepts_the_fips_configuration_first_boot_writes(tmp_path, r
         capture_output=True, text=True, timeout=60,
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_the_certificates_xpart_ca_issue_writes_pass_first_boot(tmp_path):
+    """The operator's path of images/README.md, section 2: `xpart ca init`, then
+    `xpart ca issue --relay relay-a`, its .pem, .key and ca.pem put as the three parameters."""
+    cli = BIN_DIR / "xpart"
+    if not cli.is_file():
+        pytest.skip(f"{cli} not built (cargo build -p xpart)")
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    for args in (["ca", "init", "--dir", "ca"], ["ca", "issue", "--ca-dir", "ca", "--relay", "relay-a", "--out", "inner-relay-a"]):
+        issued = subprocess.run([str(cli), *args], capture_output=True, text=True, timeout=60, cwd=secrets_dir)
+        assert issued.returncode == 0, issued.stderr
+    secrets = dict(RELAY_SECRETS, **{
+        ssm("relay-a/inner-tls-certificate"): (secrets_dir / "inner-relay-a.pem").read_text().strip(),
+        ssm("relay-a/inner-tls-private-key"): (secrets_dir / "inner-relay-a.key").read_text().strip(),
+        ssm("relay-a/inner-tls-ca-certificate"): (secrets_dir / "ca" / "ca.pem").read_text().strip(),
+    })
+    (tmp_path / "appliance").mkdir()
+    appliance = Appliance(tmp_path / "appliance", secrets, fips_build=True)
+    with FakeImds({"xpart:name": "relay-a"}) as imds:
+        result = appliance.boot(relay_user_data(FipsMode="true"), imds)
+    assert result.returncode == 0, result.stderr
+    assert (appliance.conf / "inner-tls.key").read_text() == (secrets_dir / "inner-relay-a.key").read_text()
