@@ -1114,7 +1114,7 @@ def test_the_split_step_names_a_missing_release_binary(tmp_path):
                   str(bin_dir / "xpart")])
     assert result.returncode != 0
     assert f"no release binary {bin_dir / 'xpart-agent'}" in result.stderr
-    assert "cargo build --release --bins" in result.stderr
+    assert "cargo build --release --features fips -p xpart-agent -p xpart-relay" in result.stderr
     assert not (tmp_path / "image" / "xpart").exists(), "nothing is split before every binary is there"
 
 
