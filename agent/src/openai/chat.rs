@@ -15,7 +15,7 @@
 use base64::Engine;
 use serde_json::{json, Map, Value};
 
-use super::{optional_bool, optional_user, request_object, required_model, shown, Invalid};
+use super::{model_request, optional_bool, optional_user, shown, Invalid};
 
 /// Parameters accepted and dropped: they do not change the answer.
 pub const IGNORED: [&str; 6] = [
@@ -74,14 +74,14 @@ pub struct ChatCall {
     pub converse: Value,
 }
 
+/// What a request's `model` must name.
+const MODEL_RULE: &str =
+    "`model` must be a non-empty string naming a Bedrock model or inference profile id.";
+
 /// Translates a chat completion request body.
 pub fn translate_request(body: &[u8]) -> Result<ChatCall, Invalid> {
-    let request = &request_object(body)?;
-    check_parameters(request)?;
-    let model = required_model(
-        request,
-        "`model` must be a non-empty string naming a Bedrock model or inference profile id.",
-    )?;
+    let (request, model) = model_request(body, check_parameters, MODEL_RULE)?;
+    let request = &request;
     let stream = optional_bool(request, "stream")?.unwrap_or(false);
     let include_usage = match request.get("stream_options") {
         None | Some(Value::Null) => false,

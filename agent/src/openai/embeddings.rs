@@ -19,7 +19,7 @@
 use base64::Engine;
 use serde_json::{json, Map, Value};
 
-use super::{optional_bool, optional_user, request_object, required_model, shown, Invalid};
+use super::{model_request, optional_bool, optional_user, shown, Invalid};
 
 /// Parameters translated into the InvokeModel bodies (`input_type` and `normalize` are
 /// xpart extensions, sent by OpenAI SDKs through `extra_body`).
@@ -119,14 +119,13 @@ pub struct EmbeddingsCall {
     pub inputs: usize,
 }
 
+/// What a request's `model` must name.
+const MODEL_RULE: &str = "`model` must be a non-empty string naming a Bedrock embedding model id.";
+
 /// Translates an embeddings request body.
 pub fn translate_request(body: &[u8]) -> Result<EmbeddingsCall, Invalid> {
-    let request = &request_object(body)?;
-    check_parameters(request)?;
-    let model = required_model(
-        request,
-        "`model` must be a non-empty string naming a Bedrock embedding model id.",
-    )?;
+    let (request, model) = model_request(body, check_parameters, MODEL_RULE)?;
+    let request = &request;
     let Some(family) = Family::of(&model) else {
         return Err(Invalid::new(
             "model",

@@ -69,22 +69,25 @@ impl Endpoint {
     }
 }
 
-/// A request body as the JSON object every OpenAI request is.
-fn request_object(body: &[u8]) -> Result<Map<String, Value>, Invalid> {
+/// A request body as the JSON object every OpenAI request is, with only the parameters its
+/// endpoint's `check` lets through, and its `model`: a non-empty string, or refused with
+/// `model_rule`, which says what it must name.
+fn model_request(
+    body: &[u8],
+    check: fn(&Map<String, Value>) -> Result<(), Invalid>,
+    model_rule: &str,
+) -> Result<(Map<String, Value>, String), Invalid> {
     let request: Value = serde_json::from_slice(body)
         .map_err(|e| Invalid::body(format!("The request body is not valid JSON ({e}).")))?;
-    match request {
-        Value::Object(request) => Ok(request),
-        _ => Err(Invalid::body("The request body must be a JSON object.")),
-    }
-}
-
-/// The request's `model`, a non-empty string; `message` says what it must name.
-fn required_model(request: &Map<String, Value>, message: &str) -> Result<String, Invalid> {
-    match request.get("model") {
-        Some(Value::String(model)) if !model.is_empty() => Ok(model.clone()),
-        _ => Err(Invalid::new("model", message)),
-    }
+    let Value::Object(request) = request else {
+        return Err(Invalid::body("The request body must be a JSON object."));
+    };
+    check(&request)?;
+    let model = match request.get("model") {
+        Some(Value::String(model)) if !model.is_empty() => model.clone(),
+        _ => return Err(Invalid::new("model", model_rule)),
+    };
+    Ok((request, model))
 }
 
 /// OpenAI's optional `user`, kept for the audit line.
