@@ -89,6 +89,17 @@ impl FipsModule {
     }
 }
 
+/// `module AWS-LC FIPS 3.1.0, certificate #5314`, or `…, no certificate`: what `--version`
+/// says after `(fips)`, and what the AMI build's check reads.
+impl std::fmt::Display for FipsModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.certificate {
+            Some(certificate) => write!(f, "module {}, certificate {certificate}", self.version),
+            None => write!(f, "module {}, no certificate", self.version),
+        }
+    }
+}
+
 /// The FIPS module of a FIPS build, read from the module itself rather than from the crate
 /// version this was compiled against, so that what `/status` shows is what runs; `None`
 /// outside FIPS mode.
@@ -152,11 +163,19 @@ mod tests {
             certified.json(),
             serde_json::json!({ "version": "AWS-LC FIPS 3.1.0", "certificate": "#5314" })
         );
+        assert_eq!(
+            certified.to_string(),
+            "module AWS-LC FIPS 3.1.0, certificate #5314"
+        );
         // Later releases of the same line and the submitted 4.x line are not what #5314 names.
         for version in ["AWS-LC FIPS 3.6.0", "AWS-LC FIPS 4.2.0"] {
             let module = FipsModule::of(version.to_string());
             assert_eq!(module.certificate, None, "{version}");
             assert_eq!(module.json()["certificate"], serde_json::Value::Null);
+            assert_eq!(
+                module.to_string(),
+                format!("module {version}, no certificate")
+            );
         }
     }
 

@@ -65,17 +65,19 @@ pub trait Daemon: Reloadable + Sized {
     fn shutdown(self) -> impl Future<Output = ()>;
 }
 
-/// `--version`: `(fips)` after the version in a FIPS build, which the AMI build checks
-/// (images/packer/check-fips.sh) and first boot compares with the stack's FipsMode.
-const VERSION: &str = if crate::crypto::FIPS_MODE {
-    concat!(env!("CARGO_PKG_VERSION"), " (fips)")
-} else {
-    env!("CARGO_PKG_VERSION")
-};
+/// `--version`: in a FIPS build, `(fips)` after the version and then the module that runs with
+/// its certificate (or `no certificate`), read from the module itself. The AMI build checks it
+/// (images/packer/check-fips.sh) and first boot compares it with the stack's FipsMode.
+fn version() -> String {
+    let version = env!("CARGO_PKG_VERSION");
+    match crate::crypto::fips_module() {
+        Some(module) => format!("{version} (fips) {module}"),
+        None => version.to_owned(),
+    }
+}
 
 /// The command line both daemons take.
 #[derive(clap::Parser)]
-#[command(version = VERSION)]
 struct Args {
     /// The TOML configuration; config/agent.example.toml and config/relay.example.toml
     /// describe every field.
@@ -88,7 +90,12 @@ struct Args {
 
 /// Parses the command line of daemon `D` (`about` is what `--help` says it is) and [`run`]s it.
 pub fn main<D: Daemon>(about: &'static str) -> ExitCode {
-    let matches = Args::command().name(D::PROGRAM).about(about).get_matches();
+    let matches = Args::command()
+        .name(D::PROGRAM)
+        .about(about)
+        // Built once per process; clap wants a `'static` text here.
+        .version(&*Box::leak(version().into_boxed_str()))
+        .get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     run::<D>(&args.config, args.check)
 }

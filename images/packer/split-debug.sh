@@ -26,7 +26,7 @@ if ! command -v "$objcopy" >/dev/null 2>&1; then
 fi
 for binary in "$@"; do
     if [ ! -f "$binary" ]; then
-        echo "split-debug.sh: no release binary $binary: run cargo build --release --features fips -p xpart-agent -p xpart-relay and cargo build --release -p xpart (images/README.md, section 3), or set binary_dir" >&2
+        echo "split-debug.sh: no release binary $binary: run fips/build --release --bins and pass -var binary_dir=$PWD/target/fips/release, or cargo build --release for a non-FIPS image (images/README.md, section 3), or set binary_dir" >&2
         exit 1
     fi
 done

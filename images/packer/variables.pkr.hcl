@@ -86,13 +86,13 @@ variable "xpart_version" {
 variable "binary_dir" {
   type        = string
   default     = ""
-  description = "Directory holding the Linux release binaries for arch (xpart-agent, xpart-relay, xpart), the daemons built with --features fips unless fips = false; empty means target/release of this repository."
+  description = "Directory holding the Linux release binaries for arch (xpart-agent, xpart-relay, xpart), the daemons built with --features fips (fips/build --release --bins: target/fips/release) unless fips = false; empty means target/release of this repository."
 }
 
 variable "fips" {
   type        = bool
   default     = true
-  description = "Whether the image carries FIPS builds of the daemon (cargo --features fips, docs/FIPS.md); the build stops on a daemon that is not (images/packer/check-fips.sh). false builds a non-FIPS image for stacks with FipsMode false."
+  description = "Whether the image carries FIPS builds of the daemon (fips/build, docs/FIPS.md); the build stops on a daemon that is not (images/packer/check-fips.sh). false builds a non-FIPS image for stacks with FipsMode false."
 }
 
 variable "objcopy" {

@@ -1114,7 +1114,7 @@ def test_the_split_step_names_a_missing_release_binary(tmp_path):
                   str(bin_dir / "xpart")])
     assert result.returncode != 0
     assert f"no release binary {bin_dir / 'xpart-agent'}" in result.stderr
-    assert "cargo build --release --features fips -p xpart-agent -p xpart-relay" in result.stderr
+    assert "fips/build --release --bins" in result.stderr
     assert not (tmp_path / "image" / "xpart").exists(), "nothing is split before every binary is there"
 
 
@@ -1224,6 +1224,9 @@ def test_the_split_step_refuses_an_unknown_objcopy(tmp_path):
 CHECK_FIPS = PACKER_DIR / "check-fips.sh"
 
 
+CERTIFIED = "module AWS-LC FIPS 3.1.0, certificate #5314"
+
+
 def _daemon_saying(tmp_path, version):
     """A program that answers --version as a daemon does (the real ones are tested below)."""
     program = tmp_path / "xpart-relay"
@@ -1236,11 +1239,15 @@ def _daemon_saying(tmp_path, version):
     "want, version, refused",
     [
         ("true", "xpart-relay 0.1.0", "is not a FIPS build (its --version says \"xpart-relay 0.1.0\")"),
-        ("true", "xpart-relay 0.1.0 (fips)", None),
-        ("false", "xpart-relay 0.1.0 (fips)", "is a FIPS build (\"xpart-relay 0.1.0 (fips)\") but the image is built with -var fips=false"),
+        ("true", f"xpart-relay 0.1.0 (fips) {CERTIFIED}", None),
+        ("true", "xpart-relay 0.1.0 (fips) module AWS-LC FIPS 4.2.0, no certificate",
+         "is a FIPS build on a module without a FIPS 140-3 certificate"),
+        ("false", f"xpart-relay 0.1.0 (fips) {CERTIFIED}",
+         f"is a FIPS build (\"xpart-relay 0.1.0 (fips) {CERTIFIED}\") but the image is built with -var fips=false"),
         ("false", "xpart-relay 0.1.0", None),
     ],
-    ids=["fips-image-plain-binary", "fips-image-fips-binary", "plain-image-fips-binary", "plain-image-plain-binary"],
+    ids=["fips-image-plain-binary", "fips-image-fips-binary", "fips-image-uncertified-module",
+         "plain-image-fips-binary", "plain-image-plain-binary"],
 )
 def test_the_image_build_refuses_a_daemon_that_is_not_the_build_it_asks_for(tmp_path, want, version, refused):
     need("sh", "dash")
@@ -1250,7 +1257,7 @@ def test_the_image_build_refuses_a_daemon_that_is_not_the_build_it_asks_for(tmp_
         assert result.returncode != 0
         assert refused in result.stderr, result.stderr
         if want == "true":
-            assert "--features fips" in result.stderr and "-var fips=false" in result.stderr
+            assert "fips/build --release" in result.stderr, result.stderr
     else:
         assert result.returncode == 0, result.stderr
         assert version in result.stdout
@@ -1285,7 +1292,8 @@ def test_the_real_daemons_say_which_build_they_are_and_the_check_believes_them(r
     fips = _built(os.environ.get("XPART_FIPS_BIN_DIR") or REPO / "target" / "fips" / "debug", f"xpart-{role}")
     result = run(["sh", str(CHECK_FIPS), "true", str(fips)])
     assert result.returncode == 0, result.stderr
-    assert re.search(rf": xpart-{role} \S+ \(fips\)$", result.stdout.strip()), result.stdout
+    assert re.search(rf": xpart-{role} \S+ \(fips\) module AWS-LC FIPS \S+, certificate #\d+$",
+                     result.stdout.strip()), result.stdout
     assert run(["sh", str(CHECK_FIPS), "false", str(fips)]).returncode != 0
 
 
@@ -1306,12 +1314,14 @@ def test_the_image_is_checked_before_anything_is_installed_and_named_for_its_bui
 def test_the_documented_image_build_builds_the_daemons_with_fips():
     guide = GUIDE.read_text()
     section = guide[guide.index("## 3. Build the AMIs"):guide.index("## 4.")]
-    commands = re.findall(r"^cargo build .*$", section, flags=re.M)
-    assert any(c.startswith("cargo build --release --features fips -p xpart-agent -p xpart-relay") for c in commands), commands
-    daemons = [c for c in commands if "xpart-agent" in c or "xpart-relay" in c or "--bins" in c or "-p" not in c]
-    assert all("--features fips" in c for c in daemons), f"a daemon built without the feature: {daemons}"
+    # The FIPS build goes through fips/build, on fips/Cargo.lock and so the certified module; a
+    # plain `cargo build` of the daemons would link whatever module Cargo.lock has.
+    assert re.search(r"^fips/build --release --bins\b", section, flags=re.M), section
+    assert not re.findall(r"^cargo build .*$", section, flags=re.M)
+    packer = re.findall(r"^AWS_PROFILE=\S+ packer build .*$", section, flags=re.M)
+    assert len(packer) == 2 and all('-var binary_dir="$PWD/target/fips/release"' in c for c in packer), packer
     variables = (PACKER_DIR / "variables.pkr.hcl").read_text()
-    assert "built with --features fips unless fips = false" in variables
+    assert "built with --features fips (fips/build --release --bins: target/fips/release) unless fips = false" in variables
 
 
 @pytest.mark.parametrize("fips", ["true", "false"])
