@@ -4,7 +4,8 @@
 //! Data flow: a caller resolves `bedrock-runtime.<region>.amazonaws.com` through the agent's
 //! private DNS ([`dns`]), which answers with the agent's own address and forwards every other
 //! name upstream. The caller's SDK then connects to the TLS front ([`front`], certificate from
-//! [`tls`], HTTP/1.1 or HTTP/2), where each request runs through [`pipeline`]:
+//! [`tls`], HTTP/1.1 or HTTP/2), where each request (its body an [`upload`], drained when a
+//! refusal leaves it unread) runs through [`pipeline`]:
 //! [`auth`] finds the principal (bearer token and/or source address) and checks its model
 //! allowlist, [`limits`] applies its rate and concurrency limits, and [`forward`] sends the
 //! request over HTTP/2 through the WireGuard tunnel (`xpart-tunnel`) to a healthy relay
@@ -41,6 +42,7 @@ mod pipeline;
 mod status_page;
 mod streaming;
 mod tls;
+mod upload;
 mod usage;
 
 pub use crate::auth::token_sha256_hex;

@@ -35,6 +35,7 @@ use crate::limits::{SharedLimits, Slot};
 use crate::metrics::Metrics;
 use crate::openai::{self, body::sse_body, chat::ChatCall, stream::StreamTranslator};
 use crate::streaming::{BodyLimit, BoxError, RelayWatch, RequestBody, RequestMeter, ResponseBody};
+use crate::upload::Upload;
 use crate::usage::UsageBook;
 use crate::{destination, discovery};
 
@@ -65,6 +66,7 @@ pub async fn handle(
 ) -> Response<CallerBody> {
     let mut exchange = begin(&agent, source);
     let http1 = request.version() < http::Version::HTTP_2;
+    let request = request.map(|body| Upload::new(body, http1));
     let api = match openai::Endpoint::of(request.method(), request.uri().path()) {
         Some(endpoint) => {
             exchange.record.endpoint = endpoint.ok().map(|e| e.name().to_owned());
@@ -78,9 +80,10 @@ pub async fn handle(
             let close = http1 && refused_before_reading_body(&error);
             let mut response = refuse(exchange, error, api);
             if close {
-                // hyper closes an HTTP/1.1 connection whose request body was left unread
-                // (unless the body happened to be buffered already). Saying so up front keeps
-                // the caller from sending its next request into that close.
+                // The body left unread is read on and thrown away ([`Upload`]) so that the
+                // caller can finish sending and read this answer; the connection closes after
+                // it all the same (at once if the drain gives up at its bounds), and saying
+                // so up front keeps the caller from sending its next request into that close.
                 response
                     .headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("close"));
@@ -92,7 +95,7 @@ pub async fn handle(
 
 async fn steps(
     agent: &Arc<Agent>,
-    mut request: Request<Incoming>,
+    mut request: Request<Upload>,
     exchange: &mut Recorder,
 ) -> Result<Response<CallerBody>, RequestError> {
     let principal = authenticate(agent, &request, exchange)?;
@@ -165,7 +168,7 @@ struct Admitted<C> {
 /// Bedrock's grammar, the caller authorized for it and limited.
 async fn admit<C: Translated>(
     agent: &Arc<Agent>,
-    request: Request<Incoming>,
+    request: Request<Upload>,
     principal: &Principal,
     exchange: &mut Recorder,
     translate: fn(&[u8]) -> Result<C, openai::Invalid>,
@@ -281,7 +284,7 @@ async fn openai_embeddings(
 /// profiles are left out for a principal not allowed ListInferenceProfiles.
 async fn openai_models(
     agent: &Arc<Agent>,
-    request: &Request<Incoming>,
+    request: &Request<Upload>,
     principal: &Principal,
     exchange: &mut Recorder,
 ) -> Result<Response<CallerBody>, RequestError> {
@@ -532,7 +535,7 @@ fn finish_openai(
 /// The caller's whole body (a translation needs all of it), within the principal's limit: a
 /// declared length over it is refused before any of the body is read.
 async fn read_whole_body(
-    request: Request<Incoming>,
+    request: Request<Upload>,
     principal: &Principal,
 ) -> Result<Bytes, RequestError> {
     check_declared_length(principal, &request)?;
@@ -676,7 +679,7 @@ fn begin(agent: &Arc<Agent>, source: IpAddr) -> Recorder {
 
 fn authenticate(
     agent: &Agent,
-    request: &Request<Incoming>,
+    request: &Request<Upload>,
     exchange: &mut Recorder,
 ) -> Result<Arc<Principal>, RequestError> {
     let source = exchange.record.source.unwrap_or(IpAddr::from([0, 0, 0, 0]));
@@ -698,7 +701,7 @@ fn authenticate(
 /// The operation, and the service, region and FIPS choice of the name the caller dialled
 /// ([`destination::route`]).
 fn route(
-    request: &Request<Incoming>,
+    request: &Request<Upload>,
     exchange: &mut Recorder,
 ) -> Result<(Route, Destination), RequestError> {
     let (route, to) = destination::route(request.method(), request.uri(), request.headers())
@@ -738,7 +741,7 @@ const MODEL_LABEL_OTHER: &str = "other";
 /// are cut off while streaming (see [`RequestBody`]).
 fn check_declared_length(
     principal: &Principal,
-    request: &Request<Incoming>,
+    request: &Request<Upload>,
 ) -> Result<(), RequestError> {
     let declared = request
         .headers()

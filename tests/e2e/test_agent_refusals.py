@@ -7,6 +7,7 @@ import json
 import os
 import ssl
 import threading
+import time
 
 import boto3
 import botocore.exceptions
@@ -234,3 +235,72 @@ def test_random_model_ids_add_no_metric_series(start_stack, env_client):  # noqa
     assert len(series) == 2, series
     assert any('model="denied"' in s and s.endswith(" 100") for s in series), series
     assert any('model="anthropic.*"' in s and s.endswith(" 1") for s in series), series
+
+
+# Larger than the loopback socket buffers on both ends, so a caller that writes the whole body
+# before reading the answer (http.client, urllib3, boto3) is still sending when it is refused.
+LARGE_UPLOAD = 16 * 1024 * 1024
+
+
+def large_converse_body():
+    text = "x" * LARGE_UPLOAD
+    return json.dumps({"messages": [{"role": "user", "content": [{"text": text}]}]}).encode()
+
+
+def upload_headers(token):
+    return {"content-type": "application/json", "authorization": f"Bearer {token}"}
+
+
+def test_large_upload_to_a_denied_model_reads_the_refusal(start_stack):  # noqa: F811
+    """The agent answers before reading the body; the rest is read and dropped so that the
+    caller, still sending, gets the 403 rather than a reset connection."""
+    stack = start_stack()
+    status, headers, body = raw_post(stack, "/model/amazon.nova-pro-v1:0/converse",
+                                     upload_headers(stack.tokens["lambda"]), large_converse_body())
+    assert status == 403
+    assert h.error_type(headers) == "AccessDeniedException"
+    assert "not allowed to use model amazon.nova-pro-v1:0" in json.loads(body)["message"]
+    assert headers["connection"] == "close"
+    [line] = stack.audit(1)
+    assert (line["status"], line["message"]) == (403, "model not allowed")
+    assert stack.standin.requests() == []
+
+
+def test_large_upload_over_the_rate_reads_the_throttling(start_stack, env_client):  # noqa: F811
+    token = a.new_token()
+    stack = start_stack(tokens={"lambda": token}, principals=a.principal(
+        "lambda", token=token, models=["anthropic.*"], requests_per_second=0.01, burst=1))
+    env_client(stack.env()).converse(modelId=a.CLAUDE, messages=MESSAGES)
+    status, headers, body = raw_post(stack, f"/model/{a.CLAUDE}/converse", upload_headers(token),
+                                     large_converse_body())
+    assert status == 429
+    assert h.error_type(headers) == "ThrottlingException"
+    assert "requests per second" in json.loads(body)["message"]
+    assert len(stack.standin.requests()) == 1
+
+
+def test_boto3_large_image_to_a_denied_model_raises_access_denied(start_stack, env_client):  # noqa: F811
+    stack = start_stack()
+    client = env_client(stack.env())
+    image = {"image": {"format": "png", "source": {"bytes": os.urandom(LARGE_UPLOAD // 2)}}}
+    messages = [{"role": "user", "content": [{"text": "what is this?"}, image]}]
+    status, code, message = client_error(lambda: client.converse(modelId="amazon.nova-pro-v1:0", messages=messages))
+    [line] = stack.audit(1)
+    assert (status, code, line["message"]) == (403, "AccessDeniedException", "model not allowed")
+    assert "not allowed to use model amazon.nova-pro-v1:0" in message
+    assert stack.standin.requests() == []
+
+
+def test_large_upload_with_no_relay_reads_the_unavailable(start_stack):  # noqa: F811
+    stack = start_stack()
+    stack.relays[0].kill()
+    deadline = time.monotonic() + 15
+    while h.get(stack.agent.admin, "/readyz")[0] == 200:
+        assert time.monotonic() < deadline, "the agent still counts the killed relay healthy"
+        time.sleep(0.05)
+    status, headers, body = raw_post(stack, f"/model/{a.CLAUDE}/converse",
+                                     upload_headers(stack.tokens["lambda"]), large_converse_body())
+    assert status == 503
+    assert h.error_type(headers) == "ServiceUnavailableException"
+    assert json.loads(body)["message"]
+    assert headers["connection"] == "close"
