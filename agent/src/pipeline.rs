@@ -119,7 +119,7 @@ async fn steps(
     request.extensions_mut().insert(destination);
     authorize(&principal, &route, exchange)?;
     check_declared_length(&principal, &request)?;
-    let slot = limit(agent, &principal)?;
+    let slot = limit(agent, &principal, route.operation)?;
     let response = forward(agent, request, &principal, exchange, slot).await?;
     let response = discovery::filtered(&principal, route.operation, response).await?;
     Ok(response)
@@ -187,7 +187,7 @@ async fn admit<C: Translated>(
     exchange.record.operation = Some(operation);
     exchange.record.model = route.model.clone();
     authorize(principal, &route, exchange)?;
-    let slot = limit(agent, principal)?;
+    let slot = limit(agent, principal, operation)?;
     Ok(Admitted { call, route, slot })
 }
 
@@ -301,7 +301,7 @@ async fn openai_models(
     let with_profiles = principal
         .authorize(Operation::ListInferenceProfiles, None)
         .is_ok();
-    let slot = limit(agent, principal)?;
+    let slot = limit(agent, principal, Operation::ListFoundationModels)?;
     let foundation = match list_once(
         agent,
         Operation::ListFoundationModels,
@@ -758,15 +758,20 @@ fn check_declared_length(
     }
 }
 
-/// The principal's token budgets, then its rate and concurrency limits.
-fn limit(agent: &Agent, principal: &Principal) -> Result<Slot, RequestError> {
-    agent
-        .usage
-        .admit(&principal.name, principal.budget)
-        .map_err(|over| RequestError::OverBudget {
-            principal: principal.name.clone(),
-            over,
-        })?;
+/// The principal's token budgets (except for model discovery), then its rate and concurrency
+/// limits.
+fn limit(agent: &Agent, principal: &Principal, operation: Operation) -> Result<Slot, RequestError> {
+    // Model discovery spends no tokens: a principal over its token budget may still list and
+    // look up models (an SDK client often does at start), and is held only by its rate limits.
+    if !Operation::DISCOVERY.contains(&operation) {
+        agent
+            .usage
+            .admit(&principal.name, principal.budget)
+            .map_err(|over| RequestError::OverBudget {
+                principal: principal.name.clone(),
+                over,
+            })?;
+    }
     agent
         .limits
         .admit(&principal.name)

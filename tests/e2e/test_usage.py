@@ -203,6 +203,33 @@ def test_a_principal_over_its_day_budget_is_refused_until_midnight_also_after_a_
         stack.agent.stop()
 
 
+def test_a_principal_over_its_budget_may_still_discover_models(start_stack):  # noqa: F811
+    """Listing and looking up models spends no tokens: only calls that do are refused."""
+    token = a.new_token()
+    principals = a.principal("lambda", token=token, models=a.DEFAULT_MODELS,
+                             tokens_per_day=converse_tokens() - 1)
+    discovery = ("Converse", "ListFoundationModels", "GetFoundationModel", "ListInferenceProfiles")
+    upstreams = [{"service": service, "region": h.REGION, "host_header": f"{service}.{h.REGION}.amazonaws.com"}
+                 for service in ("bedrock-runtime", "bedrock")]
+    stack = start_stack(principals=principals, tokens={"lambda": token},
+                        relay_options={"upstreams": upstreams, "operations": discovery})
+    status, _, answer = raw_converse(stack, token)
+    assert status == 200, answer
+    assert wait_for(lambda: len(stack.audit(1)) == 1)
+    status, headers, answer = raw_converse(stack, token)
+    assert (status, h.error_type(headers)) == (429, "ThrottlingException"), answer
+
+    context = ssl.create_default_context(cafile=stack.pki["ca"])
+    for host, path in ((f"bedrock.{h.REGION}.amazonaws.com", "/foundation-models"), ("localhost", "/v1/models")):
+        connection = http.client.HTTPSConnection("localhost", stack.agent.front[1], context=context, timeout=30)
+        connection.request("GET", path, headers={"Host": host, "Authorization": f"Bearer {token}"})
+        response = connection.getresponse()
+        listed = json.loads(response.read() or b"{}")
+        connection.close()
+        assert response.status == 200, (path, listed)
+        assert listed.get("modelSummaries") or listed.get("data"), (path, listed)
+
+
 def test_a_principal_over_its_minute_budget_is_refused_until_the_next_minute(start_stack):  # noqa: F811
     token = a.new_token()
     principals = a.principal("lambda", token=token, models=a.DEFAULT_MODELS,
