@@ -102,9 +102,14 @@ impl std::fmt::Display for FipsModule {
 
 /// The FIPS module of a FIPS build, read from the module itself rather than from the crate
 /// version this was compiled against, so that what `/status` shows is what runs; `None`
-/// outside FIPS mode.
+/// outside FIPS mode. Read once per process: `--version`, every `/status` and the tests share it.
+pub fn fips_module() -> Option<&'static FipsModule> {
+    static MODULE: std::sync::OnceLock<Option<FipsModule>> = std::sync::OnceLock::new();
+    MODULE.get_or_init(linked_module).as_ref()
+}
+
 #[cfg(feature = "fips")]
-pub fn fips_module() -> Option<FipsModule> {
+fn linked_module() -> Option<FipsModule> {
     // SAFETY: `awslc_version_string` takes no arguments and returns a pointer to a static,
     // NUL-terminated string inside the module (`AWSLC_VERSION_STRING`), valid for the life of
     // the process.
@@ -112,9 +117,8 @@ pub fn fips_module() -> Option<FipsModule> {
     Some(FipsModule::of(version.to_string_lossy().into_owned()))
 }
 
-/// The FIPS module of a FIPS build; `None` outside FIPS mode.
 #[cfg(not(feature = "fips"))]
-pub fn fips_module() -> Option<FipsModule> {
+fn linked_module() -> Option<FipsModule> {
     None
 }
 
